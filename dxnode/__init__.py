@@ -1,0 +1,2 @@
+"""dxnode: a DICOM AI node."""
+__version__ = "0.1.0"

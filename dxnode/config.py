@@ -1,0 +1,263 @@
+"""Node configuration: a TOML file, overridden by DXNODE_<SECTION>__<KEY> environment variables.
+
+The file is chosen by ``dxnode --config PATH``, else ``DXNODE_CONFIG``, else the bundled
+``config/dxnode.toml`` of the checkout. Relative paths
+(``data_dir``, a relative SQLite URL, model bundle paths) are resolved against the *working
+directory* the node is started from, the same rule SQLAlchemy applies to ``sqlite:///relative``.
+Every key is validated at start; an unknown key or a bad value is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+AE_TITLE_CHARS = set(" !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+
+
+class ConfigError(Exception):
+    """The configuration file or an override is invalid; the message names the key."""
+
+
+def _check_ae_title(value: str) -> str:
+    """Return the AE title if it is 1-16 printable ASCII characters without a backslash."""
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16 or not set(stripped) <= AE_TITLE_CHARS:
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return stripped
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(Section):
+    """[node]: the DICOM identity of this node and where it keeps received files."""
+
+    ae_title: str = "DXNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    data_dir: Path = Path("var")
+    allowed_calling_aets: list[str] = []
+    max_associations: int = Field(10, ge=1)
+    # Refuse C-STORE (0xA700) while the data dir's file system has less free space than this.
+    min_free_mb: int = Field(1024, ge=0)
+    acse_timeout: float = Field(30, gt=0)
+    dimse_timeout: float = Field(60, gt=0)
+    network_timeout: float = Field(120, gt=0)
+    # Optional DICOM TLS listener beside the plain one.
+    tls_port: int | None = Field(None, ge=0, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class DatabaseSettings(Section):
+    """[database]: SQLAlchemy URL; SQLite (WAL) by default, postgresql+psycopg:// for several nodes."""
+
+    url: str = "sqlite:///var/dxnode.db"
+    busy_timeout_s: float = Field(30, gt=0)
+    echo: bool = False
+
+
+class WorklistSettings(Section):
+    """[worklist]: when a study counts as complete, and how jobs are run."""
+
+    stable_seconds: float = Field(10, ge=0)
+    # Per calling AE title overrides of stable_seconds (DICOM has no end-of-study signal).
+    stable_seconds_by_aet: dict[str, float] = {}
+    sweep_interval_seconds: float = Field(2, gt=0)
+    poll_interval_seconds: float = Field(1, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    run_jobs: bool = True
+
+
+class Destination(Section):
+    """[[destinations]]: a DICOM node (usually the PACS) that receives the SR and SC."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+
+class WindowPreset(Section):
+    """A VOI window chosen by modality and (optionally) body part, before the dataset's own."""
+
+    modality: str
+    body_part: str = ""
+    center: float
+    width: float = Field(gt=0)
+
+
+class PipelineSettings(Section):
+    """[pipeline]: which instances go to the model and how pixels become model input."""
+
+    modalities: list[str] = []  # empty = any modality with pixel data
+    sop_classes: list[str] = []  # empty = any image storage SOP class
+    body_parts: list[str] = []  # empty = any body part
+    max_frames: int = Field(8, ge=1)
+    windows: list[WindowPreset] = []
+
+
+class ModelSettings(Section):
+    """[model]: the ResNet-18 bundle served by this node."""
+
+    bundle: str = ""  # empty: ImageNet bundle if the torchvision file is present, else the untrained demo
+    imagenet_weights: str = ""  # path of resnet18-f37072fd.pth; empty: look in $TORCH_HOME/hub/checkpoints
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int = Field(0, ge=0)  # 0 = torch default
+    batch_size: int = Field(8, ge=1)
+    aggregate: Literal["max", "mean"] = "max"
+
+
+class ReportSettings(Section):
+    """[report]: the SR and the Grad-CAM Secondary Capture sent back to the PACS."""
+
+    sr_series_description: str = "AI Results"
+    sr_series_number: int = 9901
+    sc_series_description: str = "AI Heatmaps"
+    sc_series_number: int = 9902
+    heatmap_for: Literal["positive", "top1", "all"] = "positive"
+    manufacturer: str = "dxnode"
+    institution_name: str = ""
+
+
+class DispatchSettings(Section):
+    """[dispatch]: the outbox that sends results to the destinations."""
+
+    # Also send results to the sender of the study: the [[destinations]] entry whose ae_title is
+    # the study's calling AE title (a calling AE's address and port are never taken from the network).
+    return_to_sender: bool = False
+    interval_seconds: float = Field(2, gt=0)
+    max_attempts: int = Field(10, ge=1)
+    backoff_initial_seconds: float = Field(5, gt=0)
+    backoff_max_seconds: float = Field(900, gt=0)
+    timeout_seconds: float = Field(30, gt=0)
+
+
+class WebToken(Section):
+    """[[web.tokens]]: a bearer token and its role."""
+
+    name: str
+    token: str = Field(min_length=1)
+    role: Literal["admin", "read"] = "read"
+
+
+class WebSettings(Section):
+    """[web]: REST API, dashboard and upload page."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tokens: list[WebToken] = []
+    session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
+    max_upload_mb: float = Field(64, gt=0)
+    keep_uploads: bool = False
+
+
+class LoggingSettings(Section):
+    """[logging]: log level of the daemon."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a node."""
+
+    model_config = SettingsConfigDict(env_prefix="DXNODE_", env_nested_delimiter="__", extra="ignore")
+
+    node: NodeSettings = NodeSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    worklist: WorklistSettings = WorklistSettings()
+    destinations: list[Destination] = []
+    pipeline: PipelineSettings = PipelineSettings()
+    model: ModelSettings = ModelSettings()
+    report: ReportSettings = ReportSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    web: WebSettings = WebSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: str = ""  # the file this configuration was read from (set by load_settings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file, which is passed in as init values below.
+        return (env_settings, init_settings)
+
+    @property
+    def data_dir(self) -> Path:
+        """Absolute data directory (relative paths are taken from the working directory)."""
+        return self.node.data_dir.expanduser().resolve()
+
+
+TOP_LEVEL_KEYS = set(Settings.model_fields) - {"source"}
+
+
+def default_config_path() -> Path:
+    """The bundled config/dxnode.toml of the checkout."""
+    return Path(__file__).resolve().parent.parent / "config" / "dxnode.toml"
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate the config file, apply environment overrides, raise ConfigError on error."""
+    chosen = Path(path) if path else Path(os.environ["DXNODE_CONFIG"]) if os.environ.get("DXNODE_CONFIG") else default_config_path()
+    try:
+        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {chosen}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    unknown = set(raw) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(f"{chosen}: unknown section or key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    _check_env_sections()
+    raw.update(overrides)
+    try:
+        settings = Settings(**raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{chosen}: {_describe(exc)}") from None
+    settings.source = str(chosen)
+    return settings
+
+
+def _check_env_sections() -> None:
+    """Refuse DXNODE_<SECTION>__... variables whose section does not exist (typos are silent otherwise)."""
+    for name in os.environ:
+        if name.startswith("DXNODE_") and "__" in name:
+            section = name[len("DXNODE_"):].split("__", 1)[0].lower()
+            if section not in TOP_LEVEL_KEYS:
+                raise ConfigError(f"environment variable {name}: unknown section {section!r}")
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per error, each naming the dotted key, e.g. 'node.port: ...'."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{key}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""))
+    return "; ".join(lines)

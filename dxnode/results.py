@@ -1,0 +1,67 @@
+"""Result types passed between the model, report, store and web stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a result: written into the DB, the SR and every output."""
+
+    name: str
+    version: str
+    sha256: str  # of the weights file
+    demo: bool  # True for the untrained demo model: every output says so
+    task: str  # "multilabel" (sigmoid) or "multiclass" (softmax)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A study-level result for one label."""
+
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    source_sop_instance_uid: str | None  # the instance that drove this probability
+    source_frame: int = 0  # 0-based frame of that instance
+
+
+@dataclass(frozen=True)
+class InstanceOutcome:
+    """What happened to one instance of the study in the pipeline."""
+
+    sop_instance_uid: str
+    state: str  # "done", "skipped" or "failed"
+    reason: str = ""
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A Grad-CAM overlay for one finding, on the frame that drove it."""
+
+    label: str
+    sop_instance_uid: str
+    frame: int
+    overlay: np.ndarray  # HxWx3 uint8 RGB: windowed source image with the colour map blended in
+    cam: np.ndarray  # HxW float32 in [0, 1], the map at source resolution
+
+
+@dataclass
+class StudyResult:
+    """Everything the model stage found for one study."""
+
+    study_instance_uid: str
+    model: ModelIdentity
+    findings: list[Finding]  # most probable first
+    instances: list[InstanceOutcome]
+    heatmaps: list[Heatmap] = field(default_factory=list)
+
+    @property
+    def positive(self) -> list[Finding]:
+        """Findings at or above their threshold."""
+        return [f for f in self.findings if f.positive]
