@@ -1,0 +1,306 @@
+"""The ``dxnode`` command: run the node, query the store, predict, train and evaluate models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dxnode import __version__
+from dxnode.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("dxnode")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def print_json(value: Any) -> None:
+    """Print one JSON document to stdout."""
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Print rows as a plain aligned text table."""
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in columns))
+
+
+def open_store(settings: Settings, migrate: bool = True) -> Any:
+    """Open the configured database, applying migrations first when asked."""
+    from dxnode.store import Store, upgrade
+
+    if migrate:
+        upgrade(settings.database.url)
+    return Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
+
+
+# --- node --------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the node: SCP, worklist, runner, dispatcher and web server."""
+    from dxnode.daemon import serve
+
+    return serve(settings, web=not args.no_web)
+
+
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    """Run only the REST API and web pages."""
+    from dxnode.daemon import serve_web_only
+
+    return serve_web_only(settings)
+
+
+def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
+    """C-ECHO a remote node."""
+    from dxnode.scp import echo
+
+    ok, message = echo(args.host, args.port, args.aet or settings.node.ae_title, args.aec, timeout=args.timeout)
+    print(message)
+    return 0 if ok else 1
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    """Apply the Alembic migrations."""
+    from dxnode.store import Store, current_revision, upgrade
+
+    upgrade(settings.database.url)
+    print(f"database at revision {current_revision(Store(settings.database.url))}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the schema revision."""
+    from dxnode.store import Store, current_revision
+
+    print(current_revision(Store(settings.database.url)) or "empty (run `dxnode db upgrade`)")
+    return 0
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+
+def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
+    """List received studies."""
+    from dxnode.queries import StudyFilter, list_studies
+
+    store = open_store(settings)
+    with store.session() as session:
+        rows = list_studies(session, StudyFilter(limit=args.limit))
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(rows, ["study_instance_uid", "patient_id", "study_date", "modalities", "num_instances", "calling_aet", "last_received_at", "state"])
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    """List jobs."""
+    from dxnode.queries import JobFilter, list_jobs
+
+    store = open_store(settings)
+    with store.session() as session:
+        rows = list_jobs(session, JobFilter(state=args.state, limit=args.limit))
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "study_instance_uid", "state", "attempts", "model_name", "model_version", "created_at", "finished_at", "error"])
+    return 0
+
+
+def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    """List study-level findings."""
+    raise NotImplementedError("dxnode results: web helper")
+
+
+def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
+    """List outbox deliveries."""
+    raise NotImplementedError("dxnode outbox: dispatch helper")
+
+
+def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-queue deliveries of an output or a study."""
+    raise NotImplementedError("dxnode resend: dispatch helper")
+
+
+def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    """Queue a study again (re-run its analysis)."""
+    from dxnode.worklist import requeue_study
+
+    store = open_store(settings)
+    with store.session() as session:
+        job_id = requeue_study(session, args.study, actor="cli")
+    print(f"queued job {job_id}")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
+    """Force a study complete now instead of waiting for stable_seconds."""
+    from dxnode.worklist import requeue_study
+
+    store = open_store(settings)
+    with store.session() as session:
+        job_id = requeue_study(session, args.study, actor="cli", action="study.force_complete")
+    print(f"queued job {job_id}")
+    return 0
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the model on files directly."""
+    raise NotImplementedError("dxnode predict: pipeline/model helper")
+
+
+def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
+    """Print a bundle's manifest and check its weights."""
+    raise NotImplementedError("dxnode model info: pipeline/model helper")
+
+
+def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int:
+    """Make a bundle from the torchvision ImageNet weights file."""
+    raise NotImplementedError("dxnode model init-imagenet: pipeline/model helper")
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Fine-tune ResNet-18 on a labelled CSV and write a bundle."""
+    raise NotImplementedError("dxnode train: training helper")
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """Evaluate a bundle on a labelled CSV."""
+    raise NotImplementedError("dxnode evaluate: training helper")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="dxnode", description="dxnode: a DICOM AI node beside your PACS.")
+    p.add_argument("--version", action="version", version=f"dxnode {__version__}")
+    p.add_argument("--config", metavar="PATH", help="config file (default: $DXNODE_CONFIG, else the bundled config/dxnode.toml)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override [logging] level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    sp = add("serve", cmd_serve, "run the node: DICOM SCP, worklist, runner, outbox and web server")
+    sp.add_argument("--no-web", action="store_true", help="do not start the web server")
+    add("web", cmd_web, "run only the REST API and web pages")
+
+    sp = add("echo", cmd_echo, "C-ECHO a DICOM node (verification)")
+    sp.add_argument("host")
+    sp.add_argument("port", type=int)
+    sp.add_argument("--aec", default="ANY-SCP", help="called AE title (default ANY-SCP)")
+    sp.add_argument("--aet", help="calling AE title (default: [node] ae_title)")
+    sp.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
+
+    db = add("db", lambda a, s: (build_parser().parse_args(["db", "--help"]), 2)[1], "database schema")
+    dbs = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    dbs.add_parser("upgrade", help="apply migrations").set_defaults(handler=cmd_db_upgrade)
+    dbs.add_parser("current", help="print the schema revision").set_defaults(handler=cmd_db_current)
+
+    sp = add("studies", cmd_studies, "list received studies")
+    sp.add_argument("--json", action="store_true", help="print one JSON array")
+    sp.add_argument("--limit", type=int, default=100)
+
+    sp = add("jobs", cmd_jobs, "list jobs")
+    sp.add_argument("--state", choices=["queued", "running", "done", "failed", "skipped"])
+    sp.add_argument("--json", action="store_true", help="print one JSON array")
+    sp.add_argument("--limit", type=int, default=100)
+
+    sp = add("requeue", cmd_requeue, "queue a study's analysis again")
+    sp.add_argument("study", help="Study Instance UID")
+    sp = add("complete", cmd_complete, "force a study complete now (do not wait for stable_seconds)")
+    sp.add_argument("study", help="Study Instance UID")
+
+    sp = add("results", cmd_results, "list study-level findings")
+    sp.add_argument("--label")
+    sp.add_argument("--min-prob", type=float)
+    sp.add_argument("--positive", action="store_true", help="positive findings only")
+    sp.add_argument("--since", help="date YYYY-MM-DD (UTC)")
+    sp.add_argument("--limit", type=int, default=1000)
+    fmt = sp.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+
+    sp = add("outbox", cmd_outbox, "list deliveries of results to destinations")
+    sp.add_argument("--state", choices=["pending", "sent", "failed"])
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=100)
+    sp = add("resend", cmd_resend, "re-queue delivery of an output (SOP Instance UID) or of a study's outputs")
+    sp.add_argument("target", metavar="OUTPUT_OR_STUDY")
+
+    sp = add("predict", cmd_predict, "run the model on DICOM, PNG or JPEG files")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--model", metavar="BUNDLE", help="model bundle folder (default: [model] bundle)")
+    sp.add_argument("--json", action="store_true", help="print one JSON array")
+    sp.add_argument("--heatmap-dir", metavar="DIR", help="write Grad-CAM overlay PNGs here")
+    sp.add_argument("--top", type=int, default=3, help="findings shown per file (default 3)")
+
+    model = add("model", lambda a, s: 2, "model bundles")
+    ms = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    mi = ms.add_parser("info", help="print a bundle's manifest and check its weights checksum")
+    mi.add_argument("bundle", nargs="?", help="bundle folder (default: the configured model)")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(handler=cmd_model_info)
+    mn = ms.add_parser("init-imagenet", help="make a bundle from torchvision's resnet18-f37072fd.pth")
+    mn.add_argument("path", help="bundle folder to create")
+    mn.add_argument("--weights", help="the .pth file (default: [model] imagenet_weights or the torch hub cache)")
+    mn.set_defaults(handler=cmd_model_init_imagenet)
+
+    sp = add("train", cmd_train, "fine-tune ResNet-18 on labelled images and write a model bundle")
+    sp.set_defaults(parser_hook="train")
+    sp = add("evaluate", cmd_evaluate, "evaluate a model bundle on labelled images")
+    sp.set_defaults(parser_hook="evaluate")
+    _add_training_arguments(sub)
+    return p
+
+
+def _add_training_arguments(sub: Any) -> None:
+    """Arguments of train and evaluate (kept beside their implementation)."""
+    try:
+        from dxnode.train import add_evaluate_arguments, add_train_arguments
+    except ImportError:
+        return
+    add_train_arguments(sub.choices["train"])
+    add_evaluate_arguments(sub.choices["evaluate"])
+
+
+def setup_logging(level: str) -> None:
+    """Log lines with time, level and stage name to stderr."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dxnode`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"dxnode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or settings.logging.level)
+    try:
+        return int(args.handler(args, settings))
+    except ConfigError as exc:
+        print(f"dxnode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
