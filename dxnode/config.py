@@ -84,6 +84,7 @@ class WorklistSettings(Section):
     sweep_interval_seconds: float = Field(2, gt=0)
     poll_interval_seconds: float = Field(1, gt=0)
     max_attempts: int = Field(3, ge=1)
+    running_timeout_seconds: float = Field(3600, gt=0)  # a running job silent this long is re-queued
     run_jobs: bool = True
 
 

@@ -1,0 +1,145 @@
+"""The job body the worklist runner calls: study files -> model -> findings -> SR/SC -> outbox.
+
+Each step commits what it produced before the next one starts, so a crash anywhere is resumed
+by running the job again: findings of an attempt replace those of earlier attempts of the same
+job, and outputs have deterministic UIDs, so a re-run writes the same objects and queues no
+second delivery for an object already in the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import delete, select
+
+from dxnode import metrics
+from dxnode.config import Settings
+from dxnode.results import StudyResult
+from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit
+
+log = logging.getLogger("dxnode.analysis")
+
+
+class NothingToAnalyze(Exception):
+    """Every instance of the study failed in the pipeline; the message lists why."""
+
+
+def run_job(store: Store, settings: Settings, job_id: int) -> str:
+    """Run the whole analysis of one job; return "done" or "skipped" (raise on failure)."""
+    from dxnode.model import analyze_study, load_classifier
+
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None, f"job {job_id} vanished"
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        if study.ignored:
+            job.log = "study is marked ignored: not analysed"
+            return "skipped"
+        study_uid, calling_aet = study.study_instance_uid, study.calling_aet
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.file_path)
+            .where(Instance.study_id == study.id)
+            .order_by(Instance.series_id, Instance.instance_number, Instance.id)
+        ).all()
+    instances = [(uid, settings.data_dir / path) for uid, path in rows]
+
+    classifier = load_classifier(settings.model)
+    started = time.perf_counter()
+    result = analyze_study(study_uid, instances, classifier, settings, heatmap_for=settings.report.heatmap_for)
+    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+
+    lines = _describe(result)
+    state = _record_findings(store, job_id, result, lines)
+    if state == "skipped":
+        return state
+    outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet)
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.log += "\n" + "\n".join(f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ") for o in outputs)
+    return "done"
+
+
+def _describe(result: StudyResult) -> list[str]:
+    """Human-readable lines of what the pipeline did, for the job log."""
+    m = result.model
+    lines = [f"model {m.name} {m.version}" + (" (UNTRAINED DEMO MODEL: results are meaningless)" if m.demo else "")]
+    counts: dict[str, int] = {}
+    for outcome in result.instances:
+        counts[outcome.state] = counts.get(outcome.state, 0) + 1
+        if outcome.state != "done":
+            lines.append(f"instance {outcome.state}: {outcome.reason}")
+    lines.insert(1, "instances: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for f in result.findings[:10]:
+        lines.append(f"{f.label}: {f.probability:.3f} (threshold {f.threshold:.2f}) {'POSITIVE' if f.positive else 'negative'}")
+    return lines
+
+
+def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list[str]) -> str:
+    """Replace this job's instance results and findings with the new ones; return the job state."""
+    done = [o for o in result.instances if o.state == "done"]
+    failed = [o for o in result.instances if o.state == "failed"]
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.model_name, job.model_version = result.model.name, result.model.version
+        job.log = "\n".join(lines)
+        session.execute(delete(InstanceResult).where(InstanceResult.job_id == job_id))
+        session.execute(delete(FindingRow).where(FindingRow.job_id == job_id))
+        for o in result.instances:
+            session.add(InstanceResult(job_id=job_id, sop_instance_uid=o.sop_instance_uid, state=o.state, reason=o.reason, probabilities=o.probabilities))
+        if not done:
+            if failed:
+                raise NothingToAnalyze("no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed}))[:2000])
+            job.log += "\nno instance matched the pipeline rules: nothing to report"
+            return "skipped"
+        m = result.model
+        for rank, f in enumerate(result.findings):
+            session.add(
+                FindingRow(
+                    job_id=job_id, study_id=job.study_id, label=f.label, probability=float(f.probability),
+                    threshold=float(f.threshold), positive=bool(f.positive), rank=rank,
+                    source_sop_instance_uid=f.source_sop_instance_uid or "", source_frame=f.source_frame,
+                    model_name=m.name, model_version=m.version, model_sha256=m.sha256, model_demo=m.demo,
+                )
+            )
+        audit(session, "system", "job.findings", target=f"job:{job_id}", findings=len(result.findings), positive=len(result.positive))
+    return "done"
+
+
+class _Written:
+    """What the job log says about one output."""
+
+    def __init__(self, kind: str, label: str, deliveries: int) -> None:
+        self.kind, self.label, self.deliveries = kind, label, deliveries
+
+
+def _write_outputs(
+    store: Store, settings: Settings, job_id: int, study_id: int, result: StudyResult, sources: dict[str, Path], calling_aet: str
+) -> list[_Written]:
+    """Write SR and SC files, record them, and queue their deliveries (all idempotent)."""
+    from dxnode.dispatch import enqueue
+    from dxnode.report import write_outputs
+
+    used = {o.sop_instance_uid for o in result.instances if o.state == "done"}
+    written = write_outputs(result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs")
+    report: list[_Written] = []
+    with store.session() as session:
+        for w in written:
+            output = session.scalar(select(Output).where(Output.sop_instance_uid == w.sop_instance_uid))
+            if output is None:
+                output = Output(
+                    job_id=job_id, study_id=study_id, kind=w.kind, label=w.label, sop_class_uid=w.sop_class_uid,
+                    sop_instance_uid=w.sop_instance_uid, series_instance_uid=w.series_instance_uid,
+                    model_name=result.model.name, model_version=result.model.version,
+                    file_path=str(Path(w.path).resolve().relative_to(settings.data_dir)), summary=w.summary,
+                )
+                session.add(output)
+                session.flush()
+                audit(session, "system", "output.written", target=f"output:{output.id}", kind=w.kind)
+            deliveries = enqueue(session, output, settings, calling_aet)
+            report.append(_Written(w.kind, w.label, len(deliveries)))
+    return report
