@@ -156,18 +156,81 @@ def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the model on files directly."""
-    raise NotImplementedError("dxnode predict: pipeline/model helper")
+    """Run the model on files directly; exit 1 if any file failed."""
+    from dxnode.model import BundleError, load_classifier, predict_file, save_png
+
+    try:
+        classifier = load_classifier(settings.model, args.model)
+    except BundleError as exc:
+        print(f"dxnode: {exc}", file=sys.stderr)
+        return 2
+    ident = classifier.identity
+    results, failed = [], 0
+    for name in args.files:
+        pred = predict_file(Path(name), classifier, settings, top_k=args.top)
+        heatmap = None
+        if pred.error is None and args.heatmap_dir and pred.heatmap is not None:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{Path(name).stem}_{pred.findings[0].label}")
+            heatmap = str(save_png(pred.heatmap, Path(args.heatmap_dir) / f"{safe}.png"))
+        failed += pred.error is not None
+        results.append(pred.to_dict(heatmap))
+        if not args.json:
+            if pred.error:
+                print(f"{name}: ERROR {pred.error}")
+                continue
+            print(f"{name}:")
+            for f in pred.findings:
+                print(f"  {f.label:<32} {f.probability:7.3f}  {'POSITIVE' if f.positive else ''}")
+            if heatmap:
+                print(f"  heatmap: {heatmap}")
+    if args.json:
+        print_json(results)
+    else:
+        print(f"model: {ident.name} {ident.version}" + ("  ** UNTRAINED DEMO MODEL: findings are meaningless **" if ident.demo else ""))
+    return 1 if failed else 0
 
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     """Print a bundle's manifest and check its weights."""
-    raise NotImplementedError("dxnode model info: pipeline/model helper")
+    from dxnode.model import BundleError, load_classifier
+
+    try:
+        classifier = load_classifier(settings.model, args.bundle)
+    except BundleError as exc:
+        print(f"dxnode: {exc}", file=sys.stderr)
+        return 1
+    info = classifier.manifest.to_dict()
+    if len(info["labels"]) > 20:
+        info["labels"] = info["labels"][:10] + [f"... {len(info['labels']) - 10} more"]
+        info["thresholds"] = info["thresholds"][:10]
+    info["device"] = str(classifier.device)
+    info["weights_check"] = "built-in demo weights" if classifier.manifest.demo else "sha256 matches"
+    if args.json:
+        print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value}")
+        if classifier.manifest.demo:
+            print("** UNTRAINED DEMO MODEL: its findings are meaningless. Set [model] bundle. **")
+    return 0
 
 
 def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int:
     """Make a bundle from the torchvision ImageNet weights file."""
-    raise NotImplementedError("dxnode model init-imagenet: pipeline/model helper")
+    import torch
+
+    from dxnode.model import imagenet_manifest, imagenet_weights_path, write_bundle
+
+    weights = Path(args.weights) if args.weights else imagenet_weights_path(settings.model)
+    if not weights.is_file():
+        print(f"dxnode: {weights}: no such file (torchvision's resnet18-f37072fd.pth; nothing is downloaded)", file=sys.stderr)
+        return 1
+    m = imagenet_manifest(weights)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    out = write_bundle(Path(args.path), state, name=m.name, version=m.version, labels=m.labels, task=m.task, thresholds=m.thresholds,
+                       preprocessing=m.preprocessing, description=m.description, extra={"source": str(weights), "source_sha256": m.weights_sha256})
+    print(f"wrote bundle {args.path}: {out.name} {out.version}, {len(out.labels)} labels, sha256 {out.weights_sha256[:16]}...")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:

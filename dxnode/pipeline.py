@@ -1,0 +1,347 @@
+"""DICOM pixels to model input, the way a radiology viewer shows them.
+
+decode (pydicom + pylibjpeg plugins) -> Modality LUT -> VOI (config preset > the dataset's own
+window or VOI LUT > percentile window) -> MONOCHROME1 inversion -> RGB for colour -> resize
+(letterbox or centre crop) -> three channels -> normalise. Every LUT step is a `pydicom.pixels`
+function; this module only chooses which one applies and maps the result to [0, 1].
+Training (dxnode.train) goes through the same functions, so there is no train/serve skew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
+
+from dxnode.config import PipelineSettings
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_VOI_FULL_SCALE = 65535.0  # output range of the synthetic VOI datasets below (16-bit unsigned)
+
+# SOP classes that carry no image for the model, whatever else they hold (PS3.4 Annex B).
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "Encapsulated CDA",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan",
+    "1.2.840.10008.5.1.4.1.1.481.8": "RT Ion Plan",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
+    "1.2.840.10008.5.1.4.1.1.481.4": "RT Beams Treatment Record",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.66": "Raw Data",
+    "1.2.840.10008.5.1.4.1.1.66.1": "Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+}
+NON_IMAGE_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "Structured Report",
+    "1.2.840.10008.5.1.4.1.1.11.": "Presentation State",
+    "1.2.840.10008.5.1.4.1.1.9.": "Waveform",
+}
+
+
+class PipelineError(Exception):
+    """An instance cannot become model input; the message is the specific reason."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a bundle wants its input made (stored in the bundle manifest)."""
+
+    input_size: int = 224
+    resize: str = "letterbox"  # or "center_crop"
+    channels: str = "replicate"  # or "windows": one (center, width) window per channel
+    windows: tuple[tuple[float, float], ...] = ()
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("letterbox", "center_crop"):
+            raise ValueError(f"preprocessing.resize must be letterbox or center_crop, not {self.resize!r}")
+        if self.channels not in ("replicate", "windows"):
+            raise ValueError(f"preprocessing.channels must be replicate or windows, not {self.channels!r}")
+        if self.channels == "windows" and len(self.windows) != 3:
+            raise ValueError("preprocessing.channels = windows needs three (center, width) windows")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """Read the manifest form back."""
+        return cls(
+            input_size=int(d.get("input_size", 224)), resize=d.get("resize", "letterbox"), channels=d.get("channels", "replicate"),
+            windows=tuple(tuple(map(float, w)) for w in d.get("windows", ())),  # type: ignore[misc]
+            mean=tuple(map(float, d.get("mean", cls.mean))), std=tuple(map(float, d.get("std", cls.std))),  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class Frame:
+    """One model input at source resolution."""
+
+    image: np.ndarray  # HxWx3 float32 in [0, 1]: the model channels
+    display: np.ndarray  # HxWx3 uint8: the windowed image as a viewer shows it
+    frame_index: int
+    sop_instance_uid: str = ""
+    window: tuple[float, float] | None = field(default=None)  # the VOI window used, if one
+
+
+def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
+    """Why this instance does not go to the model (None: it does). Looks at the header only."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in NON_IMAGE_SOP_CLASSES:
+        return f"not an image: {NON_IMAGE_SOP_CLASSES[sop_class]}"
+    for prefix, name in NON_IMAGE_PREFIXES.items():
+        if sop_class.startswith(prefix):
+            return f"not an image: {name}"
+    if "PixelData" not in ds:
+        return "no pixel data" + (" (float or double float pixel data is not supported)" if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds else "")
+    modality = str(ds.get("Modality", ""))
+    if settings.modalities and modality not in settings.modalities:
+        return f"modality {modality or '(none)'} is not in [pipeline] modalities"
+    if settings.sop_classes and sop_class not in settings.sop_classes:
+        return f"SOP class {sop_class} is not in [pipeline] sop_classes"
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    if settings.body_parts and body_part not in {b.upper() for b in settings.body_parts}:
+        return f"body part {body_part or '(none)'} is not in [pipeline] body_parts"
+    return None
+
+
+def frame_indices(n_frames: int, max_frames: int) -> list[int]:
+    """At most max_frames frame indices, evenly spaced over the instance."""
+    if n_frames <= max_frames:
+        return list(range(n_frames))
+    return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, max_frames)})
+
+
+def modality_values(ds: Dataset, max_frames: int) -> list[tuple[int, np.ndarray]]:
+    """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1)."""
+    try:
+        arr = ds.pixel_array  # YBR_* arrives as RGB (pydicom converts by default)
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", str(ts)) if ts else "unknown transfer syntax"
+        raise PipelineError(f"cannot decode pixel data ({name}): {exc}") from exc
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if n_frames == 1:
+        arr = arr[np.newaxis]
+    out = []
+    for i in frame_indices(n_frames, max_frames):
+        frame = arr[i]
+        if photometric == "PALETTE COLOR":
+            rgb = apply_color_lut(frame, ds)
+            out.append((i, rgb.astype(np.float32) / (255.0 if rgb.max() <= 255 else 65535.0)))
+        elif samples == 3:
+            out.append((i, frame.astype(np.float32) / float(2 ** int(ds.get("BitsStored", 8)) - 1)))
+        elif samples == 1:
+            out.append((i, np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)))
+        else:
+            raise PipelineError(f"unsupported Samples per Pixel {samples}")
+    return out
+
+
+def _voi_dataset(center: float, width: float, function: str = "LINEAR") -> Dataset:
+    """A minimal VOI LUT Module for pydicom's apply_windowing, output 0-65535."""
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored, ds.PixelRepresentation = 16, 0
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = float(center), float(width), function
+    return ds
+
+
+def _window01(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Apply a window with pydicom and scale the result to [0, 1]."""
+    if function == "LINEAR":
+        width = max(width, 1.0)
+    return (apply_windowing(values, _voi_dataset(center, width, function)) / _VOI_FULL_SCALE).astype(np.float32)
+
+
+def preset_window(ds: Dataset | None, settings: PipelineSettings) -> tuple[float, float] | None:
+    """The first [[pipeline.windows]] preset matching the modality (and body part, if it names one)."""
+    if ds is None:
+        return None
+    modality = str(ds.get("Modality", "")).upper()
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    for preset in settings.windows:
+        if preset.modality.upper() == modality and (not preset.body_part or preset.body_part.upper() == body_part):
+            return preset.center, preset.width
+    return None
+
+
+def dataset_window(ds: Dataset | None) -> tuple[float, float, str] | None:
+    """The dataset's first Window Center/Width and its VOI LUT Function, if it has a usable one."""
+    if ds is None or "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = ds["WindowCenter"], ds["WindowWidth"]
+    try:
+        c = float(center.value[0] if center.VM > 1 else center.value)
+        w = float(width.value[0] if width.VM > 1 else width.value)
+    except (TypeError, ValueError):
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    return (c, w, function) if w > 0 else None
+
+
+def auto_window(values: np.ndarray) -> tuple[float, float]:
+    """A window from the 0.5th and 99.5th percentiles of the values."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    return float((lo + hi) / 2), float(max(hi - lo, 1.0))
+
+
+def voi01(values: np.ndarray, ds: Dataset | None, settings: PipelineSettings, window: tuple[float, float] | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """VOI of a grayscale frame scaled to [0, 1] and the window used (None for a VOI LUT).
+
+    Precedence: explicit window > config preset > the dataset's Window Center/Width (LINEAR,
+    LINEAR_EXACT or SIGMOID) > its VOI LUT Sequence > a percentile window.
+    """
+    window = window or preset_window(ds, settings)
+    if window is not None:
+        return _window01(values, *window), window
+    own = dataset_window(ds)
+    if own is not None:
+        return _window01(values, *own), own[:2]
+    if ds is not None and "VOILUTSequence" in ds:
+        lut_ds = Dataset()
+        lut_ds.VOILUTSequence = ds.VOILUTSequence
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = apply_voi_lut(values, lut_ds, prefer_lut=True)
+        return np.clip(out.astype(np.float32) / float(2**bits - 1), 0, 1), None
+    auto = auto_window(values)
+    return _window01(values, *auto), auto
+
+
+def frame_from_values(
+    values: np.ndarray, frame_index: int, ds: Dataset | None, settings: PipelineSettings,
+    prep: Preprocessing, window: tuple[float, float] | None = None,
+) -> Frame:
+    """Window (grayscale) or pass through (colour) one frame into a Frame."""
+    uid = str(ds.get("SOPInstanceUID", "")) if ds is not None else ""
+    if values.ndim == 3:  # colour, already RGB in [0, 1]
+        image = np.clip(values, 0, 1).astype(np.float32)
+        return Frame(image=image, display=(image * 255).round().astype(np.uint8), frame_index=frame_index, sop_instance_uid=uid)
+    monochrome1 = ds is not None and str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    gray, used = voi01(values, ds, settings, window)
+    if monochrome1:
+        gray = 1.0 - gray
+    if prep.channels == "windows":
+        chans = [_window01(values, c, w) for c, w in prep.windows]
+        image = np.stack([1.0 - ch if monochrome1 else ch for ch in chans], axis=-1)
+    else:
+        image = np.repeat(gray[..., np.newaxis], 3, axis=-1)
+    display = np.repeat((gray * 255).round().astype(np.uint8)[..., np.newaxis], 3, axis=-1)
+    return Frame(image=image.astype(np.float32), display=display, frame_index=frame_index, sop_instance_uid=uid, window=used)
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read a DICOM file with lazily loaded pixel data; PipelineError if it is not readable DICOM."""
+    try:
+        return pydicom.dcmread(path, defer_size="64 KB")
+    except Exception as exc:
+        raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def read_image_file(path: Path, prep: Preprocessing) -> list[Frame]:
+    """A PNG or JPEG as one frame: grayscale replicated, colour kept as RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("L", "I", "I;16", "I;16B", "F"):
+                gray = np.asarray(img, dtype=np.float64)
+                lo, hi = (0.0, 255.0) if img.mode == "L" else (float(gray.min()), float(max(gray.max(), gray.min() + 1)))
+                gray01 = np.clip((gray - lo) / (hi - lo), 0, 1).astype(np.float32)
+                rgb = np.repeat(gray01[..., np.newaxis], 3, axis=-1)
+            else:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PipelineError(f"not a readable image: {exc}"[:300]) from exc
+    return [Frame(image=rgb, display=(rgb * 255).round().astype(np.uint8), frame_index=0)]
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a PNG/JPEG by suffix or magic number (DICOM files have 'DICM' at 128)."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff")
+
+
+def read_frames(source: str | Path | Dataset, settings: PipelineSettings, prep: Preprocessing) -> list[Frame]:
+    """Frames of a DICOM instance or a PNG/JPEG file, ready for to_tensor; PipelineError on failure."""
+    if not isinstance(source, Dataset):
+        path = Path(source)
+        if not path.is_file():
+            raise PipelineError(f"no such file: {path}")
+        if is_image_file(path):
+            return read_image_file(path, prep)
+        source = read_dataset(path)
+    ds = source
+    reason = skip_reason(ds, settings)
+    if reason:
+        raise PipelineError(reason)
+    try:
+        return [frame_from_values(v, i, ds, settings, prep) for i, v in modality_values(ds, settings.max_frames)]
+    except PipelineError:
+        raise
+    except Exception as exc:  # a malformed LUT or window in the header
+        raise PipelineError(f"cannot apply the pixel chain: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a HxW source sits in the SxS model input (to map CAM maps back)."""
+
+    height: int
+    width: int
+    size: int
+    resized_h: int
+    resized_w: int
+    top: int  # offset of the resized image in the input (letterbox >= 0, centre crop <= 0)
+    left: int
+
+
+def geometry(height: int, width: int, prep: Preprocessing) -> Geometry:
+    """The resize/pad/crop that to_tensor applies to a HxW image."""
+    s = prep.input_size
+    scale = s / max(height, width) if prep.resize == "letterbox" else s / min(height, width)
+    rh, rw = max(1, round(height * scale)), max(1, round(width * scale))
+    return Geometry(height, width, s, rh, rw, (s - rh) // 2, (s - rw) // 2)
+
+
+def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
+    """3xSxS float32: resized (letterbox or centre crop) and normalised with the bundle's mean/std."""
+    h, w = frame.image.shape[:2]
+    g = geometry(h, w, prep)
+    x = torch.from_numpy(np.ascontiguousarray(frame.image.transpose(2, 0, 1)))[None]
+    x = F.interpolate(x, size=(g.resized_h, g.resized_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    out = torch.zeros(3, g.size, g.size, dtype=torch.float32)
+    # Paste the resized image at (top, left); negative offsets crop it (centre crop).
+    src_t, src_l = max(0, -g.top), max(0, -g.left)
+    dst_t, dst_l = max(0, g.top), max(0, g.left)
+    hh, ww = min(g.resized_h - src_t, g.size - dst_t), min(g.resized_w - src_l, g.size - dst_l)
+    out[:, dst_t:dst_t + hh, dst_l:dst_l + ww] = x[:, src_t:src_t + hh, src_l:src_l + ww]
+    mean = torch.tensor(prep.mean).view(3, 1, 1)
+    std = torch.tensor(prep.std).view(3, 1, 1)
+    return (out - mean) / std
+
+
+def map_to_source(cam_input: np.ndarray, g: Geometry) -> np.ndarray:
+    """A map over the SxS model input mapped back onto the HxW source pixels."""
+    t = torch.from_numpy(np.ascontiguousarray(cam_input, dtype=np.float32))[None, None]
+    canvas = torch.zeros(1, 1, g.resized_h, g.resized_w)
+    src_t, src_l = max(0, g.top), max(0, g.left)
+    dst_t, dst_l = max(0, -g.top), max(0, -g.left)
+    hh, ww = min(g.size - src_t, g.resized_h - dst_t), min(g.size - src_l, g.resized_w - dst_l)
+    canvas[..., dst_t:dst_t + hh, dst_l:dst_l + ww] = t[..., src_t:src_t + hh, src_l:src_l + ww]
+    return F.interpolate(canvas, size=(g.height, g.width), mode="bilinear", align_corners=False)[0, 0].numpy()
