@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import ssl
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.store import Instance, Series, Store, Study, audit, utcnow
+from dxnode.store import Instance, Series, Store, Study, audit, utcnow, write_durably
 from dxnode.uids import is_valid_uid
 
 log = logging.getLogger("dxnode.scp")
@@ -148,26 +146,6 @@ def parse_received(event: Any) -> Received:
         sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"], study_instance_uid=study_uid,
         series_instance_uid=series_uid, transfer_syntax_uid=str(event.context.transfer_syntax), **fields,
     )
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write data to path atomically: temporary file, fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class StorageSCP:

@@ -1,0 +1,280 @@
+"""Results as DICOM for the PACS: a TID 1500 Comprehensive SR and Grad-CAM Secondary Captures.
+
+The SR follows the IHE AI Results (AIR) profile's use of TID 1500: a device observer (this
+node), the algorithm (TID 4019: model name, version, weights sha256), one measurement group per
+label (TID 1501) holding the finding as a qualitative evaluation (present/absent by the bundle's
+threshold) and the model probability (UCUM "1"), with the source images, an image library, a
+plain-text summary, and an IHE "Processing Algorithm" Contributing Equipment item. Each heatmap
+is an RGB Secondary Capture with the overlay, a burned-in caption and a colour scale.
+
+UIDs are derived from the result itself (study, model name/version/weights, labels,
+probabilities, source instances): re-running a job rebuilds the same UIDs, a changed result
+gets new ones. Patient and study attributes come from the source instances, so the PACS files
+the objects in the same study.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dxnode import __version__
+from dxnode.config import Settings
+from dxnode.results import Finding, Heatmap, StudyResult
+from dxnode.store import write_durably
+
+SCHEME = "99DXNODE"  # private coding scheme for model labels
+PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
+PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+
+
+@dataclass(frozen=True)
+class WrittenOutput:
+    """A DICOM object written for the PACS."""
+
+    kind: str  # "sr" or "sc"
+    label: str  # finding of an SC, "" for the SR
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    summary: str
+
+
+def result_key(result: StudyResult) -> str:
+    """A digest of everything that makes a result what it is (drives the output UIDs)."""
+    m = result.model
+    parts = [result.study_instance_uid, m.name, m.version, m.sha256]
+    parts += [f"{f.label}={f.probability:.6f}:{int(f.positive)}:{f.source_sop_instance_uid}:{f.source_frame}" for f in sorted(result.findings, key=lambda f: f.label)]
+    parts += sorted(o.sop_instance_uid for o in result.instances if o.state == "done")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def derived_uid(*parts: str) -> str:
+    """A deterministic UID (2.25 form) from the given strings."""
+    return str(generate_uid(prefix=None, entropy_srcs=list(parts)))
+
+
+def summary_line(result: StudyResult) -> str:
+    """One line a radiologist can read in any SR viewer."""
+    m = result.model
+    who = f"{m.name} {m.version}" + (", UNTRAINED DEMO MODEL - results are meaningless" if m.demo else "")
+    positives = [f"{f.label} {f.probability:.2f}" for f in result.positive]
+    top = ", ".join(f"{f.label} {f.probability:.2f}" for f in result.findings[:3])
+    found = ("positive: " + ", ".join(positives)) if positives else "no finding above threshold"
+    return f"AI-generated result ({who}): {found}; top: {top}. Not reviewed by a physician."
+
+
+def _label_concept(label: str) -> CodedConcept:
+    """The private code of a model label."""
+    code = "".join(c if c.isalnum() else "_" for c in label.upper())[:16] or "LABEL"
+    return CodedConcept(code, SCHEME, label[:64])
+
+
+def _contributing_equipment(settings: Settings, m_name: str, m_version: str, device_uid: str) -> Dataset:
+    """IHE AIR Contributing Equipment item, purpose 'Processing Algorithm' (added with pydicom)."""
+    item = Dataset()
+    item.Manufacturer = settings.report.manufacturer
+    item.ManufacturerModelName = f"dxnode / {m_name}"[:64]
+    item.SoftwareVersions = [f"dxnode {__version__}", f"{m_name} {m_version}"[:64]]
+    item.DeviceUID = device_uid
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = PROCESSING_ALGORITHM
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.ContributionDescription = "AI inference (ResNet-18) and Grad-CAM"
+    return item
+
+
+def _group(f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one label: present/absent and probability, with its source image."""
+    concept = _label_concept(f.label)
+    images = []
+    if f.source_sop_instance_uid and f.source_sop_instance_uid in sources:
+        src = sources[f.source_sop_instance_uid]
+        frames = [f.source_frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+        images.append(SourceImageForMeasurementGroup(str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames))
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=derived_uid(key, "group", f.label), identifier=f.label[:64]),
+        finding_type=concept,
+        algorithm_id=algo,
+        qualitative_evaluations=[QualitativeEvaluation(concept, codes.SCT.Present if f.positive else codes.SCT.Absent)],
+        measurements=[Measurement(name=PROBABILITY, value=round(float(f.probability), 6), unit=CodedConcept("1", "UCUM", "no units"), algorithm_id=algo)],
+        source_images=images or None,
+    )
+
+
+def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 'Qualitative Evaluations' container with plain-text lines."""
+    container = hd.sr.ContainerContentItem(
+        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = [
+        hd.sr.TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=line[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for line in lines
+    ]
+    return container
+
+
+def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> tuple[Dataset, str]:
+    """The Comprehensive SR dataset of a result and its summary line."""
+    m = result.model
+    key = result_key(result)
+    device_uid = derived_uid("dxnode-device", settings.node.ae_title)
+    algo = AlgorithmIdentification(name=m.name[:64], version=m.version[:64], parameters=[f"weights sha256 {m.sha256}"])
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name=settings.node.ae_title, manufacturer_name=settings.report.manufacturer, model_name=f"dxnode {__version__}",
+        ),
+    )
+    evidence = [sources[uid] for uid in sorted(sources)]
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=CodedConcept("363679005", "SCT", "Imaging procedure"),
+        imaging_measurements=[_group(f, sources, algo, key) for f in result.findings],
+        referenced_images=evidence,
+    )
+    summary = summary_line(result)
+    lines = [summary, "This content was generated by an AI model" + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else ".")]
+    report[0].ContentSequence.append(_comments_container(lines))
+    sr = ComprehensiveSR(
+        evidence=evidence, content=report[0], series_instance_uid=derived_uid(key, "sr-series"),
+        series_number=settings.report.sr_series_number, sop_instance_uid=derived_uid(key, "sr"), instance_number=1,
+        manufacturer=settings.report.manufacturer, institution_name=settings.report.institution_name or None, is_complete=True,
+        contributing_equipment=None,
+    )
+    sr.SeriesDescription = settings.report.sr_series_description[:64]
+    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]
+    return sr, summary
+
+
+def caption_lines(h: Heatmap, f: Finding, result: StudyResult) -> list[str]:
+    """The burned-in caption of a heatmap SC."""
+    m = result.model
+    lines = [f"AI GENERATED - {f.label}: probability {f.probability:.3f} ({'POSITIVE' if f.positive else 'negative'}, threshold {f.threshold:.2f})",
+             f"Grad-CAM heatmap, model {m.name} {m.version}"]
+    if m.demo:
+        lines.append("UNTRAINED DEMO MODEL - NOT A DIAGNOSIS")
+    return lines
+
+
+def render_caption(overlay: np.ndarray, lines: list[str]) -> np.ndarray:
+    """The overlay, at least 512 px wide, with a caption panel and a low-high colour scale."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(overlay)
+    if img.width < 512:
+        img = img.resize((512, max(1, round(img.height * 512 / img.width))), Image.Resampling.BILINEAR)
+    line_h = 14
+    panel_h = 12 + line_h * len(lines) + 22
+    canvas = Image.new("RGB", (img.width, img.height + panel_h), (0, 0, 0))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = img.height + 6
+    for line in lines:
+        draw.text((6, y), line, fill=(255, 255, 255))
+        y += line_h
+    bar_w = min(256, img.width - 80)
+    ramp = (matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3] * 255).astype(np.uint8)
+    bar = np.repeat(ramp[np.newaxis], 10, axis=0)
+    canvas.paste(Image.fromarray(bar), (40, y + 4))
+    draw.text((6, y + 2), "low", fill=(255, 255, 255))
+    draw.text((44 + bar_w, y + 2), "high", fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    """Patient Orientation of the source: its own, else derived from Image Orientation (Patient)."""
+    po = source.get("PatientOrientation")
+    if po is not None and len(po) == 2 and all(po):
+        return str(po[0]), str(po[1])
+    iop = source.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))
+
+    def main_letter(v: list[float]) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        return letters[axis][v[axis] > 0]
+
+    return main_letter([float(x) for x in iop[:3]]), main_letter([float(x) for x in iop[3:]])
+
+
+def build_sc(h: Heatmap, f: Finding, result: StudyResult, source: Dataset, settings: Settings, index: int) -> tuple[Dataset, str]:
+    """The Secondary Capture of one heatmap and its caption."""
+    key = result_key(result)
+    lines = caption_lines(h, f, result)
+    pixels = render_caption(h.overlay, lines)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+        series_instance_uid=derived_uid(key, "sc-series"), series_number=settings.report.sc_series_number,
+        sop_instance_uid=derived_uid(key, "sc", h.label), instance_number=index + 1, manufacturer=settings.report.manufacturer,
+        patient_orientation=patient_orientation(source), laterality=source.get("Laterality") or None,
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
+    sc.SeriesDescription = settings.report.sc_series_description[:64]
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = " / ".join(lines)[:10240]
+    sc.DerivationDescription = f"Grad-CAM of {result.model.name} {result.model.version} for {f.label}"[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        ref.ReferencedFrameNumber = h.frame + 1
+    sc.SourceImageSequence = [ref]
+    for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
+        if keyword in source and keyword not in sc:
+            setattr(sc, keyword, source.data_element(keyword).value)
+    if "Laterality" not in sc:
+        sc.Laterality = None  # type 2C in the General Series module: present, empty when unknown
+    return sc, lines[0]
+
+
+def write_outputs(result: StudyResult, sources: dict[str, Path], settings: Settings, out_dir: Path) -> list[WrittenOutput]:
+    """Write the SR and one SC per heatmap under out_dir/<study>/, atomically; return what was written."""
+    headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
+    folder = Path(out_dir) / result.study_instance_uid
+    written: list[WrittenOutput] = []
+    sr, summary = build_sr(result, headers, settings)
+    written.append(_save(sr, folder, "sr", "", summary))
+    by_label = {f.label: f for f in result.findings}
+    for i, h in enumerate(result.heatmaps):
+        sc, caption = build_sc(h, by_label[h.label], result, pydicom.dcmread(sources[h.sop_instance_uid], stop_before_pixels=True), settings, i)
+        written.append(_save(sc, folder, "sc", h.label, caption))
+    return written
+
+
+def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str) -> WrittenOutput:
+    """Encode and write one object durably."""
+    from io import BytesIO
+
+    ds.ContentDate = ds.get("ContentDate") or dt.datetime.now(dt.UTC).strftime("%Y%m%d")
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    write_durably(path, buf.getvalue())
+    return WrittenOutput(kind, label, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), path.resolve(), summary)
