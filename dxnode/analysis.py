@@ -92,10 +92,14 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
         for o in result.instances:
             session.add(InstanceResult(job_id=job_id, sop_instance_uid=o.sop_instance_uid, state=o.state, reason=o.reason, probabilities=o.probabilities))
         if not done:
-            if failed:
-                raise NothingToAnalyze("no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed}))[:2000])
-            job.log += "\nno instance matched the pipeline rules: nothing to report"
-            return "skipped"
+            if not failed:
+                job.log += "\nno instance matched the pipeline rules: nothing to report"
+                return "skipped"
+    if not done:  # raised after the commit, so the per-instance reasons stay recorded
+        raise NothingToAnalyze("no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed}))[:2000])
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
         m = result.model
         for rank, f in enumerate(result.findings):
             session.add(

@@ -122,12 +122,30 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     """List outbox deliveries."""
-    raise NotImplementedError("dxnode outbox: dispatch helper")
+    from dxnode.dispatch import list_deliveries
+
+    store = open_store(settings)
+    with store.session() as session:
+        rows = list_deliveries(session, state=args.state, limit=args.limit)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "kind", "label", "destination", "state", "attempts", "next_attempt_at", "sent_at", "last_error"])
+    return 0
 
 
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
     """Re-queue deliveries of an output or a study."""
-    raise NotImplementedError("dxnode resend: dispatch helper")
+    from dxnode.dispatch import resend
+
+    store = open_store(settings)
+    with store.session() as session:
+        n = resend(session, args.target, actor="cli")
+    if not n:
+        print(f"dxnode: no delivery for {args.target!r} (give an output SOP Instance UID, a Study Instance UID or a delivery id)", file=sys.stderr)
+        return 1
+    print(f"re-queued {n} deliver{'y' if n == 1 else 'ies'}")
+    return 0
 
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:

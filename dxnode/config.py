@@ -149,7 +149,7 @@ class DispatchSettings(Section):
     # the study's calling AE title (a calling AE's address and port are never taken from the network).
     return_to_sender: bool = False
     interval_seconds: float = Field(2, gt=0)
-    max_attempts: int = Field(10, ge=1)
+    max_attempts: int = Field(20, ge=1)
     backoff_initial_seconds: float = Field(5, gt=0)
     backoff_max_seconds: float = Field(900, gt=0)
     timeout_seconds: float = Field(30, gt=0)

@@ -39,7 +39,6 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from dxnode import __version__
 from dxnode.config import Settings
@@ -75,8 +74,13 @@ def result_key(result: StudyResult) -> str:
 
 
 def derived_uid(*parts: str) -> str:
-    """A deterministic UID (2.25 form) from the given strings."""
-    return str(generate_uid(prefix=None, entropy_srcs=list(parts)))
+    """A deterministic UID in the 2.25 (UUID-derived) form from the given strings.
+
+    pydicom's generate_uid(prefix=None) ignores its entropy sources, so the 128-bit integer is
+    taken from a sha256 of the parts here (at most 44 characters).
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
 
 
 def summary_line(result: StudyResult) -> str:
