@@ -40,7 +40,7 @@ def test_study_comes_back_to_the_pacs_as_sr_and_heatmap_sc(tmp_path: Path, pacs:
         study_uid, files = make_study(tmp_path / "study", n=3)
         sent_at = time.monotonic()
         storescu(node.port, files)
-        objs = wait_until(lambda: (ds := pacs.datasets()) if len(ds) >= 2 else None, timeout=90, what="SR and SC at the PACS")
+        objs = wait_until(lambda: ds if len(ds := pacs.datasets()) >= 2 else None, timeout=90, what="SR and SC at the PACS")
         elapsed = time.monotonic() - sent_at
         sr = [d for d in objs if d.SOPClassUID in SR_STORAGE]
         sc = [d for d in objs if d.SOPClassUID in SC_STORAGE]
