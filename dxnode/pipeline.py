@@ -46,7 +46,10 @@ NON_IMAGE_PREFIXES = {
 
 
 class PipelineError(Exception):
-    """An instance cannot become model input; the message is the specific reason."""
+    """An instance cannot become model input; the message is the specific reason, on one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(" ".join(str(reason).split())[:500])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,173 @@
+"""The pixel chain against hand-computed values and pydicom's own conversions, on real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import data_store
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array
+
+from dxnode.config import PipelineSettings
+from dxnode.pipeline import (
+    PipelineError,
+    Preprocessing,
+    frame_from_values,
+    frame_indices,
+    geometry,
+    map_to_source,
+    modality_values,
+    read_frames,
+    skip_reason,
+    to_tensor,
+)
+
+DATA_STORE = Path(data_store.__file__).parent / "data"  # pydicom-data's files, on disk (never downloaded)
+PREP = Preprocessing()
+LUNG = PipelineSettings(windows=[{"modality": "CT", "center": -600, "width": 1500}])
+
+
+def gray(frame) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return frame.image[..., 0]
+
+
+def test_ct_rescale_intercept_then_lung_window_by_hand() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert (ds.RescaleIntercept, ds.RescaleSlope) == (-1024, 1)
+    (frame,) = read_frames(ds, LUNG, PREP)
+    hu = ds.pixel_array.astype(np.float64) * 1 - 1024
+    c, w = -600 - 0.5, 1500 - 1  # PS3.3 C.11.2.1.2.1 (LINEAR)
+    expected = np.clip((hu - c) / w + 0.5, 0, 1)
+    np.testing.assert_allclose(gray(frame), expected, atol=1e-6)
+    assert frame.window == (-600, 1500)
+    assert frame.display.dtype == np.uint8 and frame.display.shape == ds.pixel_array.shape + (3,)
+
+
+def test_preset_beats_the_dataset_window_and_dataset_beats_auto() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    (own,) = read_frames(ds, PipelineSettings(), PREP)
+    (preset,) = read_frames(ds, LUNG, PREP)
+    assert own.window == (40, 400) and preset.window == (-600, 1500)
+    del ds.WindowCenter, ds.WindowWidth
+    (auto,) = read_frames(ds, PipelineSettings(), PREP)
+    hu = ds.pixel_array - 1024.0
+    lo, hi = np.percentile(hu, [0.5, 99.5])
+    assert auto.window == pytest.approx(((lo + hi) / 2, hi - lo))
+
+
+def test_monochrome1_cr_comes_out_inverted() -> None:
+    ds = pydicom.dcmread(DATA_STORE / "RG1_UNCR.dcm")
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    (frame,) = read_frames(ds, PipelineSettings(), Preprocessing())
+    c, w = 15000 - 0.5, 30000 - 1
+    windowed = np.clip((ds.pixel_array.astype(np.float64) - c) / w + 0.5, 0, 1)
+    np.testing.assert_allclose(gray(frame), 1 - windowed, atol=1e-6)
+    # High stored values (dense, e.g. bone, in MONOCHROME1) are dark on screen.
+    assert frame.display[ds.pixel_array > np.percentile(ds.pixel_array, 99)].mean() < frame.display.mean()
+
+
+def test_sigmoid_and_linear_exact_voi_functions() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 40, 400, "SIGMOID"
+    (frame,) = read_frames(ds, PipelineSettings(), PREP)
+    hu = ds.pixel_array - 1024.0
+    np.testing.assert_allclose(gray(frame), 1 / (1 + np.exp(-4 * (hu - 40) / 400)), atol=1e-6)
+    ds.VOILUTFunction = "LINEAR_EXACT"
+    (frame,) = read_frames(ds, PipelineSettings(), PREP)
+    np.testing.assert_allclose(gray(frame), np.clip((hu - 40) / 400 + 0.5, 0, 1), atol=1e-6)
+
+
+def test_voi_lut_sequence_and_modality_lut_sequence() -> None:
+    ds = pydicom.dcmread(DATA_STORE / "vlut_04.dcm")
+    (frame,) = read_frames(ds, PipelineSettings(), PREP)
+    item = ds.VOILUTSequence[0]
+    first, bits = int(item.LUTDescriptor[1]), int(item.LUTDescriptor[2])
+    lut = np.asarray(item.LUTData, dtype=np.float64)
+    idx = np.clip(ds.pixel_array.astype(np.int64) - first, 0, len(lut) - 1)
+    np.testing.assert_allclose(gray(frame), lut[idx] / (2**bits - 1), atol=1e-6)
+    ds = pydicom.dcmread(DATA_STORE / "mlut_18.dcm")
+    ((_, values),) = modality_values(ds, 1)
+    item = ds.ModalityLUTSequence[0]
+    lut = np.asarray(item.LUTData)
+    idx = np.clip(ds.pixel_array.astype(np.int64) - int(item.LUTDescriptor[1]), 0, len(lut) - 1)
+    np.testing.assert_array_equal(values, lut[idx])
+
+
+def test_ybr_full_422_jpeg_comes_out_rgb_like_pydicom() -> None:
+    path = get_testdata_file("SC_rgb_dcmtk_+eb+cy+np.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "YBR_FULL_422"
+    (frame,) = read_frames(ds, PipelineSettings(), PREP)
+    expected = convert_color_space(pixel_array(path, raw=True), "YBR_FULL", "RGB")
+    assert np.abs(frame.display.astype(int) - expected.astype(int)).max() <= 1
+    assert frame.display[5, 5].tolist() == [255, 0, 0] or frame.display[5, 5, 0] > 240  # the red band of the sample
+
+
+def test_palette_color_comes_out_rgb_like_pydicom() -> None:
+    ds = pydicom.dcmread(DATA_STORE / "OBXXXX1A.dcm")
+    (frame,) = read_frames(ds, PipelineSettings(), PREP)
+    rgb = apply_color_lut(ds.pixel_array, ds)
+    scale = 255.0 if rgb.max() <= 255 else 65535.0
+    np.testing.assert_allclose(frame.image, rgb / scale, atol=1e-6)
+
+
+def test_multiframe_frames_are_evenly_spaced_and_capped() -> None:
+    assert frame_indices(30, 4) == [0, 10, 19, 29]
+    assert frame_indices(3, 8) == [0, 1, 2]
+    frames = read_frames(get_testdata_file("examples_ybr_color.dcm"), PipelineSettings(max_frames=3), PREP)
+    assert [f.frame_index for f in frames] == [0, 14, 29]
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "center_crop"])
+def test_resize_geometry_round_trip(resize: str) -> None:
+    prep = Preprocessing(input_size=64, resize=resize)
+    g = geometry(100, 200, prep)
+    frame_image = np.ones((100, 200, 3), dtype=np.float32)
+    from dxnode.pipeline import Frame
+
+    t = to_tensor(Frame(frame_image, (frame_image * 255).astype(np.uint8), 0), prep)
+    assert t.shape == (3, 64, 64)
+    inside = (t[0] * prep.std[0] + prep.mean[0]).numpy()  # undo normalisation: 1 where the image is
+    if resize == "letterbox":
+        assert inside[g.top:g.top + g.resized_h, :].min() > 0.99 and inside[0, 0] == pytest.approx(0, abs=1e-6)
+    else:
+        assert inside.min() > 0.99
+    back = map_to_source(inside, g)
+    assert back.shape == (100, 200)
+    assert back[10:90, 10:190].min() > 0.95 if resize == "letterbox" else back[:, 60:140].min() > 0.95
+
+
+def test_png_and_jpeg_inputs(tmp_path: Path) -> None:
+    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.jpg")
+    (png,) = read_frames(tmp_path / "x.png", PipelineSettings(), PREP)
+    np.testing.assert_array_equal(png.display, rgb)
+    (jpg,) = read_frames(tmp_path / "g.jpg", PipelineSettings(), PREP)
+    assert jpg.display.shape == (40, 60, 3) and (jpg.display[..., 0] == jpg.display[..., 2]).all()
+
+
+def test_non_images_never_reach_the_decoder_and_rules_apply() -> None:
+    sr = pydicom.dcmread(get_testdata_file("reportsi.dcm"))
+    assert skip_reason(sr, PipelineSettings()) == "not an image: Structured Report"
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert skip_reason(ct, PipelineSettings()) is None
+    assert "modality CT" in skip_reason(ct, PipelineSettings(modalities=["CR", "DX"]))
+    assert "body part" in skip_reason(ct, PipelineSettings(body_parts=["CHEST"]))
+    with pytest.raises(PipelineError, match="not an image: RT Plan"):
+        read_frames(get_testdata_file("rtplan.dcm"), PipelineSettings(), PREP)
+
+
+def test_corrupt_files_fail_with_a_specific_reason(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="cannot decode pixel data"):
+        read_frames(get_testdata_file("MR_truncated.dcm"), PipelineSettings(), PREP)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 64 + b"not dicom at all")
+    with pytest.raises(PipelineError, match="not a readable DICOM file"):
+        read_frames(junk, PipelineSettings(), PREP)
