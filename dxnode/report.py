@@ -45,6 +45,29 @@ from dxnode.config import Settings
 from dxnode.results import Finding, Heatmap, StudyResult
 from dxnode.store import write_durably
 
+def _tolerate_sparse_projection_headers() -> None:
+    """Let highdicom describe CR/DX/MG images that lack Imager Pixel Spacing or Patient Orientation.
+
+    TID 1603's descriptors are optional (U), but highdicom 0.28 reads both attributes
+    unconditionally and raises on the many real radiographs without them; such images then get
+    the TID 1602 descriptors only.
+    """
+    cls = hd.sr.ImageLibraryEntryDescriptors
+    original = cls._generate_projection_radiography_descriptors
+    if getattr(original, "_dxnode", False):
+        return
+
+    def descriptors(self: object, dataset: Dataset) -> list[object]:
+        if "ImagerPixelSpacing" in dataset and len(dataset.get("PatientOrientation") or []) == 2:
+            return list(original(self, dataset))
+        return []
+
+    descriptors._dxnode = True  # type: ignore[attr-defined]
+    cls._generate_projection_radiography_descriptors = descriptors  # type: ignore[method-assign]
+
+
+_tolerate_sparse_projection_headers()
+
 SCHEME = "99DXNODE"  # private coding scheme for model labels
 PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
