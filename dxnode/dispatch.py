@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -131,10 +132,12 @@ def _send_group(store: Store, settings: Settings, dest: tuple[str, str, str, int
     pending = [j for j in jobs if j.id in datasets]
     if not pending:
         return 0
-    try:
-        assoc = ae.associate(host, port, ae_title=ae_title)
-    except Exception as exc:  # e.g. name resolution
-        assoc, error = None, f"cannot connect to {ae_title}@{host}:{port}: {exc}"
+    assoc, error = None, _tcp_error(host, port, settings.dispatch.timeout_seconds)
+    if not error:
+        try:
+            assoc = ae.associate(host, port, ae_title=ae_title)
+        except Exception as exc:
+            error = f"cannot associate with {ae_title}@{host}:{port}: {exc}"
     if assoc is None or not assoc.is_established:
         if assoc is not None:
             error = f"association with {ae_title}@{host}:{port} " + ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed: no answer or connection refused")
@@ -170,6 +173,15 @@ def _send_group(store: Store, settings: Settings, dest: tuple[str, str, str, int
             assoc.release()
     log.info("sent %d of %d object(s) to %s", sent, len(pending), name)
     return sent
+
+
+def _tcp_error(host: str, port: int, timeout: float) -> str:
+    """'' if host:port accepts TCP connections, else the network error in words (pynetdicom says only 'aborted')."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return ""
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
 
 
 def send_due(store: Store, settings: Settings, now: dt.datetime | None = None) -> int:
