@@ -116,8 +116,28 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
-    """List study-level findings."""
-    raise NotImplementedError("dxnode results: web helper")
+    """List study-level findings (the same query as GET /api/results)."""
+    import datetime as dt
+
+    from dxnode.queries import RESULT_COLUMNS, ResultFilter, list_results, results_csv
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since).replace(tzinfo=dt.UTC)
+        except ValueError:
+            print(f"dxnode: --since {args.since!r} is not a date (YYYY-MM-DD)", file=sys.stderr)
+            return 2
+    store = open_store(settings)
+    with store.session() as session:
+        rows = list_results(session, ResultFilter(label=args.label, min_probability=args.min_prob, positive_only=args.positive, since=since, limit=args.limit))
+    if args.json:
+        print_json(rows)
+    elif args.csv:
+        sys.stdout.write(results_csv(rows))
+    else:
+        print_table(rows, [c for c in RESULT_COLUMNS if c not in ("accession_number", "model_demo", "threshold")])
+    return 0
 
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:

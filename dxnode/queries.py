@@ -6,10 +6,10 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dxnode.store import Job, Study
+from dxnode.store import FindingRow, Job, Study
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -117,3 +117,72 @@ def list_jobs(session: Session, f: JobFilter) -> list[dict[str, Any]]:
         q = q.where(Study.study_instance_uid == f.study_instance_uid)
     q = q.order_by(Job.id.desc()).limit(f.limit).offset(f.offset)
     return [job_dict(job, uid) for job, uid in session.execute(q)]
+
+
+@dataclass
+class ResultFilter:
+    """Filters of the results listing (study-level findings)."""
+
+    label: str | None = None
+    min_probability: float | None = None
+    positive_only: bool = False
+    model_name: str | None = None
+    model_version: str | None = None
+    since: dt.datetime | None = None  # created at or after (UTC)
+    until: dt.datetime | None = None  # created before (UTC)
+    study_instance_uid: str | None = None
+    include_superseded: bool = False  # also findings of older jobs of the same study
+    limit: int = 1000
+    offset: int = 0
+
+
+RESULT_COLUMNS = [
+    "study_instance_uid", "patient_id", "accession_number", "label", "probability", "threshold", "positive",
+    "model_name", "model_version", "model_demo", "job_id", "created_at",
+]
+
+
+def list_results(session: Session, f: ResultFilter) -> list[dict[str, Any]]:
+    """Findings matching the filter, newest first; by default only each study's newest done job counts."""
+    q = select(FindingRow, Study).join(Study, Study.id == FindingRow.study_id)
+    if not f.include_superseded:
+        newest = (select(func.max(Job.id)).where(Job.study_id == FindingRow.study_id, Job.state == "done").scalar_subquery())
+        q = q.where(FindingRow.job_id == newest)
+    if f.label:
+        q = q.where(FindingRow.label == f.label)
+    if f.min_probability is not None:
+        q = q.where(FindingRow.probability >= f.min_probability)
+    if f.positive_only:
+        q = q.where(FindingRow.positive.is_(True))
+    if f.model_name:
+        q = q.where(FindingRow.model_name == f.model_name)
+    if f.model_version:
+        q = q.where(FindingRow.model_version == f.model_version)
+    if f.since:
+        q = q.where(FindingRow.created_at >= f.since)
+    if f.until:
+        q = q.where(FindingRow.created_at < f.until)
+    if f.study_instance_uid:
+        q = q.where(Study.study_instance_uid == f.study_instance_uid)
+    q = q.order_by(FindingRow.created_at.desc(), FindingRow.job_id.desc(), FindingRow.rank).limit(f.limit).offset(f.offset)
+    return [
+        {
+            "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id, "accession_number": study.accession_number,
+            "label": r.label, "probability": round(r.probability, 6), "threshold": r.threshold, "positive": r.positive,
+            "model_name": r.model_name, "model_version": r.model_version, "model_demo": r.model_demo, "job_id": r.job_id,
+            "created_at": iso(r.created_at),
+        }
+        for r, study in session.execute(q)
+    ]
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    """Result objects as CSV text (header row first)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,314 @@
+"""The REST API, health and metrics endpoints; pages are added from dxnode.web.pages.
+
+Stable paths for scripts: /healthz, /readyz, /metrics, /api/studies, /api/jobs, /api/results,
+/api/outbox, /api/model, /api/predict (multipart field ``file``). Lists are JSON arrays with
+``limit``/``offset`` paging. Every read of patient data and every admin action is audited
+(token name, action, client address).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import secrets
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
+from sqlalchemy import func, select
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.sessions import SessionMiddleware
+
+from dxnode.config import Settings
+from dxnode.queries import JobFilter, ResultFilter, StudyFilter, job_dict, list_jobs, list_results, list_studies, results_csv, study_dict
+from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
+from dxnode.web.auth import Principal, require_admin, require_read
+from dxnode.web.images import output_png, png_bytes
+
+log = logging.getLogger("dxnode.web")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid token"},
+    403: {"description": "Needs an admin token"},
+    404: {"description": "Not found"},
+    422: {"description": "Invalid parameters"},
+}
+Readiness = Callable[[], dict[str, bool]]
+
+
+def _audit(request: Request, who: Principal, action: str, target: str = "", **detail: Any) -> None:
+    store: Store = request.app.state.store
+    with store.session() as session:
+        audit(session, who.name, action, target=target, source=who.address, **detail)
+
+
+def _day(value: dt.date | None) -> dt.datetime | None:
+    return dt.datetime.combine(value, dt.time(), tzinfo=dt.UTC) if value else None
+
+
+def api_router() -> APIRouter:
+    """The /api routes."""
+    r = APIRouter(prefix="/api", responses=ERRORS)
+
+    @r.get("/studies", summary="Received studies, most recent first")
+    def studies(
+        request: Request, who: Principal = Depends(require_read), patient_id: str | None = None, accession_number: str | None = None,
+        date_from: str | None = Query(None, pattern=r"^\d{8}$", description="Study Date from, YYYYMMDD"),
+        date_to: str | None = Query(None, pattern=r"^\d{8}$"), modality: str | None = None, calling_aet: str | None = None,
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+    ) -> list[dict[str, Any]]:
+        with request.app.state.store.session() as s:
+            rows = list_studies(s, StudyFilter(patient_id, accession_number, date_from, date_to, modality, calling_aet, limit, offset))
+        _audit(request, who, "api.studies.read", rows=len(rows))
+        return rows
+
+    @r.get("/studies/{study_instance_uid}", summary="One study with its series, jobs, findings, outputs and deliveries")
+    def study(request: Request, study_instance_uid: str, who: Principal = Depends(require_read)) -> dict[str, Any]:
+        detail = study_detail(request.app.state.store, study_instance_uid)
+        if detail is None:
+            raise HTTPException(404, "no such study")
+        _audit(request, who, "api.study.read", target=study_instance_uid)
+        return detail
+
+    @r.post("/studies/{study_instance_uid}/requeue", summary="Queue the study's analysis again (admin)")
+    def requeue(request: Request, study_instance_uid: str, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+        from dxnode.worklist import requeue_study
+
+        try:
+            with request.app.state.store.session() as s:
+                job_id = requeue_study(s, study_instance_uid, actor=who.name)
+        except LookupError:
+            raise HTTPException(404, "no such study") from None
+        return {"job_id": job_id}
+
+    @r.post("/studies/{study_instance_uid}/ignore", summary="Mark a study to be ignored (admin)")
+    def ignore(request: Request, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True) -> dict[str, Any]:
+        with request.app.state.store.session() as s:
+            study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+            if study is None:
+                raise HTTPException(404, "no such study")
+            study.ignored = ignored
+            audit(s, who.name, "study.ignore" if ignored else "study.unignore", target=study_instance_uid, source=who.address)
+        return {"study_instance_uid": study_instance_uid, "ignored": ignored}
+
+    @r.get("/jobs", summary="Jobs, newest first")
+    def jobs(
+        request: Request, who: Principal = Depends(require_read), state: str | None = Query(None, pattern="^(queued|running|done|failed|skipped)$"),
+        since: dt.date | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+    ) -> list[dict[str, Any]]:
+        with request.app.state.store.session() as s:
+            return list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
+
+    @r.post("/jobs/{job_id}/requeue", summary="Re-queue a job (admin)")
+    def requeue_job(request: Request, job_id: int, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+        from dxnode.worklist import requeue_job as do_requeue
+
+        try:
+            with request.app.state.store.session() as s:
+                do_requeue(s, job_id, actor=who.name)
+        except LookupError:
+            raise HTTPException(404, "no such job") from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"job_id": job_id, "state": "queued"}
+
+    def result_filter(
+        label: str | None = None, min_prob: float | None = Query(None, ge=0, le=1), positive: bool = False, model_name: str | None = None,
+        model_version: str | None = None, date_from: dt.date | None = None, date_to: dt.date | None = None, include_superseded: bool = False,
+        limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0),
+    ) -> ResultFilter:
+        until = _day(date_to + dt.timedelta(days=1)) if date_to else None
+        return ResultFilter(label, min_prob, positive, model_name, model_version, _day(date_from), until, None, include_superseded, limit, offset)
+
+    @r.get("/results", summary="Study-level findings (the newest done job of each study unless include_superseded)")
+    def results(request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)) -> list[dict[str, Any]]:
+        with request.app.state.store.session() as s:
+            rows = list_results(s, f)
+        _audit(request, who, "api.results.read", rows=len(rows))
+        return rows
+
+    @r.get("/results.csv", summary="The same results as CSV", response_class=PlainTextResponse)
+    def results_as_csv(request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)) -> Response:
+        with request.app.state.store.session() as s:
+            rows = list_results(s, f)
+        _audit(request, who, "api.results.export", rows=len(rows))
+        return Response(results_csv(rows), media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="dxnode-results.csv"'})
+
+    @r.get("/outbox", summary="Deliveries of outputs to destinations")
+    def outbox(
+        request: Request, who: Principal = Depends(require_read), state: str | None = Query(None, pattern="^(pending|sent|failed)$"),
+        destination: str | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+    ) -> list[dict[str, Any]]:
+        from dxnode.dispatch import list_deliveries
+
+        with request.app.state.store.session() as s:
+            return list_deliveries(s, state, destination, limit, offset)
+
+    @r.post("/outbox/{delivery_id}/resend", summary="Re-send a delivery (admin)")
+    def resend(request: Request, delivery_id: int, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+        from dxnode.dispatch import resend as do_resend
+
+        with request.app.state.store.session() as s:
+            n = do_resend(s, str(delivery_id), actor=who.name)
+        if not n:
+            raise HTTPException(404, "no such delivery")
+        return {"requeued": n}
+
+    @r.get("/model", summary="The served model's manifest")
+    def model(request: Request, who: Principal = Depends(require_read)) -> dict[str, Any]:
+        m = request.app.state.classifier().manifest
+        info = m.to_dict()
+        info["label_count"] = len(m.labels)
+        return info
+
+    @r.get("/outputs/{output_id}.png", summary="A heatmap Secondary Capture as PNG", response_class=Response)
+    def output_image(request: Request, output_id: int, who: Principal = Depends(require_read)) -> Response:
+        with request.app.state.store.session() as s:
+            out = s.get(Output, output_id)
+        if out is None or out.kind != "sc":
+            raise HTTPException(404, "no such heatmap")
+        return Response(output_png(request.app.state.settings.data_dir / out.file_path), media_type="image/png")
+
+    @r.get("/instances/{sop_instance_uid}.png", summary="A source image, windowed as the model saw it", response_class=Response)
+    def instance_image(request: Request, sop_instance_uid: str, who: Principal = Depends(require_read)) -> Response:
+        from dxnode.pipeline import PipelineError, read_frames
+
+        with request.app.state.store.session() as s:
+            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+        if inst is None:
+            raise HTTPException(404, "no such instance")
+        settings: Settings = request.app.state.settings
+        try:
+            frame = read_frames(settings.data_dir / inst.file_path, settings.pipeline, request.app.state.classifier().manifest.preprocessing)[0]
+        except PipelineError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return Response(png_bytes(frame.display), media_type="image/png")
+
+    @r.post("/predict", summary="Predict one uploaded DICOM, PNG or JPEG file (multipart field 'file')",
+            responses={413: {"description": "Too large"}, 415: {"description": "Not an image"}})
+    async def predict(request: Request, file: UploadFile, who: Principal = Depends(require_read), top_k: int = Query(3, ge=1, le=20)) -> dict[str, Any]:
+        return await predict_upload(request, file, who, top_k)
+
+    return r
+
+
+async def predict_upload(request: Request, file: UploadFile, who: Principal, top_k: int) -> dict[str, Any]:
+    """Run the model on an upload; the file is deleted afterwards unless [web] keep_uploads."""
+    from dxnode.model import predict_file
+
+    settings: Settings = request.app.state.settings
+    limit = int(settings.web.max_upload_mb * 1024 * 1024)
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}")
+    if not data:
+        raise HTTPException(422, "empty file")
+    keep = settings.web.keep_uploads
+    folder = settings.data_dir / "uploads" if keep else Path(tempfile.mkdtemp(prefix="dxnode-upload-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{secrets.token_hex(8)}.upload"
+    path.write_bytes(data)
+    try:
+        pred = predict_file(path, request.app.state.classifier(), settings, top_k=top_k)
+    finally:
+        if not keep:
+            path.unlink(missing_ok=True)
+            folder.rmdir()
+    _audit(request, who, "api.predict", filename=(file.filename or "")[:100], error=pred.error or "")
+    if pred.error:
+        code = 415 if pred.error.startswith(("not a readable", "not an image", "no pixel data", "no such file")) else 422
+        raise HTTPException(code, pred.error)
+    body = pred.to_dict(None)
+    body["file"] = file.filename or "upload"
+    body["heatmap_png"] = "data:image/png;base64," + base64.b64encode(png_bytes(pred.heatmap)).decode() if pred.heatmap is not None else None
+    body["image_png"] = "data:image/png;base64," + base64.b64encode(png_bytes(pred.display)).decode() if pred.display is not None else None
+    return body
+
+
+def study_detail(store: Store, study_instance_uid: str) -> dict[str, Any] | None:
+    """Everything the study page and GET /api/studies/{uid} show."""
+    from dxnode.dispatch import list_deliveries
+
+    with store.session() as s:
+        study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+        if study is None:
+            return None
+        out = study_dict(s, study)
+        out["series"] = [{"series_instance_uid": x.series_instance_uid, "modality": x.modality, "series_number": x.series_number,
+                          "series_description": x.series_description, "body_part_examined": x.body_part_examined}
+                         for x in s.scalars(select(Series).where(Series.study_id == study.id))]
+        jobs = list(s.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id.desc())))
+        out["jobs"] = [job_dict(j, study_instance_uid) | {"log": j.log} for j in jobs]
+        newest_done = next((j for j in jobs if j.state == "done"), None)
+        out["findings"] = [
+            {"label": f.label, "probability": round(f.probability, 6), "threshold": f.threshold, "positive": f.positive,
+             "source_sop_instance_uid": f.source_sop_instance_uid, "model_name": f.model_name, "model_version": f.model_version, "model_demo": f.model_demo}
+            for f in s.scalars(select(FindingRow).where(FindingRow.job_id == (newest_done.id if newest_done else -1)).order_by(FindingRow.rank))
+        ]
+        out["instance_results"] = [{"sop_instance_uid": r.sop_instance_uid, "state": r.state, "reason": r.reason}
+                                   for r in s.scalars(select(InstanceResult).where(InstanceResult.job_id == (newest_done.id if newest_done else -1)))]
+        outputs = list(s.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.id)))
+        current = {o.id for o in outputs if newest_done is not None and o.job_id == newest_done.id} or {o.id for o in outputs}
+        out["outputs"] = [{"id": o.id, "kind": o.kind, "label": o.label, "sop_instance_uid": o.sop_instance_uid, "summary": o.summary,
+                           "model_version": o.model_version, "current": o.id in current} for o in outputs]
+        out["deliveries"] = [d for d in list_deliveries(s, limit=1000) if d["study_instance_uid"] == study_instance_uid]
+    return out
+
+
+def metrics_text(store: Store) -> bytes:
+    """Process counters plus gauges computed from the store at scrape time."""
+    registry = CollectorRegistry()
+    jobs = Gauge("dxnode_jobs", "Jobs by state", ["state"], registry=registry)
+    backlog = Gauge("dxnode_outbox_backlog", "Deliveries pending", registry=registry)
+    failed = Gauge("dxnode_outbox_failed", "Deliveries failed for good", registry=registry)
+    with store.session() as s:
+        for state in ("queued", "running", "done", "failed", "skipped"):
+            jobs.labels(state=state).set(0)
+        for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
+            jobs.labels(state=state).set(n)
+        backlog.set(s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "pending")) or 0)
+        failed.set(s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "failed")) or 0)
+    return generate_latest(REGISTRY) + generate_latest(registry)
+
+
+def create_app(settings: Settings, store: Store, readiness: Readiness | None = None) -> FastAPI:
+    """The web application of a node."""
+    from dxnode.model import load_classifier
+    from dxnode.web.pages import LoginRequired, login_redirect, pages_router
+
+    app = FastAPI(title="dxnode", version=__import__("dxnode").__version__,
+                  description="REST API of a dxnode DICOM AI node. Send `Authorization: Bearer TOKEN`.",
+                  docs_url=None, redoc_url=None, openapi_url=None)  # served below, behind a token (no CDN-based UI: nodes run offline)
+    app.state.settings, app.state.store = settings, store
+    app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
+    app.state.classifier = lambda: load_classifier(settings.model)
+    app.add_middleware(SessionMiddleware, secret_key=settings.web.session_secret or secrets.token_urlsafe(32),
+                       session_cookie="dxnode_session", same_site="strict", https_only=False, max_age=12 * 3600)
+
+    @app.get("/healthz", summary="The process is up (no token needed)")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Database reachable, model loaded, DICOM listener up", responses={401: ERRORS[401], 503: {"description": "Not ready"}})
+    def readyz(who: Principal = Depends(require_read)) -> JSONResponse:
+        checks = readiness() if readiness else {"database": store.ping()}
+        return JSONResponse({"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses={401: ERRORS[401]})
+    def metrics(who: Principal = Depends(require_read)) -> Response:
+        return Response(metrics_text(store), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(api_router())
+    app.include_router(pages_router())
+    app.add_exception_handler(LoginRequired, login_redirect)  # type: ignore[arg-type]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(who: Principal = Depends(require_read)) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    return app

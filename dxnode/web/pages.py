@@ -1,0 +1,136 @@
+"""Server-rendered pages (Jinja2): login, dashboard, study, results search, upload-and-predict."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+
+from dxnode.queries import ResultFilter, StudyFilter, list_results, list_studies
+from dxnode.store import Delivery, Instance, Job, audit, utcnow
+from dxnode.web.auth import Principal, digest, find_token, principal
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies to send the browser to /login."""
+
+
+def page_user(request: Request) -> Principal:
+    """The logged-in user of a page, or a redirect to the login form."""
+    who = principal(request)
+    if who is None:
+        raise LoginRequired()
+    return who
+
+
+def _context(request: Request, who: Principal, **extra: Any) -> dict[str, Any]:
+    clf = request.app.state.classifier()
+    return {"request": request, "user": who, "model": clf.identity, "label_count": len(clf.manifest.labels), **extra}
+
+
+def dashboard_data(request: Request) -> dict[str, Any]:
+    """Counters and recent studies with their top findings."""
+    store = request.app.state.store
+    midnight = dt.datetime.combine(utcnow().date(), dt.time(), tzinfo=dt.UTC)
+    with store.session() as s:
+        received = s.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= midnight)) or 0
+        states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        backlog = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "pending")) or 0
+        failed_out = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "failed")) or 0
+        studies = list_studies(s, StudyFilter(limit=25))
+        for st in studies:
+            top = list_results(s, ResultFilter(study_instance_uid=st["study_instance_uid"], limit=3))
+            st["top"] = [{"label": r["label"], "probability": r["probability"], "positive": r["positive"]} for r in top]
+    return {
+        "counters": {"received_today": received, "queued": states.get("queued", 0), "running": states.get("running", 0),
+                     "failed": states.get("failed", 0), "outbox_backlog": backlog, "outbox_failed": failed_out},
+        "studies": studies,
+    }
+
+
+def pages_router() -> APIRouter:
+    """The HTML routes (not part of the OpenAPI document)."""
+    r = APIRouter(include_in_schema=False)
+
+    @r.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, error: str = "") -> Response:
+        return TEMPLATES.TemplateResponse(request, "login.html", {"error": error, "no_tokens": not request.app.state.settings.web.tokens})
+
+    @r.post("/login")
+    def login(request: Request, token: str = Form(...)) -> Response:
+        t = find_token(request.app.state.settings.web.tokens, token.strip())
+        address = request.client.host if request.client else ""
+        with request.app.state.store.session() as s:
+            audit(s, t.name if t else "anonymous", "web.login" if t else "web.login_failed", source=address)
+        if t is None:
+            return TEMPLATES.TemplateResponse(request, "login.html", {"error": "Unknown token.", "no_tokens": False}, status_code=401)
+        request.session.update(token_name=t.name, token_digest=digest(t.token))
+        return RedirectResponse("/", status_code=303)
+
+    @r.post("/logout")
+    def logout(request: Request) -> Response:
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    @r.get("/", response_class=HTMLResponse)
+    def dashboard(request: Request, who: Principal = Depends(page_user)) -> Response:
+        data = dashboard_data(request)
+        with request.app.state.store.session() as s:
+            audit(s, who.name, "web.dashboard", source=who.address)
+        return TEMPLATES.TemplateResponse(request, "dashboard.html", _context(request, who, **data))
+
+    @r.get("/dashboard.json")
+    def dashboard_json(request: Request, who: Principal = Depends(page_user)) -> Response:
+        return JSONResponse(dashboard_data(request))
+
+    @r.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
+    def study_page(request: Request, study_instance_uid: str, who: Principal = Depends(page_user)) -> Response:
+        from dxnode.web.app import study_detail
+
+        detail = study_detail(request.app.state.store, study_instance_uid)
+        if detail is None:
+            return TEMPLATES.TemplateResponse(request, "message.html", _context(request, who, message="No such study."), status_code=404)
+        with request.app.state.store.session() as s:
+            audit(s, who.name, "web.study", target=study_instance_uid, source=who.address)
+        sr = next((o for o in detail["outputs"] if o["kind"] == "sr" and o["current"]), None)
+        heatmaps = [o for o in detail["outputs"] if o["kind"] == "sc" and o["current"]]
+        sources = sorted({f["source_sop_instance_uid"] for f in detail["findings"] if f["source_sop_instance_uid"]})
+        return TEMPLATES.TemplateResponse(request, "study.html", _context(request, who, s=detail, sr=sr, heatmaps=heatmaps, sources=sources))
+
+    @r.get("/results", response_class=HTMLResponse)
+    def results_page(request: Request, who: Principal = Depends(page_user), label: str = "", min_prob: str = "", positive: bool = False,
+                     date_from: str = "", date_to: str = "") -> Response:
+        def day(text: str) -> dt.datetime | None:
+            try:
+                return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC) if text else None
+            except ValueError:
+                return None
+
+        try:
+            p = float(min_prob) if min_prob else None
+        except ValueError:
+            p = None
+        until = day(date_to) + dt.timedelta(days=1) if day(date_to) else None
+        with request.app.state.store.session() as s:
+            rows = list_results(s, ResultFilter(label or None, p, positive, since=day(date_from), until=until, limit=500))
+            audit(s, who.name, "web.results", source=who.address, rows=len(rows))
+        query = str(request.url.query)
+        return TEMPLATES.TemplateResponse(request, "results.html", _context(request, who, rows=rows, q=request.query_params, query=query))
+
+    @r.get("/upload", response_class=HTMLResponse)
+    def upload_page(request: Request, who: Principal = Depends(page_user)) -> Response:
+        return TEMPLATES.TemplateResponse(request, "upload.html", _context(request, who, max_mb=request.app.state.settings.web.max_upload_mb))
+
+    return r
+
+
+async def login_redirect(request: Request, exc: LoginRequired) -> Response:
+    """Pages send an anonymous browser to the login form."""
+    return RedirectResponse("/login", status_code=303)
