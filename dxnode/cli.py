@@ -380,7 +380,7 @@ def _add_training_arguments(sub: Any) -> None:
 def setup_logging(level: str) -> None:
     """Log lines with time, level and stage name to stderr."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "matplotlib", "alembic"):
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "matplotlib", "alembic", "highdicom", "multipart"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -164,7 +164,7 @@ def list_results(session: Session, f: ResultFilter) -> list[dict[str, Any]]:
         q = q.where(FindingRow.created_at < f.until)
     if f.study_instance_uid:
         q = q.where(Study.study_instance_uid == f.study_instance_uid)
-    q = q.order_by(FindingRow.created_at.desc(), FindingRow.job_id.desc(), FindingRow.rank).limit(f.limit).offset(f.offset)
+    q = q.order_by(FindingRow.job_id.desc(), FindingRow.rank).limit(f.limit).offset(f.offset)
     return [
         {
             "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id, "accession_number": study.accession_number,

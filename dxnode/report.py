@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def _tolerate_sparse_projection_headers() -> None:
 
 
 _tolerate_sparse_projection_headers()
+# highdicom logs the UIDs of the datasets it copies from at INFO; patient data stays out of INFO logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 SCHEME = "99DXNODE"  # private coding scheme for model labels
 PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
