@@ -11,13 +11,16 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import re
 import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
@@ -33,6 +36,7 @@ from dxnode.web.images import output_png, png_bytes
 log = logging.getLogger("dxnode.web")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed request (e.g. a broken multipart body)"},
     401: {"description": "Missing or invalid token"},
     403: {"description": "Needs an admin token"},
     404: {"description": "Not found"},
@@ -47,8 +51,20 @@ def _audit(request: Request, who: Principal, action: str, target: str = "", **de
         audit(session, who.name, action, target=target, source=who.address, **detail)
 
 
-def _day(value: dt.date | None) -> dt.datetime | None:
-    return dt.datetime.combine(value, dt.time(), tzinfo=dt.UTC) if value else None
+def _iso_date_only(value: Any) -> Any:
+    """Refuse epoch numbers, which pydantic would otherwise read as dates."""
+    if isinstance(value, str) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("expected a date as YYYY-MM-DD")
+    return value
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date_only)]
+RowId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="row id")]  # the id columns are 32-bit integers
+
+
+def _day(value: dt.date | None, plus_days: int = 0) -> dt.datetime | None:
+    """Midnight UTC of a date (plus some days)."""
+    return dt.datetime.combine(value + dt.timedelta(days=plus_days), dt.time(), tzinfo=dt.UTC) if value else None
 
 
 def api_router() -> APIRouter:
@@ -60,7 +76,7 @@ def api_router() -> APIRouter:
         request: Request, who: Principal = Depends(require_read), patient_id: str | None = None, accession_number: str | None = None,
         date_from: str | None = Query(None, pattern=r"^\d{8}$", description="Study Date from, YYYYMMDD"),
         date_to: str | None = Query(None, pattern=r"^\d{8}$"), modality: str | None = None, calling_aet: str | None = None,
-        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         with request.app.state.store.session() as s:
             rows = list_studies(s, StudyFilter(patient_id, accession_number, date_from, date_to, modality, calling_aet, limit, offset))
@@ -99,13 +115,14 @@ def api_router() -> APIRouter:
     @r.get("/jobs", summary="Jobs, newest first")
     def jobs(
         request: Request, who: Principal = Depends(require_read), state: str | None = Query(None, pattern="^(queued|running|done|failed|skipped)$"),
-        since: dt.date | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+        since: IsoDate | None = Query(None, description="created on or after, YYYY-MM-DD (UTC)"),
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         with request.app.state.store.session() as s:
             return list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
 
     @r.post("/jobs/{job_id}/requeue", summary="Re-queue a job (admin)")
-    def requeue_job(request: Request, job_id: int, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+    def requeue_job(request: Request, job_id: RowId, who: Principal = Depends(require_admin)) -> dict[str, Any]:
         from dxnode.worklist import requeue_job as do_requeue
 
         try:
@@ -119,11 +136,11 @@ def api_router() -> APIRouter:
 
     def result_filter(
         label: str | None = None, min_prob: float | None = Query(None, ge=0, le=1), positive: bool = False, model_name: str | None = None,
-        model_version: str | None = None, date_from: dt.date | None = None, date_to: dt.date | None = None, include_superseded: bool = False,
-        limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0),
+        model_version: str | None = None, date_from: IsoDate | None = Query(None, description="YYYY-MM-DD (UTC), inclusive"),
+        date_to: IsoDate | None = Query(None, description="YYYY-MM-DD (UTC), inclusive"), include_superseded: bool = False,
+        limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=10**9),
     ) -> ResultFilter:
-        until = _day(date_to + dt.timedelta(days=1)) if date_to else None
-        return ResultFilter(label, min_prob, positive, model_name, model_version, _day(date_from), until, None, include_superseded, limit, offset)
+        return ResultFilter(label, min_prob, positive, model_name, model_version, _day(date_from), _day(date_to, 1), None, include_superseded, limit, offset)
 
     @r.get("/results", summary="Study-level findings (the newest done job of each study unless include_superseded)")
     def results(request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)) -> list[dict[str, Any]]:
@@ -132,7 +149,7 @@ def api_router() -> APIRouter:
         _audit(request, who, "api.results.read", rows=len(rows))
         return rows
 
-    @r.get("/results.csv", summary="The same results as CSV", response_class=PlainTextResponse)
+    @r.get("/results.csv", summary="The same results as CSV", response_class=Response, responses={200: {"content": {"text/csv": {}}}})
     def results_as_csv(request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)) -> Response:
         with request.app.state.store.session() as s:
             rows = list_results(s, f)
@@ -142,7 +159,7 @@ def api_router() -> APIRouter:
     @r.get("/outbox", summary="Deliveries of outputs to destinations")
     def outbox(
         request: Request, who: Principal = Depends(require_read), state: str | None = Query(None, pattern="^(pending|sent|failed)$"),
-        destination: str | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+        destination: str | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         from dxnode.dispatch import list_deliveries
 
@@ -150,7 +167,7 @@ def api_router() -> APIRouter:
             return list_deliveries(s, state, destination, limit, offset)
 
     @r.post("/outbox/{delivery_id}/resend", summary="Re-send a delivery (admin)")
-    def resend(request: Request, delivery_id: int, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+    def resend(request: Request, delivery_id: RowId, who: Principal = Depends(require_admin)) -> dict[str, Any]:
         from dxnode.dispatch import resend as do_resend
 
         with request.app.state.store.session() as s:
@@ -166,15 +183,16 @@ def api_router() -> APIRouter:
         info["label_count"] = len(m.labels)
         return info
 
-    @r.get("/outputs/{output_id}.png", summary="A heatmap Secondary Capture as PNG", response_class=Response)
-    def output_image(request: Request, output_id: int, who: Principal = Depends(require_read)) -> Response:
+    @r.get("/outputs/{output_id}.png", summary="A heatmap Secondary Capture as PNG", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def output_image(request: Request, output_id: RowId, who: Principal = Depends(require_read)) -> Response:
         with request.app.state.store.session() as s:
             out = s.get(Output, output_id)
         if out is None or out.kind != "sc":
             raise HTTPException(404, "no such heatmap")
         return Response(output_png(request.app.state.settings.data_dir / out.file_path), media_type="image/png")
 
-    @r.get("/instances/{sop_instance_uid}.png", summary="A source image, windowed as the model saw it", response_class=Response)
+    @r.get("/instances/{sop_instance_uid}.png", summary="A source image, windowed as the model saw it", response_class=Response,
+           responses={200: {"content": {"image/png": {}}}})
     def instance_image(request: Request, sop_instance_uid: str, who: Principal = Depends(require_read)) -> Response:
         from dxnode.pipeline import PipelineError, read_frames
 
@@ -299,7 +317,8 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
         checks = readiness() if readiness else {"database": store.ping()}
         return JSONResponse({"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses={401: ERRORS[401]})
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={401: ERRORS[401], 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
     def metrics(who: Principal = Depends(require_read)) -> Response:
         return Response(metrics_text(store), media_type=CONTENT_TYPE_LATEST)
 
