@@ -216,7 +216,9 @@ def voi01(values: np.ndarray, ds: Dataset | None, settings: PipelineSettings, wi
         lut_ds = Dataset()
         lut_ds.VOILUTSequence = ds.VOILUTSequence
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = apply_voi_lut(values, lut_ds, prefer_lut=True)
+        # A VOI LUT indexes stored integers; the modality LUT returns floats even when integral.
+        indices = values.astype(np.int64) if np.array_equal(values, np.round(values)) else values
+        out = apply_voi_lut(indices, lut_ds, prefer_lut=True)
         return np.clip(out.astype(np.float32) / float(2**bits - 1), 0, 1), None
     auto = auto_window(values)
     return _window01(values, *auto), auto

@@ -171,3 +171,58 @@ def test_corrupt_files_fail_with_a_specific_reason(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00" * 64 + b"not dicom at all")
     with pytest.raises(PipelineError, match="not a readable DICOM file"):
         read_frames(junk, PipelineSettings(), PREP)
+
+
+# Each accepted transfer syntax, made from CT_small.dcm by DCMTK (or pydicom's own encoders where
+# DCMTK has none): lossless ones must give exactly the native model input, lossy ones nearly.
+DCMTK_ENCODINGS = {
+    "RLE Lossless": ["dcmcrle"],
+    "JPEG Lossless SV1": ["dcmcjpeg", "+e1"],
+    "JPEG Lossless Process 14": ["dcmcjpeg", "+el"],
+    "JPEG-LS Lossless": ["dcmcjpls"],
+    "Deflated Explicit VR Little Endian": ["dcmconv", "+td"],
+    "Explicit VR Big Endian": ["dcmconv", "+tb"],
+    "Implicit VR Little Endian": ["dcmconv", "+ti"],
+    "JPEG Extended 12-bit (lossy)": ["dcmcjpeg", "+ee"],
+}
+PYDICOM_ENCODINGS = {
+    "JPEG 2000 Lossless": ("1.2.840.10008.1.2.4.90", {}),
+    "JPEG 2000 (lossy)": ("1.2.840.10008.1.2.4.91", {"j2k_psnr": [80]}),
+    "JPEG-LS Near-Lossless": ("1.2.840.10008.1.2.4.81", {"jls_error": 2}),
+}
+
+
+def _encoded_ct(name: str, tmp_path: Path) -> Path:
+    from conftest import need_tool, run
+
+    src, out = get_testdata_file("CT_small.dcm"), tmp_path / "encoded.dcm"
+    if name in DCMTK_ENCODINGS:
+        cmd = DCMTK_ENCODINGS[name]
+        need_tool(cmd[0])
+        done = run([*cmd, src, str(out)])
+        assert done.returncode == 0, done.stderr
+    else:
+        uid, kwargs = PYDICOM_ENCODINGS[name]
+        ds = pydicom.dcmread(src)
+        ds.compress(uid, **kwargs)
+        ds.save_as(out)
+    return out
+
+
+@pytest.mark.parametrize("name", [*DCMTK_ENCODINGS, *PYDICOM_ENCODINGS])
+def test_every_accepted_transfer_syntax_decodes_to_the_native_input(name: str, tmp_path: Path) -> None:
+    path = _encoded_ct(name, tmp_path)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID != pydicom.uid.ExplicitVRLittleEndian
+    (native,) = read_frames(get_testdata_file("CT_small.dcm"), LUNG, PREP)
+    (decoded,) = read_frames(path, LUNG, PREP)
+    diff = np.abs(decoded.image - native.image)
+    if "lossy" in name or "Near" in name:
+        assert diff.mean() < 0.01 and diff.max() < 0.05  # window width 1500 HU: 0.01 = 15 HU
+    else:
+        assert diff.max() == 0.0
+
+
+def test_jpeg_baseline_decodes_close_to_the_native_colour_image() -> None:
+    (native,) = read_frames(get_testdata_file("SC_rgb.dcm"), PipelineSettings(), PREP)
+    (baseline,) = read_frames(get_testdata_file("SC_rgb_dcmtk_+eb+cr.dcm"), PipelineSettings(), PREP)
+    assert np.abs(baseline.display.astype(int) - native.display.astype(int)).max() <= 1
