@@ -1,0 +1,77 @@
+"""The web pages in headless Chromium: log in, upload a DICOM file, open a processed study.
+
+Screenshots are kept under artifacts/screenshots/ (CI artifacts; see the README).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import need
+from pydicom.data import get_testdata_file
+from webnode import ADMIN, make_store, node_settings, processed_study
+
+from dxnode.web.app import create_app
+from dxnode.web.server import WebServer
+
+SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    need(Path(CHROMIUM).exists(), "chromium")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    settings = node_settings(tmp_path)
+    store = make_store(settings)
+    uid = processed_study(store, settings, patient_id="PID-BROWSER")
+    server = WebServer(create_app(settings, store, lambda: {"database": True, "model": True, "scp": True}), "127.0.0.1", 0)
+    server.start()
+    yield server.url, uid
+    server.stop()
+    store.dispose()
+
+
+def test_login_upload_and_study_page_in_chromium(served: tuple[str, str]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, uid = served
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url)
+        expect(page).to_have_url(url + "login")
+        page.fill("#token", "wrong")
+        page.click("#login-button")
+        expect(page.locator("#login-error")).to_be_visible()
+        page.fill("#token", ADMIN)
+        page.click("#login-button")
+        expect(page.locator("#studies")).to_contain_text("PID-BROWSER")
+        expect(page.locator("#demo-banner")).to_be_visible()
+        page.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
+
+        page.goto(url + "upload")
+        page.set_input_files("#file", get_testdata_file("CT_small.dcm"))
+        rows = page.locator("#predictions tbody tr")
+        expect(rows).to_have_count(3, timeout=60000)
+        page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+        page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+        page.screenshot(path=str(SHOTS / "upload.png"), full_page=True)
+
+        page.goto(url + f"studies/{uid}")
+        expect(page.locator("#findings tbody tr")).not_to_have_count(0)
+        page.wait_for_function("[...document.querySelectorAll('#overlays img.heatmap')].some(i => i.naturalWidth > 0)")
+        page.wait_for_function("[...document.querySelectorAll('#overlays img.source')].some(i => i.naturalWidth > 0)")
+        expect(page.locator("#sr-summary")).to_contain_text("AI-generated")
+        page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
+
+        page.goto(url + "results?positive=true")
+        expect(page.locator("#csv")).to_have_attribute("href", "/api/results.csv?positive=true")
+        browser.close()
+    assert (SHOTS / "study.png").stat().st_size > 10_000
