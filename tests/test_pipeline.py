@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from conftest import need_tool, run
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array
@@ -193,8 +194,6 @@ PYDICOM_ENCODINGS = {
 
 
 def _encoded_ct(name: str, tmp_path: Path) -> Path:
-    from conftest import need_tool, run
-
     src, out = get_testdata_file("CT_small.dcm"), tmp_path / "encoded.dcm"
     if name in DCMTK_ENCODINGS:
         cmd = DCMTK_ENCODINGS[name]
