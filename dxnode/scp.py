@@ -18,8 +18,10 @@ validated before they name a file or folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
 import shutil
 import ssl
 import threading
@@ -98,6 +100,23 @@ class Received:
     series_number: int | None
     series_description: str
     instance_number: int | None
+
+
+def set_tcp_nodelay(server: Any) -> Any:
+    """Make a pynetdicom server disable Nagle's algorithm on each accepted socket.
+
+    pynetdicom leaves it on; a small C-STORE response then can wait for a delayed ACK.
+    """
+    accept = server.get_request
+
+    def get_request() -> tuple[socket.socket, Any]:
+        sock, address = accept()
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+    server.get_request = get_request
+    return server
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -183,11 +202,11 @@ class StorageSCP:
         """Start listening (returns at once; associations run on pynetdicom's threads)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
         node = self.settings.node
-        self._servers.append(self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers()))
+        self._servers.append(set_tcp_nodelay(self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers())))
         if node.tls_port is not None:
-            self._servers.append(
+            self._servers.append(set_tcp_nodelay(
                 self.ae.start_server((node.host, node.tls_port), block=False, evt_handlers=self._handlers(), ssl_context=self._tls_context())
-            )
+            ))
 
     def _tls_context(self) -> ssl.SSLContext:
         """Server TLS context from node.tls_cert/tls_key, verifying clients against tls_ca if set."""
