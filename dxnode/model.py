@@ -312,7 +312,10 @@ def load_classifier(settings: ModelSettings, bundle: str | Path | None = None) -
             weights = Path(chosen.split(":", 1)[1])
             manifest = imagenet_manifest(weights)
             net = resnet18(1000)
-            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            try:
+                net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            except Exception as exc:
+                raise BundleError(f"{weights} is not torchvision's ResNet-18 ImageNet state dict: {exc}"[:500]) from exc
         else:
             path = Path(chosen).expanduser()
             manifest = load_manifest(path)

@@ -124,22 +124,31 @@ def frame_indices(n_frames: int, max_frames: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, max_frames)})
 
 
-def modality_values(ds: Dataset, max_frames: int) -> list[tuple[int, np.ndarray]]:
-    """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1)."""
+def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, np.ndarray]:
+    """The chosen frames, decoded (YBR_* arrives as RGB); only those frames when it is a subset."""
     try:
-        arr = ds.pixel_array  # YBR_* arrives as RGB (pydicom converts by default)
+        if len(indices) == n_frames:
+            arr = ds.pixel_array
+            return {i: (arr if n_frames == 1 else arr[i]) for i in indices}
+        frames = {}
+        for i in indices:  # a long cine or multi-frame CT: never hold every frame in memory
+            ds.pixel_array_options(index=i)
+            frames[i] = ds.pixel_array
+        ds.pixel_array_options(index=None)
+        return frames
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts)) if ts else "unknown transfer syntax"
         raise PipelineError(f"cannot decode pixel data ({name}): {exc}") from exc
+
+
+def modality_values(ds: Dataset, max_frames: int) -> list[tuple[int, np.ndarray]]:
+    """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1)."""
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
-    if n_frames == 1:
-        arr = arr[np.newaxis]
     out = []
-    for i in frame_indices(n_frames, max_frames):
-        frame = arr[i]
+    for i, frame in decode_frames(ds, frame_indices(n_frames, max_frames), n_frames).items():
         if photometric == "PALETTE COLOR":
             rgb = apply_color_lut(frame, ds)
             out.append((i, rgb.astype(np.float32) / (255.0 if rgb.max() <= 255 else 65535.0)))

@@ -86,6 +86,10 @@ def test_imagenet_file_in_the_torch_hub_cache_is_offered(tmp_path: Path, caplog:
     assert not clf.identity.demo
     assert "does not start with torchvision's published" in caplog.text  # our stand-in file is not the real one
     pred = predict_file(Path(get_testdata_file("CT_small.dcm")), clf, Settings(), top_k=3)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(BundleError, match="broken.pth is not torchvision's ResNet-18"):
+        load_classifier(ModelSettings(imagenet_weights=str(broken)))
     assert len(pred.findings) == 3 and sum(f.positive for f in pred.findings) <= 1
     assert pred.findings[0].probability >= pred.findings[1].probability >= pred.findings[2].probability
 
