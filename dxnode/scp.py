@@ -50,12 +50,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.store import Instance, Series, Store, Study, audit, utcnow, write_durably
+from dxnode.store import Audit, Instance, Series, Store, Study, publish, utcnow, write_temporary
 from dxnode.uids import is_valid_uid
 
 log = logging.getLogger("dxnode.scp")
@@ -276,90 +276,97 @@ class StorageSCP:
         free = shutil.disk_usage(self.incoming).free if self.incoming.exists() else 0
         if free < self.settings.node.min_free_mb * 1024 * 1024:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")
-        if self._is_duplicate(rec, calling_aet, event):
-            return SUCCESS
         rel = Path("incoming") / rec.study_instance_uid / rec.series_instance_uid / f"{rec.sop_instance_uid}.dcm"
         path = self.settings.data_dir / rel
         data = event.encoded_dataset(include_meta=True)
         try:
-            write_durably(path, data)
+            tmp = write_temporary(path, data)
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
+        address = str(event.assoc.requestor.address)
         try:
-            new = self._record(rec, rel, len(data), hashlib.sha256(data).hexdigest(), calling_aet, str(event.assoc.requestor.address))
+            new = self._commit(rec, tmp, path, rel, len(data), hashlib.sha256(data).hexdigest(), calling_aet, address)
+        except OSError as exc:
+            raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
-            path.unlink(missing_ok=True)
             raise StoreRefused(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64]) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
         if new:
             metrics.INSTANCES_RECEIVED.labels(calling_aet=calling_aet).inc()
             metrics.BYTES_RECEIVED.inc(len(data))
+        else:
+            metrics.INSTANCES_DUPLICATE.inc()
         log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, len(data), calling_aet)
         return SUCCESS
 
-    def _is_duplicate(self, rec: Received, calling_aet: str, event: Any) -> bool:
-        """Record a repeat of an instance already stored; True if it was one."""
-        with self.store.session() as session:
-            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid))
-            if existing is None:
-                return False
-            existing.duplicates += 1
-            audit(session, calling_aet, "instance.duplicate", target=f"instance:{existing.id}", source=str(event.assoc.requestor.address))
-        metrics.INSTANCES_DUPLICATE.inc()
-        return True
-
-    def _record(self, rec: Received, rel: Path, size: int, sha256: str, calling_aet: str, address: str) -> bool:
-        """Upsert study and series and insert the instance in one transaction; False if a duplicate."""
+    def _commit(self, rec: Received, tmp: Path, path: Path, rel: Path, size: int, sha256: str, calling_aet: str, address: str) -> bool:
+        """One transaction: a repeat is counted; a new instance is renamed into place, then its rows
+        are written and committed. Returns False for a duplicate. Core statements keep this cheap."""
         for attempt in range(3):
+            renamed = False
             try:
-                with self.store.session() as session:
-                    if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)) is not None:
-                        return False  # a concurrent association stored it first
-                    study = self._upsert_study(session, rec, calling_aet)
-                    series = self._upsert_series(session, study, rec)
-                    inst = Instance(
-                        series_id=series.id, study_id=study.id, sop_class_uid=rec.sop_class_uid, sop_instance_uid=rec.sop_instance_uid,
+                with self.store.engine.begin() as conn:
+                    existing = conn.execute(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)).scalar()
+                    if existing is not None:
+                        conn.execute(update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1))
+                        conn.execute(insert(Audit).values(at=utcnow(), actor=calling_aet, action="instance.duplicate", target=f"instance:{existing}", source=address, detail=""))
+                        return False
+                    publish(tmp, path)  # durable under its final name before the row commits
+                    renamed = True
+                    study_id = self._upsert_study(conn, rec, calling_aet)
+                    series_id = self._upsert_series(conn, study_id, rec)
+                    instance_id = conn.execute(insert(Instance).values(
+                        series_id=series_id, study_id=study_id, sop_class_uid=rec.sop_class_uid, sop_instance_uid=rec.sop_instance_uid,
                         transfer_syntax_uid=rec.transfer_syntax_uid, instance_number=rec.instance_number, file_path=str(rel),
-                        size_bytes=size, sha256=sha256, calling_aet=calling_aet,
-                    )
-                    session.add(inst)
-                    session.flush()
-                    audit(session, calling_aet, "instance.received", target=f"instance:{inst.id}", source=address, study_id=study.id, bytes=size)
+                        size_bytes=size, sha256=sha256, calling_aet=calling_aet, received_at=utcnow(), duplicates=0,
+                    ).returning(Instance.id)).scalar_one()
+                    conn.execute(insert(Audit).values(at=utcnow(), actor=calling_aet, action="instance.received", target=f"instance:{instance_id}",
+                                                      source=address, detail=f'{{"study_id": {study_id}, "bytes": {size}}}'))
                 return True
             except IntegrityError:
+                if renamed:
+                    path.unlink(missing_ok=True)
                 if attempt == 2:
                     raise
+            except BaseException:
+                if renamed:
+                    path.unlink(missing_ok=True)  # no row: the sender gets a failure and retries
+                raise
         return False
 
     @staticmethod
-    def _upsert_study(session: Any, rec: Received, calling_aet: str) -> Study:
+    def _upsert_study(conn: Any, rec: Received, calling_aet: str) -> int:
+        """Create or update the study row; returns its id."""
         now = utcnow()
-        study = session.scalar(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
-        if study is None:
-            study = Study(study_instance_uid=rec.study_instance_uid, first_received_at=now, num_instances=0)
-            session.add(study)
+        row = conn.execute(select(Study.id, Study.modalities, Study.patient_id, Study.patient_name, Study.accession_number,
+                                  Study.study_date, Study.study_description).where(Study.study_instance_uid == rec.study_instance_uid)).first()
+        values: dict[str, Any] = {"calling_aet": calling_aet, "last_received_at": now}
+        if row is None:
+            return int(conn.execute(insert(Study).values(
+                study_instance_uid=rec.study_instance_uid, patient_id=rec.patient_id, patient_name=rec.patient_name,
+                accession_number=rec.accession_number, study_date=rec.study_date, study_description=rec.study_description,
+                modalities=rec.modality, first_received_at=now, num_instances=1, ignored=False, **values,
+            ).returning(Study.id)).scalar_one())
         for attr in ("patient_id", "patient_name", "accession_number", "study_date", "study_description"):
-            if getattr(rec, attr) and not getattr(study, attr):
-                setattr(study, attr, getattr(rec, attr))
-        if rec.modality:
-            mods = set(filter(None, (study.modalities or "").split("\\"))) | {rec.modality}
-            study.modalities = "\\".join(sorted(mods))[:128]
-        study.calling_aet = calling_aet
-        study.last_received_at = now
-        study.num_instances = (study.num_instances or 0) + 1
-        session.flush()
-        return study
+            if getattr(rec, attr) and not getattr(row, attr):
+                values[attr] = getattr(rec, attr)
+        mods = set(filter(None, (row.modalities or "").split("\\")))
+        if rec.modality and rec.modality not in mods:
+            values["modalities"] = "\\".join(sorted(mods | {rec.modality}))[:128]
+        conn.execute(update(Study).where(Study.id == row.id).values(num_instances=Study.num_instances + 1, **values))
+        return int(row.id)
 
     @staticmethod
-    def _upsert_series(session: Any, study: Study, rec: Received) -> Series:
-        series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
-        if series is None:
-            series = Series(
-                study_id=study.id, series_instance_uid=rec.series_instance_uid, modality=rec.modality,
-                body_part_examined=rec.body_part_examined, series_number=rec.series_number, series_description=rec.series_description,
-            )
-            session.add(series)
-            session.flush()
-        return series
+    def _upsert_series(conn: Any, study_id: int, rec: Received) -> int:
+        """The series row's id, created on its first instance."""
+        series_id = conn.execute(select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)).scalar()
+        if series_id is not None:
+            return int(series_id)
+        return int(conn.execute(insert(Series).values(
+            study_id=study_id, series_instance_uid=rec.series_instance_uid, modality=rec.modality, body_part_examined=rec.body_part_examined,
+            series_number=rec.series_number, series_description=rec.series_description,
+        ).returning(Series.id)).scalar_one())
 
 
 def echo(host: str, port: int, calling_aet: str, called_aet: str, timeout: float = 10) -> tuple[bool, str]:

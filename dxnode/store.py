@@ -355,8 +355,8 @@ def count(session: Session, model: type[Base], *where: Any) -> int:
     return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write data to path atomically: temporary file, fsync, rename, fsync of the folder."""
+def write_temporary(path: Path, data: bytes) -> Path:
+    """Write data, fsynced, to a temporary file beside path; returns the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -364,12 +364,22 @@ def write_durably(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a written temporary file to its final name and fsync the folder (the rename is durable)."""
+    os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write data to path atomically: temporary file, fsync, rename, fsync of the folder."""
+    publish(write_temporary(path, data), path)
