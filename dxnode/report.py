@@ -20,6 +20,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -213,28 +214,34 @@ def caption_lines(h: Heatmap, f: Finding, result: StudyResult) -> list[str]:
 
 
 def render_caption(overlay: np.ndarray, lines: list[str]) -> np.ndarray:
-    """The overlay, at least 512 px wide, with a caption panel and a low-high colour scale."""
+    """The overlay, at least 512 px wide, with a caption panel and a low-high colour scale sized to it."""
     import matplotlib
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     img = Image.fromarray(overlay)
     if img.width < 512:
         img = img.resize((512, max(1, round(img.height * 512 / img.width))), Image.Resampling.BILINEAR)
-    line_h = 14
-    panel_h = 12 + line_h * len(lines) + 22
+    size = max(12, img.width // 55)
+    try:
+        font: Any = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        font, size = ImageFont.load_default(), 11
+    line_h = int(size * 1.35)
+    bar_h = max(10, size // 2)
+    panel_h = line_h * len(lines) + bar_h + 3 * line_h // 2
     canvas = Image.new("RGB", (img.width, img.height + panel_h), (0, 0, 0))
     canvas.paste(img, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    y = img.height + 6
+    y = img.height + line_h // 2
     for line in lines:
-        draw.text((6, y), line, fill=(255, 255, 255))
+        draw.text((size // 2, y), line, fill=(255, 255, 255), font=font)
         y += line_h
-    bar_w = min(256, img.width - 80)
+    label_w = int(draw.textlength("high", font=font)) + size
+    bar_w = max(64, min(img.width // 3, img.width - 2 * label_w - size))
     ramp = (matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3] * 255).astype(np.uint8)
-    bar = np.repeat(ramp[np.newaxis], 10, axis=0)
-    canvas.paste(Image.fromarray(bar), (40, y + 4))
-    draw.text((6, y + 2), "low", fill=(255, 255, 255))
-    draw.text((44 + bar_w, y + 2), "high", fill=(255, 255, 255))
+    canvas.paste(Image.fromarray(np.repeat(ramp[np.newaxis], bar_h, axis=0)), (label_w, y + (line_h - bar_h) // 2))
+    draw.text((size // 2, y), "low", fill=(255, 255, 255), font=font)
+    draw.text((label_w + bar_w + size // 2, y), "high", fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
 
 
