@@ -273,12 +273,34 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Fine-tune ResNet-18 on a labelled CSV and write a bundle."""
-    raise NotImplementedError("dxnode train: training helper")
+    from dxnode.train import run_train
+
+    try:
+        out = run_train(args, settings)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dxnode train: {exc}", file=sys.stderr)
+        return 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    from dxnode.evaluate import table
+
+    print(table(metrics))
+    print(f"wrote bundle {out} (serve it with [model] bundle = \"{out}\")")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate a bundle on a labelled CSV."""
-    raise NotImplementedError("dxnode evaluate: training helper")
+    from dxnode.evaluate import evaluate, table
+    from dxnode.model import BundleError
+
+    try:
+        metrics = evaluate(args.bundle, args.data, args.out, settings, args.images, args.split, args.seed)
+    except (ValueError, BundleError) as exc:
+        print(f"dxnode evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(table(metrics))
+    print(f"wrote {args.out}/metrics.json, metrics.csv, roc.png, calibration.png")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,10 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_training_arguments(sub: Any) -> None:
     """Arguments of train and evaluate (kept beside their implementation)."""
-    try:
-        from dxnode.train import add_evaluate_arguments, add_train_arguments
-    except ImportError:
-        return
+    from dxnode.train import add_evaluate_arguments, add_train_arguments
+
     add_train_arguments(sub.choices["train"])
     add_evaluate_arguments(sub.choices["evaluate"])
 

@@ -1,0 +1,214 @@
+"""`dxnode evaluate`: per-label AUROC with bootstrap CI, operating-point metrics, tables and plots.
+
+Metrics come from scikit-learn (roc_auc_score, roc_curve, calibration_curve). The table follows
+the layout of the CheXNet paper's per-pathology AUROC table, with the operating point of the
+bundle's threshold beside it. ``metrics.json`` has the layout ``{"mean_auroc": x, "labels":
+{label: {"auroc", "auroc_ci", "sensitivity", "specificity", "ppv", "npv", "prevalence", "n",
+"threshold"}}}``; `dxnode train` writes the same for its validation split into the bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BOOTSTRAP = 1000
+
+
+def _safe(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 6)
+
+
+def auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC, or nan when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile bootstrap interval of the AUROC (resampling images)."""
+    if n <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) == 2:
+            values.append(auroc(y[idx], p[idx]))
+    if len(values) < n // 2:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these scores."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(max(thr[best], 0.0), 1.0))
+
+
+def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches the target."""
+    positives = np.sort(p[y > 0.5])[::-1]
+    if len(positives) == 0:
+        return 0.5
+    k = max(0, math.ceil(target * len(positives)) - 1)
+    return float(positives[min(k, len(positives) - 1)])
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float], seed: int = 0,
+                    bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
+    """Per-label and mean metrics in the metrics.json layout."""
+    out: dict[str, Any] = {"labels": {}}
+    aucs = []
+    for j, label in enumerate(labels):
+        y, p, t = y_true[:, j] > 0.5, probs[:, j], thresholds[j]
+        pred = p >= t
+        tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+        fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+        a = auroc(y.astype(int), p)
+        ci = bootstrap_ci(y.astype(int), p, bootstrap, seed) if not math.isnan(a) else None
+        if not math.isnan(a):
+            aucs.append(a)
+        div = lambda n, d: _safe(n / d) if d else None  # noqa: E731
+        out["labels"][label] = {
+            "auroc": _safe(a), "auroc_ci": [round(ci[0], 6), round(ci[1], 6)] if ci else None,
+            "sensitivity": div(tp, tp + fn), "specificity": div(tn, tn + fp), "ppv": div(tp, tp + fp), "npv": div(tn, tn + fn),
+            "prevalence": div(tp + fn, len(y)), "n": int(len(y)), "positives": tp + fn, "threshold": round(float(t), 6),
+        }
+    out["mean_auroc"] = _safe(float(np.mean(aucs))) if aucs else None
+    return out
+
+
+def table(metrics: dict[str, Any]) -> str:
+    """CheXNet-style per-pathology table with the operating point of the threshold."""
+    lines = [f"{'Pathology':<24} {'AUROC':>6} {'95% CI':>15} {'Sens':>6} {'Spec':>6} {'PPV':>6} {'NPV':>6} {'Prev':>6} {'n':>6}"]
+    fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) else f"{'-':>6}"  # noqa: E731
+    for label, m in metrics["labels"].items():
+        ci = f"({m['auroc_ci'][0]:.3f}-{m['auroc_ci'][1]:.3f})" if m["auroc_ci"] else "-"
+        lines.append(f"{label[:24]:<24} {fmt(m['auroc'])} {ci:>15} {fmt(m['sensitivity'])} {fmt(m['specificity'])} {fmt(m['ppv'])} "
+                     f"{fmt(m['npv'])} {fmt(m['prevalence'])} {m['n']:>6}")
+    mean = metrics["mean_auroc"]
+    lines.append(f"{'Mean AUROC':<24} {fmt(mean)}")
+    return "\n".join(lines)
+
+
+def roc_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    """ROC curve per label in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    for j, label in enumerate(labels):
+        y = y_true[:, j] > 0.5
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, probs[:, j])
+            ax.plot(fpr, tpr, label=f"{label} (AUROC {auroc(y.astype(int), probs[:, j]):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: Path) -> None:
+    """Reliability diagram per label (10 quantile bins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    for j, label in enumerate(labels):
+        y = y_true[:, j] > 0.5
+        if len(np.unique(y)) == 2:
+            frac, mean = calibration_curve(y, probs[:, j], n_bins=min(10, max(2, len(y) // 10)), strategy="quantile")
+            ax.plot(mean, frac, "o-", label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="mean predicted probability", ylabel="fraction positive", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def predict_samples(classifier: Any, samples: list[Any], settings: Any) -> tuple[np.ndarray, list[Any]]:
+    """Probabilities of each sample as the node computes them (dxnode.model.predict_file); failures left out."""
+    from dxnode.model import predict_file
+
+    labels = classifier.manifest.labels
+    rows, kept = [], []
+    for s in samples:
+        pred = predict_file(s.path, classifier, settings)
+        if pred.error:
+            print(f"skipped {s.path}: {pred.error}")
+            continue
+        by_label = {f.label: f.probability for f in pred.findings}
+        rows.append([by_label[lab] for lab in labels])
+        kept.append(s)
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(labels)), kept
+
+
+def write_report(out: Path, metrics: dict[str, Any], y: np.ndarray, probs: np.ndarray, labels: list[str], title: str) -> None:
+    """metrics.json, metrics.csv, roc.png and calibration.png in out."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "auroc", "auroc_ci_low", "auroc_ci_high", "sensitivity", "specificity", "ppv", "npv", "prevalence", "n", "threshold"])
+        for label, m in metrics["labels"].items():
+            ci = m["auroc_ci"] or [None, None]
+            w.writerow([label, m["auroc"], ci[0], ci[1], m["sensitivity"], m["specificity"], m["ppv"], m["npv"], m["prevalence"], m["n"], m["threshold"]])
+        w.writerow(["mean", metrics["mean_auroc"]])
+    roc_plot(y, probs, labels, out / "roc.png", title)
+    calibration_plot(y, probs, labels, out / "calibration.png")
+
+
+def evaluate(bundle: Path, data: Path, out: Path, settings: Any, images: Path | None = None, split: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Evaluate a bundle on a labelled CSV (optionally one split of the bundle's splits.csv)."""
+    from dxnode.dataset import read_table
+    from dxnode.model import load_classifier
+
+    classifier = load_classifier(settings.model, bundle)
+    table_ = read_table(data, images)
+    for line in table_.unreadable:
+        print(f"left out {line}")
+    samples = table_.samples
+    if split:
+        chosen = _split_members(Path(bundle) / "splits.csv", split)
+        samples = [s for s in samples if str(s.path.resolve()) in chosen]
+        if not samples:
+            raise ValueError(f"no sample of {data} is in the {split!r} split of {bundle}/splits.csv")
+    labels = classifier.manifest.labels
+    if table_.labels != labels:
+        raise ValueError(f"labels of {data} {table_.labels} differ from the bundle's {labels}")
+    probs, kept = predict_samples(classifier, samples, settings)
+    y = np.asarray([s.labels for s in kept], dtype=np.float64)
+    metrics = compute_metrics(y, probs, labels, classifier.manifest.thresholds, seed)
+    metrics["model"] = {"name": classifier.manifest.name, "version": classifier.manifest.version, "sha256": classifier.manifest.weights_sha256}
+    metrics["data"] = {"csv": str(data), "split": split or "all", "n": len(kept)}
+    write_report(Path(out), metrics, y, probs, labels, f"{classifier.manifest.name} {classifier.manifest.version}")
+    return metrics
+
+
+def _split_members(path: Path, split: str) -> set[str]:
+    if not path.is_file():
+        raise ValueError(f"{path} not found: --split needs a bundle written by `dxnode train`")
+    with open(path, newline="") as f:
+        return {r["path"] for r in csv.DictReader(f) if r["split"] == split}

@@ -1,0 +1,263 @@
+"""`dxnode train`: fine-tune ResNet-18 on labelled images and write a model bundle the node serves.
+
+Start from torchvision's ImageNet weights file when it is on disk (``--imagenet-weights`` or
+``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth``; never downloaded), else from scratch with
+a warning. The data is split by patient (dxnode.dataset), images go through the inference
+pipeline (no train/serve skew), the loss is BCE with per-label pos_weight or focal loss, the
+optimiser AdamW/Adam with a cosine schedule, and training stops early when the mean validation
+AUROC stops improving. Every epoch is checkpointed (``--resume`` continues). Per-label thresholds
+are chosen on the validation split by Youden's J (default) or a target sensitivity.
+
+This module imports torch and friends inside functions, so `dxnode --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dxnode.train")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `dxnode train`."""
+    p.add_argument("--data", required=True, type=Path, help="labelled CSV (generic, ChestX-ray14 Data_Entry_2017.csv or ISIC ground truth)")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
+    p.add_argument("--name", default="", help="model name in the manifest (default: the bundle folder's name)")
+    p.add_argument("--version", default="1.0.0", help="model version in the manifest")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    p.add_argument("--loss", choices=["bce", "focal"], default="bce", help="BCE with per-label pos_weight, or focal loss (gamma 2)")
+    p.add_argument("--input-size", type=int, default=224, help="model input size (e.g. 224; 64 for quick CPU runs)")
+    p.add_argument("--resize", choices=["letterbox", "center_crop"], default="letterbox")
+    p.add_argument("--freeze-epochs", type=int, default=0, help="train only fc for this many epochs, then everything")
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better mean validation AUROC")
+    p.add_argument("--threshold-rule", choices=["youden", "sensitivity"], default="youden")
+    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--hflip", action="store_true", help="also augment with horizontal flips (off by default: laterality matters)")
+    p.add_argument("--imagenet-weights", type=Path, help="resnet18-f37072fd.pth (default: the torch hub cache, if it has it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="", help="cpu, cuda, auto (default: [model] device)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `dxnode evaluate`."""
+    p.add_argument("bundle", type=Path, help="model bundle folder")
+    p.add_argument("--data", required=True, type=Path, help="labelled CSV")
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json, metrics.csv and plots")
+    p.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
+    p.add_argument("--split", choices=["train", "val", "test"], help="only this split of the bundle's splits.csv (the held-out test split)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch RNGs, and deterministic kernels where torch has them."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def focal_loss(logits: Any, target: Any, gamma: float = 2.0) -> Any:
+    """Binary focal loss (Lin et al. 2017), mean over labels and images."""
+    import torch.nn.functional as F
+
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = (-bce).exp()
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
+def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
+    """ResNet-18 with fc for the labels, from the ImageNet file when there is one."""
+    import torch
+
+    from dxnode.model import resnet18
+
+    net = resnet18(num_labels)
+    if weights is None or not weights.is_file():
+        log.warning("no ImageNet weights file (%s): training from scratch, which needs far more data", weights or "resnet18-f37072fd.pth")
+        return net, "scratch"
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, _ = net.load_state_dict(state, strict=False)
+    assert set(missing) <= {"fc.weight", "fc.bias"}, missing
+    return net, f"imagenet:{weights.name}"
+
+
+def run_train(args: argparse.Namespace, settings: Any) -> Path:
+    """Train and write the bundle; returns its folder."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from dxnode.dataset import Augment, TorchDataset, collate, read_table, split_by_patient
+    from dxnode.evaluate import compute_metrics, roc_plot, sensitivity_threshold, youden_threshold
+    from dxnode.model import choose_device, imagenet_weights_path, write_bundle
+    from dxnode.pipeline import Preprocessing
+
+    seed_everything(args.seed)
+    out: Path = args.out
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    table = read_table(args.data, args.images)
+    for line in table.unreadable:
+        print(f"left out {line}", file=sys.stderr)
+    splits = split_by_patient(table.samples, (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction), args.seed)
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(f"not enough patients to split: train {len(splits['train'])}, val {len(splits['val'])} images")
+    with open(out / "splits.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient_id", "split"])
+        for name, items in splits.items():
+            w.writerows([str(s.path.resolve()), s.patient_id, name] for s in items)
+    labels, task = table.labels, table.task
+    prep = Preprocessing(input_size=args.input_size, resize=args.resize)  # ImageNet mean/std, as the backbone expects
+    device = choose_device(args.device or settings.model.device)
+    weights_file = args.imagenet_weights or imagenet_weights_path(settings.model)
+    net, start = initial_network(len(labels), weights_file)
+    net.to(device)
+
+    y_train = np.asarray([s.labels for s in splits["train"]], dtype=np.float64)
+    pos = y_train.sum(axis=0)
+    pos_weight = torch.tensor(np.clip((len(y_train) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device)
+    if task == "multiclass":
+        def loss_fn(logits: Any, y: Any) -> Any:
+            return torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
+    elif args.loss == "focal":
+        loss_fn = focal_loss
+    else:
+        bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        loss_fn = bce
+
+    train_ds = TorchDataset(splits["train"], settings.pipeline, prep, Augment(hflip=args.hflip), args.seed)
+    val_ds = TorchDataset(splits["val"], settings.pipeline, prep, None, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate, generator=gen)
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
+    state: dict[str, Any] = {"epoch": -1, "best_auroc": -1.0, "best_epoch": -1, "history": [], "stale": 0}
+    last = ckpt_dir / "last.pt"
+    if args.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        state = ck["state"]
+        gen.set_state(ck["generator"])
+        print(f"resuming after epoch {state['epoch'] + 1}", file=sys.stderr)
+
+    def probabilities(logits: Any) -> Any:
+        return torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)
+
+    def validate() -> tuple[np.ndarray, np.ndarray]:
+        net.eval()
+        ps, ys = [], []
+        with torch.inference_mode():
+            for batch in val_dl:
+                if batch is None:
+                    continue
+                x, y = batch
+                ps.append(probabilities(net(x.to(device))).float().cpu().numpy())
+                ys.append(y.numpy())
+        return np.concatenate(ys), np.concatenate(ps)
+
+    for epoch in range(state["epoch"] + 1, args.epochs):
+        train_ds.epoch = epoch
+        frozen = epoch < args.freeze_epochs
+        for name, p in net.named_parameters():
+            p.requires_grad = (not frozen) or name.startswith("fc.")
+        net.train()
+        total, count = 0.0, 0
+        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{args.epochs}" + (" (fc only)" if frozen else ""), file=sys.stderr, leave=False)
+        for batch in bar:
+            if batch is None:
+                continue
+            x, y = batch
+            opt.zero_grad()
+            loss = loss_fn(net(x.to(device)), y.to(device))
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(x), count + len(x)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        sched.step()
+        y_val, p_val = validate()
+        m = compute_metrics(y_val, p_val, labels, [0.5] * len(labels), bootstrap=0)
+        mean_auc = m["mean_auroc"] if m["mean_auroc"] is not None else 0.0
+        state["history"].append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_mean_auroc": mean_auc})
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {total / max(count, 1):.4f}  val mean AUROC {mean_auc:.4f}", file=sys.stderr)
+        if mean_auc > state["best_auroc"]:
+            state.update(best_auroc=mean_auc, best_epoch=epoch, stale=0)
+            torch.save(net.state_dict(), ckpt_dir / "best.pt")
+        else:
+            state["stale"] += 1
+        state["epoch"] = epoch
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
+                    "generator": gen.get_state()}, last)
+        if state["stale"] >= args.patience:
+            print(f"early stop: no better validation AUROC for {args.patience} epochs", file=sys.stderr)
+            break
+
+    net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True))
+    y_val, p_val = validate()
+    if task == "multiclass":
+        thresholds = [0.0] * len(labels)
+    elif args.threshold_rule == "sensitivity":
+        thresholds = [sensitivity_threshold(y_val[:, j], p_val[:, j], args.target_sensitivity) for j in range(len(labels))]
+    else:
+        thresholds = [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(len(labels))]
+    metrics = compute_metrics(y_val, p_val, labels, thresholds, args.seed)
+    metrics["split"] = "val"
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "parser_hook")}
+    extra = {
+        "training": {"data": str(args.data), "data_sha256": table.sha256, "format": table.format, "start": start, "parameters": params,
+                     "split_sizes": {k: len(v) for k, v in splits.items()}, "best_epoch": state["best_epoch"] + 1, "history": state["history"],
+                     "threshold_rule": args.threshold_rule if task == "multilabel" else "argmax"},
+        "validation": {"mean_auroc": metrics["mean_auroc"]},
+    }
+    write_bundle(out, net.cpu().state_dict(), name=args.name or out.name, version=args.version, labels=labels, task=task,
+                 thresholds=thresholds, preprocessing=prep, description=f"ResNet-18 fine-tuned by dxnode train on {args.data.name}", extra=extra)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    roc_plot(y_val, p_val, labels, out / "roc.png", f"{args.name or out.name} {args.version} (validation)")
+    curves_plot(state["history"], out / "curves.png")
+    return out
+
+
+def curves_plot(history: list[dict[str, float]], path: Path) -> None:
+    """Training loss and validation AUROC per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="training loss")
+    ax.set(xlabel="epoch", ylabel="loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["val_mean_auroc"] for h in history], "s-", color="tab:red", label="validation mean AUROC")
+    ax2.set(ylabel="mean AUROC", ylim=(0.4, 1.0))
+    fig.legend(loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
