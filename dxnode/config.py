@@ -95,6 +95,8 @@ class Destination(Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    # DICOM TLS: verify the destination against [node] tls_ca (else the system CAs) and present
+    # [node] tls_cert/tls_key as the client certificate when they are set.
     tls: bool = False
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))

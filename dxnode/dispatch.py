@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -112,9 +113,22 @@ def _record(store: Store, settings: Settings, job: _Job, ok: bool, error: str = 
             log.warning("delivery %d to %s failed (attempt %d), retrying: %s", row.id, row.destination, row.attempts, error)
 
 
+def tls_client_context(settings: Settings, host: str) -> ssl.SSLContext:
+    """Client side of DICOM TLS: verify the peer against [node] tls_ca (else the system CAs) and
+    present [node] tls_cert/tls_key when they are set."""
+    node = settings.node
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(node.tls_ca) if node.tls_ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if node.tls_cert and node.tls_key:
+        ctx.load_cert_chain(str(node.tls_cert), str(node.tls_key))
+    return ctx
+
+
 def _send_group(store: Store, settings: Settings, dest: tuple[str, str, str, int], jobs: list[_Job]) -> int:
     """One association to one destination for its due rows, in order."""
     name, ae_title, host, port = dest
+    configured = next((d for d in settings.destinations if d.name == name), None)
+    tls_args = (tls_client_context(settings, host), host) if configured is not None and configured.tls else None
     datasets: dict[int, Any] = {}
     for job in jobs:
         try:
@@ -135,7 +149,7 @@ def _send_group(store: Store, settings: Settings, dest: tuple[str, str, str, int
     assoc, error = None, _tcp_error(host, port, settings.dispatch.timeout_seconds)
     if not error:
         try:
-            assoc = ae.associate(host, port, ae_title=ae_title)
+            assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         except Exception as exc:
             error = f"cannot associate with {ae_title}@{host}:{port}: {exc}"
     if assoc is None or not assoc.is_established:
