@@ -20,3 +20,6 @@ INFERENCE_SECONDS = Histogram(
 )
 DELIVERIES_SENT = Counter("dxnode_deliveries_sent_total", "Outputs delivered to a destination", ["destination"])
 DELIVERIES_FAILED = Counter("dxnode_deliveries_failed_total", "Delivery attempts that failed", ["destination"])
+
+# Export the labelled series at zero from the start, so dashboards and alerts see them before the first event.
+ASSOCIATIONS_REJECTED.labels(reason="calling_aet")

@@ -15,6 +15,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from dicom_checks import dciodvfy_errors
+
 from dxnode import worklist
 from dxnode.analysis import run_job
 from dxnode.config import Settings
@@ -78,7 +80,8 @@ def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(stor
     assert findings[0].probability == max(f.probability for f in findings)
     assert all(f.model_demo for f in findings) and "UNTRAINED DEMO" in job.log
     assert sorted(o.kind for o in outputs) == ["sc", "sr"]
-    assert all((node_settings.data_dir / o.file_path).is_file() for o in outputs)
+    for o in outputs:
+        assert dciodvfy_errors(node_settings.data_dir / o.file_path) == [], o.kind
     assert len(deliveries) == 2 and {d.state for d in deliveries} == {"pending"}
 
     # Re-running the job writes the same objects and queues nothing new.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import free_port, need_tool
+from dicom_checks import dciodvfy_errors
 from nodeproc import StoreSCP, wait_until
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
@@ -41,6 +42,7 @@ def outputs_for_a_study(store: Store, settings: Settings, tmp: Path, monkeypatch
     ds = pydicom.dcmread(src, stop_before_pixels=True)
     result = analyze_study(ds.StudyInstanceUID, [(ds.SOPInstanceUID, src)], load_classifier(settings.model), settings, "top1")
     written = write_outputs(result, {ds.SOPInstanceUID: src}, settings, settings.data_dir / "outputs")
+    assert all(dciodvfy_errors(w.path) == [] for w in written)
     with store.session() as s:
         study = Study(study_instance_uid=ds.StudyInstanceUID, patient_id=str(ds.PatientID))
         s.add(study)
