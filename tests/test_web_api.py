@@ -136,7 +136,7 @@ def test_login_page_sets_a_session_cookie(node) -> None:  # type: ignore[no-unty
     assert r.status_code == 303 and "dxnode_session" in r.cookies
     page = client.get("/")
     assert page.status_code == 200 and "UNTRAINED DEMO MODEL" in page.text and "PID-WEB-1" in page.text
-    assert "Web^Patient" in client.get(f"/studies/{uid}").text
+    assert "Web, Patient" in client.get(f"/studies/{uid}").text
     assert client.get("/api/studies").status_code == 200  # the cookie works for the API too (upload page)
     assert client.post(f"/api/studies/{uid}/ignore").status_code == 403  # still a read role
 

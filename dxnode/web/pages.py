@@ -18,6 +18,16 @@ from dxnode.web.auth import Principal, digest, find_token, principal
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
+def person_name(value: str) -> str:
+    """A DICOM PN (Family^Given^Middle^Prefix^Suffix) as 'Family, Given Middle'."""
+    parts = [p.strip() for p in (value or "").split("=")[0].split("^")]
+    family, given = parts[0] if parts else "", " ".join(p for p in parts[1:3] if p)
+    return f"{family}, {given}" if family and given else family or given
+
+
+TEMPLATES.env.filters["pn"] = person_name
+
+
 class LoginRequired(Exception):
     """Raised by page dependencies to send the browser to /login."""
 
