@@ -67,14 +67,26 @@ def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     return float(positives[min(k, len(positives) - 1)])
 
 
+def predicted_positive(probs: np.ndarray, thresholds: list[float], task: str) -> np.ndarray:
+    """The node's call per image and label (as Classifier.positive): at or above the threshold, and
+    for multiclass only the top class."""
+    pos = probs >= np.asarray(thresholds, dtype=np.float64)
+    if task == "multiclass" and len(probs):
+        top = np.zeros_like(pos)
+        top[np.arange(len(probs)), probs.argmax(axis=1)] = True
+        pos &= top
+    return pos
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float], seed: int = 0,
-                    bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
-    """Per-label and mean metrics in the metrics.json layout."""
+                    bootstrap: int = BOOTSTRAP, task: str = "multilabel") -> dict[str, Any]:
+    """Per-label and mean metrics in the metrics.json layout; the operating point is the node's call."""
     out: dict[str, Any] = {"labels": {}}
     aucs = []
+    called = predicted_positive(probs, thresholds, task)
     for j, label in enumerate(labels):
         y, p, t = y_true[:, j] > 0.5, probs[:, j], thresholds[j]
-        pred = p >= t
+        pred = called[:, j]
         tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
         fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
         a = auroc(y.astype(int), p)
@@ -196,15 +208,35 @@ def evaluate(bundle: Path, data: Path, out: Path, settings: Any, images: Path | 
         if not samples:
             raise ValueError(f"no sample of {data} is in the {split!r} split of {bundle}/splits.csv")
     labels = classifier.manifest.labels
-    if table_.labels != labels:
-        raise ValueError(f"labels of {data} {table_.labels} differ from the bundle's {labels}")
+    order = label_columns(table_.labels, labels, _labels_from_values(Path(data)), data)
     probs, kept = predict_samples(classifier, samples, settings)
-    y = np.asarray([s.labels for s in kept], dtype=np.float64)
-    metrics = compute_metrics(y, probs, labels, classifier.manifest.thresholds, seed)
+    y = np.asarray([[s.labels[k] if k >= 0 else 0.0 for k in order] for s in kept], dtype=np.float64).reshape(-1, len(labels))
+    metrics = compute_metrics(y, probs, labels, classifier.manifest.thresholds, seed, task=classifier.manifest.task)
     metrics["model"] = {"name": classifier.manifest.name, "version": classifier.manifest.version, "sha256": classifier.manifest.weights_sha256}
     metrics["data"] = {"csv": str(data), "split": split or "all", "n": len(kept)}
     write_report(Path(out), metrics, y, probs, labels, f"{classifier.manifest.name} {classifier.manifest.version}")
     return metrics
+
+
+def label_columns(csv_labels: list[str], bundle_labels: list[str], from_values: bool, data: Path) -> list[int]:
+    """For each bundle label, its index in the CSV's label vector (-1: never named, so negative).
+
+    A CSV whose labels come from values (ChestX-ray14 Finding Labels, generic labels/label) names
+    only the labels present; one with a column per label must have every column.
+    """
+    unknown = [lab for lab in csv_labels if lab not in bundle_labels]
+    missing = [lab for lab in bundle_labels if lab not in csv_labels]
+    if unknown or (missing and not from_values):
+        raise ValueError(f"labels of {data} {csv_labels} do not match the bundle's {bundle_labels}"
+                         + (f": unknown {unknown}" if unknown else "") + (f": no column for {missing}" if missing and not from_values else ""))
+    return [csv_labels.index(lab) if lab in csv_labels else -1 for lab in bundle_labels]
+
+
+def _labels_from_values(csv_path: Path) -> bool:
+    """True when the CSV's labels are values of one column rather than one column each."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return bool({"Finding Labels", "labels", "label"} & set(header))
 
 
 def _split_members(path: Path, split: str) -> set[str]:

@@ -167,6 +167,15 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
         gen.set_state(ck["generator"])
         print(f"resuming after epoch {state['epoch'] + 1}", file=sys.stderr)
 
+    reported: set[str] = set()
+
+    def report(failed: list[str]) -> None:
+        """One line per image that failed to load (the header looked fine), the first time only."""
+        for line in failed:
+            if line not in reported:
+                reported.add(line)
+                tqdm.write(f"left out {line}", file=sys.stderr)
+
     def probabilities(logits: Any) -> Any:
         return torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)
 
@@ -175,9 +184,10 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
         ps, ys = [], []
         with torch.inference_mode():
             for batch in val_dl:
-                if batch is None:
+                report(batch.failed)
+                if batch.x is None:
                     continue
-                x, y = batch
+                x, y = batch.x, batch.y
                 ps.append(probabilities(net(x.to(device))).float().cpu().numpy())
                 ys.append(y.numpy())
         return np.concatenate(ys), np.concatenate(ps)
@@ -191,9 +201,10 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
         total, count = 0.0, 0
         bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{args.epochs}" + (" (fc only)" if frozen else ""), file=sys.stderr, leave=False)
         for batch in bar:
-            if batch is None:
+            report(batch.failed)
+            if batch.x is None:
                 continue
-            x, y = batch
+            x, y = batch.x, batch.y
             opt.zero_grad()
             loss = loss_fn(net(x.to(device)), y.to(device))
             loss.backward()
@@ -226,7 +237,7 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
         thresholds = [sensitivity_threshold(y_val[:, j], p_val[:, j], args.target_sensitivity) for j in range(len(labels))]
     else:
         thresholds = [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(len(labels))]
-    metrics = compute_metrics(y_val, p_val, labels, thresholds, args.seed)
+    metrics = compute_metrics(y_val, p_val, labels, thresholds, args.seed, task=task)
     metrics["split"] = "val"
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "parser_hook")}
     extra = {
