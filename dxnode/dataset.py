@@ -22,6 +22,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -198,11 +199,17 @@ class Augment:
 
 
 def _window(ds: object, values: np.ndarray, settings: PipelineSettings) -> tuple[float, float] | None:
-    """The window inference would use for this frame (None for a VOI LUT sequence)."""
-    w = preset_window(ds, settings) or (dataset_window(ds)[:2] if dataset_window(ds) else None)  # type: ignore[arg-type,index]
-    if w is None and ds is not None and "VOILUTSequence" not in ds:  # type: ignore[operator]
-        w = auto_window(values)
-    return w
+    """The LINEAR window inference would use for this frame, to jitter; None when inference uses
+    something else (a VOI LUT sequence, a SIGMOID or LINEAR_EXACT function), which is then left as is."""
+    w = preset_window(ds, settings)  # type: ignore[arg-type]
+    if w is not None:
+        return w
+    own = dataset_window(ds)  # type: ignore[arg-type]
+    if own is not None:
+        return own[:2] if own[2] == "LINEAR" else None
+    if ds is not None and "VOILUTSequence" not in ds:  # type: ignore[operator]
+        return auto_window(values)
+    return None
 
 
 def load_tensor(sample: Sample, settings: PipelineSettings, prep: Preprocessing, augment: Augment | None = None,
@@ -213,12 +220,17 @@ def load_tensor(sample: Sample, settings: PipelineSettings, prep: Preprocessing,
         frame = read_frames(sample.path, settings, prep)[0]
     else:
         ds = read_dataset(sample.path)
-        idx, values = modality_values(ds, 1)[0]
-        window = _window(ds, values, settings) if values.ndim == 2 else None
-        if window is not None:
-            c, w = window
-            window = (c + rng.uniform(-1, 1) * augment.window_center_shift * w, w * (1 + rng.uniform(-1, 1) * augment.window_width_scale))
-        frame = frame_from_values(values, idx, ds, settings, prep, window=window)
+        try:
+            idx, values = modality_values(ds, 1)[0]
+            window = _window(ds, values, settings) if values.ndim == 2 else None
+            if window is not None:
+                c, w = window
+                window = (c + rng.uniform(-1, 1) * augment.window_center_shift * w, w * (1 + rng.uniform(-1, 1) * augment.window_width_scale))
+            frame = frame_from_values(values, idx, ds, settings, prep, window=window)
+        except PipelineError:
+            raise
+        except Exception as exc:  # a malformed LUT or window in the header, as read_frames reports it
+            raise PipelineError(f"cannot apply the pixel chain: {type(exc).__name__}: {exc}"[:300]) from exc
     x = to_tensor(frame, prep)
     return _augment_tensor(x, prep, augment, rng) if augment else x
 
@@ -253,18 +265,27 @@ class TorchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | str:
         rng = np.random.default_rng([self.seed, self.epoch, i])  # deterministic per epoch and sample
         try:
             x = load_tensor(self.samples[i], self.settings, self.prep, self.augment, rng)
-        except PipelineError:
-            return None
+        except PipelineError as exc:
+            return f"{self.samples[i].path}: {exc}"
         return x, torch.tensor(self.samples[i].labels, dtype=torch.float32)
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Stack a batch, leaving out samples that failed to load."""
-    items = [b for b in batch if b is not None]
+class Batch(NamedTuple):
+    """Stacked inputs and targets (None when every sample failed) and one line per sample that failed."""
+
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    failed: list[str]
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor] | str]) -> Batch:
+    """Stack a batch, leaving out (and naming) samples that failed to load."""
+    items = [b for b in batch if not isinstance(b, str)]
+    failed = [b for b in batch if isinstance(b, str)]
     if not items:
-        return None
-    return torch.stack([b[0] for b in items]), torch.stack([b[1] for b in items])
+        return Batch(None, None, failed)
+    return Batch(torch.stack([b[0] for b in items]), torch.stack([b[1] for b in items]), failed)
