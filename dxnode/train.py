@@ -94,10 +94,13 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     if weights is None or not weights.is_file():
         log.warning("no ImageNet weights file (%s): training from scratch, which needs far more data", weights or "resnet18-f37072fd.pth")
         return net, "scratch"
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, _ = net.load_state_dict(state, strict=False)
-    assert set(missing) <= {"fc.weight", "fc.bias"}, missing
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+    except Exception as exc:
+        raise ValueError(f"ImageNet weights {weights}: not a ResNet-18 state dict: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if set(missing) - {"fc.weight", "fc.bias"} or unexpected:
+        raise ValueError(f"ImageNet weights {weights}: not a ResNet-18 state dict (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return net, f"imagenet:{weights.name}"
 
 
