@@ -98,6 +98,8 @@ class Destination(Section):
     # DICOM TLS: verify the destination against [node] tls_ca (else the system CAs) and present
     # [node] tls_cert/tls_key as the client certificate when they are set.
     tls: bool = False
+    # Only the results of studies this AE title sent (with [dispatch] return_to_sender), not every result.
+    return_only: bool = False
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 
@@ -149,6 +151,7 @@ class DispatchSettings(Section):
 
     # Also send results to the sender of the study: the [[destinations]] entry whose ae_title is
     # the study's calling AE title (a calling AE's address and port are never taken from the network).
+    # Entries with return_only = true get only these; the others get every result.
     return_to_sender: bool = False
     interval_seconds: float = Field(2, gt=0)
     max_attempts: int = Field(20, ge=1)

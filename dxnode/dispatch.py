@@ -4,11 +4,17 @@ Every output is on disk and recorded before a delivery row exists; a row is sent
 exponential backoff (``backoff_initial_seconds * 2**(attempts-1)``, capped), or marked failed
 after ``max_attempts`` with the DIMSE status or network error. With the defaults (20 attempts,
 5 s doubling to 15 min) a destination may be down for about three hours before a row fails, and
-``dxnode resend`` re-queues failed rows. Rows of one destination go in creation order. A
-destination that does not accept an object's SOP class fails that row at once; the rest still go.
-Several processes may run the outbox on one database: a row is claimed by moving its
-``next_attempt_at`` past the send (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, SQLite's single
-writer transaction on SQLite), so no row is sent twice at the same time.
+``dxnode resend`` re-queues failed rows.
+
+Rows of one destination go in creation order: a destination is served only when its oldest pending
+row is due, and a round stops at the first row that will be retried, so a later row never
+overtakes an earlier one. A row the destination can never take (SOP class refused, data set not
+matching its SOP class, file unreadable) fails at once and blocks nothing.
+
+Several processes may run the outbox on one database. A round claims a destination's rows by
+moving their ``next_attempt_at`` past the send (a lease); claims are serialised by SQLite's
+``BEGIN IMMEDIATE`` and by a transaction advisory lock on PostgreSQL, so no row is sent twice at
+the same time and a second node sees the first one's lease on the oldest row.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ import datetime as dt
 import logging
 import socket
 import ssl
-from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
+from apscheduler.schedulers.base import BaseScheduler
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import select
+from pynetdicom.association import Association
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dxnode import metrics
@@ -34,10 +44,16 @@ from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.dispatch")
 
+# Key of the PostgreSQL advisory lock that serialises claims between nodes ("dxnode" in ASCII).
+_CLAIM_LOCK = 0x6478_6E6F_6465
+# Rows claimed per destination and round; the rest follow in the next rounds.
+BATCH = 100
+# C-STORE statuses that say the object was stored (Success, and the Warnings of PS3.4 B.2.3).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 def destinations_for(settings: Settings, calling_aet: str) -> list[Destination]:
-    """Configured destinations, plus the sender's own entry when return_to_sender is on."""
-    chosen = list(settings.destinations)
+    """Every destination not marked return_only, plus the sender's own entry when return_to_sender is on."""
+    chosen = [d for d in settings.destinations if not d.return_only]
     if settings.dispatch.return_to_sender and calling_aet:
         chosen += [d for d in settings.destinations if d.ae_title == calling_aet and d not in chosen]
     return chosen
@@ -50,7 +66,8 @@ def enqueue(session: Session, output: Output, settings: Settings, calling_aet: s
     for dest in destinations_for(settings, calling_aet):
         row = existing.get(dest.name)
         if row is None:
-            row = Delivery(output_id=output.id, destination=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port, state="pending")
+            row = Delivery(output_id=output.id, destination=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                           state="pending", next_attempt_at=utcnow())
             session.add(row)
         rows.append(row)
     session.flush()
@@ -63,7 +80,7 @@ def backoff(settings: Settings, attempts: int) -> dt.timedelta:
     return dt.timedelta(seconds=min(d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(0, attempts - 1)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
     """A claimed delivery row and what is needed to send it."""
 
@@ -71,46 +88,73 @@ class _Job:
     path: str
     sop_class_uid: str
     sop_instance_uid: str
-    destination: tuple[str, str, str, int]
+    destination: str
+    ae_title: str
+    host: str
+    port: int
 
 
-def _claim(store: Store, settings: Settings, now: dt.datetime, limit: int = 200) -> list[_Job]:
-    """Take due pending rows, oldest first, by moving next_attempt_at past this round."""
-    lease = now + dt.timedelta(seconds=settings.dispatch.timeout_seconds * 4 + 60)
+def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job]]:
+    """Lease the pending rows of every destination whose oldest pending row is due, in creation order.
+
+    A batch holds the oldest rows of one destination that share the head row's address, at most BATCH.
+    """
     with store.session() as s:
-        q = (select(Delivery, Output).join(Output, Output.id == Delivery.output_id)
-             .where(Delivery.state == "pending", Delivery.next_attempt_at <= now).order_by(Delivery.id).limit(limit))
         if store.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True, of=Delivery)
-        jobs = []
-        for row, out in s.execute(q):
-            row.next_attempt_at = lease
-            jobs.append(_Job(row.id, out.file_path, out.sop_class_uid, out.sop_instance_uid, (row.destination, row.ae_title, row.host, row.port)))
-        return jobs
+            s.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK)))
+        head_ids = select(func.min(Delivery.id)).where(Delivery.state == "pending").group_by(Delivery.destination)
+        heads = s.scalars(select(Delivery).where(Delivery.id.in_(head_ids), Delivery.next_attempt_at <= now).order_by(Delivery.id)).all()
+        batches = []
+        for head in heads:
+            q = (select(Delivery, Output).join(Output, Output.id == Delivery.output_id)
+                 .where(Delivery.state == "pending", Delivery.destination == head.destination, Delivery.ae_title == head.ae_title,
+                        Delivery.host == head.host, Delivery.port == head.port)
+                 .order_by(Delivery.id).limit(BATCH))
+            if store.dialect == "postgresql":
+                q = q.with_for_update(of=Delivery)
+            rows = s.execute(q).all()
+            # Long enough for every C-STORE of the batch to time out, so a lease never ends mid-send.
+            lease = now + dt.timedelta(seconds=settings.dispatch.timeout_seconds * (len(rows) + 2) + 60)
+            batch = []
+            for row, out in rows:
+                row.next_attempt_at = lease
+                batch.append(_Job(row.id, out.file_path, out.sop_class_uid, out.sop_instance_uid, row.destination, row.ae_title, row.host, row.port))
+            batches.append(batch)
+        return batches
 
 
-def _record(store: Store, settings: Settings, job: _Job, ok: bool, error: str = "", status: int | None = None, permanent: bool = False) -> None:
-    """Store the outcome of one attempt."""
+def _record(store: Store, settings: Settings, job: _Job, ok: bool, error: str = "", status: int | None = None, permanent: bool = False) -> str:
+    """Store the outcome of one attempt; return the row's new state."""
     with store.session() as s:
         row = s.get(Delivery, job.id)
-        if row is None:
-            return
+        if row is None:  # deleted meanwhile (its output was removed)
+            return "failed"
         row.attempts += 1
         row.dimse_status = status
         if ok:
             row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
             metrics.DELIVERIES_SENT.labels(destination=row.destination).inc()
-            audit(s, "system", "delivery.sent", target=f"delivery:{row.id}", destination=row.destination)
-            return
+            audit(s, "system", "delivery.sent", target=f"delivery:{row.id}", destination=row.destination,
+                  sop_instance_uid=job.sop_instance_uid)
+            return row.state
         row.last_error = error[:2000]
         metrics.DELIVERIES_FAILED.labels(destination=row.destination).inc()
         if permanent or row.attempts >= settings.dispatch.max_attempts:
             row.state = "failed"
-            audit(s, "system", "delivery.failed", target=f"delivery:{row.id}", destination=row.destination, error=error[:500])
+            audit(s, "system", "delivery.failed", target=f"delivery:{row.id}", destination=row.destination,
+                  sop_instance_uid=job.sop_instance_uid, error=error[:500])
             log.error("delivery %d to %s failed for good: %s", row.id, row.destination, error)
         else:
             row.next_attempt_at = utcnow() + backoff(settings, row.attempts)
             log.warning("delivery %d to %s failed (attempt %d), retrying: %s", row.id, row.destination, row.attempts, error)
+        return row.state
+
+
+def _release(store: Store, jobs: list[_Job]) -> None:
+    """Give back the lease of rows not tried this round; they wait behind the row that will be retried."""
+    if jobs:
+        with store.session() as s:
+            s.execute(update(Delivery).where(Delivery.id.in_([j.id for j in jobs]), Delivery.state == "pending").values(next_attempt_at=utcnow()))
 
 
 def tls_client_context(settings: Settings, host: str) -> ssl.SSLContext:
@@ -124,73 +168,114 @@ def tls_client_context(settings: Settings, host: str) -> ssl.SSLContext:
     return ctx
 
 
-def _send_group(store: Store, settings: Settings, dest: tuple[str, str, str, int], jobs: list[_Job]) -> int:
-    """One association to one destination for its due rows, in order."""
-    name, ae_title, host, port = dest
-    configured = next((d for d in settings.destinations if d.name == name), None)
-    tls_args = (tls_client_context(settings, host), host) if configured is not None and configured.tls else None
-    datasets: dict[int, Any] = {}
-    for job in jobs:
-        try:
-            datasets[job.id] = pydicom.dcmread(settings.data_dir / job.path)
-        except Exception as exc:
-            _record(store, settings, job, False, f"cannot read output file: {exc}", permanent=True)
+def status_text(code: int) -> str:
+    """A C-STORE status in words, e.g. '0xA700 Refused: Out of Resources'."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
+    if meaning is None and 0xA700 <= code <= 0xA7FF:
+        meaning = STORAGE_SERVICE_CLASS_STATUS[0xA700]
+    elif meaning is None and 0xA900 <= code <= 0xA9FF:
+        meaning = STORAGE_SERVICE_CLASS_STATUS[0xA900]
+    elif meaning is None and 0xC000 <= code <= 0xCFFF:
+        meaning = STORAGE_SERVICE_CLASS_STATUS[0xC000]
+    return f"0x{code:04X} " + (meaning[1] if meaning else "Unknown status")
+
+
+def never_storable(code: int) -> bool:
+    """Statuses no retry can change: SOP class not supported, data set does not match its SOP class."""
+    return code == 0x0122 or 0xA900 <= code <= 0xA9FF
+
+
+def _file_error(settings: Settings, job: _Job) -> tuple[str, str]:
+    """(transfer syntax, '') of the output file, or ('', the reason it cannot be read)."""
+    try:
+        return str(read_file_meta_info(settings.data_dir / job.path).TransferSyntaxUID), ""
+    except Exception as exc:
+        return "", f"cannot read output file {Path(job.path)}: {exc}"
+
+
+def _associate(settings: Settings, head: _Job, syntaxes: dict[str, set[str]]) -> tuple[Association | None, str]:
+    """An association with the head row's address proposing the SOP classes and syntaxes, or the error in words."""
+    configured = next((d for d in settings.destinations if d.name == head.destination), None)
+    tls_args = (tls_client_context(settings, head.host), head.host) if configured is not None and configured.tls else None
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dispatch.timeout_seconds
-    contexts: dict[str, set[str]] = defaultdict(set)
-    for job in jobs:
-        if job.id in datasets:
-            contexts[job.sop_class_uid].add(str(datasets[job.id].file_meta.TransferSyntaxUID))
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    pending = [j for j in jobs if j.id in datasets]
-    if not pending:
+    ae.connection_timeout = settings.dispatch.timeout_seconds
+    for sop_class, ts in syntaxes.items():
+        ae.add_requested_context(sop_class, sorted(ts | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+    where = f"{head.ae_title}@{head.host}:{head.port}"
+    try:
+        assoc = ae.associate(head.host, head.port, ae_title=head.ae_title, tls_args=tls_args)
+    except Exception as exc:
+        return None, f"cannot associate with {where}: {exc}"
+    if assoc.is_established:
+        return assoc, ""
+    if assoc.is_rejected:
+        return None, f"association rejected by {where}"
+    # pynetdicom only says 'aborted': connect again to say why (refused, unreachable, timed out).
+    return None, _tcp_error(head.host, head.port, settings.dispatch.timeout_seconds) or f"association with {where} aborted"
+
+
+def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
+    """One association for a destination's claimed rows, sent in order; return how many were stored."""
+    syntaxes: dict[str, set[str]] = {}
+    ready = []
+    for job in batch:
+        ts, error = _file_error(settings, job)
+        if error:
+            _record(store, settings, job, False, error, permanent=True)
+        else:
+            syntaxes.setdefault(job.sop_class_uid, set()).add(ts)
+            ready.append(job)
+    if not ready:
         return 0
-    assoc, error = None, _tcp_error(host, port, settings.dispatch.timeout_seconds)
-    if not error:
-        try:
-            assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
-        except Exception as exc:
-            error = f"cannot associate with {ae_title}@{host}:{port}: {exc}"
-    if assoc is None or not assoc.is_established:
-        if assoc is not None:
-            error = f"association with {ae_title}@{host}:{port} " + ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed: no answer or connection refused")
-        for job in pending:
+    assoc, error = _associate(settings, ready[0], syntaxes)
+    if assoc is None:
+        for job in ready:  # one failed attempt for every row: the destination is down for all of them
             _record(store, settings, job, False, error)
         return 0
     sent = 0
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        for job in pending:
+        for i, job in enumerate(ready):
             if job.sop_class_uid not in accepted:
-                _record(store, settings, job, False, f"{ae_title} accepted no presentation context for SOP class {job.sop_class_uid}", permanent=True)
+                _record(store, settings, job, False, f"{job.ae_title} accepted no presentation context for SOP class {job.sop_class_uid}", permanent=True)
                 continue
-            if not assoc.is_established:
-                _record(store, settings, job, False, "association ended before this object was sent")
-                continue
-            try:
-                status = assoc.send_c_store(datasets[job.id])
-            except Exception as exc:
-                _record(store, settings, job, False, f"C-STORE failed: {exc}")
-                continue
-            code = int(status.Status) if "Status" in status else None
-            if code is None:
-                _record(store, settings, job, False, "no C-STORE response (timeout or association aborted)")
-            elif code in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or warning (stored with coercion)
-                _record(store, settings, job, True, status=code)
-                sent += 1
-            else:
-                comment = str(status.get("ErrorComment", "")) if hasattr(status, "get") else ""
-                _record(store, settings, job, False, f"C-STORE status 0x{code:04X}" + (f": {comment}" if comment else ""), status=code)
+            state = _send_one(store, settings, assoc, job)
+            sent += state == "sent"
+            if state == "pending":  # will be retried: the rows behind it wait for it
+                _release(store, ready[i + 1:])
+                break
     finally:
         if assoc.is_established:
             assoc.release()
-    log.info("sent %d of %d object(s) to %s", sent, len(pending), name)
+    log.info("sent %d of %d object(s) to %s", sent, len(ready), ready[0].destination)
     return sent
 
 
+def _send_one(store: Store, settings: Settings, assoc: Association, job: _Job) -> str:
+    """C-STORE one output on an open association; return the row's new state."""
+    if not assoc.is_established:
+        return _record(store, settings, job, False, "association ended before this object was sent")
+    try:
+        ds = pydicom.dcmread(settings.data_dir / job.path)
+    except Exception as exc:
+        return _record(store, settings, job, False, f"cannot read output file {Path(job.path)}: {exc}", permanent=True)
+    try:
+        status = assoc.send_c_store(ds)
+    except Exception as exc:
+        return _record(store, settings, job, False, f"C-STORE failed: {exc}")
+    code = int(status.Status) if "Status" in status else None
+    if code is None:
+        return _record(store, settings, job, False, "no C-STORE response (timeout or association aborted)")
+    if code in _STORED:
+        return _record(store, settings, job, True, status=code)
+    comment = str(status.get("ErrorComment", ""))
+    error = "C-STORE status " + status_text(code) + (f": {comment}" if comment else "")
+    return _record(store, settings, job, False, error, status=code, permanent=never_storable(code))
+
+
 def _tcp_error(host: str, port: int, timeout: float) -> str:
-    """'' if host:port accepts TCP connections, else the network error in words (pynetdicom says only 'aborted')."""
+    """'' if host:port accepts TCP connections, else the network error in words."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return ""
@@ -199,12 +284,8 @@ def _tcp_error(host: str, port: int, timeout: float) -> str:
 
 
 def send_due(store: Store, settings: Settings, now: dt.datetime | None = None) -> int:
-    """Send every due delivery; return how many were delivered."""
-    jobs = _claim(store, settings, now or utcnow())
-    groups: dict[tuple[str, str, str, int], list[_Job]] = defaultdict(list)
-    for job in jobs:
-        groups[job.destination].append(job)
-    return sum(_send_group(store, settings, dest, group) for dest, group in groups.items())
+    """Send the due deliveries of every destination; return how many were delivered."""
+    return sum(_send_batch(store, settings, batch) for batch in _claim(store, settings, now or utcnow()))
 
 
 def resend(session: Session, target: str, actor: str = "cli") -> int:
@@ -243,7 +324,7 @@ def list_deliveries(session: Session, state: str | None = None, destination: str
     ]
 
 
-def schedule(scheduler: Any, store: Store, settings: Settings) -> None:
+def schedule(scheduler: BaseScheduler, store: Store, settings: Settings) -> None:
     """Run the outbox every dispatch.interval_seconds."""
     scheduler.add_job(send_due, "interval", args=[store, settings], seconds=settings.dispatch.interval_seconds,
                       id="dispatch", max_instances=1, coalesce=True)
