@@ -226,8 +226,10 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
         else:
             state["stale"] += 1
         state["epoch"] = epoch
+        tmp = last.with_name("last.pt.tmp")  # a crash while saving must not destroy the previous checkpoint
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
-                    "generator": gen.get_state()}, last)
+                    "generator": gen.get_state()}, tmp)
+        tmp.replace(last)
         if state["stale"] >= args.patience:
             print(f"early stop: no better validation AUROC for {args.patience} epochs", file=sys.stderr)
             break
