@@ -24,11 +24,14 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Receive, Scope, Send
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 
 from dxnode.config import Settings
 from dxnode.queries import JobFilter, ResultFilter, StudyFilter, job_dict, list_jobs, list_results, list_studies, results_csv, study_dict
+from dxnode.store import Audit as AuditRow
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
 from dxnode.web.auth import Principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
@@ -49,6 +52,35 @@ def _audit(request: Request, who: Principal, action: str, target: str = "", **de
     store: Store = request.app.state.store
     with store.session() as session:
         audit(session, who.name, action, target=target, source=who.address, **detail)
+
+
+def _stamp_source(session: Session, who: Principal) -> None:
+    """Put the caller's address on the audit rows an action just added (worklist/dispatch record only the actor)."""
+    for obj in [*session.new, *session.identity_map.values()]:
+        if isinstance(obj, AuditRow) and obj.actor == who.name and not obj.source:
+            obj.source = who.address
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for an upload whose declared Content-Length is over the limit, before its body is read.
+
+    Without it Starlette would spool the whole multipart body to disk before the handler can refuse it;
+    the handler still checks the file's own size (multipart overhead, chunked bodies).
+    """
+
+    def __init__(self, app: ASGIApp, path: str, max_mb: float) -> None:
+        self.app, self.path, self.max_mb = app, path, max_mb
+        self.max_bytes = int(max_mb * 1024 * 1024) + 64 * 1024  # room for the multipart envelope
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = JSONResponse({"detail": f"file larger than [web] max_upload_mb = {self.max_mb}"}, status_code=413,
+                                        headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _iso_date_only(value: Any) -> Any:
@@ -98,6 +130,7 @@ def api_router() -> APIRouter:
         try:
             with request.app.state.store.session() as s:
                 job_id = requeue_study(s, study_instance_uid, actor=who.name)
+                _stamp_source(s, who)
         except LookupError:
             raise HTTPException(404, "no such study") from None
         return {"job_id": job_id}
@@ -119,7 +152,9 @@ def api_router() -> APIRouter:
         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         with request.app.state.store.session() as s:
-            return list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
+            rows = list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
+        _audit(request, who, "api.jobs.read", rows=len(rows))  # jobs name their study
+        return rows
 
     @r.post("/jobs/{job_id}/requeue", summary="Re-queue a job (admin)")
     def requeue_job(request: Request, job_id: RowId, who: Principal = Depends(require_admin)) -> dict[str, Any]:
@@ -128,6 +163,7 @@ def api_router() -> APIRouter:
         try:
             with request.app.state.store.session() as s:
                 do_requeue(s, job_id, actor=who.name)
+                _stamp_source(s, who)
         except LookupError:
             raise HTTPException(404, "no such job") from None
         except ValueError as exc:
@@ -164,7 +200,9 @@ def api_router() -> APIRouter:
         from dxnode.dispatch import list_deliveries
 
         with request.app.state.store.session() as s:
-            return list_deliveries(s, state, destination, limit, offset)
+            rows = list_deliveries(s, state, destination, limit, offset)
+        _audit(request, who, "api.outbox.read", rows=len(rows))
+        return rows
 
     @r.post("/outbox/{delivery_id}/resend", summary="Re-send a delivery (admin)")
     def resend(request: Request, delivery_id: RowId, who: Principal = Depends(require_admin)) -> dict[str, Any]:
@@ -172,6 +210,7 @@ def api_router() -> APIRouter:
 
         with request.app.state.store.session() as s:
             n = do_resend(s, str(delivery_id), actor=who.name)
+            _stamp_source(s, who)
         if not n:
             raise HTTPException(404, "no such delivery")
         return {"requeued": n}
@@ -305,6 +344,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     app.state.settings, app.state.store = settings, store
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
     app.state.classifier = lambda: load_classifier(settings.model)
+    app.add_middleware(UploadLimit, path="/api/predict", max_mb=settings.web.max_upload_mb)
     app.add_middleware(SessionMiddleware, secret_key=settings.web.session_secret or secrets.token_urlsafe(32),
                        session_cookie="dxnode_session", same_site="strict", https_only=False, max_age=12 * 3600)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -65,6 +66,32 @@ def dashboard_data(request: Request) -> dict[str, Any]:
     }
 
 
+def page_result_filter(label: str, min_prob: str, positive: bool, model_name: str, model_version: str,
+                       date_from: str, date_to: str) -> tuple[ResultFilter, list[str]]:
+    """The results search form as a ResultFilter (the API's filters), and what was wrong in it."""
+    errors: list[str] = []
+
+    def day(text: str, name: str) -> dt.datetime | None:
+        try:
+            return dt.datetime.combine(dt.date.fromisoformat(text), dt.time(), tzinfo=dt.UTC) if text else None
+        except ValueError:
+            errors.append(f"{name}: expected a date as YYYY-MM-DD, got {text!r}")
+            return None
+
+    p = None
+    if min_prob:
+        try:
+            p = float(min_prob)
+        except ValueError:
+            p = None
+        if p is None or not 0 <= p <= 1:
+            errors.append(f"min probability: expected a number from 0 to 1, got {min_prob!r}")
+            p = None
+    since, until = day(date_from, "from"), day(date_to, "to")
+    until = until + dt.timedelta(days=1) if until else None
+    return ResultFilter(label or None, p, positive, model_name or None, model_version or None, since, until, limit=500), errors
+
+
 def pages_router() -> APIRouter:
     """The HTML routes (not part of the OpenAPI document)."""
     r = APIRouter(include_in_schema=False)
@@ -116,23 +143,17 @@ def pages_router() -> APIRouter:
 
     @r.get("/results", response_class=HTMLResponse)
     def results_page(request: Request, who: Principal = Depends(page_user), label: str = "", min_prob: str = "", positive: bool = False,
-                     date_from: str = "", date_to: str = "") -> Response:
-        def day(text: str) -> dt.datetime | None:
-            try:
-                return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC) if text else None
-            except ValueError:
-                return None
-
-        try:
-            p = float(min_prob) if min_prob else None
-        except ValueError:
-            p = None
-        until = day(date_to) + dt.timedelta(days=1) if day(date_to) else None
+                     model_name: str = "", model_version: str = "", date_from: str = "", date_to: str = "") -> Response:
+        f, errors = page_result_filter(label, min_prob, positive, model_name, model_version, date_from, date_to)
+        rows: list[dict[str, Any]] = []
         with request.app.state.store.session() as s:
-            rows = list_results(s, ResultFilter(label or None, p, positive, since=day(date_from), until=until, limit=500))
+            if not errors:
+                rows = list_results(s, f)
             audit(s, who.name, "web.results", source=who.address, rows=len(rows))
-        query = str(request.url.query)
-        return TEMPLATES.TemplateResponse(request, "results.html", _context(request, who, rows=rows, q=request.query_params, query=query))
+        # the CSV link carries the filled-in fields only: the API refuses empty numbers and dates
+        query = urlencode([(k, v) for k, v in request.query_params.multi_items() if v])
+        return TEMPLATES.TemplateResponse(request, "results.html", _context(request, who, rows=rows, q=request.query_params, query=query, errors=errors),
+                                          status_code=422 if errors else 200)
 
     @r.get("/upload", response_class=HTMLResponse)
     def upload_page(request: Request, who: Principal = Depends(page_user)) -> Response:
