@@ -48,14 +48,19 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, n: int = BOOTSTRAP, seed: int = 0
 
 
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these scores."""
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these scores, placed
+    midway between the lowest score called positive and the next lower score."""
     from sklearn.metrics import roc_curve
 
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     best = int(np.argmax(tpr - fpr))
-    return float(min(max(thr[best], 0.0), 1.0))
+    # Every threshold in (next lower score, thr[best]] gives the same J here; the lowest positive
+    # score itself (what roc_curve returns) leaves no margin on new images.
+    high = min(float(thr[best]), 1.0)
+    low = float(thr[best + 1]) if best + 1 < len(thr) else 0.0
+    return float(min(max((high + low) / 2, 0.0), 1.0))
 
 
 def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:

@@ -80,6 +80,13 @@ def test_youden_threshold_maximises_j() -> None:
         assert j_at_t == pytest.approx((tpr - fpr).max(), abs=1e-9)
 
 
+def test_youden_threshold_on_separable_scores_sits_in_the_gap() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.1, 0.3, 0.9, 0.95, 0.999])
+    assert youden_threshold(y, p) == pytest.approx(0.6)  # midway between 0.3 and 0.9, not 0.9 itself
+    assert youden_threshold(np.zeros(4), np.linspace(0, 1, 4)) == 0.5  # one class: no ROC
+
+
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 1.0])
 def test_sensitivity_threshold_is_the_highest_that_reaches_the_target(target: float) -> None:
     y, p = _scores(seed=6)
