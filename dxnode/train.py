@@ -193,6 +193,8 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
                 x, y = batch.x, batch.y
                 ps.append(probabilities(net(x.to(device))).float().cpu().numpy())
                 ys.append(y.numpy())
+        if not ys:
+            raise ValueError(f"none of the {len(val_ds)} validation images could be loaded (see the 'left out' lines)")
         return np.concatenate(ys), np.concatenate(ps)
 
     for epoch in range(state["epoch"] + 1, args.epochs):

@@ -147,3 +147,15 @@ def test_bad_input_gives_a_clear_error_and_exit_2(data: Path, tmp_path: Path, ca
     (tmp_path / "one.csv").write_text("path,patient_id,disc\n" + "".join(f"{r['path']},P1,{r['disc']}\n" for r in csv.DictReader(open(data)) if r["path"] != "broken.dcm"))
     assert main(["train", "--data", str(tmp_path / "one.csv"), "--out", str(tmp_path / "y"), "--images", str(data.parent), "--epochs", "1"]) == 2
     assert "not enough patients" in capsys.readouterr().err
+    bad = tmp_path / "truncated.dcm"
+    synthetic_image(bad, disc=True, bar=True, monochrome1=False, rng=np.random.default_rng(0), size=48)
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = ds.PixelData[:64]
+    ds.save_as(bad)
+    with open(tmp_path / "badval.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient_id", "bar", "disc", "split"])
+        w.writerows([data.parent / r["path"], r["patient_id"], r["bar"], r["disc"], "train"] for r in csv.DictReader(open(data)) if r["path"] != "broken.dcm")
+        w.writerow([bad, "PV", 1, 1, "val"])
+    assert _train(tmp_path / "badval.csv", tmp_path / "z", "--epochs", "1") == 2
+    assert "none of the 1 validation images could be loaded" in capsys.readouterr().err
