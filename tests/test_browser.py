@@ -70,6 +70,11 @@ def test_login_upload_and_study_page_in_chromium(served: tuple[str, str]) -> Non
         page.wait_for_function("[...document.querySelectorAll('#overlays img.source')].some(i => i.naturalWidth > 0)")
         expect(page.locator("#sr-summary")).to_contain_text("AI-generated")
         page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
+        page.click("#ignore")  # admin buttons post to the API with the session cookie, then reload
+        expect(page.locator("#ignore")).to_have_text("Stop ignoring")
+        expect(page.locator(".badge.ignored")).to_have_text("ignored")
+        page.click("#ignore")
+        expect(page.locator("#ignore")).to_have_text("Ignore study")
 
         page.goto(url + "results?positive=true")
         expect(page.locator("#csv")).to_have_attribute("href", "/api/results.csv?positive=true")
