@@ -118,8 +118,10 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     """List study-level findings (the same query as GET /api/results)."""
     import datetime as dt
+    import getpass
 
     from dxnode.queries import RESULT_COLUMNS, ResultFilter, list_results, results_csv
+    from dxnode.store import audit
 
     since = None
     if args.since:
@@ -128,9 +130,16 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError:
             print(f"dxnode: --since {args.since!r} is not a date (YYYY-MM-DD)", file=sys.stderr)
             return 2
+    if args.min_prob is not None and not 0 <= args.min_prob <= 1:
+        print(f"dxnode: --min-prob {args.min_prob} is not a probability (0 to 1)", file=sys.stderr)
+        return 2
+    if args.limit < 1:
+        print("dxnode: --limit must be at least 1", file=sys.stderr)
+        return 2
     store = open_store(settings)
     with store.session() as session:
         rows = list_results(session, ResultFilter(label=args.label, min_probability=args.min_prob, positive_only=args.positive, since=since, limit=args.limit))
+        audit(session, "cli", "cli.results.read", source="local", user=getpass.getuser(), rows=len(rows))  # results carry patient IDs
     if args.json:
         print_json(rows)
     elif args.csv:

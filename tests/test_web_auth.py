@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +153,22 @@ def test_oversized_upload_is_refused_before_its_body_is_read(node) -> None:  # t
         assert r.status_code == 415
     finally:
         server.stop()
+
+
+def test_cli_results_filters_match_the_api_and_bad_input_is_refused(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, store, _ = node
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{settings.data_dir}"\n[database]\nurl = "{settings.database.url}"\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(Path(sys.executable).with_name("dxnode")), "--config", str(cfg), "results", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    client = TestClient(create_app(settings, store))
+    api = client.get("/api/results.csv", params={"min_prob": 0.3, "positive": True, "date_from": "2000-01-01"}, headers=H_READ).text
+    out = cli("--csv", "--min-prob", "0.3", "--positive", "--since", "2000-01-01")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == api and len(api.splitlines()) >= 2
+    bad = cli("--min-prob", "7")
+    assert bad.returncode == 2 and "--min-prob 7.0 is not a probability" in bad.stderr and not bad.stdout
+    assert audits(store, "cli.results.read")[-1].source == "local"
