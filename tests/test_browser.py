@@ -57,6 +57,8 @@ def test_login_upload_and_study_page_in_chromium(served: tuple[str, str]) -> Non
         page.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
 
         page.goto(url + "upload")
+        page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}])
+        expect(page.locator("#status")).to_contain_text("Error 415: not a readable")
         page.set_input_files("#file", get_testdata_file("CT_small.dcm"))
         rows = page.locator("#predictions tbody tr")
         expect(rows).to_have_count(3, timeout=60000)
