@@ -47,28 +47,36 @@ from dxnode.config import Settings
 from dxnode.results import Finding, Heatmap, StudyResult
 from dxnode.store import write_durably
 
-def _tolerate_sparse_projection_headers() -> None:
-    """Let highdicom describe CR/DX/MG images that lack Imager Pixel Spacing or Patient Orientation.
+def _tolerate_sparse_image_headers() -> None:
+    """Let highdicom describe images whose headers lack what its library descriptors read.
 
-    TID 1603's descriptors are optional (U), but highdicom 0.28 reads both attributes
-    unconditionally and raises on the many real radiographs without them; such images then get
-    the TID 1602 descriptors only.
+    TID 1603/1604 descriptors are optional (U), but highdicom 0.28 reads Imager Pixel Spacing and
+    Patient Orientation (projection) or Pixel Spacing, Image Orientation/Position (Patient) and
+    Slice Thickness (cross-sectional) unconditionally, and raises on real radiographs without
+    them and on enhanced multi-frame images (those keep them in functional groups). Such images
+    get the TID 1602 descriptors only.
     """
     cls = hd.sr.ImageLibraryEntryDescriptors
-    original = cls._generate_projection_radiography_descriptors
-    if getattr(original, "_dxnode", False):
-        return
+    checks = {
+        "_generate_projection_radiography_descriptors":
+            lambda ds: "ImagerPixelSpacing" in ds and len(ds.get("PatientOrientation") or []) == 2,
+        "_generate_cross_sectional_descriptors":
+            lambda ds: len(ds.get("PixelSpacing") or []) == 2 and len(ds.get("ImageOrientationPatient") or []) == 6
+            and len(ds.get("ImagePositionPatient") or []) == 3 and ds.get("SliceThickness") not in (None, ""),
+    }
+    for name, complete in checks.items():
+        original = getattr(cls, name)
+        if getattr(original, "_dxnode", False):
+            continue
 
-    def descriptors(self: object, dataset: Dataset) -> list[object]:
-        if "ImagerPixelSpacing" in dataset and len(dataset.get("PatientOrientation") or []) == 2:
-            return list(original(self, dataset))
-        return []
+        def descriptors(self: object, dataset: Dataset, _original: Any = original, _complete: Any = complete) -> list[object]:
+            return list(_original(self, dataset)) if _complete(dataset) else []
 
-    descriptors._dxnode = True  # type: ignore[attr-defined]
-    cls._generate_projection_radiography_descriptors = descriptors  # type: ignore[method-assign]
+        descriptors._dxnode = True  # type: ignore[attr-defined]
+        setattr(cls, name, descriptors)
 
 
-_tolerate_sparse_projection_headers()
+_tolerate_sparse_image_headers()
 # highdicom logs the UIDs of the datasets it copies from at INFO; patient data stays out of INFO logs.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
@@ -76,6 +84,12 @@ SCHEME = "99DXNODE"  # private coding scheme for model labels
 PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+# Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
+PAIRED_BODY_PARTS = frozenset({
+    "ANKLE", "ARM", "BREAST", "CALCANEUS", "CALF", "CLAVICLE", "EAR", "ELBOW", "EYE", "FEMUR", "FIBULA", "FINGER", "FOOT",
+    "FOREARM", "HAND", "HIP", "HUMERUS", "KIDNEY", "KNEE", "LEG", "ORBIT", "PATELLA", "RADIUS", "SCAPULA", "SHOULDER",
+    "THIGH", "THUMB", "TIBIA", "TOE", "ULNA", "WRIST",
+})
 
 
 @dataclass(frozen=True)
@@ -121,8 +135,14 @@ def summary_line(result: StudyResult) -> str:
 
 
 def _label_concept(label: str) -> CodedConcept:
-    """The private code of a model label."""
-    code = "".join(c if c.isalnum() else "_" for c in label.upper())[:16] or "LABEL"
+    """The private code of a model label: the label itself when it fits a code value, else a digest.
+
+    Code values are at most 16 characters; labels that differ only past that or in punctuation
+    must still get different codes.
+    """
+    code = "".join(c if c.isalnum() else "_" for c in label.upper())
+    if not code or code != label.upper() or len(code) > 16:
+        code = f"{code[:7]}_{hashlib.sha256(label.encode()).hexdigest()[:8]}".lstrip("_")
     return CodedConcept(code, SCHEME, label[:64])
 
 
@@ -245,13 +265,25 @@ def render_caption(overlay: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def patient_orientation(source: Dataset) -> tuple[str, str] | None:
+def image_orientation(source: Dataset, frame: int = 0) -> list[float] | None:
+    """Image Orientation (Patient) of a frame: top level, else the enhanced per-frame or shared functional group."""
+    if len(source.get("ImageOrientationPatient") or []) == 6:
+        return [float(x) for x in source.ImageOrientationPatient]
+    groups = list(source.get("PerFrameFunctionalGroupsSequence") or [])[frame:frame + 1] + list(source.get("SharedFunctionalGroupsSequence") or [])
+    for group in groups:
+        for plane in group.get("PlaneOrientationSequence") or []:
+            if len(plane.get("ImageOrientationPatient") or []) == 6:
+                return [float(x) for x in plane.ImageOrientationPatient]
+    return None
+
+
+def patient_orientation(source: Dataset, frame: int = 0) -> tuple[str, str] | None:
     """Patient Orientation of the source: its own, else derived from Image Orientation (Patient)."""
     po = source.get("PatientOrientation")
     if po is not None and len(po) == 2 and all(po):
         return str(po[0]), str(po[1])
-    iop = source.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
+    iop = image_orientation(source, frame)
+    if iop is None:
         return None
     letters = (("R", "L"), ("A", "P"), ("F", "H"))
 
@@ -259,7 +291,7 @@ def patient_orientation(source: Dataset) -> tuple[str, str] | None:
         axis = int(np.argmax(np.abs(v)))
         return letters[axis][v[axis] > 0]
 
-    return main_letter([float(x) for x in iop[:3]]), main_letter([float(x) for x in iop[3:]])
+    return main_letter(iop[:3]), main_letter(iop[3:])
 
 
 def build_sc(h: Heatmap, f: Finding, result: StudyResult, source: Dataset, settings: Settings, index: int) -> tuple[Dataset, str]:
@@ -267,13 +299,18 @@ def build_sc(h: Heatmap, f: Finding, result: StudyResult, source: Dataset, setti
     key = result_key(result)
     lines = caption_lines(h, f, result)
     pixels = render_caption(h.overlay, lines)
+    orientation = patient_orientation(source, h.frame)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         series_instance_uid=derived_uid(key, "sc-series"), series_number=settings.report.sc_series_number,
         sop_instance_uid=derived_uid(key, "sc", h.label), instance_number=index + 1, manufacturer=settings.report.manufacturer,
-        patient_orientation=patient_orientation(source), laterality=source.get("Laterality") or None,
+        # highdicom insists on an orientation in the patient coordinate system; when the source has
+        # none (ultrasound, many secondary captures) it is emptied below: Type 2, "unknown".
+        patient_orientation=orientation or ("L", "F"), laterality=source.get("Laterality") or None,
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
+    if orientation is None:
+        sc.PatientOrientation = None
     sc.SeriesDescription = settings.report.sc_series_description[:64]
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = " / ".join(lines)[:10240]
@@ -284,25 +321,32 @@ def build_sc(h: Heatmap, f: Finding, result: StudyResult, source: Dataset, setti
         ref.ReferencedFrameNumber = h.frame + 1
     sc.SourceImageSequence = [ref]
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
-        if keyword in source and keyword not in sc:
+        if source.get(keyword) and keyword not in sc:  # an empty one means unknown, handled below
             setattr(sc, keyword, source.data_element(keyword).value)
-    if "Laterality" not in sc:
-        sc.Laterality = None  # type 2C in the General Series module: present, empty when unknown
+    if "Laterality" not in sc and "ImageLaterality" not in sc and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}:
+        sc.Laterality = None  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
     return sc, lines[0]
 
 
 def write_outputs(result: StudyResult, sources: dict[str, Path], settings: Settings, out_dir: Path) -> list[WrittenOutput]:
-    """Write the SR and one SC per heatmap under out_dir/<study>/, atomically; return what was written."""
-    headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
-    folder = Path(out_dir) / result.study_instance_uid
-    written: list[WrittenOutput] = []
-    sr, summary = build_sr(result, headers, settings)
-    written.append(_save(sr, folder, "sr", "", summary))
+    """Write the SR and one SC per heatmap under out_dir/<study>/, atomically; return what was written.
+
+    Every object is built before any is written: a result that cannot be encoded leaves no file.
+    """
     by_label = {f.label: f for f in result.findings}
+    for h in result.heatmaps:
+        if h.label not in by_label:
+            raise ValueError(f"heatmap for {h.label!r}, which is not a finding of the result")
+        if h.sop_instance_uid not in sources:
+            raise ValueError(f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources")
+    headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
+    sr, summary = build_sr(result, headers, settings)
+    built = [(sr, "sr", "", summary)]
     for i, h in enumerate(result.heatmaps):
-        sc, caption = build_sc(h, by_label[h.label], result, pydicom.dcmread(sources[h.sop_instance_uid], stop_before_pixels=True), settings, i)
-        written.append(_save(sc, folder, "sc", h.label, caption))
-    return written
+        sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
+        built.append((sc, "sc", h.label, caption))
+    folder = Path(out_dir) / result.study_instance_uid
+    return [_save(ds, folder, kind, label, text) for ds, kind, label, text in built]
 
 
 def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str) -> WrittenOutput:

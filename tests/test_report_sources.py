@@ -1,8 +1,9 @@
 """SR and SC from sources beyond single-frame CT/CR: multi-frame frames, laterality, rerun identity, bad input.
 
 Results are built directly from the dataclasses of dxnode.results (no model), so every check here
-is about dxnode/report.py alone. Marked xfail(strict=True): known gaps in report.py; a fix makes
-them pass, and strict makes the suite say so, so the marker is then removed.
+is about dxnode/report.py alone. Each of these once failed against report.py (enhanced
+multi-frame and ultrasound sources, laterality of unpaired body parts, colliding label codes,
+heatmaps not matching the result) and pins the fix.
 """
 
 from __future__ import annotations
@@ -68,10 +69,8 @@ def variant(tmp_path: Path, name: str, **attributes: str | None) -> Path:
 
 
 MULTIFRAME = [
-    pytest.param("emri_small.dcm", marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-        "enhanced multi-frame keeps Pixel Spacing in functional groups; highdicom's TID 1604 descriptors read it at top level"))),
-    pytest.param("examples_ybr_color.dcm", marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-        "ultrasound has no Patient Orientation nor Image Orientation; build_sc passes None with coordinate_system PATIENT"))),
+    pytest.param("emri_small.dcm", id="enhanced-mr"),  # Pixel Spacing only in functional groups
+    pytest.param("examples_ybr_color.dcm", id="ultrasound"),  # no Patient Orientation nor Image Orientation
 ]
 
 
@@ -92,11 +91,10 @@ def test_multiframe_source_frame_is_referenced_by_sr_and_sc(tmp_path: Path, name
     assert int(out["sc:Effusion"].SourceImageSequence[0].ReferencedFrameNumber) == frame + 1
 
 
-UNPAIRED = pytest.mark.xfail(strict=True, reason="an empty Laterality is always written; for an unpaired body part dciodvfy wants it absent")
 LATERALITY = [
     pytest.param({"BodyPartExamined": "KNEE", "Laterality": "R"}, "R", id="paired-with-laterality"),
-    pytest.param({"BodyPartExamined": "CHEST", "Laterality": None}, None, id="unpaired-without", marks=UNPAIRED),
-    pytest.param({"BodyPartExamined": "CHEST", "Laterality": ""}, None, id="unpaired-empty", marks=UNPAIRED),
+    pytest.param({"BodyPartExamined": "CHEST", "Laterality": None}, None, id="unpaired-without"),
+    pytest.param({"BodyPartExamined": "CHEST", "Laterality": ""}, None, id="unpaired-empty"),
     pytest.param({"BodyPartExamined": "KNEE", "Laterality": None}, "", id="paired-unknown"),
 ]
 
@@ -178,7 +176,6 @@ def test_sc_caption_is_burned_into_the_pixels(tmp_path: Path) -> None:
     assert "probe-net 2.3" in sc.ImageComments and "Effusion" in sc.ImageComments
 
 
-@pytest.mark.xfail(strict=True, reason="label codes are the first 16 characters: distinct labels can share a code value")
 def test_distinct_labels_get_distinct_codes(tmp_path: Path) -> None:
     source = Path(get_testdata_file("CT_small.dcm"))
     labels = ("Consolidation left lower lobe", "Consolidation left upper lobe", "Effusion-L", "Effusion_L")
@@ -200,11 +197,6 @@ def test_unreadable_source_is_an_error_and_writes_nothing(tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
-HEATMAP_MISMATCH = pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "a heatmap that does not match the result raises a bare KeyError, after the SR is already written"))
-
-
-@HEATMAP_MISMATCH
 @pytest.mark.parametrize("field", ["sop_instance_uid", "label"])
 def test_heatmap_not_matching_the_result_is_a_clear_error_and_writes_nothing(tmp_path: Path, field: str) -> None:
     source = Path(get_testdata_file("CT_small.dcm"))
