@@ -126,3 +126,21 @@ def test_anonymous_visitors_get_the_login_form_and_no_patient_data(node) -> None
     with store.session() as s:
         assert not list(s.scalars(select(Audit).where(Audit.actor == "anonymous", Audit.action.like("api.%"))))
 
+
+
+def test_reads_of_study_images_are_audited(node) -> None:  # type: ignore[no-untyped-def]
+    settings, store, uid = node
+    client = TestClient(create_app(settings, store))
+    h = {"Authorization": f"Bearer {READER}"}
+    detail = client.get(f"/api/studies/{uid}", headers=h).json()
+    sc = next(o for o in detail["outputs"] if o["kind"] == "sc")
+    source = detail["findings"][0]["source_sop_instance_uid"]
+
+    def count() -> int:
+        with store.session() as s:
+            return len(list(s.scalars(select(Audit).where(Audit.actor == "bob", Audit.action.like("api.%image%")))))
+
+    before = count()
+    assert client.get(f"/api/outputs/{sc['id']}.png", headers=h).status_code == 200
+    assert client.get(f"/api/instances/{source}.png", headers=h).status_code == 200
+    assert count() == before + 2

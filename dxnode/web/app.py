@@ -228,6 +228,7 @@ def api_router() -> APIRouter:
             out = s.get(Output, output_id)
         if out is None or out.kind != "sc":
             raise HTTPException(404, "no such heatmap")
+        _audit(request, who, "api.output.image", target=out.sop_instance_uid)
         return Response(output_png(request.app.state.settings.data_dir / out.file_path), media_type="image/png")
 
     @r.get("/instances/{sop_instance_uid}.png", summary="A source image, windowed as the model saw it", response_class=Response,
@@ -244,6 +245,7 @@ def api_router() -> APIRouter:
             frame = read_frames(settings.data_dir / inst.file_path, settings.pipeline, request.app.state.classifier().manifest.preprocessing)[0]
         except PipelineError as exc:
             raise HTTPException(422, str(exc)) from None
+        _audit(request, who, "api.instance.image", target=sop_instance_uid)
         return Response(png_bytes(frame.display), media_type="image/png")
 
     @r.post("/predict", summary="Predict one uploaded DICOM, PNG or JPEG file (multipart field 'file')",
