@@ -301,8 +301,14 @@ class StorageSCP:
         return SUCCESS
 
     def _commit(self, rec: Received, tmp: Path, path: Path, rel: Path, size: int, sha256: str, calling_aet: str, address: str) -> bool:
-        """One transaction: a repeat is counted; a new instance is renamed into place, then its rows
-        are written and committed. Returns False for a duplicate. Core statements keep this cheap."""
+        """One transaction: a repeat is counted; for a new instance the rows are written, the file is
+        renamed into place and the rows committed. Returns False for a duplicate. Core statements keep this cheap.
+
+        The rename comes after the instance row is inserted: while that row is uncommitted no other
+        writer can insert the same SOP Instance UID (PostgreSQL makes it wait on the unique key), so no
+        other writer renames onto this path, and a lost race on a unique key (two senders starting the
+        same study) happens before the rename, with the temporary file still there for the retry."""
+        inode = tmp.stat().st_ino
         for attempt in range(3):
             renamed = False
             try:
@@ -312,8 +318,6 @@ class StorageSCP:
                         conn.execute(update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1))
                         conn.execute(insert(Audit).values(at=utcnow(), actor=calling_aet, action="instance.duplicate", target=f"instance:{existing}", source=address, detail=""))
                         return False
-                    publish(tmp, path)  # durable under its final name before the row commits
-                    renamed = True
                     study_id = self._upsert_study(conn, rec, calling_aet)
                     series_id = self._upsert_series(conn, study_id, rec)
                     instance_id = conn.execute(insert(Instance).values(
@@ -323,15 +327,17 @@ class StorageSCP:
                     ).returning(Instance.id)).scalar_one()
                     conn.execute(insert(Audit).values(at=utcnow(), actor=calling_aet, action="instance.received", target=f"instance:{instance_id}",
                                                       source=address, detail=f'{{"study_id": {study_id}, "bytes": {size}}}'))
+                    publish(tmp, path)  # durable under its final name before the rows commit
+                    renamed = True
                 return True
             except IntegrityError:
                 if renamed:
-                    path.unlink(missing_ok=True)
-                if attempt == 2:
+                    _withdraw(path, inode)
+                if renamed or attempt == 2:
                     raise
             except BaseException:
                 if renamed:
-                    path.unlink(missing_ok=True)  # no row: the sender gets a failure and retries
+                    _withdraw(path, inode)  # no row: the sender gets a failure and retries
                 raise
         return False
 
@@ -367,6 +373,13 @@ class StorageSCP:
             study_id=study_id, series_instance_uid=rec.series_instance_uid, modality=rec.modality, body_part_examined=rec.body_part_examined,
             series_number=rec.series_number, series_description=rec.series_description,
         ).returning(Series.id)).scalar_one())
+
+
+def _withdraw(path: Path, inode: int) -> None:
+    """Remove a renamed file whose rows did not commit, unless another writer has replaced it since."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
 
 
 def echo(host: str, port: int, calling_aet: str, called_aet: str, timeout: float = 10) -> tuple[bool, str]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 # PS3.5 9.1: components of digits, no leading zero unless the component is "0", at most 64 chars.
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def is_valid_uid(uid: object) -> bool:
     """True for a syntactically valid DICOM UID (PS3.5 9.1), at most 64 characters."""
-    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID.match(uid) is not None
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID.fullmatch(uid) is not None
 
 
 def safe_component(uid: object) -> str:

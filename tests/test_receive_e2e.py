@@ -24,14 +24,6 @@ from dxnode.config import Settings
 from dxnode.scp import StorageSCP
 from dxnode.store import Audit, Instance, Series, Store, Study, upgrade
 
-# On PostgreSQL, concurrent first instances of a study and concurrent copies of one instance race on
-# unique keys; dxnode/scp.py renames the file before the rows are written, so the loser of the race
-# removes the winner's committed file or fails its retry. Fix pending with the lead (see the report).
-def expect_pg_race(request: pytest.FixtureRequest, node: "Node") -> None:
-    """Mark the PostgreSQL run as an expected failure until the scp fix lands (the race is timing-dependent)."""
-    if node.store.dialect == "postgresql":
-        request.applymarker(pytest.mark.xfail(reason="scp: rename before row insert races on PostgreSQL; fix pending", strict=False))
-
 
 class Node:
     """An in-process StorageSCP on a free port over a given database URL."""
@@ -97,8 +89,7 @@ def assert_on_disk(node: Node, rows: dict[str, Instance]) -> None:
         assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == uid
 
 
-def test_first_instances_of_new_studies_from_four_senders_at_once(node: Node, request: pytest.FixtureRequest) -> None:
-    expect_pg_race(request, node)
+def test_first_instances_of_new_studies_from_four_senders_at_once(node: Node) -> None:
     studies = [generate_uid() for _ in range(12)]
     batches = [[small_ct(st, generate_uid(), k, size=8) for st in studies] for k in range(4)]
     statuses = run_senders(node.port, batches, lockstep=True)
@@ -112,8 +103,7 @@ def test_first_instances_of_new_studies_from_four_senders_at_once(node: Node, re
         assert s.scalar(select(Series.id).where(Series.study_id.is_(None))) is None
 
 
-def test_same_instances_from_three_senders_at_once_are_stored_once_and_kept(node: Node, request: pytest.FixtureRequest) -> None:
-    expect_pg_race(request, node)
+def test_same_instances_from_three_senders_at_once_are_stored_once_and_kept(node: Node) -> None:
     study, series = generate_uid(), generate_uid()
     datasets = [small_ct(study, series, i, size=8) for i in range(30)]
     statuses = run_senders(node.port, [datasets] * 3, lockstep=True)

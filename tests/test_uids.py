@@ -10,8 +10,7 @@ from dxnode.uids import is_valid_ae_title, is_valid_uid, safe_component
 VALID = ["0", "1.2", "1.2.840.10008.1.2.4.50", "2.25.0", "1.0.0.1", "1." + "2" * 62, generate_uid()]
 INVALID = [
     "", ".", "1.", ".1", "1..2", "01.2", "1.02", "1.2a", "1.2 ", " 1.2", "1.2\x00", "1.2/3", "1.2\\3",
-    "../../x", "..", "1/../..",
-    pytest.param("1.2.3\n", marks=pytest.mark.xfail(strict=True, reason="uids._UID ends in $, which matches before a final newline: fix pending with the lead")), "-1.2", "1,2", "1." + "2" * 63, "１.２",  # fullwidth digits are not DICOM digits
+    "../../x", "..", "1/../..", "1.2.3\n", "-1.2", "1,2", "1." + "2" * 63, "１.２",  # fullwidth digits are not DICOM digits
 ]
 
 
