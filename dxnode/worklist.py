@@ -109,12 +109,22 @@ def requeue_study(session: Session, study_instance_uid: str, actor: str, action:
 
 
 def requeue_job(session: Session, job_id: int, actor: str) -> int:
-    """Put a finished or failed job back in the queue (attempts reset)."""
+    """Run a job's study again. A failed or skipped job goes back to the queue (attempts reset);
+    a done job keeps its results visible and a new job is queued for the study. Returns the queued job's id."""
     job = session.get(Job, job_id)
     if job is None:
         raise LookupError(f"no job {job_id}")
-    if job.state == "running":
-        raise ValueError(f"job {job_id} is running")
+    if job.state in ("running", "queued"):
+        raise ValueError(f"job {job_id} is {job.state}")
+    if job.state == "done":
+        waiting = session.scalar(select(Job.id).where(Job.study_id == job.study_id, Job.state == "queued"))
+        if waiting is None:
+            new = Job(study_id=job.study_id, state="queued")
+            session.add(new)
+            session.flush()
+            waiting = new.id
+        audit(session, actor, "job.requeue", target=f"job:{job_id}", queued=f"job:{waiting}")
+        return waiting
     job.state, job.attempts, job.error = "queued", 0, ""
     audit(session, actor, "job.requeue", target=f"job:{job_id}")
     return job_id

@@ -52,7 +52,9 @@ def test_read_token_reads_but_admin_actions_need_admin(node) -> None:  # type: i
         assert client.post(path, headers=H_READ).status_code == 403, path
     assert client.post(f"/api/studies/{uid}/ignore", headers=H_ADMIN).json()["ignored"] is True
     assert client.post("/api/outbox/1/resend", headers=H_ADMIN).json()["requeued"] == 1
-    assert client.post("/api/jobs/1/requeue", headers=H_ADMIN).json()["state"] == "queued"
+    requeued = client.post("/api/jobs/1/requeue", headers=H_ADMIN).json()
+    assert requeued["state"] == "queued" and requeued["requeued_from"] == 1 and requeued["job_id"] != 1  # a done job keeps its results
+    assert client.get("/api/results", headers=H_READ).json()  # still visible while the new job waits
     assert client.post("/api/jobs/999/requeue", headers=H_ADMIN).status_code == 404
     with store.session() as s:
         assert s.scalar(select(Study.ignored)) is True

@@ -162,13 +162,13 @@ def api_router() -> APIRouter:
 
         try:
             with request.app.state.store.session() as s:
-                do_requeue(s, job_id, actor=who.name)
+                queued = do_requeue(s, job_id, actor=who.name)
                 _stamp_source(s, who)
         except LookupError:
             raise HTTPException(404, "no such job") from None
         except ValueError as exc:
             raise HTTPException(409, str(exc)) from None
-        return {"job_id": job_id, "state": "queued"}
+        return {"job_id": queued, "requeued_from": job_id, "state": "queued"}
 
     def result_filter(
         label: str | None = None, min_prob: float | None = Query(None, ge=0, le=1), positive: bool = False, model_name: str | None = None,
