@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +193,10 @@ def test_evaluate_bad_input_is_a_clear_error(untrained: tuple[Path, Path], tmp_p
     assert main(["evaluate", str(tmp_path / "nobundle"), "--data", str(data), "--out", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err.startswith("dxnode evaluate:")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_building_the_cli_parser_imports_no_torch_sklearn_or_matplotlib() -> None:
+    """dxnode.train / dxnode.evaluate add their options at parser build time; `dxnode --help` must stay fast."""
+    code = "import sys, dxnode.cli; dxnode.cli.build_parser(); print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"
