@@ -202,14 +202,23 @@ def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
 # --- models ------------------------------------------------------------------------------------
 
 
-def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the model on files directly; exit 1 if any file failed."""
-    from dxnode.model import BundleError, load_classifier, predict_file, save_png
+def load_model_or_say_why(settings: Settings, bundle: str | None) -> Any:
+    """The configured (or given) model, or None after printing why it cannot be loaded."""
+    from dxnode.model import BundleError, load_classifier
 
     try:
-        classifier = load_classifier(settings.model, args.model)
+        return load_classifier(settings.model, bundle)
     except BundleError as exc:
         print(f"dxnode: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the model on files directly; exit 1 if any file failed, 2 if the model cannot load."""
+    from dxnode.model import predict_file, save_png
+
+    classifier = load_model_or_say_why(settings, args.model)
+    if classifier is None:
         return 2
     ident = classifier.identity
     results, failed = [], 0
@@ -239,12 +248,8 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     """Print a bundle's manifest and check its weights."""
-    from dxnode.model import BundleError, load_classifier
-
-    try:
-        classifier = load_classifier(settings.model, args.bundle)
-    except BundleError as exc:
-        print(f"dxnode: {exc}", file=sys.stderr)
+    classifier = load_model_or_say_why(settings, args.bundle)
+    if classifier is None:
         return 1
     info = classifier.manifest.to_dict()
     if len(info["labels"]) > 20:

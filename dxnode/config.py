@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-AE_TITLE_CHARS = set(" !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+from dxnode.uids import is_valid_ae_title
 
 
 class ConfigError(Exception):
@@ -26,10 +26,9 @@ class ConfigError(Exception):
 
 def _check_ae_title(value: str) -> str:
     """Return the AE title if it is 1-16 printable ASCII characters without a backslash."""
-    stripped = value.strip()
-    if not 1 <= len(stripped) <= 16 or not set(stripped) <= AE_TITLE_CHARS:
+    if not is_valid_ae_title(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
-    return stripped
+    return value.strip()
 
 
 class Section(BaseModel):

@@ -288,7 +288,7 @@ def send_due(store: Store, settings: Settings, now: dt.datetime | None = None) -
     return sum(_send_batch(store, settings, batch) for batch in _claim(store, settings, now or utcnow()))
 
 
-def resend(session: Session, target: str, actor: str = "cli") -> int:
+def resend(session: Session, target: str, actor: str = "cli", source: str = "") -> int:
     """Re-queue deliveries of an output (SOP Instance UID), a study (Study Instance UID) or a delivery id."""
     q = select(Delivery).join(Output, Output.id == Delivery.output_id)
     if target.isdigit():
@@ -300,11 +300,12 @@ def resend(session: Session, target: str, actor: str = "cli") -> int:
     for row in rows:
         row.state, row.attempts, row.last_error, row.next_attempt_at, row.dimse_status = "pending", 0, "", utcnow(), None
     if rows:
-        audit(session, actor, "delivery.resend", target=target, rows=len(rows))
+        audit(session, actor, "delivery.resend", target=target, source=source, rows=len(rows))
     return len(rows)
 
 
-def list_deliveries(session: Session, state: str | None = None, destination: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+def list_deliveries(session: Session, state: str | None = None, destination: str | None = None, limit: int = 100, offset: int = 0,
+                    study_instance_uid: str | None = None) -> list[dict[str, Any]]:
     """Outbox rows as JSON objects, newest first."""
     q = (select(Delivery, Output, Study.study_instance_uid).join(Output, Output.id == Delivery.output_id)
          .join(Study, Study.id == Output.study_id))
@@ -312,6 +313,8 @@ def list_deliveries(session: Session, state: str | None = None, destination: str
         q = q.where(Delivery.state == state)
     if destination:
         q = q.where(Delivery.destination == destination)
+    if study_instance_uid:
+        q = q.where(Study.study_instance_uid == study_instance_uid)
     q = q.order_by(Delivery.id.desc()).limit(limit).offset(offset)
     return [
         {

@@ -57,10 +57,19 @@ def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action
     waiting = session.scalar(select(Job.id).where(Job.study_id == study.id, Job.state == "queued"))
     if waiting is not None:
         return waiting  # the queued job will read every instance when it runs
-    job = Job(study_id=study.id, state="queued")
+    job_id = queued_job(session, study.id)
+    audit(session, actor, action, target=f"job:{job_id}", study_id=study.id)
+    return job_id
+
+
+def queued_job(session: Session, study_id: int) -> int:
+    """The study's waiting job, or a new queued one (a queued job reads every instance when it runs)."""
+    waiting = session.scalar(select(Job.id).where(Job.study_id == study_id, Job.state == "queued"))
+    if waiting is not None:
+        return int(waiting)
+    job = Job(study_id=study_id, state="queued")
     session.add(job)
     session.flush()
-    audit(session, actor, action, target=f"job:{job.id}", study_id=study.id)
     return job.id
 
 
@@ -91,24 +100,19 @@ def sweep(store: Store, settings: Settings, now: dt.datetime | None = None) -> l
     return queued
 
 
-def requeue_study(session: Session, study_instance_uid: str, actor: str, action: str = "study.requeue") -> int:
+def requeue_study(session: Session, study_instance_uid: str, actor: str, action: str = "study.requeue", source: str = "") -> int:
     """Queue a study now, stable or not (force-complete, re-run); returns the job id."""
     study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
     if study is None:
         raise LookupError(f"no study with Study Instance UID {study_instance_uid!r}")
     study.ignored = False
     study.queued_through = study.last_received_at
-    job_id = session.scalar(select(Job.id).where(Job.study_id == study.id, Job.state == "queued"))
-    if job_id is None:
-        job = Job(study_id=study.id, state="queued")
-        session.add(job)
-        session.flush()
-        job_id = job.id
-    audit(session, actor, action, target=f"job:{job_id}", study_id=study.id)
+    job_id = queued_job(session, study.id)
+    audit(session, actor, action, target=f"job:{job_id}", source=source, study_id=study.id)
     return job_id
 
 
-def requeue_job(session: Session, job_id: int, actor: str) -> int:
+def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> int:
     """Run a job's study again. A failed or skipped job goes back to the queue (attempts reset);
     a done job keeps its results visible and a new job is queued for the study. Returns the queued job's id."""
     job = session.get(Job, job_id)
@@ -117,16 +121,11 @@ def requeue_job(session: Session, job_id: int, actor: str) -> int:
     if job.state in ("running", "queued"):
         raise ValueError(f"job {job_id} is {job.state}")
     if job.state == "done":
-        waiting = session.scalar(select(Job.id).where(Job.study_id == job.study_id, Job.state == "queued"))
-        if waiting is None:
-            new = Job(study_id=job.study_id, state="queued")
-            session.add(new)
-            session.flush()
-            waiting = new.id
-        audit(session, actor, "job.requeue", target=f"job:{job_id}", queued=f"job:{waiting}")
+        waiting = queued_job(session, job.study_id)
+        audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source, queued=f"job:{waiting}")
         return waiting
     job.state, job.attempts, job.error = "queued", 0, ""
-    audit(session, actor, "job.requeue", target=f"job:{job_id}")
+    audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source)
     return job_id
 
 

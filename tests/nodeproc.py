@@ -119,6 +119,38 @@ class Node:
                 self.proc.wait()
 
 
+class InProcessNode:
+    """dxnode's StorageSCP in this process on a free port, over a database URL (default: a new SQLite file)."""
+
+    def __init__(self, tmp: Path, url: str | None = None, busy_timeout_s: float = 30, **node: Any) -> None:
+        from dxnode.config import Settings
+        from dxnode.scp import StorageSCP
+        from dxnode.store import Store, upgrade
+
+        if url is None:
+            url = f"sqlite:///{tmp / 'dxnode.db'}"
+            upgrade(url)
+        self.settings = Settings(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "var", "min_free_mb": 10, **node},
+                                 database={"url": url})
+        self.store = Store(url, busy_timeout_s=busy_timeout_s)
+        self.scp = StorageSCP(self.settings, self.store)
+        self.scp.start()
+        self.port = self.scp.port
+
+    def instances(self) -> dict[str, Any]:
+        """Stored Instance rows by SOP Instance UID."""
+        from sqlalchemy import select
+
+        from dxnode.store import Instance
+
+        with self.store.session() as s:
+            return {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.store.dispose()
+
+
 class StoreSCP:
     """DCMTK storescp standing in for a PACS: every received object lands in a folder."""
 

@@ -18,7 +18,6 @@ from dxnode.config import PipelineSettings
 from dxnode.pipeline import (
     PipelineError,
     Preprocessing,
-    frame_from_values,
     frame_indices,
     geometry,
     map_to_source,

@@ -17,32 +17,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
+from nodeproc import InProcessNode as Node
 from test_scp import same_content, send_one, small_ct
 from test_tls import pki, tls_node  # noqa: F401  (pki is a fixture)
 
-from dxnode.config import Settings
-from dxnode.scp import StorageSCP
-from dxnode.store import Audit, Instance, Series, Store, Study, upgrade
-
-
-class Node:
-    """An in-process StorageSCP on a free port over a given database URL."""
-
-    def __init__(self, tmp: Path, url: str, busy_timeout_s: float = 30, **node: object) -> None:
-        self.settings = Settings(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "var", "min_free_mb": 10, **node},
-                                 database={"url": url})
-        self.store = Store(url, busy_timeout_s=busy_timeout_s)
-        self.scp = StorageSCP(self.settings, self.store)
-        self.scp.start()
-        self.port = self.scp.port
-
-    def instances(self) -> dict[str, Instance]:
-        with self.store.session() as s:
-            return {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
-
-    def stop(self) -> None:
-        self.scp.stop()
-        self.store.dispose()
+from dxnode.store import Audit, Instance, Series, Study, upgrade
 
 
 @pytest.fixture

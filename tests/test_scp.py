@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import need_tool, run
+from nodeproc import InProcessNode as LocalNode
 from nodeproc import Node, node_config, wait_until
 import pydicom.data
 from pydicom.data import get_testdata_file
@@ -24,9 +25,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dxnode.config import Settings
-from dxnode.scp import StorageSCP
-from dxnode.store import Instance, Store, Study, upgrade
+from dxnode.store import Instance, Store, Study
 
 COMPRESSED = {
     "1.2.840.10008.1.2.4.50": "JPEG baseline", "1.2.840.10008.1.2.4.51": "JPEG extended",
@@ -34,27 +33,6 @@ COMPRESSED = {
 "1.2.840.10008.1.2.4.90": "JPEG 2000 lossless",
     "1.2.840.10008.1.2.4.91": "JPEG 2000", "1.2.840.10008.1.2.5": "RLE", "1.2.840.10008.1.2.1.99": "Deflate",
 }
-
-
-class LocalNode:
-    """An in-process StorageSCP on a free port with its own SQLite store and data dir."""
-
-    def __init__(self, tmp: Path, **node: object) -> None:
-        url = f"sqlite:///{tmp / 'dxnode.db'}"
-        upgrade(url)
-        self.settings = Settings(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "var", "min_free_mb": 10, **node}, database={"url": url})
-        self.store = Store(url)
-        self.scp = StorageSCP(self.settings, self.store)
-        self.scp.start()
-        self.port = self.scp.port
-
-    def instances(self) -> dict[str, Instance]:
-        with self.store.session() as s:
-            return {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
-
-    def stop(self) -> None:
-        self.scp.stop()
-        self.store.dispose()
 
 
 @pytest.fixture
@@ -319,7 +297,7 @@ def test_sigkill_mid_study_loses_no_acknowledged_instance(tmp_path: Path) -> Non
             return jobs or None
 
         jobs = wait_until(one_job, timeout=30, what="the study to be queued")
-        time.sleep(3)  # more sweeps must not queue it again
+        time.sleep(3)  # a negative check: six sweep intervals (0.5 s) must not queue it again
         jobs = one_job()
         assert jobs is not None and len(jobs) == 1 and jobs[0]["state"] == "queued"
         store.dispose()

@@ -24,14 +24,12 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 
 from dxnode.config import Settings
 from dxnode.queries import JobFilter, ResultFilter, StudyFilter, job_dict, list_jobs, list_results, list_studies, results_csv, study_dict
-from dxnode.store import Audit as AuditRow
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
 from dxnode.web.auth import Principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
@@ -52,13 +50,6 @@ def _audit(request: Request, who: Principal, action: str, target: str = "", **de
     store: Store = request.app.state.store
     with store.session() as session:
         audit(session, who.name, action, target=target, source=who.address, **detail)
-
-
-def _stamp_source(session: Session, who: Principal) -> None:
-    """Put the caller's address on the audit rows an action just added (worklist/dispatch record only the actor)."""
-    for obj in [*session.new, *session.identity_map.values()]:
-        if isinstance(obj, AuditRow) and obj.actor == who.name and not obj.source:
-            obj.source = who.address
 
 
 class UploadLimit:
@@ -129,8 +120,7 @@ def api_router() -> APIRouter:
 
         try:
             with request.app.state.store.session() as s:
-                job_id = requeue_study(s, study_instance_uid, actor=who.name)
-                _stamp_source(s, who)
+                job_id = requeue_study(s, study_instance_uid, actor=who.name, source=who.address)
         except LookupError:
             raise HTTPException(404, "no such study") from None
         return {"job_id": job_id}
@@ -162,8 +152,7 @@ def api_router() -> APIRouter:
 
         try:
             with request.app.state.store.session() as s:
-                queued = do_requeue(s, job_id, actor=who.name)
-                _stamp_source(s, who)
+                queued = do_requeue(s, job_id, actor=who.name, source=who.address)
         except LookupError:
             raise HTTPException(404, "no such job") from None
         except ValueError as exc:
@@ -209,8 +198,7 @@ def api_router() -> APIRouter:
         from dxnode.dispatch import resend as do_resend
 
         with request.app.state.store.session() as s:
-            n = do_resend(s, str(delivery_id), actor=who.name)
-            _stamp_source(s, who)
+            n = do_resend(s, str(delivery_id), actor=who.name, source=who.address)
         if not n:
             raise HTTPException(404, "no such delivery")
         return {"requeued": n}
@@ -315,7 +303,7 @@ def study_detail(store: Store, study_instance_uid: str) -> dict[str, Any] | None
         current = {o.id for o in outputs if newest_done is not None and o.job_id == newest_done.id} or {o.id for o in outputs}
         out["outputs"] = [{"id": o.id, "kind": o.kind, "label": o.label, "sop_instance_uid": o.sop_instance_uid, "summary": o.summary,
                            "model_version": o.model_version, "current": o.id in current} for o in outputs]
-        out["deliveries"] = [d for d in list_deliveries(s, limit=1000) if d["study_instance_uid"] == study_instance_uid]
+        out["deliveries"] = list_deliveries(s, limit=1000, study_instance_uid=study_instance_uid)
     return out
 
 
