@@ -48,7 +48,9 @@ def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lamb
     return statistics.median(times)
 
 
-def timed_pair(a: Callable[[], object], b: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+def timed_pair(
+    a: Callable[[], object], b: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None
+) -> tuple[float, float]:
     """Median times of a and b run alternately, so load from other processes hits both alike."""
     ta, tb = [], []
     for _ in range(repeat + 2):
@@ -69,11 +71,25 @@ def onnx_session(net: torch.nn.Module, size: int, device: torch.device, threads:
     x = torch.zeros(1, 3, size, size)
     warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notice
     try:
-        torch.onnx.export(cpu_net, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+        torch.onnx.export(
+            cpu_net,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+            dynamo=False,
+        )
     except Exception:  # TorchScript exporter gone: the dynamo exporter (onnxscript)
-        torch.onnx.export(cpu_net, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=64)}}, dynamo=True)
+        torch.onnx.export(
+            cpu_net,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=64)}},
+            dynamo=True,
+        )
     net.to(device)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -101,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     frame = read_frames(DATA / "693_UNCR.dcm", lung, prep)[0]
     one = to_tensor(frame, prep)[None]
     rows: list[tuple[str, str]] = []
-    print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{args.threads} threads'}), "
-          f"torch {torch.__version__}, input {prep.input_size}x{prep.input_size}, median of {args.repeat}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{args.threads} threads'}), "
+        f"torch {torch.__version__}, input {prep.input_size}x{prep.input_size}, median of {args.repeat}"
+    )
 
     import onnxruntime as ort
 
@@ -112,33 +130,67 @@ def main(argv: list[str] | None = None) -> int:
         ref = clf.net(batch8.to(device)).float().cpu().numpy()
     got = session.run(None, {"input": batch8.numpy()})[0]
     max_diff = float(np.abs(ref - got).max())
-    rows.append(("ONNX Runtime vs PyTorch logits, max |diff|", f"{max_diff:.2e} (ORT {ort.__version__}, {session.get_providers()[0]})"))
+    rows.append(
+        (
+            "ONNX Runtime vs PyTorch logits, max |diff|",
+            f"{max_diff:.2e} (ORT {ort.__version__}, {session.get_providers()[0]})",
+        )
+    )
 
     for n in (1, 8):
         x = one.repeat(n, 1, 1, 1)
         x_dev = x.to(device)
-        t_torch, t_ort = (t / n for t in timed_pair(lambda: clf.predict(x_dev), lambda: session.run(None, {"input": x.numpy()}), args.repeat, sync))
-        t_plain, t_cam = (t / n for t in timed_pair(lambda: clf.predict(x_dev), lambda: clf.predict_with_cam(x_dev), args.repeat, sync))
+        t_torch, t_ort = (
+            t / n
+            for t in timed_pair(
+                lambda: clf.predict(x_dev), lambda: session.run(None, {"input": x.numpy()}), args.repeat, sync
+            )
+        )
+        t_plain, t_cam = (
+            t / n
+            for t in timed_pair(lambda: clf.predict(x_dev), lambda: clf.predict_with_cam(x_dev), args.repeat, sync)
+        )
         rows.append((f"model stage, batch {n}: PyTorch per image", f"{t_torch * 1e3:8.2f} ms"))
-        rows.append((f"model stage, batch {n}: ONNX Runtime per image", f"{t_ort * 1e3:8.2f} ms   (PyTorch/ORT = {t_torch / t_ort:.2f})"))
-        rows.append((f"with fc-weight CAM, batch {n}: per image", f"{t_cam * 1e3:8.2f} ms   (CAM overhead {100 * (t_cam / t_plain - 1):+.1f}% of inference)"))
+        rows.append(
+            (
+                f"model stage, batch {n}: ONNX Runtime per image",
+                f"{t_ort * 1e3:8.2f} ms   (PyTorch/ORT = {t_torch / t_ort:.2f})",
+            )
+        )
+        rows.append(
+            (
+                f"with fc-weight CAM, batch {n}: per image",
+                f"{t_cam * 1e3:8.2f} ms   (CAM overhead {100 * (t_cam / t_plain - 1):+.1f}% of inference)",
+            )
+        )
 
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     ref_net = clf.net
     with GradCAM(model=ref_net, target_layers=[ref_net.layer4[-1]]) as cam:
-        t_plain1, t_bw = timed_pair(lambda: clf.predict(one.to(device)),
-                                    lambda: cam(input_tensor=one.to(device), targets=[ClassifierOutputTarget(0)]), args.repeat, sync)
+        t_plain1, t_bw = timed_pair(
+            lambda: clf.predict(one.to(device)),
+            lambda: cam(input_tensor=one.to(device), targets=[ClassifierOutputTarget(0)]),
+            args.repeat,
+            sync,
+        )
     ref_net.eval()
-    rows.append(("backward-pass Grad-CAM (pytorch-grad-cam), batch 1", f"{t_bw * 1e3:8.2f} ms   ({100 * (t_bw / t_plain1 - 1):+.0f}% over inference)"))
+    rows.append(
+        (
+            "backward-pass Grad-CAM (pytorch-grad-cam), batch 1",
+            f"{t_bw * 1e3:8.2f} ms   ({100 * (t_bw / t_plain1 - 1):+.0f}% over inference)",
+        )
+    )
 
     for label, name in DECODE_FILES.items():
         path = DATA / name
         t_read = timed(lambda: read_frames(path, lung, prep), args.repeat)
         f = read_frames(path, lung, prep)[0]
         t_tensor = timed(lambda: to_tensor(f, prep), args.repeat)
-        rows.append((f"decode+LUT+window {label}", f"{t_read * 1e3:8.2f} ms   (+ resize/normalise {t_tensor * 1e3:.2f} ms)"))
+        rows.append(
+            (f"decode+LUT+window {label}", f"{t_read * 1e3:8.2f} ms   (+ resize/normalise {t_tensor * 1e3:.2f} ms)")
+        )
 
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

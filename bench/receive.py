@@ -82,8 +82,17 @@ def make_instances(folder: Path, count: int) -> None:
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID, ds.InstanceNumber = study, series, "CT", "BENCH", i + 1
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+            ds.SOPClassUID,
+            ds.SOPInstanceUID,
+        )
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID, ds.InstanceNumber = (
+            study,
+            series,
+            "CT",
+            "BENCH",
+            i + 1,
+        )
         ds.Rows = ds.Columns = 512
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -95,7 +104,9 @@ def make_instances(folder: Path, count: int) -> None:
 def send(port: int, folder: Path, aec: str) -> float:
     """Seconds for storescu to send every file of the folder in one association."""
     start = time.perf_counter()
-    out = subprocess.run(["storescu", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)], capture_output=True, text=True, env=ENV)
+    out = subprocess.run(
+        ["storescu", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)], capture_output=True, text=True, env=ENV
+    )
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise RuntimeError(f"storescu to {aec} failed: {out.stderr[-500:]}")
@@ -109,8 +120,20 @@ def run_dxnode(folder: Path, work: Path) -> float:
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{work / "var"}"\nmin_free_mb = 100\n'
         f'[database]\nurl = "sqlite:///{work / "var" / "dxnode.db"}"\n[worklist]\nrun_jobs = false\nstable_seconds = 3600\n[web]\nenabled = false\n'
     )
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dxnode")), "--config", str(cfg), "--log-level", "WARNING", "serve", "--no-web"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dxnode")),
+            "--config",
+            str(cfg),
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--no-web",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
     try:
         wait_port(port)
         return send(port, folder, "DXNODE")
@@ -122,7 +145,9 @@ def run_dxnode(folder: Path, work: Path) -> float:
 def run_storescp(folder: Path, work: Path) -> float:
     port, out = free_port(), work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(
+        ["storescp", "-od", str(out), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
     try:
         wait_port(port)
         return send(port, folder, "STORESCP")
@@ -134,7 +159,13 @@ def run_storescp(folder: Path, work: Path) -> float:
 def run_pynetdicom(folder: Path, work: Path) -> float:
     port, out = free_port(), work / "pynetdicom"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", PYNETDICOM_SCP, str(port), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PYNETDICOM_SCP, str(port), str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         return send(port, folder, "PYNETDICOM")
@@ -156,7 +187,11 @@ def main() -> int:
         src = Path(tmp) / "instances"
         src.mkdir()
         make_instances(src, args.count)
-        peers = {"dxnode serve (durable)": run_dxnode, "DCMTK storescp": run_storescp, "pynetdicom write-only SCP": run_pynetdicom}
+        peers = {
+            "dxnode serve (durable)": run_dxnode,
+            "DCMTK storescp": run_storescp,
+            "pynetdicom write-only SCP": run_pynetdicom,
+        }
         best: dict[str, float] = {}
         for r in range(args.rounds):
             for name, runner in peers.items():
@@ -166,7 +201,9 @@ def main() -> int:
                 shutil.rmtree(work)
         rate = {name: args.count / seconds for name, seconds in best.items()}
         size_mb = sum(p.stat().st_size for p in src.iterdir()) / 2**20
-        print(f"{args.count} instances of 512x512x16 bit ({size_mb:.0f} MB), storescu over loopback, best of {args.rounds} rounds")
+        print(
+            f"{args.count} instances of 512x512x16 bit ({size_mb:.0f} MB), storescu over loopback, best of {args.rounds} rounds"
+        )
         print(f"{'receiver':<28} {'instances/s':>12} {'MB/s':>8}")
         for name, value in rate.items():
             print(f"{name:<28} {value:12.1f} {value * size_mb / args.count:8.1f}")

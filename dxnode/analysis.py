@@ -59,7 +59,10 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        job.log += "\n" + "\n".join(f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ") for o in outputs)
+        job.log += "\n" + "\n".join(
+            f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
+            for o in outputs
+        )
     return "done"
 
 
@@ -74,7 +77,9 @@ def _describe(result: StudyResult) -> list[str]:
             lines.append(f"instance {outcome.state}: {outcome.reason}")
     lines.insert(1, "instances: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for f in result.findings[:10]:
-        lines.append(f"{f.label}: {f.probability:.3f} (threshold {f.threshold:.2f}) {'POSITIVE' if f.positive else 'negative'}")
+        lines.append(
+            f"{f.label}: {f.probability:.3f} (threshold {f.threshold:.2f}) {'POSITIVE' if f.positive else 'negative'}"
+        )
     return lines
 
 
@@ -90,7 +95,15 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
         session.execute(delete(InstanceResult).where(InstanceResult.job_id == job_id))
         session.execute(delete(FindingRow).where(FindingRow.job_id == job_id))
         for o in result.instances:
-            session.add(InstanceResult(job_id=job_id, sop_instance_uid=o.sop_instance_uid, state=o.state, reason=o.reason, probabilities=o.probabilities))
+            session.add(
+                InstanceResult(
+                    job_id=job_id,
+                    sop_instance_uid=o.sop_instance_uid,
+                    state=o.state,
+                    reason=o.reason,
+                    probabilities=o.probabilities,
+                )
+            )
         if not done:
             if not failed:
                 job.log += "\nno instance matched the pipeline rules: nothing to report"
@@ -104,13 +117,29 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
         for rank, f in enumerate(result.findings):
             session.add(
                 FindingRow(
-                    job_id=job_id, study_id=job.study_id, label=f.label, probability=float(f.probability),
-                    threshold=float(f.threshold), positive=bool(f.positive), rank=rank,
-                    source_sop_instance_uid=f.source_sop_instance_uid or "", source_frame=f.source_frame,
-                    model_name=m.name, model_version=m.version, model_sha256=m.sha256, model_demo=m.demo,
+                    job_id=job_id,
+                    study_id=job.study_id,
+                    label=f.label,
+                    probability=float(f.probability),
+                    threshold=float(f.threshold),
+                    positive=bool(f.positive),
+                    rank=rank,
+                    source_sop_instance_uid=f.source_sop_instance_uid or "",
+                    source_frame=f.source_frame,
+                    model_name=m.name,
+                    model_version=m.version,
+                    model_sha256=m.sha256,
+                    model_demo=m.demo,
                 )
             )
-        audit(session, "system", "job.findings", target=f"job:{job_id}", findings=len(result.findings), positive=len(result.positive))
+        audit(
+            session,
+            "system",
+            "job.findings",
+            target=f"job:{job_id}",
+            findings=len(result.findings),
+            positive=len(result.positive),
+        )
     return "done"
 
 
@@ -122,24 +151,39 @@ class _Written:
 
 
 def _write_outputs(
-    store: Store, settings: Settings, job_id: int, study_id: int, result: StudyResult, sources: dict[str, Path], calling_aet: str
+    store: Store,
+    settings: Settings,
+    job_id: int,
+    study_id: int,
+    result: StudyResult,
+    sources: dict[str, Path],
+    calling_aet: str,
 ) -> list[_Written]:
     """Write SR and SC files, record them, and queue their deliveries (all idempotent)."""
     from dxnode.dispatch import enqueue
     from dxnode.report import write_outputs
 
     used = {o.sop_instance_uid for o in result.instances if o.state == "done"}
-    written = write_outputs(result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs")
+    written = write_outputs(
+        result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs"
+    )
     report: list[_Written] = []
     with store.session() as session:
         for w in written:
             output = session.scalar(select(Output).where(Output.sop_instance_uid == w.sop_instance_uid))
             if output is None:
                 output = Output(
-                    job_id=job_id, study_id=study_id, kind=w.kind, label=w.label, sop_class_uid=w.sop_class_uid,
-                    sop_instance_uid=w.sop_instance_uid, series_instance_uid=w.series_instance_uid,
-                    model_name=result.model.name, model_version=result.model.version,
-                    file_path=str(Path(w.path).resolve().relative_to(settings.data_dir)), summary=w.summary,
+                    job_id=job_id,
+                    study_id=study_id,
+                    kind=w.kind,
+                    label=w.label,
+                    sop_class_uid=w.sop_class_uid,
+                    sop_instance_uid=w.sop_instance_uid,
+                    series_instance_uid=w.series_instance_uid,
+                    model_name=result.model.name,
+                    model_version=result.model.version,
+                    file_path=str(Path(w.path).resolve().relative_to(settings.data_dir)),
+                    summary=w.summary,
                 )
                 session.add(output)
                 session.flush()

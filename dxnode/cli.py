@@ -97,7 +97,19 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(rows)
     else:
-        print_table(rows, ["study_instance_uid", "patient_id", "study_date", "modalities", "num_instances", "calling_aet", "last_received_at", "state"])
+        print_table(
+            rows,
+            [
+                "study_instance_uid",
+                "patient_id",
+                "study_date",
+                "modalities",
+                "num_instances",
+                "calling_aet",
+                "last_received_at",
+                "state",
+            ],
+        )
     return 0
 
 
@@ -111,7 +123,20 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(rows)
     else:
-        print_table(rows, ["id", "study_instance_uid", "state", "attempts", "model_name", "model_version", "created_at", "finished_at", "error"])
+        print_table(
+            rows,
+            [
+                "id",
+                "study_instance_uid",
+                "state",
+                "attempts",
+                "model_name",
+                "model_version",
+                "created_at",
+                "finished_at",
+                "error",
+            ],
+        )
     return 0
 
 
@@ -138,8 +163,19 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     store = open_store(settings)
     with store.session() as session:
-        rows = list_results(session, ResultFilter(label=args.label, min_probability=args.min_prob, positive_only=args.positive, since=since, limit=args.limit))
-        audit(session, "cli", "cli.results.read", source="local", user=getpass.getuser(), rows=len(rows))  # results carry patient IDs
+        rows = list_results(
+            session,
+            ResultFilter(
+                label=args.label,
+                min_probability=args.min_prob,
+                positive_only=args.positive,
+                since=since,
+                limit=args.limit,
+            ),
+        )
+        audit(
+            session, "cli", "cli.results.read", source="local", user=getpass.getuser(), rows=len(rows)
+        )  # results carry patient IDs
     if args.json:
         print_json(rows)
     elif args.csv:
@@ -159,7 +195,10 @@ def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(rows)
     else:
-        print_table(rows, ["id", "kind", "label", "destination", "state", "attempts", "next_attempt_at", "sent_at", "last_error"])
+        print_table(
+            rows,
+            ["id", "kind", "label", "destination", "state", "attempts", "next_attempt_at", "sent_at", "last_error"],
+        )
     return 0
 
 
@@ -171,7 +210,10 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
     with store.session() as session:
         n = resend(session, args.target, actor="cli")
     if not n:
-        print(f"dxnode: no delivery for {args.target!r} (give an output SOP Instance UID, a Study Instance UID or a delivery id)", file=sys.stderr)
+        print(
+            f"dxnode: no delivery for {args.target!r} (give an output SOP Instance UID, a Study Instance UID or a delivery id)",
+            file=sys.stderr,
+        )
         return 1
     print(f"re-queued {n} deliver{'y' if n == 1 else 'ies'}")
     return 0
@@ -226,7 +268,9 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
         pred = predict_file(Path(name), classifier, settings, top_k=args.top)
         heatmap = None
         if pred.error is None and args.heatmap_dir and pred.heatmap is not None:
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{Path(name).stem}_{pred.findings[0].label}")
+            safe = "".join(
+                c if c.isalnum() or c in "-_." else "_" for c in f"{Path(name).stem}_{pred.findings[0].label}"
+            )
             heatmap = str(save_png(pred.heatmap, Path(args.heatmap_dir) / f"{safe}.png"))
         failed += pred.error is not None
         results.append(pred.to_dict(heatmap))
@@ -242,7 +286,10 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(results)
     else:
-        print(f"model: {ident.name} {ident.version}" + ("  ** UNTRAINED DEMO MODEL: findings are meaningless **" if ident.demo else ""))
+        print(
+            f"model: {ident.name} {ident.version}"
+            + ("  ** UNTRAINED DEMO MODEL: findings are meaningless **" if ident.demo else "")
+        )
     return 1 if failed else 0
 
 
@@ -275,13 +322,28 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
 
     weights = Path(args.weights) if args.weights else imagenet_weights_path(settings.model)
     if not weights.is_file():
-        print(f"dxnode: {weights}: no such file (torchvision's resnet18-f37072fd.pth; nothing is downloaded)", file=sys.stderr)
+        print(
+            f"dxnode: {weights}: no such file (torchvision's resnet18-f37072fd.pth; nothing is downloaded)",
+            file=sys.stderr,
+        )
         return 1
     m = imagenet_manifest(weights)
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    out = write_bundle(Path(args.path), state, name=m.name, version=m.version, labels=m.labels, task=m.task, thresholds=m.thresholds,
-                       preprocessing=m.preprocessing, description=m.description, extra={"source": str(weights), "source_sha256": m.weights_sha256})
-    print(f"wrote bundle {args.path}: {out.name} {out.version}, {len(out.labels)} labels, sha256 {out.weights_sha256[:16]}...")
+    out = write_bundle(
+        Path(args.path),
+        state,
+        name=m.name,
+        version=m.version,
+        labels=m.labels,
+        task=m.task,
+        thresholds=m.thresholds,
+        preprocessing=m.preprocessing,
+        description=m.description,
+        extra={"source": str(weights), "source_sha256": m.weights_sha256},
+    )
+    print(
+        f"wrote bundle {args.path}: {out.name} {out.version}, {len(out.labels)} labels, sha256 {out.weights_sha256[:16]}..."
+    )
     return 0
 
 
@@ -298,7 +360,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from dxnode.evaluate import table
 
     print(table(metrics))
-    print(f"wrote bundle {out} (serve it with [model] bundle = \"{out}\")")
+    print(f'wrote bundle {out} (serve it with [model] bundle = "{out}")')
     return 0
 
 
@@ -321,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="dxnode", description="dxnode: a DICOM AI node beside your PACS.")
     p.add_argument("--version", action="version", version=f"dxnode {__version__}")
-    p.add_argument("--config", metavar="PATH", help="config file (default: $DXNODE_CONFIG, else the bundled config/dxnode.toml)")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $DXNODE_CONFIG, else the bundled dxnode/resources/dxnode.toml)",
+    )
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override [logging] level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -414,7 +480,16 @@ def _add_training_arguments(sub: Any) -> None:
 def setup_logging(level: str) -> None:
     """Log lines with time, level and stage name to stderr."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "matplotlib", "alembic", "highdicom", "multipart"):
+    for noisy in (
+        "pynetdicom",
+        "apscheduler",
+        "uvicorn.access",
+        "PIL",
+        "matplotlib",
+        "alembic",
+        "highdicom",
+        "multipart",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # While a job runs, APScheduler warns every poll that the runner is still busy: expected, not news.
     logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, logging.getLevelName(level)))

@@ -1,7 +1,7 @@
 """Node configuration: a TOML file, overridden by DXNODE_<SECTION>__<KEY> environment variables.
 
 The file is chosen by ``dxnode --config PATH``, else ``DXNODE_CONFIG``, else the bundled
-``config/dxnode.toml`` of the checkout. Relative paths
+``dxnode/resources/dxnode.toml`` inside the package. Relative paths
 (``data_dir``, a relative SQLite URL, model bundle paths) are resolved against the *working
 directory* the node is started from, the same rule SQLAlchemy applies to ``sqlite:///relative``.
 Every key is validated at start; an unknown key or a bad value is an error naming the key.
@@ -9,6 +9,7 @@ Every key is validated at start; an unknown key or a bad value is an error namin
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import tomllib
 from pathlib import Path
@@ -224,13 +225,19 @@ TOP_LEVEL_KEYS = set(Settings.model_fields) - {"source"}
 
 
 def default_config_path() -> Path:
-    """The bundled config/dxnode.toml of the checkout."""
-    return Path(__file__).resolve().parent.parent / "config" / "dxnode.toml"
+    """The bundled dxnode.toml, shipped inside the package (dxnode/resources)."""
+    return Path(str(importlib.resources.files("dxnode.resources").joinpath("dxnode.toml")))
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read and validate the config file, apply environment overrides, raise ConfigError on error."""
-    chosen = Path(path) if path else Path(os.environ["DXNODE_CONFIG"]) if os.environ.get("DXNODE_CONFIG") else default_config_path()
+    chosen = (
+        Path(path)
+        if path
+        else Path(os.environ["DXNODE_CONFIG"])
+        if os.environ.get("DXNODE_CONFIG")
+        else default_config_path()
+    )
     try:
         raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -239,7 +246,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
     unknown = set(raw) - TOP_LEVEL_KEYS
     if unknown:
-        raise ConfigError(f"{chosen}: unknown section or key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+        raise ConfigError(
+            f"{chosen}: unknown section or key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})"
+        )
     _check_env_sections()
     raw.update(overrides)
     try:
@@ -254,7 +263,7 @@ def _check_env_sections() -> None:
     """Refuse DXNODE_<SECTION>__... variables whose section does not exist (typos are silent otherwise)."""
     for name in os.environ:
         if name.startswith("DXNODE_") and "__" in name:
-            section = name[len("DXNODE_"):].split("__", 1)[0].lower()
+            section = name[len("DXNODE_") :].split("__", 1)[0].lower()
             if section not in TOP_LEVEL_KEYS:
                 raise ConfigError(f"environment variable {name}: unknown section {section!r}")
 
@@ -264,5 +273,8 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        lines.append(f"{key}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""))
+        lines.append(
+            f"{key}: {err['msg']}"
+            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+        )
     return "; ".join(lines)

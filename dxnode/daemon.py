@@ -38,8 +38,14 @@ def _load_model(settings: Settings) -> Any:
 
     classifier = load_classifier(settings.model)
     ident = classifier.identity
-    log.info("model %s %s (sha256 %s) on %s%s", ident.name, ident.version, ident.sha256[:12], classifier.device,
-             " -- UNTRAINED DEMO MODEL: its findings are meaningless" if ident.demo else "")
+    log.info(
+        "model %s %s (sha256 %s) on %s%s",
+        ident.name,
+        ident.version,
+        ident.sha256[:12],
+        classifier.device,
+        " -- UNTRAINED DEMO MODEL: its findings are meaningless" if ident.demo else "",
+    )
     return classifier
 
 
@@ -49,13 +55,23 @@ def _start_scheduler(settings: Settings, store: Store) -> Any:
 
     from dxnode import worklist
 
-    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-    scheduler.add_job(worklist.sweep, "interval", args=[store, settings], seconds=settings.worklist.sweep_interval_seconds, id="sweep")
+    scheduler = BackgroundScheduler(
+        timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+    )
+    scheduler.add_job(
+        worklist.sweep, "interval", args=[store, settings], seconds=settings.worklist.sweep_interval_seconds, id="sweep"
+    )
     if settings.worklist.run_jobs:
         from dxnode import dispatch
         from dxnode.analysis import run_job
 
-        scheduler.add_job(worklist.drain, "interval", args=[store, settings, run_job], seconds=settings.worklist.poll_interval_seconds, id="runner")
+        scheduler.add_job(
+            worklist.drain,
+            "interval",
+            args=[store, settings, run_job],
+            seconds=settings.worklist.poll_interval_seconds,
+            id="runner",
+        )
         dispatch.schedule(scheduler, store, settings)
     scheduler.start()
     return scheduler
@@ -73,8 +89,8 @@ def _start_web(settings: Settings, store: Store, readiness: Any) -> Any:
         print(
             "dxnode web: no [[web.tokens]] configured, so nobody can log in. Make one with\n"
             "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'\n"
-            "and add to the config:  [[web.tokens]]  name = \"admin\"  token = \"...\"  role = \"admin\"\n"
-            "(or set DXNODE_WEB__TOKENS='[{\"name\":\"admin\",\"token\":\"...\",\"role\":\"admin\"}]')",
+            'and add to the config:  [[web.tokens]]  name = "admin"  token = "..."  role = "admin"\n'
+            '(or set DXNODE_WEB__TOKENS=\'[{"name":"admin","token":"...","role":"admin"}]\')',
             flush=True,
         )
     return server
@@ -100,8 +116,11 @@ def serve(settings: Settings, web: bool = True) -> int:
     classifier = _load_model(settings) if settings.worklist.run_jobs or web else None
     scp = StorageSCP(settings, store)
     scp.start()
-    print(f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
-          + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""), flush=True)
+    print(
+        f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
+        + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
+        flush=True,
+    )
     scheduler = _start_scheduler(settings, store)
 
     def readiness() -> dict[str, bool]:

@@ -95,26 +95,55 @@ def read_table(csv_path: Path, images: Path | None = None) -> Table:
     if {"Image Index", "Finding Labels", "Patient ID"} <= set(cols):
         fmt, task = "chestxray14", "multilabel"
         labels = sorted({x for r in rows for x in r["Finding Labels"].split("|") if x and x != "No Finding"})
-        items = [(r["Image Index"], r["Patient ID"], tuple(float(lab in r["Finding Labels"].split("|")) for lab in labels), "") for r in rows]
+        items = [
+            (
+                r["Image Index"],
+                r["Patient ID"],
+                tuple(float(lab in r["Finding Labels"].split("|")) for lab in labels),
+                "",
+            )
+            for r in rows
+        ]
     elif cols[0].lower() in ("image", "image_name", "image_id") and "path" not in cols:
         fmt, task = "isic", "multiclass"
         patient_col = next((c for c in ("patient_id", "lesion_id") if c in cols), None)
         labels = [c for c in cols[1:] if c not in ("patient_id", "lesion_id", "split")]
-        items = [(r[cols[0]], r[patient_col] if patient_col else r[cols[0]], tuple(_binary(r[c]) for c in labels), r.get("split", "")) for r in rows]
+        items = [
+            (
+                r[cols[0]],
+                r[patient_col] if patient_col else r[cols[0]],
+                tuple(_binary(r[c]) for c in labels),
+                r.get("split", ""),
+            )
+            for r in rows
+        ]
     elif "path" in cols and "patient_id" in cols:
         fmt = "generic"
         if "labels" in cols:
             task = "multilabel"
             labels = sorted({x for r in rows for x in r["labels"].split("|") if x})
-            items = [(r["path"], r["patient_id"], tuple(float(lab in r["labels"].split("|")) for lab in labels), r.get("split", "")) for r in rows]
+            items = [
+                (
+                    r["path"],
+                    r["patient_id"],
+                    tuple(float(lab in r["labels"].split("|")) for lab in labels),
+                    r.get("split", ""),
+                )
+                for r in rows
+            ]
         elif "label" in cols:
             task = "multiclass"
             labels = sorted({r["label"] for r in rows})
-            items = [(r["path"], r["patient_id"], tuple(float(r["label"] == lab) for lab in labels), r.get("split", "")) for r in rows]
+            items = [
+                (r["path"], r["patient_id"], tuple(float(r["label"] == lab) for lab in labels), r.get("split", ""))
+                for r in rows
+            ]
         else:
             task = "multilabel"
             labels = [c for c in cols if c not in ("path", "patient_id", "split")]
-            items = [(r["path"], r["patient_id"], tuple(_binary(r[c]) for c in labels), r.get("split", "")) for r in rows]
+            items = [
+                (r["path"], r["patient_id"], tuple(_binary(r[c]) for c in labels), r.get("split", "")) for r in rows
+            ]
     else:
         raise ValueError(f"{csv_path}: unknown CSV layout (columns {cols[:8]}); see `dxnode train --help`")
     if not labels:
@@ -152,7 +181,9 @@ def check_image(path: Path) -> str | None:
         return f"unreadable: {type(exc).__name__}: {exc}"[:200]
 
 
-def split_by_patient(samples: list[Sample], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list[Sample]]:
+def split_by_patient(
+    samples: list[Sample], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, list[Sample]]:
     """train/val/test with no patient in two splits; explicit splits win; stratified by each
     patient's rarest positive label (or 'negative'), shuffled with the seed."""
     out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
@@ -212,8 +243,13 @@ def _window(ds: object, values: np.ndarray, settings: PipelineSettings) -> tuple
     return None
 
 
-def load_tensor(sample: Sample, settings: PipelineSettings, prep: Preprocessing, augment: Augment | None = None,
-                rng: np.random.Generator | None = None) -> torch.Tensor:
+def load_tensor(
+    sample: Sample,
+    settings: PipelineSettings,
+    prep: Preprocessing,
+    augment: Augment | None = None,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
     """The model input of a sample (first frame), optionally augmented; PipelineError if unusable."""
     rng = rng or np.random.default_rng()
     if is_image_file(sample.path) or augment is None:
@@ -225,7 +261,10 @@ def load_tensor(sample: Sample, settings: PipelineSettings, prep: Preprocessing,
             window = _window(ds, values, settings) if values.ndim == 2 else None
             if window is not None:
                 c, w = window
-                window = (c + rng.uniform(-1, 1) * augment.window_center_shift * w, w * (1 + rng.uniform(-1, 1) * augment.window_width_scale))
+                window = (
+                    c + rng.uniform(-1, 1) * augment.window_center_shift * w,
+                    w * (1 + rng.uniform(-1, 1) * augment.window_width_scale),
+                )
             frame = frame_from_values(values, idx, ds, settings, prep, window=window)
         except PipelineError:
             raise
@@ -243,8 +282,10 @@ def _augment_tensor(x: torch.Tensor, prep: Preprocessing, a: Augment, rng: np.ra
     s = 1 + rng.uniform(-a.scale, a.scale)
     tx, ty = rng.uniform(-a.translate, a.translate, 2) * 2
     flip = -1.0 if a.hflip and rng.random() < 0.5 else 1.0
-    theta = torch.tensor([[flip * math.cos(angle) / s, -math.sin(angle) / s, tx], [flip * math.sin(angle) / s, math.cos(angle) / s, ty]],
-                         dtype=torch.float32)[None]
+    theta = torch.tensor(
+        [[flip * math.cos(angle) / s, -math.sin(angle) / s, tx], [flip * math.sin(angle) / s, math.cos(angle) / s, ty]],
+        dtype=torch.float32,
+    )[None]
     mean = torch.tensor(prep.mean).view(3, 1, 1)
     std = torch.tensor(prep.std).view(3, 1, 1)
     img = x * std + mean  # back to [0, 1] so the border fill is black
@@ -258,7 +299,9 @@ def _augment_tensor(x: torch.Tensor, prep: Preprocessing, a: Augment, rng: np.ra
 class TorchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Samples as (input, target) pairs; a sample that fails to load gives None (dropped by collate)."""
 
-    def __init__(self, samples: list[Sample], settings: PipelineSettings, prep: Preprocessing, augment: Augment | None, seed: int) -> None:
+    def __init__(
+        self, samples: list[Sample], settings: PipelineSettings, prep: Preprocessing, augment: Augment | None, seed: int
+    ) -> None:
         self.samples, self.settings, self.prep, self.augment, self.seed = samples, settings, prep, augment, seed
         self.epoch = 0
 

@@ -51,6 +51,7 @@ BATCH = 100
 # C-STORE statuses that say the object was stored (Success, and the Warnings of PS3.4 B.2.3).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
+
 def destinations_for(settings: Settings, calling_aet: str) -> list[Destination]:
     """Every destination not marked return_only, plus the sender's own entry when return_to_sender is on."""
     chosen = [d for d in settings.destinations if not d.return_only]
@@ -66,8 +67,15 @@ def enqueue(session: Session, output: Output, settings: Settings, calling_aet: s
     for dest in destinations_for(settings, calling_aet):
         row = existing.get(dest.name)
         if row is None:
-            row = Delivery(output_id=output.id, destination=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                           state="pending", next_attempt_at=utcnow())
+            row = Delivery(
+                output_id=output.id,
+                destination=dest.name,
+                ae_title=dest.ae_title,
+                host=dest.host,
+                port=dest.port,
+                state="pending",
+                next_attempt_at=utcnow(),
+            )
             session.add(row)
         rows.append(row)
     session.flush()
@@ -103,13 +111,24 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
         if store.dialect == "postgresql":
             s.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK)))
         head_ids = select(func.min(Delivery.id)).where(Delivery.state == "pending").group_by(Delivery.destination)
-        heads = s.scalars(select(Delivery).where(Delivery.id.in_(head_ids), Delivery.next_attempt_at <= now).order_by(Delivery.id)).all()
+        heads = s.scalars(
+            select(Delivery).where(Delivery.id.in_(head_ids), Delivery.next_attempt_at <= now).order_by(Delivery.id)
+        ).all()
         batches = []
         for head in heads:
-            q = (select(Delivery, Output).join(Output, Output.id == Delivery.output_id)
-                 .where(Delivery.state == "pending", Delivery.destination == head.destination, Delivery.ae_title == head.ae_title,
-                        Delivery.host == head.host, Delivery.port == head.port)
-                 .order_by(Delivery.id).limit(BATCH))
+            q = (
+                select(Delivery, Output)
+                .join(Output, Output.id == Delivery.output_id)
+                .where(
+                    Delivery.state == "pending",
+                    Delivery.destination == head.destination,
+                    Delivery.ae_title == head.ae_title,
+                    Delivery.host == head.host,
+                    Delivery.port == head.port,
+                )
+                .order_by(Delivery.id)
+                .limit(BATCH)
+            )
             if store.dialect == "postgresql":
                 q = q.with_for_update(of=Delivery)
             rows = s.execute(q).all()
@@ -118,12 +137,31 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
             batch = []
             for row, out in rows:
                 row.next_attempt_at = lease
-                batch.append(_Job(row.id, out.file_path, out.sop_class_uid, out.sop_instance_uid, row.destination, row.ae_title, row.host, row.port))
+                batch.append(
+                    _Job(
+                        row.id,
+                        out.file_path,
+                        out.sop_class_uid,
+                        out.sop_instance_uid,
+                        row.destination,
+                        row.ae_title,
+                        row.host,
+                        row.port,
+                    )
+                )
             batches.append(batch)
         return batches
 
 
-def _record(store: Store, settings: Settings, job: _Job, ok: bool, error: str = "", status: int | None = None, permanent: bool = False) -> str:
+def _record(
+    store: Store,
+    settings: Settings,
+    job: _Job,
+    ok: bool,
+    error: str = "",
+    status: int | None = None,
+    permanent: bool = False,
+) -> str:
     """Store the outcome of one attempt; return the row's new state."""
     with store.session() as s:
         row = s.get(Delivery, job.id)
@@ -134,19 +172,34 @@ def _record(store: Store, settings: Settings, job: _Job, ok: bool, error: str = 
         if ok:
             row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
             metrics.DELIVERIES_SENT.labels(destination=row.destination).inc()
-            audit(s, "system", "delivery.sent", target=f"delivery:{row.id}", destination=row.destination,
-                  sop_instance_uid=job.sop_instance_uid)
+            audit(
+                s,
+                "system",
+                "delivery.sent",
+                target=f"delivery:{row.id}",
+                destination=row.destination,
+                sop_instance_uid=job.sop_instance_uid,
+            )
             return row.state
         row.last_error = error[:2000]
         metrics.DELIVERIES_FAILED.labels(destination=row.destination).inc()
         if permanent or row.attempts >= settings.dispatch.max_attempts:
             row.state = "failed"
-            audit(s, "system", "delivery.failed", target=f"delivery:{row.id}", destination=row.destination,
-                  sop_instance_uid=job.sop_instance_uid, error=error[:500])
+            audit(
+                s,
+                "system",
+                "delivery.failed",
+                target=f"delivery:{row.id}",
+                destination=row.destination,
+                sop_instance_uid=job.sop_instance_uid,
+                error=error[:500],
+            )
             log.error("delivery %d to %s failed for good: %s", row.id, row.destination, error)
         else:
             row.next_attempt_at = utcnow() + backoff(settings, row.attempts)
-            log.warning("delivery %d to %s failed (attempt %d), retrying: %s", row.id, row.destination, row.attempts, error)
+            log.warning(
+                "delivery %d to %s failed (attempt %d), retrying: %s", row.id, row.destination, row.attempts, error
+            )
         return row.state
 
 
@@ -154,7 +207,11 @@ def _release(store: Store, jobs: list[_Job]) -> None:
     """Give back the lease of rows not tried this round; they wait behind the row that will be retried."""
     if jobs:
         with store.session() as s:
-            s.execute(update(Delivery).where(Delivery.id.in_([j.id for j in jobs]), Delivery.state == "pending").values(next_attempt_at=utcnow()))
+            s.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([j.id for j in jobs]), Delivery.state == "pending")
+                .values(next_attempt_at=utcnow())
+            )
 
 
 def tls_client_context(settings: Settings, host: str) -> ssl.SSLContext:
@@ -196,7 +253,9 @@ def _file_error(settings: Settings, job: _Job) -> tuple[str, str]:
 def _associate(settings: Settings, head: _Job, syntaxes: dict[str, set[str]]) -> tuple[Association | None, str]:
     """An association with the head row's address proposing the SOP classes and syntaxes, or the error in words."""
     configured = next((d for d in settings.destinations if d.name == head.destination), None)
-    tls_args = (tls_client_context(settings, head.host), head.host) if configured is not None and configured.tls else None
+    tls_args = (
+        (tls_client_context(settings, head.host), head.host) if configured is not None and configured.tls else None
+    )
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dispatch.timeout_seconds
     ae.connection_timeout = settings.dispatch.timeout_seconds
@@ -212,7 +271,9 @@ def _associate(settings: Settings, head: _Job, syntaxes: dict[str, set[str]]) ->
     if assoc.is_rejected:
         return None, f"association rejected by {where}"
     # pynetdicom only says 'aborted': connect again to say why (refused, unreachable, timed out).
-    return None, _tcp_error(head.host, head.port, settings.dispatch.timeout_seconds) or f"association with {where} aborted"
+    return None, _tcp_error(
+        head.host, head.port, settings.dispatch.timeout_seconds
+    ) or f"association with {where} aborted"
 
 
 def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
@@ -238,12 +299,19 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         for i, job in enumerate(ready):
             if job.sop_class_uid not in accepted:
-                _record(store, settings, job, False, f"{job.ae_title} accepted no presentation context for SOP class {job.sop_class_uid}", permanent=True)
+                _record(
+                    store,
+                    settings,
+                    job,
+                    False,
+                    f"{job.ae_title} accepted no presentation context for SOP class {job.sop_class_uid}",
+                    permanent=True,
+                )
                 continue
             state = _send_one(store, settings, assoc, job)
             sent += state == "sent"
             if state == "pending":  # will be retried: the rows behind it wait for it
-                _release(store, ready[i + 1:])
+                _release(store, ready[i + 1 :])
                 break
     finally:
         if assoc.is_established:
@@ -296,19 +364,36 @@ def resend(session: Session, target: str, actor: str = "cli", source: str = "") 
     else:
         rows = list(session.scalars(q.where(Output.sop_instance_uid == target)))
         if not rows:
-            rows = list(session.scalars(q.join(Study, Study.id == Output.study_id).where(Study.study_instance_uid == target)))
+            rows = list(
+                session.scalars(q.join(Study, Study.id == Output.study_id).where(Study.study_instance_uid == target))
+            )
     for row in rows:
-        row.state, row.attempts, row.last_error, row.next_attempt_at, row.dimse_status = "pending", 0, "", utcnow(), None
+        row.state, row.attempts, row.last_error, row.next_attempt_at, row.dimse_status = (
+            "pending",
+            0,
+            "",
+            utcnow(),
+            None,
+        )
     if rows:
         audit(session, actor, "delivery.resend", target=target, source=source, rows=len(rows))
     return len(rows)
 
 
-def list_deliveries(session: Session, state: str | None = None, destination: str | None = None, limit: int = 100, offset: int = 0,
-                    study_instance_uid: str | None = None) -> list[dict[str, Any]]:
+def list_deliveries(
+    session: Session,
+    state: str | None = None,
+    destination: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    study_instance_uid: str | None = None,
+) -> list[dict[str, Any]]:
     """Outbox rows as JSON objects, newest first."""
-    q = (select(Delivery, Output, Study.study_instance_uid).join(Output, Output.id == Delivery.output_id)
-         .join(Study, Study.id == Output.study_id))
+    q = (
+        select(Delivery, Output, Study.study_instance_uid)
+        .join(Output, Output.id == Delivery.output_id)
+        .join(Study, Study.id == Output.study_id)
+    )
     if state:
         q = q.where(Delivery.state == state)
     if destination:
@@ -318,10 +403,22 @@ def list_deliveries(session: Session, state: str | None = None, destination: str
     q = q.order_by(Delivery.id.desc()).limit(limit).offset(offset)
     return [
         {
-            "id": d.id, "output_sop_instance_uid": o.sop_instance_uid, "kind": o.kind, "label": o.label, "study_instance_uid": study_uid,
-            "destination": d.destination, "ae_title": d.ae_title, "host": d.host, "port": d.port, "state": d.state,
-            "attempts": d.attempts, "next_attempt_at": iso(d.next_attempt_at), "last_error": d.last_error, "dimse_status": d.dimse_status,
-            "created_at": iso(d.created_at), "sent_at": iso(d.sent_at),
+            "id": d.id,
+            "output_sop_instance_uid": o.sop_instance_uid,
+            "kind": o.kind,
+            "label": o.label,
+            "study_instance_uid": study_uid,
+            "destination": d.destination,
+            "ae_title": d.ae_title,
+            "host": d.host,
+            "port": d.port,
+            "state": d.state,
+            "attempts": d.attempts,
+            "next_attempt_at": iso(d.next_attempt_at),
+            "last_error": d.last_error,
+            "dimse_status": d.dimse_status,
+            "created_at": iso(d.created_at),
+            "sent_at": iso(d.sent_at),
         }
         for d, o, study_uid in session.execute(q)
     ]
@@ -329,5 +426,12 @@ def list_deliveries(session: Session, state: str | None = None, destination: str
 
 def schedule(scheduler: BaseScheduler, store: Store, settings: Settings) -> None:
     """Run the outbox every dispatch.interval_seconds."""
-    scheduler.add_job(send_due, "interval", args=[store, settings], seconds=settings.dispatch.interval_seconds,
-                      id="dispatch", max_instances=1, coalesce=True)
+    scheduler.add_job(
+        send_due,
+        "interval",
+        args=[store, settings],
+        seconds=settings.dispatch.interval_seconds,
+        id="dispatch",
+        max_instances=1,
+        coalesce=True,
+    )

@@ -83,8 +83,15 @@ def predicted_positive(probs: np.ndarray, thresholds: list[float], task: str) ->
     return pos
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float], seed: int = 0,
-                    bootstrap: int = BOOTSTRAP, task: str = "multilabel") -> dict[str, Any]:
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    thresholds: list[float],
+    seed: int = 0,
+    bootstrap: int = BOOTSTRAP,
+    task: str = "multilabel",
+) -> dict[str, Any]:
     """Per-label and mean metrics in the metrics.json layout; the operating point is the node's call."""
     out: dict[str, Any] = {"labels": {}}
     aucs = []
@@ -100,9 +107,16 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], th
             aucs.append(a)
         div = lambda n, d: _safe(n / d) if d else None  # noqa: E731
         out["labels"][label] = {
-            "auroc": _safe(a), "auroc_ci": [round(ci[0], 6), round(ci[1], 6)] if ci else None,
-            "sensitivity": div(tp, tp + fn), "specificity": div(tn, tn + fp), "ppv": div(tp, tp + fp), "npv": div(tn, tn + fn),
-            "prevalence": div(tp + fn, len(y)), "n": int(len(y)), "positives": tp + fn, "threshold": round(float(t), 6),
+            "auroc": _safe(a),
+            "auroc_ci": [round(ci[0], 6), round(ci[1], 6)] if ci else None,
+            "sensitivity": div(tp, tp + fn),
+            "specificity": div(tn, tn + fp),
+            "ppv": div(tp, tp + fp),
+            "npv": div(tn, tn + fn),
+            "prevalence": div(tp + fn, len(y)),
+            "n": len(y),
+            "positives": tp + fn,
+            "threshold": round(float(t), 6),
         }
     out["mean_auroc"] = _safe(float(np.mean(aucs))) if aucs else None
     return out
@@ -110,12 +124,16 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], th
 
 def table(metrics: dict[str, Any]) -> str:
     """CheXNet-style per-pathology table with the operating point of the threshold."""
-    lines = [f"{'Pathology':<24} {'AUROC':>6} {'95% CI':>15} {'Sens':>6} {'Spec':>6} {'PPV':>6} {'NPV':>6} {'Prev':>6} {'n':>6}"]
+    lines = [
+        f"{'Pathology':<24} {'AUROC':>6} {'95% CI':>15} {'Sens':>6} {'Spec':>6} {'PPV':>6} {'NPV':>6} {'Prev':>6} {'n':>6}"
+    ]
     fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) else f"{'-':>6}"  # noqa: E731
     for label, m in metrics["labels"].items():
         ci = f"({m['auroc_ci'][0]:.3f}-{m['auroc_ci'][1]:.3f})" if m["auroc_ci"] else "-"
-        lines.append(f"{label[:24]:<24} {fmt(m['auroc'])} {ci:>15} {fmt(m['sensitivity'])} {fmt(m['specificity'])} {fmt(m['ppv'])} "
-                     f"{fmt(m['npv'])} {fmt(m['prevalence'])} {m['n']:>6}")
+        lines.append(
+            f"{label[:24]:<24} {fmt(m['auroc'])} {ci:>15} {fmt(m['sensitivity'])} {fmt(m['specificity'])} {fmt(m['ppv'])} "
+            f"{fmt(m['npv'])} {fmt(m['prevalence'])} {m['n']:>6}"
+        )
     mean = metrics["mean_auroc"]
     lines.append(f"{'Mean AUROC':<24} {fmt(mean)}")
     return "\n".join(lines)
@@ -158,7 +176,9 @@ def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], p
             frac, mean = calibration_curve(y, probs[:, j], n_bins=min(10, max(2, len(y) // 10)), strategy="quantile")
             ax.plot(mean, frac, "o-", label=label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="mean predicted probability", ylabel="fraction positive", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="mean predicted probability", ylabel="fraction positive", title="Calibration", xlim=(0, 1), ylim=(0, 1)
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -182,22 +202,60 @@ def predict_samples(classifier: Any, samples: list[Any], settings: Any) -> tuple
     return np.asarray(rows, dtype=np.float64).reshape(-1, len(labels)), kept
 
 
-def write_report(out: Path, metrics: dict[str, Any], y: np.ndarray, probs: np.ndarray, labels: list[str], title: str) -> None:
+def write_report(
+    out: Path, metrics: dict[str, Any], y: np.ndarray, probs: np.ndarray, labels: list[str], title: str
+) -> None:
     """metrics.json, metrics.csv, roc.png and calibration.png in out."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["label", "auroc", "auroc_ci_low", "auroc_ci_high", "sensitivity", "specificity", "ppv", "npv", "prevalence", "n", "threshold"])
+        w.writerow(
+            [
+                "label",
+                "auroc",
+                "auroc_ci_low",
+                "auroc_ci_high",
+                "sensitivity",
+                "specificity",
+                "ppv",
+                "npv",
+                "prevalence",
+                "n",
+                "threshold",
+            ]
+        )
         for label, m in metrics["labels"].items():
             ci = m["auroc_ci"] or [None, None]
-            w.writerow([label, m["auroc"], ci[0], ci[1], m["sensitivity"], m["specificity"], m["ppv"], m["npv"], m["prevalence"], m["n"], m["threshold"]])
+            w.writerow(
+                [
+                    label,
+                    m["auroc"],
+                    ci[0],
+                    ci[1],
+                    m["sensitivity"],
+                    m["specificity"],
+                    m["ppv"],
+                    m["npv"],
+                    m["prevalence"],
+                    m["n"],
+                    m["threshold"],
+                ]
+            )
         w.writerow(["mean", metrics["mean_auroc"]])
     roc_plot(y, probs, labels, out / "roc.png", title)
     calibration_plot(y, probs, labels, out / "calibration.png")
 
 
-def evaluate(bundle: Path, data: Path, out: Path, settings: Any, images: Path | None = None, split: str | None = None, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    bundle: Path,
+    data: Path,
+    out: Path,
+    settings: Any,
+    images: Path | None = None,
+    split: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Evaluate a bundle on a labelled CSV (optionally one split of the bundle's splits.csv)."""
     from dxnode.dataset import read_table
     from dxnode.model import load_classifier
@@ -215,9 +273,15 @@ def evaluate(bundle: Path, data: Path, out: Path, settings: Any, images: Path | 
     labels = classifier.manifest.labels
     order = label_columns(table_.labels, labels, _labels_from_values(Path(data)), data)
     probs, kept = predict_samples(classifier, samples, settings)
-    y = np.asarray([[s.labels[k] if k >= 0 else 0.0 for k in order] for s in kept], dtype=np.float64).reshape(-1, len(labels))
+    y = np.asarray([[s.labels[k] if k >= 0 else 0.0 for k in order] for s in kept], dtype=np.float64).reshape(
+        -1, len(labels)
+    )
     metrics = compute_metrics(y, probs, labels, classifier.manifest.thresholds, seed, task=classifier.manifest.task)
-    metrics["model"] = {"name": classifier.manifest.name, "version": classifier.manifest.version, "sha256": classifier.manifest.weights_sha256}
+    metrics["model"] = {
+        "name": classifier.manifest.name,
+        "version": classifier.manifest.version,
+        "sha256": classifier.manifest.weights_sha256,
+    }
     metrics["data"] = {"csv": str(data), "split": split or "all", "n": len(kept)}
     write_report(Path(out), metrics, y, probs, labels, f"{classifier.manifest.name} {classifier.manifest.version}")
     return metrics
@@ -232,8 +296,11 @@ def label_columns(csv_labels: list[str], bundle_labels: list[str], from_values: 
     unknown = [lab for lab in csv_labels if lab not in bundle_labels]
     missing = [lab for lab in bundle_labels if lab not in csv_labels]
     if unknown or (missing and not from_values):
-        raise ValueError(f"labels of {data} {csv_labels} do not match the bundle's {bundle_labels}"
-                         + (f": unknown {unknown}" if unknown else "") + (f": no column for {missing}" if missing and not from_values else ""))
+        raise ValueError(
+            f"labels of {data} {csv_labels} do not match the bundle's {bundle_labels}"
+            + (f": unknown {unknown}" if unknown else "")
+            + (f": no column for {missing}" if missing and not from_values else "")
+        )
     return [csv_labels.index(lab) if lab in csv_labels else -1 for lab in bundle_labels]
 
 

@@ -76,9 +76,17 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "name": self.name, "version": self.version, "labels": self.labels, "task": self.task,
-            "thresholds": self.thresholds, "preprocessing": self.preprocessing.to_dict(), "weights_file": self.weights_file,
-            "weights_sha256": self.weights_sha256, "demo": self.demo, "description": self.description, "extra": self.extra,
+            "name": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "task": self.task,
+            "thresholds": self.thresholds,
+            "preprocessing": self.preprocessing.to_dict(),
+            "weights_file": self.weights_file,
+            "weights_sha256": self.weights_sha256,
+            "demo": self.demo,
+            "description": self.description,
+            "extra": self.extra,
         }
 
 
@@ -95,20 +103,43 @@ def _validate(m: Manifest, where: str) -> None:
     if m.task not in ("multilabel", "multiclass"):
         raise BundleError(f"{where}: task must be multilabel or multiclass, not {m.task!r}")
     if not m.labels or len(m.thresholds) != len(m.labels):
-        raise BundleError(f"{where}: needs labels and one threshold per label ({len(m.labels)} labels, {len(m.thresholds)} thresholds)")
+        raise BundleError(
+            f"{where}: needs labels and one threshold per label ({len(m.labels)} labels, {len(m.thresholds)} thresholds)"
+        )
 
 
 def write_bundle(
-    path: Path, state_dict: dict[str, torch.Tensor], *, name: str, version: str, labels: list[str], task: str,
-    thresholds: list[float], preprocessing: Preprocessing, demo: bool = False, description: str = "", extra: dict[str, Any] | None = None,
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    name: str,
+    version: str,
+    labels: list[str],
+    task: str,
+    thresholds: list[float],
+    preprocessing: Preprocessing,
+    demo: bool = False,
+    description: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write weights.pt and manifest.json (with the weights' sha256) into the folder path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / "weights.pt"
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
-    manifest = Manifest(name, version, list(labels), task, [float(t) for t in thresholds], preprocessing, "weights.pt",
-                        sha256_file(weights), demo, description, dict(extra or {}))
+    manifest = Manifest(
+        name,
+        version,
+        list(labels),
+        task,
+        [float(t) for t in thresholds],
+        preprocessing,
+        "weights.pt",
+        sha256_file(weights),
+        demo,
+        description,
+        dict(extra or {}),
+    )
     _validate(manifest, str(path))
     tmp = path / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2))
@@ -122,9 +153,17 @@ def load_manifest(path: Path) -> Manifest:
     try:
         d = json.loads(file.read_text())
         m = Manifest(
-            name=d["name"], version=str(d["version"]), labels=list(d["labels"]), task=d["task"], thresholds=[float(t) for t in d["thresholds"]],
-            preprocessing=Preprocessing.from_dict(d.get("preprocessing", {})), weights_file=d.get("weights_file", "weights.pt"),
-            weights_sha256=d.get("weights_sha256", ""), demo=bool(d.get("demo", False)), description=d.get("description", ""), extra=d.get("extra", {}),
+            name=d["name"],
+            version=str(d["version"]),
+            labels=list(d["labels"]),
+            task=d["task"],
+            thresholds=[float(t) for t in d["thresholds"]],
+            preprocessing=Preprocessing.from_dict(d.get("preprocessing", {})),
+            weights_file=d.get("weights_file", "weights.pt"),
+            weights_sha256=d.get("weights_sha256", ""),
+            demo=bool(d.get("demo", False)),
+            description=d.get("description", ""),
+            extra=d.get("extra", {}),
         )
     except FileNotFoundError:
         raise BundleError(f"model bundle {path}: no manifest.json") from None
@@ -141,7 +180,9 @@ def verify_weights(path: Path, manifest: Manifest) -> Path:
         raise BundleError(f"model weights missing: {weights} (expected sha256 {manifest.weights_sha256})")
     actual = sha256_file(weights)
     if actual != manifest.weights_sha256:
-        raise BundleError(f"model weights {weights} do not match the manifest: sha256 {actual}, expected {manifest.weights_sha256}; refusing to load")
+        raise BundleError(
+            f"model weights {weights} do not match the manifest: sha256 {actual}, expected {manifest.weights_sha256}; refusing to load"
+        )
     return weights
 
 
@@ -167,7 +208,9 @@ class Classifier:
         self.manifest = manifest
         self.device = device
         self.batch_size = batch_size
-        self.identity = ModelIdentity(manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task)
+        self.identity = ModelIdentity(
+            manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task
+        )
         self._lock = threading.Lock()
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +230,7 @@ class Classifier:
         probs, maps = [], []
         with self._lock, torch.inference_mode():
             for start in range(0, len(batch), self.batch_size):
-                x = batch[start:start + self.batch_size].to(self.device)
+                x = batch[start : start + self.batch_size].to(self.device)
                 feats = self._features(x)
                 logits = self.net.fc(torch.flatten(self.net.avgpool(feats), 1))
                 probs.append(self._probabilities(logits).float().cpu())
@@ -219,7 +262,9 @@ def normalise_cam(raw: np.ndarray) -> np.ndarray:
 def cam_to_source(raw: np.ndarray, frame: Frame, prep: Preprocessing) -> np.ndarray:
     """A raw h x w CAM upsampled to the model input, then mapped back onto the source image, in [0, 1]."""
     t = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))[None, None]
-    on_input = F.interpolate(t, size=(prep.input_size, prep.input_size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    on_input = F.interpolate(t, size=(prep.input_size, prep.input_size), mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
     h, w = frame.display.shape[:2]
     return normalise_cam(map_to_source(on_input, geometry(h, w, prep)))
 
@@ -244,7 +289,9 @@ def imagenet_weights_path(settings: ModelSettings) -> Path:
     """Where the torchvision ImageNet file is looked for: the config, else $TORCH_HOME/hub/checkpoints."""
     if settings.imagenet_weights:
         return Path(settings.imagenet_weights).expanduser()
-    torch_home = Path(os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch")).expanduser()
+    torch_home = Path(
+        os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch")
+    ).expanduser()
     return torch_home / "hub" / "checkpoints" / IMAGENET_FILE
 
 
@@ -253,11 +300,18 @@ def imagenet_manifest(weights: Path) -> Manifest:
     categories = list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
     sha = sha256_file(weights)
     if not sha.startswith(IMAGENET_SHA256_PREFIX):
-        log.warning("%s: sha256 %s does not start with torchvision's published %s", weights, sha[:12], IMAGENET_SHA256_PREFIX)
+        log.warning(
+            "%s: sha256 %s does not start with torchvision's published %s", weights, sha[:12], IMAGENET_SHA256_PREFIX
+        )
     return Manifest(
-        name="torchvision-resnet18-imagenet", version="IMAGENET1K_V1", labels=categories, task="multiclass",
-        thresholds=[0.0] * len(categories), preprocessing=Preprocessing(224, "center_crop", "replicate", (), IMAGENET_MEAN, IMAGENET_STD),
-        weights_file=weights.name, weights_sha256=sha,
+        name="torchvision-resnet18-imagenet",
+        version="IMAGENET1K_V1",
+        labels=categories,
+        task="multiclass",
+        thresholds=[0.0] * len(categories),
+        preprocessing=Preprocessing(224, "center_crop", "replicate", (), IMAGENET_MEAN, IMAGENET_STD),
+        weights_file=weights.name,
+        weights_sha256=sha,
         description="General ImageNet classifier (1000 everyday object classes), not a medical model.",
     )
 
@@ -273,8 +327,15 @@ def demo_network() -> tuple[torch.nn.Module, Manifest]:
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
     manifest = Manifest(
-        name="dxnode-demo", version="0-untrained", labels=list(DEMO_LABELS), task="multilabel", thresholds=[0.5] * len(DEMO_LABELS),
-        preprocessing=Preprocessing(), weights_file="(built in)", weights_sha256=h.hexdigest(), demo=True,
+        name="dxnode-demo",
+        version="0-untrained",
+        labels=list(DEMO_LABELS),
+        task="multilabel",
+        thresholds=[0.5] * len(DEMO_LABELS),
+        preprocessing=Preprocessing(),
+        weights_file="(built in)",
+        weights_sha256=h.hexdigest(),
+        demo=True,
         description="UNTRAINED DEMO MODEL: random weights with a fixed seed. Its findings are meaningless; configure [model] bundle.",
     )
     return net, manifest
@@ -287,7 +348,9 @@ def load_network(bundle: Path, manifest: Manifest) -> torch.nn.Module:
     try:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as exc:
-        raise BundleError(f"model weights {weights} are not a ResNet-18 state dict for {len(manifest.labels)} labels: {exc}"[:500]) from exc
+        raise BundleError(
+            f"model weights {weights} are not a ResNet-18 state dict for {len(manifest.labels)} labels: {exc}"[:500]
+        ) from exc
     return net
 
 
@@ -299,7 +362,9 @@ def load_classifier(settings: ModelSettings, bundle: str | Path | None = None) -
         imagenet = imagenet_weights_path(settings)
         chosen = f"imagenet:{imagenet}" if imagenet.is_file() else "demo"
         if settings.imagenet_weights and not imagenet.is_file():
-            raise BundleError(f"[model] imagenet_weights = {settings.imagenet_weights!r}: no such file (expected torchvision's {IMAGENET_FILE})")
+            raise BundleError(
+                f"[model] imagenet_weights = {settings.imagenet_weights!r}: no such file (expected torchvision's {IMAGENET_FILE})"
+            )
     key = (chosen, str(device))
     with _cache_lock:
         if key in _cache:
@@ -350,7 +415,11 @@ def _heatmap_labels(findings: list[Finding], heatmap_for: str) -> list[Finding]:
 
 
 def analyze_study(
-    study_instance_uid: str, instances: list[tuple[str, Path]], classifier: Classifier, settings: Settings, heatmap_for: str = "positive",
+    study_instance_uid: str,
+    instances: list[tuple[str, Path]],
+    classifier: Classifier,
+    settings: Settings,
+    heatmap_for: str = "positive",
 ) -> StudyResult:
     """Run every eligible instance of a study; one bad instance fails alone with its reason."""
     prep = classifier.manifest.preprocessing
@@ -386,8 +455,16 @@ def analyze_study(
             order = order[:MAX_STORED_FINDINGS]
         for j in order:
             src = inputs[driver[j]]
-            findings.append(Finding(labels[j], float(study[j]), float(classifier.manifest.thresholds[j]), bool(positive[j]),
-                                    src.sop_instance_uid, src.frame.frame_index))
+            findings.append(
+                Finding(
+                    labels[j],
+                    float(study[j]),
+                    float(classifier.manifest.thresholds[j]),
+                    bool(positive[j]),
+                    src.sop_instance_uid,
+                    src.frame.frame_index,
+                )
+            )
         for f in _heatmap_labels(findings, heatmap_for):
             j = labels.index(f.label)
             src = inputs[driver[j]]
@@ -412,9 +489,18 @@ class FilePrediction:
         """The JSON object of `dxnode predict --json`."""
         return {
             "file": self.file,
-            "findings": [{"label": f.label, "probability": round(f.probability, 6), "positive": f.positive, "threshold": f.threshold} for f in self.findings],
+            "findings": [
+                {
+                    "label": f.label,
+                    "probability": round(f.probability, 6),
+                    "positive": f.positive,
+                    "threshold": f.threshold,
+                }
+                for f in self.findings
+            ],
             "model": {"name": self.model.name, "version": self.model.version, "demo": self.model.demo},
-            "heatmap": heatmap_path, "error": self.error,
+            "heatmap": heatmap_path,
+            "error": self.error,
         }
 
 
@@ -431,8 +517,17 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
     positive = classifier.positive(agg)
     labels = classifier.manifest.labels
     order = np.argsort(agg)[::-1][: top_k or len(labels)]
-    findings = [Finding(labels[j], float(agg[j]), float(classifier.manifest.thresholds[j]), bool(positive[j]),
-                        frames[driver[j]].sop_instance_uid or None, frames[driver[j]].frame_index) for j in order]
+    findings = [
+        Finding(
+            labels[j],
+            float(agg[j]),
+            float(classifier.manifest.thresholds[j]),
+            bool(positive[j]),
+            frames[driver[j]].sop_instance_uid or None,
+            frames[driver[j]].frame_index,
+        )
+        for j in order
+    ]
     j = int(order[0])
     rgb, _ = overlay(frames[driver[j]], cams[driver[j], j], prep)
     return FilePrediction(str(path), findings, classifier.identity, rgb, None, frames[driver[j]].display)

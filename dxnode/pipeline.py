@@ -79,9 +79,12 @@ class Preprocessing:
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         """Read the manifest form back."""
         return cls(
-            input_size=int(d.get("input_size", 224)), resize=d.get("resize", "letterbox"), channels=d.get("channels", "replicate"),
+            input_size=int(d.get("input_size", 224)),
+            resize=d.get("resize", "letterbox"),
+            channels=d.get("channels", "replicate"),
             windows=tuple(tuple(map(float, w)) for w in d.get("windows", ())),  # type: ignore[misc]
-            mean=tuple(map(float, d.get("mean", cls.mean))), std=tuple(map(float, d.get("std", cls.std))),  # type: ignore[arg-type]
+            mean=tuple(map(float, d.get("mean", cls.mean))),
+            std=tuple(map(float, d.get("std", cls.std))),  # type: ignore[arg-type]
         )
 
 
@@ -105,7 +108,11 @@ def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
         if sop_class.startswith(prefix):
             return f"not an image: {name}"
     if "PixelData" not in ds:
-        return "no pixel data" + (" (float or double float pixel data is not supported)" if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds else "")
+        return "no pixel data" + (
+            " (float or double float pixel data is not supported)"
+            if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+            else ""
+        )
     modality = str(ds.get("Modality", ""))
     if settings.modalities and modality not in settings.modalities:
         return f"modality {modality or '(none)'} is not in [pipeline] modalities"
@@ -209,7 +216,9 @@ def auto_window(values: np.ndarray) -> tuple[float, float]:
     return float((lo + hi) / 2), float(max(hi - lo, 1.0))
 
 
-def voi01(values: np.ndarray, ds: Dataset | None, settings: PipelineSettings, window: tuple[float, float] | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+def voi01(
+    values: np.ndarray, ds: Dataset | None, settings: PipelineSettings, window: tuple[float, float] | None = None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     """VOI of a grayscale frame scaled to [0, 1] and the window used (None for a VOI LUT).
 
     Precedence: explicit window > config preset > the dataset's Window Center/Width (LINEAR,
@@ -234,14 +243,20 @@ def voi01(values: np.ndarray, ds: Dataset | None, settings: PipelineSettings, wi
 
 
 def frame_from_values(
-    values: np.ndarray, frame_index: int, ds: Dataset | None, settings: PipelineSettings,
-    prep: Preprocessing, window: tuple[float, float] | None = None,
+    values: np.ndarray,
+    frame_index: int,
+    ds: Dataset | None,
+    settings: PipelineSettings,
+    prep: Preprocessing,
+    window: tuple[float, float] | None = None,
 ) -> Frame:
     """Window (grayscale) or pass through (colour) one frame into a Frame."""
     uid = str(ds.get("SOPInstanceUID", "")) if ds is not None else ""
     if values.ndim == 3:  # colour, already RGB in [0, 1]
         image = np.clip(values, 0, 1).astype(np.float32)
-        return Frame(image=image, display=(image * 255).round().astype(np.uint8), frame_index=frame_index, sop_instance_uid=uid)
+        return Frame(
+            image=image, display=(image * 255).round().astype(np.uint8), frame_index=frame_index, sop_instance_uid=uid
+        )
     monochrome1 = ds is not None and str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     gray, used = voi01(values, ds, settings, window)
     if monochrome1:
@@ -252,7 +267,9 @@ def frame_from_values(
     else:
         image = np.repeat(gray[..., np.newaxis], 3, axis=-1)
     display = np.repeat((gray * 255).round().astype(np.uint8)[..., np.newaxis], 3, axis=-1)
-    return Frame(image=image.astype(np.float32), display=display, frame_index=frame_index, sop_instance_uid=uid, window=used)
+    return Frame(
+        image=image.astype(np.float32), display=display, frame_index=frame_index, sop_instance_uid=uid, window=used
+    )
 
 
 def read_dataset(path: str | Path) -> Dataset:
@@ -272,7 +289,9 @@ def read_image_file(path: Path, prep: Preprocessing) -> list[Frame]:
             img.load()
             if img.mode in ("L", "I", "I;16", "I;16B", "F"):
                 gray = np.asarray(img, dtype=np.float64)
-                lo, hi = (0.0, 255.0) if img.mode == "L" else (float(gray.min()), float(max(gray.max(), gray.min() + 1)))
+                lo, hi = (
+                    (0.0, 255.0) if img.mode == "L" else (float(gray.min()), float(max(gray.max(), gray.min() + 1)))
+                )
                 gray01 = np.clip((gray - lo) / (hi - lo), 0, 1).astype(np.float32)
                 rgb = np.repeat(gray01[..., np.newaxis], 3, axis=-1)
             else:
@@ -344,7 +363,7 @@ def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
     src_t, src_l = max(0, -g.top), max(0, -g.left)
     dst_t, dst_l = max(0, g.top), max(0, g.left)
     hh, ww = min(g.resized_h - src_t, g.size - dst_t), min(g.resized_w - src_l, g.size - dst_l)
-    out[:, dst_t:dst_t + hh, dst_l:dst_l + ww] = x[:, src_t:src_t + hh, src_l:src_l + ww]
+    out[:, dst_t : dst_t + hh, dst_l : dst_l + ww] = x[:, src_t : src_t + hh, src_l : src_l + ww]
     mean = torch.tensor(prep.mean).view(3, 1, 1)
     std = torch.tensor(prep.std).view(3, 1, 1)
     return (out - mean) / std
@@ -357,5 +376,5 @@ def map_to_source(cam_input: np.ndarray, g: Geometry) -> np.ndarray:
     src_t, src_l = max(0, g.top), max(0, g.left)
     dst_t, dst_l = max(0, -g.top), max(0, -g.left)
     hh, ww = min(g.size - src_t, g.resized_h - dst_t), min(g.size - src_l, g.resized_w - dst_l)
-    canvas[..., dst_t:dst_t + hh, dst_l:dst_l + ww] = t[..., src_t:src_t + hh, src_l:src_l + ww]
+    canvas[..., dst_t : dst_t + hh, dst_l : dst_l + ww] = t[..., src_t : src_t + hh, src_l : src_l + ww]
     return F.interpolate(canvas, size=(g.height, g.width), mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -137,8 +137,18 @@ class ResultFilter:
 
 
 RESULT_COLUMNS = [
-    "study_instance_uid", "patient_id", "accession_number", "label", "probability", "threshold", "positive",
-    "model_name", "model_version", "model_demo", "job_id", "created_at",
+    "study_instance_uid",
+    "patient_id",
+    "accession_number",
+    "label",
+    "probability",
+    "threshold",
+    "positive",
+    "model_name",
+    "model_version",
+    "model_demo",
+    "job_id",
+    "created_at",
 ]
 
 
@@ -146,7 +156,9 @@ def list_results(session: Session, f: ResultFilter) -> list[dict[str, Any]]:
     """Findings matching the filter, newest first; by default only each study's newest done job counts."""
     q = select(FindingRow, Study).join(Study, Study.id == FindingRow.study_id)
     if not f.include_superseded:
-        newest = (select(func.max(Job.id)).where(Job.study_id == FindingRow.study_id, Job.state == "done").scalar_subquery())
+        newest = (
+            select(func.max(Job.id)).where(Job.study_id == FindingRow.study_id, Job.state == "done").scalar_subquery()
+        )
         q = q.where(FindingRow.job_id == newest)
     if f.label:
         q = q.where(FindingRow.label == f.label)
@@ -167,9 +179,17 @@ def list_results(session: Session, f: ResultFilter) -> list[dict[str, Any]]:
     q = q.order_by(FindingRow.job_id.desc(), FindingRow.rank).limit(f.limit).offset(f.offset)
     return [
         {
-            "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id, "accession_number": study.accession_number,
-            "label": r.label, "probability": round(r.probability, 6), "threshold": r.threshold, "positive": r.positive,
-            "model_name": r.model_name, "model_version": r.model_version, "model_demo": r.model_demo, "job_id": r.job_id,
+            "study_instance_uid": study.study_instance_uid,
+            "patient_id": study.patient_id,
+            "accession_number": study.accession_number,
+            "label": r.label,
+            "probability": round(r.probability, 6),
+            "threshold": r.threshold,
+            "positive": r.positive,
+            "model_name": r.model_name,
+            "model_version": r.model_version,
+            "model_demo": r.model_demo,
+            "job_id": r.job_id,
             "created_at": iso(r.created_at),
         }
         for r, study in session.execute(q)

@@ -47,6 +47,7 @@ from dxnode.config import Settings
 from dxnode.results import Finding, Heatmap, StudyResult
 from dxnode.store import write_durably
 
+
 def _tolerate_sparse_image_headers() -> None:
     """Let highdicom describe images whose headers lack what its library descriptors read.
 
@@ -58,18 +59,24 @@ def _tolerate_sparse_image_headers() -> None:
     """
     cls = hd.sr.ImageLibraryEntryDescriptors
     checks = {
-        "_generate_projection_radiography_descriptors":
-            lambda ds: "ImagerPixelSpacing" in ds and len(ds.get("PatientOrientation") or []) == 2,
-        "_generate_cross_sectional_descriptors":
-            lambda ds: len(ds.get("PixelSpacing") or []) == 2 and len(ds.get("ImageOrientationPatient") or []) == 6
-            and len(ds.get("ImagePositionPatient") or []) == 3 and ds.get("SliceThickness") not in (None, ""),
+        "_generate_projection_radiography_descriptors": lambda ds: (
+            "ImagerPixelSpacing" in ds and len(ds.get("PatientOrientation") or []) == 2
+        ),
+        "_generate_cross_sectional_descriptors": lambda ds: (
+            len(ds.get("PixelSpacing") or []) == 2
+            and len(ds.get("ImageOrientationPatient") or []) == 6
+            and len(ds.get("ImagePositionPatient") or []) == 3
+            and ds.get("SliceThickness") not in (None, "")
+        ),
     }
     for name, complete in checks.items():
         original = getattr(cls, name)
         if getattr(original, "_dxnode", False):
             continue
 
-        def descriptors(self: object, dataset: Dataset, _original: Any = original, _complete: Any = complete) -> list[object]:
+        def descriptors(
+            self: object, dataset: Dataset, _original: Any = original, _complete: Any = complete
+        ) -> list[object]:
             return list(_original(self, dataset)) if _complete(dataset) else []
 
         descriptors._dxnode = True  # type: ignore[attr-defined]
@@ -85,11 +92,41 @@ PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 # Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
-PAIRED_BODY_PARTS = frozenset({
-    "ANKLE", "ARM", "BREAST", "CALCANEUS", "CALF", "CLAVICLE", "EAR", "ELBOW", "EYE", "FEMUR", "FIBULA", "FINGER", "FOOT",
-    "FOREARM", "HAND", "HIP", "HUMERUS", "KIDNEY", "KNEE", "LEG", "ORBIT", "PATELLA", "RADIUS", "SCAPULA", "SHOULDER",
-    "THIGH", "THUMB", "TIBIA", "TOE", "ULNA", "WRIST",
-})
+PAIRED_BODY_PARTS = frozenset(
+    {
+        "ANKLE",
+        "ARM",
+        "BREAST",
+        "CALCANEUS",
+        "CALF",
+        "CLAVICLE",
+        "EAR",
+        "ELBOW",
+        "EYE",
+        "FEMUR",
+        "FIBULA",
+        "FINGER",
+        "FOOT",
+        "FOREARM",
+        "HAND",
+        "HIP",
+        "HUMERUS",
+        "KIDNEY",
+        "KNEE",
+        "LEG",
+        "ORBIT",
+        "PATELLA",
+        "RADIUS",
+        "SCAPULA",
+        "SHOULDER",
+        "THIGH",
+        "THUMB",
+        "TIBIA",
+        "TOE",
+        "ULNA",
+        "WRIST",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +146,10 @@ def result_key(result: StudyResult) -> str:
     """A digest of everything that makes a result what it is (drives the output UIDs)."""
     m = result.model
     parts = [result.study_instance_uid, m.name, m.version, m.sha256]
-    parts += [f"{f.label}={f.probability:.6f}:{int(f.positive)}:{f.source_sop_instance_uid}:{f.source_frame}" for f in sorted(result.findings, key=lambda f: f.label)]
+    parts += [
+        f"{f.label}={f.probability:.6f}:{int(f.positive)}:{f.source_sop_instance_uid}:{f.source_frame}"
+        for f in sorted(result.findings, key=lambda f: f.label)
+    ]
     parts += sorted(o.sop_instance_uid for o in result.instances if o.state == "done")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -160,20 +200,33 @@ def _contributing_equipment(settings: Settings, m_name: str, m_version: str, dev
     return item
 
 
-def _group(f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str) -> MeasurementsAndQualitativeEvaluations:
+def _group(
+    f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
+) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of one label: present/absent and probability, with its source image."""
     concept = _label_concept(f.label)
     images = []
     if f.source_sop_instance_uid and f.source_sop_instance_uid in sources:
         src = sources[f.source_sop_instance_uid]
         frames = [f.source_frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
-        images.append(SourceImageForMeasurementGroup(str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames))
+        images.append(
+            SourceImageForMeasurementGroup(
+                str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
+            )
+        )
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=derived_uid(key, "group", f.label), identifier=f.label[:64]),
         finding_type=concept,
         algorithm_id=algo,
         qualitative_evaluations=[QualitativeEvaluation(concept, codes.SCT.Present if f.positive else codes.SCT.Absent)],
-        measurements=[Measurement(name=PROBABILITY, value=round(float(f.probability), 6), unit=CodedConcept("1", "UCUM", "no units"), algorithm_id=algo)],
+        measurements=[
+            Measurement(
+                name=PROBABILITY,
+                value=round(float(f.probability), 6),
+                unit=CodedConcept("1", "UCUM", "no units"),
+                algorithm_id=algo,
+            )
+        ],
         source_images=images or None,
     )
 
@@ -181,10 +234,15 @@ def _group(f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentificatio
 def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     """TID 1500 'Qualitative Evaluations' container with plain-text lines."""
     container = hd.sr.ContainerContentItem(
-        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     container.ContentSequence = [
-        hd.sr.TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=line[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        hd.sr.TextContentItem(
+            name=CodedConcept("121106", "DCM", "Comment"),
+            value=line[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
         for line in lines
     ]
     return container
@@ -199,7 +257,10 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=settings.node.ae_title, manufacturer_name=settings.report.manufacturer, model_name=f"dxnode {__version__}",
+            uid=device_uid,
+            name=settings.node.ae_title,
+            manufacturer_name=settings.report.manufacturer,
+            model_name=f"dxnode {__version__}",
         ),
     )
     evidence = [sources[uid] for uid in sorted(sources)]
@@ -210,12 +271,22 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
         referenced_images=evidence,
     )
     summary = summary_line(result)
-    lines = [summary, "This content was generated by an AI model" + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else ".")]
+    lines = [
+        summary,
+        "This content was generated by an AI model"
+        + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else "."),
+    ]
     report[0].ContentSequence.append(_comments_container(lines))
     sr = ComprehensiveSR(
-        evidence=evidence, content=report[0], series_instance_uid=derived_uid(key, "sr-series"),
-        series_number=settings.report.sr_series_number, sop_instance_uid=derived_uid(key, "sr"), instance_number=1,
-        manufacturer=settings.report.manufacturer, institution_name=settings.report.institution_name or None, is_complete=True,
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=derived_uid(key, "sr-series"),
+        series_number=settings.report.sr_series_number,
+        sop_instance_uid=derived_uid(key, "sr"),
+        instance_number=1,
+        manufacturer=settings.report.manufacturer,
+        institution_name=settings.report.institution_name or None,
+        is_complete=True,
         contributing_equipment=None,
     )
     sr.SeriesDescription = settings.report.sr_series_description[:64]
@@ -226,8 +297,10 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
 def caption_lines(h: Heatmap, f: Finding, result: StudyResult) -> list[str]:
     """The burned-in caption of a heatmap SC."""
     m = result.model
-    lines = [f"AI GENERATED - {f.label}: probability {f.probability:.3f} ({'POSITIVE' if f.positive else 'negative'}, threshold {f.threshold:.2f})",
-             f"Grad-CAM heatmap, model {m.name} {m.version}"]
+    lines = [
+        f"AI GENERATED - {f.label}: probability {f.probability:.3f} ({'POSITIVE' if f.positive else 'negative'}, threshold {f.threshold:.2f})",
+        f"Grad-CAM heatmap, model {m.name} {m.version}",
+    ]
     if m.demo:
         lines.append("UNTRAINED DEMO MODEL - NOT A DIAGNOSIS")
     return lines
@@ -269,7 +342,9 @@ def image_orientation(source: Dataset, frame: int = 0) -> list[float] | None:
     """Image Orientation (Patient) of a frame: top level, else the enhanced per-frame or shared functional group."""
     if len(source.get("ImageOrientationPatient") or []) == 6:
         return [float(x) for x in source.ImageOrientationPatient]
-    groups = list(source.get("PerFrameFunctionalGroupsSequence") or [])[frame:frame + 1] + list(source.get("SharedFunctionalGroupsSequence") or [])
+    groups = list(source.get("PerFrameFunctionalGroupsSequence") or [])[frame : frame + 1] + list(
+        source.get("SharedFunctionalGroupsSequence") or []
+    )
     for group in groups:
         for plane in group.get("PlaneOrientationSequence") or []:
             if len(plane.get("ImageOrientationPatient") or []) == 6:
@@ -294,19 +369,29 @@ def patient_orientation(source: Dataset, frame: int = 0) -> tuple[str, str] | No
     return main_letter(iop[:3]), main_letter(iop[3:])
 
 
-def build_sc(h: Heatmap, f: Finding, result: StudyResult, source: Dataset, settings: Settings, index: int) -> tuple[Dataset, str]:
+def build_sc(
+    h: Heatmap, f: Finding, result: StudyResult, source: Dataset, settings: Settings, index: int
+) -> tuple[Dataset, str]:
     """The Secondary Capture of one heatmap and its caption."""
     key = result_key(result)
     lines = caption_lines(h, f, result)
     pixels = render_caption(h.overlay, lines)
     orientation = patient_orientation(source, h.frame)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-        series_instance_uid=derived_uid(key, "sc-series"), series_number=settings.report.sc_series_number,
-        sop_instance_uid=derived_uid(key, "sc", h.label), instance_number=index + 1, manufacturer=settings.report.manufacturer,
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=derived_uid(key, "sc-series"),
+        series_number=settings.report.sc_series_number,
+        sop_instance_uid=derived_uid(key, "sc", h.label),
+        instance_number=index + 1,
+        manufacturer=settings.report.manufacturer,
         # highdicom insists on an orientation in the patient coordinate system; when the source has
         # none (ultrasound, many secondary captures) it is emptied below: Type 2, "unknown".
-        patient_orientation=orientation or ("L", "F"), laterality=source.get("Laterality") or None,
+        patient_orientation=orientation or ("L", "F"),
+        laterality=source.get("Laterality") or None,
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
     if orientation is None:
@@ -323,12 +408,18 @@ def build_sc(h: Heatmap, f: Finding, result: StudyResult, source: Dataset, setti
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         if source.get(keyword) and keyword not in sc:  # an empty one means unknown, handled below
             setattr(sc, keyword, source.data_element(keyword).value)
-    if "Laterality" not in sc and "ImageLaterality" not in sc and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}:
+    if (
+        "Laterality" not in sc
+        and "ImageLaterality" not in sc
+        and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}
+    ):
         sc.Laterality = None  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
     return sc, lines[0]
 
 
-def write_outputs(result: StudyResult, sources: dict[str, Path], settings: Settings, out_dir: Path) -> list[WrittenOutput]:
+def write_outputs(
+    result: StudyResult, sources: dict[str, Path], settings: Settings, out_dir: Path
+) -> list[WrittenOutput]:
     """Write the SR and one SC per heatmap under out_dir/<study>/, atomically; return what was written.
 
     Every object is built before any is written: a result that cannot be encoded leaves no file.
@@ -338,7 +429,9 @@ def write_outputs(result: StudyResult, sources: dict[str, Path], settings: Setti
         if h.label not in by_label:
             raise ValueError(f"heatmap for {h.label!r}, which is not a finding of the result")
         if h.sop_instance_uid not in sources:
-            raise ValueError(f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources")
+            raise ValueError(
+                f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources"
+            )
     headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
     sr, summary = build_sr(result, headers, settings)
     built = [(sr, "sr", "", summary)]
@@ -358,4 +451,6 @@ def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str) -> Wri
     ds.save_as(buf, enforce_file_format=True)
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     write_durably(path, buf.getvalue())
-    return WrittenOutput(kind, label, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), path.resolve(), summary)
+    return WrittenOutput(
+        kind, label, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), path.resolve(), summary
+    )

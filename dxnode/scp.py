@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import socket
 import shutil
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -31,14 +31,14 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -62,9 +62,22 @@ log = logging.getLogger("dxnode.scp")
 
 # Order matters: pynetdicom accepts the first of these that the sender proposes (see above).
 TRANSFER_SYNTAXES = [
-    JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1, JPEGLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL,
-    JPEG2000, JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit, HTJ2K, DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000,
+    JPEGLSNearLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    HTJ2K,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
 ]
 
 SUCCESS = 0x0000
@@ -142,19 +155,26 @@ def parse_received(event: Any) -> Received:
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         fields = dict(
-            patient_id=_text(ds, "PatientID", 64), patient_name=_text(ds, "PatientName", 324),
-            accession_number=_text(ds, "AccessionNumber", 16), study_date=_text(ds, "StudyDate", 8),
-            study_description=_text(ds, "StudyDescription", 64), modality=_text(ds, "Modality", 16),
-            body_part_examined=_text(ds, "BodyPartExamined", 64), series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription", 64), instance_number=_int(ds, "InstanceNumber"),
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_description=_text(ds, "StudyDescription", 64),
+            modality=_text(ds, "Modality", 16),
+            body_part_examined=_text(ds, "BodyPartExamined", 64),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription", 64),
+            instance_number=_int(ds, "InstanceNumber"),
         )
     except AttributeError as exc:
         raise StoreRefused(CANNOT_UNDERSTAND, f"missing attribute: {exc}"[:64]) from exc
     except Exception as exc:  # pydicom raises many kinds on a corrupt stream
         raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
     uids = {
-        "SOPClassUID": str(req.AffectedSOPClassUID), "SOPInstanceUID": str(req.AffectedSOPInstanceUID),
-        "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+        "SOPClassUID": str(req.AffectedSOPClassUID),
+        "SOPInstanceUID": str(req.AffectedSOPInstanceUID),
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
     }
     for name, value in uids.items():
         if not is_valid_uid(value):
@@ -162,8 +182,12 @@ def parse_received(event: Any) -> Received:
     if str(ds.get("SOPInstanceUID", uids["SOPInstanceUID"])) != uids["SOPInstanceUID"]:
         raise StoreRefused(CANNOT_UNDERSTAND, "SOPInstanceUID differs from request")
     return Received(
-        sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"], study_instance_uid=study_uid,
-        series_instance_uid=series_uid, transfer_syntax_uid=str(event.context.transfer_syntax), **fields,
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        **fields,
     )
 
 
@@ -182,7 +206,11 @@ class StorageSCP:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
-        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = node.acse_timeout, node.dimse_timeout, node.network_timeout
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (
+            node.acse_timeout,
+            node.dimse_timeout,
+            node.network_timeout,
+        )
         ae.maximum_pdu_size = MAX_PDU
         ae.require_calling_aet = list(node.allowed_calling_aets)
         ae.add_supported_context(Verification)
@@ -202,11 +230,20 @@ class StorageSCP:
         """Start listening (returns at once; associations run on pynetdicom's threads)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
         node = self.settings.node
-        self._servers.append(set_tcp_nodelay(self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers())))
+        self._servers.append(
+            set_tcp_nodelay(self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers()))
+        )
         if node.tls_port is not None:
-            self._servers.append(set_tcp_nodelay(
-                self.ae.start_server((node.host, node.tls_port), block=False, evt_handlers=self._handlers(), ssl_context=self._tls_context())
-            ))
+            self._servers.append(
+                set_tcp_nodelay(
+                    self.ae.start_server(
+                        (node.host, node.tls_port),
+                        block=False,
+                        evt_handlers=self._handlers(),
+                        ssl_context=self._tls_context(),
+                    )
+                )
+            )
 
     def _tls_context(self) -> ssl.SSLContext:
         """Server TLS context from node.tls_cert/tls_key, verifying clients against tls_ca if set."""
@@ -218,7 +255,9 @@ class StorageSCP:
         ctx.load_cert_chain(str(node.tls_cert), str(node.tls_key))
         if node.tls_ca:
             ctx.load_verify_locations(str(node.tls_ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED if node.tls_require_client_cert else ssl.CERT_OPTIONAL if node.tls_ca else ssl.CERT_NONE
+        ctx.verify_mode = (
+            ssl.CERT_REQUIRED if node.tls_require_client_cert else ssl.CERT_OPTIONAL if node.tls_ca else ssl.CERT_NONE
+        )
         return ctx
 
     def stop(self) -> None:
@@ -248,8 +287,11 @@ class StorageSCP:
         log.info("association from %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     def _on_rejected(self, event: Any) -> None:
-        log.warning("association from %r (%s) rejected: calling AE title not allowed",
-                    event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        log.warning(
+            "association from %r (%s) rejected: calling AE title not allowed",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
         metrics.ASSOCIATIONS_REJECTED.labels(reason="calling_aet").inc()
 
     def _on_store(self, event: Any) -> int | Dataset:
@@ -300,7 +342,9 @@ class StorageSCP:
         log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, len(data), calling_aet)
         return SUCCESS
 
-    def _commit(self, rec: Received, tmp: Path, path: Path, rel: Path, size: int, sha256: str, calling_aet: str, address: str) -> bool:
+    def _commit(
+        self, rec: Received, tmp: Path, path: Path, rel: Path, size: int, sha256: str, calling_aet: str, address: str
+    ) -> bool:
         """One transaction: a repeat is counted; for a new instance the rows are written, the file is
         renamed into place and the rows committed. Returns False for a duplicate. Core statements keep this cheap.
 
@@ -313,20 +357,54 @@ class StorageSCP:
             renamed = False
             try:
                 with self.store.engine.begin() as conn:
-                    existing = conn.execute(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)).scalar()
+                    existing = conn.execute(
+                        select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+                    ).scalar()
                     if existing is not None:
-                        conn.execute(update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1))
-                        conn.execute(insert(Audit).values(at=utcnow(), actor=calling_aet, action="instance.duplicate", target=f"instance:{existing}", source=address, detail=""))
+                        conn.execute(
+                            update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1)
+                        )
+                        conn.execute(
+                            insert(Audit).values(
+                                at=utcnow(),
+                                actor=calling_aet,
+                                action="instance.duplicate",
+                                target=f"instance:{existing}",
+                                source=address,
+                                detail="",
+                            )
+                        )
                         return False
                     study_id = self._upsert_study(conn, rec, calling_aet)
                     series_id = self._upsert_series(conn, study_id, rec)
-                    instance_id = conn.execute(insert(Instance).values(
-                        series_id=series_id, study_id=study_id, sop_class_uid=rec.sop_class_uid, sop_instance_uid=rec.sop_instance_uid,
-                        transfer_syntax_uid=rec.transfer_syntax_uid, instance_number=rec.instance_number, file_path=str(rel),
-                        size_bytes=size, sha256=sha256, calling_aet=calling_aet, received_at=utcnow(), duplicates=0,
-                    ).returning(Instance.id)).scalar_one()
-                    conn.execute(insert(Audit).values(at=utcnow(), actor=calling_aet, action="instance.received", target=f"instance:{instance_id}",
-                                                      source=address, detail=f'{{"study_id": {study_id}, "bytes": {size}}}'))
+                    instance_id = conn.execute(
+                        insert(Instance)
+                        .values(
+                            series_id=series_id,
+                            study_id=study_id,
+                            sop_class_uid=rec.sop_class_uid,
+                            sop_instance_uid=rec.sop_instance_uid,
+                            transfer_syntax_uid=rec.transfer_syntax_uid,
+                            instance_number=rec.instance_number,
+                            file_path=str(rel),
+                            size_bytes=size,
+                            sha256=sha256,
+                            calling_aet=calling_aet,
+                            received_at=utcnow(),
+                            duplicates=0,
+                        )
+                        .returning(Instance.id)
+                    ).scalar_one()
+                    conn.execute(
+                        insert(Audit).values(
+                            at=utcnow(),
+                            actor=calling_aet,
+                            action="instance.received",
+                            target=f"instance:{instance_id}",
+                            source=address,
+                            detail=f'{{"study_id": {study_id}, "bytes": {size}}}',
+                        )
+                    )
                     publish(tmp, path)  # durable under its final name before the rows commit
                     renamed = True
                 return True
@@ -345,15 +423,38 @@ class StorageSCP:
     def _upsert_study(conn: Any, rec: Received, calling_aet: str) -> int:
         """Create or update the study row; returns its id."""
         now = utcnow()
-        row = conn.execute(select(Study.id, Study.modalities, Study.patient_id, Study.patient_name, Study.accession_number,
-                                  Study.study_date, Study.study_description).where(Study.study_instance_uid == rec.study_instance_uid)).first()
+        row = conn.execute(
+            select(
+                Study.id,
+                Study.modalities,
+                Study.patient_id,
+                Study.patient_name,
+                Study.accession_number,
+                Study.study_date,
+                Study.study_description,
+            ).where(Study.study_instance_uid == rec.study_instance_uid)
+        ).first()
         values: dict[str, Any] = {"calling_aet": calling_aet, "last_received_at": now}
         if row is None:
-            return int(conn.execute(insert(Study).values(
-                study_instance_uid=rec.study_instance_uid, patient_id=rec.patient_id, patient_name=rec.patient_name,
-                accession_number=rec.accession_number, study_date=rec.study_date, study_description=rec.study_description,
-                modalities=rec.modality, first_received_at=now, num_instances=1, ignored=False, **values,
-            ).returning(Study.id)).scalar_one())
+            return int(
+                conn.execute(
+                    insert(Study)
+                    .values(
+                        study_instance_uid=rec.study_instance_uid,
+                        patient_id=rec.patient_id,
+                        patient_name=rec.patient_name,
+                        accession_number=rec.accession_number,
+                        study_date=rec.study_date,
+                        study_description=rec.study_description,
+                        modalities=rec.modality,
+                        first_received_at=now,
+                        num_instances=1,
+                        ignored=False,
+                        **values,
+                    )
+                    .returning(Study.id)
+                ).scalar_one()
+            )
         for attr in ("patient_id", "patient_name", "accession_number", "study_date", "study_description"):
             if getattr(rec, attr) and not getattr(row, attr):
                 values[attr] = getattr(rec, attr)
@@ -366,13 +467,25 @@ class StorageSCP:
     @staticmethod
     def _upsert_series(conn: Any, study_id: int, rec: Received) -> int:
         """The series row's id, created on its first instance."""
-        series_id = conn.execute(select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)).scalar()
+        series_id = conn.execute(
+            select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
+        ).scalar()
         if series_id is not None:
             return int(series_id)
-        return int(conn.execute(insert(Series).values(
-            study_id=study_id, series_instance_uid=rec.series_instance_uid, modality=rec.modality, body_part_examined=rec.body_part_examined,
-            series_number=rec.series_number, series_description=rec.series_description,
-        ).returning(Series.id)).scalar_one())
+        return int(
+            conn.execute(
+                insert(Series)
+                .values(
+                    study_id=study_id,
+                    series_instance_uid=rec.series_instance_uid,
+                    modality=rec.modality,
+                    body_part_examined=rec.body_part_examined,
+                    series_number=rec.series_number,
+                    series_description=rec.series_description,
+                )
+                .returning(Series.id)
+            ).scalar_one()
+        )
 
 
 def _withdraw(path: Path, inode: int) -> None:

@@ -1,6 +1,6 @@
 """The store: SQLAlchemy 2 models of everything the node knows, and the session factory.
 
-The schema is made only by the Alembic migrations in migrations/ (``dxnode db upgrade``;
+The schema is made only by the Alembic migrations in dxnode/migrations/ (``dxnode db upgrade``;
 ``serve`` upgrades on start). SQLite runs in WAL mode with a busy timeout; the same code runs on
 PostgreSQL. Times are stored as timezone-aware UTC.
 """
@@ -8,6 +8,7 @@ PostgreSQL. Times are stored as timezone-aware UTC.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.resources
 import json
 import os
 import uuid
@@ -266,7 +267,15 @@ class Audit(Base):
 
 def audit(session: Session, actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> None:
     """Add an audit row to the session (committed with the caller's transaction)."""
-    session.add(Audit(actor=actor, action=action, target=target, source=source, detail=json.dumps(detail, default=str) if detail else ""))
+    session.add(
+        Audit(
+            actor=actor,
+            action=action,
+            target=target,
+            source=source,
+            detail=json.dumps(detail, default=str) if detail else "",
+        )
+    )
 
 
 def make_engine(url: str, busy_timeout_s: float = 30, echo: bool = False) -> Engine:
@@ -336,7 +345,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).resolve().parent.parent / "migrations"))
+    cfg.set_main_option("script_location", str(importlib.resources.files("dxnode.migrations")))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
     command.upgrade(cfg, revision)

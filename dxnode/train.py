@@ -27,7 +27,12 @@ log = logging.getLogger("dxnode.train")
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `dxnode train`."""
-    p.add_argument("--data", required=True, type=Path, help="labelled CSV (generic, ChestX-ray14 Data_Entry_2017.csv or ISIC ground truth)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="labelled CSV (generic, ChestX-ray14 Data_Entry_2017.csv or ISIC ground truth)",
+    )
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
     p.add_argument("--name", default="", help="model name in the manifest (default: the bundle folder's name)")
@@ -37,17 +42,25 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
-    p.add_argument("--loss", choices=["bce", "focal"], default="bce", help="BCE with per-label pos_weight, or focal loss (gamma 2)")
+    p.add_argument(
+        "--loss", choices=["bce", "focal"], default="bce", help="BCE with per-label pos_weight, or focal loss (gamma 2)"
+    )
     p.add_argument("--input-size", type=int, default=224, help="model input size (e.g. 224; 64 for quick CPU runs)")
     p.add_argument("--resize", choices=["letterbox", "center_crop"], default="letterbox")
     p.add_argument("--freeze-epochs", type=int, default=0, help="train only fc for this many epochs, then everything")
-    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better mean validation AUROC")
+    p.add_argument(
+        "--patience", type=int, default=5, help="stop after this many epochs without a better mean validation AUROC"
+    )
     p.add_argument("--threshold-rule", choices=["youden", "sensitivity"], default="youden")
     p.add_argument("--target-sensitivity", type=float, default=0.9)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.15)
-    p.add_argument("--hflip", action="store_true", help="also augment with horizontal flips (off by default: laterality matters)")
-    p.add_argument("--imagenet-weights", type=Path, help="resnet18-f37072fd.pth (default: the torch hub cache, if it has it)")
+    p.add_argument(
+        "--hflip", action="store_true", help="also augment with horizontal flips (off by default: laterality matters)"
+    )
+    p.add_argument(
+        "--imagenet-weights", type=Path, help="resnet18-f37072fd.pth (default: the torch hub cache, if it has it)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="", help="cpu, cuda, auto (default: [model] device)")
@@ -60,7 +73,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="labelled CSV")
     p.add_argument("--out", required=True, type=Path, help="folder for metrics.json, metrics.csv and plots")
     p.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
-    p.add_argument("--split", choices=["train", "val", "test"], help="only this split of the bundle's splits.csv (the held-out test split)")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        help="only this split of the bundle's splits.csv (the held-out test split)",
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
 
@@ -92,15 +109,24 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
 
     net = resnet18(num_labels)
     if weights is None or not weights.is_file():
-        log.warning("no ImageNet weights file (%s): training from scratch, which needs far more data", weights or "resnet18-f37072fd.pth")
+        log.warning(
+            "no ImageNet weights file (%s): training from scratch, which needs far more data",
+            weights or "resnet18-f37072fd.pth",
+        )
         return net, "scratch"
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+        missing, unexpected = net.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False
+        )
     except Exception as exc:
-        raise ValueError(f"ImageNet weights {weights}: not a ResNet-18 state dict: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        raise ValueError(
+            f"ImageNet weights {weights}: not a ResNet-18 state dict: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
     if set(missing) - {"fc.weight", "fc.bias"} or unexpected:
-        raise ValueError(f"ImageNet weights {weights}: not a ResNet-18 state dict (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise ValueError(
+            f"ImageNet weights {weights}: not a ResNet-18 state dict (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     return net, f"imagenet:{weights.name}"
 
 
@@ -122,7 +148,9 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
     table = read_table(args.data, args.images)
     for line in table.unreadable:
         print(f"left out {line}", file=sys.stderr)
-    splits = split_by_patient(table.samples, (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction), args.seed)
+    splits = split_by_patient(
+        table.samples, (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction), args.seed
+    )
     if not splits["train"] or not splits["val"]:
         raise ValueError(f"not enough patients to split: train {len(splits['train'])}, val {len(splits['val'])} images")
     with open(out / "splits.csv", "w", newline="") as f:
@@ -139,8 +167,11 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
 
     y_train = np.asarray([s.labels for s in splits["train"]], dtype=np.float64)
     pos = y_train.sum(axis=0)
-    pos_weight = torch.tensor(np.clip((len(y_train) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device)
+    pos_weight = torch.tensor(
+        np.clip((len(y_train) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device
+    )
     if task == "multiclass":
+
         def loss_fn(logits: Any, y: Any) -> Any:
             return torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
     elif args.loss == "focal":
@@ -152,8 +183,12 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
     train_ds = TorchDataset(splits["train"], settings.pipeline, prep, Augment(hflip=args.hflip), args.seed)
     val_ds = TorchDataset(splits["val"], settings.pipeline, prep, None, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate, generator=gen)
-    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
+    train_dl = torch.utils.data.DataLoader(
+        train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate, generator=gen
+    )
+    val_dl = torch.utils.data.DataLoader(
+        val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate
+    )
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
@@ -204,7 +239,12 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
             p.requires_grad = (not frozen) or name.startswith("fc.")
         net.train()
         total, count = 0.0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{args.epochs}" + (" (fc only)" if frozen else ""), file=sys.stderr, leave=False)
+        bar = tqdm(
+            train_dl,
+            desc=f"epoch {epoch + 1}/{args.epochs}" + (" (fc only)" if frozen else ""),
+            file=sys.stderr,
+            leave=False,
+        )
         for batch in bar:
             report(batch.failed)
             if batch.x is None:
@@ -221,7 +261,10 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
         m = compute_metrics(y_val, p_val, labels, [0.5] * len(labels), bootstrap=0)
         mean_auc = m["mean_auroc"] if m["mean_auroc"] is not None else 0.0
         state["history"].append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_mean_auroc": mean_auc})
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {total / max(count, 1):.4f}  val mean AUROC {mean_auc:.4f}", file=sys.stderr)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}  loss {total / max(count, 1):.4f}  val mean AUROC {mean_auc:.4f}",
+            file=sys.stderr,
+        )
         if mean_auc > state["best_auroc"]:
             state.update(best_auroc=mean_auc, best_epoch=epoch, stale=0)
             torch.save(net.state_dict(), ckpt_dir / "best.pt")
@@ -229,8 +272,16 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
             state["stale"] += 1
         state["epoch"] = epoch
         tmp = last.with_name("last.pt.tmp")  # a crash while saving must not destroy the previous checkpoint
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
-                    "generator": gen.get_state()}, tmp)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "state": state,
+                "generator": gen.get_state(),
+            },
+            tmp,
+        )
         tmp.replace(last)
         if state["stale"] >= args.patience:
             print(f"early stop: no better validation AUROC for {args.patience} epochs", file=sys.stderr)
@@ -241,20 +292,42 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
     if task == "multiclass":
         thresholds = [0.0] * len(labels)
     elif args.threshold_rule == "sensitivity":
-        thresholds = [sensitivity_threshold(y_val[:, j], p_val[:, j], args.target_sensitivity) for j in range(len(labels))]
+        thresholds = [
+            sensitivity_threshold(y_val[:, j], p_val[:, j], args.target_sensitivity) for j in range(len(labels))
+        ]
     else:
         thresholds = [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(len(labels))]
     metrics = compute_metrics(y_val, p_val, labels, thresholds, args.seed, task=task)
     metrics["split"] = "val"
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "parser_hook")}
+    params = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "parser_hook")
+    }
     extra = {
-        "training": {"data": str(args.data), "data_sha256": table.sha256, "format": table.format, "start": start, "parameters": params,
-                     "split_sizes": {k: len(v) for k, v in splits.items()}, "best_epoch": state["best_epoch"] + 1, "history": state["history"],
-                     "threshold_rule": args.threshold_rule if task == "multilabel" else "argmax"},
+        "training": {
+            "data": str(args.data),
+            "data_sha256": table.sha256,
+            "format": table.format,
+            "start": start,
+            "parameters": params,
+            "split_sizes": {k: len(v) for k, v in splits.items()},
+            "best_epoch": state["best_epoch"] + 1,
+            "history": state["history"],
+            "threshold_rule": args.threshold_rule if task == "multilabel" else "argmax",
+        },
         "validation": {"mean_auroc": metrics["mean_auroc"]},
     }
-    write_bundle(out, net.cpu().state_dict(), name=args.name or out.name, version=args.version, labels=labels, task=task,
-                 thresholds=thresholds, preprocessing=prep, description=f"ResNet-18 fine-tuned by dxnode train on {args.data.name}", extra=extra)
+    write_bundle(
+        out,
+        net.cpu().state_dict(),
+        name=args.name or out.name,
+        version=args.version,
+        labels=labels,
+        task=task,
+        thresholds=thresholds,
+        preprocessing=prep,
+        description=f"ResNet-18 fine-tuned by dxnode train on {args.data.name}",
+        extra=extra,
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     roc_plot(y_val, p_val, labels, out / "roc.png", f"{args.name or out.name} {args.version} (validation)")
     curves_plot(state["history"], out / "curves.png")

@@ -100,7 +100,9 @@ def sweep(store: Store, settings: Settings, now: dt.datetime | None = None) -> l
     return queued
 
 
-def requeue_study(session: Session, study_instance_uid: str, actor: str, action: str = "study.requeue", source: str = "") -> int:
+def requeue_study(
+    session: Session, study_instance_uid: str, actor: str, action: str = "study.requeue", source: str = ""
+) -> int:
     """Queue a study now, stable or not (force-complete, re-run); returns the job id."""
     study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
     if study is None:

@@ -92,7 +92,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator["object"]:
+def store(db_url: str) -> Iterator[object]:
     """A Store on db_url (SQLite and PostgreSQL)."""
     from dxnode.store import Store
 

@@ -24,10 +24,21 @@ def pixelmed_sr_check(path: Path) -> tuple[str, list[str]]:
     from conftest import need
 
     need(Path(PIXELMED).exists(), "libpixelmed-java")
-    out = subprocess.run(["java", *JAVA_LIMITS, "-cp", PIXELMED, "com.pixelmed.validate.DicomSRValidator", str(path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["java", *JAVA_LIMITS, "-cp", PIXELMED, "com.pixelmed.validate.DicomSRValidator", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     text = out.stdout + out.stderr
-    root = next((line.split("Found Root Template", 1)[1].strip() for line in text.splitlines() if "Found Root Template" in line), "")
+    root = next(
+        (
+            line.split("Found Root Template", 1)[1].strip()
+            for line in text.splitlines()
+            if "Found Root Template" in line
+        ),
+        "",
+    )
     return root, [line for line in text.splitlines() if line.startswith("Error")]
 
 

@@ -45,7 +45,11 @@ def write_config(path: Path, sections: dict[str, Any]) -> Path:
                 lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
         else:
             lines.append(f"[{name}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in body.items() if not isinstance(v, list) or not v or not isinstance(v[0], dict)]
+            lines += [
+                f"{k} = {toml_value(v)}"
+                for k, v in body.items()
+                if not isinstance(v, list) or not v or not isinstance(v[0], dict)
+            ]
             for k, v in body.items():
                 if isinstance(v, list) and v and isinstance(v[0], dict):
                     for item in v:
@@ -81,8 +85,12 @@ class Node:
         self.lines: list[str] = []
         full_env = dict(os.environ, TORCH_HOME=str(config.parent / "torch-home"), **(env or {}))
         self.proc = subprocess.Popen(
-            [DXNODE, "--config", str(config), "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=full_env, cwd=config.parent,
+            [DXNODE, "--config", str(config), "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+            cwd=config.parent,
         )
         threading.Thread(target=self._read, daemon=True).start()
         self.port = int(self.wait_for(r"listening on [^:]+:(\d+)").group(1))
@@ -107,7 +115,13 @@ class Node:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run another dxnode command against the same config."""
-        return subprocess.run([DXNODE, "--config", str(self.config), *args], capture_output=True, text=True, timeout=120, cwd=self.config.parent)
+        return subprocess.run(
+            [DXNODE, "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.config.parent,
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -130,8 +144,10 @@ class InProcessNode:
         if url is None:
             url = f"sqlite:///{tmp / 'dxnode.db'}"
             upgrade(url)
-        self.settings = Settings(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "var", "min_free_mb": 10, **node},
-                                 database={"url": url})
+        self.settings = Settings(
+            node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "var", "min_free_mb": 10, **node},
+            database={"url": url},
+        )
         self.store = Store(url, busy_timeout_s=busy_timeout_s)
         self.scp = StorageSCP(self.settings, self.store)
         self.scp.start()
@@ -158,8 +174,12 @@ class StoreSCP:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, port
         env = dict(os.environ, TCP_NODELAY="1")
-        self.proc = subprocess.Popen(["storescp", "-aet", aet, "+xa", "-od", str(folder), str(port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", aet, "+xa", "-od", str(folder), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         wait_port(port)
 
     def datasets(self) -> list[pydicom.Dataset]:
@@ -193,7 +213,9 @@ def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def make_study(folder: Path, n: int = 3, source: str = "CT_small.dcm", patient_id: str = "PAT-E2E") -> tuple[str, list[Path]]:
+def make_study(
+    folder: Path, n: int = 3, source: str = "CT_small.dcm", patient_id: str = "PAT-E2E"
+) -> tuple[str, list[Path]]:
     """n instances of a bundled pydicom image in one new study; returns (study UID, files)."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid = generate_uid(), generate_uid()

@@ -11,11 +11,10 @@ import pydicom
 import pytest
 import torch
 import torchvision
+from dicom_checks import dciodvfy_errors
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-
-from dicom_checks import dciodvfy_errors
 
 from dxnode import worklist
 from dxnode.analysis import run_job
@@ -30,8 +29,13 @@ def receive(store: Store, settings: Settings, sources: list[str]) -> tuple[str, 
     study_uid, series_uid = generate_uid(), generate_uid()
     uids = []
     with store.session() as s:
-        study = Study(study_instance_uid=study_uid, patient_id="P1", calling_aet="CT1",
-                      last_received_at=utcnow() - dt.timedelta(minutes=1), num_instances=len(sources))
+        study = Study(
+            study_instance_uid=study_uid,
+            patient_id="P1",
+            calling_aet="CT1",
+            last_received_at=utcnow() - dt.timedelta(minutes=1),
+            num_instances=len(sources),
+        )
         s.add(study)
         s.flush()
         series = Series(study_id=study.id, series_instance_uid=series_uid, modality="CT")
@@ -44,9 +48,18 @@ def receive(store: Store, settings: Settings, sources: list[str]) -> tuple[str, 
             rel = Path("incoming") / study_uid / series_uid / f"{ds.SOPInstanceUID}.dcm"
             (settings.data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(settings.data_dir / rel, enforce_file_format=True)
-            s.add(Instance(series_id=series.id, study_id=study.id, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                           transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, instance_number=i, file_path=str(rel),
-                           size_bytes=(settings.data_dir / rel).stat().st_size))
+            s.add(
+                Instance(
+                    series_id=series.id,
+                    study_id=study.id,
+                    sop_class_uid=ds.SOPClassUID,
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                    instance_number=i,
+                    file_path=str(rel),
+                    size_bytes=(settings.data_dir / rel).stat().st_size,
+                )
+            )
             uids.append(ds.SOPInstanceUID)
     return study_uid, uids
 
@@ -55,13 +68,16 @@ def receive(store: Store, settings: Settings, sources: list[str]) -> tuple[str, 
 def node_settings(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no ImageNet file: the demo model
     return Settings(
-        node={"data_dir": tmp_path / "var"}, database={"url": db_url},
+        node={"data_dir": tmp_path / "var"},
+        database={"url": db_url},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
         report={"heatmap_for": "top1"},
     )
 
 
-def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(store: Store, node_settings: Settings) -> None:
+def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(
+    store: Store, node_settings: Settings
+) -> None:
     study_uid, uids = receive(store, node_settings, ["CT_small.dcm", "CT_small.dcm", "reportsi.dcm"])
     assert worklist.sweep(store, node_settings)
     assert worklist.drain(store, node_settings, run_job) == 1
@@ -89,7 +105,9 @@ def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(stor
         worklist.requeue_study(s, study_uid, actor="test")
     worklist.drain(store, node_settings, run_job)
     with store.session() as s:
-        assert sorted(o.sop_instance_uid for o in s.scalars(select(Output))) == sorted(o.sop_instance_uid for o in outputs)
+        assert sorted(o.sop_instance_uid for o in s.scalars(select(Output))) == sorted(
+            o.sop_instance_uid for o in outputs
+        )
         assert len(list(s.scalars(select(Delivery)))) == 2
 
 
@@ -109,13 +127,25 @@ def test_study_whose_only_image_is_broken_fails_with_the_reason(store: Store, no
     assert outcome.state == "failed" and outcome.reason
 
 
-def test_a_bundle_gives_the_runner_and_predict_the_same_probabilities(store: Store, node_settings: Settings, tmp_path: Path) -> None:
+def test_a_bundle_gives_the_runner_and_predict_the_same_probabilities(
+    store: Store, node_settings: Settings, tmp_path: Path
+) -> None:
     torch.manual_seed(7)
     net = torchvision.models.resnet18(num_classes=2)
     bundle = tmp_path / "bundle"
-    write_bundle(bundle, net.state_dict(), name="test-net", version="1.0", labels=["nodule", "effusion"], task="multilabel",
-                 thresholds=[0.5, 0.5], preprocessing=Preprocessing(input_size=64))
-    settings = node_settings.model_copy(update={"model": node_settings.model.model_copy(update={"bundle": str(bundle)})})
+    write_bundle(
+        bundle,
+        net.state_dict(),
+        name="test-net",
+        version="1.0",
+        labels=["nodule", "effusion"],
+        task="multilabel",
+        thresholds=[0.5, 0.5],
+        preprocessing=Preprocessing(input_size=64),
+    )
+    settings = node_settings.model_copy(
+        update={"model": node_settings.model.model_copy(update={"bundle": str(bundle)})}
+    )
     _, uids = receive(store, settings, ["CT_small.dcm"])
     worklist.sweep(store, settings)
     worklist.drain(store, settings, run_job)

@@ -19,8 +19,16 @@ from dxnode.web.server import WebServer
 
 SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -30,7 +38,9 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
     settings = node_settings(tmp_path)
     store = make_store(settings)
     uid = processed_study(store, settings, patient_id="PID-BROWSER")
-    server = WebServer(create_app(settings, store, lambda: {"database": True, "model": True, "scp": True}), "127.0.0.1", 0)
+    server = WebServer(
+        create_app(settings, store, lambda: {"database": True, "model": True, "scp": True}), "127.0.0.1", 0
+    )
     server.start()
     yield server.url, uid
     server.stop()
@@ -57,7 +67,9 @@ def test_login_upload_and_study_page_in_chromium(served: tuple[str, str]) -> Non
         page.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
 
         page.goto(url + "upload")
-        page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}])
+        page.set_input_files(
+            "#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}]
+        )
         expect(page.locator("#status")).to_contain_text("Error 415: not a readable")
         page.set_input_files("#file", get_testdata_file("CT_small.dcm"))
         rows = page.locator("#predictions tbody tr")

@@ -41,7 +41,7 @@ def test_dxnode_config_variable_chooses_the_file(tmp_path: Path, monkeypatch: py
     [
         ('[node]\nport = "eleven"\n', "node.port"),
         ("[node]\nprot = 11112\n", "node.prot"),
-        ('[nodes]\nport = 1\n', "nodes"),
+        ("[nodes]\nport = 1\n", "nodes"),
         ('[node]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title"),
         ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0\n', "destinations.0.port"),
         ('[report]\nheatmap_for = "some"\n', "report.heatmap_for"),

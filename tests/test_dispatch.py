@@ -32,9 +32,16 @@ BOTH = [SecondaryCaptureImageStorage, COMPREHENSIVE_SR]
 
 def settings_for(store: Store, tmp: Path, port: int, **dispatch_keys: object) -> Settings:
     return Settings(
-        node={"data_dir": tmp / "var"}, database={"url": store.url},
+        node={"data_dir": tmp / "var"},
+        database={"url": store.url},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
-        dispatch={"backoff_initial_seconds": 0.2, "backoff_max_seconds": 0.5, "max_attempts": 3, "timeout_seconds": 5, **dispatch_keys},
+        dispatch={
+            "backoff_initial_seconds": 0.2,
+            "backoff_max_seconds": 0.5,
+            "max_attempts": 3,
+            "timeout_seconds": 5,
+            **dispatch_keys,
+        },
         report={"heatmap_for": "top1"},
     )
 
@@ -49,7 +56,9 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Writte
         model_mod._cache.clear()
         src = Path(get_testdata_file("CT_small.dcm"))
         ds = pydicom.dcmread(src, stop_before_pixels=True)
-        result = analyze_study(ds.StudyInstanceUID, [(ds.SOPInstanceUID, src)], load_classifier(settings.model), settings, "top1")
+        result = analyze_study(
+            ds.StudyInstanceUID, [(ds.SOPInstanceUID, src)], load_classifier(settings.model), settings, "top1"
+        )
         outs = write_outputs(result, {ds.SOPInstanceUID: src}, settings, tmp / "outputs")
     assert sorted(w.kind for w in outs) == ["sc", "sr"]
     assert all(dciodvfy_errors(w.path) == [] for w in outs)
@@ -68,8 +77,15 @@ def outputs(store: Store, tmp_path: Path, written: tuple[Path, list[WrittenOutpu
         s.flush()
         rows = []
         for w in outs:
-            out = Output(study_id=study.id, kind=w.kind, label=w.label, sop_class_uid=w.sop_class_uid, sop_instance_uid=w.sop_instance_uid,
-                         series_instance_uid=w.series_instance_uid, file_path=str(w.path.relative_to(root)))
+            out = Output(
+                study_id=study.id,
+                kind=w.kind,
+                label=w.label,
+                sop_class_uid=w.sop_class_uid,
+                sop_instance_uid=w.sop_instance_uid,
+                series_instance_uid=w.series_instance_uid,
+                file_path=str(w.path.relative_to(root)),
+            )
             s.add(out)
             rows.append(out)
     return rows
@@ -82,7 +98,9 @@ def enqueue_all(store: Store, settings: Settings, outs: list[Output], calling_ae
             dispatch.enqueue(s, s.get(Output, out.id), settings, calling_aet)  # type: ignore[arg-type]  # idempotent
 
 
-def extra_outputs(store: Store, data_dir: Path, template: Output, n: int, prefix: str = "1.2.826.0.1.3680043.10.511") -> list[Output]:
+def extra_outputs(
+    store: Store, data_dir: Path, template: Output, n: int, prefix: str = "1.2.826.0.1.3680043.10.511"
+) -> list[Output]:
     """n more outputs: copies of the template's file under other SOP Instance UIDs, recorded as rows."""
     ds = pydicom.dcmread(data_dir / template.file_path)
     rows = []
@@ -90,8 +108,17 @@ def extra_outputs(store: Store, data_dir: Path, template: Output, n: int, prefix
         uid = f"{prefix}.{i}"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
         ds.save_as(data_dir / "outputs" / f"extra-{i}.dcm")
-        rows.append(Output(study_id=template.study_id, kind=template.kind, label=f"x{i}", sop_class_uid=template.sop_class_uid,
-                           sop_instance_uid=uid, series_instance_uid=template.series_instance_uid, file_path=f"outputs/extra-{i}.dcm"))
+        rows.append(
+            Output(
+                study_id=template.study_id,
+                kind=template.kind,
+                label=f"x{i}",
+                sop_class_uid=template.sop_class_uid,
+                sop_instance_uid=uid,
+                series_instance_uid=template.series_instance_uid,
+                file_path=f"outputs/extra-{i}.dcm",
+            )
+        )
     with store.session() as s:
         s.add_all(rows)
     return rows
@@ -114,8 +141,14 @@ def received_uids(folder: Path) -> list[str]:
 class PickySCP:
     """A pynetdicom SCP for some SOP classes that answers a chosen status per SOP class and records arrival order."""
 
-    def __init__(self, sop_classes: list[str] | None = None, status: dict[str, int] | None = None, ae_title: str = "PACS",
-                 require_called_aet: bool = False, port: int = 0) -> None:
+    def __init__(
+        self,
+        sop_classes: list[str] | None = None,
+        status: dict[str, int] | None = None,
+        ae_title: str = "PACS",
+        require_called_aet: bool = False,
+        port: int = 0,
+    ) -> None:
         self.received: list[str] = []
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = require_called_aet
@@ -160,7 +193,9 @@ def test_delivered_to_storescp(store: Store, tmp_path: Path, outputs: list[Outpu
         pacs.stop()
 
 
-def test_destination_down_then_up_gets_everything_once_in_order(store: Store, tmp_path: Path, outputs: list[Output]) -> None:
+def test_destination_down_then_up_gets_everything_once_in_order(
+    store: Store, tmp_path: Path, outputs: list[Output]
+) -> None:
     need_tool("storescp")
     port = free_port()
     settings = settings_for(store, tmp_path, port, max_attempts=50)
@@ -191,7 +226,9 @@ def test_destination_down_then_up_gets_everything_once_in_order(store: Store, tm
         pacs.stop()
 
 
-def test_refused_sop_class_fails_its_row_and_the_rest_still_flow(store: Store, tmp_path: Path, outputs: list[Output], picky: PickySCP) -> None:
+def test_refused_sop_class_fails_its_row_and_the_rest_still_flow(
+    store: Store, tmp_path: Path, outputs: list[Output], picky: PickySCP
+) -> None:
     settings = settings_for(store, tmp_path, picky.port)
     sr, sc = sorted(outputs, key=lambda o: o.kind == "sc")
     enqueue_all(store, settings, [sr, sc])  # the refused SR comes first and must not block the SC
@@ -219,7 +256,9 @@ def test_status_0122_fails_at_once_and_the_rest_still_flow(store: Store, tmp_pat
         scp.stop()
 
 
-def test_failure_status_is_retried_in_order_then_failed_and_resend_requeues(store: Store, tmp_path: Path, outputs: list[Output]) -> None:
+def test_failure_status_is_retried_in_order_then_failed_and_resend_requeues(
+    store: Store, tmp_path: Path, outputs: list[Output]
+) -> None:
     refusing = PickySCP(sop_classes=BOTH, status={SecondaryCaptureImageStorage: 0xA700, COMPREHENSIVE_SR: 0xA700})
     port = refusing.port
     try:
@@ -235,7 +274,10 @@ def test_failure_status_is_retried_in_order_then_failed_and_resend_requeues(stor
         for i in range(1, 4):
             dispatch.send_due(store, settings, now=later + dt.timedelta(seconds=5 * i))
         rows = deliveries(store)
-        assert all(d.state == "failed" and d.attempts == 2 and d.dimse_status == 0xA700 and "0xA700" in d.last_error for d in rows)
+        assert all(
+            d.state == "failed" and d.attempts == 2 and d.dimse_status == 0xA700 and "0xA700" in d.last_error
+            for d in rows
+        )
     finally:
         refusing.stop()
     accepting = PickySCP(sop_classes=BOTH, port=port)
@@ -243,7 +285,9 @@ def test_failure_status_is_retried_in_order_then_failed_and_resend_requeues(stor
         with store.session() as s:
             study_uid = s.scalar(select(Study.study_instance_uid))
             assert dispatch.resend(s, study_uid or "", actor="test") == 2
-        assert [(d.state, d.attempts, d.last_error, d.dimse_status) for d in deliveries(store)] == [("pending", 0, "", None)] * 2
+        assert [(d.state, d.attempts, d.last_error, d.dimse_status) for d in deliveries(store)] == [
+            ("pending", 0, "", None)
+        ] * 2
         assert dispatch.send_due(store, settings) == 2
         assert accepting.received == [o.sop_instance_uid for o in outputs]
         with store.session() as s:
@@ -268,7 +312,9 @@ def test_rejected_association_is_retried(store: Store, tmp_path: Path, outputs: 
         scp.stop()
 
 
-def test_unreadable_output_file_fails_its_row_only(store: Store, tmp_path: Path, outputs: list[Output], picky: PickySCP) -> None:
+def test_unreadable_output_file_fails_its_row_only(
+    store: Store, tmp_path: Path, outputs: list[Output], picky: PickySCP
+) -> None:
     sc = next(o for o in outputs if o.kind == "sc")
     broken = extra_outputs(store, tmp_path / "var", sc, 1)[0]
     with store.session() as s:
@@ -283,10 +329,15 @@ def test_unreadable_output_file_fails_its_row_only(store: Store, tmp_path: Path,
 
 def test_return_to_sender(store: Store, tmp_path: Path, outputs: list[Output]) -> None:
     def settings(on: bool) -> Settings:
-        return Settings(node={"data_dir": tmp_path / "var"}, database={"url": store.url}, dispatch={"return_to_sender": on}, destinations=[
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
-            {"name": "ct1", "ae_title": "CT1", "host": "10.0.0.5", "port": 104, "return_only": True},
-        ])
+        return Settings(
+            node={"data_dir": tmp_path / "var"},
+            database={"url": store.url},
+            dispatch={"return_to_sender": on},
+            destinations=[
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                {"name": "ct1", "ae_title": "CT1", "host": "10.0.0.5", "port": 104, "return_only": True},
+            ],
+        )
 
     with store.session() as s:
         sr, sc = (s.get(Output, o.id) for o in outputs)
@@ -296,25 +347,35 @@ def test_return_to_sender(store: Store, tmp_path: Path, outputs: list[Output]) -
     assert len(deliveries(store)) == 3
 
 
-def test_two_outbox_runners_on_one_database_send_each_row_once(store: Store, tmp_path: Path, outputs: list[Output]) -> None:
+def test_two_outbox_runners_on_one_database_send_each_row_once(
+    store: Store, tmp_path: Path, outputs: list[Output]
+) -> None:
     need_tool("storescp")
     pacs = StoreSCP(tmp_path / "pacs", free_port())
     other = PickySCP(sop_classes=BOTH, ae_title="ARCHIVE")
     try:
         settings = settings_for(store, tmp_path, pacs.port)
-        settings.destinations.append(settings.destinations[0].model_copy(update={"name": "archive", "ae_title": "ARCHIVE", "port": other.port}))
+        settings.destinations.append(
+            settings.destinations[0].model_copy(update={"name": "archive", "ae_title": "ARCHIVE", "port": other.port})
+        )
         outs = outputs + extra_outputs(store, settings.data_dir, outputs[1], 10)
         enqueue_all(store, settings, outs)
         counts: list[int] = []
-        runners = [threading.Thread(target=lambda: counts.append(sum(dispatch.send_due(Store(store.url), settings) for _ in range(3))))
-                   for _ in range(3)]
+        runners = [
+            threading.Thread(
+                target=lambda: counts.append(sum(dispatch.send_due(Store(store.url), settings) for _ in range(3)))
+            )
+            for _ in range(3)
+        ]
         for t in runners:
             t.start()
         for t in runners:
             t.join(120)
         assert sum(counts) == 24
         with store.session() as s:
-            sent = s.execute(select(Audit.target, func.count()).where(Audit.action == "delivery.sent").group_by(Audit.target)).all()
+            sent = s.execute(
+                select(Audit.target, func.count()).where(Audit.action == "delivery.sent").group_by(Audit.target)
+            ).all()
         assert len(sent) == 24 and all(n == 1 for _, n in sent)
         assert other.received == [o.sop_instance_uid for o in outs]  # once each, in order
         wait_until(lambda: len(list(pacs.folder.iterdir())) >= 2, timeout=10, what="files at storescp")
@@ -323,21 +384,32 @@ def test_two_outbox_runners_on_one_database_send_each_row_once(store: Store, tmp
         other.stop()
 
 
-def test_cli_outbox_and_resend(store: Store, tmp_path: Path, outputs: list[Output], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_outbox_and_resend(
+    store: Store, tmp_path: Path, outputs: list[Output], capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = settings_for(store, tmp_path, free_port(), max_attempts=1)
     enqueue_all(store, settings, outputs)
     dispatch.send_due(store, settings)  # nothing listens: one attempt, then failed
-    config = write_config(tmp_path / "dxnode.toml", {
-        "node": {"data_dir": str(tmp_path / "var")}, "database": {"url": store.url},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
-    })
+    config = write_config(
+        tmp_path / "dxnode.toml",
+        {
+            "node": {"data_dir": str(tmp_path / "var")},
+            "database": {"url": store.url},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+        },
+    )
     assert cli.main(["--config", str(config), "outbox", "--state", "failed", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["output_sop_instance_uid"] for r in rows) == sorted(o.sop_instance_uid for o in outputs)
-    assert all(r["state"] == "failed" and "Connection refused" in r["last_error"] and r["study_instance_uid"] for r in rows)
+    assert all(
+        r["state"] == "failed" and "Connection refused" in r["last_error"] and r["study_instance_uid"] for r in rows
+    )
     assert cli.main(["--config", str(config), "outbox"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split()[:5] == ["ID", "KIND", "LABEL", "DESTINATION", "STATE"] and table.count("failed") == 2
+    assert (
+        table.splitlines()[0].split()[:5] == ["ID", "KIND", "LABEL", "DESTINATION", "STATE"]
+        and table.count("failed") == 2
+    )
     assert cli.main(["--config", str(config), "resend", rows[0]["study_instance_uid"]]) == 0
     assert "re-queued 2 deliveries" in capsys.readouterr().out
     assert cli.main(["--config", str(config), "outbox", "--state", "pending", "--json"]) == 0

@@ -20,8 +20,12 @@ SC_STORAGE = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 
 def storescu(port: int, files: list[Path], aet: str = "MODALITY") -> None:
     """Send files to the node with DCMTK storescu; every one must be acknowledged."""
-    out = subprocess.run(["storescu", "-aet", aet, "-aec", "DXNODE", "127.0.0.1", str(port), *map(str, files)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["storescu", "-aet", aet, "-aec", "DXNODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -34,13 +38,17 @@ def pacs(tmp_path: Path) -> StoreSCP:
 
 
 def test_study_comes_back_to_the_pacs_as_sr_and_heatmap_sc(tmp_path: Path, pacs: StoreSCP) -> None:
-    cfg = node_config(tmp_path, destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}])
+    cfg = node_config(
+        tmp_path, destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    )
     node = Node(cfg, "--no-web")
     try:
         study_uid, files = make_study(tmp_path / "study", n=3)
         sent_at = time.monotonic()
         storescu(node.port, files)
-        objs = wait_until(lambda: ds if len(ds := pacs.datasets()) >= 2 else None, timeout=90, what="SR and SC at the PACS")
+        objs = wait_until(
+            lambda: ds if len(ds := pacs.datasets()) >= 2 else None, timeout=90, what="SR and SC at the PACS"
+        )
         elapsed = time.monotonic() - sent_at
         sr = [d for d in objs if d.SOPClassUID in SR_STORAGE]
         sc = [d for d in objs if d.SOPClassUID in SC_STORAGE]
@@ -59,7 +67,11 @@ def test_study_comes_back_to_the_pacs_as_sr_and_heatmap_sc(tmp_path: Path, pacs:
         # Re-running the finished job makes no second, different SR at the receiver.
         before = sorted(p.name for p in pacs.folder.iterdir())
         assert node.cli("requeue", study_uid).returncode == 0
-        wait_until(lambda: [j for j in json.loads(node.cli("jobs", "--json").stdout) if j["state"] == "done"][1:], timeout=60, what="second run")
+        wait_until(
+            lambda: [j for j in json.loads(node.cli("jobs", "--json").stdout) if j["state"] == "done"][1:],
+            timeout=60,
+            what="second run",
+        )
         # Deliveries are only ever created by a job, so the outbox after the second run is the whole story.
         outbox = json.loads(node.cli("outbox", "--json").stdout)
         assert sorted(d["state"] for d in outbox) == ["sent", "sent"]
@@ -73,15 +85,25 @@ def test_study_comes_back_to_the_pacs_as_sr_and_heatmap_sc(tmp_path: Path, pacs:
 def test_pacs_down_then_up_gets_everything_exactly_once(tmp_path: Path) -> None:
     need_tool("storescp", "storescu")
     pacs_port = free_port()
-    cfg = node_config(tmp_path, destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}])
+    cfg = node_config(
+        tmp_path, destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}]
+    )
     node = Node(cfg, "--no-web")
     pacs = None
     try:
         _, files = make_study(tmp_path / "study", n=2)
         storescu(node.port, files)
-        wait_until(lambda: any(d["attempts"] >= 1 for d in json.loads(node.cli("outbox", "--json").stdout)), timeout=90, what="a failed attempt")
+        wait_until(
+            lambda: any(d["attempts"] >= 1 for d in json.loads(node.cli("outbox", "--json").stdout)),
+            timeout=90,
+            what="a failed attempt",
+        )
         pacs = StoreSCP(tmp_path / "pacs", pacs_port)
-        wait_until(lambda: all(d["state"] == "sent" for d in json.loads(node.cli("outbox", "--json").stdout)), timeout=60, what="delivery")
+        wait_until(
+            lambda: all(d["state"] == "sent" for d in json.loads(node.cli("outbox", "--json").stdout)),
+            timeout=60,
+            what="delivery",
+        )
         # A row is "sent" only after storescp answered, and storescp answers after writing the file.
         names = [p.name for p in pacs.folder.iterdir()]
         assert len(names) == 2 and len(set(names)) == 2
@@ -93,14 +115,27 @@ def test_pacs_down_then_up_gets_everything_exactly_once(tmp_path: Path) -> None:
 
 def _orthanc(tmp: Path, dicom_port: int, http_port: int, dxnode_port: int) -> subprocess.Popen[bytes]:
     cfg = {
-        "Name": "dxnode-test", "StorageDirectory": str(tmp / "storage"), "IndexDirectory": str(tmp / "index"),
-        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True, "Plugins": [],
-        "DicomModalities": {"dxnode": ["DXNODE", "127.0.0.1", dxnode_port]}, "DicomAlwaysAllowStore": True,
-        "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 30,
+        "Name": "dxnode-test",
+        "StorageDirectory": str(tmp / "storage"),
+        "IndexDirectory": str(tmp / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpServerEnabled": True,
+        "DicomServerEnabled": True,
+        "Plugins": [],
+        "DicomModalities": {"dxnode": ["DXNODE", "127.0.0.1", dxnode_port]},
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": False,
+        "StableAge": 1,
+        "HttpTimeout": 30,
     }
     (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    return subprocess.Popen(["Orthanc", str(tmp / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["Orthanc", str(tmp / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def _rest(url: str, data: bytes | None = None) -> object:
@@ -116,7 +151,9 @@ def test_orthanc_forwards_a_study_and_receives_sr_and_sc(tmp_path: Path) -> None
 
         os.environ["PATH"] += ":/usr/sbin"
     o_dicom, o_http = free_port(), free_port()
-    cfg = node_config(tmp_path, destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_dicom}])
+    cfg = node_config(
+        tmp_path, destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_dicom}]
+    )
     node = Node(cfg, "--no-web")
     (tmp_path / "orthanc").mkdir()
     orthanc = _orthanc(tmp_path / "orthanc", o_dicom, o_http, node.port)
@@ -127,7 +164,9 @@ def test_orthanc_forwards_a_study_and_receives_sr_and_sc(tmp_path: Path) -> None
         for f in files:
             _rest(f"{base}/instances", f.read_bytes())
         orthanc_study = _rest(f"{base}/tools/lookup", study_uid.encode())[0]["ID"]
-        _rest(f"{base}/modalities/dxnode/store", json.dumps({"Resources": [orthanc_study], "Synchronous": True}).encode())
+        _rest(
+            f"{base}/modalities/dxnode/store", json.dumps({"Resources": [orthanc_study], "Synchronous": True}).encode()
+        )
 
         def series_modalities() -> list[str] | None:
             series = _rest(f"{base}/studies/{orthanc_study}/series")

@@ -17,7 +17,15 @@ from test_train import make_dataset
 from dxnode import model as model_mod
 from dxnode.cli import main
 from dxnode.config import ModelSettings, Settings
-from dxnode.evaluate import bootstrap_ci, compute_metrics, label_columns, sensitivity_threshold, table, write_report, youden_threshold
+from dxnode.evaluate import (
+    bootstrap_ci,
+    compute_metrics,
+    label_columns,
+    sensitivity_threshold,
+    table,
+    write_report,
+    youden_threshold,
+)
 from dxnode.model import load_classifier, predict_file, resnet18, write_bundle
 from dxnode.pipeline import Preprocessing
 
@@ -65,7 +73,11 @@ def test_a_label_without_positives_has_no_auroc_and_stays_out_of_the_mean() -> N
     y, p = _scores()
     y[:, 1] = 0
     m = compute_metrics(y, p, ["a", "b", "c"], [0.5] * 3, bootstrap=50)
-    assert m["labels"]["b"]["auroc"] is None and m["labels"]["b"]["auroc_ci"] is None and m["labels"]["b"]["sensitivity"] is None
+    assert (
+        m["labels"]["b"]["auroc"] is None
+        and m["labels"]["b"]["auroc_ci"] is None
+        and m["labels"]["b"]["sensitivity"] is None
+    )
     assert m["mean_auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, j], p[:, j]) for j in (0, 2)]), abs=1e-6)
     text = table(m)
     assert text.splitlines()[0].split()[:3] == ["Pathology", "AUROC", "95%"]
@@ -141,12 +153,22 @@ def untrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A random-weight bundle for labels bar/disc and a small labelled DICOM set."""
     root = tmp_path_factory.mktemp("ev")
     torch.manual_seed(0)
-    write_bundle(root / "bundle", resnet18(2).state_dict(), name="random", version="0", labels=["bar", "disc"], task="multilabel",
-                          thresholds=[0.45, 0.55], preprocessing=Preprocessing(input_size=32))
+    write_bundle(
+        root / "bundle",
+        resnet18(2).state_dict(),
+        name="random",
+        version="0",
+        labels=["bar", "disc"],
+        task="multilabel",
+        thresholds=[0.45, 0.55],
+        preprocessing=Preprocessing(input_size=32),
+    )
     return root / "bundle", make_dataset(root / "data", patients=15, seed=2)
 
 
-def test_evaluate_cli_matches_predict_and_sklearn(untrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_cli_matches_predict_and_sklearn(
+    untrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bundle, data = untrained
     model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
@@ -161,7 +183,9 @@ def test_evaluate_cli_matches_predict_and_sklearn(untrained: tuple[Path, Path], 
         truth = {r["path"]: r for r in csv.DictReader(f)}
     for label, t in (("bar", 0.45), ("disc", 0.55)):
         y = np.array([int(truth[i.name][label]) for i in images])
-        p = np.array([next(f.probability for f in predict_file(i, clf, Settings()).findings if f.label == label) for i in images])
+        p = np.array(
+            [next(f.probability for f in predict_file(i, clf, Settings()).findings if f.label == label) for i in images]
+        )
         assert m["labels"][label]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
         tn, fp, fn, tp = confusion_matrix(y, p >= t, labels=[0, 1]).ravel()
         assert m["labels"][label]["sensitivity"] == (pytest.approx(tp / (tp + fn), abs=1e-6) if tp + fn else None)
@@ -173,8 +197,10 @@ def test_evaluate_subset_csv_naming_only_some_labels(untrained: tuple[Path, Path
     bundle, data = untrained
     with open(data, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["path"] != "broken.dcm"]
-    (tmp_path / "sub.csv").write_text("path,patient_id,labels\n" + "".join(
-        f"{data.parent / r['path']},{r['patient_id']},{'disc' if r['disc'] == '1' else ''}\n" for r in rows))
+    (tmp_path / "sub.csv").write_text(
+        "path,patient_id,labels\n"
+        + "".join(f"{data.parent / r['path']},{r['patient_id']},{'disc' if r['disc'] == '1' else ''}\n" for r in rows)
+    )
     model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(tmp_path / "sub.csv"), "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -182,7 +208,9 @@ def test_evaluate_subset_csv_naming_only_some_labels(untrained: tuple[Path, Path
     assert m["labels"]["disc"]["positives"] == sum(r["disc"] == "1" for r in rows)
 
 
-def test_evaluate_bad_input_is_a_clear_error(untrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_bad_input_is_a_clear_error(
+    untrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bundle, data = untrained
     model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(data), "--out", str(tmp_path / "a"), "--split", "test"]) == 2

@@ -138,7 +138,7 @@ def test_resize_geometry_round_trip(resize: str) -> None:
     assert t.shape == (3, 64, 64)
     inside = (t[0] * prep.std[0] + prep.mean[0]).numpy()  # undo normalisation: 1 where the image is
     if resize == "letterbox":
-        assert inside[g.top:g.top + g.resized_h, :].min() > 0.99 and inside[0, 0] == pytest.approx(0, abs=1e-6)
+        assert inside[g.top : g.top + g.resized_h, :].min() > 0.99 and inside[0, 0] == pytest.approx(0, abs=1e-6)
     else:
         assert inside.min() > 0.99
     back = map_to_source(inside, g)
@@ -213,7 +213,9 @@ def _encoded_ct(name: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", [*DCMTK_ENCODINGS, *PYDICOM_ENCODINGS])
 def test_every_accepted_transfer_syntax_decodes_to_the_native_input(name: str, tmp_path: Path) -> None:
     path = _encoded_ct(name, tmp_path)
-    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID != pydicom.uid.ExplicitVRLittleEndian
+    assert (
+        pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID != pydicom.uid.ExplicitVRLittleEndian
+    )
     (native,) = read_frames(get_testdata_file("CT_small.dcm"), LUNG, PREP)
     (decoded,) = read_frames(path, LUNG, PREP)
     diff = np.abs(decoded.image - native.image)

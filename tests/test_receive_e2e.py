@@ -12,12 +12,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import need_tool, run
+from nodeproc import InProcessNode as Node
 from prometheus_client import REGISTRY
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
-from nodeproc import InProcessNode as Node
 from test_scp import same_content, send_one, small_ct
 from test_tls import pki, tls_node  # noqa: F401  (pki is a fixture)
 
@@ -31,7 +31,13 @@ def node(tmp_path: Path, db_url: str) -> Iterator[Node]:
     n.stop()
 
 
-def sender(port: int, aet: str, datasets: list[pydicom.Dataset], statuses: dict[str, list[int]], barrier: threading.Barrier | None = None) -> None:
+def sender(
+    port: int,
+    aet: str,
+    datasets: list[pydicom.Dataset],
+    statuses: dict[str, list[int]],
+    barrier: threading.Barrier | None = None,
+) -> None:
     """One association sending datasets in order (waiting at barrier before each); records statuses."""
     ae = AE(ae_title=aet)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -52,7 +58,9 @@ def run_senders(port: int, batches: list[list[pydicom.Dataset]], lockstep: bool)
     """Send each batch on its own association at once; lockstep lines up the n-th C-STOREs."""
     statuses: dict[str, list[int]] = {}
     barrier = threading.Barrier(len(batches)) if lockstep else None
-    threads = [threading.Thread(target=sender, args=(port, f"SENDER{k}", b, statuses, barrier)) for k, b in enumerate(batches)]
+    threads = [
+        threading.Thread(target=sender, args=(port, f"SENDER{k}", b, statuses, barrier)) for k, b in enumerate(batches)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -108,7 +116,12 @@ def test_study_row_has_the_fields_of_its_instances(node: Node) -> None:
     statuses = run_senders(node.port, [[ct]], lockstep=False)
     with node.store.session() as s:
         first = s.scalar(select(Study))
-        assert (first.patient_id, first.accession_number, first.study_date, first.study_description) == ("P1", "ACC42", "20240131", "CHEST")
+        assert (first.patient_id, first.accession_number, first.study_date, first.study_description) == (
+            "P1",
+            "ACC42",
+            "20240131",
+            "CHEST",
+        )
         assert "Doe" in first.patient_name and first.calling_aet == "SENDER0" and first.modalities == "CT"
         assert first.first_received_at == first.last_received_at
         t0 = first.last_received_at
@@ -158,8 +171,10 @@ def test_counters_follow_what_happened(tmp_path: Path) -> None:
     n = Node(tmp_path, url, allowed_calling_aets=["CT1"])
     try:
         before = {
-            "rx": metric("dxnode_instances_received_total", calling_aet="CT1"), "dup": metric("dxnode_instances_duplicate_total"),
-            "bytes": metric("dxnode_bytes_received_total"), "bad": metric("dxnode_instances_refused_total", status="0xC000"),
+            "rx": metric("dxnode_instances_received_total", calling_aet="CT1"),
+            "dup": metric("dxnode_instances_duplicate_total"),
+            "bytes": metric("dxnode_bytes_received_total"),
+            "bad": metric("dxnode_instances_refused_total", status="0xC000"),
             "rej": metric("dxnode_associations_rejected_total", reason="calling_aet"),
         }
         ds = small_ct(generate_uid(), generate_uid())
@@ -186,10 +201,20 @@ def test_info_logs_carry_no_patient_data_or_uids(node: Node, caplog: pytest.LogC
     del broken.SeriesInstanceUID
     with caplog.at_level(logging.INFO, logger="dxnode"):
         assert send_one(node.port, ds) == 0 and send_one(node.port, ds) == 0 and send_one(node.port, broken) == 0xC000
-    text = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("dxnode"))
+    text = "\n".join(
+        r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("dxnode")
+    )
     assert "SENDER" in text  # the AE title is logged
-    for secret in ("PID-7731", "Secretname", "PID-7732", ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                   broken.SOPInstanceUID, broken.StudyInstanceUID):
+    for secret in (
+        "PID-7731",
+        "Secretname",
+        "PID-7732",
+        ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        broken.SOPInstanceUID,
+        broken.StudyInstanceUID,
+    ):
         assert secret not in text
 
 
@@ -232,7 +257,13 @@ def test_dcmtk_echo_and_store_over_tls(tmp_path: Path, pki: Path) -> None:  # no
         assert row is not None and same_content(pydicom.dcmread(scp.settings.data_dir / row.file_path), ds)
         # The TLS port speaks TLS only, and a client without a certificate is refused.
         assert run(["echoscu", "-aec", "DXNODE", "127.0.0.1", str(scp.tls_port)], timeout=30).returncode != 0
-        assert run(["echoscu", "+tla", "+cf", str(pki / "ca.crt"), "-aec", "DXNODE", "127.0.0.1", str(scp.tls_port)], timeout=30).returncode != 0
+        assert (
+            run(
+                ["echoscu", "+tla", "+cf", str(pki / "ca.crt"), "-aec", "DXNODE", "127.0.0.1", str(scp.tls_port)],
+                timeout=30,
+            ).returncode
+            != 0
+        )
     finally:
         scp.stop()
         store.dispose()

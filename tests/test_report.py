@@ -36,16 +36,28 @@ def no_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def bundle(tmp_path: Path, version: str = "1.0") -> Path:
     torch.manual_seed(5)
     net = torchvision.models.resnet18(num_classes=3)
-    write_bundle(tmp_path / f"b{version}", net.state_dict(), name="chest-net", version=version, labels=["Effusion", "Nodule", "Pneumothorax"],
-                 task="multilabel", thresholds=[0.3, 0.5, 0.9], preprocessing=Preprocessing(input_size=64))
+    write_bundle(
+        tmp_path / f"b{version}",
+        net.state_dict(),
+        name="chest-net",
+        version=version,
+        labels=["Effusion", "Nodule", "Pneumothorax"],
+        task="multilabel",
+        thresholds=[0.3, 0.5, 0.9],
+        preprocessing=Preprocessing(input_size=64),
+    )
     return tmp_path / f"b{version}"
 
 
-def result_for(name: str, settings: Settings, b: Path | None, heatmap_for: str = "all") -> tuple[StudyResult, dict[str, Path]]:
+def result_for(
+    name: str, settings: Settings, b: Path | None, heatmap_for: str = "all"
+) -> tuple[StudyResult, dict[str, Path]]:
     src = SOURCES[name]
     ds = pydicom.dcmread(src, stop_before_pixels=True)
     clf = load_classifier(ModelSettings(bundle=str(b) if b else ""))
-    return analyze_study(ds.StudyInstanceUID, [(ds.SOPInstanceUID, src)], clf, settings, heatmap_for), {ds.SOPInstanceUID: src}
+    return analyze_study(ds.StudyInstanceUID, [(ds.SOPInstanceUID, src)], clf, settings, heatmap_for), {
+        ds.SOPInstanceUID: src
+    }
 
 
 @pytest.mark.parametrize("name", ["ct", "cr", "mr"])
@@ -99,7 +111,9 @@ def test_same_result_same_uids_changed_result_new_uids(tmp_path: Path) -> None:
     again = write_outputs(result, sources, settings, tmp_path / "b")
     assert [w.sop_instance_uid for w in first] == [w.sop_instance_uid for w in again]
     assert [w.series_instance_uid for w in first] == [w.series_instance_uid for w in again]
-    changed = dataclasses.replace(result, findings=[dataclasses.replace(result.findings[0], probability=0.123)] + result.findings[1:])
+    changed = dataclasses.replace(
+        result, findings=[dataclasses.replace(result.findings[0], probability=0.123)] + result.findings[1:]
+    )
     other = write_outputs(changed, sources, settings, tmp_path / "c")
     assert not {w.sop_instance_uid for w in other} & {w.sop_instance_uid for w in first}
     model_mod._cache.clear()
@@ -109,7 +123,9 @@ def test_same_result_same_uids_changed_result_new_uids(tmp_path: Path) -> None:
 
 
 def test_sr_series_number_and_description_come_from_config(tmp_path: Path) -> None:
-    settings = Settings(report={"sr_series_description": "KI Ergebnisse", "sr_series_number": 777, "sc_series_number": 778})
+    settings = Settings(
+        report={"sr_series_description": "KI Ergebnisse", "sr_series_number": 777, "sc_series_number": 778}
+    )
     result, sources = result_for("ct", settings, bundle(tmp_path), heatmap_for="top1")
     written = {w.kind: pydicom.dcmread(w.path) for w in write_outputs(result, sources, settings, tmp_path / "o")}
     assert written["sr"].SeriesDescription == "KI Ergebnisse" and written["sr"].SeriesNumber == 777

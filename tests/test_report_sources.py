@@ -25,18 +25,40 @@ from dxnode.report import write_outputs
 from dxnode.results import Finding, Heatmap, InstanceOutcome, ModelIdentity, StudyResult
 
 MODEL = ModelIdentity(name="probe-net", version="2.3", sha256="ab" * 32, demo=False, task="multilabel")
-TIMESTAMPS = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "DateOfSecondaryCapture",
-              "TimeOfSecondaryCapture", "ContributingEquipmentSequence"}  # the SC's item carries highdicom's ContributionDateTime
+TIMESTAMPS = {
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "DateOfSecondaryCapture",
+    "TimeOfSecondaryCapture",
+    "ContributingEquipmentSequence",
+}  # the SC's item carries highdicom's ContributionDateTime
 
 
-def make_result(source: Path, frame: int = 0, labels: tuple[str, ...] = ("Effusion", "Nodule"), model: ModelIdentity = MODEL,
-                heatmaps: tuple[str, ...] | None = None) -> StudyResult:
+def make_result(
+    source: Path,
+    frame: int = 0,
+    labels: tuple[str, ...] = ("Effusion", "Nodule"),
+    model: ModelIdentity = MODEL,
+    heatmaps: tuple[str, ...] | None = None,
+) -> StudyResult:
     """A result on one source instance: the first label positive, each label on `frame`, heatmaps for `heatmaps` (default all)."""
     ds = pydicom.dcmread(source, stop_before_pixels=True)
-    findings = [Finding(label, round(0.9 - 0.3 * i, 3), 0.5, i == 0, ds.SOPInstanceUID, frame) for i, label in enumerate(labels)]
+    findings = [
+        Finding(label, round(0.9 - 0.3 * i, 3), 0.5, i == 0, ds.SOPInstanceUID, frame) for i, label in enumerate(labels)
+    ]
     rng = np.random.default_rng(7)
-    maps = [Heatmap(label, ds.SOPInstanceUID, frame, rng.integers(0, 256, (ds.Rows, ds.Columns, 3), dtype=np.uint8),
-                    rng.random((ds.Rows, ds.Columns), dtype=np.float32)) for label in (labels if heatmaps is None else heatmaps)]
+    maps = [
+        Heatmap(
+            label,
+            ds.SOPInstanceUID,
+            frame,
+            rng.integers(0, 256, (ds.Rows, ds.Columns, 3), dtype=np.uint8),
+            rng.random((ds.Rows, ds.Columns), dtype=np.float32),
+        )
+        for label in (labels if heatmaps is None else heatmaps)
+    ]
     return StudyResult(ds.StudyInstanceUID, model, findings, [InstanceOutcome(ds.SOPInstanceUID, "done")], maps)
 
 
@@ -83,10 +105,16 @@ def test_multiframe_source_frame_is_referenced_by_sr_and_sc(tmp_path: Path, name
     assert len(paths) == 2
     for path in paths:
         assert dciodvfy_errors(path) == [], path
-    sr_path = next(p for p in paths if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == out["sr"].SOPInstanceUID)
+    sr_path = next(
+        p for p in paths if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == out["sr"].SOPInstanceUID
+    )
     root, errors = pixelmed_sr_check(sr_path)
     assert root.startswith("TID_1500") and errors == []
-    images = [i for i in content_items(list(out["sr"].ContentSequence)) if i.ValueType == "IMAGE" and "ReferencedFrameNumber" in i.ReferencedSOPSequence[0]]
+    images = [
+        i
+        for i in content_items(list(out["sr"].ContentSequence))
+        if i.ValueType == "IMAGE" and "ReferencedFrameNumber" in i.ReferencedSOPSequence[0]
+    ]
     assert images and all(int(i.ReferencedSOPSequence[0].ReferencedFrameNumber) == frame + 1 for i in images)
     assert int(out["sc:Effusion"].SourceImageSequence[0].ReferencedFrameNumber) == frame + 1
 
@@ -100,7 +128,9 @@ LATERALITY = [
 
 
 @pytest.mark.parametrize(("attributes", "expected"), LATERALITY)
-def test_sc_body_part_and_laterality_follow_the_source(tmp_path: Path, attributes: dict[str, str | None], expected: str | None) -> None:
+def test_sc_body_part_and_laterality_follow_the_source(
+    tmp_path: Path, attributes: dict[str, str | None], expected: str | None
+) -> None:
     source = variant(tmp_path, "src", **attributes)
     out = write(make_result(source, heatmaps=("Effusion",)), source, tmp_path / "out")
     sc = out["sc:Effusion"]
@@ -120,7 +150,9 @@ def test_rerun_rewrites_the_same_objects_in_place(tmp_path: Path) -> None:
     assert sorted(folder.iterdir()) == sorted(w.path for w in first)  # nothing else: no temp files, no second version
     for w in again:
         old, new = before[w.path], pydicom.dcmread(w.path)
-        assert {e.keyword for e in new if e.keyword not in TIMESTAMPS and (e.tag not in old or old[e.tag].value != e.value)} == set()
+        assert {
+            e.keyword for e in new if e.keyword not in TIMESTAMPS and (e.tag not in old or old[e.tag].value != e.value)
+        } == set()
         assert set(old.keys()) == set(new.keys())
     uids = [w.sop_instance_uid for w in first] + list({w.series_instance_uid for w in first})
     assert len(uids) == len(set(uids)) == 5  # SR, two SCs, SR series, SC series
@@ -137,7 +169,9 @@ def test_any_change_of_the_result_gives_new_uids(tmp_path: Path, change: str) ->
     elif change == "instances":
         changed = dataclasses.replace(result, instances=result.instances + [InstanceOutcome("1.2.3.4.5", "done")])
     elif change == "positive":
-        changed = dataclasses.replace(result, findings=[dataclasses.replace(f, positive=not f.positive) for f in result.findings])
+        changed = dataclasses.replace(
+            result, findings=[dataclasses.replace(f, positive=not f.positive) for f in result.findings]
+        )
     else:
         changed = make_result(source, labels=("Effusion", "Mass"))
     old = write_outputs(result, {result.instances[0].sop_instance_uid: source}, Settings(), tmp_path / "a")
@@ -155,11 +189,17 @@ def test_sr_names_the_node_the_algorithm_and_each_evaluation(tmp_path: Path) -> 
     for needle in ("DXNODE_T5", "Test Hospital AI", MODEL.sha256, "Image Library", "probe-net", "2.3"):
         assert needle in text, needle
     items = list(content_items(list(sr.ContentSequence)))
-    evaluations = {i.ConceptNameCodeSequence[0].CodeMeaning: i.ConceptCodeSequence[0].CodeMeaning for i in items
-                   if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99DXNODE"}
+    evaluations = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: i.ConceptCodeSequence[0].CodeMeaning
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99DXNODE"
+    }
     assert evaluations == {f.label: ("Present" if f.positive else "Absent") for f in result.findings}
-    measured = sorted(float(i.MeasuredValueSequence[0].NumericValue) for i in items if i.ValueType == "NUM"
-                      and i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1")
+    measured = sorted(
+        float(i.MeasuredValueSequence[0].NumericValue)
+        for i in items
+        if i.ValueType == "NUM" and i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    )
     assert measured == sorted(f.probability for f in result.findings)
     assert sr.SeriesDescription == settings.report.sr_series_description and sr.Manufacturer == "Test Hospital AI"
 
@@ -180,8 +220,11 @@ def test_distinct_labels_get_distinct_codes(tmp_path: Path) -> None:
     source = Path(get_testdata_file("CT_small.dcm"))
     labels = ("Consolidation left lower lobe", "Consolidation left upper lobe", "Effusion-L", "Effusion_L")
     sr = write(make_result(source, labels=labels, heatmaps=()), source, tmp_path / "out")["sr"]
-    codes = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodeMeaning) for i in content_items(list(sr.ContentSequence))
-             if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99DXNODE"}
+    codes = {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodeMeaning)
+        for i in content_items(list(sr.ContentSequence))
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99DXNODE"
+    }
     assert len({meaning for _, meaning in codes}) == len(labels)
     assert len({code for code, _ in codes}) == len(labels)
     assert all(len(code) <= 16 for code, _ in codes)
@@ -201,7 +244,14 @@ def test_unreadable_source_is_an_error_and_writes_nothing(tmp_path: Path) -> Non
 def test_heatmap_not_matching_the_result_is_a_clear_error_and_writes_nothing(tmp_path: Path, field: str) -> None:
     source = Path(get_testdata_file("CT_small.dcm"))
     result = make_result(source)
-    stray = dataclasses.replace(result.heatmaps[0], **{field: "1.2.3.4.5.6" if field == "sop_instance_uid" else "Atelectasis"})
+    stray = dataclasses.replace(
+        result.heatmaps[0], **{field: "1.2.3.4.5.6" if field == "sop_instance_uid" else "Atelectasis"}
+    )
     with pytest.raises(ValueError, match="Atelectasis" if field == "label" else "1.2.3.4.5.6"):
-        write_outputs(dataclasses.replace(result, heatmaps=[stray]), {result.instances[0].sop_instance_uid: source}, Settings(), tmp_path / "out")
+        write_outputs(
+            dataclasses.replace(result, heatmaps=[stray]),
+            {result.instances[0].sop_instance_uid: source},
+            Settings(),
+            tmp_path / "out",
+        )
     assert not any((tmp_path / "out").rglob("*.dcm"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from webnode import ADMIN, make_store, node_settings, processed_study
 
 from dxnode.web.app import create_app

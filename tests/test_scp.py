@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 from conftest import need_tool, run
 from nodeproc import InProcessNode as LocalNode
 from nodeproc import Node, node_config, wait_until
-import pydicom.data
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -28,10 +28,14 @@ from sqlalchemy import select
 from dxnode.store import Instance, Store, Study
 
 COMPRESSED = {
-    "1.2.840.10008.1.2.4.50": "JPEG baseline", "1.2.840.10008.1.2.4.51": "JPEG extended",
-    "1.2.840.10008.1.2.4.70": "JPEG lossless SV1", "1.2.840.10008.1.2.4.80": "JPEG-LS lossless",
-"1.2.840.10008.1.2.4.90": "JPEG 2000 lossless",
-    "1.2.840.10008.1.2.4.91": "JPEG 2000", "1.2.840.10008.1.2.5": "RLE", "1.2.840.10008.1.2.1.99": "Deflate",
+    "1.2.840.10008.1.2.4.50": "JPEG baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG extended",
+    "1.2.840.10008.1.2.4.70": "JPEG lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.5": "RLE",
+    "1.2.840.10008.1.2.1.99": "Deflate",
 }
 
 
@@ -51,7 +55,12 @@ def pixel_files() -> list[Path]:
             ds = pydicom.dcmread(name)
         except Exception:
             continue  # broken on purpose (e.g. truncated), or not Part 10
-        if "PixelData" in ds and "TransferSyntaxUID" in ds.file_meta and "StudyInstanceUID" in ds and "SeriesInstanceUID" in ds:
+        if (
+            "PixelData" in ds
+            and "TransferSyntaxUID" in ds.file_meta
+            and "StudyInstanceUID" in ds
+            and "SeriesInstanceUID" in ds
+        ):
             out.append(Path(name))
     return out
 
@@ -60,6 +69,7 @@ def same_content(stored: pydicom.Dataset, original: pydicom.Dataset) -> bool:
     """Same elements with the same values; group lengths (gggg,0000) are left out, since DCMTK
     senders recompute them, Dataset Trailing Padding (FFFC,FFFC), which they drop, and the VR of a
     value (DCMTK fixes OW -> OB on some samples)."""
+
     def kept(ds: pydicom.Dataset) -> set[int]:
         return {t for t in ds.keys() if t.element != 0 and t != 0xFFFCFFFC}
 
@@ -137,12 +147,16 @@ def test_one_file_per_compressed_syntax_is_stored_in_that_syntax(node: LocalNode
         path = tmp_path / f"{COMPRESSED[ts].replace(' ', '_')}.dcm"
         ds.save_as(path)
         sent[ds.SOPInstanceUID] = (ts, path)
-    out = run(["dcmsend", "-aec", "DXNODE", "127.0.0.1", str(node.port), *(str(p) for _, p in sent.values())], timeout=120)
+    out = run(
+        ["dcmsend", "-aec", "DXNODE", "127.0.0.1", str(node.port), *(str(p) for _, p in sent.values())], timeout=120
+    )
     assert out.returncode == 0, out.stderr
     stored = node.instances()
     for uid, (ts, path) in sent.items():
         assert stored[uid].transfer_syntax_uid == ts, COMPRESSED[ts]
-        assert same_content(pydicom.dcmread(node.settings.data_dir / stored[uid].file_path), pydicom.dcmread(path)), COMPRESSED[ts]
+        assert same_content(pydicom.dcmread(node.settings.data_dir / stored[uid].file_path), pydicom.dcmread(path)), (
+            COMPRESSED[ts]
+        )
 
 
 def test_storescu_proposing_compressed_and_uncompressed_gets_the_compressed_one(node: LocalNode) -> None:
@@ -235,8 +249,14 @@ def test_four_senders_at_once_200_each_all_stored_once(node: LocalNode, tmp_path
         study, series = generate_uid(), generate_uid()
         for i in range(200):
             small_ct(study, series, i, size=16).save_as(folder / f"{i}.dcm", enforce_file_format=True)
-        procs.append(subprocess.Popen(["storescu", "-aet", f"SENDER{k}", "-aec", "DXNODE", "+sd", "127.0.0.1", str(node.port), str(folder)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                ["storescu", "-aet", f"SENDER{k}", "-aec", "DXNODE", "+sd", "127.0.0.1", str(node.port), str(folder)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-2000:]
@@ -290,7 +310,9 @@ def test_sigkill_mid_study_loses_no_acknowledged_instance(tmp_path: Path) -> Non
             assert uid in rows, f"acknowledged {uid} lost"
             ds = pydicom.dcmread(tmp_path / "var" / rows[uid].file_path)
             assert ds.SOPInstanceUID == uid and ds.pixel_array.shape == (128, 128)
-        assert not list((tmp_path / "var" / "incoming").rglob("*.dcm.*.tmp")) or True  # leftovers are harmless temp files
+        assert (
+            not list((tmp_path / "var" / "incoming").rglob("*.dcm.*.tmp")) or True
+        )  # leftovers are harmless temp files
 
         def one_job() -> list[dict[str, object]] | None:
             jobs = [j for j in json.loads(node.cli("jobs", "--json").stdout) if j["study_instance_uid"] == study]
@@ -306,6 +328,10 @@ def test_sigkill_mid_study_loses_no_acknowledged_instance(tmp_path: Path) -> Non
 
 
 def test_echo_command(node: LocalNode) -> None:
-    out = subprocess.run([str(Path(os.sys.executable).with_name("dxnode")), "echo", "127.0.0.1", str(node.port), "--aec", "DXNODE"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(Path(os.sys.executable).with_name("dxnode")), "echo", "127.0.0.1", str(node.port), "--aec", "DXNODE"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "success" in out.stdout

@@ -32,21 +32,75 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made by openssl."""
     need_tool("openssl")
     d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=dxnode test CA", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dxnode test CA",
+        cwd=d,
+    )
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
         extra = ["-extfile", "san.cnf"] if name == "server" else []
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *extra, cwd=d)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *extra,
+            cwd=d,
+        )
     return d
 
 
 def tls_node(tmp: Path, pki: Path, require_client_cert: bool) -> tuple[StorageSCP, Store]:
     url = f"sqlite:///{tmp / 'rx.db'}"
     upgrade(url)
-    settings = Settings(node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "rx", "min_free_mb": 10, "tls_port": 0,
-                              "tls_cert": pki / "server.crt", "tls_key": pki / "server.key", "tls_ca": pki / "ca.crt",
-                              "tls_require_client_cert": require_client_cert}, database={"url": url})
+    settings = Settings(
+        node={
+            "host": "127.0.0.1",
+            "port": 0,
+            "data_dir": tmp / "rx",
+            "min_free_mb": 10,
+            "tls_port": 0,
+            "tls_cert": pki / "server.crt",
+            "tls_key": pki / "server.key",
+            "tls_ca": pki / "ca.crt",
+            "tls_require_client_cert": require_client_cert,
+        },
+        database={"url": url},
+    )
     store = Store(url)
     scp = StorageSCP(settings, store)
     scp.start()
@@ -90,21 +144,35 @@ def test_tls_listener_beside_the_plain_port(node: tuple[StorageSCP, Store], pki:
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ae = AE(ae_title="TLSCLIENT")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", scp.tls_port, ae_title="DXNODE", tls_args=(client_context(pki, True), "127.0.0.1"))
+    assoc = ae.associate(
+        "127.0.0.1", scp.tls_port, ae_title="DXNODE", tls_args=(client_context(pki, True), "127.0.0.1")
+    )
     assert assoc.is_established and assoc.send_c_store(ds).Status == 0
     assoc.release()
     with store.session() as s:
         assert s.scalar(select(Instance.sop_instance_uid)) == ds.SOPInstanceUID
 
 
-def test_outbox_delivers_over_tls_with_a_client_certificate(node: tuple[StorageSCP, Store], pki: Path, tmp_path: Path) -> None:
+def test_outbox_delivers_over_tls_with_a_client_certificate(
+    node: tuple[StorageSCP, Store], pki: Path, tmp_path: Path
+) -> None:
     scp, receiver = node
     url = f"sqlite:///{tmp_path / 'tx.db'}"
     upgrade(url)
     sender = Store(url)
-    settings = Settings(node={"ae_title": "SENDER", "data_dir": tmp_path / "tx", "tls_ca": pki / "ca.crt", "tls_cert": pki / "client.crt",
-                              "tls_key": pki / "client.key"}, database={"url": url},
-                        destinations=[{"name": "secure-pacs", "ae_title": "DXNODE", "host": "127.0.0.1", "port": scp.tls_port, "tls": True}])
+    settings = Settings(
+        node={
+            "ae_title": "SENDER",
+            "data_dir": tmp_path / "tx",
+            "tls_ca": pki / "ca.crt",
+            "tls_cert": pki / "client.crt",
+            "tls_key": pki / "client.key",
+        },
+        database={"url": url},
+        destinations=[
+            {"name": "secure-pacs", "ae_title": "DXNODE", "host": "127.0.0.1", "port": scp.tls_port, "tls": True}
+        ],
+    )
     src = Path(get_testdata_file("CT_small.dcm"))
     (settings.data_dir / "outputs").mkdir(parents=True)
     (settings.data_dir / "outputs" / "ct.dcm").write_bytes(src.read_bytes())
@@ -113,8 +181,14 @@ def test_outbox_delivers_over_tls_with_a_client_certificate(node: tuple[StorageS
         study = Study(study_instance_uid=ds.StudyInstanceUID)
         s.add(study)
         s.flush()
-        out = Output(study_id=study.id, kind="sc", sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                     series_instance_uid=ds.SeriesInstanceUID, file_path="outputs/ct.dcm")
+        out = Output(
+            study_id=study.id,
+            kind="sc",
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            file_path="outputs/ct.dcm",
+        )
         s.add(out)
         s.flush()
         dispatch.enqueue(s, out, settings)

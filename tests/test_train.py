@@ -24,7 +24,9 @@ from dxnode.model import analyze_study, load_classifier, load_manifest, predict_
 LABELS = ["bar", "disc"]
 
 
-def synthetic_image(path: Path, disc: bool, bar: bool, monochrome1: bool, rng: np.random.Generator, size: int = 96) -> None:
+def synthetic_image(
+    path: Path, disc: bool, bar: bool, monochrome1: bool, rng: np.random.Generator, size: int = 96
+) -> None:
     """A 12-bit CR-like image: noise, plus a bright disc and/or a bright bar; MONOCHROME1 stored inverted."""
     img = rng.normal(1000, 90, (size, size))
     yy, xx = np.mgrid[:size, :size]
@@ -33,7 +35,7 @@ def synthetic_image(path: Path, disc: bool, bar: bool, monochrome1: bool, rng: n
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(9, 14) ** 2] += 700
     if bar:
         y0 = rng.integers(10, size - 16)
-        img[y0:y0 + 6, 8:size - 8] += 700
+        img[y0 : y0 + 6, 8 : size - 8] += 700
     img = np.clip(img, 0, 4095).astype(np.uint16)
     center, width = 1350, 1700
     if monochrome1:
@@ -43,7 +45,12 @@ def synthetic_image(path: Path, disc: bool, bar: bool, monochrome1: bool, rng: n
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", generate_uid()  # CR Image Storage
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = generate_uid(), generate_uid(), "CR", path.stem
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = (
+        generate_uid(),
+        generate_uid(),
+        "CR",
+        path.stem,
+    )
     ds.Rows = ds.Columns = size
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -80,8 +87,31 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     os.environ["TORCH_HOME"] = str(root / "torch-home")  # no ImageNet file: from scratch
     data = make_dataset(root / "data")
     bundle = root / "bundle"
-    code = main(["train", "--data", str(data), "--out", str(bundle), "--epochs", "8", "--input-size", "64", "--batch-size", "16",
-                 "--lr", "0.003", "--seed", "1", "--patience", "8", "--name", "shapes", "--version", "0.1"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(bundle),
+            "--epochs",
+            "8",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.003",
+            "--seed",
+            "1",
+            "--patience",
+            "8",
+            "--name",
+            "shapes",
+            "--version",
+            "0.1",
+        ]
+    )
     assert code == 0
     return data, bundle
 
@@ -109,7 +139,11 @@ def test_split_is_by_patient_without_leakage(trained: tuple[Path, Path]) -> None
     for r in rows:
         patients.setdefault(r["split"], set()).add(r["patient_id"])
     assert patients["train"] and patients["val"] and patients["test"]
-    assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"]) and not (patients["val"] & patients["test"])
+    assert (
+        not (patients["train"] & patients["val"])
+        and not (patients["train"] & patients["test"])
+        and not (patients["val"] & patients["test"])
+    )
     assert "P999" not in set().union(*patients.values())  # the unreadable image was left out
 
 
@@ -124,7 +158,10 @@ def test_evaluate_on_the_held_out_split_agrees_with_sklearn(trained: tuple[Path,
     clf = load_classifier(ModelSettings(bundle=str(bundle)))
     for j, label in enumerate(LABELS):
         y = [table[p].labels[j] for p in test_paths]
-        p = [next(f.probability for f in predict_file(path, clf, Settings()).findings if f.label == label) for path in test_paths]
+        p = [
+            next(f.probability for f in predict_file(path, clf, Settings()).findings if f.label == label)
+            for path in test_paths
+        ]
         assert metrics["labels"][label]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
         assert metrics["labels"][label]["n"] == len(test_paths)
     for name in ("metrics.csv", "roc.png", "calibration.png"):
@@ -145,7 +182,21 @@ def test_bundle_gives_the_same_probabilities_in_predict_and_in_the_runner(traine
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", patients=12, seed=3)
     out = tmp_path / "b"
-    common = ["train", "--data", str(data), "--out", str(out), "--input-size", "32", "--batch-size", "8", "--seed", "2", "--patience", "9"]
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--seed",
+        "2",
+        "--patience",
+        "9",
+    ]
     assert main([*common, "--epochs", "2"]) == 0
     first = load_manifest(out).extra["training"]["history"]
     assert [h["epoch"] for h in first] == [1, 2]
@@ -159,11 +210,14 @@ def test_chestxray14_and_isic_layouts(tmp_path: Path) -> None:
         Image.fromarray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / name)
     (tmp_path / "Data_Entry_2017.csv").write_text(
         "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age\n"
-        "00000001_000.png,Cardiomegaly|Effusion,0,1,58\n00000001_001.png,No Finding,1,1,58\n00000002_000.png,Effusion,0,2,81\n")
+        "00000001_000.png,Cardiomegaly|Effusion,0,1,58\n00000001_001.png,No Finding,1,1,58\n00000002_000.png,Effusion,0,2,81\n"
+    )
     t = read_table(tmp_path / "Data_Entry_2017.csv")
     assert (t.format, t.task, t.labels) == ("chestxray14", "multilabel", ["Cardiomegaly", "Effusion"])
     assert [s.labels for s in t.samples] == [(1.0, 1.0), (0.0, 0.0), (0.0, 1.0)] and t.samples[0].patient_id == "1"
-    (tmp_path / "ISIC_GroundTruth.csv").write_text("image,MEL,NV,BCC\nISIC_0000000,0.0,1.0,0.0\nISIC_0000001,1.0,0.0,0.0\nISIC_0000002,0,0,1\n")
+    (tmp_path / "ISIC_GroundTruth.csv").write_text(
+        "image,MEL,NV,BCC\nISIC_0000000,0.0,1.0,0.0\nISIC_0000001,1.0,0.0,0.0\nISIC_0000002,0,0,1\n"
+    )
     t = read_table(tmp_path / "ISIC_GroundTruth.csv")
     assert (t.format, t.task, t.labels) == ("isic", "multiclass", ["MEL", "NV", "BCC"])
     assert len(t.samples) == 2 and len(t.unreadable) == 1 and "ISIC_0000002" in t.unreadable[0]

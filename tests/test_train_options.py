@@ -32,8 +32,24 @@ def _no_imagenet_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _train(data: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--data", str(data), "--out", str(out), "--input-size", "32", "--batch-size", "8", "--seed", "3",
-                 "--patience", "9", *extra])
+    return main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--input-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+            "--patience",
+            "9",
+            *extra,
+        ]
+    )
 
 
 def _weights(bundle: Path) -> dict[str, torch.Tensor]:
@@ -53,7 +69,9 @@ def test_same_seed_same_weights_whatever_the_worker_count(data: Path, tmp_path: 
     assert load_manifest(tmp_path / "a").thresholds == load_manifest(tmp_path / "b").thresholds
 
 
-def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert _train(data, tmp_path / "straight", "--epochs", "2") == 0
     real_save, saves = torch.save, []
 
@@ -68,15 +86,18 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(data: Path, t
     with pytest.raises(Crash):
         _train(data, tmp_path / "crashed", "--epochs", "2")
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(tmp_path / "crashed" / "checkpoints" / "last.pt", weights_only=False)["state"]["epoch"] == 0  # epoch 1's survives
+    assert (
+        torch.load(tmp_path / "crashed" / "checkpoints" / "last.pt", weights_only=False)["state"]["epoch"] == 0
+    )  # epoch 1's survives
     assert _train(data, tmp_path / "crashed", "--epochs", "2", "--resume") == 0
     assert _same(_weights(tmp_path / "straight"), _weights(tmp_path / "crashed"))
     straight, resumed = (load_manifest(tmp_path / n).extra["training"]["history"] for n in ("straight", "crashed"))
     assert resumed == straight and [h["epoch"] for h in resumed] == [1, 2]
 
 
-def test_starts_from_the_imagenet_file_and_freezes_the_backbone(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_starts_from_the_imagenet_file_and_freezes_the_backbone(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A stand-in for torchvision's file (same keys and shapes) in $TORCH_HOME/hub/checkpoints; nothing downloaded."""
     torch.manual_seed(11)
     imagenet = torchvision.models.resnet18(weights=None).state_dict()
@@ -96,9 +117,26 @@ def test_starts_from_the_imagenet_file_and_freezes_the_backbone(data: Path, tmp_
 
 def test_focal_loss_with_thresholds_for_a_target_sensitivity(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "focal"
-    assert _train(data, out, "--epochs", "1", "--loss", "focal", "--threshold-rule", "sensitivity", "--target-sensitivity", "0.9") == 0
+    assert (
+        _train(
+            data,
+            out,
+            "--epochs",
+            "1",
+            "--loss",
+            "focal",
+            "--threshold-rule",
+            "sensitivity",
+            "--target-sensitivity",
+            "0.9",
+        )
+        == 0
+    )
     manifest = load_manifest(out)
-    assert manifest.extra["training"]["threshold_rule"] == "sensitivity" and manifest.extra["training"]["parameters"]["loss"] == "focal"
+    assert (
+        manifest.extra["training"]["threshold_rule"] == "sensitivity"
+        and manifest.extra["training"]["parameters"]["loss"] == "focal"
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for label, m in metrics["labels"].items():
         assert m["sensitivity"] >= 0.9, (label, m)
@@ -110,7 +148,10 @@ def test_multiclass_label_column_trains_a_softmax_bundle(data: Path, tmp_path: P
     with open(data.parent / "classes.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "patient_id", "label"])
-        w.writerows([r["path"], r["patient_id"], "disc" if r["disc"] == "1" else "bar" if r["bar"] == "1" else "clear"] for r in rows)
+        w.writerows(
+            [r["path"], r["patient_id"], "disc" if r["disc"] == "1" else "bar" if r["bar"] == "1" else "clear"]
+            for r in rows
+        )
     out = tmp_path / "mc"
     assert _train(data.parent / "classes.csv", out, "--epochs", "1") == 0
     manifest = load_manifest(out)
@@ -120,7 +161,9 @@ def test_multiclass_label_column_trains_a_softmax_bundle(data: Path, tmp_path: P
     assert len(n) == 1 and sum(m["positives"] for m in metrics["labels"].values()) == n.pop()  # one class per image
 
 
-def test_image_failing_at_pixel_load_is_named_once_and_training_goes_on(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_image_failing_at_pixel_load_is_named_once_and_training_goes_on(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = data.parent / "truncated.dcm"
     synthetic_image(bad, disc=True, bar=False, monochrome1=False, rng=np.random.default_rng(0), size=48)
     ds = pydicom.dcmread(bad)
@@ -134,18 +177,40 @@ def test_image_failing_at_pixel_load_is_named_once_and_training_goes_on(data: Pa
     assert _train(data.parent / "with_bad.csv", tmp_path / "b", "--epochs", "2") == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "left out" in line]
-    assert [line for line in lines if "truncated.dcm" in line] == [f"left out {bad}: cannot decode pixel data" + lines[-1].split("cannot decode pixel data", 1)[1]]
+    assert [line for line in lines if "truncated.dcm" in line] == [
+        f"left out {bad}: cannot decode pixel data" + lines[-1].split("cannot decode pixel data", 1)[1]
+    ]
     assert sum("broken.dcm" in line for line in lines) == 1  # the unreadable header: one line too
     bad.unlink()
 
 
-def test_bad_input_gives_a_clear_error_and_exit_2(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_gives_a_clear_error_and_exit_2(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _train(tmp_path / "nope.csv", tmp_path / "x", "--epochs", "1") == 2
     assert "nope.csv" in capsys.readouterr().err
     assert _train(data, tmp_path / "fresh", "--epochs", "1", "--resume") == 2
     assert "no checkpoint" in capsys.readouterr().err
-    (tmp_path / "one.csv").write_text("path,patient_id,disc\n" + "".join(f"{r['path']},P1,{r['disc']}\n" for r in csv.DictReader(open(data)) if r["path"] != "broken.dcm"))
-    assert main(["train", "--data", str(tmp_path / "one.csv"), "--out", str(tmp_path / "y"), "--images", str(data.parent), "--epochs", "1"]) == 2
+    (tmp_path / "one.csv").write_text(
+        "path,patient_id,disc\n"
+        + "".join(f"{r['path']},P1,{r['disc']}\n" for r in csv.DictReader(open(data)) if r["path"] != "broken.dcm")
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "one.csv"),
+                "--out",
+                str(tmp_path / "y"),
+                "--images",
+                str(data.parent),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "not enough patients" in capsys.readouterr().err
     bad = tmp_path / "truncated.dcm"
     synthetic_image(bad, disc=True, bar=True, monochrome1=False, rng=np.random.default_rng(0), size=48)
@@ -155,7 +220,11 @@ def test_bad_input_gives_a_clear_error_and_exit_2(data: Path, tmp_path: Path, ca
     with open(tmp_path / "badval.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "patient_id", "bar", "disc", "split"])
-        w.writerows([data.parent / r["path"], r["patient_id"], r["bar"], r["disc"], "train"] for r in csv.DictReader(open(data)) if r["path"] != "broken.dcm")
+        w.writerows(
+            [data.parent / r["path"], r["patient_id"], r["bar"], r["disc"], "train"]
+            for r in csv.DictReader(open(data))
+            if r["path"] != "broken.dcm"
+        )
         w.writerow([bad, "PV", 1, 1, "val"])
     assert _train(tmp_path / "badval.csv", tmp_path / "z", "--epochs", "1") == 2
     assert "none of the 1 validation images could be loaded" in capsys.readouterr().err

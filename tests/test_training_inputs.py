@@ -20,7 +20,9 @@ from dxnode.pipeline import Preprocessing, read_frames, to_tensor
 
 DATA_STORE = Path(data_store.__file__).parent / "data"
 PREP = Preprocessing(input_size=64)
-NO_AUGMENT = Augment(rotate_deg=0, scale=0, translate=0, window_center_shift=0, window_width_scale=0, noise_std=0, contrast=0)
+NO_AUGMENT = Augment(
+    rotate_deg=0, scale=0, translate=0, window_center_shift=0, window_width_scale=0, noise_std=0, contrast=0
+)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
@@ -61,7 +63,9 @@ def _input(case: str, tmp_path: Path) -> tuple[Path, PipelineSettings]:
     return _ct(tmp_path, "ct.dcm", **attrs), lung if case == "preset window" else PipelineSettings()
 
 
-@pytest.mark.parametrize("case", ["own window", "sigmoid window", "preset window", "auto window", "MONOCHROME1", "VOI LUT sequence", "png"])
+@pytest.mark.parametrize(
+    "case", ["own window", "sigmoid window", "preset window", "auto window", "MONOCHROME1", "VOI LUT sequence", "png"]
+)
 def test_training_input_without_augmentation_is_the_inference_input(case: str, tmp_path: Path) -> None:
     """No train/serve skew: a zero-strength augmentation gives exactly the tensor the node feeds the model."""
     path, settings = _input(case, tmp_path)
@@ -81,9 +85,21 @@ def test_augmentation_is_seeded_small_and_flips_only_when_asked(tmp_path: Path) 
     assert torch.equal(a, load_tensor(sample, settings, PREP, Augment(), np.random.default_rng(5)))
     assert not torch.equal(a, load_tensor(sample, settings, PREP, Augment(), np.random.default_rng(6)))
     assert 0.6 < np.corrcoef(a.flatten(), served.flatten())[0, 1] < 0.9999  # a perturbation, not a different image
-    only_flip = Augment(rotate_deg=0, scale=0, translate=0, window_center_shift=0, window_width_scale=0, noise_std=0, contrast=0, hflip=True)
+    only_flip = Augment(
+        rotate_deg=0,
+        scale=0,
+        translate=0,
+        window_center_shift=0,
+        window_width_scale=0,
+        noise_std=0,
+        contrast=0,
+        hflip=True,
+    )
     mirrored = served.flip(-1)
-    flips = [torch.allclose(load_tensor(sample, settings, PREP, only_flip, np.random.default_rng(s)), mirrored, atol=2e-5) for s in range(12)]
+    flips = [
+        torch.allclose(load_tensor(sample, settings, PREP, only_flip, np.random.default_rng(s)), mirrored, atol=2e-5)
+        for s in range(12)
+    ]
     assert 0 < sum(flips) < 12
     default = [load_tensor(sample, settings, PREP, Augment(), np.random.default_rng(s)) for s in range(12)]
     assert all((d - mirrored).abs().mean() > (d - served).abs().mean() for d in default)  # never mirrored by default
@@ -94,16 +110,51 @@ def test_generic_layouts_images_folder_and_extension_lookup(tmp_path: Path) -> N
     images.mkdir()
     for name in ("a.png", "b.png", "c.jpg"):
         Image.fromarray(np.full((16, 16), 128, np.uint8)).save(images / name)
-    t = read_table(_write_csv(tmp_path / "multi.csv", ["path", "patient_id", "labels"], [["a.png", "P1", "Mass|Nodule"], ["b", "P2", ""], ["c", "P2", "Nodule"]]), images)
+    t = read_table(
+        _write_csv(
+            tmp_path / "multi.csv",
+            ["path", "patient_id", "labels"],
+            [["a.png", "P1", "Mass|Nodule"], ["b", "P2", ""], ["c", "P2", "Nodule"]],
+        ),
+        images,
+    )
     assert (t.format, t.task, t.labels) == ("generic", "multilabel", ["Mass", "Nodule"])
-    assert [s.labels for s in t.samples] == [(1.0, 1.0), (0.0, 0.0), (0.0, 1.0)] and t.samples[2].path == images / "c.jpg"
-    t = read_table(_write_csv(tmp_path / "class.csv", ["path", "patient_id", "label"], [["a.png", "P1", "nevus"], ["b.png", "P2", "melanoma"]]), images)
-    assert (t.task, t.labels, [s.labels for s in t.samples]) == ("multiclass", ["melanoma", "nevus"], [(0.0, 1.0), (1.0, 0.0)])
-    t = read_table(_write_csv(images / "cols.csv", ["path", "patient_id", "effusion", "split"], [["a.png", "P1", "1", "test"], ["zzz.png", "P2", "0", ""]]))
+    assert [s.labels for s in t.samples] == [(1.0, 1.0), (0.0, 0.0), (0.0, 1.0)] and t.samples[
+        2
+    ].path == images / "c.jpg"
+    t = read_table(
+        _write_csv(
+            tmp_path / "class.csv",
+            ["path", "patient_id", "label"],
+            [["a.png", "P1", "nevus"], ["b.png", "P2", "melanoma"]],
+        ),
+        images,
+    )
+    assert (t.task, t.labels, [s.labels for s in t.samples]) == (
+        "multiclass",
+        ["melanoma", "nevus"],
+        [(0.0, 1.0), (1.0, 0.0)],
+    )
+    t = read_table(
+        _write_csv(
+            images / "cols.csv",
+            ["path", "patient_id", "effusion", "split"],
+            [["a.png", "P1", "1", "test"], ["zzz.png", "P2", "0", ""]],
+        )
+    )
     assert t.labels == ["effusion"] and t.samples[0].split == "test" and len(t.samples) == 1
     assert t.unreadable == [f"{images / 'zzz.png'}: no such file"]
-    t = read_table(_write_csv(tmp_path / "isic.csv", ["image", "MEL", "NV", "lesion_id"], [["a", "1.0", "0.0", "L1"], ["b", "0.0", "1.0", "L1"]]), images)
-    assert (t.format, t.task, t.labels) == ("isic", "multiclass", ["MEL", "NV"]) and {s.patient_id for s in t.samples} == {"L1"}
+    t = read_table(
+        _write_csv(
+            tmp_path / "isic.csv",
+            ["image", "MEL", "NV", "lesion_id"],
+            [["a", "1.0", "0.0", "L1"], ["b", "0.0", "1.0", "L1"]],
+        ),
+        images,
+    )
+    assert (t.format, t.task, t.labels) == ("isic", "multiclass", ["MEL", "NV"]) and {
+        s.patient_id for s in t.samples
+    } == {"L1"}
 
 
 def test_bad_csvs_give_a_clear_error(tmp_path: Path) -> None:
@@ -114,11 +165,15 @@ def test_bad_csvs_give_a_clear_error(tmp_path: Path) -> None:
         read_table(_write_csv(tmp_path / "odd.csv", ["file", "who"], [["a.png", "P1"]]))
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="split 'holdout'"):
-        read_table(_write_csv(tmp_path / "split.csv", ["path", "patient_id", "x", "split"], [["a.png", "P1", "1", "holdout"]]))
+        read_table(
+            _write_csv(tmp_path / "split.csv", ["path", "patient_id", "x", "split"], [["a.png", "P1", "1", "holdout"]])
+        )
     with pytest.raises(ValueError, match="no labels"):
         read_table(_write_csv(tmp_path / "nolab.csv", ["path", "patient_id", "labels"], [["a.png", "P1", ""]]))
     with pytest.raises(ValueError, match="several explicit splits"):
-        split_by_patient([Sample(tmp_path / "a.png", (1.0,), "P1", "train"), Sample(tmp_path / "a.png", (0.0,), "P1", "test")])
+        split_by_patient(
+            [Sample(tmp_path / "a.png", (1.0,), "P1", "train"), Sample(tmp_path / "a.png", (0.0,), "P1", "test")]
+        )
 
 
 def test_every_unusable_image_gets_one_line_with_its_reason(tmp_path: Path) -> None:
@@ -133,7 +188,10 @@ def test_every_unusable_image_gets_one_line_with_its_reason(tmp_path: Path) -> N
     assert len(t.samples) == 6 and len(t.unreadable) == 4
     reasons = dict(line.split(": ", 1) for line in t.unreadable)
     assert set(reasons) == {str(tmp_path / n) for n in ("broken.dcm", "sr.dcm", "bad.png", "gone.dcm")}
-    assert "not a readable DICOM" in reasons[str(tmp_path / "broken.dcm")] and "Structured Report" in reasons[str(tmp_path / "sr.dcm")]
+    assert (
+        "not a readable DICOM" in reasons[str(tmp_path / "broken.dcm")]
+        and "Structured Report" in reasons[str(tmp_path / "sr.dcm")]
+    )
     assert reasons[str(tmp_path / "gone.dcm")] == "no such file" and all("\n" not in line for line in t.unreadable)
 
 
@@ -145,7 +203,9 @@ def test_image_whose_pixels_break_only_at_load_is_reported_and_skipped(tmp_path:
     ds = pydicom.dcmread(bad)
     ds.PixelData = ds.PixelData[:100]
     ds.save_as(bad)
-    t = read_table(_write_csv(tmp_path / "l.csv", ["path", "patient_id", "disc"], [["good.dcm", "P1", 1], ["bad.dcm", "P2", 1]]))
+    t = read_table(
+        _write_csv(tmp_path / "l.csv", ["path", "patient_id", "disc"], [["good.dcm", "P1", 1], ["bad.dcm", "P2", 1]])
+    )
     assert len(t.samples) == 2  # the header alone looks fine
     data = TorchDataset(t.samples, PipelineSettings(), PREP, Augment(), seed=0)
     batch = collate([data[0], data[1]])

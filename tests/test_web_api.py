@@ -25,7 +25,9 @@ H_READ = {"Authorization": f"Bearer {READER}"}
 
 
 @pytest.fixture
-def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str) -> Iterator[tuple[TestClient, Store, str, object]]:
+def node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> Iterator[tuple[TestClient, Store, str, object]]:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     settings = node_settings(tmp_path, db_url, max_upload_mb=1)
     store = make_store(settings)
@@ -38,8 +40,18 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str) -> Iterat
 def test_every_endpoint_but_healthz_needs_a_token(node) -> None:  # type: ignore[no-untyped-def]
     client, _, uid, _ = node
     assert client.get("/healthz").status_code == 200
-    for path in ["/readyz", "/metrics", "/api/studies", "/api/jobs", "/api/results", "/api/results.csv", "/api/outbox", "/api/model",
-                 f"/api/studies/{uid}", "/openapi.json"]:
+    for path in [
+        "/readyz",
+        "/metrics",
+        "/api/studies",
+        "/api/jobs",
+        "/api/results",
+        "/api/results.csv",
+        "/api/outbox",
+        "/api/model",
+        f"/api/studies/{uid}",
+        "/openapi.json",
+    ]:
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
     assert client.post("/api/predict", files={"file": ("x.png", b"x")}).status_code == 401
@@ -48,12 +60,19 @@ def test_every_endpoint_but_healthz_needs_a_token(node) -> None:  # type: ignore
 def test_read_token_reads_but_admin_actions_need_admin(node) -> None:  # type: ignore[no-untyped-def]
     client, store, uid, _ = node
     assert client.get("/api/studies", headers=H_READ).status_code == 200
-    for path in [f"/api/studies/{uid}/requeue", f"/api/studies/{uid}/ignore", "/api/jobs/1/requeue", "/api/outbox/1/resend"]:
+    for path in [
+        f"/api/studies/{uid}/requeue",
+        f"/api/studies/{uid}/ignore",
+        "/api/jobs/1/requeue",
+        "/api/outbox/1/resend",
+    ]:
         assert client.post(path, headers=H_READ).status_code == 403, path
     assert client.post(f"/api/studies/{uid}/ignore", headers=H_ADMIN).json()["ignored"] is True
     assert client.post("/api/outbox/1/resend", headers=H_ADMIN).json()["requeued"] == 1
     requeued = client.post("/api/jobs/1/requeue", headers=H_ADMIN).json()
-    assert requeued["state"] == "queued" and requeued["requeued_from"] == 1 and requeued["job_id"] != 1  # a done job keeps its results
+    assert (
+        requeued["state"] == "queued" and requeued["requeued_from"] == 1 and requeued["job_id"] != 1
+    )  # a done job keeps its results
     assert client.get("/api/results", headers=H_READ).json()  # still visible while the new job waits
     assert client.post("/api/jobs/999/requeue", headers=H_ADMIN).status_code == 404
     with store.session() as s:
@@ -67,7 +86,9 @@ def test_studies_jobs_results_outbox_and_model(node) -> None:  # type: ignore[no
     studies = client.get("/api/studies", params={"patient_id": "PID-WEB-1"}, headers=H_READ).json()
     assert [s["study_instance_uid"] for s in studies] == [uid] and studies[0]["num_instances"] == 1
     assert client.get("/api/studies", params={"patient_id": "nobody"}, headers=H_READ).json() == []
-    assert client.get("/api/studies", params={"date_from": "20240101", "date_to": "20240131", "modality": "CT"}, headers=H_READ).json()
+    assert client.get(
+        "/api/studies", params={"date_from": "20240101", "date_to": "20240131", "modality": "CT"}, headers=H_READ
+    ).json()
     assert client.get("/api/studies", params={"date_from": "2024-01"}, headers=H_READ).status_code == 422
     assert [j["state"] for j in client.get("/api/jobs", params={"state": "done"}, headers=H_READ).json()] == ["done"]
     results = client.get("/api/results", headers=H_READ).json()
@@ -98,8 +119,12 @@ def test_cli_results_equal_the_api(node, tmp_path: Path) -> None:  # type: ignor
     client, store, _, settings = node
     cfg = tmp_path / "cli.toml"
     cfg.write_text(f'[node]\ndata_dir = "{settings.data_dir}"\n[database]\nurl = "{settings.database.url}"\n')
-    out = subprocess.run([str(Path(sys.executable).with_name("dxnode")), "--config", str(cfg), "results", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("dxnode")), "--config", str(cfg), "results", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == client.get("/api/results", headers=H_READ).json()
 
@@ -115,7 +140,9 @@ def test_predict_upload(node, tmp_path: Path) -> None:  # type: ignore[no-untype
     assert not (settings.data_dir / "uploads").exists()  # not kept
     bad = client.post("/api/predict", files={"file": ("notes.txt", b"just text, not an image")}, headers=H_READ)
     assert bad.status_code == 415 and "not a readable" in bad.json()["detail"]
-    sr = client.post("/api/predict", files={"file": ("sr.dcm", open(get_testdata_file("reportsi.dcm"), "rb"))}, headers=H_READ)
+    sr = client.post(
+        "/api/predict", files={"file": ("sr.dcm", open(get_testdata_file("reportsi.dcm"), "rb"))}, headers=H_READ
+    )
     assert sr.status_code == 415 and "Structured Report" in sr.json()["detail"]
     big = client.post("/api/predict", files={"file": ("big.dcm", b"0" * (2 * 1024 * 1024))}, headers=H_READ)
     assert big.status_code == 413
@@ -127,7 +154,9 @@ def test_readyz_and_metrics(node) -> None:  # type: ignore[no-untyped-def]
     assert r.status_code == 503 and r.json()["checks"] == {"database": True, "model": True, "scp": False}
     text = client.get("/metrics", headers=H_READ).text
     assert 'dxnode_jobs{state="done"} 1.0' in text and "dxnode_outbox_backlog 2.0" in text
-    assert "dxnode_inference_seconds_bucket" in text and 'dxnode_associations_rejected_total{reason="calling_aet"}' in text
+    assert (
+        "dxnode_inference_seconds_bucket" in text and 'dxnode_associations_rejected_total{reason="calling_aet"}' in text
+    )
 
 
 def test_login_page_sets_a_session_cookie(node) -> None:  # type: ignore[no-untyped-def]
@@ -143,7 +172,9 @@ def test_login_page_sets_a_session_cookie(node) -> None:  # type: ignore[no-unty
     assert client.post(f"/api/studies/{uid}/ignore").status_code == 403  # still a read role
 
 
-def test_no_patient_data_in_info_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_patient_data_in_info_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     settings = node_settings(tmp_path)
     store = make_store(settings)

@@ -119,7 +119,10 @@ def test_results_page_filters_errors_and_csv_link(node) -> None:  # type: ignore
     assert api
     model = api[0]["model_name"]
     # A submitted form sends its empty fields too; the CSV link must still be a valid API query.
-    page = client.get("/results", params={"label": "", "min_prob": "", "model_name": model, "model_version": "", "date_from": "", "date_to": ""})
+    page = client.get(
+        "/results",
+        params={"label": "", "min_prob": "", "model_name": model, "model_version": "", "date_from": "", "date_to": ""},
+    )
     assert page.status_code == 200 and page.text.count('href="/studies/') == len(api)
     link = page.text.split('id="csv" href="')[1].split('"')[0].replace("&amp;", "&")
     assert link == f"/api/results.csv?model_name={model}"
@@ -138,8 +141,11 @@ def test_oversized_upload_is_refused_before_its_body_is_read(node) -> None:  # t
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             # Announce 50 MB against a 1 MB limit and send only the headers: the answer must not wait for the body.
-            sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\n" + f"Authorization: Bearer {READER}\r\n".encode()
-                         + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 52428800\r\n\r\n--b\r\n")
+            sock.sendall(
+                b"POST /api/predict HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {READER}\r\n".encode()
+                + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 52428800\r\n\r\n--b\r\n"
+            )
             t0, reply = time.monotonic(), b""
             while b"\r\n\r\n" not in reply:
                 chunk = sock.recv(4096)
@@ -162,11 +168,17 @@ def test_cli_results_filters_match_the_api_and_bad_input_is_refused(node, tmp_pa
     cfg.write_text(f'[node]\ndata_dir = "{settings.data_dir}"\n[database]\nurl = "{settings.database.url}"\n')
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(Path(sys.executable).with_name("dxnode")), "--config", str(cfg), "results", *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("dxnode")), "--config", str(cfg), "results", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     client = TestClient(create_app(settings, store))
-    api = client.get("/api/results.csv", params={"min_prob": 0.3, "positive": True, "date_from": "2000-01-01"}, headers=H_READ).text
+    api = client.get(
+        "/api/results.csv", params={"min_prob": 0.3, "positive": True, "date_from": "2000-01-01"}, headers=H_READ
+    ).text
     out = cli("--csv", "--min-prob", "0.3", "--positive", "--since", "2000-01-01")
     assert out.returncode == 0, out.stderr
     assert out.stdout == api and len(api.splitlines()) >= 2

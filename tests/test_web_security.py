@@ -43,10 +43,17 @@ def test_session_cookie_survives_a_restart_only_with_the_same_secret(node) -> No
     settings, store, _ = node
     client = logged_in(settings, store, READER)
     cookie = client.cookies["dxnode_session"]
-    assert "max-age=43200" in client.post("/login", data={"token": READER}, follow_redirects=False).headers["set-cookie"].lower()
+    assert (
+        "max-age=43200"
+        in client.post("/login", data={"token": READER}, follow_redirects=False).headers["set-cookie"].lower()
+    )
     restarted = TestClient(create_app(settings, store), cookies={"dxnode_session": cookie})
-    assert restarted.get("/api/studies").status_code == 200  # [web] session_secret configured: sessions outlive the process
-    other = TestClient(create_app(with_web(settings, session_secret="secret-two"), store), cookies={"dxnode_session": cookie})
+    assert (
+        restarted.get("/api/studies").status_code == 200
+    )  # [web] session_secret configured: sessions outlive the process
+    other = TestClient(
+        create_app(with_web(settings, session_secret="secret-two"), store), cookies={"dxnode_session": cookie}
+    )
     assert other.get("/api/studies").status_code == 401
     # No configured secret: each process signs with its own random one.
     random_a, random_b = with_web(settings, session_secret=""), with_web(settings, session_secret="")
@@ -60,7 +67,12 @@ def test_a_forged_session_cookie_opens_nothing(node) -> None:  # type: ignore[no
     settings, store, uid = node
     cookie = logged_in(settings, store, READER).cookies["dxnode_session"]
     payload, _, signature = cookie.rpartition(".")
-    for forged in [payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + signature, cookie[:-3] + "xyz", "e30=.bogus", ""]:
+    for forged in [
+        payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + signature,
+        cookie[:-3] + "xyz",
+        "e30=.bogus",
+        "",
+    ]:
         client = TestClient(create_app(settings, store), cookies={"dxnode_session": forged})
         assert client.get("/api/studies").status_code == 401, forged
         page = client.get(f"/studies/{uid}", follow_redirects=False)
@@ -70,12 +82,24 @@ def test_a_forged_session_cookie_opens_nothing(node) -> None:  # type: ignore[no
 def test_bearer_header_rules(node) -> None:  # type: ignore[no-untyped-def]
     settings, store, uid = node
     client = TestClient(create_app(settings, store))
-    assert client.get("/api/studies", headers={"Authorization": f"bearer {READER}"}).status_code == 200  # the scheme is case-insensitive
-    for header in [f"Basic {READER}", READER, f"Bearer {READER}x", f"Bearer {READER[:-1]}", f"Bearer {READER.upper()}", "Bearer ", "Bearer"]:
+    assert (
+        client.get("/api/studies", headers={"Authorization": f"bearer {READER}"}).status_code == 200
+    )  # the scheme is case-insensitive
+    for header in [
+        f"Basic {READER}",
+        READER,
+        f"Bearer {READER}x",
+        f"Bearer {READER[:-1]}",
+        f"Bearer {READER.upper()}",
+        "Bearer ",
+        "Bearer",
+    ]:
         r = client.get("/api/studies", headers={"Authorization": header})
         assert r.status_code == 401, header
         assert r.headers["www-authenticate"] == "Bearer" and PID not in r.text
-    assert client.get("/api/studies", params={"token": READER}).status_code == 401  # never from the query string (it ends up in logs)
+    assert (
+        client.get("/api/studies", params={"token": READER}).status_code == 401
+    )  # never from the query string (it ends up in logs)
     # A wrong header is not rescued by a valid session cookie.
     browser = logged_in(settings, store, ADMIN)
     assert browser.get("/api/studies", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -124,7 +148,6 @@ def test_anonymous_visitors_get_the_login_form_and_no_patient_data(node) -> None
     assert client.get("/static/dxnode.css").status_code == 200  # the stylesheet holds nothing private
     with store.session() as s:
         assert not list(s.scalars(select(Audit).where(Audit.actor == "anonymous", Audit.action.like("api.%"))))
-
 
 
 def test_reads_of_study_images_are_audited(node) -> None:  # type: ignore[no-untyped-def]

@@ -54,7 +54,10 @@ def data_url_image(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
 
 
-@pytest.mark.parametrize(("mode", "fmt"), [("L", "PNG"), ("I;16", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("1", "PNG"), ("RGB", "JPEG"), ("CMYK", "JPEG")])
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("I;16", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("1", "PNG"), ("RGB", "JPEG"), ("CMYK", "JPEG")],
+)
 def test_png_and_jpeg_uploads_give_findings_and_a_heatmap(node, mode: str, fmt: str) -> None:  # type: ignore[no-untyped-def]
     settings, store = node
     client = TestClient(create_app(settings, store))
@@ -76,9 +79,19 @@ def test_top_k_is_bounded(node) -> None:  # type: ignore[no-untyped-def]
     png = encoded(picture("L"), "PNG")
     labels = client.get("/api/model", headers=H).json()["labels"]
     k = min(5, len(labels))
-    assert len(client.post("/api/predict", params={"top_k": k}, files={"file": ("a.png", png)}, headers=H).json()["findings"]) == k
+    assert (
+        len(
+            client.post("/api/predict", params={"top_k": k}, files={"file": ("a.png", png)}, headers=H).json()[
+                "findings"
+            ]
+        )
+        == k
+    )
     for bad in (0, 21, "three"):
-        assert client.post("/api/predict", params={"top_k": bad}, files={"file": ("a.png", png)}, headers=H).status_code == 422
+        assert (
+            client.post("/api/predict", params={"top_k": bad}, files={"file": ("a.png", png)}, headers=H).status_code
+            == 422
+        )
 
 
 def test_broken_uploads_get_a_clear_refusal_and_leave_nothing(node) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +120,9 @@ def test_keep_uploads_keeps_the_bytes_under_the_data_dir_with_a_safe_name(node) 
     r = client.post("/api/predict", files={"file": ("../../escape.png", png)}, headers=H)
     assert r.status_code == 200, r.text
     kept = list((settings.data_dir / "uploads").iterdir())
-    assert [p.read_bytes() for p in kept] == [png] and "escape" not in kept[0].name  # the client's name never becomes a path
+    assert [p.read_bytes() for p in kept] == [png] and "escape" not in kept[
+        0
+    ].name  # the client's name never becomes a path
     assert not (settings.data_dir.parent / "escape.png").exists()
     with store.session() as s:
         row = s.scalars(select(Audit).where(Audit.action == "api.predict").order_by(Audit.id.desc())).first()

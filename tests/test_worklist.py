@@ -22,7 +22,13 @@ def settings_for(url: str, **worklist_keys: object) -> Settings:
 
 def add_study(store: Store, uid: str, received: dt.datetime, aet: str = "MODALITY") -> int:
     with store.session() as s:
-        study = Study(study_instance_uid=uid, calling_aet=aet, first_received_at=received, last_received_at=received, num_instances=1)
+        study = Study(
+            study_instance_uid=uid,
+            calling_aet=aet,
+            first_received_at=received,
+            last_received_at=received,
+            num_instances=1,
+        )
         s.add(study)
         s.flush()
         return study.id
@@ -99,11 +105,13 @@ def test_recover_requeues_jobs_of_dead_workers_only(store: Store) -> None:
     dead.wait()
     with store.session() as s:
         ids = []
-        for i, (worker, updated) in enumerate([
-            (f"{socket.gethostname()}:{dead.pid}", now),  # crashed process of this host
-            ("otherhost:123", now),  # alive on another node
-            ("otherhost:456", now - dt.timedelta(hours=2)),  # silent too long
-        ]):
+        for i, (worker, updated) in enumerate(
+            [
+                (f"{socket.gethostname()}:{dead.pid}", now),  # crashed process of this host
+                ("otherhost:123", now),  # alive on another node
+                ("otherhost:456", now - dt.timedelta(hours=2)),  # silent too long
+            ]
+        ):
             study = Study(study_instance_uid=f"1.9.{i}")
             s.add(study)
             s.flush()
@@ -147,13 +155,18 @@ def test_two_worker_processes_run_each_job_exactly_once(store: Store, tmp_path: 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    procs = [subprocess.Popen([sys.executable, str(script), store.url], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), store.url], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
     counts = [int(p.communicate(timeout=180)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sum(counts) == 100
     assert min(counts) > 0, f"one worker did all the work: {counts}"
     with store.session() as s:
-        runs = s.execute(select(Audit.target, func.count()).where(Audit.action == "test.ran").group_by(Audit.target)).all()
+        runs = s.execute(
+            select(Audit.target, func.count()).where(Audit.action == "test.ran").group_by(Audit.target)
+        ).all()
         states = set(s.scalars(select(Job.state)))
     assert len(runs) == 100 and all(n == 1 for _, n in runs)
     assert states == {"done"}

@@ -20,10 +20,17 @@ ADMIN, READER = "admin-token-0123456789", "read-token-0123456789"
 def node_settings(tmp: Path, url: str | None = None, **web: object) -> Settings:
     url = url or f"sqlite:///{tmp / 'dxnode.db'}"
     return Settings(
-        node={"data_dir": tmp / "var"}, database={"url": url},
+        node={"data_dir": tmp / "var"},
+        database={"url": url},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
         report={"heatmap_for": "top1"},
-        web={"tokens": [{"name": "alice", "token": ADMIN, "role": "admin"}, {"name": "bob", "token": READER, "role": "read"}], **web},
+        web={
+            "tokens": [
+                {"name": "alice", "token": ADMIN, "role": "admin"},
+                {"name": "bob", "token": READER, "role": "read"},
+            ],
+            **web,
+        },
     )
 
 
@@ -39,15 +46,33 @@ def processed_study(store: Store, settings: Settings, patient_id: str = "PID-WEB
     (settings.data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(settings.data_dir / rel, enforce_file_format=True)
     with store.session() as s:
-        study = Study(study_instance_uid=study_uid, patient_id=patient_id, patient_name="Web^Patient", accession_number=accession,
-                      study_date="20240102", modalities="CT", calling_aet="CT1", num_instances=1, last_received_at=utcnow())
+        study = Study(
+            study_instance_uid=study_uid,
+            patient_id=patient_id,
+            patient_name="Web^Patient",
+            accession_number=accession,
+            study_date="20240102",
+            modalities="CT",
+            calling_aet="CT1",
+            num_instances=1,
+            last_received_at=utcnow(),
+        )
         s.add(study)
         s.flush()
         series = Series(study_id=study.id, series_instance_uid=series_uid, modality="CT")
         s.add(series)
         s.flush()
-        s.add(Instance(series_id=series.id, study_id=study.id, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                       transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, file_path=str(rel), size_bytes=(settings.data_dir / rel).stat().st_size))
+        s.add(
+            Instance(
+                series_id=series.id,
+                study_id=study.id,
+                sop_class_uid=ds.SOPClassUID,
+                sop_instance_uid=ds.SOPInstanceUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                file_path=str(rel),
+                size_bytes=(settings.data_dir / rel).stat().st_size,
+            )
+        )
     with store.session() as s:
         worklist.requeue_study(s, study_uid, actor="test", action="study.force_complete")
     assert worklist.drain(store, settings, run_job) == 1

@@ -18,18 +18,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
-from sqlalchemy import func, select
-from starlette.types import ASGIApp, Receive, Scope, Send
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
+from pydantic import BeforeValidator
+from sqlalchemy import func, select
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dxnode.config import Settings
-from dxnode.queries import JobFilter, ResultFilter, StudyFilter, job_dict, list_jobs, list_results, list_studies, results_csv, study_dict
+from dxnode.queries import (
+    JobFilter,
+    ResultFilter,
+    StudyFilter,
+    job_dict,
+    list_jobs,
+    list_results,
+    list_studies,
+    results_csv,
+    study_dict,
+)
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
 from dxnode.web.auth import Principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
@@ -67,8 +77,11 @@ class UploadLimit:
         if scope["type"] == "http" and scope["path"] == self.path:
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse({"detail": f"file larger than [web] max_upload_mb = {self.max_mb}"}, status_code=413,
-                                        headers={"Connection": "close"})
+                response = JSONResponse(
+                    {"detail": f"file larger than [web] max_upload_mb = {self.max_mb}"},
+                    status_code=413,
+                    headers={"Connection": "close"},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -96,13 +109,21 @@ def api_router() -> APIRouter:
 
     @r.get("/studies", summary="Received studies, most recent first")
     def studies(
-        request: Request, who: Principal = Depends(require_read), patient_id: str | None = None, accession_number: str | None = None,
+        request: Request,
+        who: Principal = Depends(require_read),
+        patient_id: str | None = None,
+        accession_number: str | None = None,
         date_from: str | None = Query(None, pattern=r"^\d{8}$", description="Study Date from, YYYYMMDD"),
-        date_to: str | None = Query(None, pattern=r"^\d{8}$"), modality: str | None = None, calling_aet: str | None = None,
-        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
+        date_to: str | None = Query(None, pattern=r"^\d{8}$"),
+        modality: str | None = None,
+        calling_aet: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         with request.app.state.store.session() as s:
-            rows = list_studies(s, StudyFilter(patient_id, accession_number, date_from, date_to, modality, calling_aet, limit, offset))
+            rows = list_studies(
+                s, StudyFilter(patient_id, accession_number, date_from, date_to, modality, calling_aet, limit, offset)
+            )
         _audit(request, who, "api.studies.read", rows=len(rows))
         return rows
 
@@ -126,20 +147,31 @@ def api_router() -> APIRouter:
         return {"job_id": job_id}
 
     @r.post("/studies/{study_instance_uid}/ignore", summary="Mark a study to be ignored (admin)")
-    def ignore(request: Request, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True) -> dict[str, Any]:
+    def ignore(
+        request: Request, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True
+    ) -> dict[str, Any]:
         with request.app.state.store.session() as s:
             study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
             if study is None:
                 raise HTTPException(404, "no such study")
             study.ignored = ignored
-            audit(s, who.name, "study.ignore" if ignored else "study.unignore", target=study_instance_uid, source=who.address)
+            audit(
+                s,
+                who.name,
+                "study.ignore" if ignored else "study.unignore",
+                target=study_instance_uid,
+                source=who.address,
+            )
         return {"study_instance_uid": study_instance_uid, "ignored": ignored}
 
     @r.get("/jobs", summary="Jobs, newest first")
     def jobs(
-        request: Request, who: Principal = Depends(require_read), state: str | None = Query(None, pattern="^(queued|running|done|failed|skipped)$"),
+        request: Request,
+        who: Principal = Depends(require_read),
+        state: str | None = Query(None, pattern="^(queued|running|done|failed|skipped)$"),
         since: IsoDate | None = Query(None, description="created on or after, YYYY-MM-DD (UTC)"),
-        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         with request.app.state.store.session() as s:
             rows = list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
@@ -160,31 +192,66 @@ def api_router() -> APIRouter:
         return {"job_id": queued, "requeued_from": job_id, "state": "queued"}
 
     def result_filter(
-        label: str | None = None, min_prob: float | None = Query(None, ge=0, le=1), positive: bool = False, model_name: str | None = None,
-        model_version: str | None = None, date_from: IsoDate | None = Query(None, description="YYYY-MM-DD (UTC), inclusive"),
-        date_to: IsoDate | None = Query(None, description="YYYY-MM-DD (UTC), inclusive"), include_superseded: bool = False,
-        limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=10**9),
+        label: str | None = None,
+        min_prob: float | None = Query(None, ge=0, le=1),
+        positive: bool = False,
+        model_name: str | None = None,
+        model_version: str | None = None,
+        date_from: IsoDate | None = Query(None, description="YYYY-MM-DD (UTC), inclusive"),
+        date_to: IsoDate | None = Query(None, description="YYYY-MM-DD (UTC), inclusive"),
+        include_superseded: bool = False,
+        limit: int = Query(1000, ge=1, le=10000),
+        offset: int = Query(0, ge=0, le=10**9),
     ) -> ResultFilter:
-        return ResultFilter(label, min_prob, positive, model_name, model_version, _day(date_from), _day(date_to, 1), None, include_superseded, limit, offset)
+        return ResultFilter(
+            label,
+            min_prob,
+            positive,
+            model_name,
+            model_version,
+            _day(date_from),
+            _day(date_to, 1),
+            None,
+            include_superseded,
+            limit,
+            offset,
+        )
 
     @r.get("/results", summary="Study-level findings (the newest done job of each study unless include_superseded)")
-    def results(request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)) -> list[dict[str, Any]]:
+    def results(
+        request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
+    ) -> list[dict[str, Any]]:
         with request.app.state.store.session() as s:
             rows = list_results(s, f)
         _audit(request, who, "api.results.read", rows=len(rows))
         return rows
 
-    @r.get("/results.csv", summary="The same results as CSV", response_class=Response, responses={200: {"content": {"text/csv": {}}}})
-    def results_as_csv(request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)) -> Response:
+    @r.get(
+        "/results.csv",
+        summary="The same results as CSV",
+        response_class=Response,
+        responses={200: {"content": {"text/csv": {}}}},
+    )
+    def results_as_csv(
+        request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
+    ) -> Response:
         with request.app.state.store.session() as s:
             rows = list_results(s, f)
         _audit(request, who, "api.results.export", rows=len(rows))
-        return Response(results_csv(rows), media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="dxnode-results.csv"'})
+        return Response(
+            results_csv(rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="dxnode-results.csv"'},
+        )
 
     @r.get("/outbox", summary="Deliveries of outputs to destinations")
     def outbox(
-        request: Request, who: Principal = Depends(require_read), state: str | None = Query(None, pattern="^(pending|sent|failed)$"),
-        destination: str | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9),
+        request: Request,
+        who: Principal = Depends(require_read),
+        state: str | None = Query(None, pattern="^(pending|sent|failed)$"),
+        destination: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=10**9),
     ) -> list[dict[str, Any]]:
         from dxnode.dispatch import list_deliveries
 
@@ -210,7 +277,12 @@ def api_router() -> APIRouter:
         info["label_count"] = len(m.labels)
         return info
 
-    @r.get("/outputs/{output_id}.png", summary="A heatmap Secondary Capture as PNG", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @r.get(
+        "/outputs/{output_id}.png",
+        summary="A heatmap Secondary Capture as PNG",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     def output_image(request: Request, output_id: RowId, who: Principal = Depends(require_read)) -> Response:
         with request.app.state.store.session() as s:
             out = s.get(Output, output_id)
@@ -219,8 +291,12 @@ def api_router() -> APIRouter:
         _audit(request, who, "api.output.image", target=out.sop_instance_uid)
         return Response(output_png(request.app.state.settings.data_dir / out.file_path), media_type="image/png")
 
-    @r.get("/instances/{sop_instance_uid}.png", summary="A source image, windowed as the model saw it", response_class=Response,
-           responses={200: {"content": {"image/png": {}}}})
+    @r.get(
+        "/instances/{sop_instance_uid}.png",
+        summary="A source image, windowed as the model saw it",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     def instance_image(request: Request, sop_instance_uid: str, who: Principal = Depends(require_read)) -> Response:
         from dxnode.pipeline import PipelineError, read_frames
 
@@ -230,15 +306,24 @@ def api_router() -> APIRouter:
             raise HTTPException(404, "no such instance")
         settings: Settings = request.app.state.settings
         try:
-            frame = read_frames(settings.data_dir / inst.file_path, settings.pipeline, request.app.state.classifier().manifest.preprocessing)[0]
+            frame = read_frames(
+                settings.data_dir / inst.file_path,
+                settings.pipeline,
+                request.app.state.classifier().manifest.preprocessing,
+            )[0]
         except PipelineError as exc:
             raise HTTPException(422, str(exc)) from None
         _audit(request, who, "api.instance.image", target=sop_instance_uid)
         return Response(png_bytes(frame.display), media_type="image/png")
 
-    @r.post("/predict", summary="Predict one uploaded DICOM, PNG or JPEG file (multipart field 'file')",
-            responses={413: {"description": "Too large"}, 415: {"description": "Not an image"}})
-    async def predict(request: Request, file: UploadFile, who: Principal = Depends(require_read), top_k: int = Query(3, ge=1, le=20)) -> dict[str, Any]:
+    @r.post(
+        "/predict",
+        summary="Predict one uploaded DICOM, PNG or JPEG file (multipart field 'file')",
+        responses={413: {"description": "Too large"}, 415: {"description": "Not an image"}},
+    )
+    async def predict(
+        request: Request, file: UploadFile, who: Principal = Depends(require_read), top_k: int = Query(3, ge=1, le=20)
+    ) -> dict[str, Any]:
         return await predict_upload(request, file, who, top_k)
 
     return r
@@ -268,12 +353,22 @@ async def predict_upload(request: Request, file: UploadFile, who: Principal, top
             folder.rmdir()
     _audit(request, who, "api.predict", filename=(file.filename or "")[:100], error=pred.error or "")
     if pred.error:
-        code = 415 if pred.error.startswith(("not a readable", "not an image", "no pixel data", "no such file")) else 422
+        code = (
+            415 if pred.error.startswith(("not a readable", "not an image", "no pixel data", "no such file")) else 422
+        )
         raise HTTPException(code, pred.error)
     body = pred.to_dict(None)
     body["file"] = file.filename or "upload"
-    body["heatmap_png"] = "data:image/png;base64," + base64.b64encode(png_bytes(pred.heatmap)).decode() if pred.heatmap is not None else None
-    body["image_png"] = "data:image/png;base64," + base64.b64encode(png_bytes(pred.display)).decode() if pred.display is not None else None
+    body["heatmap_png"] = (
+        "data:image/png;base64," + base64.b64encode(png_bytes(pred.heatmap)).decode()
+        if pred.heatmap is not None
+        else None
+    )
+    body["image_png"] = (
+        "data:image/png;base64," + base64.b64encode(png_bytes(pred.display)).decode()
+        if pred.display is not None
+        else None
+    )
     return body
 
 
@@ -286,23 +381,58 @@ def study_detail(store: Store, study_instance_uid: str) -> dict[str, Any] | None
         if study is None:
             return None
         out = study_dict(s, study)
-        out["series"] = [{"series_instance_uid": x.series_instance_uid, "modality": x.modality, "series_number": x.series_number,
-                          "series_description": x.series_description, "body_part_examined": x.body_part_examined}
-                         for x in s.scalars(select(Series).where(Series.study_id == study.id))]
+        out["series"] = [
+            {
+                "series_instance_uid": x.series_instance_uid,
+                "modality": x.modality,
+                "series_number": x.series_number,
+                "series_description": x.series_description,
+                "body_part_examined": x.body_part_examined,
+            }
+            for x in s.scalars(select(Series).where(Series.study_id == study.id))
+        ]
         jobs = list(s.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id.desc())))
         out["jobs"] = [job_dict(j, study_instance_uid) | {"log": j.log} for j in jobs]
         newest_done = next((j for j in jobs if j.state == "done"), None)
         out["findings"] = [
-            {"label": f.label, "probability": round(f.probability, 6), "threshold": f.threshold, "positive": f.positive,
-             "source_sop_instance_uid": f.source_sop_instance_uid, "model_name": f.model_name, "model_version": f.model_version, "model_demo": f.model_demo}
-            for f in s.scalars(select(FindingRow).where(FindingRow.job_id == (newest_done.id if newest_done else -1)).order_by(FindingRow.rank))
+            {
+                "label": f.label,
+                "probability": round(f.probability, 6),
+                "threshold": f.threshold,
+                "positive": f.positive,
+                "source_sop_instance_uid": f.source_sop_instance_uid,
+                "model_name": f.model_name,
+                "model_version": f.model_version,
+                "model_demo": f.model_demo,
+            }
+            for f in s.scalars(
+                select(FindingRow)
+                .where(FindingRow.job_id == (newest_done.id if newest_done else -1))
+                .order_by(FindingRow.rank)
+            )
         ]
-        out["instance_results"] = [{"sop_instance_uid": r.sop_instance_uid, "state": r.state, "reason": r.reason}
-                                   for r in s.scalars(select(InstanceResult).where(InstanceResult.job_id == (newest_done.id if newest_done else -1)))]
+        out["instance_results"] = [
+            {"sop_instance_uid": r.sop_instance_uid, "state": r.state, "reason": r.reason}
+            for r in s.scalars(
+                select(InstanceResult).where(InstanceResult.job_id == (newest_done.id if newest_done else -1))
+            )
+        ]
         outputs = list(s.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.id)))
-        current = {o.id for o in outputs if newest_done is not None and o.job_id == newest_done.id} or {o.id for o in outputs}
-        out["outputs"] = [{"id": o.id, "kind": o.kind, "label": o.label, "sop_instance_uid": o.sop_instance_uid, "summary": o.summary,
-                           "model_version": o.model_version, "current": o.id in current} for o in outputs]
+        current = {o.id for o in outputs if newest_done is not None and o.job_id == newest_done.id} or {
+            o.id for o in outputs
+        }
+        out["outputs"] = [
+            {
+                "id": o.id,
+                "kind": o.kind,
+                "label": o.label,
+                "sop_instance_uid": o.sop_instance_uid,
+                "summary": o.summary,
+                "model_version": o.model_version,
+                "current": o.id in current,
+            }
+            for o in outputs
+        ]
         out["deliveries"] = list_deliveries(s, limit=1000, study_instance_uid=study_instance_uid)
     return out
 
@@ -328,27 +458,48 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     from dxnode.model import load_classifier
     from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 
-    app = FastAPI(title="dxnode", version=__import__("dxnode").__version__,
-                  description="REST API of a dxnode DICOM AI node. Send `Authorization: Bearer TOKEN`.",
-                  docs_url=None, redoc_url=None, openapi_url=None)  # served below, behind a token (no CDN-based UI: nodes run offline)
+    app = FastAPI(
+        title="dxnode",
+        version=__import__("dxnode").__version__,
+        description="REST API of a dxnode DICOM AI node. Send `Authorization: Bearer TOKEN`.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )  # served below, behind a token (no CDN-based UI: nodes run offline)
     app.state.settings, app.state.store = settings, store
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
     app.state.classifier = lambda: load_classifier(settings.model)
     app.add_middleware(UploadLimit, path="/api/predict", max_mb=settings.web.max_upload_mb)
-    app.add_middleware(SessionMiddleware, secret_key=settings.web.session_secret or secrets.token_urlsafe(32),
-                       session_cookie="dxnode_session", same_site="strict", https_only=False, max_age=12 * 3600)
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=settings.web.session_secret or secrets.token_urlsafe(32),
+        session_cookie="dxnode_session",
+        same_site="strict",
+        https_only=False,
+        max_age=12 * 3600,
+    )
 
     @app.get("/healthz", summary="The process is up (no token needed)")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Database reachable, model loaded, DICOM listener up", responses={401: ERRORS[401], 503: {"description": "Not ready"}})
+    @app.get(
+        "/readyz",
+        summary="Database reachable, model loaded, DICOM listener up",
+        responses={401: ERRORS[401], 503: {"description": "Not ready"}},
+    )
     def readyz(who: Principal = Depends(require_read)) -> JSONResponse:
         checks = readiness() if readiness else {"database": store.ping()}
-        return JSONResponse({"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503)
+        return JSONResponse(
+            {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
+        )
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-             responses={401: ERRORS[401], 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={401: ERRORS[401], 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+    )
     def metrics(who: Principal = Depends(require_read)) -> Response:
         return Response(metrics_text(store), media_type=CONTENT_TYPE_LATEST)
 

@@ -63,7 +63,9 @@ def require_read(request: Request) -> Principal:
     """Dependency: any valid token (401 otherwise)."""
     who = principal(request)
     if who is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
+        )
     return who
 
 

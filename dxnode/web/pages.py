@@ -60,14 +60,21 @@ def dashboard_data(request: Request) -> dict[str, Any]:
             top = list_results(s, ResultFilter(study_instance_uid=st["study_instance_uid"], limit=3))
             st["top"] = [{"label": r["label"], "probability": r["probability"], "positive": r["positive"]} for r in top]
     return {
-        "counters": {"received_today": received, "queued": states.get("queued", 0), "running": states.get("running", 0),
-                     "failed": states.get("failed", 0), "outbox_backlog": backlog, "outbox_failed": failed_out},
+        "counters": {
+            "received_today": received,
+            "queued": states.get("queued", 0),
+            "running": states.get("running", 0),
+            "failed": states.get("failed", 0),
+            "outbox_backlog": backlog,
+            "outbox_failed": failed_out,
+        },
         "studies": studies,
     }
 
 
-def page_result_filter(label: str, min_prob: str, positive: bool, model_name: str, model_version: str,
-                       date_from: str, date_to: str) -> tuple[ResultFilter, list[str]]:
+def page_result_filter(
+    label: str, min_prob: str, positive: bool, model_name: str, model_version: str, date_from: str, date_to: str
+) -> tuple[ResultFilter, list[str]]:
     """The results search form as a ResultFilter (the API's filters), and what was wrong in it."""
     errors: list[str] = []
 
@@ -89,7 +96,9 @@ def page_result_filter(label: str, min_prob: str, positive: bool, model_name: st
             p = None
     since, until = day(date_from, "from"), day(date_to, "to")
     until = until + dt.timedelta(days=1) if until else None
-    return ResultFilter(label or None, p, positive, model_name or None, model_version or None, since, until, limit=500), errors
+    return ResultFilter(
+        label or None, p, positive, model_name or None, model_version or None, since, until, limit=500
+    ), errors
 
 
 def pages_router() -> APIRouter:
@@ -98,7 +107,9 @@ def pages_router() -> APIRouter:
 
     @r.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, error: str = "") -> Response:
-        return TEMPLATES.TemplateResponse(request, "login.html", {"error": error, "no_tokens": not request.app.state.settings.web.tokens})
+        return TEMPLATES.TemplateResponse(
+            request, "login.html", {"error": error, "no_tokens": not request.app.state.settings.web.tokens}
+        )
 
     @r.post("/login")
     def login(request: Request, token: str = Form(...)) -> Response:
@@ -107,7 +118,9 @@ def pages_router() -> APIRouter:
         with request.app.state.store.session() as s:
             audit(s, t.name if t else "anonymous", "web.login" if t else "web.login_failed", source=address)
         if t is None:
-            return TEMPLATES.TemplateResponse(request, "login.html", {"error": "Unknown token.", "no_tokens": False}, status_code=401)
+            return TEMPLATES.TemplateResponse(
+                request, "login.html", {"error": "Unknown token.", "no_tokens": False}, status_code=401
+            )
         request.session.update(token_name=t.name, token_digest=digest(t.token))
         return RedirectResponse("/", status_code=303)
 
@@ -135,17 +148,30 @@ def pages_router() -> APIRouter:
 
         detail = study_detail(request.app.state.store, study_instance_uid)
         if detail is None:
-            return TEMPLATES.TemplateResponse(request, "message.html", _context(request, who, message="No such study."), status_code=404)
+            return TEMPLATES.TemplateResponse(
+                request, "message.html", _context(request, who, message="No such study."), status_code=404
+            )
         with request.app.state.store.session() as s:
             audit(s, who.name, "web.study", target=study_instance_uid, source=who.address)
         sr = next((o for o in detail["outputs"] if o["kind"] == "sr" and o["current"]), None)
         heatmaps = [o for o in detail["outputs"] if o["kind"] == "sc" and o["current"]]
         sources = sorted({f["source_sop_instance_uid"] for f in detail["findings"] if f["source_sop_instance_uid"]})
-        return TEMPLATES.TemplateResponse(request, "study.html", _context(request, who, s=detail, sr=sr, heatmaps=heatmaps, sources=sources))
+        return TEMPLATES.TemplateResponse(
+            request, "study.html", _context(request, who, s=detail, sr=sr, heatmaps=heatmaps, sources=sources)
+        )
 
     @r.get("/results", response_class=HTMLResponse)
-    def results_page(request: Request, who: Principal = Depends(page_user), label: str = "", min_prob: str = "", positive: bool = False,
-                     model_name: str = "", model_version: str = "", date_from: str = "", date_to: str = "") -> Response:
+    def results_page(
+        request: Request,
+        who: Principal = Depends(page_user),
+        label: str = "",
+        min_prob: str = "",
+        positive: bool = False,
+        model_name: str = "",
+        model_version: str = "",
+        date_from: str = "",
+        date_to: str = "",
+    ) -> Response:
         f, errors = page_result_filter(label, min_prob, positive, model_name, model_version, date_from, date_to)
         rows: list[dict[str, Any]] = []
         with request.app.state.store.session() as s:
@@ -154,12 +180,18 @@ def pages_router() -> APIRouter:
             audit(s, who.name, "web.results", source=who.address, rows=len(rows))
         # the CSV link carries the filled-in fields only: the API refuses empty numbers and dates
         query = urlencode([(k, v) for k, v in request.query_params.multi_items() if v])
-        return TEMPLATES.TemplateResponse(request, "results.html", _context(request, who, rows=rows, q=request.query_params, query=query, errors=errors),
-                                          status_code=422 if errors else 200)
+        return TEMPLATES.TemplateResponse(
+            request,
+            "results.html",
+            _context(request, who, rows=rows, q=request.query_params, query=query, errors=errors),
+            status_code=422 if errors else 200,
+        )
 
     @r.get("/upload", response_class=HTMLResponse)
     def upload_page(request: Request, who: Principal = Depends(page_user)) -> Response:
-        return TEMPLATES.TemplateResponse(request, "upload.html", _context(request, who, max_mb=request.app.state.settings.web.max_upload_mb))
+        return TEMPLATES.TemplateResponse(
+            request, "upload.html", _context(request, who, max_mb=request.app.state.settings.web.max_upload_mb)
+        )
 
     return r
 

@@ -1,6 +1,7 @@
 """Alembic environment: runs dxnode's migrations against the URL set by dxnode.store.upgrade."""
 
 from alembic import context
+
 from dxnode.store import Base, make_engine
 
 config = context.config
