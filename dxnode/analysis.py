@@ -63,6 +63,9 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
             f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
             for o in outputs
         )
+        notes = sorted({n for o in outputs for n in o.notes})
+        if notes:  # values changed when copying source attributes into the SR/SC (never the values)
+            job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
     return "done"
 
 
@@ -146,8 +149,8 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
 class _Written:
     """What the job log says about one output."""
 
-    def __init__(self, kind: str, label: str, deliveries: int) -> None:
-        self.kind, self.label, self.deliveries = kind, label, deliveries
+    def __init__(self, kind: str, label: str, deliveries: int, notes: tuple[str, ...] = ()) -> None:
+        self.kind, self.label, self.deliveries, self.notes = kind, label, deliveries, notes
 
 
 def _write_outputs(
@@ -189,5 +192,5 @@ def _write_outputs(
                 session.flush()
                 audit(session, "system", "output.written", target=f"output:{output.id}", kind=w.kind)
             deliveries = enqueue(session, output, settings, calling_aet)
-            report.append(_Written(w.kind, w.label, len(deliveries)))
+            report.append(_Written(w.kind, w.label, len(deliveries), w.notes))
     return report
