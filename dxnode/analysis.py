@@ -76,7 +76,7 @@ def _describe(result: StudyResult) -> list[str]:
     counts: dict[str, int] = {}
     for outcome in result.instances:
         counts[outcome.state] = counts.get(outcome.state, 0) + 1
-        if outcome.state != "done":
+        if outcome.state != "done" or outcome.reason:  # a done instance's reason is a note (e.g. window not used)
             lines.append(f"instance {outcome.state}: {outcome.reason}")
     lines.insert(1, "instances: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for f in result.findings[:10]:

@@ -165,7 +165,7 @@ def usable_window(center: float, width: float) -> bool:
 
 def j2k_size(frame: bytes) -> tuple[int, int, int, int] | None:
     """(columns, rows, components, max bit depth) from a JPEG 2000 codestream's SIZ marker."""
-    at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ, after any JP2 boxes
+    at = frame.find(b"\xff\x4f\xff\x51", 0, 65536)  # SOC then SIZ, after any JP2 boxes
     if at < 0 or len(frame) < at + 6 + 38:
         return None
     p = at + 6  # Lsiz(2) then Rsiz(2)
@@ -214,7 +214,7 @@ def check_codestreams(ds: Dataset, indices: list[int], n_frames: int) -> None:
             frame = get_frame(ds.PixelData, i, number_of_frames=n_frames)
         except Exception as exc:
             raise DeclaredSizeError(f"cannot find frame {i + 1} in the encapsulated pixel data: {exc}") from exc
-        header = j2k_size(frame) if j2k else jpeg_size(frame)
+        header: tuple[int, ...] | None = j2k_size(frame) if j2k else jpeg_size(frame)
         if header is None:
             raise DeclaredSizeError(f"frame {i + 1} has no readable {'JPEG 2000' if j2k else 'JPEG'} header")
         h_cols, h_rows, h_samples = header[:3]
