@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
@@ -53,6 +54,7 @@ class LoginThrottle:
         )
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self.clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def from_settings(cls, web: WebSettings) -> LoginThrottle:
@@ -66,7 +68,7 @@ class LoginThrottle:
 
     def retry_after(self, address: str) -> float:
         """Seconds this address must still wait before its next attempt is looked at (0: go ahead)."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             q = self._recent(address, now)
             if len(q) < self.free:
@@ -76,7 +78,7 @@ class LoginThrottle:
 
     def failed(self, address: str) -> None:
         """Record a wrong token from this address."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if address not in self._failures and len(self._failures) >= self.max_addresses:
                 for stale in [a for a, q in self._failures.items() if not q or q[-1] < now - THROTTLE_WINDOW_S]:
