@@ -13,8 +13,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -221,6 +223,27 @@ def test_wrong_bearer_tokens_count_as_failed_logins(node) -> None:  # type: igno
     assert audits(store, "web.token_throttled")[-1].source == "testclient"
     r = client.post("/api/predict", files={"file": ("a.png", b"x")}, headers=H_READ)
     assert r.status_code == 429  # refused before the upload is read, like a 401
+
+
+def test_parallel_guesses_get_no_more_than_the_free_attempts(node) -> None:  # type: ignore[no-untyped-def]
+    settings, store, _ = node
+    server = WebServer(create_app(with_web(settings, login_free_attempts=3, login_delay_s=60), store), "127.0.0.1", 0)
+    server.start()
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            codes = list(
+                pool.map(
+                    lambda i: (
+                        httpx.get(
+                            server.url + "api/studies", headers={"Authorization": f"Bearer guess-{i}"}, timeout=30
+                        ).status_code
+                    ),
+                    range(20),
+                )
+            )
+    finally:
+        server.stop()
+    assert sorted(codes) == [401] * 3 + [429] * 17
 
 
 def test_cookie_requests_from_another_site_are_refused(node) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import HTTPException, Request, status
 from sqlalchemy import delete, select
@@ -25,7 +26,8 @@ from sqlalchemy import delete, select
 from dxnode.config import WebSettings, WebToken
 from dxnode.store import Store, WebSession, audit, utcnow
 
-THROTTLE_WINDOW_S = 3600  # failures older than this no longer count
+THROTTLE_WINDOW_S = 3600
+T = TypeVar("T")  # failures older than this no longer count
 
 
 @dataclass(frozen=True)
@@ -66,45 +68,60 @@ class LoginThrottle:
             q.popleft()
         return q
 
+    def _wait(self, address: str, now: float) -> float:
+        q = self._recent(address, now)
+        if len(q) < self.free:
+            return 0.0
+        return max(0.0, q[-1] + min(self.delay_s * 2 ** (len(q) - self.free), self.max_delay_s) - now)
+
     def retry_after(self, address: str) -> float:
         """Seconds this address must still wait before its next attempt is looked at (0: go ahead)."""
-        now = self.clock()
         with self._lock:
-            q = self._recent(address, now)
-            if len(q) < self.free:
-                return 0.0
-            wait = min(self.delay_s * 2 ** (len(q) - self.free), self.max_delay_s)
-            return max(0.0, q[-1] + wait - now)
+            return self._wait(address, self.clock())
 
-    def failed(self, address: str) -> None:
-        """Record a wrong token from this address."""
-        now = self.clock()
+    def attempt(self, address: str, verify: Callable[[], T | None]) -> tuple[T | None, float]:
+        """verify() unless the address must wait; a None result counts as a failure. Returns the result
+        and the wait. Check, verification and count happen under one lock, so parallel guesses get no more."""
         with self._lock:
-            if address not in self._failures and len(self._failures) >= self.max_addresses:
-                for stale in [a for a, q in self._failures.items() if not q or q[-1] < now - THROTTLE_WINDOW_S]:
-                    del self._failures[stale]
-            q = self._recent(address, now)
-            q.append(now)
-            self._failures[address] = q
+            now = self.clock()
+            wait = self._wait(address, now)
+            if wait > 0:
+                return None, wait
+            result = verify()
+            if result is None:
+                if address not in self._failures and len(self._failures) >= self.max_addresses:
+                    for stale in [a for a, q in self._failures.items() if not q or q[-1] < now - THROTTLE_WINDOW_S]:
+                        del self._failures[stale]
+                    while len(self._failures) >= self.max_addresses:  # all recent: forget the oldest address
+                        del self._failures[next(iter(self._failures))]
+                q = self._recent(address, now)
+                q.append(now)
+                self._failures[address] = q
+            return result, 0.0
 
 
 def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def throttle_refusal(request: Request, actor: str, action: str) -> HTTPException | None:
-    """429 (audited) if the caller's address must wait before presenting another token."""
+def check_token(request: Request, presented: str, actor: str, throttled: str, failed: str) -> WebToken | None:
+    """The configured token presented by the caller, or None (audited as `failed`); raises 429 (audited
+    as `throttled`) while the caller's address must wait after too many wrong tokens."""
     address = client_address(request)
-    wait = request.app.state.login_throttle.retry_after(address)
-    if wait <= 0:
-        return None
-    with request.app.state.store.session() as s:
-        audit(s, actor, action, source=address, retry_after_s=round(wait, 1))
-    return HTTPException(
-        status.HTTP_429_TOO_MANY_REQUESTS,
-        f"too many wrong tokens from this address: try again in {wait:.0f} s",
-        headers={"Retry-After": str(max(1, round(wait)))},
-    )
+    tokens: list[WebToken] = request.app.state.settings.web.tokens
+    t, wait = request.app.state.login_throttle.attempt(address, lambda: find_token(tokens, presented))
+    if wait > 0:
+        with request.app.state.store.session() as s:
+            audit(s, actor, throttled, source=address, retry_after_s=round(wait, 1))
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many wrong tokens from this address: try again in {wait:.0f} s",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    if t is None:
+        with request.app.state.store.session() as s:
+            audit(s, actor, failed, source=address)
+    return t
 
 
 def find_token(tokens: list[WebToken], presented: str) -> WebToken | None:
@@ -126,15 +143,8 @@ def principal(request: Request) -> Principal | None:
     address = client_address(request)
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        if refusal := throttle_refusal(request, "anonymous", "web.token_throttled"):
-            raise refusal
-        t = find_token(tokens, header[7:].strip())
-        if t is None:
-            request.app.state.login_throttle.failed(address)
-            with request.app.state.store.session() as s:
-                audit(s, "anonymous", "web.token_failed", source=address)
-            return None
-        return Principal(t.name, t.role, address)
+        t = check_token(request, header[7:].strip(), "anonymous", "web.token_throttled", "web.token_failed")
+        return Principal(t.name, t.role, address) if t else None
     key = request.session.get("sid") if "session" in request.scope else None
     if not isinstance(key, str) or not key:
         return None

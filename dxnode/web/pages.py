@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
 from dxnode.queries import ResultFilter, StudyFilter, list_results, list_studies
 from dxnode.store import Delivery, Instance, Job, audit, utcnow
-from dxnode.web.auth import Principal, end_session, find_token, principal, start_session, throttle_refusal
+from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -115,23 +115,22 @@ def pages_router() -> APIRouter:
     def login(request: Request, token: str = Form(...)) -> Response:
         address = request.client.host if request.client else ""
         store = request.app.state.store
-        if refusal := throttle_refusal(request, "anonymous", "web.login_throttled"):
+        try:
+            t = check_token(request, token.strip(), "anonymous", "web.login_throttled", "web.login_failed")
+        except HTTPException as refusal:
             return TEMPLATES.TemplateResponse(
                 request,
                 "login.html",
-                {"error": f"Too many wrong tokens: {refusal.detail.split(': ')[-1]}.", "no_tokens": False},
+                {"error": str(refusal.detail).capitalize() + ".", "no_tokens": False},
                 status_code=refusal.status_code,
                 headers=refusal.headers,
             )
-        t = find_token(request.app.state.settings.web.tokens, token.strip())
-        if t is None:
-            request.app.state.login_throttle.failed(address)
-        with store.session() as s:
-            audit(s, t.name if t else "anonymous", "web.login" if t else "web.login_failed", source=address)
         if t is None:
             return TEMPLATES.TemplateResponse(
                 request, "login.html", {"error": "Unknown token.", "no_tokens": False}, status_code=401
             )
+        with store.session() as s:
+            audit(s, t.name, "web.login", source=address)
         end_session(store, request.session.get("sid"))
         request.session.clear()  # a new key at each login (no session fixation)
         request.session["sid"] = start_session(store, t, address, request.app.state.settings.web.session_hours)

@@ -79,11 +79,11 @@ class CsrfGuard:
 
     def __init__(self, app: ASGIApp, trusted_origins: list[str]) -> None:
         self.app = app
-        self.trusted = {_host(urlsplit(o).netloc) for o in trusted_origins if urlsplit(o).netloc}
+        self.trusted = {_host(urlsplit(o if "://" in o else "//" + o).netloc) for o in trusted_origins} - {""}
 
     def refusal(self, headers: Headers) -> str | None:
         """Why the request is refused, or None."""
-        allowed = self.trusted | {_host(headers.get("host", ""))}
+        allowed = (self.trusted | {_host(headers.get("host", ""))}) - {""}
         origin = headers.get("origin")
         if origin is not None:
             return None if _host(urlsplit(origin).netloc) in allowed and origin != "null" else "cross-site request"
