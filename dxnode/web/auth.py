@@ -48,12 +48,8 @@ class LoginThrottle:
     a delay that doubles with every further failure (up to a maximum) within the last hour."""
 
     def __init__(self, free_attempts: int, delay_s: float, max_delay_s: float, max_addresses: int = 10000) -> None:
-        self.free, self.delay_s, self.max_delay_s, self.max_addresses = (
-            free_attempts,
-            delay_s,
-            max_delay_s,
-            max_addresses,
-        )
+        self.free, self.delay_s, self.max_delay_s = free_attempts, delay_s, max_delay_s
+        self.max_addresses = max_addresses
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
@@ -72,12 +68,7 @@ class LoginThrottle:
         q = self._recent(address, now)
         if len(q) < self.free:
             return 0.0
-        return max(0.0, q[-1] + min(self.delay_s * 2 ** (len(q) - self.free), self.max_delay_s) - now)
-
-    def retry_after(self, address: str) -> float:
-        """Seconds this address must still wait before its next attempt is looked at (0: go ahead)."""
-        with self._lock:
-            return self._wait(address, self.clock())
+        return max(0.0, q[-1] + min(self.delay_s * 2 ** min(len(q) - self.free, 60), self.max_delay_s) - now)
 
     def attempt(self, address: str, verify: Callable[[], T | None]) -> tuple[T | None, float]:
         """verify() unless the address must wait; a None result counts as a failure. Returns the result
