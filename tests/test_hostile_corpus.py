@@ -69,9 +69,9 @@ class Run:
 def store_status(port: int, path: Path) -> str:
     """Send one file with DCMTK storescu; the C-STORE response status as storescu reports it."""
     syntax = str(pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    args = ["-v", "-R", *PROPOSE.get(syntax, []), "-aet", "HOSTILE", "-aec", "DXNODE"]
     out = subprocess.run(
-        ["storescu", "-v", "-R", *PROPOSE.get(syntax, []), "-aet", "HOSTILE", "-aec", "DXNODE", "127.0.0.1"]
-        + [str(port), str(path)],
+        ["storescu", *args, "127.0.0.1", str(port), str(path)],
         capture_output=True,
         text=True,
         errors="replace",
