@@ -72,17 +72,6 @@ def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     return float(positives[min(k, len(positives) - 1)])
 
 
-def predicted_positive(probs: np.ndarray, thresholds: list[float], task: str) -> np.ndarray:
-    """The node's call per image and label (as Classifier.positive): at or above the threshold, and
-    for multiclass only the top class."""
-    pos = probs >= np.asarray(thresholds, dtype=np.float64)
-    if task == "multiclass" and len(probs):
-        top = np.zeros_like(pos)
-        top[np.arange(len(probs)), probs.argmax(axis=1)] = True
-        pos &= top
-    return pos
-
-
 def compute_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -95,7 +84,9 @@ def compute_metrics(
     """Per-label and mean metrics in the metrics.json layout; the operating point is the node's call."""
     out: dict[str, Any] = {"labels": {}}
     aucs = []
-    called = predicted_positive(probs, thresholds, task)
+    from dxnode.model import positive_call
+
+    called = positive_call(probs, thresholds, task)
     for j, label in enumerate(labels):
         y, p, t = y_true[:, j] > 0.5, probs[:, j], thresholds[j]
         pred = called[:, j]
