@@ -13,9 +13,14 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dxnode.config import Settings
+    from dxnode.dataset import Sample
+    from dxnode.model import Classifier
 
 BOOTSTRAP = 1000
 
@@ -176,7 +181,9 @@ def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], p
     plt.close(fig)
 
 
-def predict_samples(classifier: Any, samples: list[Any], settings: Any) -> tuple[np.ndarray, list[Any]]:
+def predict_samples(
+    classifier: Classifier, samples: list[Sample], settings: Settings
+) -> tuple[np.ndarray, list[Sample]]:
     """Probabilities of each sample as the node computes them (dxnode.model.predict_file); failures left out."""
     from dxnode.model import predict_file
 
@@ -242,7 +249,7 @@ def evaluate(
     bundle: Path,
     data: Path,
     out: Path,
-    settings: Any,
+    settings: Settings,
     images: Path | None = None,
     split: str | None = None,
     seed: int = 0,

@@ -21,7 +21,10 @@ import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dxnode.config import Settings
 
 log = logging.getLogger("dxnode.train")
 
@@ -131,7 +134,7 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     return net, f"imagenet:{weights.name}"
 
 
-def run_train(args: argparse.Namespace, settings: Any) -> Path:
+def run_train(args: argparse.Namespace, settings: Settings) -> Path:
     """Train and write the bundle; returns its folder."""
     import numpy as np
     import torch

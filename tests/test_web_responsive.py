@@ -1,4 +1,9 @@
-"""POST /api/predict runs off the event loop: while an upload is analysed, other requests answer at once."""
+"""POST /api/predict runs off the event loop: while an upload is analysed, other requests answer at once.
+
+Blocking the loop would hold every request for the whole analysis (seconds). The bounds: the
+median under 100 ms, and the 90th percentile under 100 ms or, on a machine so loaded that even
+idle requests are slow (a request can wait for a CPU whatever the code does), under five times
+the 90th percentile of the same requests with nothing in flight, measured in the same run."""
 
 from __future__ import annotations
 
@@ -17,6 +22,28 @@ from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
 
 H = {"Authorization": f"Bearer {READER}"}
+
+
+def poll(
+    client: httpx.Client, stop: threading.Event | None = None, rounds: int = 40
+) -> tuple[list[float], list[float]]:
+    """Latencies of /healthz and of /api/model (a token-checked endpoint on the worker threads), taken
+    alternately until stop is set (or for a number of rounds)."""
+    health: list[float] = []
+    api: list[float] = []
+    while (not stop.is_set()) if stop else len(health) < rounds:
+        t0 = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        health.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        assert client.get("/api/model", headers=H).status_code == 200
+        api.append(time.monotonic() - t0)
+        time.sleep(0.02)
+    return health, api
+
+
+def p90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
 
 
 def big_png(side: int) -> bytes:
@@ -39,7 +66,8 @@ def test_health_and_api_answer_within_100_ms_while_an_upload_is_analysed(
     try:
         with httpx.Client(base_url=server.url.rstrip("/"), timeout=60) as client:
             assert client.get("/api/model", headers=H).status_code == 200  # the model is loaded before timing
-            upload = big_png(2500)
+            idle_health, idle_api = poll(client)
+            upload = big_png(1600)
             spans: list[float] = []
             done = threading.Event()
 
@@ -54,24 +82,21 @@ def test_health_and_api_answer_within_100_ms_while_an_upload_is_analysed(
             worker = threading.Thread(target=predict)
             worker.start()
             time.sleep(0.1)  # the upload is read and the analysis started
-            health, api = [], []
-            while not done.is_set():
-                t0 = time.monotonic()
-                assert client.get("/healthz").status_code == 200
-                health.append(time.monotonic() - t0)
-                t0 = time.monotonic()
-                assert client.get("/api/studies", headers=H).status_code == 200
-                api.append(time.monotonic() - t0)
-                time.sleep(0.02)
+            health, api = poll(client, done)
             worker.join()
         assert spans and spans[0] > 0.4, f"the prediction took {spans} s: too quick to show anything"
         assert len(health) >= 5, f"only {len(health)} requests while the upload was analysed"
+        ms = lambda v: f"{v * 1e3:.0f} ms"  # noqa: E731
         print(
-            f"predict {spans[0] * 1e3:.0f} ms; during it {len(health)} x /healthz, max {max(health) * 1e3:.0f} ms;"
-            f" /api/studies max {max(api) * 1e3:.0f} ms"
+            f"predict {ms(spans[0])}; during it {len(health)} x /healthz: median {ms(float(np.median(health)))},"
+            f" p90 {ms(p90(health))} (idle {ms(p90(idle_health))}), max {ms(max(health))};"
+            f" /api/model: median {ms(float(np.median(api)))}, p90 {ms(p90(api))} (idle {ms(p90(idle_api))}),"
+            f" max {ms(max(api))}"
         )
-        assert max(health) < 0.1, f"/healthz took up to {max(health) * 1e3:.0f} ms"
-        assert max(api) < 0.1, f"/api/studies took up to {max(api) * 1e3:.0f} ms"
+        for name, during, idle in (("/healthz", health, idle_health), ("/api/model", api, idle_api)):
+            assert np.median(during) < 0.1, f"{name}: median {ms(float(np.median(during)))}"
+            limit = max(0.1, 5 * p90(idle))
+            assert p90(during) < limit, f"{name}: 90th percentile {ms(p90(during))} > {ms(limit)}"
     finally:
         server.stop()
         store.dispose()
