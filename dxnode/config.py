@@ -178,6 +178,11 @@ class WebSettings(Section):
     session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
     max_upload_mb: float = Field(64, gt=0)
     keep_uploads: bool = False
+    session_hours: float = Field(12, gt=0)  # a login lasts this long; logging out ends it at once
+    trusted_origins: list[str] = []  # extra origins for cookie POSTs, e.g. behind a proxy that rewrites Host
+    login_free_attempts: int = Field(10, ge=1)  # failed token guesses per client address per hour before delays
+    login_delay_s: float = Field(1, gt=0)  # the first delay after those; it doubles with each further failure
+    login_max_delay_s: float = Field(900, gt=0)
 
 
 class LoggingSettings(Section):

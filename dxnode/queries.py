@@ -257,8 +257,16 @@ def results_csv(rows: list[ResultOut]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(r.model_dump() for r in rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in r.model_dump().items()} for r in rows)
     return buf.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with ' (OWASP CSV injection)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 class DeliveryOut(BaseModel):
