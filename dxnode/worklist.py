@@ -17,8 +17,9 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Result, or_, select, update
 from sqlalchemy.orm import Session
 
 from dxnode import metrics
@@ -43,18 +44,22 @@ def stable_after(settings: Settings, calling_aet: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (an UPDATE's result is always a CursorResult; Session.execute is typed wider)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
 def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action: str) -> int | None:
     """Mark the study queued through ``seen`` and add a job unless one is already waiting."""
-    claimed = (
-        session.connection()
-        .execute(  # a Core UPDATE: its CursorResult has the rowcount
+    claimed = rowcount(
+        session.execute(
             update(Study)
             .where(Study.id == study.id, Study.last_received_at == seen)
             .where(or_(Study.queued_through.is_(None), Study.queued_through < seen))
             .values(queued_through=seen)
             .execution_options(synchronize_session=False)
         )
-        .rowcount
     )
     if claimed != 1:
         return None  # another sweeper got it, or a new instance arrived meanwhile
@@ -146,15 +151,13 @@ def claim(store: Store, worker: str | None = None) -> int | None:
         if job_id is None:
             return None
         now = utcnow()
-        taken = (
-            session.connection()
-            .execute(
+        taken = rowcount(
+            session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == "queued")
                 .values(state="running", attempts=Job.attempts + 1, worker=worker, started_at=now, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
-            .rowcount
         )
         if taken != 1:
             return None
