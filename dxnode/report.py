@@ -444,8 +444,9 @@ def write_outputs(
     notes: dict[str, list[str]] = {}
     for uid, path in sources.items():
         headers[uid], notes[uid] = reference_header(pydicom.dcmread(path, stop_before_pixels=True))
-        for note in notes[uid]:
-            log.warning("study %s, instance %s: %s", result.study_instance_uid, uid, note)
+        for note in notes[uid]:  # UIDs only at DEBUG, like other patient data; the job log keeps the notes
+            log.warning("source header copied into SR/SC with a change: %s", note)
+            log.debug("that change was on study %s, instance %s", result.study_instance_uid, uid)
     sr, summary = build_sr(result, headers, settings)
     sr_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first evidence
     built = [(sr, "sr", "", summary, sr_notes)]
