@@ -182,7 +182,9 @@ def test_poison_study_ends_failed_after_max_attempts_while_others_are_processed(
         poison_uid = generate_uid()
         (tmp_path / "poison").mkdir()
         big_rle_instance(tmp_path / "poison" / "big.dcm", poison_uid)
-        storescu(node.port, [tmp_path / "poison" / "big.dcm"])
+        rle = ["storescu", "-xr", "-aet", "MODALITY", "-aec", "DXNODE", "127.0.0.1", str(node.port)]
+        sent = subprocess.run([*rle, str(tmp_path / "poison" / "big.dcm")], capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
         wait_until(lambda: poison_uid in jobs_by_study(store), timeout=60, what="the poison study queued")
         healthy, files = make_study(tmp_path / "healthy", n=2)
         storescu(node.port, files)
@@ -349,9 +351,7 @@ def test_sixteen_concurrent_senders_get_one_sr_per_study(
             assert p.returncode == 0, out
         uids = [uid for uid, _ in studies]
         wait_until(lambda: all_done(store, uids), timeout=300, what="every study done")
-        wait_until(
-            lambda: found if len(found := srs_by_study(pacs)) == len(uids) else None, timeout=120, what="SRs"
-        )
+        wait_until(lambda: found if len(found := srs_by_study(pacs)) == len(uids) else None, timeout=120, what="SRs")
         # Give a second, partial job's SR the time it would need to show up, then look again.
         time.sleep(3)
         assert {uid: len(s) for uid, s in srs_by_study(pacs).items()} == {uid: 1 for uid in uids}
