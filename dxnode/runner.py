@@ -51,11 +51,11 @@ def job_process_main(settings: Settings, log_level: str, parent: int) -> None:
         log.error("job process cannot load the model: %s", exc)
         raise SystemExit(EXIT_CONFIG) from None
     store = Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
-    me = worklist.worker_id()
+    me, supervisor = worklist.worker_id(), worklist.worker_id(parent)
     log.info("job process %s ready", me)
     try:
         while not stop.is_set() and os.getppid() == parent:
-            if worklist.run_one(store, settings, run_job, me, stop) is None:
+            if worklist.run_one(store, settings, run_job, me, stop, supervisor) is None:
                 stop.wait(settings.worklist.poll_interval_seconds)
     finally:
         store.dispose()

@@ -162,6 +162,7 @@ class Job(Base):
     stage: Mapped[str] = mapped_column(String(32), default="")  # last stage the running job reached
     not_before: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # retry backoff: not claimed before
     lost: Mapped[int] = mapped_column(Integer, default=0)  # times its worker stopped while running it
+    supervisor: Mapped[str] = mapped_column(String(128), default="")  # host:pid that started its worker
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")

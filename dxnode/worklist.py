@@ -106,6 +106,11 @@ def process_gone(worker: str) -> bool:
     return bool(start and now and now != start)  # the pid now belongs to a later process
 
 
+# A job whose node keeps dying under it (not counted as attempts) still ends failed after
+# this many times max_attempts such deaths: no crash loop lasts for ever.
+CRASH_LOOP_FACTOR = 3
+
+
 def retry_delay(settings: Settings, attempts: int) -> dt.timedelta:
     """Wait before retrying a job after its attempts-th failed attempt."""
     w = settings.worklist
@@ -216,8 +221,10 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
     return job_id
 
 
-def claim(store: Store, worker: str | None = None, now: dt.datetime | None = None) -> int | None:
-    """Atomically take the oldest due queued job for this worker (counting the attempt); None if none."""
+def claim(store: Store, worker: str | None = None, now: dt.datetime | None = None, supervisor: str = "") -> int | None:
+    """Atomically take the oldest due queued job for this worker (counting the attempt); None if none.
+
+    supervisor: the worker id of the process that started this worker, if any (see recover)."""
     worker = worker or worker_id()
     now = now or utcnow()
     with store.session() as session:
@@ -244,6 +251,7 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
                 heartbeat_at=now,
                 stage="claimed",
                 not_before=None,
+                supervisor=supervisor,
             )
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
@@ -349,10 +357,11 @@ def run_one(
     handler: JobHandler,
     worker: str | None = None,
     stop: threading.Event | None = None,
+    supervisor: str = "",
 ) -> int | None:
     """Claim and run one job; return its id, or None if nothing was due."""
     worker = worker or worker_id()
-    job_id = claim(store, worker)
+    job_id = claim(store, worker, supervisor=supervisor)
     if job_id is None:
         return None
     kwargs: dict[str, Any] = {}
@@ -388,9 +397,11 @@ def drain(store: Store, settings: Settings, handler: JobHandler, worker: str | N
     return ran
 
 
-def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str) -> str | None:
+def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, counted: bool = True) -> str | None:
     """Record that a running job's worker stopped: retried after a backoff, or failed once it has
-    used max_attempts. Returns the new state, or None if the job was not running under that worker."""
+    used max_attempts. Not counted (the whole node stopped, its supervisor with it): the attempt is
+    given back, and only a crash loop (3 x max_attempts such stops) fails the job.
+    Returns the new state, or None if the job was not running under that worker."""
     now = utcnow()
     with store.session() as session:
         job = session.get(Job, job_id)
@@ -398,7 +409,10 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str) -
             return None
         times, stage = job.lost + 1, job.stage or "start"
         values: dict[str, Any] = {"lost": times, "updated_at": now}
-        if job.attempts >= settings.worklist.max_attempts:
+        if not counted:
+            values["attempts"] = max(0, job.attempts - 1)
+        limit = settings.worklist.max_attempts
+        if (counted and job.attempts >= limit) or times >= CRASH_LOOP_FACTOR * limit:
             values.update(
                 state="failed",
                 finished_at=now,
@@ -446,24 +460,28 @@ def recover(
     store: Store, settings: Settings, now: dt.datetime | None = None, exclude: frozenset[str] = frozenset()
 ) -> int:
     """Hand back running jobs whose worker is gone: a dead process of this host at once, any host's
-    once its heartbeat is older than running_timeout_seconds. Workers in exclude are left alone
+    once its heartbeat is older than running_timeout_seconds. A job process that died together with
+    its supervisor (the whole node was killed) does not use up an attempt. Workers in exclude are left alone
     (a supervisor handles its own children). Returns how many jobs were handed back."""
     stale_before = (now or utcnow()) - dt.timedelta(seconds=settings.worklist.running_timeout_seconds)
     with store.session() as session:
         running = session.execute(
-            select(Job.id, Job.worker, Job.heartbeat_at, Job.updated_at).where(Job.state == "running")
+            select(Job.id, Job.worker, Job.supervisor, Job.heartbeat_at, Job.updated_at).where(Job.state == "running")
         ).all()
     handed = 0
-    for job_id, worker, heartbeat, updated in running:
+    for job_id, worker, supervisor, heartbeat, updated in running:
         if worker in exclude:
             continue
+        counted = True
         if process_gone(worker):
             why = "its process is gone"
+            if supervisor and process_gone(supervisor):
+                why, counted = "the whole node stopped (its supervisor is gone too)", False
         elif (heartbeat or updated) < stale_before:
             why = f"no heartbeat for {settings.worklist.running_timeout_seconds:g} s"
         else:
             continue
-        handed += lost(store, settings, job_id, worker, why) is not None
+        handed += lost(store, settings, job_id, worker, why, counted) is not None
     if handed:
         log.warning("handed back %d job(s) of stopped workers", handed)
     return handed

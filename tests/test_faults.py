@@ -7,6 +7,7 @@ Peers: DCMTK storescu/storescp; every `dxnode` here is a real subprocess (tests/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -417,25 +418,48 @@ def test_node_killed_while_its_outbox_sends_delivers_the_rest_within_a_minute(tm
             pacs.stop()
 
 
+KILL_ROUNDS = int(os.environ.get("DXNODE_TEST_KILL_ROUNDS", "10"))
+
+
 def test_node_sigkilled_at_random_points_loses_nothing(tmp_path: Path, pacs: StoreSCP) -> None:
     seed = int(os.environ.get("DXNODE_TEST_SEED", str(random.randrange(10**6))))
     rng = random.Random(seed)
     cfg = node_config(tmp_path, destinations=pacs_destination(pacs), worklist={"retry_backoff_seconds": 0.5})
     acked: dict[str, int] = {}
     studies: list[str] = []
-    for round_ in range(10):
+    store = Store(sqlite_url(tmp_path))
+
+    def running() -> bool:
+        with store.session() as s:
+            return bool(s.scalar(select(func.count()).where(Job.state == "running")))
+
+    def outputs_of(study: str) -> bool:
+        with store.session() as s:
+            return bool(
+                s.scalar(select(func.count()).select_from(Output).join(Study).where(Study.study_instance_uid == study))
+            )
+
+    points = []
+    for round_ in range(KILL_ROUNDS):
         node = Node(cfg, "--no-web")
         study, files = make_study(tmp_path / f"s{round_}", n=3)
         studies.append(study)
         statuses: dict[str, int] = {}
         sender = threading.Thread(target=send, args=(node.port, files, statuses))
         sender.start()
-        time.sleep(rng.uniform(0, 4))  # receiving, the job, or the outbox
+        point = rng.choice(["receive", "job", "outbox"])
+        points.append(point)
+        with contextlib.suppress(AssertionError):  # a point not reached in time: kill there anyway
+            if point == "job":
+                wait_until(running, timeout=60, what="a running job")
+            elif point == "outbox":
+                wait_until(lambda: outputs_of(study), timeout=60, what="outputs written")  # noqa: B023
+        time.sleep(rng.uniform(0, 1))
         node.kill_all()
         sender.join(60)
         acked.update({uid: s for uid, s in statuses.items() if s == 0})
+    print(f"seed {seed}: kill points {points}")
     node = Node(cfg, "--no-web")
-    store = Store(sqlite_url(tmp_path))
     try:
         with store.session() as s:
             rows = {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
@@ -443,7 +467,13 @@ def test_node_sigkilled_at_random_points_loses_nothing(tmp_path: Path, pacs: Sto
         for uid in acked:  # every acknowledged instance is in the database and on disk
             assert uid in rows, f"seed {seed}: acknowledged {uid} lost"
             assert (tmp_path / "var" / rows[uid].file_path).is_file()
-        wait_until(lambda: all_done(store, sorted(received)), timeout=240, what=f"every study done (seed {seed})")
+        try:
+            wait_until(lambda: all_done(store, sorted(received)), timeout=240, what=f"every study done (seed {seed})")
+        except AssertionError:
+            for uid, js in jobs_by_study(store).items():
+                print(uid, [(j.state, j.attempts, j.lost, j.error) for j in js])
+            print("\n".join(node.lines[-40:]))
+            raise
         wait_until(
             lambda: set(srs_by_study(pacs)) == received, timeout=120, what=f"an SR per study at the PACS (seed {seed})"
         )

@@ -124,7 +124,9 @@ class OperationalErrorLike(Exception):
     """Stands for a transient error (database busy, disk full): no ``permanent`` attribute."""
 
 
-def _running(store: Store, uid: str, worker: str, heartbeat: dt.datetime, attempts: int = 1) -> int:
+def _running(
+    store: Store, uid: str, worker: str, heartbeat: dt.datetime, attempts: int = 1, supervisor: str = ""
+) -> int:
     with store.session() as s:
         study = Study(study_instance_uid=uid)
         s.add(study)
@@ -137,6 +139,7 @@ def _running(store: Store, uid: str, worker: str, heartbeat: dt.datetime, attemp
             updated_at=heartbeat,
             attempts=attempts,
             stage="analyze",
+            supervisor=supervisor,
         )
         s.add(job)
         s.flush()
@@ -156,11 +159,14 @@ def test_recover_hands_back_jobs_of_dead_or_silent_workers_only(store: Store) ->
         _running(store, "1.9.2", "otherhost:456", now - dt.timedelta(hours=2)),  # heartbeat stale
         _running(store, "1.9.3", worklist.worker_id(), now),  # this very process
         _running(store, "1.9.4", f"{socket.gethostname()}:{dead.pid}", now, attempts=3),  # its last attempt
+        # The whole node died (job process and its supervisor): the attempt is given back.
+        _running(store, "1.9.5", f"{socket.gethostname()}:{dead.pid}", now, 3, f"{socket.gethostname()}:{dead.pid}"),
     ]
-    assert worklist.recover(store, settings) == 3
+    assert worklist.recover(store, settings) == 4
     with store.session() as s:
         jobs = [s.get(Job, i) for i in ids]
-    assert [j.state for j in jobs] == ["queued", "running", "queued", "running", "failed"]
+    assert [j.state for j in jobs] == ["queued", "running", "queued", "running", "failed", "queued"]
+    assert jobs[5].attempts == 2 and jobs[5].lost == 1 and "whole node stopped" in jobs[5].error
     assert jobs[4].lost == 1 and jobs[4].error.startswith("the worker stopped 1 time while running this job")
     assert "last stage reached: analyze" in jobs[4].error
     assert "its process is gone" in jobs[0].error and "no heartbeat" in jobs[2].error
