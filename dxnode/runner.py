@@ -161,7 +161,9 @@ class Supervisor:
         handed = worklist.worker_lost(self.store, self.settings, slot.worker, why)
         log.error("job process %d (pid %s) %s; %d job(s) handed back", slot.index, proc.pid, why, handed)
         if code == EXIT_CONFIG:
-            self.fatal.set()
+            self.fatal.set()  # the node stops: restarting would fail the same way
+            slot.proc, slot.worker, slot.next_start = None, "", float("inf")
+            return
         quick = time.monotonic() - slot.started < 10
         slot.failures = slot.failures + 1 if quick else 0
         slot.proc, slot.worker = None, ""
