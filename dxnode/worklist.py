@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Result, or_, select, update
 from sqlalchemy.orm import Session
 
 from dxnode import metrics
@@ -123,15 +123,23 @@ def stable_after(settings: Settings, calling_aet: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (an UPDATE's result is always a CursorResult; Session.execute is typed wider)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
 def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action: str) -> int | None:
     """Mark the study queued through ``seen`` and add a job unless one is already waiting."""
-    claimed = session.execute(
-        update(Study)
-        .where(Study.id == study.id, Study.last_received_at == seen)
-        .where(or_(Study.queued_through.is_(None), Study.queued_through < seen))
-        .values(queued_through=seen)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    claimed = rowcount(
+        session.execute(
+            update(Study)
+            .where(Study.id == study.id, Study.last_received_at == seen)
+            .where(or_(Study.queued_through.is_(None), Study.queued_through < seen))
+            .values(queued_through=seen)
+            .execution_options(synchronize_session=False)
+        )
+    )
     if claimed != 1:
         return None  # another sweeper got it, or a new instance arrived meanwhile
     waiting = session.scalar(select(Job.id).where(Job.study_id == study.id, Job.state == "queued"))
@@ -239,22 +247,24 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
         job_id = session.scalar(q)
         if job_id is None:
             return None
-        taken = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "queued")
-            .values(
-                state="running",
-                attempts=Job.attempts + 1,
-                worker=worker,
-                started_at=now,
-                updated_at=now,
-                heartbeat_at=now,
-                stage="claimed",
-                not_before=None,
-                supervisor=supervisor,
+        taken = rowcount(
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(
+                    state="running",
+                    attempts=Job.attempts + 1,
+                    worker=worker,
+                    started_at=now,
+                    updated_at=now,
+                    heartbeat_at=now,
+                    stage="claimed",
+                    not_before=None,
+                    supervisor=supervisor,
+                )
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
+        )
         if taken != 1:
             return None
         audit(session, worker, "job.state", target=f"job:{job_id}", state="running")
@@ -271,7 +281,7 @@ def beat(store: Store, job_id: int, worker: str, stage: str) -> bool:
             .values(heartbeat_at=now, updated_at=now, stage=stage[:32])
             .execution_options(synchronize_session=False)
         )
-        return int(result.rowcount) == 1  # type: ignore[attr-defined]
+        return rowcount(result) == 1
 
 
 class Heartbeat:
@@ -427,12 +437,14 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, c
                 not_before=now + retry_delay(settings, job.attempts),
                 error=f"its worker {worker} stopped at stage {stage} ({why}); retried",
             )
-        changed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
+        changed = rowcount(
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        )
         if changed != 1:
             return None
         audit(session, "system", "job.state", target=f"job:{job_id}", state=values["state"], reason=why)
@@ -485,8 +497,3 @@ def recover(
     if handed:
         log.warning("handed back %d job(s) of stopped workers", handed)
     return handed
-
-
-def noop_handler(store: Store, settings: Settings, job_id: int) -> str:
-    """A job body that does nothing (a node configured to only receive and queue)."""
-    return "skipped"

@@ -1,7 +1,7 @@
 """job heartbeat, stage, retry time, lost-worker count and supervisor; outbox lease holder
 
 Revision ID: 0002
-Revises: 0001
+Revises: 0008
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002"
-down_revision: str | None = "0001"
+down_revision: str | None = "0008"  # chained after main's 0008 when merging main
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
