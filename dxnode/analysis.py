@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import delete, select
@@ -17,7 +18,7 @@ from sqlalchemy import delete, select
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.results import StudyResult
-from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit
+from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.analysis")
 
@@ -26,10 +27,17 @@ class NothingToAnalyze(Exception):
     """Every instance of the study failed in the pipeline; the message lists why."""
 
 
-def run_job(store: Store, settings: Settings, job_id: int) -> str:
-    """Run the whole analysis of one job; return "done" or "skipped" (raise on failure)."""
+def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> str:
+    """Run the whole analysis of one job; return "done" or "skipped" (raise on failure).
+
+    heartbeat(stage), if given, is called at each stage boundary and between model batches.
+    The seconds spent per stage are stored on the job (Job.timings) and observed in
+    dxnode_stage_seconds, also for a failed attempt (as far as it got).
+    """
     from dxnode.model import analyze_study, load_classifier
 
+    beat = heartbeat or (lambda stage: None)
+    beat("read")
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None, f"job {job_id} vanished"
@@ -38,7 +46,7 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
         if study.ignored:
             job.log = "study is marked ignored: not analysed"
             return "skipped"
-        study_uid, calling_aet = study.study_instance_uid, study.calling_aet
+        study_uid, calling_aet, queued_at = study.study_instance_uid, study.calling_aet, job.created_at
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.file_path)
             .where(Instance.study_id == study.id)
@@ -46,24 +54,55 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
         ).all()
     instances = [(uid, settings.data_dir / path) for uid, path in rows]
 
-    classifier = load_classifier(settings.model)
-    started = time.perf_counter()
-    result = analyze_study(study_uid, instances, classifier, settings, heatmap_for=settings.report.heatmap_for)
-    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    timings: dict[str, float] = {}
+    state = "failed"
+    try:
+        classifier = load_classifier(settings.model)
+        started = time.perf_counter()
+        result = analyze_study(
+            study_uid,
+            instances,
+            classifier,
+            settings,
+            heatmap_for=settings.report.heatmap_for,
+            progress=beat,
+            timings=timings,
+        )
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
-    lines = _describe(result)
-    state = _record_findings(store, job_id, result, lines)
-    if state == "skipped":
+        beat("findings")
+        lines = _describe(result)
+        state = _record_findings(store, job_id, result, lines)
+        if state == "skipped":
+            return state
+        beat("outputs")
+        outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
+        with store.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.log += "\n" + "\n".join(
+                f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
+                for o in outputs
+            )
+        state = "done"
         return state
-    outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet)
+    finally:
+        if state != "failed":
+            timings["queued_to_done"] = (utcnow() - queued_at).total_seconds()
+        _record_timings(store, job_id, timings)
+
+
+def _record_timings(store: Store, job_id: int, timings: dict[str, float]) -> None:
+    """Store the stage seconds on the job, add a log line, and observe them in dxnode_stage_seconds."""
+    rounded = {stage: round(seconds, 4) for stage, seconds in timings.items()}
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        job.log += "\n" + "\n".join(
-            f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
-            for o in outputs
-        )
-    return "done"
+        job.timings = rounded
+        if rounded:
+            job.log += "\ntimings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in rounded.items())
+    for stage, seconds in timings.items():
+        metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
 
 
 def _describe(result: StudyResult) -> list[str]:
@@ -158,6 +197,7 @@ def _write_outputs(
     result: StudyResult,
     sources: dict[str, Path],
     calling_aet: str,
+    timings: dict[str, float] | None = None,
 ) -> list[_Written]:
     """Write SR and SC files, record them, and queue their deliveries (all idempotent)."""
     from dxnode.dispatch import enqueue
@@ -165,7 +205,7 @@ def _write_outputs(
 
     used = {o.sop_instance_uid for o in result.instances if o.state == "done"}
     written = write_outputs(
-        result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs"
+        result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs", timings
     )
     report: list[_Written] = []
     with store.session() as session:

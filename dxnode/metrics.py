@@ -27,8 +27,18 @@ INFERENCE_SECONDS = Histogram(
     "Model stage time per study (decode, window, forward, CAM)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+STAGES = ("decode", "decode_wait", "model", "cam", "sr", "sc", "write", "queued_to_done")
+STAGE_SECONDS = Histogram(
+    "dxnode_stage_seconds",
+    "Seconds per job spent in each stage: decode (summed over decoding threads), decode_wait (model idle "
+    "waiting for decoded input), model, cam (heatmaps), sr, sc, write, queued_to_done",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 DELIVERIES_SENT = Counter("dxnode_deliveries_sent_total", "Outputs delivered to a destination", ["destination"])
 DELIVERIES_FAILED = Counter("dxnode_deliveries_failed_total", "Delivery attempts that failed", ["destination"])
 
 # Export the labelled series at zero from the start, so dashboards and alerts see them before the first event.
 ASSOCIATIONS_REJECTED.labels(reason="calling_aet")
+for _stage in STAGES:
+    STAGE_SECONDS.labels(stage=_stage)

@@ -103,6 +103,7 @@ def job_dict(job: Job, study_uid: str) -> dict[str, Any]:
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
+        "timings": dict(job.timings or {}),  # seconds per stage of the last attempt
     }
 
 
