@@ -15,6 +15,7 @@ the map is ``relu(sum_c w[l, c] * A_c)``, computed here in the forward pass, wit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,13 +286,26 @@ def cam_to_source(raw: np.ndarray, frame: Frame, prep: Preprocessing) -> np.ndar
 
 
 def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing, alpha: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 overlay at source size, CAM in [0, 1] at source size) with matplotlib's 'jet' map."""
+    """(RGB uint8 overlay at source size, CAM in [0, 1] at source size) with matplotlib's 'jet' map.
+
+    The map's 256 colours are looked up the way matplotlib quantises a float in [0, 1], and the
+    blend runs in float32 in place: a radiograph-sized overlay costs a fraction of a second.
+    """
+    source_cam = cam if cam.shape == frame.display.shape[:2] else cam_to_source(cam, frame, prep)
+    index = np.minimum((source_cam * 256).astype(np.intp), 255)
+    blended = frame.display.astype(np.float32)
+    blended *= 1 - alpha
+    blended += _jet_lut(alpha)[index]
+    np.clip(blended, 0, 255, out=blended)
+    return np.rint(blended).astype(np.uint8), source_cam
+
+
+@functools.cache
+def _jet_lut(alpha: float) -> np.ndarray:
+    """matplotlib's 'jet' colours as 256 x 3 float32 in 0-255, scaled by alpha."""
     import matplotlib
 
-    source_cam = cam if cam.shape == frame.display.shape[:2] else cam_to_source(cam, frame, prep)
-    heat = matplotlib.colormaps["jet"](source_cam)[..., :3]
-    blended = (1 - alpha) * frame.display.astype(np.float32) / 255.0 + alpha * heat
-    return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8), source_cam
+    return (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255 * alpha).astype(np.float32)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -431,16 +445,16 @@ def _heatmap_labels(findings: list[Finding], heatmap_for: str) -> list[Finding]:
 
 @dataclass
 class _Decoded:
-    """One instance after the pixel chain: its model inputs (frame index, tensor), or why it has none."""
+    """One instance after the pixel chain: its model inputs (frame index, tensor, display image), or why it has none."""
 
     sop_instance_uid: str
-    inputs: list[tuple[int, torch.Tensor]]
+    inputs: list[tuple[int, torch.Tensor, np.ndarray]]
     outcome: InstanceOutcome | None  # skipped or failed
     seconds: float  # read + decode + window + resize, in the decoding thread
 
 
 def _decode_instance(uid: str, path: Path, settings: Settings, prep: Preprocessing) -> _Decoded:
-    """Read one instance into model inputs; the full-size frames are dropped before returning."""
+    """Read one instance into model inputs; only the uint8 display image of each frame is kept beside them."""
     start = time.perf_counter()
     try:
         ds = read_dataset(path)
@@ -450,21 +464,36 @@ def _decode_instance(uid: str, path: Path, settings: Settings, prep: Preprocessi
         frames = read_frames(ds, settings.pipeline, prep)
     except PipelineError as exc:
         return _Decoded(uid, [], InstanceOutcome(uid, "failed", str(exc)), time.perf_counter() - start)
-    inputs = [(f.frame_index, to_tensor(f, prep)) for f in frames]
+    inputs = [(f.frame_index, to_tensor(f, prep), f.display) for f in frames]
     return _Decoded(uid, inputs, None, time.perf_counter() - start)
 
 
 def _prefetched(
     pool: ThreadPoolExecutor, instances: list[tuple[str, Path]], settings: Settings, prep: Preprocessing, ahead: int
-) -> Iterator[Future[_Decoded]]:
+) -> Generator[Future[_Decoded], None, None]:
     """Decoding futures in study order, at most `ahead` submitted beyond the one being consumed."""
     pending: deque[Future[_Decoded]] = deque()
-    for uid, path in instances:
-        pending.append(pool.submit(_decode_instance, uid, path, settings, prep))
-        if len(pending) > ahead:
+    try:
+        for uid, path in instances:
+            pending.append(pool.submit(_decode_instance, uid, path, settings, prep))
+            if len(pending) > ahead:
+                yield pending.popleft()
+        while pending:
             yield pending.popleft()
-    while pending:
-        yield pending.popleft()
+    finally:  # closed early (an error mid-study): drop the decodes not started yet
+        for future in pending:
+            future.cancel()
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decode_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's decoding threads, kept across jobs (new threads per job would each get fresh malloc arenas)."""
+    with _cache_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dxnode-decode")
+        return _pools[threads]
 
 
 class _RunningStudy:
@@ -515,8 +544,9 @@ def analyze_study(
 
     Streaming: a small thread pool decodes the next instances while the model runs a batch of
     batch_size inputs; each batch is folded into a running study result and dropped, so memory is
-    bounded by the batch and the prefetch, not the study. Heatmaps are made afterwards by
-    re-reading only the driver frames. progress(stage) is called between batches and stages;
+    bounded by the batch and the prefetch, not the study. Heatmaps are made afterwards on the
+    driver frames: the display images of up to batch_size current drivers are kept (a small
+    study needs no second read), the others are re-read. progress(stage) is called between batches and stages;
     timings gets decode, decode_wait, model and cam seconds added.
     """
     prep = classifier.manifest.preprocessing
@@ -528,14 +558,21 @@ def analyze_study(
     outcomes: dict[str, InstanceOutcome] = {}
     running = _RunningStudy(len(labels))
     per_instance: dict[str, list[Any]] = {}  # uid -> [frames not yet run, max probabilities so far]
-    waiting: list[tuple[str, int, torch.Tensor]] = []  # inputs decoded, not yet run
+    waiting: list[tuple[str, int, torch.Tensor, np.ndarray]] = []  # inputs decoded, not yet run
+    kept: dict[tuple[str, int], np.ndarray] = {}  # display images of current drivers, at most batch_size
 
-    def run_batch(batch: list[tuple[str, int, torch.Tensor]]) -> None:
+    def run_batch(batch: list[tuple[str, int, torch.Tensor, np.ndarray]]) -> None:
         start = time.perf_counter()
-        probs, cams = classifier.forward(torch.stack([x for _, _, x in batch]))
+        probs, cams = classifier.forward(torch.stack([x for _, _, x, _ in batch]))
         spent["model"] += time.perf_counter() - start
-        running.fold(probs, cams, [(uid, i) for uid, i, _ in batch])
-        for (uid, _, _), p in zip(batch, probs, strict=True):
+        running.fold(probs, cams, [(uid, i) for uid, i, _, _ in batch])
+        drivers = set(running.driver)
+        kept.update({(uid, i): display for uid, i, _, display in batch if (uid, i) in drivers})
+        for key in [k for k in kept if k not in drivers]:
+            del kept[key]
+        while len(kept) > classifier.batch_size:
+            del kept[next(iter(kept))]  # the oldest; re-read at the end if it still drives a label
+        for (uid, _, _, _), p in zip(batch, probs, strict=True):
             state = per_instance[uid]
             state[0] -= 1
             state[1] = p if state[1] is None else np.maximum(state[1], p)
@@ -547,8 +584,9 @@ def analyze_study(
 
     tick("decode")
     threads = settings.model.decode_threads
-    with ThreadPoolExecutor(threads, thread_name_prefix="dxnode-decode") as pool:
-        for future in _prefetched(pool, instances, settings, prep, ahead=classifier.batch_size + threads):
+    futures = _prefetched(_decode_pool(threads), instances, settings, prep, ahead=classifier.batch_size + threads)
+    try:
+        for future in futures:
             start = time.perf_counter()
             decoded = future.result()
             spent["decode_wait"] += time.perf_counter() - start
@@ -558,13 +596,15 @@ def analyze_study(
                 continue
             if decoded.inputs:
                 per_instance[decoded.sop_instance_uid] = [len(decoded.inputs), None]
-            waiting += [(decoded.sop_instance_uid, i, x) for i, x in decoded.inputs]
+            waiting += [(decoded.sop_instance_uid, i, x, display) for i, x, display in decoded.inputs]
             while len(waiting) >= classifier.batch_size:
                 run_batch(waiting[: classifier.batch_size])
                 del waiting[: classifier.batch_size]
-        if waiting:
-            run_batch(waiting)
-            waiting.clear()
+    finally:
+        futures.close()
+    if waiting:
+        run_batch(waiting)
+        waiting.clear()
 
     findings: list[Finding] = []
     heatmaps: list[Heatmap] = []
@@ -594,7 +634,9 @@ def analyze_study(
         for f in _heatmap_labels(findings, heatmap_for):
             j = labels.index(f.label)
             key = running.driver[j]
-            if key not in frames:
+            if key in kept:
+                frames[key] = Frame(np.zeros((0, 0, 3), np.float32), kept.pop(key), key[1], key[0])
+            elif key not in frames:
                 frames[key] = _driver_frame(paths[key[0]], key[1], settings, prep)
             rgb, cam = overlay(frames[key], running.cams[j], prep)
             heatmaps.append(Heatmap(f.label, key[0], key[1], rgb, cam))

@@ -214,3 +214,14 @@ def test_a_1000_slice_study_runs_in_bounded_memory_and_its_sr_is_small_fast_and_
         assert dciodvfy_errors(w.path) == [], w.path
     root, errors = pixelmed_sr_check(sr_out.path)
     assert root.startswith("TID_1500") and errors == []
+
+
+def test_a_driver_frame_read_again_is_the_frame_the_model_saw() -> None:
+    settings, prep = Settings(pipeline={"max_frames": 4}), Preprocessing(input_size=64)
+    for name in ("emri_small.dcm", "CT_small.dcm", "examples_ybr_color.dcm"):
+        path = Path(get_testdata_file(name))
+        for frame in read_frames(path, settings.pipeline, prep):
+            again = model_mod._driver_frame(path, frame.frame_index, settings, prep)
+            assert again.frame_index == frame.frame_index
+            np.testing.assert_array_equal(again.display, frame.display)
+            np.testing.assert_array_equal(again.image, frame.image)
