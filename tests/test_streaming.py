@@ -15,13 +15,19 @@ import torchvision
 from dicom_checks import dciodvfy_errors, pixelmed_sr_check
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from test_analysis import node_settings, receive  # noqa: F401 (a fixture)
 
 from dxnode import model as model_mod
+from dxnode import worklist
+from dxnode.analysis import run_job
 from dxnode.config import ModelSettings, Settings
+from dxnode.metrics import STAGES
 from dxnode.model import Classifier, analyze_study, load_classifier, overlay, write_bundle
 from dxnode.pipeline import PipelineError, Preprocessing, read_dataset, read_frames, skip_reason, to_tensor
+from dxnode.queries import JobFilter, list_jobs
 from dxnode.report import write_outputs
 from dxnode.results import Finding, StudyResult
+from dxnode.store import Store
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +231,29 @@ def test_a_driver_frame_read_again_is_the_frame_the_model_saw() -> None:
             assert again.frame_index == frame.frame_index
             np.testing.assert_array_equal(again.display, frame.display)
             np.testing.assert_array_equal(again.image, frame.image)
+
+
+def test_a_job_records_its_stage_timings_calls_the_heartbeat_and_exports_the_histogram(
+    store: Store,
+    node_settings: Settings,  # noqa: F811 (the fixture imported above)
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def samples(stage: str) -> float:
+        return REGISTRY.get_sample_value("dxnode_stage_seconds_count", {"stage": stage}) or 0.0
+
+    before = {stage: samples(stage) for stage in STAGES}
+    receive(store, node_settings, ["CT_small.dcm", "CT_small.dcm", "reportsi.dcm"])
+    assert worklist.sweep(store, node_settings)
+    job_id = worklist.claim(store)
+    beats: list[str] = []
+    assert run_job(store, node_settings, job_id, heartbeat=beats.append) == "done"
+    worklist.finish(store, node_settings, job_id, "done")
+    assert beats[0] == "read" and {"decode", "model", "cam", "findings", "outputs"} <= set(beats)
+    assert beats.count("model") >= 1  # once per batch
+    with store.session() as s:
+        (job,) = list_jobs(s, JobFilter())
+    assert set(job["timings"]) == set(STAGES)
+    assert all(seconds >= 0 for seconds in job["timings"].values())
+    assert job["timings"]["queued_to_done"] >= job["timings"]["model"]
+    assert all(samples(stage) == before[stage] + 1 for stage in STAGES)
