@@ -267,6 +267,7 @@ def main() -> int:
             send(node.port, work / "send" / "cr")
             end = node.wait_done(1 + args.cr, 2 + 2 * args.cr)
             cr_rate = args.cr / (end - start) * 60
+            rss_cr = peak_rss_mb(node.serve.pid)
 
             send(node.port, ct)
             node.wait_done(2 + args.cr, 4 + 2 * args.cr)
@@ -300,7 +301,10 @@ def main() -> int:
         print(f"CT job / floor: queued->done {ct_total / floor:.2f}x, running {ct_run / floor:.2f}x  (target <= 1.2x)")
         print("peak RSS (VmHWM) of the node's processes, MB:")
         for pid, mb in rss_ct.items():
-            print(f"    pid {pid}: after one CR study {rss_one.get(pid, float('nan')):.0f}, after the CT {mb:.0f}")
+            print(
+                f"    pid {pid}: after one CR study {rss_one.get(pid, float('nan')):.0f}, "
+                f"after {args.cr} CR {rss_cr.get(pid, float('nan')):.0f}, after the CT {mb:.0f}"
+            )
         growth = sum(rss_ct.values()) - sum(rss_one.values())
         print(f"    growth {growth:.0f} MB (target <= 500 MB)")
     finally:
