@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +205,29 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Model outputs as probabilities: softmax over the labels for multiclass, a sigmoid per label otherwise."""
+    return torch.softmax(logits, dim=1) if task == "multiclass" else torch.sigmoid(logits)
+
+
+def positive_call(probs: np.ndarray, thresholds: Sequence[float], task: str) -> np.ndarray:
+    """Which labels are positive, for one row [L] or rows [N, L]: at or above the label's threshold,
+    and for multiclass only the top class of its row. (The node, evaluation and training all call this.)"""
+    rows = np.atleast_2d(probs)
+    pos = rows >= np.asarray(thresholds, dtype=np.float64)
+    if task == "multiclass" and len(rows):
+        top = np.zeros_like(pos)
+        top[np.arange(len(rows)), rows.argmax(axis=1)] = True
+        pos &= top
+    return pos.reshape(np.shape(probs))
+
+
+def aggregate(probs: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label probabilities of a study (or file) from its frames' rows [N, L] by [model] aggregate
+    ("max" or "mean"), and for each label the row that drove it (its highest)."""
+    return (probs.mean(axis=0) if how == "mean" else probs.max(axis=0)), probs.argmax(axis=0)
+
+
 class Classifier:
     """A loaded ResNet-18 with its manifest; thread-safe inference."""
 
@@ -217,14 +240,24 @@ class Classifier:
             manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task
         )
         self._lock = threading.Lock()
+        # torchvision is untyped: name the ResNet's parts once, as typed modules
+        self._trunk = [
+            self.net.get_submodule(name)
+            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        ]
+        self._avgpool = self.net.get_submodule("avgpool")
+        fc = self.net.get_submodule("fc")
+        if not isinstance(fc, torch.nn.Linear):
+            raise TypeError(f"not a ResNet: its fc is a {type(fc).__name__}")
+        self._fc = fc
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        for module in self._trunk:
+            x = module(x)
+        return x
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=1) if self.manifest.task == "multiclass" else torch.sigmoid(logits)
+        return probabilities(logits, self.manifest.task)
 
     def predict(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities [N, L] for a batch of input tensors [N, 3, S, S]."""
@@ -238,11 +271,11 @@ class Classifier:
         """
         with self._lock, torch.inference_mode():
             feats = self._features(batch.to(self.device))
-            logits = self.net.fc(torch.flatten(self.net.avgpool(feats), 1))
+            logits = self._fc(torch.flatten(self._avgpool(feats), 1))
             probs = self._probabilities(logits).float().cpu().numpy()
             if not cams:
                 return probs, np.zeros((0,), np.float32)
-            maps = torch.einsum("lc,nchw->nlhw", self.net.fc.weight, feats).float().cpu().numpy()
+            maps = torch.einsum("lc,nchw->nlhw", self._fc.weight, feats).float().cpu().numpy()
         return probs, maps
 
     def predict_with_cam(self, batch: torch.Tensor, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -258,13 +291,7 @@ class Classifier:
 
     def positive(self, probs: np.ndarray) -> np.ndarray:
         """Which labels are positive: at or above threshold; for multiclass also the top class only."""
-        thr = np.asarray(self.manifest.thresholds)
-        pos = probs >= thr
-        if self.manifest.task == "multiclass":
-            top = np.zeros_like(pos)
-            top[np.argmax(probs)] = True
-            pos &= top
-        return pos
+        return positive_call(probs, self.manifest.thresholds, self.manifest.task)
 
 
 def normalise_cam(raw: np.ndarray) -> np.ndarray:
@@ -683,8 +710,7 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
     except PipelineError as exc:
         return FilePrediction(str(path), [], classifier.identity, None, str(exc))
     probs, cams = _run_frames(classifier, [_Input(f.sop_instance_uid, f) for f in frames])
-    agg = probs.mean(axis=0) if settings.model.aggregate == "mean" else probs.max(axis=0)
-    driver = probs.argmax(axis=0)
+    agg, driver = aggregate(probs, settings.model.aggregate)
     positive = classifier.positive(agg)
     labels = classifier.manifest.labels
     order = np.argsort(agg)[::-1][: top_k or len(labels)]
