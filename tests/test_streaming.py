@@ -253,7 +253,7 @@ def test_a_job_records_its_stage_timings_calls_the_heartbeat_and_exports_the_his
     assert beats.count("model") >= 1  # once per batch
     with store.session() as s:
         (job,) = list_jobs(s, JobFilter())
-    assert set(job["timings"]) == set(STAGES)
-    assert all(seconds >= 0 for seconds in job["timings"].values())
-    assert job["timings"]["queued_to_done"] >= job["timings"]["model"]
+    assert set(job.timings) == set(STAGES)
+    assert all(seconds >= 0 for seconds in job.timings.values())
+    assert job.timings["queued_to_done"] >= job.timings["model"]
     assert all(samples(stage) == before[stage] + 1 for stage in STAGES)
