@@ -26,18 +26,20 @@ log = logging.getLogger("dxnode.analysis")
 class NothingToAnalyze(Exception):
     """Every instance of the study failed in the pipeline; the message lists why."""
 
+    permanent = True  # a retry reads the same files: the job fails at once
+
 
 def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> str:
     """Run the whole analysis of one job; return "done" or "skipped" (raise on failure).
 
-    heartbeat(stage), if given, is called at each stage boundary and between model batches.
-    The seconds spent per stage are stored on the job (Job.timings) and observed in
-    dxnode_stage_seconds, also for a failed attempt (as far as it got).
-    """
+    heartbeat, when given, is called with the stage name at stage boundaries and between model
+    batches (the worklist refreshes the job's heartbeat with it, and stops the job there when the
+    node stops). The seconds spent per stage are stored on the job (Job.timings, the source of
+    dxnode_stage_seconds), also for an attempt that failed (as far as it got)."""
     from dxnode.model import analyze_study, load_classifier
 
     beat = heartbeat or (lambda stage: None)
-    beat("read")
+    beat("load")
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None, f"job {job_id} vanished"
@@ -58,6 +60,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
     state = "failed"
     try:
         classifier = load_classifier(settings.model)
+        beat("analyze")
         started = time.perf_counter()
         result = analyze_study(
             study_uid,
@@ -93,7 +96,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
 
 
 def _record_timings(store: Store, job_id: int, timings: dict[str, float]) -> None:
-    """Store the stage seconds on the job, add a log line, and observe them in dxnode_stage_seconds."""
+    """Store the stage seconds on the job (dxnode_stage_seconds is built from them) and add a log line."""
     rounded = {stage: round(seconds, 4) for stage, seconds in timings.items()}
     with store.session() as session:
         job = session.get(Job, job_id)
@@ -101,8 +104,6 @@ def _record_timings(store: Store, job_id: int, timings: dict[str, float]) -> Non
         job.timings = rounded
         if rounded:
             job.log += "\ntimings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in rounded.items())
-    for stage, seconds in timings.items():
-        metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
 
 
 def _describe(result: StudyResult) -> list[str]:

@@ -1,7 +1,7 @@
 """job timings: seconds per stage of a job (decode, model, cam, sr, sc, write, queued_to_done)
 
 Revision ID: 0003
-Revises: 0008 (re-chained after 0008 when main was merged)
+Revises: 0002 (re-chained after 0002 and 0008 when main was merged)
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0008"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
