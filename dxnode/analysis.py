@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.results import StudyResult
-from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit
+from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.analysis")
 
@@ -32,8 +32,10 @@ class NothingToAnalyze(Exception):
 def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> str:
     """Run the whole analysis of one job; return "done" or "skipped" (raise on failure).
 
-    heartbeat, when given, is called with the stage name at stage boundaries (the worklist
-    refreshes the job's heartbeat with it, and stops the job there when the node stops)."""
+    heartbeat, when given, is called with the stage name at stage boundaries and between model
+    batches (the worklist refreshes the job's heartbeat with it, and stops the job there when the
+    node stops). The seconds spent per stage are stored on the job (Job.timings, the source of
+    dxnode_stage_seconds), also for an attempt that failed (as far as it got)."""
     from dxnode.model import analyze_study, load_classifier
 
     beat = heartbeat or (lambda stage: None)
@@ -46,7 +48,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
         if study.ignored:
             job.log = "study is marked ignored: not analysed"
             return "skipped"
-        study_uid, calling_aet = study.study_instance_uid, study.calling_aet
+        study_uid, calling_aet, queued_at = study.study_instance_uid, study.calling_aet, job.created_at
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.file_path)
             .where(Instance.study_id == study.id)
@@ -54,30 +56,57 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
         ).all()
     instances = [(uid, settings.data_dir / path) for uid, path in rows]
 
-    classifier = load_classifier(settings.model)
-    beat("analyze")
-    started = time.perf_counter()
-    result = analyze_study(study_uid, instances, classifier, settings, heatmap_for=settings.report.heatmap_for)
-    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    timings: dict[str, float] = {}
+    state = "failed"
+    try:
+        classifier = load_classifier(settings.model)
+        beat("analyze")
+        started = time.perf_counter()
+        result = analyze_study(
+            study_uid,
+            instances,
+            classifier,
+            settings,
+            heatmap_for=settings.report.heatmap_for,
+            progress=beat,
+            timings=timings,
+        )
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
-    lines = _describe(result)
-    beat("findings")
-    state = _record_findings(store, job_id, result, lines)
-    if state == "skipped":
+        beat("findings")
+        lines = _describe(result)
+        state = _record_findings(store, job_id, result, lines)
+        if state == "skipped":
+            return state
+        beat("outputs")
+        outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
+        with store.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.log += "\n" + "\n".join(
+                f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
+                for o in outputs
+            )
+            notes = sorted({n for o in outputs for n in o.notes})
+            if notes:  # values changed when copying source attributes into the SR/SC (never the values)
+                job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
+        state = "done"
         return state
-    beat("outputs")
-    outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet)
+    finally:
+        if state != "failed":
+            timings["queued_to_done"] = (utcnow() - queued_at).total_seconds()
+        _record_timings(store, job_id, timings)
+
+
+def _record_timings(store: Store, job_id: int, timings: dict[str, float]) -> None:
+    """Store the stage seconds on the job (dxnode_stage_seconds is built from them) and add a log line."""
+    rounded = {stage: round(seconds, 4) for stage, seconds in timings.items()}
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        job.log += "\n" + "\n".join(
-            f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
-            for o in outputs
-        )
-        notes = sorted({n for o in outputs for n in o.notes})
-        if notes:  # values changed when copying source attributes into the SR/SC (never the values)
-            job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
-    return "done"
+        job.timings = rounded
+        if rounded:
+            job.log += "\ntimings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in rounded.items())
 
 
 def _describe(result: StudyResult) -> list[str]:
@@ -171,6 +200,7 @@ def _write_outputs(
     result: StudyResult,
     sources: dict[str, Path],
     calling_aet: str,
+    timings: dict[str, float] | None = None,
 ) -> list[_Written]:
     """Write SR and SC files, record them, and queue their deliveries (all idempotent)."""
     from dxnode.dispatch import enqueue
@@ -178,7 +208,7 @@ def _write_outputs(
 
     used = {o.sop_instance_uid for o in result.instances if o.state == "done"}
     written = write_outputs(
-        result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs"
+        result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs", timings
     )
     report: list[_Written] = []
     with store.session() as session:

@@ -144,6 +144,7 @@ class ModelSettings(Section):
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int = Field(0, ge=0)  # 0 = torch default
     batch_size: int = Field(8, ge=1)
+    decode_threads: int = Field(2, ge=1)  # threads decoding the next instances while the model runs a batch
     aggregate: Literal["max", "mean"] = "max"
 
 

@@ -6,7 +6,11 @@ scrape time by the web stage, so several processes sharing one database agree.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from dxnode.states import JobState
 
@@ -29,6 +33,37 @@ INFERENCE_SECONDS = Histogram(
     "Model stage time per study (decode, window, forward, CAM)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+STAGES = ("decode", "decode_wait", "model", "cam", "sr", "sc", "write", "queued_to_done")
+STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def stage_histogram(timings: Iterable[dict[str, float]]) -> HistogramMetricFamily:
+    """dxnode_stage_seconds{stage=...} over the timings stored on jobs.
+
+    Built at scrape time from the store, like the job gauges: jobs run in their own processes
+    (and on other nodes), whose in-process metrics no scrape of this one would see.
+    """
+    counts = {stage: [0] * len(STAGE_BUCKETS) for stage in STAGES}
+    totals, sums = dict.fromkeys(STAGES, 0), dict.fromkeys(STAGES, 0.0)
+    for job in timings:
+        for stage, seconds in (job or {}).items():
+            if stage in counts:
+                totals[stage] += 1
+                sums[stage] += float(seconds)
+                for i, bound in enumerate(STAGE_BUCKETS):
+                    counts[stage][i] += float(seconds) <= bound
+    family = HistogramMetricFamily(
+        "dxnode_stage_seconds",
+        "Seconds per job spent in each stage: decode (summed over decoding threads), decode_wait (model idle "
+        "waiting for decoded input), model, cam (heatmaps), sr, sc, write, queued_to_done",
+        labels=["stage"],
+    )
+    for stage in STAGES:
+        buckets = [(floatToGoString(b), counts[stage][i]) for i, b in enumerate(STAGE_BUCKETS)]
+        family.add_metric([stage], [*buckets, ("+Inf", totals[stage])], sums[stage])
+    return family
+
+
 DELIVERIES_SENT = Counter("dxnode_deliveries_sent_total", "Outputs delivered to a destination", ["destination"])
 DELIVERIES_FAILED = Counter("dxnode_deliveries_failed_total", "Delivery attempts that failed", ["destination"])
 

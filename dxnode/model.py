@@ -15,12 +15,16 @@ the map is ``relu(sum_c w[l, c] * A_c)``, computed here in the forward pass, wit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,20 +263,31 @@ class Classifier:
         """Probabilities [N, L] for a batch of input tensors [N, 3, S, S]."""
         return self.predict_with_cam(batch, cams=False)[0]
 
+    def forward(self, batch: torch.Tensor, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass: probabilities [N, L] and raw layer4 CAMs [N, L, h, w] (before ReLU).
+
+        The whole engine contract of a batch; another runtime (e.g. ONNX Runtime) can replace it.
+        Without cams the second array is empty.
+        """
+        with self._lock, torch.inference_mode():
+            feats = self._features(batch.to(self.device))
+            logits = self._fc(torch.flatten(self._avgpool(feats), 1))
+            probs = self._probabilities(logits).float().cpu().numpy()
+            if not cams:
+                return probs, np.zeros((0,), np.float32)
+            maps = torch.einsum("lc,nchw->nlhw", self._fc.weight, feats).float().cpu().numpy()
+        return probs, maps
+
     def predict_with_cam(self, batch: torch.Tensor, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities [N, L] and raw class-activation maps [N, L, h, w] (before ReLU/normalising)."""
         probs, maps = [], []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(batch), self.batch_size):
-                x = batch[start : start + self.batch_size].to(self.device)
-                feats = self._features(x)
-                logits = self._fc(torch.flatten(self._avgpool(feats), 1))
-                probs.append(self._probabilities(logits).float().cpu())
-                if cams:
-                    maps.append(torch.einsum("lc,nchw->nlhw", self._fc.weight, feats).float().cpu())
-        p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.manifest.labels)), np.float32)
-        m = torch.cat(maps).numpy() if maps else np.zeros((0,), np.float32)
-        return p, m
+        for start in range(0, len(batch), self.batch_size):
+            p, m = self.forward(batch[start : start + self.batch_size], cams)
+            probs.append(p)
+            maps.append(m)
+        if not probs:
+            return np.zeros((0, len(self.manifest.labels)), np.float32), np.zeros((0,), np.float32)
+        return np.concatenate(probs), (np.concatenate(maps) if cams else maps[0])
 
     def positive(self, probs: np.ndarray) -> np.ndarray:
         """Which labels are positive: at or above threshold; for multiclass also the top class only."""
@@ -298,13 +313,26 @@ def cam_to_source(raw: np.ndarray, frame: Frame, prep: Preprocessing) -> np.ndar
 
 
 def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing, alpha: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 overlay at source size, CAM in [0, 1] at source size) with matplotlib's 'jet' map."""
+    """(RGB uint8 overlay at source size, CAM in [0, 1] at source size) with matplotlib's 'jet' map.
+
+    The map's 256 colours are looked up the way matplotlib quantises a float in [0, 1], and the
+    blend runs in float32 in place: a radiograph-sized overlay costs a fraction of a second.
+    """
+    source_cam = cam if cam.shape == frame.display.shape[:2] else cam_to_source(cam, frame, prep)
+    index = np.minimum((source_cam * 256).astype(np.intp), 255)
+    blended = frame.display.astype(np.float32)
+    blended *= 1 - alpha
+    blended += _jet_lut(alpha)[index]
+    np.clip(blended, 0, 255, out=blended)
+    return np.rint(blended).astype(np.uint8), source_cam
+
+
+@functools.cache
+def _jet_lut(alpha: float) -> np.ndarray:
+    """matplotlib's 'jet' colours as 256 x 3 float32 in 0-255, scaled by alpha."""
     import matplotlib
 
-    source_cam = cam if cam.shape == frame.display.shape[:2] else cam_to_source(cam, frame, prep)
-    heat = matplotlib.colormaps["jet"](source_cam)[..., :3]
-    blended = (1 - alpha) * frame.display.astype(np.float32) / 255.0 + alpha * heat
-    return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8), source_cam
+    return (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255 * alpha).astype(np.float32)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -442,62 +470,206 @@ def _heatmap_labels(findings: list[Finding], heatmap_for: str) -> list[Finding]:
     return [f for f in findings if f.positive]
 
 
+@dataclass
+class _Decoded:
+    """One instance after the pixel chain: its model inputs (frame index, tensor, display image), or why it has none."""
+
+    sop_instance_uid: str
+    inputs: list[tuple[int, torch.Tensor, np.ndarray]]
+    outcome: InstanceOutcome | None  # skipped or failed
+    seconds: float  # read + decode + window + resize, in the decoding thread
+    notes: str = ""  # what the pixel chain noted (e.g. a non-finite window it did not use)
+
+
+def _decode_instance(uid: str, path: Path, settings: Settings, prep: Preprocessing) -> _Decoded:
+    """Read one instance into model inputs; only the uint8 display image of each frame is kept beside them."""
+    start = time.perf_counter()
+    try:
+        ds = read_dataset(path, settings.pipeline.max_decoded_mb)
+        reason = skip_reason(ds, settings.pipeline)
+        if reason:
+            return _Decoded(uid, [], InstanceOutcome(uid, "skipped", reason), time.perf_counter() - start)
+        frames = read_frames(ds, settings.pipeline, prep)
+    except PipelineError as exc:
+        return _Decoded(uid, [], InstanceOutcome(uid, "failed", str(exc)), time.perf_counter() - start)
+    inputs = [(f.frame_index, to_tensor(f, prep), f.display) for f in frames]
+    notes = "; ".join(dict.fromkeys(n for f in frames for n in f.notes))
+    return _Decoded(uid, inputs, None, time.perf_counter() - start, notes)
+
+
+def _prefetched(
+    pool: ThreadPoolExecutor, instances: list[tuple[str, Path]], settings: Settings, prep: Preprocessing, ahead: int
+) -> Generator[Future[_Decoded], None, None]:
+    """Decoding futures in study order, at most `ahead` submitted beyond the one being consumed."""
+    pending: deque[Future[_Decoded]] = deque()
+    try:
+        for uid, path in instances:
+            pending.append(pool.submit(_decode_instance, uid, path, settings, prep))
+            if len(pending) > ahead:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+    finally:  # closed early (an error mid-study): drop the decodes not started yet
+        for future in pending:
+            future.cancel()
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decode_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's decoding threads, kept across jobs (new threads per job would each get fresh malloc arenas)."""
+    with _cache_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dxnode-decode")
+        return _pools[threads]
+
+
+class _RunningStudy:
+    """The study result so far: per label the best (or summed) probability, its driver and raw CAM."""
+
+    def __init__(self, n_labels: int) -> None:
+        self.best = np.full(n_labels, -np.inf, np.float32)
+        self.total = np.zeros(n_labels, np.float64)
+        self.frames = 0
+        self.driver: list[tuple[str, int]] = [("", 0)] * n_labels
+        self.cams: np.ndarray | None = None  # [L, h, w] raw CAM of each label's driver frame
+
+    def fold(self, probs: np.ndarray, cams: np.ndarray, keys: list[tuple[str, int]]) -> None:
+        """Fold one batch in; on ties the earlier frame stays the driver (like argmax over the study)."""
+        self.total += probs.sum(axis=0, dtype=np.float64)
+        self.frames += len(probs)
+        rows = probs.argmax(axis=0)
+        top = probs[rows, np.arange(probs.shape[1])]
+        better = np.flatnonzero(top > self.best)
+        if self.cams is None:
+            self.cams = np.zeros((probs.shape[1], *cams.shape[2:]), np.float32)
+        self.best[better] = top[better]
+        self.cams[better] = cams[rows[better], better]
+        for j in better:
+            self.driver[j] = keys[rows[j]]
+
+    def study(self, aggregate: str) -> np.ndarray:
+        """Study probability per label: max (or mean) over every frame folded in."""
+        return (self.total / self.frames).astype(np.float32) if aggregate == "mean" else self.best
+
+
+def _driver_frame(path: Path, frame_index: int, settings: Settings, prep: Preprocessing) -> Frame:
+    """Re-read the one frame that drove a finding, for its heatmap."""
+    (frame,) = read_frames(path, settings.pipeline, prep, frames=[frame_index])
+    return frame
+
+
 def analyze_study(
     study_instance_uid: str,
     instances: list[tuple[str, Path]],
     classifier: Classifier,
     settings: Settings,
     heatmap_for: str = "positive",
+    progress: Callable[[str], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> StudyResult:
-    """Run every eligible instance of a study; one bad instance fails alone with its reason."""
+    """Run every eligible instance of a study; one bad instance fails alone with its reason.
+
+    Streaming: a small thread pool decodes the next instances while the model runs a batch of
+    batch_size inputs; each batch is folded into a running study result and dropped, so memory is
+    bounded by the batch and the prefetch, not the study. Heatmaps are made afterwards on the
+    driver frames: the display images of up to batch_size current drivers are kept (a small
+    study needs no second read), the others are re-read. progress(stage) is called between batches and stages;
+    timings gets decode, decode_wait, model and cam seconds added.
+    """
     prep = classifier.manifest.preprocessing
-    outcomes: dict[str, InstanceOutcome] = {}
-    inputs: list[_Input] = []
-    for uid, path in instances:
-        try:
-            ds = read_dataset(path, settings.pipeline.max_decoded_mb)
-            reason = skip_reason(ds, settings.pipeline)
-            if reason:
-                outcomes[uid] = InstanceOutcome(uid, "skipped", reason)
-                continue
-            frames = read_frames(ds, settings.pipeline, prep)
-        except PipelineError as exc:
-            outcomes[uid] = InstanceOutcome(uid, "failed", str(exc))
-            continue
-        inputs += [_Input(uid, f) for f in frames]
-    probs, cams = _run_frames(classifier, inputs)
     labels = classifier.manifest.labels
-    for uid in dict.fromkeys(i.sop_instance_uid for i in inputs):
-        rows = [k for k, i in enumerate(inputs) if i.sop_instance_uid == uid]
-        per_label = probs[rows].max(axis=0)
-        top = np.argsort(per_label)[::-1][:MAX_STORED_FINDINGS] if len(labels) > 20 else range(len(labels))
-        notes = "; ".join(dict.fromkeys(n for k in rows for n in inputs[k].frame.notes))
-        outcomes[uid] = InstanceOutcome(uid, "done", notes, {labels[j]: float(per_label[j]) for j in top})
+    tick = progress or (lambda stage: None)
+    spent = timings if timings is not None else {}
+    for stage in ("decode", "decode_wait", "model", "cam"):
+        spent.setdefault(stage, 0.0)
+    outcomes: dict[str, InstanceOutcome] = {}
+    running = _RunningStudy(len(labels))
+    per_instance: dict[str, list[Any]] = {}  # uid -> [frames not yet run, max probabilities so far, notes]
+    waiting: list[tuple[str, int, torch.Tensor, np.ndarray]] = []  # inputs decoded, not yet run
+    kept: dict[tuple[str, int], np.ndarray] = {}  # display images of current drivers, at most batch_size
+
+    def run_batch(batch: list[tuple[str, int, torch.Tensor, np.ndarray]]) -> None:
+        start = time.perf_counter()
+        probs, cams = classifier.forward(torch.stack([x for _, _, x, _ in batch]))
+        spent["model"] += time.perf_counter() - start
+        running.fold(probs, cams, [(uid, i) for uid, i, _, _ in batch])
+        drivers = set(running.driver)
+        kept.update({(uid, i): display for uid, i, _, display in batch if (uid, i) in drivers})
+        for key in [k for k in kept if k not in drivers]:
+            del kept[key]
+        while len(kept) > classifier.batch_size:
+            del kept[next(iter(kept))]  # the oldest; re-read at the end if it still drives a label
+        for (uid, _, _, _), p in zip(batch, probs, strict=True):
+            state = per_instance[uid]
+            state[0] -= 1
+            state[1] = p if state[1] is None else np.maximum(state[1], p)
+            if state[0] == 0:
+                _, best, notes = per_instance.pop(uid)
+                top = np.argsort(best)[::-1][:MAX_STORED_FINDINGS] if len(labels) > 20 else range(len(labels))
+                outcomes[uid] = InstanceOutcome(uid, "done", notes, {labels[j]: float(best[j]) for j in top})
+        tick("model")
+
+    tick("decode")
+    threads = settings.model.decode_threads
+    futures = _prefetched(_decode_pool(threads), instances, settings, prep, ahead=classifier.batch_size + threads)
+    try:
+        for future in futures:
+            start = time.perf_counter()
+            decoded = future.result()
+            spent["decode_wait"] += time.perf_counter() - start
+            spent["decode"] += decoded.seconds
+            if decoded.outcome is not None:
+                outcomes[decoded.sop_instance_uid] = decoded.outcome
+                continue
+            if decoded.inputs:
+                per_instance[decoded.sop_instance_uid] = [len(decoded.inputs), None, decoded.notes]
+            waiting += [(decoded.sop_instance_uid, i, x, display) for i, x, display in decoded.inputs]
+            while len(waiting) >= classifier.batch_size:
+                run_batch(waiting[: classifier.batch_size])
+                del waiting[: classifier.batch_size]
+    finally:
+        futures.close()
+    if waiting:
+        run_batch(waiting)
+        waiting.clear()
+
     findings: list[Finding] = []
     heatmaps: list[Heatmap] = []
-    if inputs:
-        study, driver = aggregate(probs, settings.model.aggregate)
+    if running.frames:
+        study = running.study(settings.model.aggregate)
         positive = classifier.positive(study)
         order = np.argsort(study)[::-1]
         if len(labels) > 20:
             order = order[:MAX_STORED_FINDINGS]
         for j in order:
-            src = inputs[driver[j]]
+            uid, frame_index = running.driver[j]
             findings.append(
                 Finding(
                     labels[j],
                     float(study[j]),
                     float(classifier.manifest.thresholds[j]),
                     bool(positive[j]),
-                    src.sop_instance_uid,
-                    src.frame.frame_index,
+                    uid,
+                    frame_index,
                 )
             )
+        tick("cam")
+        start = time.perf_counter()
+        paths = dict(instances)
+        frames: dict[tuple[str, int], Frame] = {}
+        assert running.cams is not None
         for f in _heatmap_labels(findings, heatmap_for):
             j = labels.index(f.label)
-            src = inputs[driver[j]]
-            rgb, cam = overlay(src.frame, cams[driver[j], j], prep)
-            heatmaps.append(Heatmap(f.label, src.sop_instance_uid, src.frame.frame_index, rgb, cam))
+            key = running.driver[j]
+            if key in kept:
+                frames[key] = Frame(np.zeros((0, 0, 3), np.float32), kept.pop(key), key[1], key[0])
+            elif key not in frames:
+                frames[key] = _driver_frame(paths[key[0]], key[1], settings, prep)
+            rgb, cam = overlay(frames[key], running.cams[j], prep)
+            heatmaps.append(Heatmap(f.label, key[0], key[1], rgb, cam))
+        spent["cam"] += time.perf_counter() - start
     ordered = [outcomes[uid] for uid, _ in instances if uid in outcomes]
     return StudyResult(study_instance_uid, classifier.identity, findings, ordered, heatmaps)
 

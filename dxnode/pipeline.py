@@ -167,13 +167,17 @@ def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, n
         raise PipelineError(f"cannot decode pixel data ({name}): {exc}") from exc
 
 
-def modality_values(ds: Dataset, max_frames: int) -> list[tuple[int, np.ndarray]]:
-    """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1)."""
+def modality_values(ds: Dataset, max_frames: int, indices: list[int] | None = None) -> list[tuple[int, np.ndarray]]:
+    """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1).
+
+    indices picks frames (0-based) instead of up to max_frames evenly spaced ones.
+    """
     n_frames = number_of_frames(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
     out = []
-    for i, frame in decode_frames(ds, frame_indices(n_frames, max_frames), n_frames).items():
+    chosen = frame_indices(n_frames, max_frames) if indices is None else indices
+    for i, frame in decode_frames(ds, chosen, n_frames).items():
         if photometric == "PALETTE COLOR":
             rgb = apply_color_lut(frame, ds)
             out.append((i, rgb.astype(np.float32) / (255.0 if rgb.max() <= 255 else 65535.0)))
@@ -355,8 +359,14 @@ def is_image_file(path: Path) -> bool:
     return head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff")
 
 
-def read_frames(source: str | Path | Dataset, settings: PipelineSettings, prep: Preprocessing) -> list[Frame]:
-    """Frames of a DICOM instance or a PNG/JPEG file, ready for to_tensor; PipelineError on failure."""
+def read_frames(
+    source: str | Path | Dataset, settings: PipelineSettings, prep: Preprocessing, frames: list[int] | None = None
+) -> list[Frame]:
+    """Frames of a DICOM instance or a PNG/JPEG file, ready for to_tensor; PipelineError on failure.
+
+    frames picks 0-based frames of a DICOM instance (e.g. the one a heatmap needs) instead of
+    up to max_frames evenly spaced ones.
+    """
     if not isinstance(source, Dataset):
         path = Path(source)
         if not path.is_file():
@@ -370,16 +380,16 @@ def read_frames(source: str | Path | Dataset, settings: PipelineSettings, prep: 
         raise PipelineError(reason)
     notes = check_before_decoding(ds, settings)
     try:
-        frames = []
-        for i, values in modality_values(ds, settings.max_frames):
+        out = []
+        for i, values in modality_values(ds, settings.max_frames, frames):
             if not all_finite(values):
                 raise PipelineError("pixel values are not finite after the Modality LUT")
             frame = frame_from_values(values, i, ds, settings, prep)
             if not all_finite(frame.image):
                 raise PipelineError("pixel values are not finite after the VOI LUT")
             frame.notes = tuple(notes)
-            frames.append(frame)
-        return frames
+            out.append(frame)
+        return out
     except PipelineError:
         raise
     except Exception as exc:  # a malformed LUT or window in the header

@@ -128,6 +128,7 @@ class JobOut(BaseModel):
     created_at: str | None
     started_at: str | None
     finished_at: str | None
+    timings: dict[str, float] = {}  # seconds per stage of the last attempt (decode, model, ..., queued_to_done)
 
 
 class JobWithLog(JobOut):
@@ -150,6 +151,7 @@ def job_out(job: Job, study_uid: str) -> JobOut:
         created_at=iso(job.created_at),
         started_at=iso(job.started_at),
         finished_at=iso(job.finished_at),
+        timings=dict(job.timings or {}),
     )
 
 

@@ -158,6 +158,8 @@ class Job(Base):
     worker: Mapped[str] = mapped_column(String(128), default="")  # host:pid that claimed it
     model_name: Mapped[str] = mapped_column(String(128), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")
+    # seconds per stage of the last attempt: decode, decode_wait, model, cam, sr, sc, write, queued_to_done
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)

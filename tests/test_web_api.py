@@ -104,6 +104,7 @@ def test_studies_jobs_results_outbox_and_model(node) -> None:  # type: ignore[no
     assert model["demo"] is True and model["labels"]
     detail = client.get(f"/api/studies/{uid}", headers=H_READ).json()
     assert detail["findings"] and detail["outputs"] and detail["jobs"][0]["log"]
+    assert detail["jobs"][0]["timings"]["model"] > 0 and "queued_to_done" in detail["jobs"][0]["timings"]
     sc = next(o for o in detail["outputs"] if o["kind"] == "sc")
     png = client.get(f"/api/outputs/{sc['id']}.png", headers=H_READ)
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
@@ -167,7 +168,8 @@ def test_login_page_sets_a_session_cookie(node) -> None:  # type: ignore[no-unty
     assert r.status_code == 303 and "dxnode_session" in r.cookies
     page = client.get("/")
     assert page.status_code == 200 and "UNTRAINED DEMO MODEL" in page.text and "PID-WEB-1" in page.text
-    assert "Web, Patient" in client.get(f"/studies/{uid}").text
+    study_page = client.get(f"/studies/{uid}").text
+    assert "Web, Patient" in study_page and 'id="timings-' in study_page and "queued_to_done" in study_page
     assert client.get("/api/studies").status_code == 200  # the cookie works for the API too (upload page)
     assert client.post(f"/api/studies/{uid}/ignore").status_code == 403  # still a read role
 

@@ -14,7 +14,7 @@ import logging
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,13 +22,14 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, Metric, generate_latest
 from pydantic import BeforeValidator
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from dxnode.config import Settings
+from dxnode.metrics import stage_histogram
 from dxnode.queries import (
     DeliveryOut,
     Health,
@@ -386,7 +387,19 @@ def metrics_text(store: Store) -> bytes:
         failed.set(
             s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
         )
+        stages = stage_histogram(s.scalars(select(Job.timings)))
+    registry.register(_Collected(stages))
     return generate_latest(REGISTRY) + generate_latest(registry)
+
+
+class _Collected:
+    """A metric family computed at scrape time, as a collector for a CollectorRegistry."""
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family
 
 
 def create_app(settings: Settings, store: Store, readiness: Readiness | None = None) -> FastAPI:
