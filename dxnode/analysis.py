@@ -46,7 +46,7 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
         ).all()
     instances = [(uid, settings.data_dir / path) for uid, path in rows]
 
-    classifier = load_classifier(settings.model)
+    classifier = load_classifier(settings.model, data_dir=settings.data_dir)
     started = time.perf_counter()
     result = analyze_study(study_uid, instances, classifier, settings, heatmap_for=settings.report.heatmap_for)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)

@@ -468,7 +468,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     )  # served below, behind a token (no CDN-based UI: nodes run offline)
     app.state.settings, app.state.store = settings, store
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    app.state.classifier = lambda: load_classifier(settings.model)
+    app.state.classifier = lambda: load_classifier(settings.model, data_dir=settings.data_dir)
     app.add_middleware(UploadLimit, path="/api/predict", max_mb=settings.web.max_upload_mb)
     app.add_middleware(
         SessionMiddleware,
