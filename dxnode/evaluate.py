@@ -317,7 +317,7 @@ def compare_bundles(
             diffs.append(diff)
         out["labels"][label] = {
             "auroc": _safe(a),
-            "auroc_diff": _safe(diff) if diff is not None else None,
+            "auroc_diff": (_safe(diff) or 0.0) if diff is not None else None,  # never -0.0
             "max_probability_diff": _safe(float(np.abs(probs[:, j] - ref[:, j]).max())) if len(ref) else None,
         }
     out["mean_auroc_diff"] = _safe(float(np.mean(diffs))) if diffs else None
@@ -330,13 +330,13 @@ def compare_table(metrics: dict[str, Any]) -> str:
     c = metrics["compare"]
     lines = [f"compared with {c['model']['name']} {c['model']['version']} ({c['bundle']}) on the same images:"]
     lines.append(f"{'Pathology':<24} {'AUROC':>6} {'other':>6} {'diff':>8} {'max |dp|':>9}")
-    num = lambda v, w, f: f"{v:{w}{f}}" if isinstance(v, float) else f"{'-':>{w}}"  # noqa: E731
+    num = lambda v, spec, w: f"{v:{spec}}" if isinstance(v, float) else f"{'-':>{w}}"  # noqa: E731
     for label, m in c["labels"].items():
         lines.append(
-            f"{label[:24]:<24} {num(metrics['labels'][label]['auroc'], 6, '.3f')} {num(m['auroc'], 6, '.3f')} "
-            f"{num(m['auroc_diff'], 8, '+.4f')} {num(m['max_probability_diff'], 9, '.4f')}"
+            f"{label[:24]:<24} {num(metrics['labels'][label]['auroc'], '6.3f', 6)} {num(m['auroc'], '6.3f', 6)} "
+            f"{num(m['auroc_diff'], '+8.4f', 8)} {num(m['max_probability_diff'], '9.4f', 9)}"
         )
-    lines.append(f"{'Mean AUROC difference':<24} {'':>6} {'':>6} {num(c['mean_auroc_diff'], 8, '+.4f')}")
+    lines.append(f"{'Mean AUROC difference':<24} {'':>6} {'':>6} {num(c['mean_auroc_diff'], '+8.4f', 8)}")
     return "\n".join(lines)
 
 

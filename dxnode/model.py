@@ -2,7 +2,8 @@
 
 A bundle is a folder: ``weights.pt`` (a torchvision resnet18 state dict with fc sized to the
 labels) and ``manifest.json`` (name, version, labels, task, thresholds, preprocessing, sha256 of
-the weights, checked at load). Nothing is ever downloaded: with no bundle configured, dxnode
+the weights, checked at load), and ``model.onnx`` with its sha256 for the ONNX Runtime engine
+(dxnode.engine runs the network; see there). Nothing is ever downloaded: with no bundle configured, dxnode
 serves torchvision's ImageNet classifier if ``resnet18-f37072fd.pth`` is on disk, else an
 untrained demo model that says so in every output.
 
@@ -254,14 +255,8 @@ class Classifier:
                 probs.append(p)
                 if m is not None:
                     maps.append(m)
-        p = (
-            probs[0]
-            if len(probs) == 1
-            else np.concatenate(probs)
-            if probs
-            else np.zeros((0, len(self.manifest.labels)), np.float32)
-        )
-        m = maps[0] if len(maps) == 1 else np.concatenate(maps) if maps else np.zeros((0,), np.float32)
+        p = np.concatenate(probs) if probs else np.zeros((0, len(self.manifest.labels)), np.float32)
+        m = np.concatenate(maps) if maps else np.zeros((0,), np.float32)
         return p, m
 
     def positive(self, probs: np.ndarray) -> np.ndarray:

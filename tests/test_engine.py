@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import data_store
 import numpy as np
@@ -149,28 +150,36 @@ def test_the_demo_model_is_exported_once_to_the_cache_and_rebuilt_when_it_does_n
     np.testing.assert_allclose(again.predict(x), probs, atol=1e-6)
 
 
+def int8_against_fp32(root: Path) -> tuple[dict[str, Any], Path, Path]:
+    """Train a small fp32 bundle on a synthetic set, quantise it, evaluate both on a separate
+    held-out set: (metrics of the int8 bundle with "compare", fp32 bundle, int8 bundle).
+    bench/infer.py reports the same figure."""
+    data = make_dataset(root / "data", patients=60, seed=0)
+    held_out = make_dataset(root / "held-out", patients=30, seed=11)
+    fp32, int8 = root / "fp32", root / "int8"
+    train = ["train", "--data", str(data), "--out", str(fp32), "--epochs", "6", "--input-size", "48"]
+    assert main([*train, "--batch-size", "16", "--lr", "0.003", "--seed", "1", "--patience", "6"]) == 0
+    quantize = ["model", "quantize", str(fp32), "--calibration", str(data), "--out", str(int8), "--max-images", "64"]
+    assert main(quantize) == 0
+    out = root / "ev"
+    assert main(["evaluate", str(int8), "--data", str(held_out), "--out", str(out), "--compare", str(fp32)]) == 0
+    return json.loads((out / "metrics.json").read_text()), fp32, int8
+
+
 @pytest.mark.slow
 def test_int8_bundle_keeps_auroc_within_0_01_of_fp32_on_a_held_out_set(tmp_path: Path) -> None:
     os.environ["TORCH_HOME"] = str(tmp_path / "torch-home")
-    data = make_dataset(tmp_path / "data", patients=60, seed=0)
-    held_out = make_dataset(tmp_path / "held-out", patients=30, seed=11)
-    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
-    train = ["train", "--data", str(data), "--out", str(fp32), "--epochs", "6", "--input-size", "48"]
-    assert main([*train, "--batch-size", "16", "--lr", "0.003", "--seed", "1", "--patience", "6"]) == 0
+    metrics, fp32, int8 = int8_against_fp32(tmp_path)
     assert load_manifest(fp32).onnx_sha256 == model_mod.sha256_file(fp32 / "model.onnx")  # train writes it
-    quantize = ["model", "quantize", str(fp32), "--calibration", str(data), "--out", str(int8), "--max-images", "64"]
-    assert main(quantize) == 0
     m = load_manifest(int8)
     assert m.version == "1.0.0-int8" and m.quantization["format"] == "QDQ"
     assert m.quantization["calibration"]["images"] == 64 and m.quantization["source"]["version"] == "1.0.0"
     assert (int8 / "model.onnx").stat().st_size < (fp32 / "model.onnx").stat().st_size / 3
+    model_mod._cache.clear()
     clf = load_classifier(ModelSettings(bundle=str(int8)))
     assert clf.engine.name == "onnxruntime" and "int8" in clf.engine_reason
     with pytest.raises(BundleError, match="int8"):
         load_classifier(ModelSettings(bundle=str(int8), engine="torch"))
-    out = tmp_path / "ev"
-    assert main(["evaluate", str(int8), "--data", str(held_out), "--out", str(out), "--compare", str(fp32)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
     compare = metrics["compare"]
     assert set(compare["labels"]) == {"bar", "disc"}
     for label, c in compare["labels"].items():

@@ -272,9 +272,11 @@ def api_router() -> APIRouter:
 
     @r.get("/model", summary="The served model's manifest")
     def model(request: Request, who: Principal = Depends(require_read)) -> dict[str, Any]:
-        m = request.app.state.classifier().manifest
+        clf = request.app.state.classifier()
+        m = clf.manifest
         info = m.to_dict()
         info["label_count"] = len(m.labels)
+        info["engine"], info["engine_reason"] = clf.engine.name, clf.engine_reason
         return info
 
     @r.get(
