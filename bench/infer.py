@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="PyTorch's device: cpu, cuda or auto (default cpu)")
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads (default 2)")
-    ap.add_argument("--repeat", type=int, default=10, help="timed repetitions per measurement (median reported)")
+    ap.add_argument("--repeat", type=int, default=20, help="timed repetitions per measurement (median reported)")
     ap.add_argument("--no-auroc", action="store_true", help="skip the int8 vs fp32 AUROC (trains a small model)")
     args = ap.parse_args(argv)
 
