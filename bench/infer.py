@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for label, name in DECODE_FILES.items():
         path = DATA / name
-        t_read = timed(lambda: read_frames(path, lung, prep), args.repeat)
+        t_read = timed(lambda path=path: read_frames(path, lung, prep), args.repeat)
         f = read_frames(path, lung, prep)[0]
-        t_tensor = timed(lambda: to_tensor(f, prep), args.repeat)
+        t_tensor = timed(lambda f=f: to_tensor(f, prep), args.repeat)
         rows.append(
             (f"decode+LUT+window {label}", f"{t_read * 1e3:8.2f} ms   (+ resize/normalise {t_tensor * 1e3:.2f} ms)")
         )

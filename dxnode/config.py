@@ -58,6 +58,8 @@ class NodeSettings(Section):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_require_client_cert: bool = False
+    # SIGTERM: stop listening and claiming, re-queue unfinished jobs, and exit within this many seconds.
+    stop_timeout_seconds: float = Field(20, gt=0)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 
@@ -84,8 +86,14 @@ class WorklistSettings(Section):
     sweep_interval_seconds: float = Field(2, gt=0)
     poll_interval_seconds: float = Field(1, gt=0)
     max_attempts: int = Field(3, ge=1)
-    running_timeout_seconds: float = Field(3600, gt=0)  # a running job silent this long is re-queued
+    # A running job whose heartbeat (refreshed between stages and batches) is older than this is re-queued.
+    running_timeout_seconds: float = Field(300, gt=0)
     run_jobs: bool = True
+    workers: int = Field(1, ge=1)  # job processes, each loading the model once
+    worker_max_rss_mb: int = Field(0, ge=0)  # a job process above this resident size is stopped (0 = no limit)
+    # Delay before a failed attempt (transient error, lost worker) is retried: doubled per attempt, capped.
+    retry_backoff_seconds: float = Field(10, ge=0)
+    retry_backoff_max_seconds: float = Field(600, ge=0)
 
 
 class Destination(Section):
@@ -180,6 +188,11 @@ class WebSettings(Section):
     session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
     max_upload_mb: float = Field(64, gt=0)
     keep_uploads: bool = False
+    session_hours: float = Field(12, gt=0)  # a login lasts this long; logging out ends it at once
+    trusted_origins: list[str] = []  # extra origins for cookie POSTs, e.g. behind a proxy that rewrites Host
+    login_free_attempts: int = Field(10, ge=1)  # failed token guesses per client address per hour before delays
+    login_delay_s: float = Field(1, gt=0)  # the first delay after those; it doubles with each further failure
+    login_max_delay_s: float = Field(900, gt=0)
 
 
 class LoggingSettings(Section):
@@ -280,3 +293,56 @@ def _describe(exc: ValidationError) -> str:
             + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
         )
     return "; ".join(lines)
+
+
+SECRET = "********"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with secrets hidden: token values, the session secret, database passwords."""
+    from sqlalchemy.engine import make_url
+
+    data = settings.model_dump(mode="json", exclude={"source"})
+    for token in data["web"]["tokens"]:
+        token["token"] = SECRET
+    if data["web"]["session_secret"]:
+        data["web"]["session_secret"] = SECRET
+    data["database"]["url"] = make_url(data["database"]["url"]).render_as_string(hide_password=True)
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value (strings JSON-quoted, which TOML accepts for these characters)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Settings data as a TOML document in the bundled file's layout (a value of None is left out: its default)."""
+    lines: list[str] = []
+
+    def table(header: str, values: dict[str, Any]) -> None:
+        nested = {k: v for k, v in values.items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)}
+        lines.append(header)
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in nested and v is not None)
+        lines.append("")
+        for key, items in nested.items():
+            for item in items:
+                table(f"[[{header.strip('[]')}.{key}]]", item)
+
+    for section, values in data.items():
+        if isinstance(values, list):
+            for item in values:
+                table(f"[[{section}]]", item)
+        else:
+            table(f"[{section}]", values)
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,29 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Model outputs as probabilities: softmax over the labels for multiclass, a sigmoid per label otherwise."""
+    return torch.softmax(logits, dim=1) if task == "multiclass" else torch.sigmoid(logits)
+
+
+def positive_call(probs: np.ndarray, thresholds: Sequence[float], task: str) -> np.ndarray:
+    """Which labels are positive, for one row [L] or rows [N, L]: at or above the label's threshold,
+    and for multiclass only the top class of its row. (The node, evaluation and training all call this.)"""
+    rows = np.atleast_2d(probs)
+    pos = rows >= np.asarray(thresholds, dtype=np.float64)
+    if task == "multiclass" and len(rows):
+        top = np.zeros_like(pos)
+        top[np.arange(len(rows)), rows.argmax(axis=1)] = True
+        pos &= top
+    return pos.reshape(np.shape(probs))
+
+
+def aggregate(probs: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label probabilities of a study (or file) from its frames' rows [N, L] by [model] aggregate
+    ("max" or "mean"), and for each label the row that drove it (its highest)."""
+    return (probs.mean(axis=0) if how == "mean" else probs.max(axis=0)), probs.argmax(axis=0)
+
+
 class Classifier:
     """A loaded ResNet-18 with its manifest and inference engine (dxnode.engine); thread-safe inference."""
 
@@ -261,13 +285,7 @@ class Classifier:
 
     def positive(self, probs: np.ndarray) -> np.ndarray:
         """Which labels are positive: at or above threshold; for multiclass also the top class only."""
-        thr = np.asarray(self.manifest.thresholds)
-        pos = probs >= thr
-        if self.manifest.task == "multiclass":
-            top = np.zeros_like(pos)
-            top[np.argmax(probs)] = True
-            pos &= top
-        return pos
+        return positive_call(probs, self.manifest.thresholds, self.manifest.task)
 
 
 def normalise_cam(raw: np.ndarray) -> np.ndarray:
@@ -300,7 +318,7 @@ def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing, alpha: float = 0
 
 # --- loading ----------------------------------------------------------------------------------
 
-_cache: dict[tuple[str, str, str], Classifier] = {}
+_cache: dict[tuple[str, str, str, str], Classifier] = {}
 _cache_lock = threading.Lock()
 
 
@@ -390,7 +408,7 @@ def load_classifier(
             raise BundleError(
                 f"[model] imagenet_weights = {settings.imagenet_weights!r}: no such file (expected torchvision's {IMAGENET_FILE})"
             )
-    key = (chosen, str(device), settings.engine)
+    key = (chosen, str(device), settings.engine, str(data_dir))
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -496,8 +514,7 @@ def analyze_study(
     findings: list[Finding] = []
     heatmaps: list[Heatmap] = []
     if inputs:
-        study = probs.mean(axis=0) if settings.model.aggregate == "mean" else probs.max(axis=0)
-        driver = probs.argmax(axis=0)
+        study, driver = aggregate(probs, settings.model.aggregate)
         positive = classifier.positive(study)
         order = np.argsort(study)[::-1]
         if len(labels) > 20:
@@ -561,8 +578,7 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
     except PipelineError as exc:
         return FilePrediction(str(path), [], classifier.identity, None, str(exc))
     probs, cams = _run_frames(classifier, [_Input(f.sop_instance_uid, f) for f in frames])
-    agg = probs.mean(axis=0) if settings.model.aggregate == "mean" else probs.max(axis=0)
-    driver = probs.argmax(axis=0)
+    agg, driver = aggregate(probs, settings.model.aggregate)
     positive = classifier.positive(agg)
     labels = classifier.manifest.labels
     order = np.argsort(agg)[::-1][: top_k or len(labels)]
