@@ -59,7 +59,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
     timings: dict[str, float] = {}
     state = "failed"
     try:
-        classifier = load_classifier(settings.model)
+        classifier = load_classifier(settings.model, data_dir=settings.data_dir)
         beat("analyze")
         started = time.perf_counter()
         result = analyze_study(

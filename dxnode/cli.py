@@ -292,7 +292,7 @@ def load_model_or_say_why(settings: Settings, bundle: str | None) -> Classifier 
     from dxnode.model import BundleError, load_classifier
 
     try:
-        return load_classifier(settings.model, bundle)
+        return load_classifier(settings.model, bundle, settings.data_dir)
     except BundleError as exc:
         print(f"dxnode: {exc}", file=sys.stderr)
         return None
@@ -348,6 +348,8 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
         info["thresholds"] = info["thresholds"][:10]
     info["device"] = str(classifier.device)
     info["weights_check"] = "built-in demo weights" if classifier.manifest.demo else "sha256 matches"
+    info["engine"] = classifier.engine.name
+    info["engine_reason"] = classifier.engine_reason
     if args.json:
         print_json(info)
     else:
@@ -385,8 +387,52 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
         description=m.description,
         extra={"source": str(weights), "source_sha256": m.weights_sha256},
     )
+    from dxnode.engine import export_bundle
+
+    export_bundle(Path(args.path))  # model.onnx for the ONNX Runtime engine
     print(
         f"wrote bundle {args.path}: {out.name} {out.version}, {len(out.labels)} labels, sha256 {out.weights_sha256[:16]}..."
+    )
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Add model.onnx (checked against PyTorch, sha256 in the manifest) to a bundle."""
+    from dxnode.engine import export_bundle
+    from dxnode.model import BundleError
+
+    try:
+        m = export_bundle(Path(args.bundle))
+    except (BundleError, RuntimeError) as exc:
+        print(f"dxnode: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {Path(args.bundle) / m.onnx_file} (sha256 {m.onnx_sha256[:16]}...)")
+    return 0
+
+
+def cmd_model_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    """Write an int8 copy of a bundle, calibrated on the images of a labelled CSV."""
+    from dxnode.engine import quantize_bundle
+    from dxnode.model import BundleError
+
+    try:
+        m = quantize_bundle(
+            Path(args.bundle),
+            Path(args.calibration),
+            Path(args.out),
+            settings,
+            Path(args.images) if args.images else None,
+            args.max_images,
+            args.method,
+            args.reduce_range,
+            args.version,
+        )
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"dxnode: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote int8 bundle {args.out}: {m.name} {m.version}, calibrated on {m.quantization['calibration']['images']} images; "
+        f"compare it with `dxnode evaluate {args.out} --data CSV --out DIR --compare {args.bundle}`"
     )
     return 0
 
@@ -414,11 +460,15 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from dxnode.model import BundleError
 
     try:
-        metrics = evaluate(args.bundle, args.data, args.out, settings, args.images, args.split, args.seed)
+        metrics = evaluate(args.bundle, args.data, args.out, settings, args.images, args.split, args.seed, args.compare)
     except (ValueError, BundleError) as exc:
         print(f"dxnode evaluate: {exc}", file=sys.stderr)
         return 2
     print(table(metrics))
+    if args.compare:
+        from dxnode.evaluate import compare_table
+
+        print(compare_table(metrics))
     print(f"wrote {args.out}/metrics.json, metrics.csv, roc.png, calibration.png")
     return 0
 
@@ -538,6 +588,36 @@ def build_parser() -> argparse.ArgumentParser:
     mn.add_argument("path", help="bundle folder to create")
     mn.add_argument("--weights", help="the .pth file (default: [model] imagenet_weights or the torch hub cache)")
     mn.set_defaults(handler=cmd_model_init_imagenet)
+    me = ms.add_parser(
+        "export", help="add model.onnx (the ONNX Runtime engine's model) to a bundle", formatter_class=HelpFormatter
+    )
+    me.add_argument("bundle", help="bundle folder")
+    me.set_defaults(handler=cmd_model_export)
+    mq = ms.add_parser(
+        "quantize",
+        help="write an int8 copy of a bundle (ONNX Runtime static quantisation)",
+        formatter_class=HelpFormatter,
+    )
+    mq.add_argument("bundle", help="fp32 bundle folder")
+    mq.add_argument(
+        "--calibration", required=True, metavar="CSV", help="labelled CSV whose images calibrate the int8 ranges"
+    )
+    mq.add_argument("--out", required=True, metavar="BUNDLE_INT8", help="new bundle folder to write")
+    mq.add_argument("--images", help="image folder (default: the CSV's folder)")
+    mq.add_argument(
+        "--max-images", type=int, default=200, help="calibration images (frames) used at most (default 200)"
+    )
+    mq.add_argument(
+        "--method",
+        choices=["minmax", "entropy", "percentile"],
+        default="minmax",
+        help="calibration method (default minmax)",
+    )
+    mq.add_argument(
+        "--reduce-range", action="store_true", help="7-bit weights, for x86 CPUs without VNNI (default off)"
+    )
+    mq.add_argument("--version", default="", help="version in the manifest (default: the source's version + '-int8')")
+    mq.set_defaults(handler=cmd_model_quantize)
 
     sp = add("train", cmd_train, "fine-tune ResNet-18 on labelled images and write a model bundle")
     sp.set_defaults(parser_hook="train")

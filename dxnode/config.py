@@ -142,7 +142,9 @@ class ModelSettings(Section):
     bundle: str = ""  # empty: ImageNet bundle if the torchvision file is present, else the untrained demo
     imagenet_weights: str = ""  # path of resnet18-f37072fd.pth; empty: look in $TORCH_HOME/hub/checkpoints
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    threads: int = Field(0, ge=0)  # 0 = torch default
+    # auto: ONNX Runtime on CPU (when the model has an ONNX export), PyTorch on CUDA unless onnxruntime-gpu works
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
+    threads: int = Field(0, ge=0)  # CPU threads of torch and ONNX Runtime; 0 = their default
     batch_size: int = Field(8, ge=1)
     decode_threads: int = Field(2, ge=1)  # threads decoding the next instances while the model runs a batch
     aggregate: Literal["max", "mean"] = "max"

@@ -46,7 +46,7 @@ def _load_model(settings: Settings) -> Classifier:
     """Load the configured model once, so a missing or tampered bundle stops the node at start."""
     from dxnode.model import load_classifier
 
-    classifier = load_classifier(settings.model)
+    classifier = load_classifier(settings.model, data_dir=settings.data_dir)
     ident = classifier.identity
     log.info(
         "model %s %s (sha256 %s) on %s%s",

@@ -253,12 +253,14 @@ def evaluate(
     images: Path | None = None,
     split: str | None = None,
     seed: int = 0,
+    compare: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a bundle on a labelled CSV (optionally one split of the bundle's splits.csv)."""
+    """Evaluate a bundle on a labelled CSV (optionally one split of the bundle's splits.csv), and
+    optionally a second bundle on the same images (metrics["compare"]: its AUROC and the difference)."""
     from dxnode.dataset import read_table
     from dxnode.model import load_classifier
 
-    classifier = load_classifier(settings.model, bundle)
+    classifier = load_classifier(settings.model, bundle, settings.data_dir)
     table_ = read_table(data, images)
     for line in table_.unreadable:
         print(f"left out {line}")
@@ -281,8 +283,59 @@ def evaluate(
         "sha256": classifier.manifest.weights_sha256,
     }
     metrics["data"] = {"csv": str(data), "split": split or "all", "n": len(kept)}
+    if compare is not None:
+        metrics["compare"] = compare_bundles(
+            load_classifier(settings.model, compare, settings.data_dir), compare, kept, y, probs, metrics, settings
+        )
     write_report(Path(out), metrics, y, probs, labels, f"{classifier.manifest.name} {classifier.manifest.version}")
     return metrics
+
+
+def compare_bundles(
+    other: Any, path: Path, samples: list[Any], y: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], settings: Any
+) -> dict[str, Any]:
+    """The other bundle's AUROC per label on the same images, and this bundle's AUROC minus it."""
+    labels = list(metrics["labels"])
+    if other.manifest.labels != labels:
+        raise ValueError(f"--compare {path}: its labels {other.manifest.labels} are not {labels}")
+    ref, kept = predict_samples(other, samples, settings)
+    if len(kept) != len(samples):
+        raise ValueError(f"--compare {path}: {len(samples) - len(kept)} images failed with it but not with the bundle")
+    out: dict[str, Any] = {
+        "bundle": str(path),
+        "model": {"name": other.manifest.name, "version": other.manifest.version},
+    }
+    out["labels"] = {}
+    diffs = []
+    for j, label in enumerate(labels):
+        a = auroc((y[:, j] > 0.5).astype(int), ref[:, j])
+        ours = metrics["labels"][label]["auroc"]
+        diff = None if math.isnan(a) or ours is None else ours - a
+        if diff is not None:
+            diffs.append(diff)
+        out["labels"][label] = {
+            "auroc": _safe(a),
+            "auroc_diff": (_safe(diff) or 0.0) if diff is not None else None,  # never -0.0
+            "max_probability_diff": _safe(float(np.abs(probs[:, j] - ref[:, j]).max())) if len(ref) else None,
+        }
+    out["mean_auroc_diff"] = _safe(float(np.mean(diffs))) if diffs else None
+    out["max_abs_auroc_diff"] = _safe(float(np.max(np.abs(diffs)))) if diffs else None
+    return out
+
+
+def compare_table(metrics: dict[str, Any]) -> str:
+    """Per-label AUROC of the compared bundle and the difference (this bundle minus it)."""
+    c = metrics["compare"]
+    lines = [f"compared with {c['model']['name']} {c['model']['version']} ({c['bundle']}) on the same images:"]
+    lines.append(f"{'Pathology':<24} {'AUROC':>6} {'other':>6} {'diff':>8} {'max |dp|':>9}")
+    num = lambda v, spec, w: f"{v:{spec}}" if isinstance(v, float) else f"{'-':>{w}}"  # noqa: E731
+    for label, m in c["labels"].items():
+        lines.append(
+            f"{label[:24]:<24} {num(metrics['labels'][label]['auroc'], '6.3f', 6)} {num(m['auroc'], '6.3f', 6)} "
+            f"{num(m['auroc_diff'], '+8.4f', 8)} {num(m['max_probability_diff'], '9.4f', 9)}"
+        )
+    lines.append(f"{'Mean AUROC difference':<24} {'':>6} {'':>6} {num(c['mean_auroc_diff'], '+8.4f', 8)}")
+    return "\n".join(lines)
 
 
 def label_columns(csv_labels: list[str], bundle_labels: list[str], from_values: bool, data: Path) -> list[int]:

@@ -2,7 +2,8 @@
 
 A bundle is a folder: ``weights.pt`` (a torchvision resnet18 state dict with fc sized to the
 labels) and ``manifest.json`` (name, version, labels, task, thresholds, preprocessing, sha256 of
-the weights, checked at load). Nothing is ever downloaded: with no bundle configured, dxnode
+the weights, checked at load), and ``model.onnx`` with its sha256 for the ONNX Runtime engine
+(dxnode.engine runs the network; see there). Nothing is ever downloaded: with no bundle configured, dxnode
 serves torchvision's ImageNet classifier if ``resnet18-f37072fd.pth`` is on disk, else an
 untrained demo model that says so in every output.
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 import torchvision
 
 from dxnode.config import ModelSettings, Settings
+from dxnode.engine import Engine, TorchEngine, bundle_onnx, cached_onnx, choose_engine
 from dxnode.pipeline import (
     Frame,
     PipelineError,
@@ -77,6 +79,9 @@ class Manifest:
     demo: bool = False
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    onnx_file: str = ""  # model.onnx, run by the ONNX Runtime engine (dxnode.engine)
+    onnx_sha256: str = ""
+    quantization: dict[str, Any] = field(default_factory=dict)  # set on int8 bundles (dxnode model quantize)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -92,6 +97,9 @@ class Manifest:
             "demo": self.demo,
             "description": self.description,
             "extra": self.extra,
+            "onnx_file": self.onnx_file,
+            "onnx_sha256": self.onnx_sha256,
+            "quantization": self.quantization,
         }
 
 
@@ -169,6 +177,9 @@ def load_manifest(path: Path) -> Manifest:
             demo=bool(d.get("demo", False)),
             description=d.get("description", ""),
             extra=d.get("extra", {}),
+            onnx_file=d.get("onnx_file", ""),
+            onnx_sha256=d.get("onnx_sha256", ""),
+            quantization=dict(d.get("quantization") or {}),
         )
     except FileNotFoundError:
         raise BundleError(f"model bundle {path}: no manifest.json") from None
@@ -176,6 +187,14 @@ def load_manifest(path: Path) -> Manifest:
         raise BundleError(f"model bundle {path}: manifest.json is invalid: {exc}") from None
     _validate(m, str(file))
     return m
+
+
+def save_manifest(path: Path, manifest: Manifest) -> None:
+    """Write manifest.json into the bundle folder path (atomically)."""
+    _validate(manifest, str(path))
+    tmp = Path(path) / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2))
+    tmp.replace(Path(path) / "manifest.json")
 
 
 def verify_weights(path: Path, manifest: Manifest) -> Path:
@@ -229,35 +248,27 @@ def aggregate(probs: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Classifier:
-    """A loaded ResNet-18 with its manifest; thread-safe inference."""
+    """A loaded ResNet-18 with its manifest and inference engine (dxnode.engine); thread-safe inference."""
 
-    def __init__(self, net: torch.nn.Module, manifest: Manifest, device: torch.device, batch_size: int = 8) -> None:
-        self.net = net.to(device).eval()
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        manifest: Manifest,
+        device: torch.device,
+        batch_size: int = 8,
+        engine: Engine | None = None,
+        engine_reason: str = "",
+    ) -> None:
+        self.net = net.eval() if engine else net.to(device).eval()
         self.manifest = manifest
         self.device = device
         self.batch_size = batch_size
+        self.engine: Engine = engine or TorchEngine(self.net, manifest.task, device)
+        self.engine_reason = engine_reason or "PyTorch"
         self.identity = ModelIdentity(
             manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task
         )
         self._lock = threading.Lock()
-        # torchvision is untyped: name the ResNet's parts once, as typed modules
-        self._trunk = [
-            self.net.get_submodule(name)
-            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        ]
-        self._avgpool = self.net.get_submodule("avgpool")
-        fc = self.net.get_submodule("fc")
-        if not isinstance(fc, torch.nn.Linear):
-            raise TypeError(f"not a ResNet: its fc is a {type(fc).__name__}")
-        self._fc = fc
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        for module in self._trunk:
-            x = module(x)
-        return x
-
-    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return probabilities(logits, self.manifest.task)
 
     def predict(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities [N, L] for a batch of input tensors [N, 3, S, S]."""
@@ -269,14 +280,9 @@ class Classifier:
         The whole engine contract of a batch; another runtime (e.g. ONNX Runtime) can replace it.
         Without cams the second array is empty.
         """
-        with self._lock, torch.inference_mode():
-            feats = self._features(batch.to(self.device))
-            logits = self._fc(torch.flatten(self._avgpool(feats), 1))
-            probs = self._probabilities(logits).float().cpu().numpy()
-            if not cams:
-                return probs, np.zeros((0,), np.float32)
-            maps = torch.einsum("lc,nchw->nlhw", self._fc.weight, feats).float().cpu().numpy()
-        return probs, maps
+        with self._lock:
+            probs, maps = self.engine.forward(batch, cams)
+        return probs, (maps if maps is not None else np.zeros((0,), np.float32))
 
     def predict_with_cam(self, batch: torch.Tensor, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities [N, L] and raw class-activation maps [N, L, h, w] (before ReLU/normalising)."""
@@ -337,7 +343,7 @@ def _jet_lut(alpha: float) -> np.ndarray:
 
 # --- loading ----------------------------------------------------------------------------------
 
-_cache: dict[tuple[str, str], Classifier] = {}
+_cache: dict[tuple[str, str, str, str], Classifier] = {}
 _cache_lock = threading.Lock()
 
 
@@ -410,8 +416,14 @@ def load_network(bundle: Path, manifest: Manifest) -> torch.nn.Module:
     return net
 
 
-def load_classifier(settings: ModelSettings, bundle: str | Path | None = None) -> Classifier:
-    """The configured model, loaded once per process (bundle > [model] bundle > ImageNet > demo)."""
+def load_classifier(
+    settings: ModelSettings, bundle: str | Path | None = None, data_dir: Path | None = None
+) -> Classifier:
+    """The configured model, loaded once per process (bundle > [model] bundle > ImageNet > demo).
+
+    The engine follows [model] engine (dxnode.engine.choose_engine); the built-in demo and ImageNet
+    models are exported to ONNX once, under data_dir (without one they run in PyTorch).
+    """
     chosen = str(bundle or settings.bundle or "")
     device = choose_device(settings.device)
     if not chosen:
@@ -421,7 +433,7 @@ def load_classifier(settings: ModelSettings, bundle: str | Path | None = None) -
             raise BundleError(
                 f"[model] imagenet_weights = {settings.imagenet_weights!r}: no such file (expected torchvision's {IMAGENET_FILE})"
             )
-    key = (chosen, str(device))
+    key = (chosen, str(device), settings.engine, str(data_dir))
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -441,9 +453,33 @@ def load_classifier(settings: ModelSettings, bundle: str | Path | None = None) -
             path = Path(chosen).expanduser()
             manifest = load_manifest(path)
             net = load_network(path, manifest)
-        classifier = Classifier(net, manifest, device, settings.batch_size)
+        onnx, note = _onnx_for(chosen, net, manifest, settings, data_dir)
+        engine, reason = choose_engine(
+            settings.engine, device, settings.device, net, manifest, onnx, note, settings.threads
+        )
+        (log.info if engine.name == "onnxruntime" or settings.engine == "torch" else log.warning)(
+            "model %s %s: engine %s (%s)", manifest.name, manifest.version, engine.name, reason
+        )
+        classifier = Classifier(net, manifest, device, settings.batch_size, engine, reason)
         _cache[key] = classifier
         return classifier
+
+
+def _onnx_for(
+    chosen: str, net: torch.nn.Module, manifest: Manifest, settings: ModelSettings, data_dir: Path | None
+) -> tuple[Path | None, str]:
+    """The verified ONNX model of a bundle, or the built-in model's cached export, or why there is none."""
+    if chosen != "demo" and not chosen.startswith("imagenet:"):
+        return bundle_onnx(Path(chosen).expanduser(), manifest)
+    if settings.engine == "torch":
+        return None, "[model] engine = 'torch'"
+    if data_dir is None:
+        return None, "no data_dir given to cache the built-in model's ONNX export in"
+    cache = Path(data_dir) / "model-cache"
+    try:
+        return cached_onnx(net, manifest, cache), f"exported once to {cache}"
+    except (OSError, RuntimeError) as exc:
+        return None, f"could not export the built-in model to {cache}: {exc}"
 
 
 # --- studies and files ------------------------------------------------------------------------

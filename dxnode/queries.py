@@ -507,6 +507,11 @@ class ModelInfo(BaseModel):
     description: str
     extra: dict[str, Any]
     label_count: int
+    onnx_file: str = ""  # model.onnx of the ONNX Runtime engine ("" in older bundles)
+    onnx_sha256: str = ""
+    quantization: dict[str, Any] = {}  # set on int8 bundles
+    engine: str = ""  # the engine running it: onnxruntime or torch
+    engine_reason: str = ""  # why that engine
 
 
 class FindingScore(BaseModel):

@@ -46,7 +46,7 @@ def job_process_main(settings: Settings, log_level: str, parent: int) -> None:
     from dxnode.model import BundleError, load_classifier
 
     try:
-        load_classifier(settings.model)
+        load_classifier(settings.model, data_dir=settings.data_dir)
     except (BundleError, FileNotFoundError) as exc:
         log.error("job process cannot load the model: %s", exc)
         raise SystemExit(EXIT_CONFIG) from None

@@ -83,6 +83,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="only this split of the bundle's splits.csv (the held-out test split)",
     )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="BUNDLE",
+        help="also evaluate this bundle (e.g. the fp32 source of an int8 bundle) and report the AUROC difference per label",
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -329,6 +335,9 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
         description=f"ResNet-18 fine-tuned by dxnode train on {args.data.name}",
         extra=extra,
     )
+    from dxnode.engine import export_bundle
+
+    export_bundle(out)  # model.onnx for the ONNX Runtime engine
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     roc_plot(y_val, p_val, labels, out / "roc.png", f"{args.name or out.name} {args.version} (validation)")
     curves_plot(state["history"], out / "curves.png")

@@ -264,8 +264,10 @@ def api_router() -> APIRouter:
 
     @r.get("/model", summary="The served model's manifest")
     def model(request: Request, who: Principal = Depends(require_read)) -> ModelInfo:
-        m = request.app.state.classifier().manifest
-        return ModelInfo.model_validate(m.to_dict() | {"label_count": len(m.labels)})
+        clf = request.app.state.classifier()
+        m = clf.manifest
+        extra = {"label_count": len(m.labels), "engine": clf.engine.name, "engine_reason": clf.engine_reason}
+        return ModelInfo.model_validate(m.to_dict() | extra)
 
     @r.get(
         "/outputs/{output_id}.png",
@@ -416,7 +418,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     )  # served below, behind a token (no CDN-based UI: nodes run offline)
     app.state.settings, app.state.store = settings, store
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    app.state.classifier = lambda: load_classifier(settings.model)
+    app.state.classifier = lambda: load_classifier(settings.model, data_dir=settings.data_dir)
     app.state.login_throttle = LoginThrottle.from_settings(settings.web)
     form = BodyRule(64 * 1024, "form larger than 64 KiB")
     upload = BodyRule(

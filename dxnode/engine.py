@@ -1,0 +1,451 @@
+"""Inference engines behind one forward function: PyTorch, or ONNX Runtime on an exported model.
+
+Both engines take a batch of model inputs [N, 3, S, S] and return the probabilities [N, L] and,
+when asked, the raw class-activation maps [N, L, h, w]. The ONNX model has two outputs, the
+logits and layer4's features; the CAM is the fc weights applied to the features, as with PyTorch
+(see dxnode.model), so ONNX Runtime needs no backward pass either.
+
+A bundle's ``model.onnx`` (fp32, or int8 from `dxnode model quantize`) is listed in its manifest
+with its sha256 and checked at load like the weights. The built-in demo and ImageNet models are
+exported once into ``<data_dir>/model-cache`` beside a JSON file with both checksums, and rebuilt
+when either does not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from dxnode.model import Manifest
+
+log = logging.getLogger("dxnode.engine")
+
+ONNX_FILE = "model.onnx"
+INPUT, LOGITS, FEATURES = "input", "logits", "features"
+CACHE_FOLDER = "model-cache"
+EXPORT_TOLERANCE = 1e-4  # max |logit difference| accepted between the exported model and PyTorch
+
+
+class Engine(Protocol):
+    """What the classifier calls: probabilities and optionally raw CAMs of one batch."""
+
+    name: str
+
+    def forward(self, x: torch.Tensor, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities [N, L] (float32) and raw CAMs [N, L, h, w] when cams is true."""
+        ...
+
+
+def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
+    """Softmax for multiclass, else sigmoid per label, in float32 (as torch computes them)."""
+    z = logits.astype(np.float32, copy=False)
+    if task == "multiclass":
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _cams(fc_weight: np.ndarray, features: np.ndarray) -> np.ndarray:
+    n, c, h, w = features.shape
+    return np.matmul(fc_weight, features.reshape(n, c, h * w)).reshape(n, -1, h, w)
+
+
+class FeatureNet(torch.nn.Module):
+    """A torchvision ResNet returning (logits, layer4 features): the graph that is exported."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net: Any = net  # a torchvision ResNet: its layers are looked up by name
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, L] and layer4 features [N, 512, h, w]."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        feats = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return n.fc(torch.flatten(n.avgpool(feats), 1)), feats
+
+
+class TorchEngine:
+    """The network in PyTorch, on CPU or CUDA, under inference_mode."""
+
+    name = "torch"
+
+    def __init__(self, net: torch.nn.Module, task: str, device: torch.device) -> None:
+        self.model = FeatureNet(net).to(device).eval()
+        self.task = task
+        self.device = device
+
+    def forward(self, x: torch.Tensor, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """See Engine.forward."""
+        with torch.inference_mode():
+            logits, feats = self.model(x.to(self.device))
+            probs = torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
+            maps = (
+                torch.einsum("lc,nchw->nlhw", self.model.net.fc.weight, feats).float().cpu().numpy() if cams else None
+            )
+        return probs.float().cpu().numpy(), maps
+
+
+class OrtEngine:
+    """An ONNX Runtime session on the exported model; the fc weights make the CAMs."""
+
+    name = "onnxruntime"
+
+    def __init__(self, session: Any, fc_weight: np.ndarray, task: str) -> None:
+        self.session = session
+        self.fc_weight = np.ascontiguousarray(fc_weight, dtype=np.float32)
+        self.task = task
+
+    def forward(self, x: torch.Tensor, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """See Engine.forward."""
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.session.run([LOGITS, FEATURES] if cams else [LOGITS], {INPUT: arr})
+        return probabilities(out[0], self.task), _cams(self.fc_weight, out[1]) if cams else None
+
+
+def ort_session(path: Path, threads: int = 0, cuda: bool = False) -> Any:
+    """An ONNX Runtime session: CUDA first when asked (and available), else CPU; threads 0 = ORT's default."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def ort_has_cuda() -> bool:
+    """Whether this onnxruntime has a CUDA provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def export_onnx(net: torch.nn.Module, path: Path, input_size: int) -> Path:
+    """Write net as ONNX (inputs 'input', outputs 'logits' and 'features', dynamic batch), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = FeatureNet(net).to("cpu").eval()
+    x = torch.zeros(1, 3, input_size, input_size)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            try:
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(tmp),
+                    input_names=[INPUT],
+                    output_names=[LOGITS, FEATURES],
+                    dynamic_axes={INPUT: {0: "n"}, LOGITS: {0: "n"}, FEATURES: {0: "n"}},
+                    dynamo=False,  # one self-contained file, in about a second
+                )
+            except Exception:  # a torch without the TorchScript exporter: the dynamo one (onnxscript)
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(tmp),
+                    input_names=[INPUT],
+                    output_names=[LOGITS, FEATURES],
+                    dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=4096)}},
+                    dynamo=True,
+                    external_data=False,
+                )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_export(net: torch.nn.Module, path: Path, input_size: int) -> float:
+    """Max |logit difference| of the ONNX model against PyTorch on a fixed random batch; raises if too large."""
+    x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, ref_feats = FeatureNet(net).to("cpu").eval()(x)
+    logits, feats = ort_session(path).run([LOGITS, FEATURES], {INPUT: x.numpy()})
+    diff = max(float(np.abs(ref.numpy() - logits).max()), float(np.abs(ref_feats.numpy() - feats).max()))
+    if diff > EXPORT_TOLERANCE:
+        raise RuntimeError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} (limit {EXPORT_TOLERANCE})")
+    return diff
+
+
+def export_bundle(bundle: Path) -> Manifest:
+    """Export a bundle's verified weights to model.onnx, check it against PyTorch, record its sha256."""
+    from dxnode.model import BundleError, load_manifest, load_network, save_manifest, sha256_file
+
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
+    if manifest.quantization:
+        raise BundleError(f"{bundle} is a quantised bundle: its model.onnx is the int8 model; export its fp32 source")
+    net = load_network(bundle, manifest).eval()
+    path = export_onnx(net, bundle / ONNX_FILE, manifest.preprocessing.input_size)
+    check_export(net, path, manifest.preprocessing.input_size)
+    manifest = dataclasses.replace(manifest, onnx_file=ONNX_FILE, onnx_sha256=sha256_file(path))
+    save_manifest(bundle, manifest)
+    return manifest
+
+
+def bundle_onnx(bundle: Path, manifest: Manifest) -> tuple[Path | None, str]:
+    """The bundle's verified model.onnx, or (None, why there is none); a mismatch is refused."""
+    from dxnode.model import BundleError, sha256_file
+
+    if not manifest.onnx_file:
+        return None, f"bundle {bundle} has no model.onnx (older bundle): `dxnode model export {bundle}` adds one"
+    path = Path(bundle) / manifest.onnx_file
+    if not path.is_file():
+        raise BundleError(f"ONNX model missing: {path} (expected sha256 {manifest.onnx_sha256})")
+    actual = sha256_file(path)
+    if actual != manifest.onnx_sha256:
+        raise BundleError(
+            f"ONNX model {path} does not match the manifest: sha256 {actual}, expected {manifest.onnx_sha256}; refusing to load"
+        )
+    return path, f"{manifest.onnx_file} sha256 matches"
+
+
+def cached_onnx(net: torch.nn.Module, manifest: Manifest, cache_dir: Path) -> Path:
+    """The built-in model's export in cache_dir, made (or remade, if its checksums do not match) as needed."""
+    from dxnode.model import sha256_file
+
+    stem = f"{manifest.name}-{manifest.weights_sha256[:16]}-{manifest.preprocessing.input_size}"
+    path, meta = cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
+    try:
+        recorded = json.loads(meta.read_text())
+        if recorded["weights_sha256"] == manifest.weights_sha256 and recorded["onnx_sha256"] == sha256_file(path):
+            return path
+        log.warning("%s does not match its checksum in %s: exporting it again", path, meta.name)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not exported yet (or half written): export now
+    log.info("exporting %s %s to %s (once)", manifest.name, manifest.version, path)
+    net.eval()
+    export_onnx(net, path, manifest.preprocessing.input_size)
+    check_export(net, path, manifest.preprocessing.input_size)
+    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"weights_sha256": manifest.weights_sha256, "onnx_sha256": sha256_file(path)}))
+    tmp.replace(meta)
+    return path
+
+
+# --- choosing ------------------------------------------------------------------------------------
+
+
+def choose_engine(
+    wanted: str,
+    device: torch.device,
+    device_setting: str,
+    net: torch.nn.Module,
+    manifest: Manifest,
+    onnx: Path | None,
+    onnx_note: str,
+    threads: int = 0,
+) -> tuple[Engine, str]:
+    """The engine for [model] engine (auto, torch, onnxruntime) and why it was chosen.
+
+    onnx is the verified ONNX model (None when there is none, onnx_note then says why). auto is
+    ONNX Runtime on CPU, and on CUDA only when onnxruntime-gpu runs there; int8 models always
+    run in ONNX Runtime (on CPU when it has no CUDA).
+    """
+    import onnxruntime as ort
+
+    from dxnode.model import BundleError
+
+    int8 = bool(manifest.quantization)
+    if int8 and onnx is None:
+        raise BundleError(f"int8 model {manifest.name} {manifest.version}: {onnx_note}")
+    if int8 and wanted == "torch":
+        raise BundleError(
+            f"[model] engine = 'torch' cannot run {manifest.name} {manifest.version}: it is an int8 ONNX model; "
+            "use engine 'auto' or 'onnxruntime', or its fp32 bundle"
+        )
+    if wanted == "torch":
+        return TorchEngine(net, manifest.task, device), "[model] engine = 'torch'"
+    if onnx is None:
+        prefix = "ONNX Runtime not used" if wanted == "auto" else "[model] engine = 'onnxruntime' not possible"
+        return TorchEngine(net, manifest.task, device), f"{prefix}: {onnx_note}"
+    cuda_problem = ""
+    if device.type == "cuda":
+        cuda_problem = "" if ort_has_cuda() else "onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)"
+        if not cuda_problem:
+            session = ort_session(onnx, threads, cuda=True)
+            if session.get_providers()[0] != "CUDAExecutionProvider":
+                cuda_problem = "onnxruntime-gpu is installed but could not start on CUDA"
+    if cuda_problem and not int8:
+        if wanted == "auto":
+            return TorchEngine(net, manifest.task, device), f"torch on CUDA: {cuda_problem}"
+        if device_setting != "auto":
+            raise BundleError(f"[model] engine = 'onnxruntime' with device = {device_setting!r}: {cuda_problem}")
+    if device.type != "cuda" or cuda_problem:
+        session = ort_session(onnx, threads)
+    provider = session.get_providers()[0]
+    kind = "int8" if int8 else "fp32"
+    reason = f"onnxruntime {ort.__version__} ({provider}, {kind}): {onnx_note}"
+    if cuda_problem:
+        reason += f"; on CPU because {cuda_problem}"
+    fc: Any = net.fc
+    return OrtEngine(session, fc.weight.detach().cpu().numpy(), manifest.task), reason
+
+
+# --- int8 ----------------------------------------------------------------------------------------
+
+
+def quantize_onnx(
+    source: Path, out: Path, batches: Iterator[np.ndarray], method: str = "minmax", reduce_range: bool = False
+) -> dict[str, Any]:
+    """Static int8 quantisation (QDQ, uint8 activations, int8 per-channel weights) calibrated on batches."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(batches, None)
+            return None if batch is None else {INPUT: batch}
+
+    with tempfile.TemporaryDirectory(prefix="dxnode-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))  # shape inference and graph fusions, as ORT advises
+        out.parent.mkdir(parents=True, exist_ok=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            extra_options={"CalibMaxIntermediateOutputs": 16},
+        )
+    return {
+        "method": "static",
+        "format": "QDQ",
+        "activations": "uint8 per tensor",
+        "weights": "int8 per channel" + (" (reduced range)" if reduce_range else ""),
+        "calibration_method": method,
+        "onnxruntime": ort.__version__,
+    }
+
+
+def calibration_batches(
+    samples: list[Any], settings: Any, prep: Any, max_images: int, batch_size: int = 8
+) -> Iterator[np.ndarray]:
+    """Model inputs of the samples' frames, made by the node's own pipeline, in batches; unreadable files are skipped."""
+    from dxnode.pipeline import PipelineError, read_frames, to_tensor
+
+    pending: list[torch.Tensor] = []
+    count = 0
+    for s in samples:
+        if count >= max_images:
+            break
+        try:
+            frames = read_frames(s.path, settings.pipeline, prep)
+        except PipelineError as exc:
+            log.warning("calibration: left out %s: %s", s.path, exc)
+            continue
+        for f in frames[: max_images - count]:
+            pending.append(to_tensor(f, prep))
+            count += 1
+            if len(pending) == batch_size:
+                yield torch.stack(pending).numpy()
+                pending = []
+    if pending:
+        yield torch.stack(pending).numpy()
+
+
+def quantize_bundle(
+    bundle: Path,
+    calibration: Path,
+    out: Path,
+    settings: Any,
+    images: Path | None = None,
+    max_images: int = 200,
+    method: str = "minmax",
+    reduce_range: bool = False,
+    version: str = "",
+) -> Manifest:
+    """Write an int8 copy of a bundle to out: its ONNX model statically quantised, calibrated on the CSV's images."""
+    import shutil
+
+    from dxnode.dataset import read_table
+    from dxnode.model import BundleError, load_manifest, load_network, save_manifest, sha256_file
+
+    bundle, out = Path(bundle), Path(out)
+    if out.resolve() == bundle.resolve():
+        raise ValueError("--out must be a new folder, not the source bundle")
+    source = load_manifest(bundle)
+    if source.quantization:
+        raise BundleError(f"{bundle} is already quantised")
+    net = load_network(bundle, source).eval()
+    table = read_table(calibration, images)
+    if not table.samples:
+        raise ValueError(f"{calibration}: no readable image to calibrate on")
+    count = [0]
+
+    def counted() -> Iterator[np.ndarray]:
+        for batch in calibration_batches(table.samples, settings, source.preprocessing, max_images):
+            count[0] += len(batch)
+            yield batch
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dxnode-export-") as tmp:
+        fp32, _ = bundle_onnx(bundle, source)
+        if fp32 is None:  # an older bundle: export its weights here, the source bundle is left as it is
+            fp32 = export_onnx(net, Path(tmp) / ONNX_FILE, source.preprocessing.input_size)
+            check_export(net, fp32, source.preprocessing.input_size)
+        record = quantize_onnx(fp32, out / ONNX_FILE, counted(), method, reduce_range)
+        fp32_sha = sha256_file(fp32)
+    if not count[0]:
+        raise ValueError(f"{calibration}: none of its images could be read to calibrate on")
+    ort_session(out / ONNX_FILE)  # it loads
+    shutil.copy2(bundle / source.weights_file, out / source.weights_file)  # torch-side fc weights for the CAM
+    if (bundle / "splits.csv").is_file():
+        shutil.copy2(bundle / "splits.csv", out / "splits.csv")
+    record["calibration"] = {"csv": str(calibration), "sha256": table.sha256, "images": count[0]}
+    record["source"] = {
+        "name": source.name,
+        "version": source.version,
+        "weights_sha256": source.weights_sha256,
+        "onnx_sha256": fp32_sha,
+    }
+    manifest = dataclasses.replace(
+        source,
+        version=version or f"{source.version}-int8",
+        description=f"{source.description} (int8, statically quantised by dxnode model quantize)".strip(),
+        onnx_file=ONNX_FILE,
+        onnx_sha256=sha256_file(out / ONNX_FILE),
+        quantization=record,
+    )
+    save_manifest(out, manifest)
+    return manifest
