@@ -35,6 +35,7 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
     TrackingIdentifier,
@@ -89,6 +90,13 @@ logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 SCHEME = "99DXNODE"  # private coding scheme for model labels
 PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
+# Measurement method of a TID 1410 attention region: where the model looked, not a lesion outline.
+ATTENTION_METHOD = CodedConcept("GRADCAM50", SCHEME, "Grad-CAM attention region (map >= 50% of peak)")
+HEATMAP = CodedConcept("HEATMAP", SCHEME, "Grad-CAM heatmap image")
+# Share of the Grad-CAM peak above which a pixel belongs to the attention region.
+ATTENTION_LEVEL = 0.5
+# Most vertices of an attention outline; longer contours are subsampled.
+MAX_OUTLINE_POINTS = 64
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 # Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
@@ -231,6 +239,97 @@ def _group(
     )
 
 
+def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Closed outline (column, row pairs, source pixel coordinates) of the map's region >= half its peak.
+
+    The region is the connected part above ATTENTION_LEVEL that holds the peak; the map is scaled
+    from its own size to Rows x Columns, with DICOM's convention that pixel centres are at +0.5.
+    """
+    from contourpy import contour_generator
+    from scipy import ndimage
+
+    cam = np.asarray(cam, dtype=np.float32)
+    peak = float(cam.max()) if cam.size else 0.0
+    sx, sy = columns / cam.shape[1], rows / cam.shape[0]
+    if peak <= 0:
+        return np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float32)
+    labels, _ = ndimage.label(cam >= ATTENTION_LEVEL * peak)
+    mask = labels == labels[np.unravel_index(int(np.argmax(cam)), cam.shape)]
+    padded = np.pad(mask.astype(np.float32), 1)  # a zero border makes every contour closed
+    lines = contour_generator(z=padded).lines(0.5)
+    line = max(lines, key=len) if lines else np.empty((0, 2))
+    if len(line) < 4:  # a point or a line: the bounding box of the region instead
+        r, c = np.nonzero(mask)
+        x0, x1, y0, y1 = c.min() - 0.5, c.max() + 0.5, r.min() - 0.5, r.max() + 0.5
+        line = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]) + 1
+    if len(line) > MAX_OUTLINE_POINTS:
+        line = line[np.linspace(0, len(line) - 1, MAX_OUTLINE_POINTS).round().astype(int)]
+    xy = (np.asarray(line, dtype=np.float64) - 1 + 0.5) * [sx, sy]  # back from the padding, to pixel edges
+    xy = np.clip(xy, 0, [columns, rows])
+    if not np.array_equal(xy[0], xy[-1]):
+        xy = np.vstack([xy, xy[:1]])
+    return xy.round(2).astype(np.float32)
+
+
+def attention_groups(
+    result: StudyResult, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """A TID 1410 group per positive finding with a heatmap: the Grad-CAM attention outline on its source image."""
+    heatmaps = {h.label: h for h in result.heatmaps}
+    groups = []
+    for f in result.positive:
+        h = heatmaps.get(f.label)
+        if h is None or h.sop_instance_uid not in sources:
+            continue
+        src = sources[h.sop_instance_uid]
+        frames = [h.frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+        outline = attention_outline(h.cam, int(src.Rows), int(src.Columns))
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=hd.sr.SourceImageForRegion(
+                str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
+            ),
+        )
+        concept = _label_concept(f.label)
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=derived_uid(key, "attention", f.label),
+                identifier=f"AI attention region, not a lesion boundary: {f.label}"[:64],
+            ),
+            referenced_region=region,
+            finding_type=concept,
+            method=ATTENTION_METHOD,
+            algorithm_id=algo,
+            measurements=[
+                Measurement(
+                    name=PROBABILITY,
+                    value=round(float(f.probability), 6),
+                    unit=CodedConcept("1", "UCUM", "no units"),
+                    algorithm_id=algo,
+                )
+            ],
+        )
+        for item in group[0].ContentSequence:  # TID 1419 row 5: highdicom 0.28 writes CONTAINS
+            if item.ConceptNameCodeSequence[0].CodeValue == "370129005":
+                item.RelationshipType = "HAS CONCEPT MOD"
+        groups.append(group)
+    return groups
+
+
+def heatmap_image_items(heatmaps: list[Dataset]) -> list[hd.sr.ImageContentItem]:
+    """IMAGE content items pointing at the heatmap SCs the SR comes with (as AI Results samples do)."""
+    return [
+        hd.sr.ImageContentItem(
+            name=HEATMAP,
+            referenced_sop_class_uid=str(sc.SOPClassUID),
+            referenced_sop_instance_uid=str(sc.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for sc in heatmaps
+    ]
+
+
 def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     """TID 1500 'Qualitative Evaluations' container with plain-text lines."""
     container = hd.sr.ContainerContentItem(
@@ -248,8 +347,10 @@ def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     return container
 
 
-def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> tuple[Dataset, str]:
-    """The Comprehensive SR dataset of a result and its summary line."""
+def build_sr(
+    result: StudyResult, sources: dict[str, Dataset], settings: Settings, heatmaps: list[Dataset] | None = None
+) -> tuple[Dataset, str]:
+    """The Comprehensive SR dataset of a result and its summary line; it references the given heatmap SCs."""
     m = result.model
     key = result_key(result)
     device_uid = derived_uid("dxnode-device", settings.node.ae_title)
@@ -264,10 +365,13 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
         ),
     )
     evidence = [sources[uid] for uid in sorted(sources)]
+    groups: list[Any] = [_group(f, sources, algo, key) for f in result.findings]
+    if settings.report.attention_roi:
+        groups += attention_groups(result, sources, algo, key)
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CodedConcept("363679005", "SCT", "Imaging procedure"),
-        imaging_measurements=[_group(f, sources, algo, key) for f in result.findings],
+        imaging_measurements=groups,
         referenced_images=evidence,
     )
     summary = summary_line(result)
@@ -276,9 +380,11 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
         "This content was generated by an AI model"
         + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else "."),
     ]
-    report[0].ContentSequence.append(_comments_container(lines))
+    comments = _comments_container(lines)
+    comments.ContentSequence.extend(heatmap_image_items(list(heatmaps or [])))
+    report[0].ContentSequence.append(comments)
     sr = ComprehensiveSR(
-        evidence=evidence,
+        evidence=evidence + list(heatmaps or []),
         content=report[0],
         series_instance_uid=derived_uid(key, "sr-series"),
         series_number=settings.report.sr_series_number,
@@ -433,11 +539,12 @@ def write_outputs(
                 f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources"
             )
     headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
-    sr, summary = build_sr(result, headers, settings)
-    built = [(sr, "sr", "", summary)]
+    scs = []
     for i, h in enumerate(result.heatmaps):
         sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
-        built.append((sc, "sc", h.label, caption))
+        scs.append((sc, "sc", h.label, caption))
+    sr, summary = build_sr(result, headers, settings, [sc for sc, *_ in scs])
+    built = [(sr, "sr", "", summary), *scs]
     folder = Path(out_dir) / result.study_instance_uid
     return [_save(ds, folder, kind, label, text) for ds, kind, label, text in built]
 
