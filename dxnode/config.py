@@ -14,8 +14,17 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dxnode.uids import is_valid_ae_title
@@ -89,19 +98,54 @@ class WorklistSettings(Section):
 
 
 class Destination(Section):
-    """[[destinations]]: a DICOM node (usually the PACS) that receives the SR and SC."""
+    """[[destinations]]: a DICOM node (usually the PACS) that receives the SR and SC, by C-STORE or STOW-RS."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""  # dimse (also names the sender for return_to_sender)
+    host: str = ""  # dimse
+    port: int = Field(0, ge=0, le=65535)  # dimse
     # DICOM TLS: verify the destination against [node] tls_ca (else the system CAs) and present
     # [node] tls_cert/tls_key as the client certificate when they are set.
     tls: bool = False
     # Only the results of studies this AE title sent (with [dispatch] return_to_sender), not every result.
     return_only: bool = False
+    # dicomweb: the STOW-RS service base (objects are POSTed to <url>/studies); https is verified
+    # against the system CAs plus ca_file. The secret is read from the environment variable named
+    # by secret_env at send time and never logged: a password (basic, with username) or a token (bearer).
+    url: str = ""
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str = ""
+    secret_env: str = ""
+    ca_file: Path | None = None
 
-    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v) if v else v
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("kind", "dimse") == "dimse" and v < 1:
+            raise ValueError("a dimse destination needs a port from 1 to 65535")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.kind == "dimse" and (not self.ae_title or not self.host or not self.port):
+            raise ValueError(f"destination {self.name!r}: a dimse destination needs ae_title, host and port")
+        if self.kind == "dicomweb":
+            url = urlsplit(self.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"destination {self.name!r}: url must be an http(s) URL, got {self.url!r}")
+            if url.username or url.password:
+                raise ValueError(f"destination {self.name!r}: no credentials in url; use auth and secret_env")
+            if self.auth != "none" and not self.secret_env:
+                raise ValueError(f"destination {self.name!r}: auth = {self.auth!r} needs secret_env")
+            if self.auth == "basic" and not self.username:
+                raise ValueError(f"destination {self.name!r}: auth = 'basic' needs username")
+        return self
 
 
 class WindowPreset(Section):
@@ -142,6 +186,8 @@ class ReportSettings(Section):
     sc_series_description: str = "AI Heatmaps"
     sc_series_number: int = 9902
     heatmap_for: Literal["positive", "top1", "all"] = "positive"
+    # A TID 1410 planar ROI per positive finding: the Grad-CAM region >= half its peak on the source image.
+    attention_roi: bool = True
     manufacturer: str = "dxnode"
     institution_name: str = ""
 
@@ -165,7 +211,7 @@ class WebToken(Section):
 
     name: str
     token: str = Field(min_length=1)
-    role: Literal["admin", "read"] = "read"
+    role: Literal["admin", "read", "store"] = "read"  # store: STOW-RS only (a PACS sending studies)
 
 
 class WebSettings(Section):
@@ -177,6 +223,9 @@ class WebSettings(Section):
     tokens: list[WebToken] = []
     session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
     max_upload_mb: float = Field(64, gt=0)
+    # STOW-RS (POST /dicomweb/studies): the body is held in memory up to this size; larger parts fail alone.
+    stow_max_body_mb: float = Field(512, gt=0)
+    stow_max_part_mb: float = Field(256, gt=0)
     keep_uploads: bool = False
 
 

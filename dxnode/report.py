@@ -274,7 +274,7 @@ def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
 def attention_groups(
     result: StudyResult, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """A TID 1410 group per positive finding with a heatmap: the Grad-CAM attention outline on its source image."""
+    """Two TID 1410 groups per positive finding with a heatmap: outline and bounding box of its Grad-CAM attention region."""
     heatmaps = {h.label: h for h in result.heatmaps}
     groups = []
     for f in result.positive:
@@ -282,39 +282,56 @@ def attention_groups(
         if h is None or h.sop_instance_uid not in sources:
             continue
         src = sources[h.sop_instance_uid]
-        frames = [h.frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
         outline = attention_outline(h.cam, int(src.Rows), int(src.Columns))
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=outline,
-            source_image=hd.sr.SourceImageForRegion(
-                str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
-            ),
-        )
-        concept = _label_concept(f.label)
-        group = PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(
-                uid=derived_uid(key, "attention", f.label),
-                identifier=f"AI attention region, not a lesion boundary: {f.label}"[:64],
-            ),
-            referenced_region=region,
-            finding_type=concept,
-            method=ATTENTION_METHOD,
-            algorithm_id=algo,
-            measurements=[
-                Measurement(
-                    name=PROBABILITY,
-                    value=round(float(f.probability), 6),
-                    unit=CodedConcept("1", "UCUM", "no units"),
-                    algorithm_id=algo,
-                )
-            ],
-        )
-        for item in group[0].ContentSequence:  # TID 1419 row 5: highdicom 0.28 writes CONTAINS
-            if item.ConceptNameCodeSequence[0].CodeValue == "370129005":
-                item.RelationshipType = "HAS CONCEPT MOD"
-        groups.append(group)
+        (x0, y0), (x1, y1) = outline.min(axis=0), outline.max(axis=0)
+        box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+        # Both shapes, for viewers that draw only one kind (and Pixelmed's validator misreads a report
+        # holding exactly one TID 1410 group).
+        for shape, points in (("outline", outline), ("box", box)):
+            groups.append(_attention_group(f, src, h.frame, shape, points, algo, key))
     return groups
+
+
+def _attention_group(
+    f: Finding,
+    src: Dataset,
+    frame: int,
+    shape: str,
+    points: np.ndarray,
+    algo: AlgorithmIdentification,
+    key: str,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1410 group: a closed polyline on the source image (and frame), the probability as its measurement."""
+    frames = [frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
+        ),
+    )
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(key, "attention", shape, f.label),
+            identifier=f"AI attention {shape}, not a lesion boundary: {f.label}"[:64],
+        ),
+        referenced_region=region,
+        finding_type=_label_concept(f.label),
+        method=ATTENTION_METHOD,
+        algorithm_id=algo,
+        measurements=[
+            Measurement(
+                name=PROBABILITY,
+                value=round(float(f.probability), 6),
+                unit=CodedConcept("1", "UCUM", "no units"),
+                algorithm_id=algo,
+            )
+        ],
+    )
+    for item in group[0].ContentSequence:  # TID 1419 row 5: highdicom 0.28 writes CONTAINS
+        if item.ConceptNameCodeSequence[0].CodeValue == "370129005":
+            item.RelationshipType = "HAS CONCEPT MOD"
+    return group
 
 
 def heatmap_image_items(heatmaps: list[Dataset]) -> list[hd.sr.ImageContentItem]:
@@ -365,9 +382,9 @@ def build_sr(
         ),
     )
     evidence = [sources[uid] for uid in sorted(sources)]
-    groups: list[Any] = [_group(f, sources, algo, key) for f in result.findings]
-    if settings.report.attention_roi:
-        groups += attention_groups(result, sources, algo, key)
+    # TID 1500 lists planar ROI groups (TID 1410) before the whole-image ones (TID 1501); Pixelmed's validator wants that order.
+    groups: list[Any] = attention_groups(result, sources, algo, key) if settings.report.attention_roi else []
+    groups += [_group(f, sources, algo, key) for f in result.findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CodedConcept("363679005", "SCT", "Imaging procedure"),

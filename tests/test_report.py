@@ -158,7 +158,10 @@ def test_attention_roi_is_a_tid1410_group_on_the_source_image(tmp_path: Path, na
     sr = hd.sr.srread(sr_path)
     groups = hd.sr.MeasurementReport.from_sequence([sr]).get_planar_roi_measurement_groups()
     source = pydicom.dcmread(next(iter(sources.values())), stop_before_pixels=True)
-    assert len(groups) == len(result.findings)
+    assert len(groups) == 2 * len(result.findings)  # outline and bounding box of each
+    assert sorted(g.tracking_identifier.split(",")[0] for g in groups) == sorted(
+        ["AI attention box", "AI attention outline"] * len(result.findings)
+    )
     assert len(hd.sr.MeasurementReport.from_sequence([sr]).get_image_measurement_groups()) == len(result.findings)
     for g in groups:
         assert "attention" in g.tracking_identifier and "not a lesion" in g.tracking_identifier
@@ -166,6 +169,8 @@ def test_attention_roi_is_a_tid1410_group_on_the_source_image(tmp_path: Path, na
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         data = region.value
         assert np.array_equal(data[0], data[-1]) and len(data) >= 4
+        if "box" in g.tracking_identifier:
+            assert len(data) == 5 and len(set(data[:, 0])) == 2 and len(set(data[:, 1])) == 2
         assert (data[:, 0] >= 0).all() and (data[:, 0] <= source.Columns).all()
         assert (data[:, 1] >= 0).all() and (data[:, 1] <= source.Rows).all()
         ref = region.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM: the source image

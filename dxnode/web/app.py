@@ -457,6 +457,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     """The web application of a node."""
     from dxnode.model import load_classifier
     from dxnode.web.pages import LoginRequired, login_redirect, pages_router
+    from dxnode.web.stow import stow_router
 
     app = FastAPI(
         title="dxnode",
@@ -504,6 +505,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
         return Response(metrics_text(store), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api_router())
+    app.include_router(stow_router())
     app.include_router(pages_router())
     app.add_exception_handler(LoginRequired, login_redirect)  # type: ignore[arg-type]
 

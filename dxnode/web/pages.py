@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
@@ -38,6 +38,8 @@ def page_user(request: Request) -> Principal:
     who = principal(request)
     if who is None:
         raise LoginRequired()
+    if who.role == "store":
+        raise HTTPException(403, "a 'store' token may only send studies by STOW-RS")
     return who
 
 
