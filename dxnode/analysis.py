@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.results import StudyResult
-from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit
+from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
 
 log = logging.getLogger("dxnode.analysis")
 
@@ -29,6 +29,7 @@ class NothingToAnalyze(Exception):
 def run_job(store: Store, settings: Settings, job_id: int) -> str:
     """Run the whole analysis of one job; return "done" or "skipped" (raise on failure)."""
     from dxnode.model import analyze_study, load_classifier
+    from dxnode.routing import resolve_job
 
     with store.session() as session:
         job = session.get(Job, job_id)
@@ -39,19 +40,26 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
             job.log = "study is marked ignored: not analysed"
             return "skipped"
         study_uid, calling_aet = study.study_instance_uid, study.calling_aet
+        decision = resolve_job(session, settings, job_id)  # which model, which series (dxnode/routing.py)
+        if decision.entry is None:
+            job.log = "\n".join(decision.lines)
+            return "skipped"
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.file_path)
-            .where(Instance.study_id == study.id)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Instance.study_id == study.id, Series.series_instance_uid.in_(decision.series))
             .order_by(Instance.series_id, Instance.instance_number, Instance.id)
         ).all()
     instances = [(uid, settings.data_dir / path) for uid, path in rows]
+    settings = decision.settings
 
     classifier = load_classifier(settings.model)
     started = time.perf_counter()
     result = analyze_study(study_uid, instances, classifier, settings, heatmap_for=settings.report.heatmap_for)
+    result.route = decision.entry.name
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
-    lines = _describe(result)
+    lines = decision.lines + _describe(result)
     state = _record_findings(store, job_id, result, lines)
     if state == "skipped":
         return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -178,6 +179,42 @@ class ModelSettings(Section):
     aggregate: Literal["max", "mean"] = "max"
 
 
+class ModelEntry(Section):
+    """[[models]]: one of several models, with the rules that route series of a study to it.
+
+    Every rule that is set must hold for a series (empty lists and strings match anything); a
+    study gets one job per entry that at least one of its series matches, and that job analyses
+    the matching series only. Without [[models]] the [model] section is the only model.
+    """
+
+    name: str = Field("", max_length=64)
+    bundle: str = ""  # a bundle folder, "demo" or "imagenet"; empty: as [model] bundle
+    engine: str = ""  # empty: as [model]
+    heatmap_for: Literal["positive", "top1", "all"] | None = None  # None: as [report]
+    modalities: list[str] = []
+    body_parts: list[str] = []
+    sop_classes: list[str] = []
+    series_description: str = ""  # regular expression, searched case-insensitively
+    study_description: str = ""  # regular expression, searched case-insensitively
+    calling_aets: list[str] = []
+    min_instances: int | None = Field(None, ge=0)  # per series
+    max_instances: int | None = Field(None, ge=0)
+    # Series of this model's SR and SC; None: [report] numbers + 10 x the entry's position.
+    sr_series_number: int | None = None
+    sc_series_number: int | None = None
+    sr_series_description: str = ""  # empty: "[report] sr_series_description (name)"
+    sc_series_description: str = ""
+
+    @field_validator("series_description", "study_description")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+
 class ReportSettings(Section):
     """[report]: the SR and the Grad-CAM Secondary Capture sent back to the PACS."""
 
@@ -246,6 +283,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = []
     pipeline: PipelineSettings = PipelineSettings()
     model: ModelSettings = ModelSettings()
+    models: list[ModelEntry] = []
     report: ReportSettings = ReportSettings()
     dispatch: DispatchSettings = DispatchSettings()
     web: WebSettings = WebSettings()
@@ -263,6 +301,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the file, which is passed in as init values below.
         return (env_settings, init_settings)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, values: list[ModelEntry]) -> list[ModelEntry]:
+        names = [m.name for m in values]
+        if any(not n.strip() for n in names):
+            raise ValueError("every [[models]] entry needs a name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[models]] names must be unique: {names}")
+        return values
 
     @property
     def data_dir(self) -> Path:

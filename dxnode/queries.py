@@ -100,6 +100,8 @@ def job_dict(job: Job, study_uid: str) -> dict[str, Any]:
         "worker": job.worker,
         "model_name": job.model_name,
         "model_version": job.model_version,
+        "routed_model": job.routed_model,
+        "routing": [line[len("routing: ") :] for line in (job.log or "").splitlines() if line.startswith("routing: ")],
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

@@ -154,6 +154,8 @@ def result_key(result: StudyResult) -> str:
     """A digest of everything that makes a result what it is (drives the output UIDs)."""
     m = result.model
     parts = [result.study_instance_uid, m.name, m.version, m.sha256]
+    if result.route:  # two [[models]] entries serving one bundle still write different objects
+        parts.append(f"route={result.route}")
     parts += [
         f"{f.label}={f.probability:.6f}:{int(f.positive)}:{f.source_sop_instance_uid}:{f.source_frame}"
         for f in sorted(result.findings, key=lambda f: f.label)
