@@ -142,6 +142,9 @@ class Destination(Section):
                 raise ValueError(f"destination {self.name!r}: url must be an http(s) URL, got {self.url!r}")
             if url.username or url.password:
                 raise ValueError(f"destination {self.name!r}: no credentials in url; use auth and secret_env")
+            loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+            if self.auth != "none" and url.scheme == "http" and not loopback:
+                raise ValueError(f"destination {self.name!r}: auth over plain http; use an https url")
             if self.auth != "none" and not self.secret_env:
                 raise ValueError(f"destination {self.name!r}: auth = {self.auth!r} needs secret_env")
             if self.auth == "basic" and not self.username:

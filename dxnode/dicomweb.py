@@ -23,6 +23,7 @@ import httpx
 from dxnode.config import Destination
 
 DICOM_JSON = "application/dicom+json"
+MAX_RETRY_AFTER = 86400.0  # seconds: a longer Retry-After is cut to a day
 # Failure Reason values of PS3.18 Table I.2-1 / PS3.4 Annex B, in words.
 FAILURE_REASONS = {
     0x0110: "Processing failure",
@@ -214,6 +215,7 @@ class StowClient:
             return StowOutcome(True, http_status=code, error=reason)
         if code in (408, 429) or code >= 500:
             wait = retry_after_seconds(response.headers.get("Retry-After")) if code in (429, 503) else None
+            wait = None if wait is None else min(wait, MAX_RETRY_AFTER)
             return StowOutcome(False, False, f"{where}: {_server_reason(response, sop_instance_uid)}", code, wait)
         return StowOutcome(False, True, f"{where}: {_server_reason(response, sop_instance_uid)}", code)
 

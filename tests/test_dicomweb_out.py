@@ -252,6 +252,12 @@ def test_config_refuses_credentials_in_url_and_auth_without_secret() -> None:
         Settings(destinations=[{"name": "w", "kind": "dicomweb", "url": "https://u:p@pacs/dicom-web"}])
     with pytest.raises(ValidationError, match="needs secret_env"):
         Settings(destinations=[{"name": "w", "kind": "dicomweb", "url": "https://pacs/dw", "auth": "bearer"}])
+    with pytest.raises(ValidationError, match="auth over plain http"):
+        Settings(
+            destinations=[
+                {"name": "w", "kind": "dicomweb", "url": "http://pacs/dw", "auth": "bearer", "secret_env": "T"}
+            ]
+        )
     with pytest.raises(ValidationError, match="needs ae_title, host and port"):
         Settings(destinations=[{"name": "d", "host": "pacs", "port": 104}])
 

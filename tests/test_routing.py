@@ -58,6 +58,16 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessN
     n.stop()
 
 
+@pytest.fixture
+def node_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str) -> Iterator[InProcessNode]:
+    """The same on SQLite and on PostgreSQL (the routing queries run on both)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    model_mod._cache.clear()
+    n = InProcessNode(tmp_path, url=db_url)
+    yield n
+    n.stop()
+
+
 def with_models(node: InProcessNode, models: list[dict[str, Any]]) -> Settings:
     return Settings(
         node={"data_dir": node.settings.node.data_dir},
@@ -124,8 +134,9 @@ def test_cr_chest_and_ct_in_one_association_go_to_different_models(node: InProce
 
 
 def test_a_study_matching_two_models_gets_two_srs_and_rerouting_follows_the_rules(
-    node: InProcessNode, tmp_path: Path
+    node_db: InProcessNode, tmp_path: Path
 ) -> None:
+    node = node_db
     study, files = copy_as_new_study(
         Path(get_testdata_file("CT_small.dcm")), tmp_path / "ct", n=2, SeriesDescription="CHEST AXIAL"
     )
