@@ -267,6 +267,11 @@ class WebSettings(Section):
     stow_max_body_mb: float = Field(512, gt=0)
     stow_max_part_mb: float = Field(256, gt=0)
     keep_uploads: bool = False
+    session_hours: float = Field(12, gt=0)  # a login lasts this long; logging out ends it at once
+    trusted_origins: list[str] = []  # extra origins for cookie POSTs, e.g. behind a proxy that rewrites Host
+    login_free_attempts: int = Field(10, ge=1)  # failed token guesses per client address per hour before delays
+    login_delay_s: float = Field(1, gt=0)  # the first delay after those; it doubles with each further failure
+    login_max_delay_s: float = Field(900, gt=0)
 
 
 class LoggingSettings(Section):

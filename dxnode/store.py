@@ -271,6 +271,20 @@ class Audit(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class WebSession(Base):
+    """A web login: the cookie carries the key, the table keeps its hash; logout deletes the row."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the cookie's session key
+    token_name: Mapped[str] = mapped_column(String(128))
+    token_digest: Mapped[str] = mapped_column(String(64))  # ends the session when the token is revoked
+    source: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
 def audit(session: Session, actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> None:
     """Add an audit row to the session (committed with the caller's transaction)."""
     session.add(

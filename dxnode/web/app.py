@@ -26,7 +26,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from pydantic import BeforeValidator
 from sqlalchemy import func, select
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dxnode.config import Settings
 from dxnode.queries import (
@@ -41,8 +40,9 @@ from dxnode.queries import (
     study_dict,
 )
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
-from dxnode.web.auth import Principal, require_admin, require_read
+from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
+from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
 
 log = logging.getLogger("dxnode.web")
 
@@ -52,6 +52,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"description": "Needs an admin token"},
     404: {"description": "Not found"},
     422: {"description": "Invalid parameters"},
+    429: {"description": "Too many wrong tokens from this address (see Retry-After)"},
 }
 Readiness = Callable[[], dict[str, bool]]
 
@@ -60,31 +61,6 @@ def _audit(request: Request, who: Principal, action: str, target: str = "", **de
     store: Store = request.app.state.store
     with store.session() as session:
         audit(session, who.name, action, target=target, source=who.address, **detail)
-
-
-class UploadLimit:
-    """ASGI middleware: 413 for an upload whose declared Content-Length is over the limit, before its body is read.
-
-    Without it Starlette would spool the whole multipart body to disk before the handler can refuse it;
-    the handler still checks the file's own size (multipart overhead, chunked bodies).
-    """
-
-    def __init__(self, app: ASGIApp, path: str, max_mb: float) -> None:
-        self.app, self.path, self.max_mb = app, path, max_mb
-        self.max_bytes = int(max_mb * 1024 * 1024) + 64 * 1024  # room for the multipart envelope
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse(
-                    {"detail": f"file larger than [web] max_upload_mb = {self.max_mb}"},
-                    status_code=413,
-                    headers={"Connection": "close"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def _iso_date_only(value: Any) -> Any:
@@ -470,15 +446,26 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     app.state.settings, app.state.store = settings, store
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
     app.state.classifier = lambda: load_classifier(settings.model)
-    app.add_middleware(UploadLimit, path="/api/predict", max_mb=settings.web.max_upload_mb)
+    app.state.login_throttle = LoginThrottle.from_settings(settings.web)
+    form = BodyRule(64 * 1024, "form larger than 64 KiB")
+    upload = BodyRule(
+        int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
+        f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}",
+        authenticate=True,
+    )
+    app.add_middleware(
+        BodyGuard, rules={"/api/predict": upload, "/login": form, "/logout": form}, authenticate=principal
+    )
+    app.add_middleware(CsrfGuard, trusted_origins=settings.web.trusted_origins)
     app.add_middleware(
         SessionMiddleware,
         secret_key=settings.web.session_secret or secrets.token_urlsafe(32),
-        session_cookie="dxnode_session",
+        session_cookie=SESSION_COOKIE,
         same_site="strict",
         https_only=False,
-        max_age=12 * 3600,
+        max_age=round(settings.web.session_hours * 3600),
     )
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the guards' refusals included
 
     @app.get("/healthz", summary="The process is up (no token needed)")
     def healthz() -> dict[str, str]:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from dxnode.queries import ResultFilter, StudyFilter, list_results, list_studies
 from dxnode.store import Delivery, Instance, Job, audit, utcnow
-from dxnode.web.auth import Principal, digest, find_token, principal
+from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -115,19 +115,36 @@ def pages_router() -> APIRouter:
 
     @r.post("/login")
     def login(request: Request, token: str = Form(...)) -> Response:
-        t = find_token(request.app.state.settings.web.tokens, token.strip())
         address = request.client.host if request.client else ""
-        with request.app.state.store.session() as s:
-            audit(s, t.name if t else "anonymous", "web.login" if t else "web.login_failed", source=address)
+        store = request.app.state.store
+        try:
+            t = check_token(request, token.strip(), "anonymous", "web.login_throttled", "web.login_failed")
+        except HTTPException as refusal:
+            return TEMPLATES.TemplateResponse(
+                request,
+                "login.html",
+                {"error": str(refusal.detail).capitalize() + ".", "no_tokens": False},
+                status_code=refusal.status_code,
+                headers=refusal.headers,
+            )
         if t is None:
             return TEMPLATES.TemplateResponse(
                 request, "login.html", {"error": "Unknown token.", "no_tokens": False}, status_code=401
             )
-        request.session.update(token_name=t.name, token_digest=digest(t.token))
+        with store.session() as s:
+            audit(s, t.name, "web.login", source=address)
+        end_session(store, request.session.get("sid"))
+        request.session.clear()  # a new key at each login (no session fixation)
+        request.session["sid"] = start_session(store, t, address, request.app.state.settings.web.session_hours)
         return RedirectResponse("/", status_code=303)
 
     @r.post("/logout")
     def logout(request: Request) -> Response:
+        who = principal(request)
+        end_session(request.app.state.store, request.session.get("sid"))
+        if who is not None:
+            with request.app.state.store.session() as s:
+                audit(s, who.name, "web.logout", source=who.address)
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
