@@ -208,6 +208,13 @@ class ModelEntry(Section):
     sr_series_description: str = ""  # empty: "[report] sr_series_description (name)"
     sc_series_description: str = ""
 
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        if v and "engine" not in ModelSettings.model_fields:
+            raise ValueError("this node has one inference engine: leave engine empty")
+        return v
+
     @field_validator("series_description", "study_description")
     @classmethod
     def _regex(cls, v: str) -> str:

@@ -63,11 +63,18 @@ def entry(settings: Settings, name: str) -> ModelEntry | None:
 def model_settings(settings: Settings, e: ModelEntry) -> ModelSettings:
     """The [model] section with the entry's bundle and engine in it."""
     update: dict[str, object] = {}
-    if e.bundle:
+    if e.bundle == "imagenet":  # torchvision's ImageNet file, where [model] imagenet_weights says
+        from dxnode.model import IMAGENET_FILE, imagenet_weights_path
+
+        weights = imagenet_weights_path(settings.model)
+        if not weights.is_file():
+            raise FileNotFoundError(f"model {e.name}: bundle = 'imagenet' needs {IMAGENET_FILE} at {weights}")
+        update["bundle"] = f"imagenet:{weights}"
+    elif e.bundle:
         update["bundle"] = e.bundle
     if e.engine:
         update["engine"] = e.engine
-    return settings.model.model_copy(update=update)
+    return ModelSettings.model_validate({**settings.model.model_dump(), **update})
 
 
 def facts(session: Session, study_id: int) -> StudyFacts:

@@ -187,3 +187,17 @@ def test_model_names_and_rules_are_validated() -> None:
         Settings(models=[{"modalities": ["CT"]}])
     with pytest.raises(ValidationError, match="not a regular expression"):
         Settings(models=[{"name": "a", "series_description": "("}])
+
+
+def test_builtin_bundles_of_an_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dxnode.routing import entry, model_settings
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    settings = Settings(models=[{"name": "d", "bundle": "demo"}, {"name": "i", "bundle": "imagenet"}])
+    assert model_settings(settings, entry(settings, "d")).bundle == "demo"  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"resnet18-f37072fd\.pth"):
+        model_settings(settings, entry(settings, "i"))  # type: ignore[arg-type]
+    weights = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"x")
+    assert model_settings(settings, entry(settings, "i")).bundle == f"imagenet:{weights}"  # type: ignore[arg-type]
