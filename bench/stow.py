@@ -36,7 +36,7 @@ def study(folder: Path, n: int) -> list[Path]:
     study_uid, series_uid = generate_uid(), generate_uid()
     paths = []
     for i in range(n):
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         paths.append(folder / f"{i}.dcm")
