@@ -80,7 +80,7 @@ def _tolerate_sparse_image_headers() -> None:
         ) -> list[object]:
             return list(_original(self, dataset)) if _complete(dataset) else []
 
-        descriptors._dxnode = True  # type: ignore[attr-defined]
+        descriptors._dxnode = True  # type: ignore[attr-defined]  # a marker on the function object: patched once
         setattr(cls, name, descriptors)
 
 
@@ -248,7 +248,7 @@ def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     from its own size to Rows x Columns, with DICOM's convention that pixel centres are at +0.5.
     """
     from contourpy import contour_generator
-    from scipy import ndimage
+    from scipy import ndimage  # type: ignore[import-untyped]
 
     cam = np.asarray(cam, dtype=np.float32)
     peak = float(cam.max()) if cam.size else 0.0
@@ -258,8 +258,8 @@ def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     labels, _ = ndimage.label(cam >= ATTENTION_LEVEL * peak)
     mask = labels == labels[np.unravel_index(int(np.argmax(cam)), cam.shape)]
     padded = np.pad(mask.astype(np.float32), 1)  # a zero border makes every contour closed
-    lines = contour_generator(z=padded).lines(0.5)
-    line = max(lines, key=len) if lines else np.empty((0, 2))
+    lines: list[np.ndarray] = list(contour_generator(z=padded).lines(0.5))  # type: ignore[arg-type]
+    line: np.ndarray = max(lines, key=len) if lines else np.empty((0, 2))
     if len(line) < 4:  # a point or a line: the bounding box of the region instead
         r, c = np.nonzero(mask)
         x0, x1, y0, y1 = c.min() - 0.5, c.max() + 0.5, r.min() - 0.5, r.max() + 0.5
@@ -355,14 +355,16 @@ def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
         name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = [
-        hd.sr.TextContentItem(
-            name=CodedConcept("121106", "DCM", "Comment"),
-            value=line[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        for line in lines
-    ]
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=CodedConcept("121106", "DCM", "Comment"),
+                value=line[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in lines
+        ]
+    )
     return container
 
 
@@ -415,7 +417,9 @@ def build_sr(
         contributing_equipment=None,
     )
     sr.SeriesDescription = settings.report.sr_series_description[:64]
-    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]
+    # highdicom types this as list[ContributingEquipment], whose class refuses IHE's "Processing
+    # Algorithm" purpose code (DESIGN.md), so the item is a plain pydicom Dataset.
+    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]  # type: ignore[list-item]
     return sr, summary
 
 
@@ -520,7 +524,7 @@ def build_sc(
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
     if orientation is None:
-        sc.PatientOrientation = None
+        sc.PatientOrientation = []  # Type 2: empty = unknown
     sc.SeriesDescription = settings.report.sc_series_description[:64]
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = " / ".join(lines)[:10240]
@@ -532,13 +536,13 @@ def build_sc(
     sc.SourceImageSequence = [ref]
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         if source.get(keyword) and keyword not in sc:  # an empty one means unknown, handled below
-            setattr(sc, keyword, source.data_element(keyword).value)
+            setattr(sc, keyword, source[keyword].value)
     if (
         "Laterality" not in sc
         and "ImageLaterality" not in sc
         and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}
     ):
-        sc.Laterality = None  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
+        sc.Laterality = ""  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
     return sc, lines[0]
 
 
@@ -557,7 +561,7 @@ def write_outputs(
             raise ValueError(
                 f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources"
             )
-    headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
+    headers: dict[str, Dataset] = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
     scs = []
     for i, h in enumerate(result.heatmaps):
         sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import shutil
 import socket
+import socketserver
 import ssl
 import threading
 from collections.abc import Callable
@@ -50,13 +51,16 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import insert, select, update
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.store import Audit, Instance, Series, Store, Study, publish, utcnow, write_temporary
+from dxnode.store import Instance, Series, Store, Study, audit_core, publish, utcnow, write_temporary
 from dxnode.uids import is_valid_uid
 
 log = logging.getLogger("dxnode.scp")
@@ -116,21 +120,23 @@ class Received:
     instance_number: int | None
 
 
-def set_tcp_nodelay(server: Any) -> Any:
-    """Make a pynetdicom server disable Nagle's algorithm on each accepted socket.
+class NoDelayServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with Nagle's algorithm off on each accepted socket.
 
     pynetdicom leaves it on; a small C-STORE response then can wait for a delayed ACK.
     """
-    accept = server.get_request
 
-    def get_request() -> tuple[socket.socket, Any]:
-        sock, address = accept()
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
-    server.get_request = get_request
-    return server
+    def shutdown(self) -> None:
+        """Stop serving and close the socket. (pynetdicom's shutdown also removes the server from the
+        AE's private list of servers that AE.start_server made, where a server from make_server is not.)"""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -148,16 +154,17 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def parse_received(event: Any) -> Received:
+def parse_received(event: Event) -> Received:
     """Read and validate what the store needs from a C-STORE; StoreRefused(0xC000) if it cannot be understood."""
     req = event.request
+    if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
+        raise TypeError(f"not a C-STORE request: {type(req).__name__}")
+    sop_class_uid, sop_instance_uid = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
     try:
         ds = event.dataset
     except Exception as exc:  # pydicom raises many kinds on a corrupt stream
         raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
-    return parse_dataset(
-        ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax)
-    )
+    return parse_dataset(ds, sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax))
 
 
 def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> Received:
@@ -165,7 +172,12 @@ def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
     try:
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
-        fields = dict(
+        rec = Received(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
             patient_id=_text(ds, "PatientID", 64),
             patient_name=_text(ds, "PatientName", 324),
             accession_number=_text(ds, "AccessionNumber", 16),
@@ -191,16 +203,9 @@ def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
     for name, value in uids.items():
         if not is_valid_uid(value):
             raise StoreRefused(CANNOT_UNDERSTAND, f"invalid {name}")
-    if str(ds.get("SOPInstanceUID", uids["SOPInstanceUID"])) != uids["SOPInstanceUID"]:
+    if str(ds.get("SOPInstanceUID", rec.sop_instance_uid)) != rec.sop_instance_uid:
         raise StoreRefused(CANNOT_UNDERSTAND, "SOPInstanceUID differs from request")
-    return Received(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        transfer_syntax_uid=transfer_syntax_uid,
-        **fields,
-    )
+    return rec
 
 
 class StorageSCP:
@@ -210,7 +215,7 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.incoming = settings.data_dir / "incoming"
-        self._servers: list[Any] = []
+        self._servers: list[NoDelayServer] = []
         self._lock = threading.Lock()
         self.ae = self._make_ae()
 
@@ -227,10 +232,11 @@ class StorageSCP:
         ae.require_calling_aet = list(node.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's own list
+                ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
-    def _handlers(self) -> list[tuple[Any, Any]]:
+    def _handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
@@ -242,20 +248,18 @@ class StorageSCP:
         """Start listening (returns at once; associations run on pynetdicom's threads)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
         node = self.settings.node
-        self._servers.append(
-            set_tcp_nodelay(self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers()))
-        )
+        self._serve((node.host, node.port), None)
         if node.tls_port is not None:
-            self._servers.append(
-                set_tcp_nodelay(
-                    self.ae.start_server(
-                        (node.host, node.tls_port),
-                        block=False,
-                        evt_handlers=self._handlers(),
-                        ssl_context=self._tls_context(),
-                    )
-                )
-            )
+            self._serve((node.host, node.tls_port), self._tls_context())
+
+    def _serve(self, address: tuple[str, int], ssl_context: ssl.SSLContext | None) -> None:
+        """Bind one listener and serve it on a daemon thread (what AE.start_server(block=False) does)."""
+        server = self.ae.make_server(
+            address, ssl_context=ssl_context, evt_handlers=self._handlers(), server_class=NoDelayServer
+        )
+        assert isinstance(server, NoDelayServer)
+        threading.Thread(target=server.serve_forever, name=f"dxnode-scp:{address[1]}", daemon=True).start()
+        self._servers.append(server)
 
     def _tls_context(self) -> ssl.SSLContext:
         """Server TLS context from node.tls_cert/tls_key, verifying clients against tls_ca if set."""
@@ -291,14 +295,14 @@ class StorageSCP:
     @property
     def listening(self) -> bool:
         """True while the listener threads run."""
-        return bool(self._servers) and all(s.socket.fileno() != -1 for s in self._servers)
+        return bool(self._servers) and all(s.socket is not None and s.socket.fileno() != -1 for s in self._servers)
 
     # --- event handlers ----------------------------------------------------------------------
 
-    def _on_established(self, event: Any) -> None:
+    def _on_established(self, event: Event) -> None:
         log.info("association from %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
-    def _on_rejected(self, event: Any) -> None:
+    def _on_rejected(self, event: Event) -> None:
         log.warning(
             "association from %r (%s) rejected: calling AE title not allowed",
             event.assoc.requestor.ae_title,
@@ -306,7 +310,7 @@ class StorageSCP:
         )
         metrics.ASSOCIATIONS_REJECTED.labels(reason="calling_aet").inc()
 
-    def _on_store(self, event: Any) -> int | Dataset:
+    def _on_store(self, event: Event) -> int | Dataset:
         """Store one instance durably, then acknowledge; failure statuses otherwise."""
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
@@ -324,7 +328,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         return status
 
-    def store_instance(self, event: Any, calling_aet: str) -> int:
+    def store_instance(self, event: Event, calling_aet: str) -> int:
         """Parse, write and record one instance; raise StoreRefused with the status to send."""
         rec = parse_received(event)
         self.store_received(
@@ -399,16 +403,7 @@ class StorageSCP:
                         conn.execute(
                             update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1)
                         )
-                        conn.execute(
-                            insert(Audit).values(
-                                at=utcnow(),
-                                actor=actor,
-                                action="instance.duplicate",
-                                target=f"instance:{existing}",
-                                source=address,
-                                detail="",
-                            )
-                        )
+                        audit_core(conn, actor, "instance.duplicate", f"instance:{existing}", address)
                         return False
                     study_id = self._upsert_study(conn, rec, calling_aet)
                     series_id = self._upsert_series(conn, study_id, rec)
@@ -430,15 +425,14 @@ class StorageSCP:
                         )
                         .returning(Instance.id)
                     ).scalar_one()
-                    conn.execute(
-                        insert(Audit).values(
-                            at=utcnow(),
-                            actor=actor,
-                            action="instance.received",
-                            target=f"instance:{instance_id}",
-                            source=address,
-                            detail=f'{{"study_id": {study_id}, "bytes": {size}}}',
-                        )
+                    audit_core(
+                        conn,
+                        actor,
+                        "instance.received",
+                        f"instance:{instance_id}",
+                        address,
+                        study_id=study_id,
+                        bytes=size,
                     )
                     publish(tmp, path)  # durable under its final name before the rows commit
                     renamed = True
@@ -455,7 +449,7 @@ class StorageSCP:
         return False
 
     @staticmethod
-    def _upsert_study(conn: Any, rec: Received, calling_aet: str) -> int:
+    def _upsert_study(conn: Connection, rec: Received, calling_aet: str) -> int:
         """Create or update the study row; returns its id."""
         now = utcnow()
         row = conn.execute(
@@ -500,7 +494,7 @@ class StorageSCP:
         return int(row.id)
 
     @staticmethod
-    def _upsert_series(conn: Any, study_id: int, rec: Received) -> int:
+    def _upsert_series(conn: Connection, study_id: int, rec: Received) -> int:
         """The series row's id, created on its first instance."""
         series_id = conn.execute(
             select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)

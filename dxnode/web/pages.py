@@ -12,7 +12,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
-from dxnode.queries import ResultFilter, StudyFilter, list_results, list_studies
+from dxnode.queries import ResultFilter, ResultOut, StudyFilter, list_results, list_studies, study_detail
+from dxnode.states import DeliveryState, JobState
 from dxnode.store import Delivery, Instance, Job, audit, utcnow
 from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
 
@@ -55,18 +56,24 @@ def dashboard_data(request: Request) -> dict[str, Any]:
     with store.session() as s:
         received = s.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= midnight)) or 0
         states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        backlog = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "pending")) or 0
-        failed_out = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "failed")) or 0
-        studies = list_studies(s, StudyFilter(limit=25))
-        for st in studies:
-            top = list_results(s, ResultFilter(study_instance_uid=st["study_instance_uid"], limit=3))
-            st["top"] = [{"label": r["label"], "probability": r["probability"], "positive": r["positive"]} for r in top]
+        backlog = (
+            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.PENDING)) or 0
+        )
+        failed_out = (
+            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
+        )
+        studies: list[dict[str, Any]] = []
+        for st in list_studies(s, StudyFilter(limit=25)):
+            top = list_results(s, ResultFilter(study_instance_uid=st.study_instance_uid, limit=3))
+            studies.append(
+                st.model_dump() | {"top": [r.model_dump(include={"label", "probability", "positive"}) for r in top]}
+            )
     return {
         "counters": {
             "received_today": received,
-            "queued": states.get("queued", 0),
-            "running": states.get("running", 0),
-            "failed": states.get("failed", 0),
+            "queued": states.get(JobState.QUEUED, 0),
+            "running": states.get(JobState.RUNNING, 0),
+            "failed": states.get(JobState.FAILED, 0),
             "outbox_backlog": backlog,
             "outbox_failed": failed_out,
         },
@@ -163,18 +170,17 @@ def pages_router() -> APIRouter:
 
     @r.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_instance_uid: str, who: Principal = Depends(page_user)) -> Response:
-        from dxnode.web.app import study_detail
-
-        detail = study_detail(request.app.state.store, study_instance_uid)
+        with request.app.state.store.session() as s:
+            detail = study_detail(s, study_instance_uid)
         if detail is None:
             return TEMPLATES.TemplateResponse(
                 request, "message.html", _context(request, who, message="No such study."), status_code=404
             )
         with request.app.state.store.session() as s:
             audit(s, who.name, "web.study", target=study_instance_uid, source=who.address)
-        sr = next((o for o in detail["outputs"] if o["kind"] == "sr" and o["current"]), None)
-        heatmaps = [o for o in detail["outputs"] if o["kind"] == "sc" and o["current"]]
-        sources = sorted({f["source_sop_instance_uid"] for f in detail["findings"] if f["source_sop_instance_uid"]})
+        sr = next((o for o in detail.outputs if o.kind == "sr" and o.current), None)
+        heatmaps = [o for o in detail.outputs if o.kind == "sc" and o.current]
+        sources = sorted({f.source_sop_instance_uid for f in detail.findings if f.source_sop_instance_uid})
         return TEMPLATES.TemplateResponse(
             request, "study.html", _context(request, who, s=detail, sr=sr, heatmaps=heatmaps, sources=sources)
         )
@@ -192,7 +198,7 @@ def pages_router() -> APIRouter:
         date_to: str = "",
     ) -> Response:
         f, errors = page_result_filter(label, min_prob, positive, model_name, model_version, date_from, date_to)
-        rows: list[dict[str, Any]] = []
+        rows: list[ResultOut] = []
         with request.app.state.store.session() as s:
             if not errors:
                 rows = list_results(s, f)
