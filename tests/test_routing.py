@@ -97,7 +97,7 @@ def jobs_by_study(node: InProcessNode) -> dict[str, list[dict[str, Any]]]:
     with node.store.session() as s:
         rows = list_jobs(s, JobFilter(limit=100))
     out: dict[str, list[dict[str, Any]]] = {}
-    for j in rows:
+    for j in (r.model_dump(mode="json") for r in rows):
         out.setdefault(j["study_instance_uid"], []).append(j)
     return out
 
@@ -126,12 +126,11 @@ def test_cr_chest_and_ct_in_one_association_go_to_different_models(node: InProce
     assert mr_job["state"] == "skipped" and mr_job["routed_model"] == ""
     assert mr_job["routing"][0] == "no model matches this study"
     assert any("modality MR not in ['CT']" in line for line in mr_job["routing"])
-    from dxnode.web.app import study_detail  # what the study page and /api/studies/{uid} show
+    from dxnode.queries import study_detail  # what the study page and /api/studies/{uid} show
 
-    page = study_detail(node.store, ct_study)
-    assert (
-        page is not None and page["jobs"][0]["routed_model"] == "ct" and "routing: model ct" in page["jobs"][0]["log"]
-    )
+    with node.store.session() as s:
+        page = study_detail(s, ct_study)
+    assert page is not None and page.jobs[0].routed_model == "ct" and "routing: model ct" in page.jobs[0].log
     cr_sr, ct_sr = srs(node, cr_study), srs(node, ct_study)
     assert len(cr_sr) == 1 and len(ct_sr) == 1
     assert cr_sr[0].SeriesNumber == 9901 and ct_sr[0].SeriesNumber == 9911  # series numbers per model
