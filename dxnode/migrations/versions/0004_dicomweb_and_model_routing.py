@@ -1,7 +1,7 @@
 """DICOMweb deliveries (HTTP status) and model routing (the [[models]] entry a job runs)
 
 Revision ID: 0004
-Revises: 0008
+Revises: 0002
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0008"  # re-chained after main merged 0008 (the lead may re-chain again)
+down_revision: str | None = "0002"  # re-chained after main merged 0008 and 0002 (the lead may re-chain again)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
