@@ -82,6 +82,9 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
             f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
             for o in outputs
         )
+        notes = sorted({n for o in outputs for n in o.notes})
+        if notes:  # values changed when copying source attributes into the SR/SC (never the values)
+            job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
     return "done"
 
 
@@ -92,7 +95,7 @@ def _describe(result: StudyResult) -> list[str]:
     counts: dict[str, int] = {}
     for outcome in result.instances:
         counts[outcome.state] = counts.get(outcome.state, 0) + 1
-        if outcome.state != "done":
+        if outcome.state != "done" or outcome.reason:  # a done instance's reason is a note (e.g. window not used)
             lines.append(f"instance {outcome.state}: {outcome.reason}")
     lines.insert(1, "instances: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for f in result.findings[:10]:
@@ -164,8 +167,8 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
 class _Written:
     """What the job log says about one output."""
 
-    def __init__(self, kind: str, label: str, deliveries: int) -> None:
-        self.kind, self.label, self.deliveries = kind, label, deliveries
+    def __init__(self, kind: str, label: str, deliveries: int, notes: tuple[str, ...] = ()) -> None:
+        self.kind, self.label, self.deliveries, self.notes = kind, label, deliveries, notes
 
 
 def _write_outputs(
@@ -207,5 +210,5 @@ def _write_outputs(
                 session.flush()
                 audit(session, "system", "output.written", target=f"output:{output.id}", kind=w.kind)
             deliveries = enqueue(session, output, settings, calling_aet)
-            report.append(_Written(w.kind, w.label, len(deliveries)))
+            report.append(_Written(w.kind, w.label, len(deliveries), w.notes))
     return report

@@ -59,6 +59,8 @@ class NodeSettings(Section):
     max_associations: int = Field(10, ge=1)
     # Refuse C-STORE (0xA700) while the data dir's file system has less free space than this.
     min_free_mb: int = Field(1024, ge=0)
+    # Refuse (0xA700) a C-STORE whose dataset is, or inflates (Deflated syntax) to, more than this.
+    max_instance_mb: float = Field(512, gt=0)
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)
@@ -176,6 +178,9 @@ class PipelineSettings(Section):
     sop_classes: list[str] = []  # empty = any image storage SOP class
     body_parts: list[str] = []  # empty = any body part
     max_frames: int = Field(8, ge=1)
+    # Refuse an instance whose declared decoded pixels (rows x columns x frames decoded x samples x
+    # bytes) exceed this, before any decoder runs; also bounds what a Deflated file may inflate to.
+    max_decoded_mb: float = Field(256, gt=0)
     windows: list[WindowPreset] = []
 
 

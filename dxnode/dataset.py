@@ -33,6 +33,7 @@ from dxnode.pipeline import (
     PipelineError,
     Preprocessing,
     auto_window,
+    check_before_decoding,
     dataset_window,
     frame_from_values,
     is_image_file,
@@ -256,7 +257,8 @@ def load_tensor(
     if is_image_file(sample.path) or augment is None:
         frame = read_frames(sample.path, settings, prep)[0]
     else:
-        ds = read_dataset(sample.path)
+        ds = read_dataset(sample.path, settings.max_decoded_mb)
+        check_before_decoding(ds, settings)  # declared sizes and LUT numbers, as read_frames checks them
         try:
             idx, values = modality_values(ds, 1)[0]
             window = _window(ds, values, settings) if values.ndim == 2 else None
@@ -267,6 +269,8 @@ def load_tensor(
                     w * (1 + rng.uniform(-1, 1) * augment.window_width_scale),
                 )
             frame = frame_from_values(values, idx, ds, settings, prep, window=window)
+            if not np.isfinite(frame.image).all():
+                raise PipelineError("pixel values are not finite after the LUTs")
         except PipelineError:
             raise
         except Exception as exc:  # a malformed LUT or window in the header, as read_frames reports it

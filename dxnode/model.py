@@ -455,7 +455,7 @@ def analyze_study(
     inputs: list[_Input] = []
     for uid, path in instances:
         try:
-            ds = read_dataset(path)
+            ds = read_dataset(path, settings.pipeline.max_decoded_mb)
             reason = skip_reason(ds, settings.pipeline)
             if reason:
                 outcomes[uid] = InstanceOutcome(uid, "skipped", reason)
@@ -471,7 +471,8 @@ def analyze_study(
         rows = [k for k, i in enumerate(inputs) if i.sop_instance_uid == uid]
         per_label = probs[rows].max(axis=0)
         top = np.argsort(per_label)[::-1][:MAX_STORED_FINDINGS] if len(labels) > 20 else range(len(labels))
-        outcomes[uid] = InstanceOutcome(uid, "done", "", {labels[j]: float(per_label[j]) for j in top})
+        notes = "; ".join(dict.fromkeys(n for k in rows for n in inputs[k].frame.notes))
+        outcomes[uid] = InstanceOutcome(uid, "done", notes, {labels[j]: float(per_label[j]) for j in top})
     findings: list[Finding] = []
     heatmaps: list[Heatmap] = []
     if inputs:
@@ -538,6 +539,8 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
         frames = read_frames(Path(path), settings.pipeline, prep)
     except PipelineError as exc:
         return FilePrediction(str(path), [], classifier.identity, None, str(exc))
+    if not frames:
+        return FilePrediction(str(path), [], classifier.identity, None, "no frame to analyse")
     probs, cams = _run_frames(classifier, [_Input(f.sop_instance_uid, f) for f in frames])
     agg, driver = aggregate(probs, settings.model.aggregate)
     positive = classifier.positive(agg)

@@ -20,6 +20,17 @@ import torch.nn.functional as F
 from pydicom import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 
+from dxnode.bounds import (
+    MB,
+    DeclaredSizeError,
+    all_finite,
+    check_codestreams,
+    check_deflated_file,
+    check_pixel_attributes,
+    check_rescale,
+    number_of_frames,
+    usable_window,
+)
 from dxnode.config import PipelineSettings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -103,6 +114,7 @@ class Frame:
     frame_index: int
     sop_instance_uid: str = ""
     window: tuple[float, float] | None = field(default=None)  # the VOI window used, if one
+    notes: tuple[str, ...] = ()  # what was done instead of what the header asked (e.g. an unusable window)
 
 
 def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
@@ -157,7 +169,7 @@ def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, n
 
 def modality_values(ds: Dataset, max_frames: int) -> list[tuple[int, np.ndarray]]:
     """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1)."""
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = number_of_frames(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
     out = []
@@ -213,7 +225,7 @@ def dataset_window(ds: Dataset | None) -> tuple[float, float, str] | None:
     except (TypeError, ValueError):
         return None
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-    return (c, w, function) if w > 0 else None
+    return (c, w, function) if usable_window(c, w) else None
 
 
 def auto_window(values: np.ndarray) -> tuple[float, float]:
@@ -278,12 +290,39 @@ def frame_from_values(
     )
 
 
-def read_dataset(path: str | Path) -> Dataset:
-    """Read a DICOM file with lazily loaded pixel data; PipelineError if it is not readable DICOM."""
+def read_dataset(path: str | Path, max_inflated_mb: float | None = None) -> Dataset:
+    """Read a DICOM file with lazily loaded pixel data; PipelineError if it is not readable DICOM.
+
+    With max_inflated_mb, a Deflated file is first inflated in bounded chunks to learn its size:
+    pydicom inflates the whole dataset in memory.
+    """
+    if max_inflated_mb is not None:
+        try:
+            check_deflated_file(str(path), int(max_inflated_mb * MB))
+        except DeclaredSizeError as exc:
+            raise PipelineError(str(exc)) from exc
+        except OSError as exc:
+            raise PipelineError(f"cannot read file: {exc.strerror or exc}") from exc
     try:
         return pydicom.dcmread(path, defer_size="64 KB")
     except Exception as exc:
         raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
+    """PipelineError unless the declared pixel attributes may be decoded; notes on header values not used."""
+    try:
+        n_frames = number_of_frames(ds)
+        indices = frame_indices(n_frames, settings.max_frames)
+        check_pixel_attributes(ds, len(indices), settings.max_decoded_mb)
+        check_rescale(ds)
+        check_codestreams(ds, indices, n_frames)
+    except DeclaredSizeError as exc:
+        raise PipelineError(str(exc)) from exc
+    notes = []
+    if "WindowCenter" in ds and "WindowWidth" in ds and dataset_window(ds) is None:
+        notes.append("Window Center/Width not usable (not finite, not positive or out of range): not used")
+    return notes
 
 
 def read_image_file(path: Path, prep: Preprocessing) -> list[Frame]:
@@ -324,13 +363,23 @@ def read_frames(source: str | Path | Dataset, settings: PipelineSettings, prep: 
             raise PipelineError(f"no such file: {path}")
         if is_image_file(path):
             return read_image_file(path, prep)
-        source = read_dataset(path)
+        source = read_dataset(path, settings.max_decoded_mb)
     ds = source
     reason = skip_reason(ds, settings)
     if reason:
         raise PipelineError(reason)
+    notes = check_before_decoding(ds, settings)
     try:
-        return [frame_from_values(v, i, ds, settings, prep) for i, v in modality_values(ds, settings.max_frames)]
+        frames = []
+        for i, values in modality_values(ds, settings.max_frames):
+            if not all_finite(values):
+                raise PipelineError("pixel values are not finite after the Modality LUT")
+            frame = frame_from_values(values, i, ds, settings, prep)
+            if not all_finite(frame.image):
+                raise PipelineError("pixel values are not finite after the VOI LUT")
+            frame.notes = tuple(notes)
+            frames.append(frame)
+        return frames
     except PipelineError:
         raise
     except Exception as exc:  # a malformed LUT or window in the header

@@ -46,7 +46,10 @@ from pydicom.sr.codedict import codes
 from dxnode import __version__
 from dxnode.config import Settings
 from dxnode.results import Finding, Heatmap, StudyResult
+from dxnode.source_header import reference_header
 from dxnode.store import write_durably
+
+log = logging.getLogger("dxnode.report")
 
 
 def _tolerate_sparse_image_headers() -> None:
@@ -148,6 +151,7 @@ class WrittenOutput:
     series_instance_uid: str
     path: Path
     summary: str
+    notes: tuple[str, ...] = ()  # what was changed in copying source attributes (never the values)
 
 
 def result_key(result: StudyResult) -> str:
@@ -561,18 +565,25 @@ def write_outputs(
             raise ValueError(
                 f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources"
             )
-    headers: dict[str, Dataset] = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
-    scs = []
+    headers: dict[str, Dataset] = {}
+    notes: dict[str, list[str]] = {}
+    for uid, path in sources.items():
+        headers[uid], notes[uid] = reference_header(pydicom.dcmread(path, stop_before_pixels=True))
+        for note in notes[uid]:  # UIDs only at DEBUG, like other patient data; the job log keeps the notes
+            log.warning("source header copied into SR/SC with a change: %s", note)
+            log.debug("that change was on study %s, instance %s", result.study_instance_uid, uid)
+    scs = []  # before the SR, which references them
     for i, h in enumerate(result.heatmaps):
         sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
-        scs.append((sc, "sc", h.label, caption))
+        scs.append((sc, "sc", h.label, caption, tuple(notes[h.sop_instance_uid])))
     sr, summary = build_sr(result, headers, settings, [sc for sc, *_ in scs])
-    built = [(sr, "sr", "", summary), *scs]
+    sr_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first evidence
+    built = [(sr, "sr", "", summary, sr_notes), *scs]
     folder = Path(out_dir) / result.study_instance_uid
-    return [_save(ds, folder, kind, label, text) for ds, kind, label, text in built]
+    return [_save(ds, folder, kind, label, text, n) for ds, kind, label, text, n in built]
 
 
-def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str) -> WrittenOutput:
+def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str, notes: tuple[str, ...]) -> WrittenOutput:
     """Encode and write one object durably."""
     from io import BytesIO
 
@@ -582,5 +593,12 @@ def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str) -> Wri
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     write_durably(path, buf.getvalue())
     return WrittenOutput(
-        kind, label, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), path.resolve(), summary
+        kind,
+        label,
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        str(ds.SeriesInstanceUID),
+        path.resolve(),
+        summary,
+        notes,
     )

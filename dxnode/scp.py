@@ -27,6 +27,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
+from dxnode.bounds import MB, inflated_size_exceeds
 from dxnode.config import Settings
 from dxnode.store import Instance, Series, Store, Study, audit_core, publish, utcnow, write_temporary
 from dxnode.uids import is_valid_uid
@@ -156,6 +158,38 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def check_received_size(event: Any, max_instance_mb: float) -> None:
+    """StoreRefused(0xA700) if the dataset is, or inflates to, more than max_instance_mb.
+
+    Runs before pynetdicom decodes the dataset: it inflates a Deflated dataset whole in memory,
+    so that one is first inflated here in bounded chunks, the output thrown away.
+    """
+    raw = event.request.DataSet
+    limit = int(max_instance_mb * MB)
+    if raw is None or not hasattr(raw, "getbuffer"):
+        return
+    if raw.getbuffer().nbytes > limit:
+        raise StoreRefused(OUT_OF_RESOURCES, f"dataset over [node] max_instance_mb {max_instance_mb:g}")
+    if event.context.transfer_syntax.is_deflated:
+        raw.seek(0)
+        try:
+            too_big = inflated_size_exceeds(raw, limit)
+        finally:
+            raw.seek(0)
+        if too_big:
+            raise StoreRefused(OUT_OF_RESOURCES, f"inflates over [node] max_instance_mb {max_instance_mb:g}")
+
+
+def _check_uid_elements(ds: Dataset) -> None:
+    """The dataset's own UIDs: SOP Class and Instance present, every UID attribute of VR UI."""
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        if keyword not in ds:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"missing {keyword}")
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if keyword in ds and ds[keyword].VR != "UI":
+            raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} has VR {ds[keyword].VR}, not UI")
+
+
 def parse_received(event: Event) -> Received:
     """Read and validate what the store needs from a C-STORE; StoreRefused(0xC000) if it cannot be understood."""
     req = event.request
@@ -172,6 +206,7 @@ def parse_received(event: Event) -> Received:
 def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> Received:
     """Validate a received dataset against the UIDs it came with (C-STORE request or STOW-RS file meta)."""
     try:
+        _check_uid_elements(ds)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         rec = Received(
@@ -193,6 +228,8 @@ def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
         )
     except AttributeError as exc:
         raise StoreRefused(CANNOT_UNDERSTAND, f"missing attribute: {exc}"[:64]) from exc
+    except StoreRefused:
+        raise
     except Exception as exc:  # pydicom raises many kinds on a corrupt stream
         raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
     uids = {
@@ -265,6 +302,7 @@ class StorageSCP:
         self.incoming = settings.data_dir / "incoming"
         self._servers: list[NoDelayServer] = []
         self._lock = threading.Lock()
+        self._sweep: threading.Timer | None = None
         self.activity = Activity()
         self.ae = self._make_ae()
 
@@ -294,9 +332,31 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, lambda event: self.activity.closed(id(event.assoc))),
         ]
 
+    def remove_stale_temporaries(self) -> int:
+        """Remove temporary files a killed receiver left in incoming/; returns how many.
+
+        Only files older than dimse_timeout go: a live receiver (this node's or another's sharing
+        the data dir) holds its temporary file for the length of one write and commit.
+        """
+        cutoff = time.time() - self.settings.node.dimse_timeout
+        removed = 0
+        for tmp in self.incoming.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+        if removed:
+            log.warning("removed %d temporary file(s) left by an interrupted receive", removed)
+        return removed
+
     def start(self) -> None:
         """Start listening (returns at once; associations run on pynetdicom's threads)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temporaries()
+        # Files of a receiver killed just before this start are younger than the cutoff: once more later.
+        self._sweep = threading.Timer(self.settings.node.dimse_timeout + 1, self.remove_stale_temporaries)
+        self._sweep.daemon = True
+        self._sweep.start()
         node = self.settings.node
         self._serve((node.host, node.port), None)
         if node.tls_port is not None:
@@ -328,6 +388,8 @@ class StorageSCP:
 
     def stop(self) -> None:
         """Stop listening and end open associations."""
+        if self._sweep is not None:
+            self._sweep.cancel()
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
@@ -380,6 +442,7 @@ class StorageSCP:
 
     def store_instance(self, event: Event, calling_aet: str) -> int:
         """Parse, write and record one instance; raise StoreRefused with the status to send."""
+        check_received_size(event, self.settings.node.max_instance_mb)
         rec = parse_received(event)
         self.activity.begin(id(event.assoc), rec.study_instance_uid)
         try:

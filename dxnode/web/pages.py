@@ -21,10 +21,16 @@ TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
 def person_name(value: str) -> str:
-    """A DICOM PN (Family^Given^Middle^Prefix^Suffix) as 'Family, Given Middle'."""
-    parts = [p.strip() for p in (value or "").split("=")[0].split("^")]
-    family, given = parts[0] if parts else "", " ".join(p for p in parts[1:3] if p)
-    return f"{family}, {given}" if family and given else family or given
+    """A DICOM PN (Family^Given^Middle^Prefix^Suffix) as 'Family, Given Middle', with its
+    ideographic and phonetic groups (Japanese, Korean, Chinese names) after it in parentheses."""
+
+    def group(text: str) -> str:
+        parts = [p.strip() for p in text.split("^")]
+        family, given = parts[0] if parts else "", " ".join(p for p in parts[1:3] if p)
+        return f"{family}, {given}" if family and given else family or given
+
+    names = [n for n in (group(g) for g in (value or "").split("=")[:3]) if n]
+    return f"{names[0]} ({' / '.join(names[1:])})" if len(names) > 1 else "".join(names)
 
 
 TEMPLATES.env.filters["pn"] = person_name
