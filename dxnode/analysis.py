@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.results import StudyResult
-from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Store, Study, audit, utcnow
+from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.analysis")
 
@@ -37,6 +37,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
     node stops). The seconds spent per stage are stored on the job (Job.timings, the source of
     dxnode_stage_seconds), also for an attempt that failed (as far as it got)."""
     from dxnode.model import analyze_study, load_classifier
+    from dxnode.routing import resolve_job
 
     beat = heartbeat or (lambda stage: None)
     beat("load")
@@ -49,12 +50,18 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
             job.log = "study is marked ignored: not analysed"
             return "skipped"
         study_uid, calling_aet, queued_at = study.study_instance_uid, study.calling_aet, job.created_at
+        decision = resolve_job(session, settings, job_id)  # which model, which series (dxnode/routing.py)
+        if decision.entry is None:
+            job.log = "\n".join(decision.lines)
+            return "skipped"
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.file_path)
-            .where(Instance.study_id == study.id)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Instance.study_id == study.id, Series.series_instance_uid.in_(decision.series))
             .order_by(Instance.series_id, Instance.instance_number, Instance.id)
         ).all()
     instances = [(uid, settings.data_dir / path) for uid, path in rows]
+    settings = decision.settings
 
     timings: dict[str, float] = {}
     state = "failed"
@@ -71,10 +78,11 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
             progress=beat,
             timings=timings,
         )
+        result.route = decision.entry.name
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
         beat("findings")
-        lines = _describe(result)
+        lines = decision.lines + _describe(result)
         state = _record_findings(store, job_id, result, lines)
         if state == "skipped":
             return state

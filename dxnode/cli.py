@@ -172,6 +172,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
                 "study_instance_uid",
                 "state",
                 "attempts",
+                "routed_model",
                 "model_name",
                 "model_version",
                 "created_at",
@@ -540,12 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON array")
     sp.add_argument("--limit", type=int, default=100, help="most rows printed")
 
-    sp = add("jobs", cmd_jobs, "list jobs")
+    sp = add(
+        "jobs", cmd_jobs, "list jobs (with the [[models]] entry each was routed to; --json adds the routing reasons)"
+    )
     sp.add_argument("--state", choices=[str(s) for s in JobState], help="only jobs in this state")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
     sp.add_argument("--limit", type=int, default=100, help="most rows printed")
 
-    sp = add("requeue", cmd_requeue, "queue a study's analysis again")
+    sp = add("requeue", cmd_requeue, "queue a study's analysis again (routing rules are applied anew)")
     sp.add_argument("study", help="Study Instance UID")
     sp = add("complete", cmd_complete, "force a study complete now (do not wait for stable_seconds)")
     sp.add_argument("study", help="Study Instance UID")

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dxnode.uids import is_valid_ae_title
@@ -99,19 +109,57 @@ class WorklistSettings(Section):
 
 
 class Destination(Section):
-    """[[destinations]]: a DICOM node (usually the PACS) that receives the SR and SC."""
+    """[[destinations]]: a DICOM node (usually the PACS) that receives the SR and SC, by C-STORE or STOW-RS."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""  # dimse (also names the sender for return_to_sender)
+    host: str = ""  # dimse
+    port: int = Field(0, ge=0, le=65535)  # dimse
     # DICOM TLS: verify the destination against [node] tls_ca (else the system CAs) and present
     # [node] tls_cert/tls_key as the client certificate when they are set.
     tls: bool = False
     # Only the results of studies this AE title sent (with [dispatch] return_to_sender), not every result.
     return_only: bool = False
+    # dicomweb: the STOW-RS service base (objects are POSTed to <url>/studies); https is verified
+    # against the system CAs plus ca_file. The secret is read from the environment variable named
+    # by secret_env at send time and never logged: a password (basic, with username) or a token (bearer).
+    url: str = ""
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str = ""
+    secret_env: str = ""
+    ca_file: Path | None = None
 
-    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v) if v else v
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("kind", "dimse") == "dimse" and v < 1:
+            raise ValueError("a dimse destination needs a port from 1 to 65535")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.kind == "dimse" and (not self.ae_title or not self.host or not self.port):
+            raise ValueError(f"destination {self.name!r}: a dimse destination needs ae_title, host and port")
+        if self.kind == "dicomweb":
+            url = urlsplit(self.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"destination {self.name!r}: url must be an http(s) URL, got {self.url!r}")
+            if url.username or url.password:
+                raise ValueError(f"destination {self.name!r}: no credentials in url; use auth and secret_env")
+            loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+            if self.auth != "none" and url.scheme == "http" and not loopback:
+                raise ValueError(f"destination {self.name!r}: auth over plain http; use an https url")
+            if self.auth != "none" and not self.secret_env:
+                raise ValueError(f"destination {self.name!r}: auth = {self.auth!r} needs secret_env")
+            if self.auth == "basic" and not self.username:
+                raise ValueError(f"destination {self.name!r}: auth = 'basic' needs username")
+        return self
 
 
 class WindowPreset(Section):
@@ -150,6 +198,42 @@ class ModelSettings(Section):
     aggregate: Literal["max", "mean"] = "max"
 
 
+class ModelEntry(Section):
+    """[[models]]: one of several models, with the rules that route series of a study to it.
+
+    Every rule that is set must hold for a series (empty lists and strings match anything); a
+    study gets one job per entry that at least one of its series matches, and that job analyses
+    the matching series only. Without [[models]] the [model] section is the only model.
+    """
+
+    name: str = Field("", max_length=64)
+    bundle: str = ""  # a bundle folder, "demo" or "imagenet"; empty: as [model] bundle
+    engine: Literal["", "auto", "torch", "onnxruntime"] = ""  # empty: as [model] engine
+    heatmap_for: Literal["positive", "top1", "all"] | None = None  # None: as [report]
+    modalities: list[str] = []
+    body_parts: list[str] = []
+    sop_classes: list[str] = []
+    series_description: str = ""  # regular expression, searched case-insensitively
+    study_description: str = ""  # regular expression, searched case-insensitively
+    calling_aets: list[str] = []
+    min_instances: int | None = Field(None, ge=0)  # per series
+    max_instances: int | None = Field(None, ge=0)
+    # Series of this model's SR and SC; None: [report] numbers + 10 x the entry's position.
+    sr_series_number: int | None = None
+    sc_series_number: int | None = None
+    sr_series_description: str = ""  # empty: "[report] sr_series_description (name)"
+    sc_series_description: str = ""
+
+    @field_validator("series_description", "study_description")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+
 class ReportSettings(Section):
     """[report]: the SR and the Grad-CAM Secondary Capture sent back to the PACS."""
 
@@ -158,6 +242,8 @@ class ReportSettings(Section):
     sc_series_description: str = "AI Heatmaps"
     sc_series_number: int = 9902
     heatmap_for: Literal["positive", "top1", "all"] = "positive"
+    # A TID 1410 planar ROI per positive finding: the Grad-CAM region >= half its peak on the source image.
+    attention_roi: bool = True
     manufacturer: str = "dxnode"
     institution_name: str = ""
 
@@ -181,7 +267,7 @@ class WebToken(Section):
 
     name: str
     token: str = Field(min_length=1)
-    role: Literal["admin", "read"] = "read"
+    role: Literal["admin", "read", "store"] = "read"  # store: STOW-RS only (a PACS sending studies)
 
 
 class WebSettings(Section):
@@ -193,6 +279,9 @@ class WebSettings(Section):
     tokens: list[WebToken] = []
     session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
     max_upload_mb: float = Field(64, gt=0)
+    # STOW-RS (POST /dicomweb/studies): the body is held in memory up to this size; larger parts fail alone.
+    stow_max_body_mb: float = Field(512, gt=0)
+    stow_max_part_mb: float = Field(256, gt=0)
     keep_uploads: bool = False
     session_hours: float = Field(12, gt=0)  # a login lasts this long; logging out ends it at once
     trusted_origins: list[str] = []  # extra origins for cookie POSTs, e.g. behind a proxy that rewrites Host
@@ -218,6 +307,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = []
     pipeline: PipelineSettings = PipelineSettings()
     model: ModelSettings = ModelSettings()
+    models: list[ModelEntry] = []
     report: ReportSettings = ReportSettings()
     dispatch: DispatchSettings = DispatchSettings()
     web: WebSettings = WebSettings()
@@ -235,6 +325,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the file, which is passed in as init values below.
         return (env_settings, init_settings)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, values: list[ModelEntry]) -> list[ModelEntry]:
+        names = [m.name for m in values]
+        if any(not n.strip() for n in names):
+            raise ValueError("every [[models]] entry needs a name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[models]] names must be unique: {names}")
+        return values
 
     @property
     def data_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""The outbox: deliver written outputs (SR, SC) to each destination with C-STORE, with retries.
+"""The outbox: deliver written outputs (SR, SC) to each destination with C-STORE or STOW-RS, with retries.
 
 Every output is on disk and recorded before a delivery row exists; a row is sent, retried with
 exponential backoff (``backoff_initial_seconds * 2**(attempts-1)``, capped), or marked failed
@@ -27,6 +27,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 from apscheduler.schedulers.base import BaseScheduler
@@ -68,12 +69,13 @@ def enqueue(session: Session, output: Output, settings: Settings, calling_aet: s
     for dest in destinations_for(settings, calling_aet):
         row = existing.get(dest.name)
         if row is None:
+            url = urlsplit(dest.url) if dest.kind == "dicomweb" else None
             row = Delivery(
                 output_id=output.id,
                 destination=dest.name,
-                ae_title=dest.ae_title,
-                host=dest.host,
-                port=dest.port,
+                ae_title=dest.ae_title if url is None else "",
+                host=dest.host if url is None else str(url.hostname),
+                port=dest.port if url is None else url.port or (443 if url.scheme == "https" else 80),
                 state="pending",
                 next_attempt_at=utcnow(),
             )
@@ -189,14 +191,17 @@ def _record(
     error: str = "",
     status: int | None = None,
     permanent: bool = False,
+    http_status: int | None = None,
+    retry_after: float | None = None,
 ) -> str:
-    """Store the outcome of one attempt; return the row's new state."""
+    """Store the outcome of one attempt; return the row's new state (retry_after: the server's wait, seconds)."""
     with store.session() as s:
         row = s.get(Delivery, job.id)
         if row is None:  # deleted meanwhile (its output was removed)
             return "failed"
         row.attempts += 1
         row.dimse_status = status
+        row.http_status = http_status
         row.leased_by, row.lease_heartbeat_at = "", None
         # The rest of this process's batch is still being worked on: refresh its lease.
         s.execute(
@@ -231,7 +236,9 @@ def _record(
             )
             log.error("delivery %d to %s failed for good: %s", row.id, row.destination, error)
         else:
-            row.next_attempt_at = utcnow() + backoff(settings, row.attempts)
+            row.next_attempt_at = utcnow() + (
+                dt.timedelta(seconds=retry_after) if retry_after is not None else backoff(settings, row.attempts)
+            )
             log.warning(
                 "delivery %d to %s failed (attempt %d), retrying: %s", row.id, row.destination, row.attempts, error
             )
@@ -313,6 +320,11 @@ def _associate(settings: Settings, head: _Job, syntaxes: dict[str, set[str]]) ->
 
 def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
     """One association for a destination's claimed rows, sent in order; return how many were stored."""
+    configured = next((d for d in settings.destinations if d.name == batch[0].destination), None) if batch else None
+    if (configured is not None and configured.kind == "dicomweb") or (
+        configured is None and batch and not batch[0].ae_title
+    ):
+        return _send_batch_dicomweb(store, settings, batch, configured)
     syntaxes: dict[str, set[str]] = {}
     ready = []
     for job in batch:
@@ -352,6 +364,43 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
         if assoc.is_established:
             assoc.release()
     log.info("sent %d of %d object(s) to %s", sent, len(ready), ready[0].destination)
+    return sent
+
+
+def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Job], dest: Destination | None) -> int:
+    """STOW-RS the claimed rows one by one, in order; a row that will be retried holds back those behind it."""
+    from dxnode.dicomweb import StowClient
+
+    if dest is None:
+        for job in batch:
+            _record(
+                store, settings, job, False, f"destination {job.destination} is no longer configured", permanent=True
+            )
+        return 0
+    sent = 0
+    with StowClient(dest, settings.dispatch.timeout_seconds) as client:
+        for i, job in enumerate(batch):
+            try:
+                data = (settings.data_dir / job.path).read_bytes()
+            except OSError as exc:
+                _record(store, settings, job, False, f"cannot read output file {Path(job.path)}: {exc}", permanent=True)
+                continue
+            outcome = client.store(data, job.sop_instance_uid)
+            state = _record(
+                store,
+                settings,
+                job,
+                outcome.stored,
+                outcome.error,
+                permanent=outcome.permanent,
+                http_status=outcome.http_status,
+                retry_after=outcome.retry_after,
+            )
+            sent += state == "sent"
+            if state == "pending":
+                _release(store, batch[i + 1 :])
+                break
+    log.info("sent %d of %d object(s) to %s by STOW-RS", sent, len(batch), batch[0].destination)
     return sent
 
 

@@ -125,6 +125,8 @@ class JobOut(BaseModel):
     worker: str
     model_name: str
     model_version: str
+    routed_model: str  # the [[models]] entry ("" for [model], or not routed yet)
+    routing: list[str]  # why: the model chosen and the others' refusals (dxnode/routing.py)
     created_at: str | None
     started_at: str | None
     finished_at: str | None
@@ -148,6 +150,8 @@ def job_out(job: Job, study_uid: str) -> JobOut:
         worker=job.worker,
         model_name=job.model_name,
         model_version=job.model_version,
+        routed_model=job.routed_model,
+        routing=[line[len("routing: ") :] for line in (job.log or "").splitlines() if line.startswith("routing: ")],
         created_at=iso(job.created_at),
         started_at=iso(job.started_at),
         finished_at=iso(job.finished_at),
@@ -288,6 +292,7 @@ class DeliveryOut(BaseModel):
     next_attempt_at: str | None
     last_error: str
     dimse_status: int | None
+    http_status: int | None  # of the last STOW-RS attempt (DICOMweb destinations)
     created_at: str | None
     sent_at: str | None
 
@@ -329,6 +334,7 @@ def list_deliveries(
             next_attempt_at=iso(d.next_attempt_at),
             last_error=d.last_error,
             dimse_status=d.dimse_status,
+            http_status=d.http_status,
             created_at=iso(d.created_at),
             sent_at=iso(d.sent_at),
         )

@@ -48,6 +48,7 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
     TrackingIdentifier,
@@ -105,6 +106,13 @@ logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 SCHEME = "99DXNODE"  # private coding scheme for model labels
 PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
+# Measurement method of a TID 1410 attention region: where the model looked, not a lesion outline.
+ATTENTION_METHOD = CodedConcept("GRADCAM50", SCHEME, "Grad-CAM attention region (map >= 50% of peak)")
+HEATMAP = CodedConcept("HEATMAP", SCHEME, "Grad-CAM heatmap image")
+# Share of the Grad-CAM peak above which a pixel belongs to the attention region.
+ATTENTION_LEVEL = 0.5
+# Most vertices of an attention outline; longer contours are subsampled.
+MAX_OUTLINE_POINTS = 64
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 # Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
@@ -163,6 +171,8 @@ def result_key(result: StudyResult) -> str:
     """A digest of everything that makes a result what it is (drives the output UIDs)."""
     m = result.model
     parts = [result.study_instance_uid, m.name, m.version, m.sha256]
+    if result.route:  # two [[models]] entries serving one bundle still write different objects
+        parts.append(f"route={result.route}")
     parts += [
         f"{f.label}={f.probability:.6f}:{int(f.positive)}:{f.source_sop_instance_uid}:{f.source_frame}"
         for f in sorted(result.findings, key=lambda f: f.label)
@@ -248,6 +258,114 @@ def _group(
     )
 
 
+def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Closed outline (column, row pairs, source pixel coordinates) of the map's region >= half its peak.
+
+    The region is the connected part above ATTENTION_LEVEL that holds the peak; the map is scaled
+    from its own size to Rows x Columns, with DICOM's convention that pixel centres are at +0.5.
+    """
+    from contourpy import contour_generator
+    from scipy import ndimage  # type: ignore[import-untyped]
+
+    cam = np.asarray(cam, dtype=np.float32)
+    peak = float(cam.max()) if cam.size else 0.0
+    sx, sy = columns / cam.shape[1], rows / cam.shape[0]
+    if peak <= 0:
+        return np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float32)
+    labels, _ = ndimage.label(cam >= ATTENTION_LEVEL * peak)
+    mask = labels == labels[np.unravel_index(int(np.argmax(cam)), cam.shape)]
+    padded = np.pad(mask.astype(np.float32), 1)  # a zero border makes every contour closed
+    lines: list[np.ndarray] = list(contour_generator(z=padded).lines(0.5))  # type: ignore[arg-type]
+    line: np.ndarray = max(lines, key=len) if lines else np.empty((0, 2))
+    if len(line) < 4:  # a point or a line: the bounding box of the region instead
+        r, c = np.nonzero(mask)
+        x0, x1, y0, y1 = c.min() - 0.5, c.max() + 0.5, r.min() - 0.5, r.max() + 0.5
+        line = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]) + 1
+    if len(line) > MAX_OUTLINE_POINTS:
+        line = line[np.linspace(0, len(line) - 1, MAX_OUTLINE_POINTS).round().astype(int)]
+    xy = (np.asarray(line, dtype=np.float64) - 1 + 0.5) * [sx, sy]  # back from the padding, to pixel edges
+    xy = np.clip(xy, 0, [columns, rows])
+    if not np.array_equal(xy[0], xy[-1]):
+        xy = np.vstack([xy, xy[:1]])
+    return xy.round(2).astype(np.float32)
+
+
+def attention_groups(
+    result: StudyResult, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Two TID 1410 groups per positive finding with a heatmap: outline and bounding box of its Grad-CAM attention region."""
+    heatmaps = {h.label: h for h in result.heatmaps}
+    groups = []
+    for f in result.positive:
+        h = heatmaps.get(f.label)
+        if h is None or h.sop_instance_uid not in sources:
+            continue
+        src = sources[h.sop_instance_uid]
+        outline = attention_outline(h.cam, int(src.Rows), int(src.Columns))
+        (x0, y0), (x1, y1) = outline.min(axis=0), outline.max(axis=0)
+        box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+        # Both shapes, for viewers that draw only one kind (and Pixelmed's validator misreads a report
+        # holding exactly one TID 1410 group).
+        for shape, points in (("outline", outline), ("box", box)):
+            groups.append(_attention_group(f, src, h.frame, shape, points, algo, key))
+    return groups
+
+
+def _attention_group(
+    f: Finding,
+    src: Dataset,
+    frame: int,
+    shape: str,
+    points: np.ndarray,
+    algo: AlgorithmIdentification,
+    key: str,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1410 group: a closed polyline on the source image (and frame), the probability as its measurement."""
+    frames = [frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
+        ),
+    )
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(key, "attention", shape, f.label),
+            identifier=f"AI attention {shape}, not a lesion boundary: {f.label}"[:64],
+        ),
+        referenced_region=region,
+        finding_type=_label_concept(f.label),
+        method=ATTENTION_METHOD,
+        algorithm_id=algo,
+        measurements=[
+            Measurement(
+                name=PROBABILITY,
+                value=round(float(f.probability), 6),
+                unit=CodedConcept("1", "UCUM", "no units"),
+                algorithm_id=algo,
+            )
+        ],
+    )
+    for item in group[0].ContentSequence:  # TID 1419 row 5: highdicom 0.28 writes CONTAINS
+        if item.ConceptNameCodeSequence[0].CodeValue == "370129005":
+            item.RelationshipType = "HAS CONCEPT MOD"
+    return group
+
+
+def heatmap_image_items(heatmaps: list[Dataset]) -> list[hd.sr.ImageContentItem]:
+    """IMAGE content items pointing at the heatmap SCs the SR comes with (as AI Results samples do)."""
+    return [
+        hd.sr.ImageContentItem(
+            name=HEATMAP,
+            referenced_sop_class_uid=str(sc.SOPClassUID),
+            referenced_sop_instance_uid=str(sc.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for sc in heatmaps
+    ]
+
+
 def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     """TID 1500 'Qualitative Evaluations' container with plain-text lines."""
     container = hd.sr.ContainerContentItem(
@@ -267,8 +385,10 @@ def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     return container
 
 
-def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> tuple[Dataset, str]:
-    """The Comprehensive SR dataset of a result and its summary line."""
+def build_sr(
+    result: StudyResult, sources: dict[str, Dataset], settings: Settings, heatmaps: list[Dataset] | None = None
+) -> tuple[Dataset, str]:
+    """The Comprehensive SR dataset of a result and its summary line; it references the given heatmap SCs."""
     m = result.model
     key = result_key(result)
     device_uid = derived_uid("dxnode-device", settings.node.ae_title)
@@ -285,10 +405,13 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
     # Only the images the findings name (see the module docstring); the first source when none does.
     named = sorted({f.source_sop_instance_uid for f in result.findings if f.source_sop_instance_uid in sources})
     evidence = [sources[uid] for uid in named] or [sources[uid] for uid in sorted(sources)[:1]]
+    # TID 1500 lists planar ROI groups (TID 1410) before the whole-image ones (TID 1501); Pixelmed's validator wants that order.
+    groups: list[Any] = attention_groups(result, sources, algo, key) if settings.report.attention_roi else []
+    groups += [_group(f, sources, algo, key) for f in result.findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CodedConcept("363679005", "SCT", "Imaging procedure"),
-        imaging_measurements=[_group(f, sources, algo, key) for f in result.findings],
+        imaging_measurements=groups,
         referenced_images=evidence,
     )
     summary = summary_line(result)
@@ -297,9 +420,11 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
         "This content was generated by an AI model"
         + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else "."),
     ]
-    report[0].ContentSequence.append(_comments_container(lines))
+    comments = _comments_container(lines)
+    comments.ContentSequence.extend(heatmap_image_items(list(heatmaps or [])))
+    report[0].ContentSequence.append(comments)
     sr = ComprehensiveSR(
-        evidence=evidence,
+        evidence=evidence + list(heatmaps or []),
         content=report[0],
         series_instance_uid=derived_uid(key, "sr-series"),
         series_number=settings.report.sr_series_number,
@@ -472,13 +597,15 @@ def write_outputs(
             for note in notes[uid]:  # UIDs only at DEBUG, like other patient data; the job log keeps the notes
                 log.warning("source header copied into SR/SC with a change: %s", note)
                 log.debug("that change was on study %s, instance %s", result.study_instance_uid, uid)
-        sr, summary = build_sr(result, headers, settings)
-    sr_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first evidence
-    built = [(sr, "sr", "", summary, sr_notes)]
+    scs = []  # before the SR, which references them
     with stopwatch("sc"):
         for i, h in enumerate(result.heatmaps):
             sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
-            built.append((sc, "sc", h.label, caption, tuple(notes[h.sop_instance_uid])))
+            scs.append((sc, "sc", h.label, caption, tuple(notes[h.sop_instance_uid])))
+    with stopwatch("sr"):
+        sr, summary = build_sr(result, headers, settings, [sc for sc, *_ in scs])
+    sr_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first evidence
+    built = [(sr, "sr", "", summary, sr_notes), *scs]
     folder = Path(out_dir) / result.study_instance_uid
     with stopwatch("write"):
         return [_save(ds, folder, kind, label, text, n) for ds, kind, label, text, n in built]

@@ -60,6 +60,7 @@ class StudyResult:
     findings: list[Finding]  # most probable first
     instances: list[InstanceOutcome]
     heatmaps: list[Heatmap] = field(default_factory=list)
+    route: str = ""  # the [[models]] entry that produced it ("" for [model]); part of the output UIDs
 
     @property
     def positive(self) -> list[Finding]:

@@ -29,6 +29,7 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,21 @@ def _check_uid_elements(ds: Dataset) -> None:
 
 
 def parse_received(event: Event) -> Received:
-    """Read and validate what the store needs; StoreRefused(0xC000) if it cannot be understood."""
+    """Read and validate what the store needs from a C-STORE; StoreRefused(0xC000) if it cannot be understood."""
     req = event.request
     if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
         raise TypeError(f"not a C-STORE request: {type(req).__name__}")
     sop_class_uid, sop_instance_uid = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
     try:
         ds = event.dataset
+    except Exception as exc:  # pydicom raises many kinds on a corrupt stream
+        raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
+    return parse_dataset(ds, sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax))
+
+
+def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> Received:
+    """Validate a received dataset against the UIDs it came with (C-STORE request or STOW-RS file meta)."""
+    try:
         _check_uid_elements(ds)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
@@ -205,7 +214,7 @@ def parse_received(event: Event) -> Received:
             sop_instance_uid=sop_instance_uid,
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=transfer_syntax_uid,
             patient_id=_text(ds, "PatientID", 64),
             patient_name=_text(ds, "PatientName", 324),
             accession_number=_text(ds, "AccessionNumber", 16),
@@ -224,10 +233,11 @@ def parse_received(event: Event) -> Received:
     except Exception as exc:  # pydicom raises many kinds on a corrupt stream
         raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
     uids = {
-        "SOPClassUID": rec.sop_class_uid,
-        "SOPInstanceUID": rec.sop_instance_uid,
+        "SOPClassUID": sop_class_uid,
+        "SOPInstanceUID": sop_instance_uid,
         "StudyInstanceUID": study_uid,
         "SeriesInstanceUID": series_uid,
+        "TransferSyntaxUID": transfer_syntax_uid,
     }
     for name, value in uids.items():
         if not is_valid_uid(value):
@@ -436,24 +446,34 @@ class StorageSCP:
         rec = parse_received(event)
         self.activity.begin(id(event.assoc), rec.study_instance_uid)
         try:
-            return self._store_parsed(event, rec, calling_aet)
+            self.store_received(
+                rec, lambda: event.encoded_dataset(include_meta=True), calling_aet, str(event.assoc.requestor.address)
+            )
+            return SUCCESS
         finally:
             self.activity.end(rec.study_instance_uid)
 
-    def _store_parsed(self, event: Any, rec: Received, calling_aet: str) -> int:
+    def store_received(
+        self, rec: Received, encoded: Callable[[], bytes], calling_aet: str, address: str, actor: str | None = None
+    ) -> bool:
+        """Write a parsed instance durably and commit its rows (C-STORE and STOW-RS); True if new.
+
+        Raises StoreRefused with the status to report; returns only once file and rows are durable.
+        """
         free = shutil.disk_usage(self.incoming).free if self.incoming.exists() else 0
         if free < self.settings.node.min_free_mb * 1024 * 1024:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")
         rel = Path("incoming") / rec.study_instance_uid / rec.series_instance_uid / f"{rec.sop_instance_uid}.dcm"
         path = self.settings.data_dir / rel
-        data = event.encoded_dataset(include_meta=True)
+        data = encoded()
         try:
             tmp = write_temporary(path, data)
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
-        address = str(event.assoc.requestor.address)
         try:
-            new = self._commit(rec, tmp, path, rel, len(data), hashlib.sha256(data).hexdigest(), calling_aet, address)
+            new = self._commit(
+                rec, tmp, path, rel, len(data), hashlib.sha256(data).hexdigest(), calling_aet, address, actor
+            )
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
@@ -465,11 +485,20 @@ class StorageSCP:
             metrics.BYTES_RECEIVED.inc(len(data))
         else:
             metrics.INSTANCES_DUPLICATE.inc()
-        log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, len(data), calling_aet)
-        return SUCCESS
+        log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, len(data), actor or calling_aet)
+        return new
 
     def _commit(
-        self, rec: Received, tmp: Path, path: Path, rel: Path, size: int, sha256: str, calling_aet: str, address: str
+        self,
+        rec: Received,
+        tmp: Path,
+        path: Path,
+        rel: Path,
+        size: int,
+        sha256: str,
+        calling_aet: str,
+        address: str,
+        actor: str | None = None,
     ) -> bool:
         """One transaction: a repeat is counted; for a new instance the rows are written, the file is
         renamed into place and the rows committed. Returns False for a duplicate. Core statements keep this cheap.
@@ -479,6 +508,7 @@ class StorageSCP:
         other writer renames onto this path, and a lost race on a unique key (two senders starting the
         same study) happens before the rename, with the temporary file still there for the retry."""
         inode = tmp.stat().st_ino
+        actor = actor or calling_aet
         for attempt in range(3):
             renamed = False
             try:
@@ -490,7 +520,7 @@ class StorageSCP:
                         conn.execute(
                             update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1)
                         )
-                        audit_core(conn, calling_aet, "instance.duplicate", f"instance:{existing}", address)
+                        audit_core(conn, actor, "instance.duplicate", f"instance:{existing}", address)
                         return False
                     study_id = self._upsert_study(conn, rec, calling_aet)
                     series_id = self._upsert_series(conn, study_id, rec)
@@ -514,7 +544,7 @@ class StorageSCP:
                     ).scalar_one()
                     audit_core(
                         conn,
-                        calling_aet,
+                        actor,
                         "instance.received",
                         f"instance:{instance_id}",
                         address,

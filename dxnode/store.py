@@ -147,7 +147,10 @@ class Job(Base):
     """One run of the pipeline over a study (queued again when the study changes)."""
 
     __tablename__ = "job"
-    __table_args__ = (Index("ix_job_state_created", "state", "created_at"),)
+    __table_args__ = (
+        Index("ix_job_state_created", "state", "created_at"),
+        Index("ix_job_study_routed_model", "study_id", "routed_model"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
@@ -160,6 +163,8 @@ class Job(Base):
     model_version: Mapped[str] = mapped_column(String(64), default="")
     # seconds per stage of the last attempt: decode, decode_wait, model, cam, sr, sc, write, queued_to_done
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # The [[models]] entry this job runs ("" for the single [model] section); see dxnode/routing.py.
+    routed_model: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
@@ -258,6 +263,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
     dimse_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of the last STOW-RS attempt
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     # The process (worklist.worker_id) holding the lease, refreshed while it sends; "" when not leased.

@@ -142,9 +142,11 @@ def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action
     )
     if claimed != 1:
         return None  # another sweeper got it, or a new instance arrived meanwhile
-    waiting = session.scalar(select(Job.id).where(Job.study_id == study.id, Job.state == "queued"))
+    waiting = session.scalar(
+        select(Job.id).where(Job.study_id == study.id, Job.state == "queued", Job.routed_model == "")
+    )
     if waiting is not None:
-        return waiting  # the queued job will read every instance when it runs
+        return waiting  # the queued job will read every instance (and route) when it runs
     job_id = queued_job(session, study.id)
     audit(session, actor, action, target=f"job:{job_id}", study_id=study.id)
     return job_id
@@ -152,7 +154,10 @@ def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action
 
 def queued_job(session: Session, study_id: int) -> int:
     """The study's waiting job, or a new queued one (a queued job reads every instance when it runs)."""
-    waiting = session.scalar(select(Job.id).where(Job.study_id == study_id, Job.state == "queued"))
+    # Only an unrouted job: it routes the study when it runs (a job queued for one model would miss the others).
+    waiting = session.scalar(
+        select(Job.id).where(Job.study_id == study_id, Job.state == "queued", Job.routed_model == "")
+    )
     if waiting is not None:
         return int(waiting)
     job = Job(study_id=study_id, state="queued")

@@ -130,3 +130,88 @@ def test_sr_series_number_and_description_come_from_config(tmp_path: Path) -> No
     written = {w.kind: pydicom.dcmread(w.path) for w in write_outputs(result, sources, settings, tmp_path / "o")}
     assert written["sr"].SeriesDescription == "KI Ergebnisse" and written["sr"].SeriesNumber == 777
     assert written["sc"].SeriesNumber == 778
+
+
+@pytest.mark.parametrize("name", ["cr", "enhanced"])
+def test_attention_roi_is_a_tid1410_group_on_the_source_image(tmp_path: Path, name: str) -> None:
+    """Each positive finding gets a planar ROI (Grad-CAM >= half peak) that highdicom reads back with its image."""
+    import highdicom as hd
+    import numpy as np
+
+    settings = Settings()
+    if name == "enhanced":
+        src = Path(get_testdata_file("emri_small.dcm"))
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        clf = load_classifier(ModelSettings(bundle=str(bundle(tmp_path))))
+        result = analyze_study(ds.StudyInstanceUID, [(ds.SOPInstanceUID, src)], clf, settings, "all")
+        sources = {ds.SOPInstanceUID: src}
+    else:
+        result, sources = result_for(name, settings, bundle(tmp_path))
+    # Thresholds of an untrained bundle decide nothing here: make every finding positive.
+    result = dataclasses.replace(result, findings=[dataclasses.replace(f, positive=True) for f in result.findings])
+    written = write_outputs(result, sources, settings, tmp_path / "out")
+    sr_path = next(w.path for w in written if w.kind == "sr")
+    assert dciodvfy_errors(sr_path) == []
+    root, errors = pixelmed_sr_check(sr_path)
+    assert root.startswith("TID_1500") and errors == []
+
+    sr = hd.sr.srread(sr_path)
+    groups = hd.sr.MeasurementReport.from_sequence([sr]).get_planar_roi_measurement_groups()
+    source = pydicom.dcmread(next(iter(sources.values())), stop_before_pixels=True)
+    assert len(groups) == 2 * len(result.findings)  # outline and bounding box of each
+    assert sorted(g.tracking_identifier.split(",")[0] for g in groups) == sorted(
+        ["AI attention box", "AI attention outline"] * len(result.findings)
+    )
+    assert len(hd.sr.MeasurementReport.from_sequence([sr]).get_image_measurement_groups()) == len(result.findings)
+    for g in groups:
+        assert "attention" in g.tracking_identifier and "not a lesion" in g.tracking_identifier
+        region = g.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        data = region.value
+        assert np.array_equal(data[0], data[-1]) and len(data) >= 4
+        if "box" in g.tracking_identifier:
+            assert len(data) == 5 and len(set(data[:, 0])) == 2 and len(set(data[:, 1])) == 2
+        assert (data[:, 0] >= 0).all() and (data[:, 0] <= source.Columns).all()
+        assert (data[:, 1] >= 0).all() and (data[:, 1] <= source.Rows).all()
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM: the source image
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        if name == "enhanced":
+            assert ref.ReferencedFrameNumber >= 1
+        prob = g.get_measurements(name=hd.sr.CodedConcept("PROB", "99DXNODE", "AI model probability"))[0]
+        assert prob.value == pytest.approx(
+            next(f.probability for f in result.findings if f.label in g.tracking_identifier), abs=1e-5
+        )
+    # The SR references every heatmap SC with an IMAGE content item.
+    sc_uids = {w.sop_instance_uid for w in written if w.kind == "sc"}
+    flat = pydicom.dcmread(sr_path)
+    referenced = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in _walk(flat)
+        if item.get("ValueType") == "IMAGE"
+    }
+    assert sc_uids and sc_uids <= referenced
+
+    off = Settings(report={"attention_roi": False})
+    plain = write_outputs(result, sources, off, tmp_path / "off")
+    sr_off = hd.sr.srread(next(w.path for w in plain if w.kind == "sr"))
+    assert hd.sr.MeasurementReport.from_sequence([sr_off]).get_planar_roi_measurement_groups() == []
+
+
+def _walk(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
+    for item in ds.get("ContentSequence") or []:
+        yield item
+        yield from _walk(item)
+
+
+def test_attention_outline_follows_the_hot_region() -> None:
+    import numpy as np
+
+    from dxnode.report import attention_outline
+
+    cam = np.zeros((10, 20), dtype=np.float32)
+    cam[2:5, 4:9] = 1.0  # rows 2-4, columns 4-8
+    cam[8, 15] = 0.9  # a second, separate hot spot is not the peak's region
+    xy = attention_outline(cam, rows=100, columns=200)  # the source is 10x larger than the map
+    assert np.array_equal(xy[0], xy[-1])
+    assert xy[:, 0].min() == pytest.approx(40, abs=6) and xy[:, 0].max() == pytest.approx(90, abs=6)
+    assert xy[:, 1].min() == pytest.approx(20, abs=6) and xy[:, 1].max() == pytest.approx(50, abs=6)

@@ -60,6 +60,7 @@ from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, 
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
+from dxnode.web.stow import stow_router
 
 log = logging.getLogger("dxnode.web")
 
@@ -465,6 +466,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
         return Response(metrics_text(store), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api_router())
+    app.include_router(stow_router())
     app.include_router(pages_router())
     # Starlette types handlers as taking any Exception; this one only ever gets LoginRequired
     app.add_exception_handler(LoginRequired, login_redirect)  # type: ignore[arg-type]

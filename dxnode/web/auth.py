@@ -188,12 +188,14 @@ def end_session(store: Store, key: object) -> None:
 
 
 def require_read(request: Request) -> Principal:
-    """Dependency: any valid token (401 otherwise)."""
+    """Dependency: a valid read or admin token (401 otherwise; 403 for a STOW-RS-only "store" token)."""
     who = principal(request)
     if who is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
         )
+    if who.role == "store":
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "a 'store' token may only send studies by STOW-RS")
     return who
 
 

@@ -45,6 +45,8 @@ def page_user(request: Request) -> Principal:
     who = principal(request)
     if who is None:
         raise LoginRequired()
+    if who.role == "store":
+        raise HTTPException(403, "a 'store' token may only send studies by STOW-RS")
     return who
 
 

@@ -1,0 +1,177 @@
+"""STOW-RS on the node's web server (PS3.18 10.5): POST /dicomweb/studies[/{study}].
+
+Each part of a ``multipart/related; type="application/dicom"`` body is a Part 10 file. It is
+parsed and validated like a C-STORE (``dxnode.scp.parse_dataset``) and stored by the SCP's own
+durable path (``StorageSCP.store_received``: temporary file, fsync, rename, rows committed)
+before the response lists it as stored, so the contract is the one C-STORE senders get; the
+study then joins the worklist like any other. The response (DICOM JSON) lists stored instances
+and failed ones with a Failure Reason: 200 all stored, 202 some, 409 none. A body over
+``[web] stow_max_body_mb`` is refused with 413 while it is read; a part over
+``stow_max_part_mb`` fails alone. Needs a token with role "store" or "admin".
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import JSONResponse, Response
+from pydicom import dcmread
+from starlette.concurrency import run_in_threadpool
+
+from dxnode.dicomweb import DICOM_JSON, iter_parts, response_body
+from dxnode.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StorageSCP, StoreRefused, parse_dataset
+from dxnode.store import Store, audit
+from dxnode.uids import is_valid_uid
+from dxnode.web.auth import Principal, principal
+
+log = logging.getLogger("dxnode.stow")
+
+# Failure Reason for an instance of another study than the one in the request path.
+STUDY_MISMATCH = 0xC409
+
+
+def require_store(request: Request) -> Principal:
+    """A token whose role may store instances: "store" or "admin" (401 without one, 403 otherwise)."""
+    who = principal(request)
+    if who is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if who.role not in ("store", "admin"):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "STOW-RS needs a token with role 'store' or 'admin'")
+    return who
+
+
+def _boundary(content_type: str) -> str:
+    """The boundary of a multipart/related; type=application/dicom body, else 415."""
+    kind, _, params = content_type.partition(";")
+    values: dict[str, str] = {}
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        values[name.strip().lower()] = value.strip().strip('"')
+    if kind.strip().lower() != "multipart/related" or values.get("type", "").lower() != "application/dicom":
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, 'expected multipart/related; type="application/dicom"'
+        )
+    if not values.get("boundary") or len(values["boundary"]) > 200:  # RFC 2046 says 70; Orthanc sends 73
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "multipart/related body without a valid boundary")
+    return values["boundary"]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _store_part(scp: StorageSCP, data: bytes, study: str | None, who: Principal) -> tuple[str, str, int, str]:
+    """Parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment)."""
+    cls = inst = ""
+    try:
+        try:
+            ds = dcmread(BytesIO(data), stop_before_pixels=True)
+            meta = ds.file_meta
+            cls, inst = str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
+            syntax = str(meta.TransferSyntaxUID)
+        except Exception as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {type(exc).__name__}") from exc
+        if str(ds.get("SOPClassUID", cls)) != cls:
+            raise StoreRefused(CANNOT_UNDERSTAND, "SOPClassUID differs from the file meta")
+        rec = parse_dataset(ds, cls, inst, syntax)
+        if study is not None and rec.study_instance_uid != study:
+            return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
+        scp.store_received(rec, lambda: data, "", who.address, actor=f"stow:{who.name}")
+        return cls, inst, 0, ""
+    except StoreRefused as exc:
+        # A hostile UID is never echoed back.
+        return cls if is_valid_uid(cls) else "", inst if is_valid_uid(inst) else "", exc.status, exc.comment
+    except Exception as exc:  # one bad part must not fail the others
+        log.exception("STOW-RS part failed: %s", exc)
+        return cls if is_valid_uid(cls) else "", inst if is_valid_uid(inst) else "", OUT_OF_RESOURCES, str(exc)
+
+
+def _store_all(request: Request, body: bytes, boundary: str, study: str | None, who: Principal) -> dict[str, Any]:
+    """Store every part in order; the PS3.18 response pieces."""
+    settings = request.app.state.settings
+    store: Store = request.app.state.store
+    scp = getattr(request.app.state, "stow_scp", None)
+    if scp is None:  # the SCP's storing path, without its listeners
+        scp = request.app.state.stow_scp = StorageSCP(settings, store)
+        scp.incoming.mkdir(parents=True, exist_ok=True)
+    part_limit = int(settings.web.stow_max_part_mb * 1024 * 1024)
+    stored: list[tuple[str, str, str]] = []
+    failed: list[tuple[str, str, int]] = []
+    comments: list[str] = []
+    try:
+        parts = list(iter_parts(body, boundary))
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed multipart body: {exc}") from exc
+    if not parts:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "multipart body without parts")
+    for headers, data in parts:
+        part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+        if part_type != "application/dicom":
+            failed.append(("", "", CANNOT_UNDERSTAND))
+            comments.append(f"part of type {part_type[:64]!r}: only application/dicom is accepted")
+            continue
+        if len(data) > part_limit:
+            failed.append(("", "", OUT_OF_RESOURCES))
+            comments.append(f"part larger than [web] stow_max_part_mb = {settings.web.stow_max_part_mb}")
+            continue
+        cls, inst, reason, comment = _store_part(scp, data, study, who)
+        if reason:
+            failed.append((cls, inst, reason))
+            comments.append(f"{inst or 'instance'}: 0x{reason:04X} {comment}")
+        else:
+            stored.append((cls, inst, ""))
+    with store.session() as session:
+        audit(
+            session,
+            who.name,
+            "stow.received",
+            target=f"study:{study}" if study else "",
+            source=who.address,
+            stored=len(stored),
+            failed=len(failed),
+        )
+    for line in comments:
+        log.warning("STOW-RS from %s (%s): %s", who.name, who.address, line)
+    return {"stored": stored, "failed": failed}
+
+
+def stow_router() -> APIRouter:
+    """The STOW-RS endpoints (outside the OpenAPI schema: PS3.18 defines them)."""
+    router = APIRouter()
+
+    async def stow(request: Request, study: str | None) -> Response:
+        who = require_store(request)
+        if study is not None and not is_valid_uid(study):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the study in the path is not a valid UID")
+        boundary = _boundary(request.headers.get("content-type", ""))
+        settings = request.app.state.settings
+        body = await _read_body(request, int(settings.web.stow_max_body_mb * 1024 * 1024))
+        outcome = await run_in_threadpool(_store_all, request, body, boundary, study, who)
+        stored, failed = outcome["stored"], outcome["failed"]
+        code = 200 if not failed else 202 if stored else 409
+        return JSONResponse(response_body(stored, failed), status_code=code, media_type=DICOM_JSON)
+
+    @router.post("/dicomweb/studies", include_in_schema=False)
+    async def stow_any(request: Request) -> Response:
+        return await stow(request, None)
+
+    @router.post("/dicomweb/studies/{study}", include_in_schema=False)
+    async def stow_study(request: Request, study: str) -> Response:
+        return await stow(request, study)
+
+    return router
