@@ -121,6 +121,9 @@ class PipelineSettings(Section):
     body_parts: list[str] = []  # empty = any body part
     max_frames: int = Field(8, ge=1)
     windows: list[WindowPreset] = []
+    # JPEG 2000 decoded at the reduced level whose longest side is at most this (0 = always full size)
+    decode_max_side: int = Field(1024, ge=0)
+    decode_threads: int = Field(0, ge=0)  # JPEG 2000 decoder threads (0 = every core, at most 4)
 
 
 class ModelSettings(Section):

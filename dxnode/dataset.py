@@ -35,6 +35,7 @@ from dxnode.pipeline import (
     dataset_window,
     frame_from_values,
     is_image_file,
+    j2k_reduce,
     modality_values,
     preset_window,
     read_dataset,
@@ -257,7 +258,7 @@ def load_tensor(
     else:
         ds = read_dataset(sample.path)
         try:
-            idx, values = modality_values(ds, 1)[0]
+            idx, values = modality_values(ds, 1, j2k_reduce(settings, prep))[0]
             window = _window(ds, values, settings) if values.ndim == 2 else None
             if window is not None:
                 c, w = window
