@@ -145,12 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         t_torch, t_ort = (
             t / n
             for t in timed_pair(
-                lambda: clf.predict(x_dev), lambda: session.run(None, {"input": x.numpy()}), args.repeat, sync
+                lambda x_dev=x_dev: clf.predict(x_dev),
+                lambda x=x: session.run(None, {"input": x.numpy()}),
+                args.repeat,
+                sync,
             )
         )
         t_plain, t_cam = (
             t / n
-            for t in timed_pair(lambda: clf.predict(x_dev), lambda: clf.predict_with_cam(x_dev), args.repeat, sync)
+            for t in timed_pair(
+                lambda x_dev=x_dev: clf.predict(x_dev),
+                lambda x_dev=x_dev: clf.predict_with_cam(x_dev),
+                args.repeat,
+                sync,
+            )
         )
         rows.append((f"model stage, batch {n}: PyTorch per image", f"{t_torch * 1e3:8.2f} ms"))
         rows.append(
@@ -188,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     lung_full = lung.model_copy(update={"decode_max_side": 0})  # every row below: full resolution
     for label, name in DECODE_FILES.items():
         path = DATA / name
-        t_read = timed(lambda: read_frames(path, lung_full, prep), args.repeat)
+        t_read = timed(lambda path=path: read_frames(path, lung_full, prep), args.repeat)
         f = read_frames(path, lung_full, prep)[0]
-        t_tensor = timed(lambda: to_tensor(f, prep), args.repeat)
+        t_tensor = timed(lambda f=f: to_tensor(f, prep), args.repeat)
         rows.append(
             (
                 f"decode+LUT+window {label}, full size",
@@ -201,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("RG1_J2KR.dcm", "RG1_J2KI.dcm"):
         path = DATA / name
         t_full, t_reduced = timed_pair(
-            lambda: to_tensor(read_frames(path, lung_full, prep)[0], prep),
-            lambda: to_tensor(read_frames(path, lung, prep)[0], prep),
+            lambda path=path: to_tensor(read_frames(path, lung_full, prep)[0], prep),
+            lambda path=path: to_tensor(read_frames(path, lung, prep)[0], prep),
             args.repeat,
         )
         shape = read_frames(path, lung, prep)[0].image.shape

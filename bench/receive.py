@@ -37,7 +37,8 @@ PYNETDICOM_SCP = textwrap.dedent(
     from pathlib import Path
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from dxnode.scp import set_tcp_nodelay
+    import threading
+    from dxnode.scp import NoDelayServer
 
     out = Path(sys.argv[2])
 
@@ -50,7 +51,8 @@ PYNETDICOM_SCP = textwrap.dedent(
     ae.maximum_pdu_size = 262144
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    server = set_tcp_nodelay(ae.start_server(("127.0.0.1", int(sys.argv[1])), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]))
+    server = ae.make_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, on_store)], server_class=NoDelayServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()
     server.shutdown()

@@ -104,10 +104,9 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
                     probabilities=o.probabilities,
                 )
             )
-        if not done:
-            if not failed:
-                job.log += "\nno instance matched the pipeline rules: nothing to report"
-                return "skipped"
+        if not done and not failed:
+            job.log += "\nno instance matched the pipeline rules: nothing to report"
+            return "skipped"
     if not done:  # raised after the commit, so the per-instance reasons stay recorded
         raise NothingToAnalyze("no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed}))[:2000])
     with store.session() as session:

@@ -8,37 +8,51 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from dxnode import __version__
 from dxnode.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from dxnode.model import Classifier
+    from dxnode.store import Store
 
 log = logging.getLogger("dxnode")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+def _plain(value: Any) -> Any:
+    """JSON-ready data: pydantic models (the read models of dxnode.queries) as the API serialises them."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def print_json(value: Any) -> None:
     """Print one JSON document to stdout."""
-    json.dump(value, sys.stdout, indent=2, default=str)
+    json.dump(_plain(value), sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+def print_table(items: Sequence[BaseModel] | Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """Print rows as a plain aligned text table."""
+    rows: list[dict[str, Any]] = [_plain(r) for r in items]
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in columns))
 
 
-def open_store(settings: Settings, migrate: bool = True) -> Any:
-    """Open the configured database, applying migrations first when asked."""
-    from dxnode.store import Store, upgrade
+def open_store(settings: Settings, migrate: bool = True) -> Store:
+    """Open the configured database as the daemon does (dxnode.store.open_store, imported when needed)."""
+    from dxnode.store import open_store as open_node_store
 
-    if migrate:
-        upgrade(settings.database.url)
-    return Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
+    return open_node_store(settings, migrate)
 
 
 # --- node --------------------------------------------------------------------------------------
@@ -84,6 +98,26 @@ def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the effective configuration (file + environment), secrets masked."""
+    from dxnode.config import masked, to_toml
+
+    data = masked(settings)
+    if args.json:
+        print_json(data)
+    else:
+        print(f"# effective configuration: {settings.source} + DXNODE_* environment; secrets masked")
+        print(to_toml(data), end="")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Validate a config file (and the environment); exit 2 naming the bad key."""
+    checked = load_settings(args.path or args.config)  # ConfigError is reported by main()
+    print(f"{checked.source}: ok")
+    return 0
+
+
 # --- queries -----------------------------------------------------------------------------------
 
 
@@ -116,10 +150,11 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     """List jobs."""
     from dxnode.queries import JobFilter, list_jobs
+    from dxnode.states import JobState
 
     store = open_store(settings)
     with store.session() as session:
-        rows = list_jobs(session, JobFilter(state=args.state, limit=args.limit))
+        rows = list_jobs(session, JobFilter(state=JobState(args.state) if args.state else None, limit=args.limit))
     if args.json:
         print_json(rows)
     else:
@@ -187,11 +222,12 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     """List outbox deliveries."""
-    from dxnode.dispatch import list_deliveries
+    from dxnode.queries import list_deliveries
+    from dxnode.states import DeliveryState
 
     store = open_store(settings)
     with store.session() as session:
-        rows = list_deliveries(session, state=args.state, limit=args.limit)
+        rows = list_deliveries(session, state=DeliveryState(args.state) if args.state else None, limit=args.limit)
     if args.json:
         print_json(rows)
     else:
@@ -244,7 +280,7 @@ def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
 # --- models ------------------------------------------------------------------------------------
 
 
-def load_model_or_say_why(settings: Settings, bundle: str | None) -> Any:
+def load_model_or_say_why(settings: Settings, bundle: str | None) -> Classifier | None:
     """The configured (or given) model, or None after printing why it cannot be loaded."""
     from dxnode.model import BundleError, load_classifier
 
@@ -258,6 +294,7 @@ def load_model_or_say_why(settings: Settings, bundle: str | None) -> Any:
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     """Run the model on files directly; exit 1 if any file failed, 2 if the model cannot load."""
     from dxnode.model import predict_file, save_png
+    from dxnode.queries import PredictionOut
 
     classifier = load_model_or_say_why(settings, args.model)
     if classifier is None:
@@ -273,7 +310,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
             )
             heatmap = str(save_png(pred.heatmap, Path(args.heatmap_dir) / f"{safe}.png"))
         failed += pred.error is not None
-        results.append(pred.to_dict(heatmap))
+        results.append(PredictionOut.model_validate(pred.to_dict(heatmap)))
         if not args.json:
             if pred.error:
                 print(f"{name}: ERROR {pred.error}")
@@ -300,7 +337,7 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     info = classifier.manifest.to_dict()
     if len(info["labels"]) > 20:
-        info["labels"] = info["labels"][:10] + [f"... {len(info['labels']) - 10} more"]
+        info["labels"] = [*info["labels"][:10], f"... {len(info['labels']) - 10} more"]
         info["thresholds"] = info["thresholds"][:10]
     info["device"] = str(classifier.device)
     info["weights_check"] = "built-in demo weights" if classifier.manifest.demo else "sha256 matches"
@@ -379,9 +416,23 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless it is empty or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(prog="dxnode", description="dxnode: a DICOM AI node beside your PACS.")
+    from dxnode.states import DeliveryState, JobState
+
+    p = argparse.ArgumentParser(
+        prog="dxnode", description="dxnode: a DICOM AI node beside your PACS.", formatter_class=HelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"dxnode {__version__}")
     p.add_argument(
         "--config",
@@ -392,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
         sp.set_defaults(handler=handler)
         return sp
 
@@ -403,23 +454,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("echo", cmd_echo, "C-ECHO a DICOM node (verification)")
     sp.add_argument("host")
     sp.add_argument("port", type=int)
-    sp.add_argument("--aec", default="ANY-SCP", help="called AE title (default ANY-SCP)")
+    sp.add_argument("--aec", default="ANY-SCP", help="called AE title")
     sp.add_argument("--aet", help="calling AE title (default: [node] ae_title)")
-    sp.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
+    sp.add_argument("--timeout", type=float, default=10, help="seconds")
 
     db = add("db", lambda a, s: (build_parser().parse_args(["db", "--help"]), 2)[1], "database schema")
     dbs = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     dbs.add_parser("upgrade", help="apply migrations").set_defaults(handler=cmd_db_upgrade)
     dbs.add_parser("current", help="print the schema revision").set_defaults(handler=cmd_db_current)
 
+    cfg = add("config", lambda a, s: 2, "show or check the configuration")
+    cfs = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cs = cfs.add_parser("show", help="print the effective configuration (file + environment), secrets masked")
+    cs.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    cs.set_defaults(handler=cmd_config_show)
+    cc = cfs.add_parser("check", help="validate a config file and the DXNODE_* environment; exit 2 naming the bad key")
+    cc.add_argument(
+        "path", nargs="?", metavar="PATH", help="config file (default: --config, $DXNODE_CONFIG or bundled)"
+    )
+    cc.set_defaults(handler=cmd_config_check, own_settings=True)
+
     sp = add("studies", cmd_studies, "list received studies")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
-    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--limit", type=int, default=100, help="most rows printed")
 
     sp = add("jobs", cmd_jobs, "list jobs")
-    sp.add_argument("--state", choices=["queued", "running", "done", "failed", "skipped"])
+    sp.add_argument("--state", choices=[str(s) for s in JobState], help="only jobs in this state")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
-    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--limit", type=int, default=100, help="most rows printed")
 
     sp = add("requeue", cmd_requeue, "queue a study's analysis again")
     sp.add_argument("study", help="Study Instance UID")
@@ -427,19 +489,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("study", help="Study Instance UID")
 
     sp = add("results", cmd_results, "list study-level findings")
-    sp.add_argument("--label")
-    sp.add_argument("--min-prob", type=float)
+    sp.add_argument("--label", help="only this label")
+    sp.add_argument("--min-prob", type=float, help="only probabilities at or above this (0 to 1)")
     sp.add_argument("--positive", action="store_true", help="positive findings only")
     sp.add_argument("--since", help="date YYYY-MM-DD (UTC)")
-    sp.add_argument("--limit", type=int, default=1000)
+    sp.add_argument("--limit", type=int, default=1000, help="most rows printed")
     fmt = sp.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="print one JSON array")
+    fmt.add_argument("--csv", action="store_true", help="print CSV (the columns of /api/results.csv)")
 
     sp = add("outbox", cmd_outbox, "list deliveries of results to destinations")
-    sp.add_argument("--state", choices=["pending", "sent", "failed"])
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--state", choices=[str(s) for s in DeliveryState], help="only deliveries in this state")
+    sp.add_argument("--json", action="store_true", help="print one JSON array")
+    sp.add_argument("--limit", type=int, default=100, help="most rows printed")
     sp = add("resend", cmd_resend, "re-queue delivery of an output (SOP Instance UID) or of a study's outputs")
     sp.add_argument("target", metavar="OUTPUT_OR_STUDY")
 
@@ -448,15 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", metavar="BUNDLE", help="model bundle folder (default: [model] bundle)")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
     sp.add_argument("--heatmap-dir", metavar="DIR", help="write Grad-CAM overlay PNGs here")
-    sp.add_argument("--top", type=int, default=3, help="findings shown per file (default 3)")
+    sp.add_argument("--top", type=int, default=3, help="findings shown per file")
 
     model = add("model", lambda a, s: 2, "model bundles")
     ms = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    mi = ms.add_parser("info", help="print a bundle's manifest and check its weights checksum")
+    mi = ms.add_parser(
+        "info", help="print a bundle's manifest and check its weights checksum", formatter_class=HelpFormatter
+    )
     mi.add_argument("bundle", nargs="?", help="bundle folder (default: the configured model)")
-    mi.add_argument("--json", action="store_true")
+    mi.add_argument("--json", action="store_true", help="print one JSON object")
     mi.set_defaults(handler=cmd_model_info)
-    mn = ms.add_parser("init-imagenet", help="make a bundle from torchvision's resnet18-f37072fd.pth")
+    mn = ms.add_parser(
+        "init-imagenet", help="make a bundle from torchvision's resnet18-f37072fd.pth", formatter_class=HelpFormatter
+    )
     mn.add_argument("path", help="bundle folder to create")
     mn.add_argument("--weights", help="the .pth file (default: [model] imagenet_weights or the torch hub cache)")
     mn.set_defaults(handler=cmd_model_init_imagenet)
@@ -500,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings(args.config)
+        # `config check` reads the file it is given itself: a broken default must not stop it
+        settings = Settings.model_construct() if getattr(args, "own_settings", False) else load_settings(args.config)
     except ConfigError as exc:
         print(f"dxnode: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -512,6 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # an admin gets one line and an exit status, not a traceback
+        log.debug("traceback", exc_info=True)
+        message = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
+        print(f"dxnode {args.command}: {message or type(exc).__name__}".splitlines()[0], file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

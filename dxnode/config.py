@@ -181,6 +181,11 @@ class WebSettings(Section):
     session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
     max_upload_mb: float = Field(64, gt=0)
     keep_uploads: bool = False
+    session_hours: float = Field(12, gt=0)  # a login lasts this long; logging out ends it at once
+    trusted_origins: list[str] = []  # extra origins for cookie POSTs, e.g. behind a proxy that rewrites Host
+    login_free_attempts: int = Field(10, ge=1)  # failed token guesses per client address per hour before delays
+    login_delay_s: float = Field(1, gt=0)  # the first delay after those; it doubles with each further failure
+    login_max_delay_s: float = Field(900, gt=0)
 
 
 class LoggingSettings(Section):
@@ -281,3 +286,56 @@ def _describe(exc: ValidationError) -> str:
             + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
         )
     return "; ".join(lines)
+
+
+SECRET = "********"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with secrets hidden: token values, the session secret, database passwords."""
+    from sqlalchemy.engine import make_url
+
+    data = settings.model_dump(mode="json", exclude={"source"})
+    for token in data["web"]["tokens"]:
+        token["token"] = SECRET
+    if data["web"]["session_secret"]:
+        data["web"]["session_secret"] = SECRET
+    data["database"]["url"] = make_url(data["database"]["url"]).render_as_string(hide_password=True)
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value (strings JSON-quoted, which TOML accepts for these characters)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Settings data as a TOML document in the bundled file's layout (a value of None is left out: its default)."""
+    lines: list[str] = []
+
+    def table(header: str, values: dict[str, Any]) -> None:
+        nested = {k: v for k, v in values.items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)}
+        lines.append(header)
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in nested and v is not None)
+        lines.append("")
+        for key, items in nested.items():
+            for item in items:
+                table(f"[[{header.strip('[]')}.{key}]]", item)
+
+    for section, values in data.items():
+        if isinstance(values, list):
+            for item in values:
+                table(f"[[{section}]]", item)
+        else:
+            table(f"[{section}]", values)
+    return "\n".join(lines)

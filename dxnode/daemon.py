@@ -10,21 +10,22 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
 from dxnode.config import Settings
-from dxnode.store import Store, upgrade
+from dxnode.store import Store, open_store
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from dxnode.model import Classifier
+    from dxnode.web.server import WebServer
 
 log = logging.getLogger("dxnode.daemon")
-
-
-def open_node_store(settings: Settings) -> Store:
-    """Create the data dir, migrate the database and open it."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.database.url)
-    return Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
+Readiness = Callable[[], dict[str, bool]]
 
 
 def safe_url(url: str) -> str:
@@ -32,7 +33,7 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _load_model(settings: Settings) -> Any:
+def _load_model(settings: Settings) -> Classifier:
     """Load the configured model once, so a missing or tampered bundle stops the node at start."""
     from dxnode.model import load_classifier
 
@@ -49,7 +50,7 @@ def _load_model(settings: Settings) -> Any:
     return classifier
 
 
-def _start_scheduler(settings: Settings, store: Store) -> Any:
+def _start_scheduler(settings: Settings, store: Store) -> BackgroundScheduler:
     """The background jobs: sweep for stable studies, run queued jobs, send the outbox."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -77,7 +78,7 @@ def _start_scheduler(settings: Settings, store: Store) -> Any:
     return scheduler
 
 
-def _start_web(settings: Settings, store: Store, readiness: Any) -> Any:
+def _start_web(settings: Settings, store: Store, readiness: Readiness) -> WebServer:
     """Serve the REST API and pages; print how to log in."""
     from dxnode.web.app import create_app
     from dxnode.web.server import WebServer
@@ -110,7 +111,7 @@ def serve(settings: Settings, web: bool = True) -> int:
     from dxnode import worklist
     from dxnode.scp import StorageSCP
 
-    store = open_node_store(settings)
+    store = open_store(settings)
     log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
     worklist.recover(store, settings)
     classifier = _load_model(settings) if settings.worklist.run_jobs or web else None
@@ -141,7 +142,7 @@ def serve(settings: Settings, web: bool = True) -> int:
 
 def serve_web_only(settings: Settings) -> int:
     """Run only the web stage against the configured database."""
-    store = open_node_store(settings)
+    store = open_store(settings)
     classifier = _load_model(settings)
 
     def readiness() -> dict[str, bool]:

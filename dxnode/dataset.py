@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from pydicom import Dataset
 
 from dxnode.config import PipelineSettings
 from dxnode.pipeline import (
@@ -230,16 +231,16 @@ class Augment:
     hflip: bool = False
 
 
-def _window(ds: object, values: np.ndarray, settings: PipelineSettings) -> tuple[float, float] | None:
+def _window(ds: Dataset | None, values: np.ndarray, settings: PipelineSettings) -> tuple[float, float] | None:
     """The LINEAR window inference would use for this frame, to jitter; None when inference uses
     something else (a VOI LUT sequence, a SIGMOID or LINEAR_EXACT function), which is then left as is."""
-    w = preset_window(ds, settings)  # type: ignore[arg-type]
+    w = preset_window(ds, settings)
     if w is not None:
         return w
-    own = dataset_window(ds)  # type: ignore[arg-type]
+    own = dataset_window(ds)
     if own is not None:
         return own[:2] if own[2] == "LINEAR" else None
-    if ds is not None and "VOILUTSequence" not in ds:  # type: ignore[operator]
+    if ds is not None and "VOILUTSequence" not in ds:
         return auto_window(values)
     return None
 
@@ -297,7 +298,7 @@ def _augment_tensor(x: torch.Tensor, prep: Preprocessing, a: Augment, rng: np.ra
     return (img.clamp(0, 1) - mean) / std
 
 
-class TorchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class TorchDataset(torch.utils.data.Dataset):
     """Samples as (input, target) pairs; a sample that fails to load gives None (dropped by collate)."""
 
     def __init__(

@@ -25,7 +25,6 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from apscheduler.schedulers.base import BaseScheduler
@@ -39,7 +38,6 @@ from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Destination, Settings
-from dxnode.queries import iso
 from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.dispatch")
@@ -378,50 +376,6 @@ def resend(session: Session, target: str, actor: str = "cli", source: str = "") 
     if rows:
         audit(session, actor, "delivery.resend", target=target, source=source, rows=len(rows))
     return len(rows)
-
-
-def list_deliveries(
-    session: Session,
-    state: str | None = None,
-    destination: str | None = None,
-    limit: int = 100,
-    offset: int = 0,
-    study_instance_uid: str | None = None,
-) -> list[dict[str, Any]]:
-    """Outbox rows as JSON objects, newest first."""
-    q = (
-        select(Delivery, Output, Study.study_instance_uid)
-        .join(Output, Output.id == Delivery.output_id)
-        .join(Study, Study.id == Output.study_id)
-    )
-    if state:
-        q = q.where(Delivery.state == state)
-    if destination:
-        q = q.where(Delivery.destination == destination)
-    if study_instance_uid:
-        q = q.where(Study.study_instance_uid == study_instance_uid)
-    q = q.order_by(Delivery.id.desc()).limit(limit).offset(offset)
-    return [
-        {
-            "id": d.id,
-            "output_sop_instance_uid": o.sop_instance_uid,
-            "kind": o.kind,
-            "label": o.label,
-            "study_instance_uid": study_uid,
-            "destination": d.destination,
-            "ae_title": d.ae_title,
-            "host": d.host,
-            "port": d.port,
-            "state": d.state,
-            "attempts": d.attempts,
-            "next_attempt_at": iso(d.next_attempt_at),
-            "last_error": d.last_error,
-            "dimse_status": d.dimse_status,
-            "created_at": iso(d.created_at),
-            "sent_at": iso(d.sent_at),
-        }
-        for d, o, study_uid in session.execute(q)
-    ]
 
 
 def schedule(scheduler: BaseScheduler, store: Store, settings: Settings) -> None:

@@ -13,9 +13,14 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dxnode.config import Settings
+    from dxnode.dataset import Sample
+    from dxnode.model import Classifier
 
 BOOTSTRAP = 1000
 
@@ -72,17 +77,6 @@ def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     return float(positives[min(k, len(positives) - 1)])
 
 
-def predicted_positive(probs: np.ndarray, thresholds: list[float], task: str) -> np.ndarray:
-    """The node's call per image and label (as Classifier.positive): at or above the threshold, and
-    for multiclass only the top class."""
-    pos = probs >= np.asarray(thresholds, dtype=np.float64)
-    if task == "multiclass" and len(probs):
-        top = np.zeros_like(pos)
-        top[np.arange(len(probs)), probs.argmax(axis=1)] = True
-        pos &= top
-    return pos
-
-
 def compute_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -95,7 +89,9 @@ def compute_metrics(
     """Per-label and mean metrics in the metrics.json layout; the operating point is the node's call."""
     out: dict[str, Any] = {"labels": {}}
     aucs = []
-    called = predicted_positive(probs, thresholds, task)
+    from dxnode.model import positive_call
+
+    called = positive_call(probs, thresholds, task)
     for j, label in enumerate(labels):
         y, p, t = y_true[:, j] > 0.5, probs[:, j], thresholds[j]
         pred = called[:, j]
@@ -185,7 +181,9 @@ def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], p
     plt.close(fig)
 
 
-def predict_samples(classifier: Any, samples: list[Any], settings: Any) -> tuple[np.ndarray, list[Any]]:
+def predict_samples(
+    classifier: Classifier, samples: list[Sample], settings: Settings
+) -> tuple[np.ndarray, list[Sample]]:
     """Probabilities of each sample as the node computes them (dxnode.model.predict_file); failures left out."""
     from dxnode.model import predict_file
 
@@ -251,7 +249,7 @@ def evaluate(
     bundle: Path,
     data: Path,
     out: Path,
-    settings: Any,
+    settings: Settings,
     images: Path | None = None,
     split: str | None = None,
     seed: int = 0,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from dxnode.states import JobState
+
 INSTANCES_RECEIVED = Counter(
     "dxnode_instances_received_total", "C-STORE instances stored and acknowledged", ["calling_aet"]
 )
@@ -32,3 +34,5 @@ DELIVERIES_FAILED = Counter("dxnode_deliveries_failed_total", "Delivery attempts
 
 # Export the labelled series at zero from the start, so dashboards and alerts see them before the first event.
 ASSOCIATIONS_REJECTED.labels(reason="calling_aet")
+for _state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED):
+    JOBS_FINISHED.labels(state=_state)

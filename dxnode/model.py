@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,29 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Model outputs as probabilities: softmax over the labels for multiclass, a sigmoid per label otherwise."""
+    return torch.softmax(logits, dim=1) if task == "multiclass" else torch.sigmoid(logits)
+
+
+def positive_call(probs: np.ndarray, thresholds: Sequence[float], task: str) -> np.ndarray:
+    """Which labels are positive, for one row [L] or rows [N, L]: at or above the label's threshold,
+    and for multiclass only the top class of its row. (The node, evaluation and training all call this.)"""
+    rows = np.atleast_2d(probs)
+    pos = rows >= np.asarray(thresholds, dtype=np.float64)
+    if task == "multiclass" and len(rows):
+        top = np.zeros_like(pos)
+        top[np.arange(len(rows)), rows.argmax(axis=1)] = True
+        pos &= top
+    return pos.reshape(np.shape(probs))
+
+
+def aggregate(probs: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label probabilities of a study (or file) from its frames' rows [N, L] by [model] aggregate
+    ("max" or "mean"), and for each label the row that drove it (its highest)."""
+    return (probs.mean(axis=0) if how == "mean" else probs.max(axis=0)), probs.argmax(axis=0)
+
+
 class Classifier:
     """A loaded ResNet-18 with its manifest; thread-safe inference."""
 
@@ -212,14 +236,24 @@ class Classifier:
             manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task
         )
         self._lock = threading.Lock()
+        # torchvision is untyped: name the ResNet's parts once, as typed modules
+        self._trunk = [
+            self.net.get_submodule(name)
+            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        ]
+        self._avgpool = self.net.get_submodule("avgpool")
+        fc = self.net.get_submodule("fc")
+        if not isinstance(fc, torch.nn.Linear):
+            raise TypeError(f"not a ResNet: its fc is a {type(fc).__name__}")
+        self._fc = fc
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        for module in self._trunk:
+            x = module(x)
+        return x
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=1) if self.manifest.task == "multiclass" else torch.sigmoid(logits)
+        return probabilities(logits, self.manifest.task)
 
     def predict(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities [N, L] for a batch of input tensors [N, 3, S, S]."""
@@ -232,23 +266,17 @@ class Classifier:
             for start in range(0, len(batch), self.batch_size):
                 x = batch[start : start + self.batch_size].to(self.device)
                 feats = self._features(x)
-                logits = self.net.fc(torch.flatten(self.net.avgpool(feats), 1))
+                logits = self._fc(torch.flatten(self._avgpool(feats), 1))
                 probs.append(self._probabilities(logits).float().cpu())
                 if cams:
-                    maps.append(torch.einsum("lc,nchw->nlhw", self.net.fc.weight, feats).float().cpu())
+                    maps.append(torch.einsum("lc,nchw->nlhw", self._fc.weight, feats).float().cpu())
         p = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.manifest.labels)), np.float32)
         m = torch.cat(maps).numpy() if maps else np.zeros((0,), np.float32)
         return p, m
 
     def positive(self, probs: np.ndarray) -> np.ndarray:
         """Which labels are positive: at or above threshold; for multiclass also the top class only."""
-        thr = np.asarray(self.manifest.thresholds)
-        pos = probs >= thr
-        if self.manifest.task == "multiclass":
-            top = np.zeros_like(pos)
-            top[np.argmax(probs)] = True
-            pos &= top
-        return pos
+        return positive_call(probs, self.manifest.thresholds, self.manifest.task)
 
 
 def normalise_cam(raw: np.ndarray) -> np.ndarray:
@@ -447,8 +475,7 @@ def analyze_study(
     findings: list[Finding] = []
     heatmaps: list[Heatmap] = []
     if inputs:
-        study = probs.mean(axis=0) if settings.model.aggregate == "mean" else probs.max(axis=0)
-        driver = probs.argmax(axis=0)
+        study, driver = aggregate(probs, settings.model.aggregate)
         positive = classifier.positive(study)
         order = np.argsort(study)[::-1]
         if len(labels) > 20:
@@ -512,8 +539,7 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
     except PipelineError as exc:
         return FilePrediction(str(path), [], classifier.identity, None, str(exc))
     probs, cams = _run_frames(classifier, [_Input(f.sop_instance_uid, f) for f in frames])
-    agg = probs.mean(axis=0) if settings.model.aggregate == "mean" else probs.max(axis=0)
-    driver = probs.argmax(axis=0)
+    agg, driver = aggregate(probs, settings.model.aggregate)
     positive = classifier.positive(agg)
     labels = classifier.manifest.labels
     order = np.argsort(agg)[::-1][: top_k or len(labels)]

@@ -54,6 +54,12 @@ class PipelineError(Exception):
         super().__init__(" ".join(str(reason).split())[:500])
 
 
+def _three(values: Any) -> tuple[float, float, float]:
+    """Three floats (a per-channel mean or std) from a manifest list."""
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a bundle wants its input made (stored in the bundle manifest)."""
@@ -84,9 +90,9 @@ class Preprocessing:
             input_size=int(d.get("input_size", 224)),
             resize=d.get("resize", "letterbox"),
             channels=d.get("channels", "replicate"),
-            windows=tuple(tuple(map(float, w)) for w in d.get("windows", ())),  # type: ignore[misc]
-            mean=tuple(map(float, d.get("mean", cls.mean))),
-            std=tuple(map(float, d.get("std", cls.std))),  # type: ignore[arg-type]
+            windows=tuple((float(w[0]), float(w[1])) for w in d.get("windows", ())),
+            mean=_three(d.get("mean", cls.mean)),
+            std=_three(d.get("std", cls.std)),
         )
 
 
@@ -130,7 +136,7 @@ def frame_indices(n_frames: int, max_frames: int) -> list[int]:
     """At most max_frames frame indices, evenly spaced over the instance."""
     if n_frames <= max_frames:
         return list(range(n_frames))
-    return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, max_frames)})
+    return sorted({round(i) for i in np.linspace(0, n_frames - 1, max_frames)})
 
 
 def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, np.ndarray]:

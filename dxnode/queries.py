@@ -1,4 +1,8 @@
-"""Read queries over the store, shared by the CLI and the REST API (one implementation each)."""
+"""The read model: every query the CLI, the REST API and the pages show, one implementation each.
+
+Each query returns pydantic models, so the REST API's OpenAPI document describes every response
+body and ``--json`` on the CLI prints the same objects. Times are ISO 8601 UTC text ("...Z").
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dxnode.store import FindingRow, Job, Study
+from dxnode.states import DeliveryState, JobState
+from dxnode.store import Delivery, FindingRow, InstanceResult, Job, Output, Series, Study
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -35,7 +41,7 @@ class StudyFilter:
 class JobFilter:
     """Filters of the jobs listing."""
 
-    state: str | None = None
+    state: JobState | None = None
     since: dt.datetime | None = None
     study_instance_uid: str | None = None
     limit: int = 100
@@ -50,27 +56,46 @@ def study_state(session: Session, study: Study) -> str:
     return job.state if job else "receiving"
 
 
-def study_dict(session: Session, study: Study) -> dict[str, Any]:
-    """JSON object of a study."""
-    return {
-        "id": study.id,
-        "study_instance_uid": study.study_instance_uid,
-        "patient_id": study.patient_id,
-        "patient_name": study.patient_name,
-        "accession_number": study.accession_number,
-        "study_date": study.study_date,
-        "study_description": study.study_description,
-        "modalities": study.modalities,
-        "calling_aet": study.calling_aet,
-        "num_instances": study.num_instances,
-        "first_received_at": iso(study.first_received_at),
-        "last_received_at": iso(study.last_received_at),
-        "ignored": study.ignored,
-        "state": study_state(session, study),
-    }
+class StudyOut(BaseModel):
+    """A received study."""
+
+    id: int
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    study_date: str
+    study_description: str
+    modalities: str  # backslash-separated
+    calling_aet: str
+    num_instances: int
+    first_received_at: str | None
+    last_received_at: str | None
+    ignored: bool
+    state: str  # the newest job's state, "receiving" before the first job, or "ignored"
 
 
-def list_studies(session: Session, f: StudyFilter) -> list[dict[str, Any]]:
+def study_out(session: Session, study: Study) -> StudyOut:
+    """The read model of a study row."""
+    return StudyOut(
+        id=study.id,
+        study_instance_uid=study.study_instance_uid,
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_description=study.study_description,
+        modalities=study.modalities,
+        calling_aet=study.calling_aet,
+        num_instances=study.num_instances,
+        first_received_at=iso(study.first_received_at),
+        last_received_at=iso(study.last_received_at),
+        ignored=study.ignored,
+        state=study_state(session, study),
+    )
+
+
+def list_studies(session: Session, f: StudyFilter) -> list[StudyOut]:
     """Studies matching the filter, most recently received first."""
     q = select(Study)
     if f.patient_id:
@@ -86,27 +111,49 @@ def list_studies(session: Session, f: StudyFilter) -> list[dict[str, Any]]:
     if f.calling_aet:
         q = q.where(Study.calling_aet == f.calling_aet)
     q = q.order_by(Study.last_received_at.desc(), Study.id.desc()).limit(f.limit).offset(f.offset)
-    return [study_dict(session, s) for s in session.scalars(q)]
+    return [study_out(session, s) for s in session.scalars(q)]
 
 
-def job_dict(job: Job, study_uid: str) -> dict[str, Any]:
-    """JSON object of a job."""
-    return {
-        "id": job.id,
-        "study_instance_uid": study_uid,
-        "state": job.state,
-        "attempts": job.attempts,
-        "error": job.error,
-        "worker": job.worker,
-        "model_name": job.model_name,
-        "model_version": job.model_version,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-    }
+class JobOut(BaseModel):
+    """A job: one run of the pipeline over a study."""
+
+    id: int
+    study_instance_uid: str
+    state: JobState
+    attempts: int
+    error: str
+    worker: str
+    model_name: str
+    model_version: str
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
 
 
-def list_jobs(session: Session, f: JobFilter) -> list[dict[str, Any]]:
+class JobWithLog(JobOut):
+    """A job with the lines it logged (the study page)."""
+
+    log: str
+
+
+def job_out(job: Job, study_uid: str) -> JobOut:
+    """The read model of a job row."""
+    return JobOut(
+        id=job.id,
+        study_instance_uid=study_uid,
+        state=JobState(job.state),
+        attempts=job.attempts,
+        error=job.error,
+        worker=job.worker,
+        model_name=job.model_name,
+        model_version=job.model_version,
+        created_at=iso(job.created_at),
+        started_at=iso(job.started_at),
+        finished_at=iso(job.finished_at),
+    )
+
+
+def list_jobs(session: Session, f: JobFilter) -> list[JobOut]:
     """Jobs matching the filter, newest first."""
     q = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
     if f.state:
@@ -116,7 +163,7 @@ def list_jobs(session: Session, f: JobFilter) -> list[dict[str, Any]]:
     if f.study_instance_uid:
         q = q.where(Study.study_instance_uid == f.study_instance_uid)
     q = q.order_by(Job.id.desc()).limit(f.limit).offset(f.offset)
-    return [job_dict(job, uid) for job, uid in session.execute(q)]
+    return [job_out(job, uid) for job, uid in session.execute(q)]
 
 
 @dataclass
@@ -136,28 +183,34 @@ class ResultFilter:
     offset: int = 0
 
 
-RESULT_COLUMNS = [
-    "study_instance_uid",
-    "patient_id",
-    "accession_number",
-    "label",
-    "probability",
-    "threshold",
-    "positive",
-    "model_name",
-    "model_version",
-    "model_demo",
-    "job_id",
-    "created_at",
-]
+class ResultOut(BaseModel):
+    """A study-level finding: one label's probability from one job."""
+
+    study_instance_uid: str
+    patient_id: str
+    accession_number: str
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    model_name: str
+    model_version: str
+    model_demo: bool
+    job_id: int
+    created_at: str | None
 
 
-def list_results(session: Session, f: ResultFilter) -> list[dict[str, Any]]:
+RESULT_COLUMNS = list(ResultOut.model_fields)
+
+
+def list_results(session: Session, f: ResultFilter) -> list[ResultOut]:
     """Findings matching the filter, newest first; by default only each study's newest done job counts."""
     q = select(FindingRow, Study).join(Study, Study.id == FindingRow.study_id)
     if not f.include_superseded:
         newest = (
-            select(func.max(Job.id)).where(Job.study_id == FindingRow.study_id, Job.state == "done").scalar_subquery()
+            select(func.max(Job.id))
+            .where(Job.study_id == FindingRow.study_id, Job.state == JobState.DONE.value)
+            .scalar_subquery()
         )
         q = q.where(FindingRow.job_id == newest)
     if f.label:
@@ -178,25 +231,25 @@ def list_results(session: Session, f: ResultFilter) -> list[dict[str, Any]]:
         q = q.where(Study.study_instance_uid == f.study_instance_uid)
     q = q.order_by(FindingRow.job_id.desc(), FindingRow.rank).limit(f.limit).offset(f.offset)
     return [
-        {
-            "study_instance_uid": study.study_instance_uid,
-            "patient_id": study.patient_id,
-            "accession_number": study.accession_number,
-            "label": r.label,
-            "probability": round(r.probability, 6),
-            "threshold": r.threshold,
-            "positive": r.positive,
-            "model_name": r.model_name,
-            "model_version": r.model_version,
-            "model_demo": r.model_demo,
-            "job_id": r.job_id,
-            "created_at": iso(r.created_at),
-        }
+        ResultOut(
+            study_instance_uid=study.study_instance_uid,
+            patient_id=study.patient_id,
+            accession_number=study.accession_number,
+            label=r.label,
+            probability=round(r.probability, 6),
+            threshold=r.threshold,
+            positive=r.positive,
+            model_name=r.model_name,
+            model_version=r.model_version,
+            model_demo=r.model_demo,
+            job_id=r.job_id,
+            created_at=iso(r.created_at),
+        )
         for r, study in session.execute(q)
     ]
 
 
-def results_csv(rows: list[dict[str, Any]]) -> str:
+def results_csv(rows: list[ResultOut]) -> str:
     """Result objects as CSV text (header row first)."""
     import csv
     import io
@@ -204,5 +257,300 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in r.model_dump().items()} for r in rows)
     return buf.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with ' (OWASP CSV injection)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+class DeliveryOut(BaseModel):
+    """An outbox row: one output to one destination."""
+
+    id: int
+    output_sop_instance_uid: str
+    kind: str  # "sr" or "sc"
+    label: str
+    study_instance_uid: str
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: str | None
+    last_error: str
+    dimse_status: int | None
+    created_at: str | None
+    sent_at: str | None
+
+
+def list_deliveries(
+    session: Session,
+    state: DeliveryState | None = None,
+    destination: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    study_instance_uid: str | None = None,
+) -> list[DeliveryOut]:
+    """Outbox rows, newest first."""
+    q = (
+        select(Delivery, Output, Study.study_instance_uid)
+        .join(Output, Output.id == Delivery.output_id)
+        .join(Study, Study.id == Output.study_id)
+    )
+    if state:
+        q = q.where(Delivery.state == state)
+    if destination:
+        q = q.where(Delivery.destination == destination)
+    if study_instance_uid:
+        q = q.where(Study.study_instance_uid == study_instance_uid)
+    q = q.order_by(Delivery.id.desc()).limit(limit).offset(offset)
+    return [
+        DeliveryOut(
+            id=d.id,
+            output_sop_instance_uid=o.sop_instance_uid,
+            kind=o.kind,
+            label=o.label,
+            study_instance_uid=study_uid,
+            destination=d.destination,
+            ae_title=d.ae_title,
+            host=d.host,
+            port=d.port,
+            state=DeliveryState(d.state),
+            attempts=d.attempts,
+            next_attempt_at=iso(d.next_attempt_at),
+            last_error=d.last_error,
+            dimse_status=d.dimse_status,
+            created_at=iso(d.created_at),
+            sent_at=iso(d.sent_at),
+        )
+        for d, o, study_uid in session.execute(q)
+    ]
+
+
+class SeriesOut(BaseModel):
+    """A series of a study."""
+
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+
+
+class FindingOut(BaseModel):
+    """A finding of the study's newest done job."""
+
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    source_sop_instance_uid: str
+    model_name: str
+    model_version: str
+    model_demo: bool
+
+
+class InstanceResultOut(BaseModel):
+    """What the newest done job did with one instance."""
+
+    sop_instance_uid: str
+    state: str  # done, skipped or failed
+    reason: str
+
+
+class OutputOut(BaseModel):
+    """An SR or heatmap SC written for the study; ``current`` when it is from the newest done job."""
+
+    id: int
+    kind: str
+    label: str
+    sop_instance_uid: str
+    summary: str
+    model_version: str
+    current: bool
+
+
+class StudyDetail(StudyOut):
+    """A study in full: what the study page and GET /api/studies/{uid} show."""
+
+    series: list[SeriesOut]
+    jobs: list[JobWithLog]
+    findings: list[FindingOut]
+    instance_results: list[InstanceResultOut]
+    outputs: list[OutputOut]
+    deliveries: list[DeliveryOut]
+
+
+def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | None:
+    """One study with its series, jobs, findings, outputs and deliveries; None if unknown."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        return None
+    series = [
+        SeriesOut(
+            series_instance_uid=x.series_instance_uid,
+            modality=x.modality,
+            series_number=x.series_number,
+            series_description=x.series_description,
+            body_part_examined=x.body_part_examined,
+        )
+        for x in session.scalars(select(Series).where(Series.study_id == study.id))
+    ]
+    jobs = list(session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id.desc())))
+    newest_done = next((j for j in jobs if j.state == JobState.DONE), None)
+    done_id = newest_done.id if newest_done else -1
+    findings = [
+        FindingOut(
+            label=f.label,
+            probability=round(f.probability, 6),
+            threshold=f.threshold,
+            positive=f.positive,
+            source_sop_instance_uid=f.source_sop_instance_uid,
+            model_name=f.model_name,
+            model_version=f.model_version,
+            model_demo=f.model_demo,
+        )
+        for f in session.scalars(select(FindingRow).where(FindingRow.job_id == done_id).order_by(FindingRow.rank))
+    ]
+    instance_results = [
+        InstanceResultOut(sop_instance_uid=r.sop_instance_uid, state=r.state, reason=r.reason)
+        for r in session.scalars(select(InstanceResult).where(InstanceResult.job_id == done_id))
+    ]
+    outputs = list(session.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.id)))
+    current = {o.id for o in outputs if o.job_id == done_id} or {o.id for o in outputs}
+    return StudyDetail(
+        **study_out(session, study).model_dump(),
+        series=series,
+        jobs=[JobWithLog(**job_out(j, study_instance_uid).model_dump(), log=j.log) for j in jobs],
+        findings=findings,
+        instance_results=instance_results,
+        outputs=[
+            OutputOut(
+                id=o.id,
+                kind=o.kind,
+                label=o.label,
+                sop_instance_uid=o.sop_instance_uid,
+                summary=o.summary,
+                model_version=o.model_version,
+                current=o.id in current,
+            )
+            for o in outputs
+        ],
+        deliveries=list_deliveries(session, limit=1000, study_instance_uid=study_instance_uid),
+    )
+
+
+# --- bodies of admin actions, the model and predictions (the same objects on the CLI with --json) -------------
+
+
+class JobQueued(BaseModel):
+    """A study was queued: the job that will run it."""
+
+    job_id: int
+
+
+class JobRequeued(BaseModel):
+    """A job was re-queued: the queued job (the same one, or a new one when it was done)."""
+
+    job_id: int
+    requeued_from: int
+    state: JobState
+
+
+class StudyIgnored(BaseModel):
+    """A study's ignored flag after the change."""
+
+    study_instance_uid: str
+    ignored: bool
+
+
+class Requeued(BaseModel):
+    """How many deliveries were queued again."""
+
+    requeued: int
+
+
+class PreprocessingOut(BaseModel):
+    """How the bundle wants its input made."""
+
+    input_size: int
+    resize: str
+    channels: str
+    windows: list[tuple[float, float]]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class ModelInfo(BaseModel):
+    """A model bundle's manifest, as served (keys a newer manifest adds are passed through)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    version: str
+    labels: list[str]
+    task: str  # multilabel or multiclass
+    thresholds: list[float]
+    preprocessing: PreprocessingOut
+    weights_file: str
+    weights_sha256: str
+    demo: bool
+    description: str
+    extra: dict[str, Any]
+    label_count: int
+
+
+class FindingScore(BaseModel):
+    """One label of a prediction."""
+
+    label: str
+    probability: float
+    positive: bool
+    threshold: float
+
+
+class ModelRef(BaseModel):
+    """The model that made a prediction."""
+
+    name: str
+    version: str
+    demo: bool
+
+
+class PredictionOut(BaseModel):
+    """`dxnode predict --json`: the findings for one file, or why it failed."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    file: str
+    findings: list[FindingScore]
+    model: ModelRef
+    heatmap: str | None  # the PNG written with --heatmap-dir
+    error: str | None
+
+
+class UploadPrediction(PredictionOut):
+    """POST /api/predict: the prediction plus the heatmap and the windowed image as PNG data URLs."""
+
+    heatmap_png: str | None
+    image_png: str | None
+
+
+class Health(BaseModel):
+    """GET /healthz: the process is up."""
+
+    status: str
+
+
+class ReadyOut(BaseModel):
+    """GET /readyz: each check, and whether all passed (status 503 if not)."""
+
+    ready: bool
+    checks: dict[str, bool]

@@ -79,7 +79,7 @@ def _tolerate_sparse_image_headers() -> None:
         ) -> list[object]:
             return list(_original(self, dataset)) if _complete(dataset) else []
 
-        descriptors._dxnode = True  # type: ignore[attr-defined]
+        descriptors._dxnode = True  # type: ignore[attr-defined]  # a marker on the function object: patched once
         setattr(cls, name, descriptors)
 
 
@@ -237,14 +237,16 @@ def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
         name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = [
-        hd.sr.TextContentItem(
-            name=CodedConcept("121106", "DCM", "Comment"),
-            value=line[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        for line in lines
-    ]
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=CodedConcept("121106", "DCM", "Comment"),
+                value=line[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in lines
+        ]
+    )
     return container
 
 
@@ -290,7 +292,9 @@ def build_sr(result: StudyResult, sources: dict[str, Dataset], settings: Setting
         contributing_equipment=None,
     )
     sr.SeriesDescription = settings.report.sr_series_description[:64]
-    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]
+    # highdicom types this as list[ContributingEquipment], whose class refuses IHE's "Processing
+    # Algorithm" purpose code (DESIGN.md), so the item is a plain pydicom Dataset.
+    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]  # type: ignore[list-item]
     return sr, summary
 
 
@@ -395,7 +399,7 @@ def build_sc(
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
     if orientation is None:
-        sc.PatientOrientation = None
+        sc.PatientOrientation = []  # Type 2: empty = unknown
     sc.SeriesDescription = settings.report.sc_series_description[:64]
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = " / ".join(lines)[:10240]
@@ -407,13 +411,13 @@ def build_sc(
     sc.SourceImageSequence = [ref]
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         if source.get(keyword) and keyword not in sc:  # an empty one means unknown, handled below
-            setattr(sc, keyword, source.data_element(keyword).value)
+            setattr(sc, keyword, source[keyword].value)
     if (
         "Laterality" not in sc
         and "ImageLaterality" not in sc
         and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}
     ):
-        sc.Laterality = None  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
+        sc.Laterality = ""  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
     return sc, lines[0]
 
 
@@ -432,7 +436,7 @@ def write_outputs(
             raise ValueError(
                 f"heatmap for {h.label!r} is on instance {h.sop_instance_uid}, which is not among the sources"
             )
-    headers = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
+    headers: dict[str, Dataset] = {uid: pydicom.dcmread(path, stop_before_pixels=True) for uid, path in sources.items()}
     sr, summary = build_sr(result, headers, settings)
     built = [(sr, "sr", "", summary)]
     for i, h in enumerate(result.heatmaps):

@@ -23,9 +23,11 @@ import hashlib
 import logging
 import shutil
 import socket
+import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +51,17 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import bindparam, insert, select, update
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.store import Audit, Instance, Series, Store, Study, publish, utcnow, write_temporary
+from dxnode.store import Instance, Series, Store, Study, audit_core, publish, utcnow, write_temporary
 from dxnode.uids import is_valid_uid
 
 log = logging.getLogger("dxnode.scp")
@@ -116,21 +121,23 @@ class Received:
     instance_number: int | None
 
 
-def set_tcp_nodelay(server: Any) -> Any:
-    """Make a pynetdicom server disable Nagle's algorithm on each accepted socket.
+class NoDelayServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with Nagle's algorithm off on each accepted socket.
 
     pynetdicom leaves it on; a small C-STORE response then can wait for a delayed ACK.
     """
-    accept = server.get_request
 
-    def get_request() -> tuple[socket.socket, Any]:
-        sock, address = accept()
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
-    server.get_request = get_request
-    return server
+    def shutdown(self) -> None:
+        """Stop serving and close the socket. (pynetdicom's shutdown also removes the server from the
+        AE's private list of servers that AE.start_server made, where a server from make_server is not.)"""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -148,14 +155,22 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def parse_received(event: Any) -> Received:
+def parse_received(event: Event) -> Received:
     """Read and validate what the store needs; StoreRefused(0xC000) if it cannot be understood."""
     req = event.request
+    if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
+        raise TypeError(f"not a C-STORE request: {type(req).__name__}")
+    sop_class_uid, sop_instance_uid = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
     try:
         ds = event.dataset
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
-        fields = dict(
+        rec = Received(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
             patient_id=_text(ds, "PatientID", 64),
             patient_name=_text(ds, "PatientName", 324),
             accession_number=_text(ds, "AccessionNumber", 16),
@@ -172,24 +187,17 @@ def parse_received(event: Any) -> Received:
     except Exception as exc:  # pydicom raises many kinds on a corrupt stream
         raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
     uids = {
-        "SOPClassUID": str(req.AffectedSOPClassUID),
-        "SOPInstanceUID": str(req.AffectedSOPInstanceUID),
+        "SOPClassUID": rec.sop_class_uid,
+        "SOPInstanceUID": rec.sop_instance_uid,
         "StudyInstanceUID": study_uid,
         "SeriesInstanceUID": series_uid,
     }
     for name, value in uids.items():
         if not is_valid_uid(value):
             raise StoreRefused(CANNOT_UNDERSTAND, f"invalid {name}")
-    if str(ds.get("SOPInstanceUID", uids["SOPInstanceUID"])) != uids["SOPInstanceUID"]:
+    if str(ds.get("SOPInstanceUID", rec.sop_instance_uid)) != rec.sop_instance_uid:
         raise StoreRefused(CANNOT_UNDERSTAND, "SOPInstanceUID differs from request")
-    return Received(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        **fields,
-    )
+    return rec
 
 
 class StorageSCP:
@@ -199,7 +207,7 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.incoming = settings.data_dir / "incoming"
-        self._servers: list[Any] = []
+        self._servers: list[NoDelayServer] = []
         self._lock = threading.Lock()
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
         self.ae = self._make_ae()
@@ -222,10 +230,11 @@ class StorageSCP:
         ae.require_calling_aet = list(node.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's own list
+                ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
-    def _handlers(self) -> list[tuple[Any, Any]]:
+    def _handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
@@ -237,20 +246,18 @@ class StorageSCP:
         """Start listening (returns at once; associations run on pynetdicom's threads)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
         node = self.settings.node
-        self._servers.append(
-            set_tcp_nodelay(self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers()))
-        )
+        self._serve((node.host, node.port), None)
         if node.tls_port is not None:
-            self._servers.append(
-                set_tcp_nodelay(
-                    self.ae.start_server(
-                        (node.host, node.tls_port),
-                        block=False,
-                        evt_handlers=self._handlers(),
-                        ssl_context=self._tls_context(),
-                    )
-                )
-            )
+            self._serve((node.host, node.tls_port), self._tls_context())
+
+    def _serve(self, address: tuple[str, int], ssl_context: ssl.SSLContext | None) -> None:
+        """Bind one listener and serve it on a daemon thread (what AE.start_server(block=False) does)."""
+        server = self.ae.make_server(
+            address, ssl_context=ssl_context, evt_handlers=self._handlers(), server_class=NoDelayServer
+        )
+        assert isinstance(server, NoDelayServer)
+        threading.Thread(target=server.serve_forever, name=f"dxnode-scp:{address[1]}", daemon=True).start()
+        self._servers.append(server)
 
     def _tls_context(self) -> ssl.SSLContext:
         """Server TLS context from node.tls_cert/tls_key, verifying clients against tls_ca if set."""
@@ -286,14 +293,14 @@ class StorageSCP:
     @property
     def listening(self) -> bool:
         """True while the listener threads run."""
-        return bool(self._servers) and all(s.socket.fileno() != -1 for s in self._servers)
+        return bool(self._servers) and all(s.socket is not None and s.socket.fileno() != -1 for s in self._servers)
 
     # --- event handlers ----------------------------------------------------------------------
 
-    def _on_established(self, event: Any) -> None:
+    def _on_established(self, event: Event) -> None:
         log.info("association from %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
-    def _on_rejected(self, event: Any) -> None:
+    def _on_rejected(self, event: Event) -> None:
         log.warning(
             "association from %r (%s) rejected: calling AE title not allowed",
             event.assoc.requestor.ae_title,
@@ -301,7 +308,7 @@ class StorageSCP:
         )
         metrics.ASSOCIATIONS_REJECTED.labels(reason="calling_aet").inc()
 
-    def _on_store(self, event: Any) -> int | Dataset:
+    def _on_store(self, event: Event) -> int | Dataset:
         """Store one instance durably, then acknowledge; failure statuses otherwise."""
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
@@ -319,7 +326,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         return status
 
-    def store_instance(self, event: Any, calling_aet: str) -> int:
+    def store_instance(self, event: Event, calling_aet: str) -> int:
         """Parse, write and record one instance; raise StoreRefused with the status to send."""
         rec = parse_received(event)
         free = shutil.disk_usage(self.incoming).free if self.incoming.exists() else 0
@@ -330,7 +337,10 @@ class StorageSCP:
         # The file is the preamble and file meta, then the dataset as received: written and hashed
         # from pynetdicom's own buffer, without joining them into one more copy.
         head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        with event.request.DataSet.getbuffer() as body:
+        received = event.request.DataSet if isinstance(event.request, C_STORE) else None
+        if not isinstance(received, BytesIO):  # parse_received checked the request; this is for the type
+            raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
+        with received.getbuffer() as body:
             size = len(head) + len(body)
             digest = hashlib.sha256(head)
             digest.update(body)
@@ -393,16 +403,7 @@ class StorageSCP:
                         conn.execute(
                             update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1)
                         )
-                        conn.execute(
-                            insert(Audit).values(
-                                at=utcnow(),
-                                actor=calling_aet,
-                                action="instance.duplicate",
-                                target=f"instance:{existing}",
-                                source=address,
-                                detail="",
-                            )
-                        )
+                        audit_core(conn, calling_aet, "instance.duplicate", f"instance:{existing}", address)
                         return False
                     if seen is None:
                         study_id, filled, modalities = self._upsert_study(conn, rec, calling_aet)
@@ -424,16 +425,14 @@ class StorageSCP:
                             "duplicates": 0,
                         },
                     ).scalar_one()
-                    conn.execute(
-                        _INSERT_AUDIT,
-                        {
-                            "at": utcnow(),
-                            "actor": calling_aet,
-                            "action": "instance.received",
-                            "target": f"instance:{instance_id}",
-                            "source": address,
-                            "detail": f'{{"study_id": {seen.study_id}, "bytes": {size}}}',
-                        },
+                    audit_core(
+                        conn,
+                        calling_aet,
+                        "instance.received",
+                        f"instance:{instance_id}",
+                        address,
+                        study_id=seen.study_id,
+                        bytes=size,
                     )
                     publish(tmp, path)  # durable under its final name before the rows commit
                     renamed = True
@@ -453,7 +452,7 @@ class StorageSCP:
         return False
 
     @staticmethod
-    def _upsert_study(conn: Any, rec: Received, calling_aet: str) -> tuple[int, frozenset[str], frozenset[str]]:
+    def _upsert_study(conn: Connection, rec: Received, calling_aet: str) -> tuple[int, frozenset[str], frozenset[str]]:
         """Create or update the study row; returns its id, its non-empty text attributes and modalities."""
         now = utcnow()
         row = conn.execute(
@@ -502,7 +501,7 @@ class StorageSCP:
         return int(row.id), filled, frozenset(mods)
 
     @staticmethod
-    def _upsert_series(conn: Any, study_id: int, rec: Received) -> int:
+    def _upsert_series(conn: Connection, study_id: int, rec: Received) -> int:
         """The series row's id, created on its first instance."""
         series_id = conn.execute(
             select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
@@ -533,7 +532,6 @@ _BUMP_STUDY = (
     .values(num_instances=Study.num_instances + 1, calling_aet=bindparam("b_aet"), last_received_at=bindparam("b_now"))
 )
 _INSERT_INSTANCE = insert(Instance).returning(Instance.id)
-_INSERT_AUDIT = insert(Audit)
 
 
 @dataclass(frozen=True)

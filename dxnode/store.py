@@ -11,11 +11,12 @@ import datetime as dt
 import importlib.resources
 import json
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -31,15 +32,19 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    func,
+    insert,
     select,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-JOB_STATES = ("queued", "running", "done", "failed", "skipped")
-DELIVERY_STATES = ("pending", "sent", "failed")
+from dxnode.states import DeliveryState, JobState
+
+if TYPE_CHECKING:
+    from dxnode.config import Settings
 
 
 def utcnow() -> dt.datetime:
@@ -53,14 +58,14 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
 
-    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -71,7 +76,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 class Base(DeclarativeBase):
     """Declarative base of all dxnode tables."""
 
-    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class Study(Base):
@@ -146,7 +151,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
     log: Mapped[str] = mapped_column(Text, default="")  # human-readable lines of what the job did
@@ -240,7 +245,7 @@ class Delivery(Base):
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -265,17 +270,40 @@ class Audit(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class WebSession(Base):
+    """A web login: the cookie carries the key, the table keeps its hash; logout deletes the row."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the cookie's session key
+    token_name: Mapped[str] = mapped_column(String(128))
+    token_digest: Mapped[str] = mapped_column(String(64))  # ends the session when the token is revoked
+    source: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+def audit_values(actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> dict[str, Any]:
+    """The columns of one audit row (the only place audit rows are shaped)."""
+    return {
+        "at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "source": source,
+        "detail": json.dumps(detail, default=str) if detail else "",
+    }
+
+
 def audit(session: Session, actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> None:
     """Add an audit row to the session (committed with the caller's transaction)."""
-    session.add(
-        Audit(
-            actor=actor,
-            action=action,
-            target=target,
-            source=source,
-            detail=json.dumps(detail, default=str) if detail else "",
-        )
-    )
+    session.add(Audit(**audit_values(actor, action, target, source, **detail)))
+
+
+def audit_core(conn: Connection, actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> None:
+    """Insert an audit row on a Core connection (the receiver's hot path uses no ORM session)."""
+    conn.execute(insert(Audit).values(**audit_values(actor, action, target, source, **detail)))
 
 
 def make_engine(url: str, busy_timeout_s: float = 30, echo: bool = False) -> Engine:
@@ -287,7 +315,8 @@ def make_engine(url: str, busy_timeout_s: float = 30, echo: bool = False) -> Eng
         engine = create_engine(url, echo=echo, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+            assert isinstance(dbapi_conn, sqlite3.Connection)
             # Let SQLAlchemy issue BEGIN itself so BEGIN IMMEDIATE works (pysqlite quirk).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
@@ -298,7 +327,7 @@ def make_engine(url: str, busy_timeout_s: float = 30, echo: bool = False) -> Eng
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Any) -> None:
+        def _sqlite_begin(conn: Connection) -> None:
             # Take the write lock up front: no deadlock-prone read->write upgrades between processes.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -339,6 +368,15 @@ class Store:
         self.engine.dispose()
 
 
+def open_store(settings: Settings, migrate: bool = True) -> Store:
+    """The node's database as the CLI and the daemon open it: data dir created, migrations applied."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate:
+        upgrade(settings.database.url)
+    db = settings.database
+    return Store(db.url, db.busy_timeout_s, db.echo)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations to the database at url (the only way the schema is made)."""
     from alembic import command
@@ -357,11 +395,6 @@ def current_revision(store: Store) -> str | None:
 
     with store.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
-
-
-def count(session: Session, model: type[Base], *where: Any) -> int:
-    """Number of rows of a model matching the conditions."""
-    return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
 def write_temporary(path: Path, data: bytes | Sequence[bytes | memoryview]) -> Path:

@@ -19,8 +19,12 @@ import json
 import logging
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dxnode.config import Settings
 
 log = logging.getLogger("dxnode.train")
 
@@ -154,7 +158,7 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     return net, f"imagenet:{weights.name}"
 
 
-def run_train(args: argparse.Namespace, settings: Any) -> Path:
+def run_train(args: argparse.Namespace, settings: Settings) -> Path:
     """Train and write the bundle; returns its folder."""
     import numpy as np
     import torch
@@ -162,7 +166,7 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
 
     from dxnode.dataset import Augment, TorchDataset, collate, read_table, split_by_patient
     from dxnode.evaluate import compute_metrics, roc_plot, sensitivity_threshold, youden_threshold
-    from dxnode.model import choose_device, imagenet_weights_path, write_bundle
+    from dxnode.model import choose_device, imagenet_weights_path, probabilities, write_bundle
     from dxnode.pipeline import Preprocessing
 
     seed_everything(args.seed)
@@ -197,15 +201,15 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
     pos_weight = torch.tensor(
         np.clip((len(y_train) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device
     )
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if task == "multiclass":
 
-        def loss_fn(logits: Any, y: Any) -> Any:
+        def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
     elif args.loss == "focal":
         loss_fn = focal_loss
     else:
-        bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-        loss_fn = bce
+        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     augment = None if args.no_augment else Augment(hflip=args.hflip)
     train_ds = TorchDataset(splits["train"], settings.pipeline, prep, augment, args.seed)
@@ -256,9 +260,6 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
                 reported.add(line)
                 tqdm.write(f"left out {line}", file=sys.stderr)
 
-    def probabilities(logits: Any) -> Any:
-        return torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)
-
     def validate() -> tuple[np.ndarray, np.ndarray, float]:
         """Labels, probabilities and the mean training loss on the validation split."""
         net.eval()
@@ -272,7 +273,7 @@ def run_train(args: argparse.Namespace, settings: Any) -> Path:
                 x, y = batch.x, batch.y
                 logits = net(x.to(device))
                 loss_sum += float(loss_fn(logits, y.to(device))) * len(x)
-                ps.append(probabilities(logits).float().cpu().numpy())
+                ps.append(probabilities(logits, task).float().cpu().numpy())
                 ys.append(y.numpy())
         if not ys:
             raise ValueError(f"none of the {len(val_ds)} validation images could be loaded (see the 'left out' lines)")

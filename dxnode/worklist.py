@@ -17,8 +17,9 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Result, or_, select, update
 from sqlalchemy.orm import Session
 
 from dxnode import metrics
@@ -43,15 +44,23 @@ def stable_after(settings: Settings, calling_aet: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (an UPDATE's result is always a CursorResult; Session.execute is typed wider)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
 def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action: str) -> int | None:
     """Mark the study queued through ``seen`` and add a job unless one is already waiting."""
-    claimed = session.execute(
-        update(Study)
-        .where(Study.id == study.id, Study.last_received_at == seen)
-        .where(or_(Study.queued_through.is_(None), Study.queued_through < seen))
-        .values(queued_through=seen)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    claimed = rowcount(
+        session.execute(
+            update(Study)
+            .where(Study.id == study.id, Study.last_received_at == seen)
+            .where(or_(Study.queued_through.is_(None), Study.queued_through < seen))
+            .values(queued_through=seen)
+            .execution_options(synchronize_session=False)
+        )
+    )
     if claimed != 1:
         return None  # another sweeper got it, or a new instance arrived meanwhile
     waiting = session.scalar(select(Job.id).where(Job.study_id == study.id, Job.state == "queued"))
@@ -142,12 +151,14 @@ def claim(store: Store, worker: str | None = None) -> int | None:
         if job_id is None:
             return None
         now = utcnow()
-        taken = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "queued")
-            .values(state="running", attempts=Job.attempts + 1, worker=worker, started_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        taken = rowcount(
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(state="running", attempts=Job.attempts + 1, worker=worker, started_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        )
         if taken != 1:
             return None
         audit(session, worker, "job.state", target=f"job:{job_id}", state="running")
@@ -226,8 +237,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def noop_handler(store: Store, settings: Settings, job_id: int) -> str:
-    """A job body that does nothing (a node configured to only receive and queue)."""
-    return "skipped"

@@ -112,7 +112,7 @@ def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(
 
 
 def test_study_whose_only_image_is_broken_fails_with_the_reason(store: Store, node_settings: Settings) -> None:
-    _, uids = receive(store, node_settings, ["CT_small.dcm"])
+    receive(store, node_settings, ["CT_small.dcm"])
     with store.session() as s:
         inst = s.scalar(select(Instance))
         path = node_settings.data_dir / inst.file_path
@@ -146,7 +146,7 @@ def test_a_bundle_gives_the_runner_and_predict_the_same_probabilities(
     settings = node_settings.model_copy(
         update={"model": node_settings.model.model_copy(update={"bundle": str(bundle)})}
     )
-    _, uids = receive(store, settings, ["CT_small.dcm"])
+    receive(store, settings, ["CT_small.dcm"])
     worklist.sweep(store, settings)
     worklist.drain(store, settings, run_job)
     with store.session() as s:

@@ -55,6 +55,8 @@ def test_login_upload_and_study_page_in_chromium(served: tuple[str, str]) -> Non
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
+        console: list[str] = []  # a Content-Security-Policy violation shows up here
+        page.on("console", lambda m: console.append(m.text))
         page.goto(url)
         expect(page).to_have_url(url + "login")
         page.fill("#token", "wrong")
@@ -92,5 +94,10 @@ def test_login_upload_and_study_page_in_chromium(served: tuple[str, str]) -> Non
 
         page.goto(url + "results?positive=true")
         expect(page.locator("#csv")).to_have_attribute("href", "/api/results.csv?positive=true")
+        page.goto(url)  # the dashboard's live refresh runs from its static script under the CSP
+        expect(page.locator("#updated")).to_contain_text("updated", timeout=15000)
+        page.click("text=Log out")
+        expect(page).to_have_url(url + "login")
         browser.close()
+    assert not [m for m in console if "Content Security Policy" in m], console
     assert (SHOTS / "study.png").stat().st_size > 10_000

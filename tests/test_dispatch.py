@@ -23,6 +23,7 @@ from dxnode import cli, dispatch
 from dxnode import model as model_mod
 from dxnode.config import Settings
 from dxnode.model import analyze_study, load_classifier
+from dxnode.queries import list_deliveries
 from dxnode.report import WrittenOutput, write_outputs
 from dxnode.store import Audit, Delivery, Output, Store, Study, utcnow
 
@@ -292,7 +293,7 @@ def test_failure_status_is_retried_in_order_then_failed_and_resend_requeues(
         assert accepting.received == [o.sop_instance_uid for o in outputs]
         with store.session() as s:
             assert dispatch.resend(s, "1.2.3.4.5", actor="test") == 0
-            assert [r["state"] for r in dispatch.list_deliveries(s)] == ["sent", "sent"]
+            assert [r.state for r in list_deliveries(s)] == ["sent", "sent"]
             assert dispatch.resend(s, outputs[0].sop_instance_uid, actor="test") == 1  # one output
         assert ("delivery.resend", study_uid) in audit_actions(store)
     finally:

@@ -31,8 +31,10 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_bundle(
-    path: Path, labels: list[str] = ["effusion", "nodule"], task: str = "multilabel", seed: int = 1, size: int = 64
+    path: Path, labels: list[str] | None = None, task: str = "multilabel", seed: int = 1, size: int = 64
 ) -> tuple[Path, torch.nn.Module]:
+    if labels is None:
+        labels = ["effusion", "nodule"]
     torch.manual_seed(seed)
     net = torchvision.models.resnet18(num_classes=len(labels))
     write_bundle(
@@ -70,7 +72,7 @@ def test_tampered_weights_are_refused_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"weights\.pt.*do not match"):
         load_classifier(ModelSettings(bundle=str(bundle)))
     weights.unlink()
-    with pytest.raises(BundleError, match="missing.*expected sha256"):
+    with pytest.raises(BundleError, match=r"missing.*expected sha256"):
         load_classifier(ModelSettings(bundle=str(bundle)))
 
 
@@ -98,7 +100,7 @@ def test_imagenet_file_in_the_torch_hub_cache_is_offered(tmp_path: Path, caplog:
     pred = predict_file(Path(get_testdata_file("CT_small.dcm")), clf, Settings(), top_k=3)
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(BundleError, match="broken.pth is not torchvision's ResNet-18"):
+    with pytest.raises(BundleError, match=r"broken\.pth is not torchvision's ResNet-18"):
         load_classifier(ModelSettings(imagenet_weights=str(broken)))
     assert len(pred.findings) == 3 and sum(f.positive for f in pred.findings) <= 1
     assert pred.findings[0].probability >= pred.findings[1].probability >= pred.findings[2].probability

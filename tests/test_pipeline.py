@@ -45,7 +45,7 @@ def test_ct_rescale_intercept_then_lung_window_by_hand() -> None:
     expected = np.clip((hu - c) / w + 0.5, 0, 1)
     np.testing.assert_allclose(gray(frame), expected, atol=1e-6)
     assert frame.window == (-600, 1500)
-    assert frame.display.dtype == np.uint8 and frame.display.shape == ds.pixel_array.shape + (3,)
+    assert frame.display.dtype == np.uint8 and frame.display.shape == (*ds.pixel_array.shape, 3)
 
 
 def test_preset_beats_the_dataset_window_and_dataset_beats_auto() -> None:

@@ -112,7 +112,7 @@ def test_same_result_same_uids_changed_result_new_uids(tmp_path: Path) -> None:
     assert [w.sop_instance_uid for w in first] == [w.sop_instance_uid for w in again]
     assert [w.series_instance_uid for w in first] == [w.series_instance_uid for w in again]
     changed = dataclasses.replace(
-        result, findings=[dataclasses.replace(result.findings[0], probability=0.123)] + result.findings[1:]
+        result, findings=[dataclasses.replace(result.findings[0], probability=0.123), *result.findings[1:]]
     )
     other = write_outputs(changed, sources, settings, tmp_path / "c")
     assert not {w.sop_instance_uid for w in other} & {w.sop_instance_uid for w in first}

@@ -167,7 +167,7 @@ def test_any_change_of_the_result_gives_new_uids(tmp_path: Path, change: str) ->
     if change == "weights":
         changed = dataclasses.replace(result, model=dataclasses.replace(MODEL, sha256="cd" * 32))
     elif change == "instances":
-        changed = dataclasses.replace(result, instances=result.instances + [InstanceOutcome("1.2.3.4.5", "done")])
+        changed = dataclasses.replace(result, instances=[*result.instances, InstanceOutcome("1.2.3.4.5", "done")])
     elif change == "positive":
         changed = dataclasses.replace(
             result, findings=[dataclasses.replace(f, positive=not f.positive) for f in result.findings]

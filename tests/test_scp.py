@@ -71,7 +71,7 @@ def same_content(stored: pydicom.Dataset, original: pydicom.Dataset) -> bool:
     value (DCMTK fixes OW -> OB on some samples)."""
 
     def kept(ds: pydicom.Dataset) -> set[int]:
-        return {t for t in ds.keys() if t.element != 0 and t != 0xFFFCFFFC}
+        return {t for t in ds.keys() if t.element != 0 and t != 0xFFFCFFFC}  # noqa: SIM118 (iterating a Dataset gives elements)
 
     tags = kept(original)
     if tags != kept(stored):

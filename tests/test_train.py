@@ -230,7 +230,7 @@ def test_split_is_seeded_and_respects_explicit_splits(tmp_path: Path) -> None:
     b = split_by_patient(t.samples, seed=7)
     assert [s.path for s in a["val"]] == [s.path for s in b["val"]]
     assert [s.path for s in split_by_patient(t.samples, seed=8)["val"]] != [s.path for s in a["val"]]
-    rows = list(csv.DictReader(open(data)))
+    rows = list(csv.DictReader(data.read_text().splitlines()))
     with open(tmp_path / "d" / "explicit.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[*rows[0], "split"])
         w.writeheader()

@@ -144,7 +144,7 @@ def test_focal_loss_with_thresholds_for_a_target_sensitivity(data: Path, tmp_pat
 
 
 def test_multiclass_label_column_trains_a_softmax_bundle(data: Path, tmp_path: Path) -> None:
-    rows = list(csv.DictReader(open(data)))
+    rows = list(csv.DictReader(data.read_text().splitlines()))
     with open(data.parent / "classes.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "patient_id", "label"])
@@ -169,7 +169,7 @@ def test_image_failing_at_pixel_load_is_named_once_and_training_goes_on(
     ds = pydicom.dcmread(bad)
     ds.PixelData = ds.PixelData[:64]
     ds.save_as(bad)
-    rows = list(csv.DictReader(open(data)))
+    rows = list(csv.DictReader(data.read_text().splitlines()))
     with open(data.parent / "with_bad.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -193,7 +193,11 @@ def test_bad_input_gives_a_clear_error_and_exit_2(
     assert "no checkpoint" in capsys.readouterr().err
     (tmp_path / "one.csv").write_text(
         "path,patient_id,disc\n"
-        + "".join(f"{r['path']},P1,{r['disc']}\n" for r in csv.DictReader(open(data)) if r["path"] != "broken.dcm")
+        + "".join(
+            f"{r['path']},P1,{r['disc']}\n"
+            for r in csv.DictReader(data.read_text().splitlines())
+            if r["path"] != "broken.dcm"
+        )
     )
     assert (
         main(
@@ -222,7 +226,7 @@ def test_bad_input_gives_a_clear_error_and_exit_2(
         w.writerow(["path", "patient_id", "bar", "disc", "split"])
         w.writerows(
             [data.parent / r["path"], r["patient_id"], r["bar"], r["disc"], "train"]
-            for r in csv.DictReader(open(data))
+            for r in csv.DictReader(data.read_text().splitlines())
             if r["path"] != "broken.dcm"
         )
         w.writerow([bad, "PV", 1, 1, "val"])

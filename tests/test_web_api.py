@@ -116,7 +116,7 @@ def test_studies_jobs_results_outbox_and_model(node) -> None:  # type: ignore[no
 
 
 def test_cli_results_equal_the_api(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    client, store, _, settings = node
+    client, _store, _, settings = node
     cfg = tmp_path / "cli.toml"
     cfg.write_text(f'[node]\ndata_dir = "{settings.data_dir}"\n[database]\nurl = "{settings.database.url}"\n')
     out = subprocess.run(
@@ -141,7 +141,7 @@ def test_predict_upload(node, tmp_path: Path) -> None:  # type: ignore[no-untype
     bad = client.post("/api/predict", files={"file": ("notes.txt", b"just text, not an image")}, headers=H_READ)
     assert bad.status_code == 415 and "not a readable" in bad.json()["detail"]
     sr = client.post(
-        "/api/predict", files={"file": ("sr.dcm", open(get_testdata_file("reportsi.dcm"), "rb"))}, headers=H_READ
+        "/api/predict", files={"file": ("sr.dcm", Path(get_testdata_file("reportsi.dcm")).read_bytes())}, headers=H_READ
     )
     assert sr.status_code == 415 and "Structured Report" in sr.json()["detail"]
     big = client.post("/api/predict", files={"file": ("big.dcm", b"0" * (2 * 1024 * 1024))}, headers=H_READ)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from webnode import ADMIN, READER, make_store, node_settings, processed_study
+from webnode import ADMIN, BROWSER, READER, make_store, node_settings, processed_study
 
 from dxnode import worklist
 from dxnode.analysis import run_job
@@ -78,7 +78,7 @@ def test_jobs_and_outbox_reads_are_audited(node) -> None:  # type: ignore[no-unt
 
 def test_session_cookie_is_strict_and_ends_with_logout_or_revoked_token(node) -> None:  # type: ignore[no-untyped-def]
     settings, store, _ = node
-    client = TestClient(create_app(settings, store))
+    client = TestClient(create_app(settings, store), headers=BROWSER)
     r = client.post("/login", data={"token": READER}, follow_redirects=False)
     cookie = r.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
@@ -97,7 +97,7 @@ def test_session_cookie_is_strict_and_ends_with_logout_or_revoked_token(node) ->
 
 def test_study_page_offers_admin_actions_to_admins_only(node) -> None:  # type: ignore[no-untyped-def]
     settings, store, uid = node
-    reader, admin = TestClient(create_app(settings, store)), TestClient(create_app(settings, store))
+    reader, admin = TestClient(create_app(settings, store)), TestClient(create_app(settings, store), headers=BROWSER)
     login(reader, READER)
     login(admin, ADMIN)
     assert 'id="admin-actions"' not in reader.get(f"/studies/{uid}").text

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from webnode import ADMIN, READER, make_store, node_settings, processed_study
+from webnode import ADMIN, BROWSER, READER, make_store, node_settings, processed_study
 
 from dxnode.config import Settings
 from dxnode.store import Audit, Store
@@ -34,7 +34,7 @@ def with_web(settings: Settings, **web: object) -> Settings:
 
 
 def logged_in(settings: Settings, store: Store, token: str) -> TestClient:
-    client = TestClient(create_app(settings, store))
+    client = TestClient(create_app(settings, store), headers=BROWSER)
     assert client.post("/login", data={"token": token}, follow_redirects=False).status_code == 303
     return client
 
@@ -42,11 +42,11 @@ def logged_in(settings: Settings, store: Store, token: str) -> TestClient:
 def test_session_cookie_survives_a_restart_only_with_the_same_secret(node) -> None:  # type: ignore[no-untyped-def]
     settings, store, _ = node
     client = logged_in(settings, store, READER)
-    cookie = client.cookies["dxnode_session"]
     assert (
         "max-age=43200"
         in client.post("/login", data={"token": READER}, follow_redirects=False).headers["set-cookie"].lower()
     )
+    cookie = client.cookies["dxnode_session"]  # logging in again replaced the first session
     restarted = TestClient(create_app(settings, store), cookies={"dxnode_session": cookie})
     assert (
         restarted.get("/api/studies").status_code == 200

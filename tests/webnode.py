@@ -15,6 +15,7 @@ from dxnode.config import Settings
 from dxnode.store import Instance, Series, Store, Study, upgrade, utcnow
 
 ADMIN, READER = "admin-token-0123456789", "read-token-0123456789"
+BROWSER = {"Origin": "http://testserver"}  # what a browser adds to a POST from the node's own pages (TestClient's host)
 
 
 def node_settings(tmp: Path, url: str | None = None, **web: object) -> Settings:

@@ -10,7 +10,10 @@ target_metadata = Base.metadata
 
 def run_migrations_online() -> None:
     """Run migrations in a transaction on a dxnode engine (WAL, busy timeout for SQLite)."""
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no sqlalchemy.url: run migrations with `dxnode db upgrade`")
+    engine = make_engine(url)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -25,24 +25,40 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 from pydantic import BeforeValidator
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dxnode.config import Settings
 from dxnode.queries import (
+    DeliveryOut,
+    Health,
     JobFilter,
+    JobOut,
+    JobQueued,
+    JobRequeued,
+    ModelInfo,
+    ReadyOut,
+    Requeued,
     ResultFilter,
+    ResultOut,
+    StudyDetail,
     StudyFilter,
-    job_dict,
+    StudyIgnored,
+    StudyOut,
+    UploadPrediction,
+    list_deliveries,
     list_jobs,
     list_results,
     list_studies,
     results_csv,
-    study_dict,
+    study_detail,
 )
-from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit
-from dxnode.web.auth import Principal, require_admin, require_read
+from dxnode.states import DeliveryState, JobState
+from dxnode.store import Delivery, Instance, Job, Output, Store, Study, audit
+from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
+from dxnode.web.pages import LoginRequired, login_redirect, pages_router
+from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
 
 log = logging.getLogger("dxnode.web")
 
@@ -52,6 +68,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"description": "Needs an admin token"},
     404: {"description": "Not found"},
     422: {"description": "Invalid parameters"},
+    429: {"description": "Too many wrong tokens from this address (see Retry-After)"},
 }
 Readiness = Callable[[], dict[str, bool]]
 
@@ -60,31 +77,6 @@ def _audit(request: Request, who: Principal, action: str, target: str = "", **de
     store: Store = request.app.state.store
     with store.session() as session:
         audit(session, who.name, action, target=target, source=who.address, **detail)
-
-
-class UploadLimit:
-    """ASGI middleware: 413 for an upload whose declared Content-Length is over the limit, before its body is read.
-
-    Without it Starlette would spool the whole multipart body to disk before the handler can refuse it;
-    the handler still checks the file's own size (multipart overhead, chunked bodies).
-    """
-
-    def __init__(self, app: ASGIApp, path: str, max_mb: float) -> None:
-        self.app, self.path, self.max_mb = app, path, max_mb
-        self.max_bytes = int(max_mb * 1024 * 1024) + 64 * 1024  # room for the multipart envelope
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse(
-                    {"detail": f"file larger than [web] max_upload_mb = {self.max_mb}"},
-                    status_code=413,
-                    headers={"Connection": "close"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def _iso_date_only(value: Any) -> Any:
@@ -119,7 +111,7 @@ def api_router() -> APIRouter:
         calling_aet: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10**9),
-    ) -> list[dict[str, Any]]:
+    ) -> list[StudyOut]:
         with request.app.state.store.session() as s:
             rows = list_studies(
                 s, StudyFilter(patient_id, accession_number, date_from, date_to, modality, calling_aet, limit, offset)
@@ -128,15 +120,16 @@ def api_router() -> APIRouter:
         return rows
 
     @r.get("/studies/{study_instance_uid}", summary="One study with its series, jobs, findings, outputs and deliveries")
-    def study(request: Request, study_instance_uid: str, who: Principal = Depends(require_read)) -> dict[str, Any]:
-        detail = study_detail(request.app.state.store, study_instance_uid)
+    def study(request: Request, study_instance_uid: str, who: Principal = Depends(require_read)) -> StudyDetail:
+        with request.app.state.store.session() as s:
+            detail = study_detail(s, study_instance_uid)
         if detail is None:
             raise HTTPException(404, "no such study")
         _audit(request, who, "api.study.read", target=study_instance_uid)
         return detail
 
     @r.post("/studies/{study_instance_uid}/requeue", summary="Queue the study's analysis again (admin)")
-    def requeue(request: Request, study_instance_uid: str, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+    def requeue(request: Request, study_instance_uid: str, who: Principal = Depends(require_admin)) -> JobQueued:
         from dxnode.worklist import requeue_study
 
         try:
@@ -144,12 +137,12 @@ def api_router() -> APIRouter:
                 job_id = requeue_study(s, study_instance_uid, actor=who.name, source=who.address)
         except LookupError:
             raise HTTPException(404, "no such study") from None
-        return {"job_id": job_id}
+        return JobQueued(job_id=job_id)
 
     @r.post("/studies/{study_instance_uid}/ignore", summary="Mark a study to be ignored (admin)")
     def ignore(
         request: Request, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True
-    ) -> dict[str, Any]:
+    ) -> StudyIgnored:
         with request.app.state.store.session() as s:
             study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
             if study is None:
@@ -162,24 +155,24 @@ def api_router() -> APIRouter:
                 target=study_instance_uid,
                 source=who.address,
             )
-        return {"study_instance_uid": study_instance_uid, "ignored": ignored}
+        return StudyIgnored(study_instance_uid=study_instance_uid, ignored=ignored)
 
     @r.get("/jobs", summary="Jobs, newest first")
     def jobs(
         request: Request,
         who: Principal = Depends(require_read),
-        state: str | None = Query(None, pattern="^(queued|running|done|failed|skipped)$"),
+        state: JobState | None = None,
         since: IsoDate | None = Query(None, description="created on or after, YYYY-MM-DD (UTC)"),
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10**9),
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobOut]:
         with request.app.state.store.session() as s:
             rows = list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
         _audit(request, who, "api.jobs.read", rows=len(rows))  # jobs name their study
         return rows
 
     @r.post("/jobs/{job_id}/requeue", summary="Re-queue a job (admin)")
-    def requeue_job(request: Request, job_id: RowId, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+    def requeue_job(request: Request, job_id: RowId, who: Principal = Depends(require_admin)) -> JobRequeued:
         from dxnode.worklist import requeue_job as do_requeue
 
         try:
@@ -189,7 +182,7 @@ def api_router() -> APIRouter:
             raise HTTPException(404, "no such job") from None
         except ValueError as exc:
             raise HTTPException(409, str(exc)) from None
-        return {"job_id": queued, "requeued_from": job_id, "state": "queued"}
+        return JobRequeued(job_id=queued, requeued_from=job_id, state=JobState.QUEUED)
 
     def result_filter(
         label: str | None = None,
@@ -220,7 +213,7 @@ def api_router() -> APIRouter:
     @r.get("/results", summary="Study-level findings (the newest done job of each study unless include_superseded)")
     def results(
         request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
-    ) -> list[dict[str, Any]]:
+    ) -> list[ResultOut]:
         with request.app.state.store.session() as s:
             rows = list_results(s, f)
         _audit(request, who, "api.results.read", rows=len(rows))
@@ -248,34 +241,30 @@ def api_router() -> APIRouter:
     def outbox(
         request: Request,
         who: Principal = Depends(require_read),
-        state: str | None = Query(None, pattern="^(pending|sent|failed)$"),
+        state: DeliveryState | None = None,
         destination: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10**9),
-    ) -> list[dict[str, Any]]:
-        from dxnode.dispatch import list_deliveries
-
+    ) -> list[DeliveryOut]:
         with request.app.state.store.session() as s:
             rows = list_deliveries(s, state, destination, limit, offset)
         _audit(request, who, "api.outbox.read", rows=len(rows))
         return rows
 
     @r.post("/outbox/{delivery_id}/resend", summary="Re-send a delivery (admin)")
-    def resend(request: Request, delivery_id: RowId, who: Principal = Depends(require_admin)) -> dict[str, Any]:
+    def resend(request: Request, delivery_id: RowId, who: Principal = Depends(require_admin)) -> Requeued:
         from dxnode.dispatch import resend as do_resend
 
         with request.app.state.store.session() as s:
             n = do_resend(s, str(delivery_id), actor=who.name, source=who.address)
         if not n:
             raise HTTPException(404, "no such delivery")
-        return {"requeued": n}
+        return Requeued(requeued=n)
 
     @r.get("/model", summary="The served model's manifest")
-    def model(request: Request, who: Principal = Depends(require_read)) -> dict[str, Any]:
+    def model(request: Request, who: Principal = Depends(require_read)) -> ModelInfo:
         m = request.app.state.classifier().manifest
-        info = m.to_dict()
-        info["label_count"] = len(m.labels)
-        return info
+        return ModelInfo.model_validate(m.to_dict() | {"label_count": len(m.labels)})
 
     @r.get(
         "/outputs/{output_id}.png",
@@ -323,16 +312,16 @@ def api_router() -> APIRouter:
     )
     async def predict(
         request: Request, file: UploadFile, who: Principal = Depends(require_read), top_k: int = Query(3, ge=1, le=20)
-    ) -> dict[str, Any]:
+    ) -> UploadPrediction:
         return await predict_upload(request, file, who, top_k)
 
     return r
 
 
-async def predict_upload(request: Request, file: UploadFile, who: Principal, top_k: int) -> dict[str, Any]:
-    """Run the model on an upload; the file is deleted afterwards unless [web] keep_uploads."""
-    from dxnode.model import predict_file
+async def predict_upload(request: Request, file: UploadFile, who: Principal, top_k: int) -> UploadPrediction:
+    """Run the model on an upload; the file is deleted afterwards unless [web] keep_uploads.
 
+    Decoding and inference run on a worker thread, so the event loop keeps answering other requests."""
     settings: Settings = request.app.state.settings
     limit = int(settings.web.max_upload_mb * 1024 * 1024)
     data = await file.read(limit + 1)
@@ -340,6 +329,14 @@ async def predict_upload(request: Request, file: UploadFile, who: Principal, top
         raise HTTPException(413, f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}")
     if not data:
         raise HTTPException(422, "empty file")
+    return await run_in_threadpool(_predict_bytes, request, data, file.filename or "", who, top_k)
+
+
+def _predict_bytes(request: Request, data: bytes, filename: str, who: Principal, top_k: int) -> UploadPrediction:
+    """The blocking part of predict_upload: write, decode, infer, audit, encode the PNGs."""
+    from dxnode.model import predict_file
+
+    settings: Settings = request.app.state.settings
     keep = settings.web.keep_uploads
     folder = settings.data_dir / "uploads" if keep else Path(tempfile.mkdtemp(prefix="dxnode-upload-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -351,14 +348,14 @@ async def predict_upload(request: Request, file: UploadFile, who: Principal, top
         if not keep:
             path.unlink(missing_ok=True)
             folder.rmdir()
-    _audit(request, who, "api.predict", filename=(file.filename or "")[:100], error=pred.error or "")
+    _audit(request, who, "api.predict", filename=filename[:100], error=pred.error or "")
     if pred.error:
         code = (
             415 if pred.error.startswith(("not a readable", "not an image", "no pixel data", "no such file")) else 422
         )
         raise HTTPException(code, pred.error)
     body = pred.to_dict(None)
-    body["file"] = file.filename or "upload"
+    body["file"] = filename or "upload"
     body["heatmap_png"] = (
         "data:image/png;base64," + base64.b64encode(png_bytes(pred.heatmap)).decode()
         if pred.heatmap is not None
@@ -369,72 +366,7 @@ async def predict_upload(request: Request, file: UploadFile, who: Principal, top
         if pred.display is not None
         else None
     )
-    return body
-
-
-def study_detail(store: Store, study_instance_uid: str) -> dict[str, Any] | None:
-    """Everything the study page and GET /api/studies/{uid} show."""
-    from dxnode.dispatch import list_deliveries
-
-    with store.session() as s:
-        study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
-        if study is None:
-            return None
-        out = study_dict(s, study)
-        out["series"] = [
-            {
-                "series_instance_uid": x.series_instance_uid,
-                "modality": x.modality,
-                "series_number": x.series_number,
-                "series_description": x.series_description,
-                "body_part_examined": x.body_part_examined,
-            }
-            for x in s.scalars(select(Series).where(Series.study_id == study.id))
-        ]
-        jobs = list(s.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id.desc())))
-        out["jobs"] = [job_dict(j, study_instance_uid) | {"log": j.log} for j in jobs]
-        newest_done = next((j for j in jobs if j.state == "done"), None)
-        out["findings"] = [
-            {
-                "label": f.label,
-                "probability": round(f.probability, 6),
-                "threshold": f.threshold,
-                "positive": f.positive,
-                "source_sop_instance_uid": f.source_sop_instance_uid,
-                "model_name": f.model_name,
-                "model_version": f.model_version,
-                "model_demo": f.model_demo,
-            }
-            for f in s.scalars(
-                select(FindingRow)
-                .where(FindingRow.job_id == (newest_done.id if newest_done else -1))
-                .order_by(FindingRow.rank)
-            )
-        ]
-        out["instance_results"] = [
-            {"sop_instance_uid": r.sop_instance_uid, "state": r.state, "reason": r.reason}
-            for r in s.scalars(
-                select(InstanceResult).where(InstanceResult.job_id == (newest_done.id if newest_done else -1))
-            )
-        ]
-        outputs = list(s.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.id)))
-        current = {o.id for o in outputs if newest_done is not None and o.job_id == newest_done.id} or {
-            o.id for o in outputs
-        }
-        out["outputs"] = [
-            {
-                "id": o.id,
-                "kind": o.kind,
-                "label": o.label,
-                "sop_instance_uid": o.sop_instance_uid,
-                "summary": o.summary,
-                "model_version": o.model_version,
-                "current": o.id in current,
-            }
-            for o in outputs
-        ]
-        out["deliveries"] = list_deliveries(s, limit=1000, study_instance_uid=study_instance_uid)
-    return out
+    return UploadPrediction.model_validate(body)
 
 
 def metrics_text(store: Store) -> bytes:
@@ -444,19 +376,22 @@ def metrics_text(store: Store) -> bytes:
     backlog = Gauge("dxnode_outbox_backlog", "Deliveries pending", registry=registry)
     failed = Gauge("dxnode_outbox_failed", "Deliveries failed for good", registry=registry)
     with store.session() as s:
-        for state in ("queued", "running", "done", "failed", "skipped"):
+        for state in JobState:
             jobs.labels(state=state).set(0)
-        for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
-            jobs.labels(state=state).set(n)
-        backlog.set(s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "pending")) or 0)
-        failed.set(s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "failed")) or 0)
+        for name, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
+            jobs.labels(state=name).set(n)
+        backlog.set(
+            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.PENDING)) or 0
+        )
+        failed.set(
+            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
+        )
     return generate_latest(REGISTRY) + generate_latest(registry)
 
 
 def create_app(settings: Settings, store: Store, readiness: Readiness | None = None) -> FastAPI:
     """The web application of a node."""
     from dxnode.model import load_classifier
-    from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 
     app = FastAPI(
         title="dxnode",
@@ -469,30 +404,41 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     app.state.settings, app.state.store = settings, store
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
     app.state.classifier = lambda: load_classifier(settings.model)
-    app.add_middleware(UploadLimit, path="/api/predict", max_mb=settings.web.max_upload_mb)
+    app.state.login_throttle = LoginThrottle.from_settings(settings.web)
+    form = BodyRule(64 * 1024, "form larger than 64 KiB")
+    upload = BodyRule(
+        int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
+        f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}",
+        authenticate=True,
+    )
+    app.add_middleware(
+        BodyGuard, rules={"/api/predict": upload, "/login": form, "/logout": form}, authenticate=principal
+    )
+    app.add_middleware(CsrfGuard, trusted_origins=settings.web.trusted_origins)
     app.add_middleware(
         SessionMiddleware,
         secret_key=settings.web.session_secret or secrets.token_urlsafe(32),
-        session_cookie="dxnode_session",
+        session_cookie=SESSION_COOKIE,
         same_site="strict",
         https_only=False,
-        max_age=12 * 3600,
+        max_age=round(settings.web.session_hours * 3600),
     )
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the guards' refusals included
 
     @app.get("/healthz", summary="The process is up (no token needed)")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> Health:  # on the event loop: answers even when every worker thread is busy
+        return Health(status="ok")
 
     @app.get(
         "/readyz",
         summary="Database reachable, model loaded, DICOM listener up",
-        responses={401: ERRORS[401], 503: {"description": "Not ready"}},
+        response_model=ReadyOut,
+        responses={401: ERRORS[401], 503: {"description": "Not ready", "model": ReadyOut}},
     )
     def readyz(who: Principal = Depends(require_read)) -> JSONResponse:
         checks = readiness() if readiness else {"database": store.ping()}
-        return JSONResponse(
-            {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
-        )
+        body = ReadyOut(ready=all(checks.values()), checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
     @app.get(
         "/metrics",
@@ -505,6 +451,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
 
     app.include_router(api_router())
     app.include_router(pages_router())
+    # Starlette types handlers as taking any Exception; this one only ever gets LoginRequired
     app.add_exception_handler(LoginRequired, login_redirect)  # type: ignore[arg-type]
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -1,18 +1,33 @@
-"""Access control: bearer tokens from [[web.tokens]] with a role, or a login session cookie.
+"""Access control: bearer tokens from [[web.tokens]] with a role, or a login session.
 
 Every endpoint but /healthz needs a token: missing or wrong gives 401, a "read" token on an
-admin action gives 403. The web pages log in with the same token and keep a signed session
-cookie. Tokens are compared in constant time.
+admin action gives 403. The web pages log in with the same token; the signed session cookie
+carries a random key whose hash is a `web_session` row, so logging out revokes it server-side
+and it expires after [web] session_hours. Tokens are compared in constant time, and wrong ones
+are throttled per client address (LoginThrottle).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import HTTPException, Request, status
+from sqlalchemy import delete, select
 
-from dxnode.config import WebToken
+from dxnode.config import WebSettings, WebToken
+from dxnode.store import Store, WebSession, audit, utcnow
+
+THROTTLE_WINDOW_S = 3600
+T = TypeVar("T")  # failures older than this no longer count
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,78 @@ class Principal:
         return self.role == "admin"
 
 
+class LoginThrottle:
+    """Failed token guesses per client address: the first few are free, then each attempt must wait
+    a delay that doubles with every further failure (up to a maximum) within the last hour."""
+
+    def __init__(self, free_attempts: int, delay_s: float, max_delay_s: float, max_addresses: int = 10000) -> None:
+        self.free, self.delay_s, self.max_delay_s = free_attempts, delay_s, max_delay_s
+        self.max_addresses = max_addresses
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self.clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def from_settings(cls, web: WebSettings) -> LoginThrottle:
+        return cls(web.login_free_attempts, web.login_delay_s, web.login_max_delay_s)
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        q = self._failures.get(address, deque())
+        while q and q[0] < now - THROTTLE_WINDOW_S:
+            q.popleft()
+        return q
+
+    def _wait(self, address: str, now: float) -> float:
+        q = self._recent(address, now)
+        if len(q) < self.free:
+            return 0.0
+        return max(0.0, q[-1] + min(self.delay_s * 2 ** min(len(q) - self.free, 60), self.max_delay_s) - now)
+
+    def attempt(self, address: str, verify: Callable[[], T | None]) -> tuple[T | None, float]:
+        """verify() unless the address must wait; a None result counts as a failure. Returns the result
+        and the wait. Check, verification and count happen under one lock, so parallel guesses get no more."""
+        with self._lock:
+            now = self.clock()
+            wait = self._wait(address, now)
+            if wait > 0:
+                return None, wait
+            result = verify()
+            if result is None:
+                if address not in self._failures and len(self._failures) >= self.max_addresses:
+                    for stale in [a for a, q in self._failures.items() if not q or q[-1] < now - THROTTLE_WINDOW_S]:
+                        del self._failures[stale]
+                    while len(self._failures) >= self.max_addresses:  # all recent: forget the oldest address
+                        del self._failures[next(iter(self._failures))]
+                q = self._recent(address, now)
+                q.append(now)
+                self._failures[address] = q
+            return result, 0.0
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def check_token(request: Request, presented: str, actor: str, throttled: str, failed: str) -> WebToken | None:
+    """The configured token presented by the caller, or None (audited as `failed`); raises 429 (audited
+    as `throttled`) while the caller's address must wait after too many wrong tokens."""
+    address = client_address(request)
+    tokens: list[WebToken] = request.app.state.settings.web.tokens
+    t, wait = request.app.state.login_throttle.attempt(address, lambda: find_token(tokens, presented))
+    if wait > 0:
+        with request.app.state.store.session() as s:
+            audit(s, actor, throttled, source=address, retry_after_s=round(wait, 1))
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many wrong tokens from this address: try again in {wait:.0f} s",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    if t is None:
+        with request.app.state.store.session() as s:
+            audit(s, actor, failed, source=address)
+    return t
+
+
 def find_token(tokens: list[WebToken], presented: str) -> WebToken | None:
     """The configured token equal to the presented one (constant-time comparison)."""
     match = None
@@ -38,25 +125,66 @@ def find_token(tokens: list[WebToken], presented: str) -> WebToken | None:
 
 
 def principal(request: Request) -> Principal | None:
-    """The caller from the Authorization header or the session cookie, or None."""
+    """The caller from the Authorization header or the session cookie, or None.
+
+    A wrong bearer token counts as a failed attempt of its address; while that address is throttled
+    any bearer token gets 429 without being looked at.
+    """
     tokens: list[WebToken] = request.app.state.settings.web.tokens
-    address = request.client.host if request.client else ""
+    address = client_address(request)
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        t = find_token(tokens, header[7:].strip())
+        t = check_token(request, header[7:].strip(), "anonymous", "web.token_throttled", "web.token_failed")
         return Principal(t.name, t.role, address) if t else None
-    name = request.session.get("token_name") if "session" in request.scope else None
+    key = request.session.get("sid") if "session" in request.scope else None
+    if not isinstance(key, str) or not key:
+        return None
+    with request.app.state.store.session() as s:
+        row = s.scalar(
+            select(WebSession).where(WebSession.key_hash == _key_hash(key), WebSession.expires_at > utcnow())
+        )
+        if row is None:
+            return None
+        name, token_digest = row.token_name, row.token_digest
     for t in tokens:
-        if t.name == name and hmac.compare_digest(request.session.get("token_digest", ""), digest(t.token)):
+        if t.name == name and hmac.compare_digest(token_digest, digest(t.token)):
             return Principal(t.name, t.role, address)
     return None
 
 
 def digest(token: str) -> str:
-    """What the session cookie keeps of a token (so revoking the token ends the session)."""
-    import hashlib
-
+    """What a session keeps of a token (so revoking the token ends the session)."""
     return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def start_session(store: Store, token: WebToken, address: str, hours: float) -> str:
+    """A new session row for a login; returns the key the cookie carries. Expired rows are removed."""
+    key = secrets.token_urlsafe(32)
+    now = utcnow()
+    with store.session() as s:
+        s.execute(delete(WebSession).where(WebSession.expires_at <= now))
+        s.add(
+            WebSession(
+                key_hash=_key_hash(key),
+                token_name=token.name,
+                token_digest=digest(token.token),
+                source=address,
+                created_at=now,
+                expires_at=now + dt.timedelta(hours=hours),
+            )
+        )
+    return key
+
+
+def end_session(store: Store, key: object) -> None:
+    """Revoke a session: its cookie opens nothing any more, even if kept."""
+    if isinstance(key, str) and key:
+        with store.session() as s:
+            s.execute(delete(WebSession).where(WebSession.key_hash == _key_hash(key)))
 
 
 def require_read(request: Request) -> Principal:

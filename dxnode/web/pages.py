@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
-from dxnode.queries import ResultFilter, StudyFilter, list_results, list_studies
+from dxnode.queries import ResultFilter, ResultOut, StudyFilter, list_results, list_studies, study_detail
+from dxnode.states import DeliveryState, JobState
 from dxnode.store import Delivery, Instance, Job, audit, utcnow
-from dxnode.web.auth import Principal, digest, find_token, principal
+from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -53,18 +54,24 @@ def dashboard_data(request: Request) -> dict[str, Any]:
     with store.session() as s:
         received = s.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= midnight)) or 0
         states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        backlog = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "pending")) or 0
-        failed_out = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == "failed")) or 0
-        studies = list_studies(s, StudyFilter(limit=25))
-        for st in studies:
-            top = list_results(s, ResultFilter(study_instance_uid=st["study_instance_uid"], limit=3))
-            st["top"] = [{"label": r["label"], "probability": r["probability"], "positive": r["positive"]} for r in top]
+        backlog = (
+            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.PENDING)) or 0
+        )
+        failed_out = (
+            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
+        )
+        studies: list[dict[str, Any]] = []
+        for st in list_studies(s, StudyFilter(limit=25)):
+            top = list_results(s, ResultFilter(study_instance_uid=st.study_instance_uid, limit=3))
+            studies.append(
+                st.model_dump() | {"top": [r.model_dump(include={"label", "probability", "positive"}) for r in top]}
+            )
     return {
         "counters": {
             "received_today": received,
-            "queued": states.get("queued", 0),
-            "running": states.get("running", 0),
-            "failed": states.get("failed", 0),
+            "queued": states.get(JobState.QUEUED, 0),
+            "running": states.get(JobState.RUNNING, 0),
+            "failed": states.get(JobState.FAILED, 0),
             "outbox_backlog": backlog,
             "outbox_failed": failed_out,
         },
@@ -113,19 +120,36 @@ def pages_router() -> APIRouter:
 
     @r.post("/login")
     def login(request: Request, token: str = Form(...)) -> Response:
-        t = find_token(request.app.state.settings.web.tokens, token.strip())
         address = request.client.host if request.client else ""
-        with request.app.state.store.session() as s:
-            audit(s, t.name if t else "anonymous", "web.login" if t else "web.login_failed", source=address)
+        store = request.app.state.store
+        try:
+            t = check_token(request, token.strip(), "anonymous", "web.login_throttled", "web.login_failed")
+        except HTTPException as refusal:
+            return TEMPLATES.TemplateResponse(
+                request,
+                "login.html",
+                {"error": str(refusal.detail).capitalize() + ".", "no_tokens": False},
+                status_code=refusal.status_code,
+                headers=refusal.headers,
+            )
         if t is None:
             return TEMPLATES.TemplateResponse(
                 request, "login.html", {"error": "Unknown token.", "no_tokens": False}, status_code=401
             )
-        request.session.update(token_name=t.name, token_digest=digest(t.token))
+        with store.session() as s:
+            audit(s, t.name, "web.login", source=address)
+        end_session(store, request.session.get("sid"))
+        request.session.clear()  # a new key at each login (no session fixation)
+        request.session["sid"] = start_session(store, t, address, request.app.state.settings.web.session_hours)
         return RedirectResponse("/", status_code=303)
 
     @r.post("/logout")
     def logout(request: Request) -> Response:
+        who = principal(request)
+        end_session(request.app.state.store, request.session.get("sid"))
+        if who is not None:
+            with request.app.state.store.session() as s:
+                audit(s, who.name, "web.logout", source=who.address)
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
@@ -144,18 +168,17 @@ def pages_router() -> APIRouter:
 
     @r.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_instance_uid: str, who: Principal = Depends(page_user)) -> Response:
-        from dxnode.web.app import study_detail
-
-        detail = study_detail(request.app.state.store, study_instance_uid)
+        with request.app.state.store.session() as s:
+            detail = study_detail(s, study_instance_uid)
         if detail is None:
             return TEMPLATES.TemplateResponse(
                 request, "message.html", _context(request, who, message="No such study."), status_code=404
             )
         with request.app.state.store.session() as s:
             audit(s, who.name, "web.study", target=study_instance_uid, source=who.address)
-        sr = next((o for o in detail["outputs"] if o["kind"] == "sr" and o["current"]), None)
-        heatmaps = [o for o in detail["outputs"] if o["kind"] == "sc" and o["current"]]
-        sources = sorted({f["source_sop_instance_uid"] for f in detail["findings"] if f["source_sop_instance_uid"]})
+        sr = next((o for o in detail.outputs if o.kind == "sr" and o.current), None)
+        heatmaps = [o for o in detail.outputs if o.kind == "sc" and o.current]
+        sources = sorted({f.source_sop_instance_uid for f in detail.findings if f.source_sop_instance_uid})
         return TEMPLATES.TemplateResponse(
             request, "study.html", _context(request, who, s=detail, sr=sr, heatmaps=heatmaps, sources=sources)
         )
@@ -173,7 +196,7 @@ def pages_router() -> APIRouter:
         date_to: str = "",
     ) -> Response:
         f, errors = page_result_filter(label, min_prob, positive, model_name, model_version, date_from, date_to)
-        rows: list[dict[str, Any]] = []
+        rows: list[ResultOut] = []
         with request.app.state.store.session() as s:
             if not errors:
                 rows = list_results(s, f)

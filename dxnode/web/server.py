@@ -10,12 +10,14 @@ from fastapi import FastAPI
 
 
 class WebServer:
-    """Serve an ASGI app on host:port (0: any free port) until stop()."""
+    """Serve an ASGI app on host:port (0: any free port) until stop().
+
+    uvicorn installs signal handlers only on the main thread, so on this thread the daemon keeps them.
+    """
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the daemon owns signals
         self.host = host
         self.port = port
         self._thread = threading.Thread(target=self.server.run, name="dxnode-web", daemon=True)
