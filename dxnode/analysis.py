@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import delete, select
@@ -25,11 +26,18 @@ log = logging.getLogger("dxnode.analysis")
 class NothingToAnalyze(Exception):
     """Every instance of the study failed in the pipeline; the message lists why."""
 
+    permanent = True  # a retry reads the same files: the job fails at once
 
-def run_job(store: Store, settings: Settings, job_id: int) -> str:
-    """Run the whole analysis of one job; return "done" or "skipped" (raise on failure)."""
+
+def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> str:
+    """Run the whole analysis of one job; return "done" or "skipped" (raise on failure).
+
+    heartbeat, when given, is called with the stage name at stage boundaries (the worklist
+    refreshes the job's heartbeat with it, and stops the job there when the node stops)."""
     from dxnode.model import analyze_study, load_classifier
 
+    beat = heartbeat or (lambda stage: None)
+    beat("load")
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None, f"job {job_id} vanished"
@@ -47,14 +55,17 @@ def run_job(store: Store, settings: Settings, job_id: int) -> str:
     instances = [(uid, settings.data_dir / path) for uid, path in rows]
 
     classifier = load_classifier(settings.model)
+    beat("analyze")
     started = time.perf_counter()
     result = analyze_study(study_uid, instances, classifier, settings, heatmap_for=settings.report.heatmap_for)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
     lines = _describe(result)
+    beat("findings")
     state = _record_findings(store, job_id, result, lines)
     if state == "skipped":
         return state
+    beat("outputs")
     outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet)
     with store.session() as session:
         job = session.get(Job, job_id)

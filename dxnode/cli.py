@@ -59,10 +59,17 @@ def open_store(settings: Settings, migrate: bool = True) -> Store:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the node: SCP, worklist, runner, dispatcher and web server."""
+    """Run the node: SCP, worklist, job processes, dispatcher and web server."""
     from dxnode.daemon import serve
 
-    return serve(settings, web=not args.no_web)
+    return serve(settings, web=not args.no_web, log_level=args.log_level or settings.logging.level)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run only job processes and the outbox (scale-out beside a receiving node)."""
+    from dxnode.daemon import work
+
+    return work(settings, log_level=args.log_level or settings.logging.level)
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
@@ -447,8 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(handler=handler)
         return sp
 
-    sp = add("serve", cmd_serve, "run the node: DICOM SCP, worklist, runner, outbox and web server")
+    sp = add("serve", cmd_serve, "run the node: DICOM SCP, worklist, job processes, outbox and web server")
     sp.add_argument("--no-web", action="store_true", help="do not start the web server")
+    add(
+        "worker",
+        cmd_worker,
+        "run only job processes and the outbox, on the configured (shared PostgreSQL) database and data dir",
+    )
     add("web", cmd_web, "run only the REST API and web pages")
 
     sp = add("echo", cmd_echo, "C-ECHO a DICOM node (verification)")

@@ -58,6 +58,8 @@ class NodeSettings(Section):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_require_client_cert: bool = False
+    # SIGTERM: stop listening and claiming, re-queue unfinished jobs, and exit within this many seconds.
+    stop_timeout_seconds: float = Field(20, gt=0)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 
@@ -84,8 +86,14 @@ class WorklistSettings(Section):
     sweep_interval_seconds: float = Field(2, gt=0)
     poll_interval_seconds: float = Field(1, gt=0)
     max_attempts: int = Field(3, ge=1)
-    running_timeout_seconds: float = Field(3600, gt=0)  # a running job silent this long is re-queued
+    # A running job whose heartbeat (refreshed between stages and batches) is older than this is re-queued.
+    running_timeout_seconds: float = Field(300, gt=0)
     run_jobs: bool = True
+    workers: int = Field(1, ge=1)  # job processes, each loading the model once
+    worker_max_rss_mb: int = Field(0, ge=0)  # a job process above this resident size is stopped (0 = no limit)
+    # Delay before a failed attempt (transient error, lost worker) is retried: doubled per attempt, capped.
+    retry_backoff_seconds: float = Field(10, ge=0)
+    retry_backoff_max_seconds: float = Field(600, ge=0)
 
 
 class Destination(Section):

@@ -1,17 +1,26 @@
-"""`dxnode serve`: start the stages of the data path in one process and stop them cleanly.
+"""`dxnode serve` and `dxnode worker`: start the stages of the data path and stop them cleanly.
 
-The SCP receives on its own threads (pynetdicom); one APScheduler BackgroundScheduler runs the
-stable-study sweep, the job runner and the outbox; uvicorn serves the web stage on a thread.
-SIGTERM and SIGINT stop the listener first, then let a running job finish its current step.
+serve: the SCP receives on its own threads (pynetdicom); one APScheduler BackgroundScheduler runs
+the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
+thread; jobs run in supervised job processes (dxnode/runner.py), never in this one.
+worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
+and one shared data dir.
+
+SIGTERM and SIGINT stop the listener first (no new association), then the scheduler, then the job
+processes: each re-queues its job at the next stage boundary; one still running a little before
+``[node] stop_timeout_seconds`` is killed and its job re-queued. The process exits within that time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
@@ -50,8 +59,10 @@ def _load_model(settings: Settings) -> Classifier:
     return classifier
 
 
-def _start_scheduler(settings: Settings, store: Store) -> BackgroundScheduler:
-    """The background jobs: sweep for stable studies, run queued jobs, send the outbox."""
+def _start_scheduler(
+    settings: Settings, store: Store, activity: Any = None, supervisor: Any = None, sweep: bool = True
+) -> BackgroundScheduler:
+    """The background jobs: sweep for stable studies, hand back jobs of stopped workers, send the outbox."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from dxnode import worklist
@@ -59,20 +70,24 @@ def _start_scheduler(settings: Settings, store: Store) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
-    scheduler.add_job(
-        worklist.sweep, "interval", args=[store, settings], seconds=settings.worklist.sweep_interval_seconds, id="sweep"
-    )
+    interval = settings.worklist.sweep_interval_seconds
+    if sweep:
+        scheduler.add_job(
+            worklist.sweep,
+            "interval",
+            args=[store, settings],
+            kwargs={"activity": activity},
+            seconds=interval,
+            id="sweep",
+        )
+
+    def recover() -> None:
+        worklist.recover(store, settings, exclude=supervisor.workers if supervisor is not None else frozenset())
+
+    scheduler.add_job(recover, "interval", seconds=max(interval, 1.0), id="recover")
     if settings.worklist.run_jobs:
         from dxnode import dispatch
-        from dxnode.analysis import run_job
 
-        scheduler.add_job(
-            worklist.drain,
-            "interval",
-            args=[store, settings, run_job],
-            seconds=settings.worklist.poll_interval_seconds,
-            id="runner",
-        )
         dispatch.schedule(scheduler, store, settings)
     scheduler.start()
     return scheduler
@@ -97,16 +112,57 @@ def _start_web(settings: Settings, store: Store, readiness: Readiness) -> WebSer
     return server
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
+def _wait_for_signal(fatal: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT (or fatal is set)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1):
-        pass
+    while not stop.wait(0.5):
+        if fatal is not None and fatal.is_set():
+            return
 
 
-def serve(settings: Settings, web: bool = True) -> int:
+def _exit_by(deadline: float) -> None:
+    """Make sure the process is gone by deadline (time.monotonic()), whatever thread still runs."""
+
+    def watchdog() -> None:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        log.warning("stop_timeout_seconds reached with work still running (an outbox send?): exiting now")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="dxnode-stop-watchdog", daemon=True).start()
+
+
+def _start_jobs(settings: Settings, store: Store, log_level: str) -> Any:
+    """The supervised job processes, when this node runs jobs."""
+    from dxnode.runner import Supervisor
+
+    if not settings.worklist.run_jobs:
+        return None
+    supervisor = Supervisor(settings, store, settings.worklist.workers, log_level)
+    supervisor.start()
+    return supervisor
+
+
+def _stop(
+    settings: Settings, started: float, scp: Any, scheduler: Any, supervisor: Any, server: Any, store: Store
+) -> None:
+    """Stop in order within stop_timeout_seconds of started: listener, scheduler, jobs, web."""
+    deadline = started + settings.node.stop_timeout_seconds
+    _exit_by(deadline - 0.3)
+    if scp is not None:
+        scp.stop()
+    scheduler.shutdown(wait=False)
+    if supervisor is not None:
+        supervisor.stop(deadline - min(2.0, settings.node.stop_timeout_seconds / 4))
+    if server is not None:
+        server.stop()
+    store.dispose()
+
+
+def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     """Run the node until a signal arrives."""
     from dxnode import worklist
     from dxnode.scp import StorageSCP
@@ -114,7 +170,8 @@ def serve(settings: Settings, web: bool = True) -> int:
     store = open_store(settings)
     log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
     worklist.recover(store, settings)
-    classifier = _load_model(settings) if settings.worklist.run_jobs or web else None
+    web_on = web and settings.web.enabled
+    classifier = _load_model(settings) if web_on else None  # for /api/predict; jobs load their own
     scp = StorageSCP(settings, store)
     scp.start()
     print(
@@ -122,22 +179,43 @@ def serve(settings: Settings, web: bool = True) -> int:
         + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
         flush=True,
     )
-    scheduler = _start_scheduler(settings, store)
+    supervisor = _start_jobs(settings, store, log_level)
+    scheduler = _start_scheduler(settings, store, scp.activity, supervisor)
 
     def readiness() -> dict[str, bool]:
-        return {"database": store.ping(), "model": classifier is not None, "scp": scp.listening}
+        checks = {"database": store.ping(), "model": classifier is not None, "scp": scp.listening}
+        if supervisor is not None:
+            checks["workers"] = supervisor.alive > 0
+        return checks
 
-    server = _start_web(settings, store, readiness) if web and settings.web.enabled else None
+    server = _start_web(settings, store, readiness) if web_on else None
     try:
-        _wait_for_signal()
+        _wait_for_signal(supervisor.fatal if supervisor is not None else None)
     finally:
-        log.info("stopping")
-        scp.stop()
-        scheduler.shutdown(wait=True)
-        if server is not None:
-            server.stop()
-        store.dispose()
-    return 0
+        log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+    return 1 if supervisor is not None and supervisor.fatal.is_set() else 0
+
+
+def work(settings: Settings, log_level: str = "INFO") -> int:
+    """`dxnode worker`: job processes and the outbox only, on a shared database and data dir."""
+    from dxnode import worklist
+
+    store = open_store(settings)
+    log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
+    worklist.recover(store, settings)
+    if not settings.worklist.run_jobs:
+        print("dxnode worker: [worklist] run_jobs = false, nothing to do", file=sys.stderr)
+        return 2
+    supervisor = _start_jobs(settings, store, log_level)
+    scheduler = _start_scheduler(settings, store, None, supervisor, sweep=False)
+    print(f"dxnode worker: {settings.worklist.workers} job process(es) and the outbox running", flush=True)
+    try:
+        _wait_for_signal(supervisor.fatal)
+    finally:
+        log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
+        _stop(settings, time.monotonic(), None, scheduler, supervisor, None, store)
+    return 1 if supervisor.fatal.is_set() else 0
 
 
 def serve_web_only(settings: Settings) -> int:

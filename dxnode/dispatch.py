@@ -14,7 +14,9 @@ matching its SOP class, file unreadable) fails at once and blocks nothing.
 Several processes may run the outbox on one database. A round claims a destination's rows by
 moving their ``next_attempt_at`` past the send (a lease); claims are serialised by SQLite's
 ``BEGIN IMMEDIATE`` and by a transaction advisory lock on PostgreSQL, so no row is sent twice at
-the same time and a second node sees the first one's lease on the oldest row.
+the same time and a second node sees the first one's lease on the oldest row. A lease names its
+process and is refreshed after every send; a lease whose process is gone (same host) or whose
+refresh is older than ``2 * timeout_seconds + 30`` s (any host) is released at the next claim.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sqlalchemy.orm import Session
 from dxnode import metrics
 from dxnode.config import Destination, Settings
 from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
+from dxnode.worklist import process_gone, worker_id
 
 log = logging.getLogger("dxnode.dispatch")
 
@@ -100,14 +103,41 @@ class _Job:
     port: int
 
 
+def lease_stale_after(settings: Settings) -> dt.timedelta:
+    """A lease not refreshed for this long belongs to a process that stopped (one send takes at most
+    about two timeouts: association, then C-STORE)."""
+    return dt.timedelta(seconds=2 * settings.dispatch.timeout_seconds + 30)
+
+
+def _release_dead_leases(s: Session, settings: Settings, now: dt.datetime) -> None:
+    """Make rows leased by a stopped process due again: its pid is gone here, or its lease went stale."""
+    holders = s.execute(
+        select(Delivery.leased_by, func.max(Delivery.lease_heartbeat_at))
+        .where(Delivery.state == "pending", Delivery.leased_by != "", Delivery.next_attempt_at > now)
+        .group_by(Delivery.leased_by)
+    ).all()
+    for holder, refreshed in holders:
+        if holder == worker_id():
+            continue
+        if process_gone(holder) or refreshed is None or refreshed < now - lease_stale_after(settings):
+            s.execute(
+                update(Delivery)
+                .where(Delivery.state == "pending", Delivery.leased_by == holder)
+                .values(next_attempt_at=now, leased_by="", lease_heartbeat_at=None)
+            )
+            log.warning("released the outbox lease of stopped process %s", holder)
+
+
 def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job]]:
     """Lease the pending rows of every destination whose oldest pending row is due, in creation order.
 
     A batch holds the oldest rows of one destination that share the head row's address, at most BATCH.
     """
+    me = worker_id()
     with store.session() as s:
         if store.dialect == "postgresql":
             s.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK)))
+        _release_dead_leases(s, settings, now)
         head_ids = select(func.min(Delivery.id)).where(Delivery.state == "pending").group_by(Delivery.destination)
         heads = s.scalars(
             select(Delivery).where(Delivery.id.in_(head_ids), Delivery.next_attempt_at <= now).order_by(Delivery.id)
@@ -134,7 +164,7 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
             lease = now + dt.timedelta(seconds=settings.dispatch.timeout_seconds * (len(rows) + 2) + 60)
             batch = []
             for row, out in rows:
-                row.next_attempt_at = lease
+                row.next_attempt_at, row.leased_by, row.lease_heartbeat_at = lease, me, now
                 batch.append(
                     _Job(
                         row.id,
@@ -167,6 +197,13 @@ def _record(
             return "failed"
         row.attempts += 1
         row.dimse_status = status
+        row.leased_by, row.lease_heartbeat_at = "", None
+        # The rest of this process's batch is still being worked on: refresh its lease.
+        s.execute(
+            update(Delivery)
+            .where(Delivery.leased_by == worker_id(), Delivery.state == "pending", Delivery.id != row.id)
+            .values(lease_heartbeat_at=utcnow())
+        )
         if ok:
             row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
             metrics.DELIVERIES_SENT.labels(destination=row.destination).inc()
@@ -208,7 +245,7 @@ def _release(store: Store, jobs: list[_Job]) -> None:
             s.execute(
                 update(Delivery)
                 .where(Delivery.id.in_([j.id for j in jobs]), Delivery.state == "pending")
-                .values(next_attempt_at=utcnow())
+                .values(next_attempt_at=utcnow(), leased_by="", lease_heartbeat_at=None)
             )
 
 
@@ -373,6 +410,7 @@ def resend(session: Session, target: str, actor: str = "cli", source: str = "") 
             utcnow(),
             None,
         )
+        row.leased_by, row.lease_heartbeat_at = "", None
     if rows:
         audit(session, actor, "delivery.resend", target=target, source=source, rows=len(rows))
     return len(rows)

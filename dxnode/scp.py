@@ -19,6 +19,7 @@ validated before they name a file or folder.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 import shutil
@@ -26,6 +27,7 @@ import socket
 import socketserver
 import ssl
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -200,6 +202,52 @@ def parse_received(event: Event) -> Received:
     return rec
 
 
+class Activity:
+    """Studies still arriving, for the stable-study sweep (worklist.StudyActivity).
+
+    A study is busy while one of its instances is being stored or an association that sent to
+    it is open; its quiet time then counts from that association's release. The database cannot
+    tell: under write contention an instance may wait for the lock longer than stable_seconds."""
+
+    KEEP = dt.timedelta(hours=1)  # how long a release time is remembered
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight: Counter[str] = Counter()
+        self._by_association: dict[int, set[str]] = {}
+        self._released: dict[str, dt.datetime] = {}
+
+    def begin(self, association: int, study_uid: str) -> None:
+        """An instance of the study arrived on the association (storing starts)."""
+        with self._lock:
+            self._in_flight[study_uid] += 1
+            self._by_association.setdefault(association, set()).add(study_uid)
+
+    def end(self, study_uid: str) -> None:
+        """Storing the instance ended (committed or refused)."""
+        with self._lock:
+            self._in_flight[study_uid] -= 1
+            if self._in_flight[study_uid] <= 0:
+                del self._in_flight[study_uid]
+
+    def closed(self, association: int) -> None:
+        """The association ended (released, aborted or dropped)."""
+        now = utcnow()
+        with self._lock:
+            for uid in self._by_association.pop(association, set()):
+                self._released[uid] = now
+            if len(self._released) > 10000:
+                self._released = {u: t for u, t in self._released.items() if now - t < self.KEEP}
+
+    def busy_studies(self) -> set[str]:
+        with self._lock:
+            return set(self._in_flight).union(*self._by_association.values())
+
+    def released_at(self) -> dict[str, dt.datetime]:
+        with self._lock:
+            return dict(self._released)
+
+
 class StorageSCP:
     """The node's DICOM listener(s): plain, and optionally DICOM TLS."""
 
@@ -210,6 +258,7 @@ class StorageSCP:
         self._servers: list[NoDelayServer] = []
         self._lock = threading.Lock()
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
+        self.activity = Activity()
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -240,6 +289,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_CONN_CLOSE, lambda event: self.activity.closed(id(event.assoc))),
         ]
 
     def start(self) -> None:
@@ -329,6 +379,13 @@ class StorageSCP:
     def store_instance(self, event: Event, calling_aet: str) -> int:
         """Parse, write and record one instance; raise StoreRefused with the status to send."""
         rec = parse_received(event)
+        self.activity.begin(id(event.assoc), rec.study_instance_uid)
+        try:
+            return self._store_parsed(event, rec, calling_aet)
+        finally:
+            self.activity.end(rec.study_instance_uid)
+
+    def _store_parsed(self, event: Any, rec: Received, calling_aet: str) -> int:
         free = shutil.disk_usage(self.incoming).free if self.incoming.exists() else 0
         if free < self.settings.node.min_free_mb * 1024 * 1024:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")

@@ -162,6 +162,12 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Refreshed by the running worker between stages and batches; stale means its worker is gone.
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    stage: Mapped[str] = mapped_column(String(32), default="")  # last stage the running job reached
+    not_before: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # retry backoff: not claimed before
+    lost: Mapped[int] = mapped_column(Integer, default=0)  # times its worker stopped while running it
+    supervisor: Mapped[str] = mapped_column(String(128), default="")  # host:pid that started its worker
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -252,6 +258,9 @@ class Delivery(Base):
     dimse_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # The process (worklist.worker_id) holding the lease, refreshed while it sends; "" when not leased.
+    leased_by: Mapped[str] = mapped_column(String(128), default="")
+    lease_heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
 

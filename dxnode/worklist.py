@@ -4,20 +4,29 @@ DICOM has no end-of-study signal, so a study is complete once no new instance ar
 ``stable_seconds`` (per calling AE overrides in ``stable_seconds_by_aet``; ``dxnode complete``
 forces it). Several runners, in one or several processes or machines sharing a database, claim
 jobs atomically: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, a conditional UPDATE inside
-SQLite's single-writer ``BEGIN IMMEDIATE`` transaction on SQLite. Jobs left ``running`` by a crashed
-process of this host are re-queued at start; a job whose worker went silent for
-``running_timeout_seconds`` is re-queued by any node.
+SQLite's single-writer ``BEGIN IMMEDIATE`` transaction on SQLite. A study still arriving (an open
+association that sent to it, an instance in flight: see ``StudyActivity``) is never judged stable.
+
+A running job's heartbeat is refreshed between stages and batches. Every node's periodic
+``recover`` re-queues jobs of a dead process of its own host at once (pid gone) and those of any
+host whose heartbeat is older than ``running_timeout_seconds``. Attempts count at claim time, so a
+job whose worker dies ``max_attempts`` times ends ``failed``; failed attempts are retried after a
+backoff, and permanent failures (an exception with ``permanent = True``) end the job at once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import logging
 import os
 import socket
+import threading
+import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from sqlalchemy import CursorResult, Result, or_, select, update
 from sqlalchemy.orm import Session
@@ -29,13 +38,83 @@ from dxnode.store import Job, Store, Study, audit, utcnow
 log = logging.getLogger("dxnode.worklist")
 
 # A job body: runs the pipeline for job_id and returns its final state, "done" or "skipped".
-# Raising marks the attempt failed (re-queued until worklist.max_attempts).
-JobHandler = Callable[[Store, Settings, int], str]
+# Raising marks the attempt failed (retried after a backoff until worklist.max_attempts; at once
+# failed when the exception has ``permanent = True``). A body may take a ``heartbeat`` keyword:
+# a function to call with the stage name at stage boundaries and between batches.
+JobHandler = Callable[..., str]
 
 
-def worker_id() -> str:
-    """host:pid of this process, recorded on the jobs it claims."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+class Stopping(BaseException):
+    """Raised by a heartbeat when the process is stopping: the job is re-queued, not failed.
+
+    A BaseException, so per-instance ``except Exception`` blocks in the job body let it through."""
+
+
+class TakenOver(BaseException):
+    """Raised by a heartbeat when the job is no longer this worker's (re-queued by a sweep)."""
+
+
+class StudyActivity(Protocol):
+    """What the receiver knows that the database does not yet: studies still arriving."""
+
+    def busy_studies(self) -> set[str]:
+        """Study UIDs with an instance in flight or an open association that sent to them."""
+        ...
+
+    def released_at(self) -> dict[str, dt.datetime]:
+        """When the last association that sent to each study was released (recent ones only)."""
+        ...
+
+
+def _start_ticks(pid: int) -> str:
+    """The start time of a process in clock ticks since boot ('' when unknown: not Linux, no such pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""
+
+
+def worker_id(pid: int | None = None) -> str:
+    """host:pid/start of a process (this one by default), recorded on the jobs and leases it takes.
+
+    The start time tells a process from a later one under the same pid (containers restart as pid 1)."""
+    pid = pid or os.getpid()
+    start = _start_ticks(pid)
+    return f"{socket.gethostname()}:{pid}" + (f"/{start}" if start else "")
+
+
+def process_gone(worker: str) -> bool:
+    """True when worker names a process of this host that no longer runs (other hosts: never known)."""
+    host, _, rest = worker.rpartition(":")
+    pid_text, _, start = rest.partition("/")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    now = _start_ticks(pid)
+    if Path(f"/proc/{pid}/stat").exists() and not now:
+        return True  # a zombie: exited, not yet reaped
+    return bool(start and now and now != start)  # the pid now belongs to a later process
+
+
+# A job whose node keeps dying under it (not counted as attempts) still ends failed after
+# this many times max_attempts such deaths: no crash loop lasts for ever.
+CRASH_LOOP_FACTOR = 3
+
+
+def retry_delay(settings: Settings, attempts: int) -> dt.timedelta:
+    """Wait before retrying a job after its attempts-th failed attempt."""
+    w = settings.worklist
+    return dt.timedelta(seconds=min(w.retry_backoff_max_seconds, w.retry_backoff_seconds * 2 ** max(0, attempts - 1)))
 
 
 def stable_after(settings: Settings, calling_aet: str) -> dt.timedelta:
@@ -82,20 +161,30 @@ def queued_job(session: Session, study_id: int) -> int:
     return job.id
 
 
-def sweep(store: Store, settings: Settings, now: dt.datetime | None = None) -> list[int]:
-    """Queue a job for every study that went stable since its last job; return the job ids."""
+def sweep(
+    store: Store, settings: Settings, now: dt.datetime | None = None, activity: StudyActivity | None = None
+) -> list[int]:
+    """Queue a job for every study that went stable since its last job; return the job ids.
+
+    With the receiver's activity, a study still arriving is skipped, and quiet time counts from
+    the later of its last committed instance and the release of the last association that sent to it."""
     now = now or utcnow()
     shortest = min([settings.worklist.stable_seconds, *settings.worklist.stable_seconds_by_aet.values()])
+    busy = activity.busy_studies() if activity is not None else set()
+    released = activity.released_at() if activity is not None else {}
     with store.session() as session:
         candidates = session.execute(
-            select(Study.id, Study.calling_aet, Study.last_received_at)
+            select(Study.id, Study.study_instance_uid, Study.calling_aet, Study.last_received_at)
             .where(Study.ignored.is_(False))
             .where(Study.last_received_at <= now - dt.timedelta(seconds=shortest))
             .where(or_(Study.queued_through.is_(None), Study.queued_through < Study.last_received_at))
         ).all()
     queued: list[int] = []
-    for study_id, calling_aet, last in candidates:
-        if last > now - stable_after(settings, calling_aet):
+    for study_id, study_uid, calling_aet, last in candidates:
+        if study_uid in busy:
+            continue
+        quiet_from = max(last, released.get(study_uid, last))
+        if quiet_from > now - stable_after(settings, calling_aet):
             continue
         with store.session() as session:
             study = session.get(Study, study_id)
@@ -135,27 +224,44 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
         waiting = queued_job(session, job.study_id)
         audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source, queued=f"job:{waiting}")
         return waiting
-    job.state, job.attempts, job.error = "queued", 0, ""
+    job.state, job.attempts, job.error, job.lost, job.not_before = "queued", 0, "", 0, None
     audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source)
     return job_id
 
 
-def claim(store: Store, worker: str | None = None) -> int | None:
-    """Atomically take the oldest queued job for this worker; None when the queue is empty."""
+def claim(store: Store, worker: str | None = None, now: dt.datetime | None = None, supervisor: str = "") -> int | None:
+    """Atomically take the oldest due queued job for this worker (counting the attempt); None if none.
+
+    supervisor: the worker id of the process that started this worker, if any (see recover)."""
     worker = worker or worker_id()
+    now = now or utcnow()
     with store.session() as session:
-        q = select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)
+        q = (
+            select(Job.id)
+            .where(Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now))
+            .order_by(Job.id)
+            .limit(1)
+        )
         if store.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         job_id = session.scalar(q)
         if job_id is None:
             return None
-        now = utcnow()
         taken = rowcount(
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == "queued")
-                .values(state="running", attempts=Job.attempts + 1, worker=worker, started_at=now, updated_at=now)
+                .values(
+                    state="running",
+                    attempts=Job.attempts + 1,
+                    worker=worker,
+                    started_at=now,
+                    updated_at=now,
+                    heartbeat_at=now,
+                    stage="claimed",
+                    not_before=None,
+                    supervisor=supervisor,
+                )
                 .execution_options(synchronize_session=False)
             )
         )
@@ -165,13 +271,67 @@ def claim(store: Store, worker: str | None = None) -> int | None:
         return job_id
 
 
-def finish(store: Store, settings: Settings, job_id: int, state: str | None, error: str = "") -> str:
-    """Record the end of an attempt: done/skipped, or failed (re-queued until max_attempts)."""
+def beat(store: Store, job_id: int, worker: str, stage: str) -> bool:
+    """Refresh a running job's heartbeat and stage; False when the job is no longer this worker's."""
+    now = utcnow()
+    with store.session() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
+            .values(heartbeat_at=now, updated_at=now, stage=stage[:32])
+            .execution_options(synchronize_session=False)
+        )
+        return rowcount(result) == 1
+
+
+class Heartbeat:
+    """The heartbeat a job body calls with its stage name; raises Stopping once the process stops."""
+
+    def __init__(
+        self, store: Store, job_id: int, worker: str, stop: threading.Event | None = None, every: float = 1.0
+    ) -> None:
+        self.store, self.job_id, self.worker, self.stop, self.every = store, job_id, worker, stop, every
+        self.stage, self.last = "claimed", time.monotonic()
+
+    def __call__(self, stage: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopping(stage)
+        now = time.monotonic()
+        if stage == self.stage and now - self.last < self.every:
+            return  # between batches of one stage: at most one write a second
+        if not beat(self.store, self.job_id, self.worker, stage):
+            raise TakenOver(f"job {self.job_id} is no longer run by {self.worker}")
+        self.stage, self.last = stage, now
+
+
+def finish(
+    store: Store,
+    settings: Settings,
+    job_id: int,
+    state: str | None,
+    error: str = "",
+    permanent: bool = False,
+    worker: str | None = None,
+) -> str:
+    """Record the end of an attempt: done/skipped, or failed (retried after a backoff until
+    max_attempts; at once failed when permanent). With worker, only while the job is still its own."""
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
+        if worker is not None and (job.state != "running" or job.worker != worker):
+            log.warning(
+                "job %d was taken over (now %s by %s): this attempt's end is not recorded",
+                job_id,
+                job.state,
+                job.worker,
+            )
+            return job.state
         if state is None:
-            state = "failed" if job.attempts >= settings.worklist.max_attempts else "queued"
+            if permanent or job.attempts >= settings.worklist.max_attempts:
+                state = "failed"
+            else:
+                state = "queued"
+                job.not_before = utcnow() + retry_delay(settings, job.attempts)
             job.error = error
         job.state = state
         job.finished_at = utcnow() if state != "queued" else None
@@ -181,59 +341,159 @@ def finish(store: Store, settings: Settings, job_id: int, state: str | None, err
     return state
 
 
-def run_one(store: Store, settings: Settings, handler: JobHandler, worker: str | None = None) -> int | None:
-    """Claim and run one job; return its id, or None if nothing was queued."""
-    job_id = claim(store, worker)
+def release(store: Store, job_id: int, worker: str, why: str) -> bool:
+    """Put a job this worker stopped on purpose (shutdown) back in the queue, not counting the attempt."""
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != "running" or job.worker != worker:
+            return False
+        job.state, job.attempts, job.not_before = "queued", max(0, job.attempts - 1), None
+        job.error = f"re-queued at stage {job.stage or 'start'}: {why}"
+        audit(session, worker, "job.state", target=f"job:{job_id}", state="queued", reason=why)
+    log.info("job %d re-queued: %s", job_id, why)
+    return True
+
+
+def _takes_heartbeat(handler: JobHandler) -> bool:
+    try:
+        return "heartbeat" in inspect.signature(handler).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_one(
+    store: Store,
+    settings: Settings,
+    handler: JobHandler,
+    worker: str | None = None,
+    stop: threading.Event | None = None,
+    supervisor: str = "",
+) -> int | None:
+    """Claim and run one job; return its id, or None if nothing was due."""
+    worker = worker or worker_id()
+    job_id = claim(store, worker, supervisor=supervisor)
     if job_id is None:
         return None
+    kwargs: dict[str, Any] = {}
+    if _takes_heartbeat(handler):
+        kwargs["heartbeat"] = Heartbeat(store, job_id, worker, stop)
     try:
-        state = handler(store, settings, job_id)
+        state = handler(store, settings, job_id, **kwargs)
+    except Stopping as exc:
+        release(store, job_id, worker, f"the node stopped during stage {exc}")
+        return job_id
+    except TakenOver as exc:
+        log.warning("%s", exc)
+        return job_id
     except Exception as exc:  # a job failure must never stop the runner
-        log.error("job %d failed: %s", job_id, exc)
+        permanent = bool(getattr(exc, "permanent", False))
+        log.error("job %d failed%s: %s", job_id, " (permanent)" if permanent else "", exc)
         log.debug("job %d traceback:\n%s", job_id, traceback.format_exc())
-        final = finish(store, settings, job_id, None, error=f"{type(exc).__name__}: {exc}")
+        final = finish(
+            store, settings, job_id, None, error=f"{type(exc).__name__}: {exc}", permanent=permanent, worker=worker
+        )
         log.info("job %d -> %s", job_id, final)
         return job_id
-    finish(store, settings, job_id, state)
+    finish(store, settings, job_id, state, worker=worker)
     log.info("job %d -> %s", job_id, state)
     return job_id
 
 
 def drain(store: Store, settings: Settings, handler: JobHandler, worker: str | None = None, limit: int = 1000) -> int:
-    """Run queued jobs until the queue is empty (or limit); return how many ran."""
+    """Run due jobs until none is left (or limit); return how many ran."""
     ran = 0
     while ran < limit and run_one(store, settings, handler, worker) is not None:
         ran += 1
     return ran
 
 
-def recover(store: Store, settings: Settings) -> int:
-    """Re-queue jobs left running by dead processes of this host, or silent past the timeout."""
-    host = socket.gethostname()
-    stale_before = utcnow() - dt.timedelta(seconds=settings.worklist.running_timeout_seconds)
-    requeued = 0
+def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, counted: bool = True) -> str | None:
+    """Record that a running job's worker stopped: retried after a backoff, or failed once it has
+    used max_attempts. Not counted (the whole node stopped, its supervisor with it): the attempt is
+    given back, and only a crash loop (3 x max_attempts such stops) fails the job.
+    Returns the new state, or None if the job was not running under that worker."""
+    now = utcnow()
     with store.session() as session:
-        for job in session.scalars(select(Job).where(Job.state == "running")):
-            w_host, _, w_pid = job.worker.rpartition(":")
-            dead_here = w_host == host and not _pid_alive(int(w_pid) if w_pid.isdigit() else -1)
-            if dead_here or job.updated_at < stale_before:
-                job.state = "queued"
-                job.error = f"re-queued after its worker {job.worker} stopped"
-                audit(session, "system", "job.state", target=f"job:{job.id}", state="queued", reason="recovered")
-                requeued += 1
-    if requeued:
-        log.warning("re-queued %d job(s) left running by a stopped worker", requeued)
-    return requeued
+        job = session.get(Job, job_id)
+        if job is None or job.state != "running" or job.worker != worker:
+            return None
+        times, stage = job.lost + 1, job.stage or "start"
+        values: dict[str, Any] = {"lost": times, "updated_at": now}
+        if not counted:
+            values["attempts"] = max(0, job.attempts - 1)
+        limit = settings.worklist.max_attempts
+        if (counted and job.attempts >= limit) or times >= CRASH_LOOP_FACTOR * limit:
+            values.update(
+                state="failed",
+                finished_at=now,
+                error=(
+                    f"the worker stopped {times} time{'s' if times != 1 else ''} while running this job "
+                    f"(last stage reached: {stage}; last time: {why})"
+                ),
+            )
+        else:
+            values.update(
+                state="queued",
+                not_before=now + retry_delay(settings, job.attempts),
+                error=f"its worker {worker} stopped at stage {stage} ({why}); retried",
+            )
+        changed = rowcount(
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        )
+        if changed != 1:
+            return None
+        audit(session, "system", "job.state", target=f"job:{job_id}", state=values["state"], reason=why)
+    log.warning("job %d: worker %s stopped (%s) -> %s", job_id, worker, why, values["state"])
+    if values["state"] == "failed":
+        metrics.JOBS_FINISHED.labels(state="failed").inc()
+    return str(values["state"])
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (and is not this one just restarted under it)."""
-    if pid <= 0 or pid == os.getpid():
-        return False  # recover() runs before this process claims anything
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def worker_lost(store: Store, settings: Settings, worker: str, why: str) -> int:
+    """Handle every job a stopped worker process was running; return how many."""
+    with store.session() as session:
+        ids = list(session.scalars(select(Job.id).where(Job.state == "running", Job.worker == worker)))
+    return sum(lost(store, settings, job_id, worker, why) is not None for job_id in ids)
+
+
+def release_worker(store: Store, worker: str, why: str) -> int:
+    """Re-queue, without counting the attempt, the jobs of a worker stopped on purpose (shutdown)."""
+    with store.session() as session:
+        ids = list(session.scalars(select(Job.id).where(Job.state == "running", Job.worker == worker)))
+    return sum(release(store, job_id, worker, why) for job_id in ids)
+
+
+def recover(
+    store: Store, settings: Settings, now: dt.datetime | None = None, exclude: frozenset[str] = frozenset()
+) -> int:
+    """Hand back running jobs whose worker is gone: a dead process of this host at once, any host's
+    once its heartbeat is older than running_timeout_seconds. A job process that died together with
+    its supervisor (the whole node was killed) does not use up an attempt. Workers in exclude are left alone
+    (a supervisor handles its own children). Returns how many jobs were handed back."""
+    stale_before = (now or utcnow()) - dt.timedelta(seconds=settings.worklist.running_timeout_seconds)
+    with store.session() as session:
+        running = session.execute(
+            select(Job.id, Job.worker, Job.supervisor, Job.heartbeat_at, Job.updated_at).where(Job.state == "running")
+        ).all()
+    handed = 0
+    for job_id, worker, supervisor, heartbeat, updated in running:
+        if worker in exclude:
+            continue
+        counted = True
+        if process_gone(worker):
+            why = "its process is gone"
+            if supervisor and process_gone(supervisor):
+                why, counted = "the whole node stopped (its supervisor is gone too)", False
+        elif (heartbeat or updated) < stale_before:
+            why = f"no heartbeat for {settings.worklist.running_timeout_seconds:g} s"
+        else:
+            continue
+        handed += lost(store, settings, job_id, worker, why, counted) is not None
+    if handed:
+        log.warning("handed back %d job(s) of stopped workers", handed)
+    return handed

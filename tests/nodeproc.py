@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -78,22 +79,41 @@ def node_config(tmp: Path, **sections: Any) -> Path:
 
 
 class Node:
-    """`dxnode serve` in a subprocess; its output is collected line by line."""
+    """`dxnode serve` (or another long-running command) in a subprocess, in its own process group
+    (with its job processes); its output is collected line by line."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None, command: str = "serve") -> None:
         self.config = config
         self.lines: list[str] = []
         full_env = dict(os.environ, TORCH_HOME=str(config.parent / "torch-home"), **(env or {}))
         self.proc = subprocess.Popen(
-            [DXNODE, "--config", str(config), "serve", *args],
+            [DXNODE, "--config", str(config), command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=full_env,
             cwd=config.parent,
+            start_new_session=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.wait_for(r"listening on [^:]+:(\d+)").group(1))
+        if command == "serve":
+            self.port = int(self.wait_for(r"listening on [^:]+:(\d+)").group(1))
+        else:
+            self.wait_for(r"dxnode worker: ")
+
+    def job_pids(self) -> list[int]:
+        """Pids of the job processes this node started so far (the newest last)."""
+        return [
+            int(m.group(1))
+            for line in list(self.lines)
+            if (m := re.search(r"started job process \d+ \(pid (\d+)\)", line))
+        ]
+
+    def kill_all(self) -> None:
+        """SIGKILL the node and its job processes at once (a crash of the whole node)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -131,6 +151,8 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # job processes left behind by a killed node
 
 
 class InProcessNode:
@@ -170,12 +192,12 @@ class InProcessNode:
 class StoreSCP:
     """DCMTK storescp standing in for a PACS: every received object lands in a folder."""
 
-    def __init__(self, folder: Path, port: int, aet: str = "PACS") -> None:
+    def __init__(self, folder: Path, port: int, aet: str = "PACS", args: tuple[str, ...] = ()) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, port
         env = dict(os.environ, TCP_NODELAY="1")
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", aet, "+xa", "-od", str(folder), str(port)],
+            ["storescp", "-aet", aet, "+xa", *args, "-od", str(folder), str(port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,

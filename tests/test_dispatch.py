@@ -417,3 +417,33 @@ def test_cli_outbox_and_resend(
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert cli.main(["--config", str(config), "resend", "1.2.999"]) == 1
     assert "no delivery for '1.2.999'" in capsys.readouterr().err
+
+
+def test_leases_of_stopped_processes_are_released(store: Store, tmp_path: Path, outputs: list[Output]) -> None:
+    """A lease whose process is gone (this host) or whose refresh went stale (any host) is released
+    at the next claim; a live, fresh lease of another node is left alone."""
+    import socket
+    import subprocess
+    import sys
+
+    settings = settings_for(store, tmp_path, free_port(), timeout_seconds=5)  # stale after 2 x 5 + 30 s
+    enqueue_all(store, settings, outputs)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = utcnow()
+    far = now + dt.timedelta(hours=1)
+    holders = {
+        "fresh elsewhere": ("otherhost:1", now),
+        "dead here": (f"{socket.gethostname()}:{dead.pid}", now),
+        "stale elsewhere": ("otherhost:2", now - dt.timedelta(seconds=41)),
+    }
+    for name, (holder, refreshed) in holders.items():
+        with store.session() as s:
+            for row in s.scalars(select(Delivery)):
+                row.next_attempt_at, row.leased_by, row.lease_heartbeat_at = far, holder, refreshed
+        batches = dispatch._claim(store, settings, now)
+        claimed = [j.id for b in batches for j in b]
+        assert bool(claimed) == (name != "fresh elsewhere"), name
+        if claimed:
+            with store.session() as s:
+                assert {r.leased_by for r in s.scalars(select(Delivery))} == {dispatch.worker_id()}

@@ -84,7 +84,7 @@ def test_per_calling_aet_stable_seconds(store: Store) -> None:
 
 
 def test_failing_job_is_retried_then_failed_with_its_error(store: Store) -> None:
-    settings = settings_for(store.url, max_attempts=2)
+    settings = settings_for(store.url, max_attempts=2, retry_backoff_seconds=0)
     sid = add_study(store, "1.2.8", utcnow() - dt.timedelta(seconds=30))
     worklist.sweep(store, settings)
 
@@ -96,33 +96,132 @@ def test_failing_job_is_retried_then_failed_with_its_error(store: Store) -> None
     assert job.state == "failed" and job.attempts == 2 and "decoder exploded" in job.error
 
 
-def test_recover_requeues_jobs_of_dead_workers_only(store: Store) -> None:
+def test_retry_waits_for_its_backoff_and_permanent_failures_end_at_once(store: Store) -> None:
+    settings = settings_for(store.url, max_attempts=3, retry_backoff_seconds=30)
+    transient = add_study(store, "1.2.8.1", utcnow() - dt.timedelta(seconds=30))
+    permanent = add_study(store, "1.2.8.2", utcnow() - dt.timedelta(seconds=30))
+    worklist.sweep(store, settings)
+
+    class Undecodable(Exception):
+        permanent = True
+
+    def body(store: Store, settings: Settings, job_id: int) -> str:
+        with store.session() as s:
+            study_id = s.get(Job, job_id).study_id
+        raise (OperationalErrorLike("database is locked") if study_id == transient else Undecodable("no pixels"))
+
+    assert worklist.drain(store, settings, body) == 2  # each once: the transient one waits 30 s
+    (t,) = jobs_of(store, transient)
+    (p,) = jobs_of(store, permanent)
+    assert t.state == "queued" and t.attempts == 1 and t.not_before > utcnow() + dt.timedelta(seconds=25)
+    assert p.state == "failed" and p.attempts == 1 and "no pixels" in p.error
+    assert worklist.claim(store, "w:1") is None
+    assert worklist.claim(store, "w:1", now=utcnow() + dt.timedelta(seconds=31)) == t.id
+    assert worklist.retry_delay(settings, 2) == dt.timedelta(seconds=60)
+
+
+class OperationalErrorLike(Exception):
+    """Stands for a transient error (database busy, disk full): no ``permanent`` attribute."""
+
+
+def _running(
+    store: Store, uid: str, worker: str, heartbeat: dt.datetime, attempts: int = 1, supervisor: str = ""
+) -> int:
+    with store.session() as s:
+        study = Study(study_instance_uid=uid)
+        s.add(study)
+        s.flush()
+        job = Job(
+            study_id=study.id,
+            state="running",
+            worker=worker,
+            heartbeat_at=heartbeat,
+            updated_at=heartbeat,
+            attempts=attempts,
+            stage="analyze",
+            supervisor=supervisor,
+        )
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def test_recover_hands_back_jobs_of_dead_or_silent_workers_only(store: Store) -> None:
     import socket
 
-    settings = settings_for(store.url, running_timeout_seconds=600)
+    settings = settings_for(store.url, running_timeout_seconds=600, max_attempts=3, retry_backoff_seconds=0)
     now = utcnow()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    ids = [
+        _running(store, "1.9.0", f"{socket.gethostname()}:{dead.pid}", now),  # crashed process of this host
+        _running(store, "1.9.1", "otherhost:123", now),  # alive on another node
+        _running(store, "1.9.2", "otherhost:456", now - dt.timedelta(hours=2)),  # heartbeat stale
+        _running(store, "1.9.3", worklist.worker_id(), now),  # this very process
+        _running(store, "1.9.4", f"{socket.gethostname()}:{dead.pid}", now, attempts=3),  # its last attempt
+        # The whole node died (job process and its supervisor): the attempt is given back.
+        _running(store, "1.9.5", f"{socket.gethostname()}:{dead.pid}", now, 3, f"{socket.gethostname()}:{dead.pid}"),
+    ]
+    assert worklist.recover(store, settings) == 4
     with store.session() as s:
-        ids = []
-        for i, (worker, updated) in enumerate(
-            [
-                (f"{socket.gethostname()}:{dead.pid}", now),  # crashed process of this host
-                ("otherhost:123", now),  # alive on another node
-                ("otherhost:456", now - dt.timedelta(hours=2)),  # silent too long
-            ]
-        ):
-            study = Study(study_instance_uid=f"1.9.{i}")
-            s.add(study)
-            s.flush()
-            job = Job(study_id=study.id, state="running", worker=worker, updated_at=updated, attempts=1)
-            s.add(job)
-            s.flush()
-            ids.append(job.id)
-    assert worklist.recover(store, settings) == 2
+        jobs = [s.get(Job, i) for i in ids]
+    assert [j.state for j in jobs] == ["queued", "running", "queued", "running", "failed", "queued"]
+    assert jobs[5].attempts == 2 and jobs[5].lost == 1 and "whole node stopped" in jobs[5].error
+    assert jobs[4].lost == 1 and jobs[4].error.startswith("the worker stopped 1 time while running this job")
+    assert "last stage reached: analyze" in jobs[4].error
+    assert "its process is gone" in jobs[0].error and "no heartbeat" in jobs[2].error
+
+
+def test_a_job_that_keeps_killing_its_worker_ends_failed_after_max_attempts(store: Store) -> None:
+    settings = settings_for(store.url, max_attempts=3, retry_backoff_seconds=0)
+    sid = add_study(store, "1.2.9", utcnow() - dt.timedelta(seconds=30))
+    worklist.sweep(store, settings)
+    states = []
+    for n in range(3):
+        job_id = worklist.claim(store, f"host:{100 + n}")
+        assert job_id is not None  # the poison job is claimed again: nothing else is queued
+        states.append(worklist.worker_lost(store, settings, f"host:{100 + n}", "killed by SIGKILL"))
+    (job,) = jobs_of(store, sid)
+    assert job.state == "failed" and job.attempts == 3 and job.lost == 3
+    assert job.error.startswith("the worker stopped 3 times while running this job (last stage reached: claimed")
+    assert worklist.claim(store, "host:200") is None
+
+
+def test_heartbeat_records_the_stage_and_stops_the_job_when_the_process_stops(store: Store) -> None:
+    import threading
+
+    settings = settings_for(store.url, max_attempts=1)
+    sid = add_study(store, "1.2.10", utcnow() - dt.timedelta(seconds=30))
+    worklist.sweep(store, settings)
+    stop = threading.Event()
+    seen: list[str] = []
+
+    def body(store: Store, settings: Settings, job_id: int, heartbeat: object) -> str:
+        heartbeat("decode")  # type: ignore[operator]
+        with store.session() as s:
+            seen.append(s.get(Job, job_id).stage)
+        stop.set()  # SIGTERM arrives during the stage
+        try:
+            heartbeat("model")  # type: ignore[operator]
+        except Exception:  # a job body's per-instance handler must not swallow it
+            seen.append("swallowed")
+        return "done"
+
+    worklist.run_one(store, settings, body, "w:1", stop)
+    (job,) = jobs_of(store, sid)
+    assert seen == ["decode"]
+    # Re-queued without counting the attempt, though max_attempts is 1.
+    assert job.state == "queued" and job.attempts == 0 and "stopped during stage model" in job.error
+
+    # A job handed to another worker meanwhile: the first one's heartbeat stops it, its end is not recorded.
+    def slow(store: Store, settings: Settings, job_id: int, heartbeat: object) -> str:
+        worklist.lost(store, settings, job_id, "w:2", "no heartbeat")
+        heartbeat("model")  # type: ignore[operator]
+        return "done"
+
+    job_id = worklist.run_one(store, settings, slow, "w:2")
     with store.session() as s:
-        states = [s.get(Job, i).state for i in ids]
-    assert states == ["queued", "running", "queued"]
+        assert s.get(Job, job_id).state == "failed"  # lost on its only attempt, not "done"
 
 
 WORKER = textwrap.dedent(
@@ -170,3 +269,29 @@ def test_two_worker_processes_run_each_job_exactly_once(store: Store, tmp_path: 
         states = set(s.scalars(select(Job.state)))
     assert len(runs) == 100 and all(n == 1 for _, n in runs)
     assert states == {"done"}
+
+
+class Arriving:
+    """A receiver's view: studies still arriving and when their associations were released."""
+
+    def __init__(self, busy: set[str], released: dict[str, dt.datetime]) -> None:
+        self.busy, self.released = busy, released
+
+    def busy_studies(self) -> set[str]:
+        return self.busy
+
+    def released_at(self) -> dict[str, dt.datetime]:
+        return self.released
+
+
+def test_a_study_still_arriving_is_not_stable_whatever_its_last_commit(store: Store) -> None:
+    settings = settings_for(store.url)
+    now = utcnow()
+    busy = add_study(store, "1.2.11", now - dt.timedelta(seconds=60))
+    released = add_study(store, "1.2.12", now - dt.timedelta(seconds=60))
+    assert worklist.sweep(store, settings, now, Arriving({"1.2.11"}, {"1.2.12": now - dt.timedelta(seconds=4)})) == []
+    # Quiet time counts from the release of the association that sent it.
+    assert worklist.sweep(store, settings, now + dt.timedelta(seconds=7), Arriving(set(), {"1.2.12": now}))
+    assert len(jobs_of(store, busy)) == 1 and jobs_of(store, released) == []
+    assert worklist.sweep(store, settings, now + dt.timedelta(seconds=11), Arriving(set(), {"1.2.12": now}))
+    assert len(jobs_of(store, released)) == 1
