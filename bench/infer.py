@@ -7,7 +7,10 @@ exported the way dxnode exports bundles (logits + layer4 features) and run by dx
 bare session runs a plain logits-only export of the same weights. The int8 model is quantised by
 dxnode (calibrated on real pydicom-data images through the pipeline). The AUROC row trains the
 small synthetic bundle of tests/test_engine.py, quantises it and evaluates both on its held-out
-set (a few minutes on 2 cores; --no-auroc skips it). Decode+window uses real pydicom-data files.
+set (a few minutes on 2 cores; --no-auroc skips it).
+Decode+window uses real pydicom-data files: a 1955x1841 CR and a 512x512 CT, native and JPEG 2000;
+"J2K CR to model input" compares the reduced-level JPEG 2000 decode ([pipeline] decode_max_side)
+with the full-resolution path (decode_max_side = 0) in the same run.
 """
 
 from __future__ import annotations
@@ -215,13 +218,33 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
+    lung_full = lung.model_copy(update={"decode_max_side": 0})  # every row below: full resolution
     for label, name in DECODE_FILES.items():
         path = DATA / name
-        t_read = timed(lambda path=path: read_frames(path, lung, prep), args.repeat)
-        f = read_frames(path, lung, prep)[0]
+        t_read = timed(lambda path=path: read_frames(path, lung_full, prep), args.repeat)
+        f = read_frames(path, lung_full, prep)[0]
         t_tensor = timed(lambda f=f: to_tensor(f, prep), args.repeat)
         rows.append(
-            (f"decode+LUT+window {label}", f"{t_read * 1e3:8.2f} ms   (+ resize/normalise {t_tensor * 1e3:.2f} ms)")
+            (
+                f"decode+LUT+window {label}, full size",
+                f"{t_read * 1e3:8.2f} ms   (+ resize/normalise {t_tensor * 1e3:.2f} ms)",
+            )
+        )
+
+    for name in ("RG1_J2KR.dcm", "RG1_J2KI.dcm"):
+        path = DATA / name
+        t_full, t_reduced = timed_pair(
+            lambda path=path: to_tensor(read_frames(path, lung_full, prep)[0], prep),
+            lambda path=path: to_tensor(read_frames(path, lung, prep)[0], prep),
+            args.repeat,
+        )
+        shape = read_frames(path, lung, prep)[0].image.shape
+        rows.append(
+            (
+                f"J2K CR to model input, {name}",
+                f"{t_reduced * 1e3:8.2f} ms at {shape[1]}x{shape[0]}   "
+                f"(full resolution {t_full * 1e3:.2f} ms, ratio {t_reduced / t_full:.2f}, target <= 0.30)",
+            )
         )
 
     if not args.no_auroc:

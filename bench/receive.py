@@ -6,7 +6,9 @@
 
 Every peer runs with TCP_NODELAY (DCMTK through the TCP_NODELAY=1 environment variable).
 Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3]. Prints instances/s (best of
-the rounds) and dxnode's ratio to each reference.
+the rounds) with one sender and with 4 concurrent senders (storescu processes, count/4 instances
+each, their own studies), the receiver's CPU time per instance (user + system, from /proc: less
+sensitive than the rate to other load on the machine), and dxnode's ratio to each reference.
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def make_instances(folder: Path, count: int) -> None:
+def make_instances(folder: Path, count: int, seed: int = 0) -> None:
     """count CT images of 512x512 16-bit in one series (about 0.5 MB each)."""
     study, series = generate_uid(), generate_uid()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
     for i in range(count):
         ds = pydicom.Dataset()
@@ -103,19 +105,41 @@ def make_instances(folder: Path, count: int) -> None:
         ds.save_as(folder / f"{i:04d}.dcm", enforce_file_format=True)
 
 
-def send(port: int, folder: Path, aec: str) -> float:
-    """Seconds for storescu to send every file of the folder in one association."""
+def send(port: int, folders: list[Path], aec: str) -> float:
+    """Seconds for one storescu per folder, all at once, to send every file of its folder in one association."""
     start = time.perf_counter()
-    out = subprocess.run(
-        ["storescu", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)], capture_output=True, text=True, env=ENV
-    )
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for folder in folders
+    ]
+    errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - start
-    if out.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} failed: {out.stderr[-500:]}")
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {aec} failed: {err[-500:]}")
     return elapsed
 
 
-def run_dxnode(folder: Path, work: Path) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[float, float]:
+    """(seconds, receiver CPU seconds) of one send."""
+    before = cpu_seconds(pid)
+    elapsed = send(port, folders, aec)
+    return elapsed, cpu_seconds(pid) - before
+
+
+def run_dxnode(folders: list[Path], work: Path) -> tuple[float, float]:
     port = free_port()
     cfg = work / "dxnode.toml"
     cfg.write_text(
@@ -138,13 +162,13 @@ def run_dxnode(folder: Path, work: Path) -> float:
     )
     try:
         wait_port(port)
-        return send(port, folder, "DXNODE")
+        return timed_send(proc.pid, port, folders, "DXNODE")
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def run_storescp(folder: Path, work: Path) -> float:
+def run_storescp(folders: list[Path], work: Path) -> tuple[float, float]:
     port, out = free_port(), work / "storescp"
     out.mkdir()
     proc = subprocess.Popen(
@@ -152,13 +176,13 @@ def run_storescp(folder: Path, work: Path) -> float:
     )
     try:
         wait_port(port)
-        return send(port, folder, "STORESCP")
+        return timed_send(proc.pid, port, folders, "STORESCP")
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def run_pynetdicom(folder: Path, work: Path) -> float:
+def run_pynetdicom(folders: list[Path], work: Path) -> tuple[float, float]:
     port, out = free_port(), work / "pynetdicom"
     out.mkdir()
     proc = subprocess.Popen(
@@ -170,7 +194,7 @@ def run_pynetdicom(folder: Path, work: Path) -> float:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        return send(port, folder, "PYNETDICOM")
+        return timed_send(proc.pid, port, folders, "PYNETDICOM")
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -186,32 +210,45 @@ def main() -> int:
         print("bench.receive needs DCMTK (apt-get install dcmtk)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="dxnode-bench-") as tmp:
-        src = Path(tmp) / "instances"
-        src.mkdir()
-        make_instances(src, args.count)
+        one = [Path(tmp) / "instances"]
+        four = [Path(tmp) / f"sender{k}" for k in range(4)]
+        for k, folder in enumerate(one + four):
+            folder.mkdir()
+            make_instances(folder, args.count if k == 0 else args.count // 4, seed=k)
         peers = {
             "dxnode serve (durable)": run_dxnode,
             "DCMTK storescp": run_storescp,
             "pynetdicom write-only SCP": run_pynetdicom,
         }
-        best: dict[str, float] = {}
+        best: dict[tuple[str, int], tuple[float, float]] = {}
         for r in range(args.rounds):
-            for name, runner in peers.items():
-                work = Path(tmp) / f"{r}-{name.split()[0]}"
-                work.mkdir()
-                best[name] = min(best.get(name, float("inf")), runner(src, work))
-                shutil.rmtree(work)
-        rate = {name: args.count / seconds for name, seconds in best.items()}
-        size_mb = sum(p.stat().st_size for p in src.iterdir()) / 2**20
+            for senders, folders in ((1, one), (4, four)):
+                for name, runner in peers.items():
+                    work = Path(tmp) / f"{r}-{senders}-{name.split()[0]}"
+                    work.mkdir()
+                    result = runner(folders, work)
+                    best[name, senders] = min(best.get((name, senders), result), result)
+                    shutil.rmtree(work)
+        size_mb = sum(p.stat().st_size for p in one[0].iterdir()) / 2**20
         print(
             f"{args.count} instances of 512x512x16 bit ({size_mb:.0f} MB), storescu over loopback, best of {args.rounds} rounds"
         )
-        print(f"{'receiver':<28} {'instances/s':>12} {'MB/s':>8}")
-        for name, value in rate.items():
-            print(f"{name:<28} {value:12.1f} {value * size_mb / args.count:8.1f}")
-        dx = rate["dxnode serve (durable)"]
-        print(f"dxnode / DCMTK storescp     = {dx / rate['DCMTK storescp']:.2f}  (target >= 0.50)")
-        print(f"dxnode / pynetdicom writer  = {dx / rate['pynetdicom write-only SCP']:.2f}")
+        print(f"{'receiver':<28} {'senders':>7} {'instances/s':>12} {'MB/s':>8} {'CPU ms/instance':>16}")
+        rate: dict[tuple[str, int], float] = {}
+        for (name, senders), (seconds, cpu) in best.items():
+            n = args.count if senders == 1 else 4 * (args.count // 4)
+            rate[name, senders] = n / seconds
+            print(
+                f"{name:<28} {senders:>7} {n / seconds:12.1f} {n / seconds * size_mb / args.count:8.1f}"
+                f" {1e3 * cpu / n:16.2f}"
+            )
+        for senders in (1, 4):
+            dx = rate["dxnode serve (durable)", senders]
+            print(
+                f"{senders} sender(s): dxnode / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
+                f" dxnode / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f}"
+                + ("  (target >= 0.75)" if senders == 1 else "")
+            )
     return 0
 
 

@@ -182,6 +182,9 @@ class PipelineSettings(Section):
     # bytes) exceed this, before any decoder runs; also bounds what a Deflated file may inflate to.
     max_decoded_mb: float = Field(256, gt=0)
     windows: list[WindowPreset] = []
+    # JPEG 2000 decoded at the reduced level whose longest side is at most this (0 = always full size)
+    decode_max_side: int = Field(1024, ge=0)
+    decode_threads: int = Field(0, ge=0)  # JPEG 2000 decoder threads (0 = every core, at most 4)
 
 
 class ModelSettings(Section):

@@ -37,6 +37,7 @@ from dxnode.pipeline import (
     dataset_window,
     frame_from_values,
     is_image_file,
+    j2k_reduce,
     modality_values,
     preset_window,
     read_dataset,
@@ -260,7 +261,7 @@ def load_tensor(
         ds = read_dataset(sample.path, settings.max_decoded_mb)
         check_before_decoding(ds, settings)  # declared sizes and LUT numbers, as read_frames checks them
         try:
-            idx, values = modality_values(ds, 1)[0]
+            idx, values = modality_values(ds, 1, reduce=j2k_reduce(settings, prep))[0]
             window = _window(ds, values, settings) if values.ndim == 2 else None
             if window is not None:
                 c, w = window

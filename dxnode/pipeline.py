@@ -18,8 +18,10 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom import Dataset
+from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 
+from dxnode import j2k
 from dxnode.bounds import (
     MB,
     DeclaredSizeError,
@@ -107,7 +109,7 @@ class Preprocessing:
 
 @dataclass
 class Frame:
-    """One model input at source resolution."""
+    """One model input at decoded resolution (source size, or a reduced JPEG 2000 level)."""
 
     image: np.ndarray  # HxWx3 float32 in [0, 1]: the model channels
     display: np.ndarray  # HxWx3 uint8: the windowed image as a viewer shows it
@@ -167,17 +169,86 @@ def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, n
         raise PipelineError(f"cannot decode pixel data ({name}): {exc}") from exc
 
 
-def modality_values(ds: Dataset, max_frames: int, indices: list[int] | None = None) -> list[tuple[int, np.ndarray]]:
+@dataclass(frozen=True)
+class J2KReduce:
+    """How far a JPEG 2000 image may be reduced: longest side at most max_side, shortest >= min_side."""
+
+    max_side: int
+    min_side: int
+    threads: int
+
+
+def j2k_reduce(settings: PipelineSettings, prep: Preprocessing) -> J2KReduce | None:
+    """The reduced-decode bounds for this config and bundle (None: always full size)."""
+    if not settings.decode_max_side:
+        return None
+    return J2KReduce(settings.decode_max_side, prep.input_size, settings.decode_threads or j2k.default_threads())
+
+
+def reduction_level(rows: int, columns: int, available: int, reduce: J2KReduce) -> int:
+    """Fewest halvings that bring the longest side to max_side, keeping the shortest >= min_side."""
+    level = 0
+    while level < available and -(-max(rows, columns) // 2**level) > reduce.max_side:
+        level += 1
+    while level > 0 and min(rows, columns) // 2**level < reduce.min_side:
+        level -= 1
+    return level
+
+
+def decode_j2k_reduced(
+    ds: Dataset, indices: list[int], n_frames: int, reduce: J2KReduce
+) -> dict[int, np.ndarray] | None:
+    """Grayscale JPEG 2000 frames decoded at a reduced resolution level, with several threads.
+
+    None when full size is needed or the codestream is not plain (colour, a sign or precision
+    other than the header's, a library missing): the caller then decodes full size with pydicom.
+    Values keep the stored-pixel scale (the 5/3 and 9/7 low-pass filters have unit DC gain), so
+    the Modality LUT, VOI and MONOCHROME1 steps apply unchanged.
+    """
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if (
+        ts not in j2k.J2K_TRANSFER_SYNTAXES
+        or int(ds.get("SamplesPerPixel", 1)) != 1
+        or str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2")
+        or max(rows, columns) <= reduce.max_side
+        or j2k.library() is None
+    ):
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits_allocated, bits_stored = int(ds.get("BitsAllocated", 16)), int(ds.get("BitsStored", 16))
+    dtype = np.dtype(f"{'i' if signed else 'u'}{max(1, bits_allocated // 8)}")
+    frames = {}
+    for i in indices:
+        cs = j2k.codestream(get_frame(ds.PixelData, i, number_of_frames=n_frames))
+        level = reduction_level(rows, columns, j2k.decomposition_levels(cs) if cs else 0, reduce)
+        if cs is None or level == 0:
+            return None
+        decoded = j2k.decode(cs, level, reduce.threads)
+        if decoded is None or decoded[2] != signed or decoded[1] > bits_stored:
+            return None
+        frames[i] = decoded[0].astype(dtype)
+    return frames
+
+
+def modality_values(
+    ds: Dataset, max_frames: int, indices: list[int] | None = None, reduce: J2KReduce | None = None
+) -> list[tuple[int, np.ndarray]]:
     """Decoded frames after the Modality LUT (grayscale, float) or as RGB (colour, HxWx3 float 0-1).
 
-    indices picks frames (0-based) instead of up to max_frames evenly spaced ones.
+    indices picks frames (0-based) instead of up to max_frames evenly spaced ones. With reduce, a
+    large grayscale JPEG 2000 image is decoded at a reduced resolution level.
     """
     n_frames = number_of_frames(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
     out = []
     chosen = frame_indices(n_frames, max_frames) if indices is None else indices
-    for i, frame in decode_frames(ds, chosen, n_frames).items():
+    try:
+        reduced = decode_j2k_reduced(ds, chosen, n_frames, reduce) if reduce else None
+    except Exception:  # a malformed encapsulation: pydicom's decoder gives the reason below
+        reduced = None
+    for i, frame in (reduced or decode_frames(ds, chosen, n_frames)).items():
         if photometric == "PALETTE COLOR":
             rgb = apply_color_lut(frame, ds)
             out.append((i, rgb.astype(np.float32) / (255.0 if rgb.max() <= 255 else 65535.0)))
@@ -381,7 +452,7 @@ def read_frames(
     notes = check_before_decoding(ds, settings)
     try:
         out = []
-        for i, values in modality_values(ds, settings.max_frames, frames):
+        for i, values in modality_values(ds, settings.max_frames, frames, j2k_reduce(settings, prep)):
             if not all_finite(values):
                 raise PipelineError("pixel values are not finite after the Modality LUT")
             frame = frame_from_values(values, i, ds, settings, prep)
@@ -421,8 +492,13 @@ def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
     """3xSxS float32: resized (letterbox or centre crop) and normalised with the bundle's mean/std."""
     h, w = frame.image.shape[:2]
     g = geometry(h, w, prep)
-    x = torch.from_numpy(np.ascontiguousarray(frame.image.transpose(2, 0, 1)))[None]
+    img = frame.image
+    # A grayscale frame has three equal channels: resize one (a third of the cost) and repeat it.
+    gray = img.shape[2] == 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2])
+    planes = img[np.newaxis, ..., 0] if gray else img.transpose(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(planes))[None]
     x = F.interpolate(x, size=(g.resized_h, g.resized_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = x.expand(3, -1, -1) if gray else x
     out = torch.zeros(3, g.size, g.size, dtype=torch.float32)
     # Paste the resized image at (top, left); negative offsets crop it (centre crop).
     src_t, src_l = max(0, -g.top), max(0, -g.left)

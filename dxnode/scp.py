@@ -29,8 +29,9 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,13 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
@@ -303,6 +305,7 @@ class StorageSCP:
         self._servers: list[NoDelayServer] = []
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
+        self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
         self.activity = Activity()
         self.ae = self._make_ae()
 
@@ -316,6 +319,11 @@ class StorageSCP:
             node.network_timeout,
         )
         ae.maximum_pdu_size = MAX_PDU
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's "standard" handlers log every DIMSE message and PDU at INFO/DEBUG, and the
+            # C-STORE one copies the whole received dataset just to print "Present": unbind them
+            # unless their lines would be shown.
+            _config.LOG_HANDLER_LEVEL = "none"
         ae.require_calling_aet = list(node.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
@@ -446,17 +454,29 @@ class StorageSCP:
         rec = parse_received(event)
         self.activity.begin(id(event.assoc), rec.study_instance_uid)
         try:
-            self.store_received(
-                rec, lambda: event.encoded_dataset(include_meta=True), calling_aet, str(event.assoc.requestor.address)
-            )
+            # The file is the preamble and file meta, then the dataset as received: written and hashed
+            # from pynetdicom's own buffer, without joining them into one more copy.
+            head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            received = event.request.DataSet if isinstance(event.request, C_STORE) else None
+            if not isinstance(received, BytesIO):  # parse_received checked the request; this is for the type
+                raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
+            with received.getbuffer() as body:
+                self.store_received(rec, (head, body), calling_aet, str(event.assoc.requestor.address))
             return SUCCESS
         finally:
             self.activity.end(rec.study_instance_uid)
 
     def store_received(
-        self, rec: Received, encoded: Callable[[], bytes], calling_aet: str, address: str, actor: str | None = None
+        self,
+        rec: Received,
+        parts: Sequence[bytes | memoryview],
+        calling_aet: str,
+        address: str,
+        actor: str | None = None,
     ) -> bool:
-        """Write a parsed instance durably and commit its rows (C-STORE and STOW-RS); True if new.
+        """Write a parsed instance (the file's bytes, in parts) durably and commit its rows; True if new.
+
+        C-STORE and STOW-RS both store through here.
 
         Raises StoreRefused with the status to report; returns only once file and rows are durable.
         """
@@ -465,15 +485,16 @@ class StorageSCP:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")
         rel = Path("incoming") / rec.study_instance_uid / rec.series_instance_uid / f"{rec.sop_instance_uid}.dcm"
         path = self.settings.data_dir / rel
-        data = encoded()
+        size = sum(len(part) for part in parts)
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
         try:
-            tmp = write_temporary(path, data)
+            tmp = write_temporary(path, parts)
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         try:
-            new = self._commit(
-                rec, tmp, path, rel, len(data), hashlib.sha256(data).hexdigest(), calling_aet, address, actor
-            )
+            new = self._commit(rec, tmp, path, rel, size, digest.hexdigest(), calling_aet, address, actor)
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
@@ -482,10 +503,10 @@ class StorageSCP:
             tmp.unlink(missing_ok=True)
         if new:
             metrics.INSTANCES_RECEIVED.labels(calling_aet=calling_aet).inc()
-            metrics.BYTES_RECEIVED.inc(len(data))
+            metrics.BYTES_RECEIVED.inc(size)
         else:
             metrics.INSTANCES_DUPLICATE.inc()
-        log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, len(data), actor or calling_aet)
+        log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, size, actor or calling_aet)
         return new
 
     def _commit(
@@ -513,34 +534,50 @@ class StorageSCP:
             renamed = False
             try:
                 with self.store.engine.begin() as conn:
-                    existing = conn.execute(
-                        select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-                    ).scalar()
+                    # The common case, one more instance of a series seen before that adds nothing to
+                    # the study row: bump the study and insert, without reading anything first (a
+                    # duplicate then fails the insert's unique key and the next attempt counts it).
+                    seen = self._seen.get(rec.series_instance_uid) if attempt == 0 else None
+                    if seen is not None and seen.covers(rec):
+                        bumped = conn.execute(
+                            _BUMP_STUDY, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()}
+                        ).rowcount
+                        if bumped != 1:  # the study is gone: the full path below recreates it
+                            seen = None
+                    else:
+                        seen = None
+                    existing = (
+                        None
+                        if seen is not None
+                        else conn.execute(
+                            select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+                        ).scalar()
+                    )
                     if existing is not None:
                         conn.execute(
                             update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1)
                         )
                         audit_core(conn, actor, "instance.duplicate", f"instance:{existing}", address)
                         return False
-                    study_id = self._upsert_study(conn, rec, calling_aet)
-                    series_id = self._upsert_series(conn, study_id, rec)
+                    if seen is None:
+                        study_id, filled, modalities = self._upsert_study(conn, rec, calling_aet)
+                        seen = _SeenSeries(study_id, self._upsert_series(conn, study_id, rec), filled, modalities)
                     instance_id = conn.execute(
-                        insert(Instance)
-                        .values(
-                            series_id=series_id,
-                            study_id=study_id,
-                            sop_class_uid=rec.sop_class_uid,
-                            sop_instance_uid=rec.sop_instance_uid,
-                            transfer_syntax_uid=rec.transfer_syntax_uid,
-                            instance_number=rec.instance_number,
-                            file_path=str(rel),
-                            size_bytes=size,
-                            sha256=sha256,
-                            calling_aet=calling_aet,
-                            received_at=utcnow(),
-                            duplicates=0,
-                        )
-                        .returning(Instance.id)
+                        _INSERT_INSTANCE,
+                        {
+                            "series_id": seen.series_id,
+                            "study_id": seen.study_id,
+                            "sop_class_uid": rec.sop_class_uid,
+                            "sop_instance_uid": rec.sop_instance_uid,
+                            "transfer_syntax_uid": rec.transfer_syntax_uid,
+                            "instance_number": rec.instance_number,
+                            "file_path": str(rel),
+                            "size_bytes": size,
+                            "sha256": sha256,
+                            "calling_aet": calling_aet,
+                            "received_at": utcnow(),
+                            "duplicates": 0,
+                        },
                     ).scalar_one()
                     audit_core(
                         conn,
@@ -548,11 +585,14 @@ class StorageSCP:
                         "instance.received",
                         f"instance:{instance_id}",
                         address,
-                        study_id=study_id,
+                        study_id=seen.study_id,
                         bytes=size,
                     )
                     publish(tmp, path)  # durable under its final name before the rows commit
                     renamed = True
+                if len(self._seen) >= _SEEN_MAX:
+                    self._seen.clear()
+                self._seen[rec.series_instance_uid] = seen  # only what a commit made true
                 return True
             except IntegrityError:
                 if renamed:
@@ -566,8 +606,8 @@ class StorageSCP:
         return False
 
     @staticmethod
-    def _upsert_study(conn: Connection, rec: Received, calling_aet: str) -> int:
-        """Create or update the study row; returns its id."""
+    def _upsert_study(conn: Connection, rec: Received, calling_aet: str) -> tuple[int, frozenset[str], frozenset[str]]:
+        """Create or update the study row; returns its id, its non-empty text attributes and modalities."""
         now = utcnow()
         row = conn.execute(
             select(
@@ -582,7 +622,8 @@ class StorageSCP:
         ).first()
         values: dict[str, Any] = {"calling_aet": calling_aet, "last_received_at": now}
         if row is None:
-            return int(
+            filled = frozenset(attr for attr in _STUDY_TEXT if getattr(rec, attr))
+            study_id = int(
                 conn.execute(
                     insert(Study)
                     .values(
@@ -601,14 +642,17 @@ class StorageSCP:
                     .returning(Study.id)
                 ).scalar_one()
             )
-        for attr in ("patient_id", "patient_name", "accession_number", "study_date", "study_description"):
+            return study_id, filled, frozenset(filter(None, [rec.modality]))
+        for attr in _STUDY_TEXT:
             if getattr(rec, attr) and not getattr(row, attr):
                 values[attr] = getattr(rec, attr)
         mods = set(filter(None, (row.modalities or "").split("\\")))
         if rec.modality and rec.modality not in mods:
             values["modalities"] = "\\".join(sorted(mods | {rec.modality}))[:128]
+            mods = set(filter(None, values["modalities"].split("\\")))
         conn.execute(update(Study).where(Study.id == row.id).values(num_instances=Study.num_instances + 1, **values))
-        return int(row.id)
+        filled = frozenset(attr for attr in _STUDY_TEXT if getattr(row, attr) or attr in values)
+        return int(row.id), filled, frozenset(mods)
 
     @staticmethod
     def _upsert_series(conn: Connection, study_id: int, rec: Received) -> int:
@@ -631,6 +675,32 @@ class StorageSCP:
                 )
                 .returning(Series.id)
             ).scalar_one()
+        )
+
+
+_STUDY_TEXT = ("patient_id", "patient_name", "accession_number", "study_date", "study_description")
+_SEEN_MAX = 4096  # series remembered per process; the map is simply emptied when full
+_BUMP_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("b_id"))
+    .values(num_instances=Study.num_instances + 1, calling_aet=bindparam("b_aet"), last_received_at=bindparam("b_now"))
+)
+_INSERT_INSTANCE = insert(Instance).returning(Instance.id)
+
+
+@dataclass(frozen=True)
+class _SeenSeries:
+    """Study and series rows as a committed transaction left them (text fields only ever get filled)."""
+
+    study_id: int
+    series_id: int
+    filled: frozenset[str]  # study text attributes that are not empty
+    modalities: frozenset[str]
+
+    def covers(self, rec: Received) -> bool:
+        """True when rec would change nothing in the study row but its counter, sender and time."""
+        return (not rec.modality or rec.modality in self.modalities) and all(
+            attr in self.filled or not getattr(rec, attr) for attr in _STUDY_TEXT
         )
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -414,13 +414,14 @@ def current_revision(store: Store) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def write_temporary(path: Path, data: bytes) -> Path:
-    """Write data, fsynced, to a temporary file beside path; returns the temporary file."""
+def write_temporary(path: Path, data: bytes | Sequence[bytes | memoryview]) -> Path:
+    """Write data (or its parts in order), fsynced, to a temporary file beside path; returns the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in (data,) if isinstance(data, bytes) else data:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:

@@ -4,8 +4,8 @@ Start from torchvision's ImageNet weights file when it is on disk (``--imagenet-
 ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth``; never downloaded), else from scratch with
 a warning. The data is split by patient (dxnode.dataset), images go through the inference
 pipeline (no train/serve skew), the loss is BCE with per-label pos_weight or focal loss, the
-optimiser AdamW/Adam with a cosine schedule, and training stops early when the mean validation
-AUROC stops improving. Every epoch is checkpointed (``--resume`` continues). Per-label thresholds
+optimiser AdamW/Adam with a cosine schedule; the checkpoint kept is the one with the lowest
+validation loss, and training stops early when that stops improving. Every epoch is checkpointed (``--resume`` continues). Per-label thresholds
 are chosen on the validation split by Youden's J (default) or a target sensitivity.
 
 This module imports torch and friends inside functions, so `dxnode --help` stays fast.
@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("dxnode.train")
 
 
+# Defaults that depend on where training starts (docs/training.md says why).
+SCRATCH: dict[str, Any] = {"lr": 1e-3, "batch_size": 16}
+IMAGENET: dict[str, Any] = {"lr": 3e-4, "batch_size": 32}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `dxnode train`."""
     p.add_argument(
@@ -40,33 +45,52 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--images", type=Path, help="image folder (default: the CSV's folder)")
     p.add_argument("--name", default="", help="model name in the manifest (default: the bundle folder's name)")
-    p.add_argument("--version", default="1.0.0", help="model version in the manifest")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    p.add_argument("--version", default="1.0.0", help="model version in the manifest (default 1.0.0)")
+    p.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
     p.add_argument(
-        "--loss", choices=["bce", "focal"], default="bce", help="BCE with per-label pos_weight, or focal loss (gamma 2)"
+        "--batch-size",
+        type=int,
+        help=f"images per step (default {SCRATCH['batch_size']} from scratch, {IMAGENET['batch_size']} from ImageNet weights)",
     )
-    p.add_argument("--input-size", type=int, default=224, help="model input size (e.g. 224; 64 for quick CPU runs)")
-    p.add_argument("--resize", choices=["letterbox", "center_crop"], default="letterbox")
-    p.add_argument("--freeze-epochs", type=int, default=0, help="train only fc for this many epochs, then everything")
     p.add_argument(
-        "--patience", type=int, default=5, help="stop after this many epochs without a better mean validation AUROC"
+        "--lr",
+        type=float,
+        help=f"peak learning rate of the cosine schedule (default {SCRATCH['lr']:g} from scratch, {IMAGENET['lr']:g} from ImageNet weights)",
     )
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity"], default="youden")
-    p.add_argument("--target-sensitivity", type=float, default=0.9)
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw", help="default adamw")
+    p.add_argument(
+        "--loss",
+        choices=["bce", "focal"],
+        default="bce",
+        help="BCE with per-label pos_weight, or focal loss (gamma 2) (default bce)",
+    )
+    p.add_argument(
+        "--input-size", type=int, default=224, help="model input size (default 224; e.g. 64 for quick CPU runs)"
+    )
+    p.add_argument("--resize", choices=["letterbox", "center_crop"], default="letterbox", help="default letterbox")
+    p.add_argument(
+        "--freeze-epochs", type=int, default=0, help="train only fc for this many epochs, then everything (default 0)"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="stop after this many epochs without a lower validation loss, the checkpoint criterion (default 5)",
+    )
+    p.add_argument("--threshold-rule", choices=["youden", "sensitivity"], default="youden", help="default youden")
+    p.add_argument("--target-sensitivity", type=float, default=0.9, help="default 0.9")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="patients held out for validation (default 0.15)")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
     p.add_argument(
         "--hflip", action="store_true", help="also augment with horizontal flips (off by default: laterality matters)"
     )
+    p.add_argument("--no-augment", action="store_true", help="train on the inference input as is (no augmentation)")
     p.add_argument(
         "--imagenet-weights", type=Path, help="resnet18-f37072fd.pth (default: the torch hub cache, if it has it)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", default="", help="cpu, cuda, auto (default: [model] device)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
 
@@ -174,6 +198,9 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
     weights_file = args.imagenet_weights or imagenet_weights_path(settings.model)
     net, start = initial_network(len(labels), weights_file)
     net.to(device)
+    for key, value in (SCRATCH if start == "scratch" else IMAGENET).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     y_train = np.asarray([s.labels for s in splits["train"]], dtype=np.float64)
     pos = y_train.sum(axis=0)
@@ -190,11 +217,19 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
     else:
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    train_ds = TorchDataset(splits["train"], settings.pipeline, prep, Augment(hflip=args.hflip), args.seed)
+    augment = None if args.no_augment else Augment(hflip=args.hflip)
+    train_ds = TorchDataset(splits["train"], settings.pipeline, prep, augment, args.seed)
     val_ds = TorchDataset(splits["val"], settings.pipeline, prep, None, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     train_dl = torch.utils.data.DataLoader(
-        train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate, generator=gen
+        train_ds,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        collate_fn=collate,
+        generator=gen,
+        # A last batch of one or two images gives BatchNorm statistics of a couple of values.
+        drop_last=len(train_ds) > args.batch_size,
     )
     val_dl = torch.utils.data.DataLoader(
         val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate
@@ -202,7 +237,14 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
-    state: dict[str, Any] = {"epoch": -1, "best_auroc": -1.0, "best_epoch": -1, "history": [], "stale": 0}
+    state: dict[str, Any] = {
+        "epoch": -1,
+        "best_loss": float("inf"),
+        "best_auroc": -1.0,
+        "best_epoch": -1,
+        "history": [],
+        "stale": 0,
+    }
     last = ckpt_dir / "last.pt"
     if args.resume:
         if not last.is_file():
@@ -224,20 +266,25 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
                 reported.add(line)
                 tqdm.write(f"left out {line}", file=sys.stderr)
 
-    def validate() -> tuple[np.ndarray, np.ndarray]:
+    def validate() -> tuple[np.ndarray, np.ndarray, float]:
+        """Labels, probabilities and the mean training loss on the validation split."""
         net.eval()
         ps, ys = [], []
+        loss_sum = 0.0
         with torch.inference_mode():
             for batch in val_dl:
                 report(batch.failed)
                 if batch.x is None:
                     continue
                 x, y = batch.x, batch.y
-                ps.append(probabilities(net(x.to(device)), task).float().cpu().numpy())
+                logits = net(x.to(device))
+                loss_sum += float(loss_fn(logits, y.to(device))) * len(x)
+                ps.append(probabilities(logits, task).float().cpu().numpy())
                 ys.append(y.numpy())
         if not ys:
             raise ValueError(f"none of the {len(val_ds)} validation images could be loaded (see the 'left out' lines)")
-        return np.concatenate(ys), np.concatenate(ps)
+        y_all = np.concatenate(ys)
+        return y_all, np.concatenate(ps), loss_sum / len(y_all)
 
     for epoch in range(state["epoch"] + 1, args.epochs):
         train_ds.epoch = epoch
@@ -264,16 +311,21 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
             total, count = total + loss.item() * len(x), count + len(x)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         sched.step()
-        y_val, p_val = validate()
+        y_val, p_val, val_loss = validate()
         m = compute_metrics(y_val, p_val, labels, [0.5] * len(labels), bootstrap=0)
         mean_auc = m["mean_auroc"] if m["mean_auroc"] is not None else 0.0
-        state["history"].append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_mean_auroc": mean_auc})
+        state["history"].append(
+            {"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss, "val_mean_auroc": mean_auc}
+        )
         print(
-            f"epoch {epoch + 1}/{args.epochs}  loss {total / max(count, 1):.4f}  val mean AUROC {mean_auc:.4f}",
+            f"epoch {epoch + 1}/{args.epochs}  loss {total / max(count, 1):.4f}  val loss {val_loss:.4f}"
+            f"  val mean AUROC {mean_auc:.4f}",
             file=sys.stderr,
         )
-        if mean_auc > state["best_auroc"]:
-            state.update(best_auroc=mean_auc, best_epoch=epoch, stale=0)
+        # The checkpoint with the lowest validation loss: on a small validation split the AUROC
+        # saturates (often at 1.0) within a few epochs and would keep the first, undertrained one.
+        if val_loss < state.get("best_loss", float("inf")):
+            state.update(best_loss=val_loss, best_auroc=mean_auc, best_epoch=epoch, stale=0)
             torch.save(net.state_dict(), ckpt_dir / "best.pt")
         else:
             state["stale"] += 1
@@ -291,11 +343,11 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
         )
         tmp.replace(last)
         if state["stale"] >= args.patience:
-            print(f"early stop: no better validation AUROC for {args.patience} epochs", file=sys.stderr)
+            print(f"early stop: no lower validation loss for {args.patience} epochs", file=sys.stderr)
             break
 
     net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True))
-    y_val, p_val = validate()
+    y_val, p_val, _ = validate()
     if task == "multiclass":
         thresholds = [0.0] * len(labels)
     elif args.threshold_rule == "sensitivity":

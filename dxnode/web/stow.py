@@ -91,7 +91,7 @@ def _store_part(scp: StorageSCP, data: bytes, study: str | None, who: Principal)
         rec = parse_dataset(ds, cls, inst, syntax)
         if study is not None and rec.study_instance_uid != study:
             return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
-        scp.store_received(rec, lambda: data, "", who.address, actor=f"stow:{who.name}")
+        scp.store_received(rec, (data,), "", who.address, actor=f"stow:{who.name}")
         return cls, inst, 0, ""
     except StoreRefused as exc:
         # A hostile UID is never echoed back.

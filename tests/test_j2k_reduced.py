@@ -1,0 +1,134 @@
+"""JPEG 2000 decoded at a reduced resolution level: same model output as full size, same pixel chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import data_store
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torch.nn.functional as F
+from dicom_checks import dciodvfy_errors
+
+from dxnode import j2k
+from dxnode.config import ModelSettings, PipelineSettings, Settings
+from dxnode.model import Classifier, analyze_study, demo_network, load_classifier, write_bundle
+from dxnode.pipeline import Preprocessing, read_frames, to_tensor
+from dxnode.report import write_outputs
+
+DATA = Path(data_store.__file__).parent / "data"
+RADIOGRAPHS = ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm", "RG3_J2KI.dcm"]  # real CRs, MONOCHROME1
+FULL = PipelineSettings(decode_max_side=0)
+REDUCED = PipelineSettings()
+
+
+@pytest.fixture(scope="module")
+def demo() -> Classifier:
+    net, manifest = demo_network()
+    return Classifier(net, manifest, torch.device("cpu"), batch_size=8)
+
+
+def test_openjpeg_library_loads() -> None:
+    assert j2k.unavailable_reason() is None
+
+
+def _shrink(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(image[..., 0]))[None, None]
+    return F.interpolate(t, size=shape[:2], mode="area")[0, 0].numpy()
+
+
+@pytest.mark.parametrize("name", RADIOGRAPHS)
+@pytest.mark.parametrize("own_window", [True, False], ids=["dataset-window", "percentile-window"])
+def test_reduced_decode_gives_the_full_resolution_probabilities(name: str, own_window: bool, demo: Classifier) -> None:
+    ds = pydicom.dcmread(DATA / name)
+    if not own_window:
+        del ds.WindowCenter, ds.WindowWidth
+    prep = demo.manifest.preprocessing
+    (full,) = read_frames(ds, FULL, prep)
+    (reduced,) = read_frames(ds, REDUCED, prep)
+    assert full.image.shape[:2] == (ds.Rows, ds.Columns)
+    assert 512 < max(reduced.image.shape[:2]) <= 1024  # one level down
+    # MONOCHROME1 inverted, LUT and window applied alike: the reduced image is the full one, smaller.
+    assert np.abs(_shrink(full.image, reduced.image.shape) - reduced.image[..., 0]).mean() < 0.01
+    assert full.window is not None and reduced.window is not None
+    if own_window:
+        assert full.window == reduced.window
+    else:  # percentiles of the smaller image: within 2% of the width
+        assert abs(full.window[0] - reduced.window[0]) < 0.02 * full.window[1]
+        assert abs(full.window[1] - reduced.window[1]) < 0.02 * full.window[1]
+    x_full, x_reduced = to_tensor(full, prep), to_tensor(reduced, prep)
+    assert (x_full - x_reduced).abs().mean() < 0.02
+    p_full, p_reduced = demo.predict(torch.stack([x_full, x_reduced]))
+    assert np.abs(p_full - p_reduced).max() < 0.01
+
+
+def test_signed_ct_reduced_keeps_hounsfield_units() -> None:
+    lung = PipelineSettings(decode_max_side=256, windows=[{"modality": "CT", "center": -600, "width": 1500}])
+    prep = Preprocessing()
+    (full,) = read_frames(DATA / "693_J2KR.dcm", FULL.model_copy(update={"windows": lung.windows}), prep)
+    (reduced,) = read_frames(DATA / "693_J2KR.dcm", lung, prep)
+    assert pydicom.dcmread(DATA / "693_J2KR.dcm", stop_before_pixels=True).PixelRepresentation == 1
+    assert reduced.image.shape[:2] == (256, 256)
+    assert np.abs(_shrink(full.image, reduced.image.shape) - reduced.image[..., 0]).mean() < 0.02
+
+
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [
+        ("US1_J2KR.dcm", REDUCED),  # colour (YBR_RCT): full size through pydicom
+        ("693_J2KR.dcm", REDUCED),  # 512x512: no larger than decode_max_side
+        ("RG3_J2KR.dcm", FULL),  # decode_max_side = 0
+        ("RG3_UNCR.dcm", REDUCED),  # not JPEG 2000
+    ],
+)
+def test_full_size_where_reduction_does_not_apply(name: str, settings: PipelineSettings) -> None:
+    ds = pydicom.dcmread(DATA / name, stop_before_pixels=True)
+    (frame,) = read_frames(DATA / name, settings, Preprocessing())
+    assert frame.image.shape[:2] == (ds.Rows, ds.Columns)
+
+
+def test_multiframe_j2k_frames_reduced_one_by_one(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "RG3_UNCR.dcm")
+    a = ds.pixel_array
+    ds.NumberOfFrames = 2
+    ds.compress(pydicom.uid.JPEG2000Lossless, np.stack([a, a[::-1].copy()]))
+    ds.save_as(tmp_path / "mf.dcm")
+    prep = Preprocessing()
+    full = read_frames(tmp_path / "mf.dcm", FULL, prep)
+    reduced = read_frames(tmp_path / "mf.dcm", REDUCED, prep)
+    assert [f.frame_index for f in reduced] == [0, 1] and reduced[0].image.shape[:2] == (880, 880)
+    for f, r in zip(full, reduced, strict=True):
+        assert np.abs(_shrink(f.image, r.image.shape) - r.image[..., 0]).mean() < 0.01
+    assert not np.allclose(reduced[0].image, reduced[1].image)
+
+
+def test_heatmap_sc_from_a_reduced_decode_is_valid_and_references_the_source(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    import torchvision
+
+    write_bundle(
+        tmp_path / "b",
+        torchvision.models.resnet18(num_classes=2).state_dict(),
+        name="chest-net",
+        version="1.0",
+        labels=["Effusion", "Nodule"],
+        task="multilabel",
+        thresholds=[0.5, 0.5],
+        preprocessing=Preprocessing(input_size=64),
+    )
+    settings = Settings()
+    src = DATA / "RG1_J2KR.dcm"
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    clf = load_classifier(ModelSettings(bundle=str(tmp_path / "b")))
+    result = analyze_study(source.StudyInstanceUID, [(source.SOPInstanceUID, src)], clf, settings, "all")
+    written = write_outputs(result, {source.SOPInstanceUID: src}, settings, tmp_path / "out")
+    sc = [pydicom.dcmread(w.path) for w in written if w.kind == "sc"]
+    assert len(sc) == 2
+    for w in written:
+        assert dciodvfy_errors(w.path) == [], w.path
+    for ds in sc:
+        assert ds.Columns <= 1024 and ds.Columns == 921  # the level-1 image; the caption panel adds rows
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
