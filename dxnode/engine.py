@@ -207,18 +207,11 @@ def export_bundle(bundle: Path) -> Manifest:
 
 def bundle_onnx(bundle: Path, manifest: Manifest) -> tuple[Path | None, str]:
     """The bundle's verified model.onnx, or (None, why there is none); a mismatch is refused."""
-    from dxnode.model import BundleError, sha256_file
+    from dxnode.model import verify_file
 
     if not manifest.onnx_file:
         return None, f"bundle {bundle} has no model.onnx (older bundle): `dxnode model export {bundle}` adds one"
-    path = Path(bundle) / manifest.onnx_file
-    if not path.is_file():
-        raise BundleError(f"ONNX model missing: {path} (expected sha256 {manifest.onnx_sha256})")
-    actual = sha256_file(path)
-    if actual != manifest.onnx_sha256:
-        raise BundleError(
-            f"ONNX model {path} does not match the manifest: sha256 {actual}, expected {manifest.onnx_sha256}; refusing to load"
-        )
+    path = verify_file(Path(bundle) / manifest.onnx_file, manifest.onnx_sha256, "ONNX model")
     return path, f"{manifest.onnx_file} sha256 matches"
 
 

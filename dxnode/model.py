@@ -197,17 +197,21 @@ def save_manifest(path: Path, manifest: Manifest) -> None:
     tmp.replace(Path(path) / "manifest.json")
 
 
+def verify_file(path: Path, expected_sha256: str, what: str) -> Path:
+    """path, after checking it exists and its sha256 is the manifest's; BundleError naming both otherwise."""
+    if not path.is_file():
+        raise BundleError(f"{what} missing: {path} (expected sha256 {expected_sha256})")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise BundleError(
+            f"{what} {path} does not match the manifest: sha256 {actual}, expected {expected_sha256}; refusing to load"
+        )
+    return path
+
+
 def verify_weights(path: Path, manifest: Manifest) -> Path:
     """The weights file, after checking it exists and matches the manifest's sha256."""
-    weights = Path(path) / manifest.weights_file
-    if not weights.is_file():
-        raise BundleError(f"model weights missing: {weights} (expected sha256 {manifest.weights_sha256})")
-    actual = sha256_file(weights)
-    if actual != manifest.weights_sha256:
-        raise BundleError(
-            f"model weights {weights} do not match the manifest: sha256 {actual}, expected {manifest.weights_sha256}; refusing to load"
-        )
-    return weights
+    return verify_file(Path(path) / manifest.weights_file, manifest.weights_sha256, "model weights")
 
 
 def resnet18(num_labels: int) -> torch.nn.Module:

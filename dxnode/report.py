@@ -227,6 +227,16 @@ def _contributing_equipment(settings: Settings, m_name: str, m_version: str, dev
     return item
 
 
+def _probability(f: Finding, algo: AlgorithmIdentification) -> Measurement:
+    """The finding's probability as a TID 300 measurement (UCUM "1", no units)."""
+    return Measurement(
+        name=PROBABILITY,
+        value=round(float(f.probability), 6),
+        unit=CodedConcept("1", "UCUM", "no units"),
+        algorithm_id=algo,
+    )
+
+
 def _group(
     f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
 ) -> MeasurementsAndQualitativeEvaluations:
@@ -246,14 +256,7 @@ def _group(
         finding_type=concept,
         algorithm_id=algo,
         qualitative_evaluations=[QualitativeEvaluation(concept, codes.SCT.Present if f.positive else codes.SCT.Absent)],
-        measurements=[
-            Measurement(
-                name=PROBABILITY,
-                value=round(float(f.probability), 6),
-                unit=CodedConcept("1", "UCUM", "no units"),
-                algorithm_id=algo,
-            )
-        ],
+        measurements=[_probability(f, algo)],
         source_images=images or None,
     )
 
@@ -338,14 +341,7 @@ def _attention_group(
         finding_type=_label_concept(f.label),
         method=ATTENTION_METHOD,
         algorithm_id=algo,
-        measurements=[
-            Measurement(
-                name=PROBABILITY,
-                value=round(float(f.probability), 6),
-                unit=CodedConcept("1", "UCUM", "no units"),
-                algorithm_id=algo,
-            )
-        ],
+        measurements=[_probability(f, algo)],
     )
     for item in group[0].ContentSequence:  # TID 1419 row 5: highdicom 0.28 writes CONTAINS
         if item.ConceptNameCodeSequence[0].CodeValue == "370129005":

@@ -81,26 +81,19 @@ def facts(session: Session, study_id: int) -> StudyFacts:
     """The study's series with their instance counts, SOP classes and senders."""
     study = session.get(Study, study_id)
     assert study is not None
+    keys = (
+        Series.series_instance_uid,
+        Series.modality,
+        Series.body_part_examined,
+        Series.series_description,
+        Instance.sop_class_uid,
+        Instance.calling_aet,
+    )
     rows = session.execute(
-        select(
-            Series.series_instance_uid,
-            Series.modality,
-            Series.body_part_examined,
-            Series.series_description,
-            Instance.sop_class_uid,
-            Instance.calling_aet,
-            func.count(Instance.id),
-        )
+        select(*keys, func.count(Instance.id))
         .join(Instance, Instance.series_id == Series.id)
         .where(Series.study_id == study_id)
-        .group_by(
-            Series.series_instance_uid,
-            Series.modality,
-            Series.body_part_examined,
-            Series.series_description,
-            Instance.sop_class_uid,
-            Instance.calling_aet,
-        )
+        .group_by(*keys)
     ).all()
     merged: dict[str, tuple[str, str, str]] = {}
     counts: dict[str, int] = {}
