@@ -220,8 +220,12 @@ def test_sigterm_during_a_long_job_exits_in_time_with_the_job_done_or_queued(tmp
     try:
         study, files = make_study(tmp_path / "study", n=80)
         storescu(node.port, files)
+        analysing = {"analyze", "decode", "model", "cam"}  # the heartbeat names the stage between batches
         job = wait_until(
-            lambda: next((j for j in jobs_by_study(store).get(study, []) if j.stage == "analyze"), None),
+            lambda: next(
+                (j for j in jobs_by_study(store).get(study, []) if j.state == "running" and j.stage in analysing),
+                None,
+            ),
             timeout=120,
             what="the job analysing",
         )
