@@ -201,14 +201,17 @@ def floor_seconds(folder: Path, threads: int, batch_size: int) -> tuple[float, f
     import torch
 
     from dxnode.config import Settings
-    from dxnode.model import Classifier, demo_network
+    from dxnode.model import load_classifier
     from dxnode.pipeline import read_frames, to_tensor
 
     if threads:
         torch.set_num_threads(threads)
-    net, manifest = demo_network()
-    clf = Classifier(net, manifest, torch.device("cpu"), batch_size)
-    settings, prep = Settings(), manifest.preprocessing
+    settings = Settings()
+    model = settings.model.model_copy(update={"threads": threads, "batch_size": batch_size})
+    # The same model and engine as the node's ([model] engine = auto: ONNX Runtime on CPU).
+    clf = load_classifier(model, data_dir=folder.parent / "floor-cache")
+    print(f"floor engine: {clf.engine.name} ({clf.engine_reason})")
+    prep = clf.manifest.preprocessing
     files = sorted(folder.iterdir())
     start = time.perf_counter()
     inputs = [to_tensor(f, prep) for path in files for f in read_frames(path, settings.pipeline, prep)]
