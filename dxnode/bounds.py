@@ -83,19 +83,18 @@ def file_meta_end(f: IO[bytes]) -> tuple[int, str] | None:
     return end, ""
 
 
-def check_deflated_file(path: str, limit: int) -> None:
-    """DeclaredSizeError if path is a Deflated Explicit VR Little Endian file inflating beyond limit bytes."""
-    with open(path, "rb") as f:
-        try:
-            found = file_meta_end(f)
-            deflated = found is not None and UID(found[1]).is_deflated
-        except (ValueError, struct.error):  # not a transfer syntax, a broken meta group: dcmread says why
-            return
-        if not deflated or found is None:
-            return
-        f.seek(found[0])
-        if inflated_size_exceeds(f, limit):
-            raise DeclaredSizeError(f"Deflated dataset inflates to more than {limit // MB} MB")
+def check_deflated_file(f: IO[bytes], limit: int) -> None:
+    """DeclaredSizeError if the open file is Deflated Explicit VR Little Endian inflating beyond limit bytes."""
+    try:
+        found = file_meta_end(f)
+        deflated = found is not None and UID(found[1]).is_deflated
+    except (ValueError, struct.error):  # not a transfer syntax, a broken meta group: dcmread says why
+        return
+    if not deflated or found is None:
+        return
+    f.seek(found[0])
+    if inflated_size_exceeds(f, limit):
+        raise DeclaredSizeError(f"Deflated dataset inflates to more than {limit // MB} MB")
 
 
 def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:

@@ -371,17 +371,20 @@ def read_dataset(path: str | Path, max_inflated_mb: float | None = None) -> Data
     With max_inflated_mb, a Deflated file is first inflated in bounded chunks to learn its size:
     pydicom inflates the whole dataset in memory.
     """
-    if max_inflated_mb is not None:
-        try:
-            check_deflated_file(str(path), int(max_inflated_mb * MB))
-        except DeclaredSizeError as exc:
-            raise PipelineError(str(exc)) from exc
-        except OSError as exc:
-            raise PipelineError(f"cannot read file: {exc.strerror or exc}") from exc
     try:
-        return pydicom.dcmread(path, defer_size="64 KB")
-    except Exception as exc:
-        raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
+        with open(path, "rb") as f:  # one open for the check and the parse; deferred values are re-read by name
+            if max_inflated_mb is not None:
+                try:
+                    check_deflated_file(f, int(max_inflated_mb * MB))
+                except DeclaredSizeError as exc:
+                    raise PipelineError(str(exc)) from exc
+                f.seek(0)
+            try:
+                return pydicom.dcmread(f, defer_size="64 KB")
+            except Exception as exc:
+                raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
+    except OSError as exc:
+        raise PipelineError(f"cannot read file: {exc.strerror or exc}") from exc
 
 
 def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
