@@ -3,6 +3,8 @@
   dxnode serve       durable: temporary file, fsync, rename, folder fsync, SQLite row, then 0x0000
   DCMTK storescp     the reference: writes each file, no fsync, no database
   pynetdicom SCP     a minimal pynetdicom receiver that only writes files (no fsync, no database)
+  pynetdicom fsync   the same receiver with dxnode's file durability (temporary file, fsync, rename,
+                     folder fsync; no database): what the disk alone costs, for scale
 
 Every peer runs with TCP_NODELAY (DCMTK through the TCP_NODELAY=1 environment variable).
 Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3]. Prints instances/s (best of
@@ -33,6 +35,7 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 
 PYNETDICOM_SCP = textwrap.dedent(
     """
+    import os
     import sys
     from pathlib import Path
     from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -42,9 +45,23 @@ PYNETDICOM_SCP = textwrap.dedent(
 
     out = Path(sys.argv[2])
 
+    durable = sys.argv[3] == "durable"
+
     def on_store(event):
-        with open(out / (event.request.AffectedSOPInstanceUID + ".dcm"), "wb") as f:
+        path = out / (event.request.AffectedSOPInstanceUID + ".dcm")
+        if not durable:
+            with open(path, "wb") as f:
+                f.write(event.encoded_dataset())
+            return 0x0000
+        tmp = path.with_name("." + path.name + ".tmp")
+        with open(tmp, "wb") as f:
             f.write(event.encoded_dataset())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
         return 0x0000
 
     ae = AE(ae_title="PYNETDICOM")
@@ -133,7 +150,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[float, float]:
-    """(seconds, receiver CPU seconds) of one send."""
+    """(seconds, receiver CPU seconds) of one send.
+
+    The page cache is flushed first (sync): otherwise the files an earlier non-durable receiver left
+    dirty are written back during this send, and slow down whichever receiver fsyncs."""
+    os.sync()
     before = cpu_seconds(pid)
     elapsed = send(port, folders, aec)
     return elapsed, cpu_seconds(pid) - before
@@ -182,11 +203,11 @@ def run_storescp(folders: list[Path], work: Path) -> tuple[float, float]:
         proc.wait(30)
 
 
-def run_pynetdicom(folders: list[Path], work: Path) -> tuple[float, float]:
+def run_pynetdicom(folders: list[Path], work: Path, mode: str = "plain") -> tuple[float, float]:
     port, out = free_port(), work / "pynetdicom"
     out.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-c", PYNETDICOM_SCP, str(port), str(out)],
+        [sys.executable, "-c", PYNETDICOM_SCP, str(port), str(out), mode],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -219,6 +240,7 @@ def main() -> int:
             "dxnode serve (durable)": run_dxnode,
             "DCMTK storescp": run_storescp,
             "pynetdicom write-only SCP": run_pynetdicom,
+            "pynetdicom fsync writer": lambda folders, work: run_pynetdicom(folders, work, "durable"),
         }
         best: dict[tuple[str, int], tuple[float, float]] = {}
         for r in range(args.rounds):
@@ -248,6 +270,7 @@ def main() -> int:
                 f"{senders} sender(s): dxnode / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
                 f" dxnode / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f}"
                 + ("  (target >= 0.75)" if senders == 1 else "")
+                + f", dxnode / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
             )
     return 0
 

@@ -18,6 +18,7 @@ validated before they name a file or folder.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -30,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -56,7 +58,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table
 from pynetdicom.transport import ThreadedAssociationServer
@@ -66,7 +67,18 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from dxnode import metrics
 from dxnode.bounds import MB, inflated_size_exceeds
 from dxnode.config import Settings
-from dxnode.store import Instance, Series, Store, Study, audit_core, publish, utcnow, write_temporary
+from dxnode.part10 import file_header
+from dxnode.store import (
+    Instance,
+    Series,
+    Store,
+    Study,
+    audit_core,
+    publish,
+    temporary_name,
+    utcnow,
+    write_new_file,
+)
 from dxnode.uids import is_valid_uid
 
 log = logging.getLogger("dxnode.scp")
@@ -301,7 +313,10 @@ class StorageSCP:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.incoming = settings.data_dir / "incoming"
+        self.data_dir = settings.data_dir
+        self.incoming = self.data_dir / "incoming"
+        # Threads that write and fsync received files while the storing thread hashes and records them.
+        self._writer = ThreadPoolExecutor(settings.node.max_associations + 4, thread_name_prefix="dxnode-write")
         self._servers: list[NoDelayServer] = []
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
@@ -456,7 +471,7 @@ class StorageSCP:
         try:
             # The file is the preamble and file meta, then the dataset as received: written and hashed
             # from pynetdicom's own buffer, without joining them into one more copy.
-            head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
             received = event.request.DataSet if isinstance(event.request, C_STORE) else None
             if not isinstance(received, BytesIO):  # parse_received checked the request; this is for the type
                 raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
@@ -484,22 +499,23 @@ class StorageSCP:
         if free < self.settings.node.min_free_mb * 1024 * 1024:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")
         rel = Path("incoming") / rec.study_instance_uid / rec.series_instance_uid / f"{rec.sop_instance_uid}.dcm"
-        path = self.settings.data_dir / rel
+        path = self.data_dir / rel
         size = sum(len(part) for part in parts)
-        digest = hashlib.sha256()
-        for part in parts:
-            digest.update(part)
+        # The file is created, written and fsynced on another thread while this one hashes it and runs
+        # the statements; _commit waits for the fsync before the rename, and the rename before the commit.
+        tmp = temporary_name(path)
+        written = self._writer.submit(write_new_file, tmp, parts)
         try:
-            tmp = write_temporary(path, parts)
-        except OSError as exc:
-            raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
-        try:
-            new = self._commit(rec, tmp, path, rel, size, digest.hexdigest(), calling_aet, address, actor)
+            digest = hashlib.sha256()
+            for part in parts:
+                digest.update(part)
+            new = self._commit(rec, tmp, written, path, rel, size, digest.hexdigest(), calling_aet, address, actor)
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64]) from exc
         finally:
+            concurrent.futures.wait([written])  # the writer reads parts: they stay valid until it is done
             tmp.unlink(missing_ok=True)
         if new:
             metrics.INSTANCES_RECEIVED.labels(calling_aet=calling_aet).inc()
@@ -513,6 +529,7 @@ class StorageSCP:
         self,
         rec: Received,
         tmp: Path,
+        written: Future[int],
         path: Path,
         rel: Path,
         size: int,
@@ -527,8 +544,8 @@ class StorageSCP:
         The rename comes after the instance row is inserted: while that row is uncommitted no other
         writer can insert the same SOP Instance UID (PostgreSQL makes it wait on the unique key), so no
         other writer renames onto this path, and a lost race on a unique key (two senders starting the
-        same study) happens before the rename, with the temporary file still there for the retry."""
-        inode = tmp.stat().st_ino
+        same study) happens before the rename, with the temporary file still there for the retry.
+        written is the write and fsync of tmp (its inode), still running when this starts."""
         actor = actor or calling_aet
         for attempt in range(3):
             renamed = False
@@ -588,6 +605,7 @@ class StorageSCP:
                         study_id=seen.study_id,
                         bytes=size,
                     )
+                    inode = written.result()  # the bytes are durable (or its OSError ends the transaction)
                     publish(tmp, path)  # durable under its final name before the rows commit
                     renamed = True
                 if len(self._seen) >= _SEEN_MAX:

@@ -320,7 +320,10 @@ def audit(session: Session, actor: str, action: str, target: str = "", source: s
 
 def audit_core(conn: Connection, actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> None:
     """Insert an audit row on a Core connection (the receiver's hot path uses no ORM session)."""
-    conn.execute(insert(Audit).values(**audit_values(actor, action, target, source, **detail)))
+    conn.execute(_INSERT_AUDIT, audit_values(actor, action, target, source, **detail))
+
+
+_INSERT_AUDIT = insert(Audit)  # one statement, its values as parameters: compiled once, not per row
 
 
 def make_engine(url: str, busy_timeout_s: float = 30, echo: bool = False) -> Engine:
@@ -414,16 +417,27 @@ def current_revision(store: Store) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def temporary_name(path: Path) -> Path:
+    """A new hidden temporary name beside path (cleaned up at start if a killed writer left it)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def write_new_file(tmp: Path, data: bytes | Sequence[bytes | memoryview]) -> int:
+    """Create tmp (and its folder), write data (or its parts in order), fsync and close it; returns its inode."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "xb") as f:
+        for part in (data,) if isinstance(data, bytes) else data:
+            f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
+        return os.fstat(f.fileno()).st_ino
+
+
 def write_temporary(path: Path, data: bytes | Sequence[bytes | memoryview]) -> Path:
     """Write data (or its parts in order), fsynced, to a temporary file beside path; returns the temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
-            for part in (data,) if isinstance(data, bytes) else data:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new_file(tmp, data)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
