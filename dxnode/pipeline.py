@@ -111,8 +111,8 @@ class Preprocessing:
 class Frame:
     """One model input at decoded resolution (source size, or a reduced JPEG 2000 level).
 
-    display is the windowed image the heatmap is drawn on: image's extent, downsampled (area
-    average) so that its longest side is at most the display_max_side it was read with.
+    display is the windowed image the heatmap is drawn on: image's extent, downsampled
+    (antialiased) so that its longest side is at most the display_max_side it was read with.
     """
 
     image: np.ndarray  # HxWx3 float32 in [0, 1]: the model channels
@@ -359,15 +359,16 @@ def display_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
 def display_image(values01: np.ndarray, max_side: int = 0) -> np.ndarray:
     """HxW (grayscale) or HxWx3 values in [0, 1] as a uint8 RGB display image no larger than display_shape.
 
-    A larger image is area-averaged down (each display pixel the mean of the source pixels it
-    covers, the image's extent kept), before the three channels are made.
+    A larger image is downsampled with an antialiased (triangle-filtered) bilinear resize, as
+    to_tensor resizes: the image's extent is kept, each display pixel a weighted mean of the
+    source pixels under it. The three channels are made after that.
     """
     h, w = values01.shape[:2]
     size = display_shape(h, w, max_side)
     if size != (h, w):
         planes = values01[np.newaxis] if values01.ndim == 2 else values01.transpose(2, 0, 1)
         t = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
-        small = F.interpolate(t, size=size, mode="area")[0].numpy()
+        small = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
         values01 = small[0] if values01.ndim == 2 else small.transpose(1, 2, 0)
     u8 = (values01 * 255).round().astype(np.uint8)
     return u8 if u8.ndim == 3 else np.repeat(u8[..., np.newaxis], 3, axis=-1)
