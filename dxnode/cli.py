@@ -574,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.add_argument("--model", metavar="BUNDLE", help="model bundle folder (default: [model] bundle)")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
-    sp.add_argument("--heatmap-dir", metavar="DIR", help="write Grad-CAM overlay PNGs here")
+    sp.add_argument(
+        "--heatmap-dir", metavar="DIR", help="write Grad-CAM overlay PNGs here (at most [report] sc_max_side a side)"
+    )
     sp.add_argument("--top", type=int, default=3, help="findings shown per file")
 
     model = add("model", lambda a, s: 2, "model bundles")

@@ -48,6 +48,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The caption of a heatmap SC needs an image at least this wide.
+MIN_SC_SIDE = 512
+
+
+def _check_sc_max_side(value: int | None) -> int | None:
+    """sc_max_side: 0 (source size) or at least MIN_SC_SIDE pixels."""
+    if value is not None and value != 0 and value < MIN_SC_SIDE:
+        raise ValueError(f"must be 0 (source size) or at least {MIN_SC_SIDE} (the caption's width), not {value}")
+    return value
+
+
 class NodeSettings(Section):
     """[node]: the DICOM identity of this node and where it keeps received files."""
 
@@ -213,6 +224,7 @@ class ModelEntry(Section):
     bundle: str = ""  # a bundle folder, "demo" or "imagenet"; empty: as [model] bundle
     engine: Literal["", "auto", "torch", "onnxruntime"] = ""  # empty: as [model] engine
     heatmap_for: Literal["positive", "top1", "all"] | None = None  # None: as [report]
+    sc_max_side: int | None = Field(None, ge=0)  # None: as [report]
     modalities: list[str] = []
     body_parts: list[str] = []
     sop_classes: list[str] = []
@@ -226,6 +238,8 @@ class ModelEntry(Section):
     sc_series_number: int | None = None
     sr_series_description: str = ""  # empty: "[report] sr_series_description (name)"
     sc_series_description: str = ""
+
+    _sc_max_side = field_validator("sc_max_side")(lambda cls, v: _check_sc_max_side(v))
 
     @field_validator("series_description", "study_description")
     @classmethod
@@ -245,10 +259,15 @@ class ReportSettings(Section):
     sc_series_description: str = "AI Heatmaps"
     sc_series_number: int = 9902
     heatmap_for: Literal["positive", "top1", "all"] = "positive"
+    # Longest side (Rows or Columns) of a heatmap SC, caption included; the heatmap is drawn on a
+    # display image at most this large, downsampled from the source. 0 = the source's size.
+    sc_max_side: int = Field(1024, ge=0)
     # A TID 1410 planar ROI per positive finding: the Grad-CAM region >= half its peak on the source image.
     attention_roi: bool = True
     manufacturer: str = "dxnode"
     institution_name: str = ""
+
+    _sc_max_side = field_validator("sc_max_side")(lambda cls, v: _check_sc_max_side(v))
 
 
 class DispatchSettings(Section):

@@ -313,17 +313,21 @@ def normalise_cam(raw: np.ndarray) -> np.ndarray:
 
 
 def cam_to_source(raw: np.ndarray, frame: Frame, prep: Preprocessing) -> np.ndarray:
-    """A raw h x w CAM upsampled to the model input, then mapped back onto the source image, in [0, 1]."""
+    """A raw h x w CAM upsampled to the model input, then mapped back onto the frame's display image, in [0, 1].
+
+    The letterbox/crop undone is the one to_tensor applied to the frame's model image; the
+    display is that image's extent at its own (possibly smaller) size.
+    """
     t = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))[None, None]
     on_input = F.interpolate(t, size=(prep.input_size, prep.input_size), mode="bilinear", align_corners=False)[
         0, 0
     ].numpy()
     h, w = frame.display.shape[:2]
-    return normalise_cam(map_to_source(on_input, geometry(h, w, prep)))
+    return normalise_cam(map_to_source(on_input, geometry(*frame.image_shape, prep), (h, w)))
 
 
 def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing, alpha: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 overlay at source size, CAM in [0, 1] at source size) with matplotlib's 'jet' map.
+    """(RGB uint8 overlay, CAM in [0, 1]), both at the frame's display size, with matplotlib's 'jet' map.
 
     The map's 256 colours are looked up the way matplotlib quantises a float in [0, 1], and the
     blend runs in float32 in place: a radiograph-sized overlay costs a fraction of a second.
@@ -512,27 +516,27 @@ def _heatmap_labels(findings: list[Finding], heatmap_for: str) -> list[Finding]:
 
 @dataclass
 class _Decoded:
-    """One instance after the pixel chain: its model inputs (frame index, tensor, display image), or why it has none."""
+    """One instance after the pixel chain: its model inputs (frame index, tensor, display-only frame), or why it has none."""
 
     sop_instance_uid: str
-    inputs: list[tuple[int, torch.Tensor, np.ndarray]]
+    inputs: list[tuple[int, torch.Tensor, Frame]]  # the Frame without its model image
     outcome: InstanceOutcome | None  # skipped or failed
     seconds: float  # read + decode + window + resize, in the decoding thread
     notes: str = ""  # what the pixel chain noted (e.g. a non-finite window it did not use)
 
 
 def _decode_instance(uid: str, path: Path, settings: Settings, prep: Preprocessing) -> _Decoded:
-    """Read one instance into model inputs; only the uint8 display image of each frame is kept beside them."""
+    """Read one instance into model inputs; only the display image of each frame is kept beside them."""
     start = time.perf_counter()
     try:
         ds = read_dataset(path, settings.pipeline.max_decoded_mb)
         reason = skip_reason(ds, settings.pipeline)
         if reason:
             return _Decoded(uid, [], InstanceOutcome(uid, "skipped", reason), time.perf_counter() - start)
-        frames = read_frames(ds, settings.pipeline, prep)
+        frames = read_frames(ds, settings.pipeline, prep, display_max_side=settings.report.sc_max_side)
     except PipelineError as exc:
         return _Decoded(uid, [], InstanceOutcome(uid, "failed", str(exc)), time.perf_counter() - start)
-    inputs = [(f.frame_index, to_tensor(f, prep), f.display) for f in frames]
+    inputs = [(f.frame_index, to_tensor(f, prep), f.without_image()) for f in frames]
     notes = "; ".join(dict.fromkeys(n for f in frames for n in f.notes))
     return _Decoded(uid, inputs, None, time.perf_counter() - start, notes)
 
@@ -596,7 +600,9 @@ class _RunningStudy:
 
 def _driver_frame(path: Path, frame_index: int, settings: Settings, prep: Preprocessing) -> Frame:
     """Re-read the one frame that drove a finding, for its heatmap."""
-    (frame,) = read_frames(path, settings.pipeline, prep, frames=[frame_index])
+    (frame,) = read_frames(
+        path, settings.pipeline, prep, frames=[frame_index], display_max_side=settings.report.sc_max_side
+    )
     return frame
 
 
@@ -627,16 +633,16 @@ def analyze_study(
     outcomes: dict[str, InstanceOutcome] = {}
     running = _RunningStudy(len(labels))
     per_instance: dict[str, list[Any]] = {}  # uid -> [frames not yet run, max probabilities so far, notes]
-    waiting: list[tuple[str, int, torch.Tensor, np.ndarray]] = []  # inputs decoded, not yet run
-    kept: dict[tuple[str, int], np.ndarray] = {}  # display images of current drivers, at most batch_size
+    waiting: list[tuple[str, int, torch.Tensor, Frame]] = []  # inputs decoded, not yet run
+    kept: dict[tuple[str, int], Frame] = {}  # display images of current drivers, at most batch_size
 
-    def run_batch(batch: list[tuple[str, int, torch.Tensor, np.ndarray]]) -> None:
+    def run_batch(batch: list[tuple[str, int, torch.Tensor, Frame]]) -> None:
         start = time.perf_counter()
         probs, cams = classifier.forward(torch.stack([x for _, _, x, _ in batch]))
         spent["model"] += time.perf_counter() - start
         running.fold(probs, cams, [(uid, i) for uid, i, _, _ in batch])
         drivers = set(running.driver)
-        kept.update({(uid, i): display for uid, i, _, display in batch if (uid, i) in drivers})
+        kept.update({(uid, i): shown for uid, i, _, shown in batch if (uid, i) in drivers})
         for key in [k for k in kept if k not in drivers]:
             del kept[key]
         while len(kept) > classifier.batch_size:
@@ -665,7 +671,7 @@ def analyze_study(
                 continue
             if decoded.inputs:
                 per_instance[decoded.sop_instance_uid] = [len(decoded.inputs), None, decoded.notes]
-            waiting += [(decoded.sop_instance_uid, i, x, display) for i, x, display in decoded.inputs]
+            waiting += [(decoded.sop_instance_uid, i, x, shown) for i, x, shown in decoded.inputs]
             while len(waiting) >= classifier.batch_size:
                 run_batch(waiting[: classifier.batch_size])
                 del waiting[: classifier.batch_size]
@@ -704,7 +710,7 @@ def analyze_study(
             j = labels.index(f.label)
             key = running.driver[j]
             if key in kept:
-                frames[key] = Frame(np.zeros((0, 0, 3), np.float32), kept.pop(key), key[1], key[0])
+                frames[key] = kept.pop(key)
             elif key not in frames:
                 frames[key] = _driver_frame(paths[key[0]], key[1], settings, prep)
             rgb, cam = overlay(frames[key], running.cams[j], prep)
@@ -748,7 +754,7 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
     """Predict one DICOM/PNG/JPEG file (all its frames, aggregated); errors come back in .error."""
     prep = classifier.manifest.preprocessing
     try:
-        frames = read_frames(Path(path), settings.pipeline, prep)
+        frames = read_frames(Path(path), settings.pipeline, prep, display_max_side=settings.report.sc_max_side)
     except PipelineError as exc:
         return FilePrediction(str(path), [], classifier.identity, None, str(exc))
     if not frames:

@@ -9,7 +9,7 @@ Training (dxnode.train) goes through the same functions, so there is no train/se
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +109,27 @@ class Preprocessing:
 
 @dataclass
 class Frame:
-    """One model input at decoded resolution (source size, or a reduced JPEG 2000 level)."""
+    """One model input at decoded resolution (source size, or a reduced JPEG 2000 level).
+
+    display is the windowed image the heatmap is drawn on: image's extent, downsampled
+    (antialiased) so that its longest side is at most the display_max_side it was read with.
+    """
 
     image: np.ndarray  # HxWx3 float32 in [0, 1]: the model channels
-    display: np.ndarray  # HxWx3 uint8: the windowed image as a viewer shows it
+    display: np.ndarray  # hxwx3 uint8: the windowed image as a viewer shows it, at most HxW
     frame_index: int
     sop_instance_uid: str = ""
     window: tuple[float, float] | None = field(default=None)  # the VOI window used, if one
     notes: tuple[str, ...] = ()  # what was done instead of what the header asked (e.g. an unusable window)
+    image_shape: tuple[int, int] = (0, 0)  # H, W of image; kept when image is dropped (see without_image)
+
+    def __post_init__(self) -> None:
+        if self.image.size:
+            self.image_shape = (int(self.image.shape[0]), int(self.image.shape[1]))
+
+    def without_image(self) -> Frame:
+        """This frame with only its display image (and the shape of its model image): what a heatmap needs."""
+        return replace(self, image=np.zeros((0, 0, 3), np.float32))
 
 
 def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
@@ -335,6 +348,32 @@ def voi01(
     return _window01(values, *auto), auto
 
 
+def display_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """Height and width of the display image of a HxW frame: the longest side at most max_side (0: HxW), aspect kept."""
+    if not max_side or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def display_image(values01: np.ndarray, max_side: int = 0) -> np.ndarray:
+    """HxW (grayscale) or HxWx3 values in [0, 1] as a uint8 RGB display image no larger than display_shape.
+
+    A larger image is downsampled with an antialiased (triangle-filtered) bilinear resize, as
+    to_tensor resizes: the image's extent is kept, each display pixel a weighted mean of the
+    source pixels under it. The three channels are made after that.
+    """
+    h, w = values01.shape[:2]
+    size = display_shape(h, w, max_side)
+    if size != (h, w):
+        planes = values01[np.newaxis] if values01.ndim == 2 else values01.transpose(2, 0, 1)
+        t = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
+        small = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+        values01 = small[0] if values01.ndim == 2 else small.transpose(1, 2, 0)
+    u8 = (values01 * 255).round().astype(np.uint8)
+    return u8 if u8.ndim == 3 else np.repeat(u8[..., np.newaxis], 3, axis=-1)
+
+
 def frame_from_values(
     values: np.ndarray,
     frame_index: int,
@@ -342,13 +381,17 @@ def frame_from_values(
     settings: PipelineSettings,
     prep: Preprocessing,
     window: tuple[float, float] | None = None,
+    display_max_side: int = 0,
 ) -> Frame:
-    """Window (grayscale) or pass through (colour) one frame into a Frame."""
+    """Window (grayscale) or pass through (colour) one frame into a Frame; its display no larger than display_max_side."""
     uid = str(ds.get("SOPInstanceUID", "")) if ds is not None else ""
     if values.ndim == 3:  # colour, already RGB in [0, 1]
         image = np.clip(values, 0, 1).astype(np.float32)
         return Frame(
-            image=image, display=(image * 255).round().astype(np.uint8), frame_index=frame_index, sop_instance_uid=uid
+            image=image,
+            display=display_image(image, display_max_side),
+            frame_index=frame_index,
+            sop_instance_uid=uid,
         )
     monochrome1 = ds is not None and str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     gray, used = voi01(values, ds, settings, window)
@@ -359,7 +402,7 @@ def frame_from_values(
         image = np.stack([1.0 - ch if monochrome1 else ch for ch in chans], axis=-1)
     else:
         image = np.repeat(gray[..., np.newaxis], 3, axis=-1)
-    display = np.repeat((gray * 255).round().astype(np.uint8)[..., np.newaxis], 3, axis=-1)
+    display = display_image(gray, display_max_side)
     return Frame(
         image=image.astype(np.float32), display=display, frame_index=frame_index, sop_instance_uid=uid, window=used
     )
@@ -403,8 +446,8 @@ def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
     return notes
 
 
-def read_image_file(path: Path, prep: Preprocessing) -> list[Frame]:
-    """A PNG or JPEG as one frame: grayscale replicated, colour kept as RGB."""
+def read_image_file(path: Path, prep: Preprocessing, display_max_side: int = 0) -> list[Frame]:
+    """A PNG or JPEG as one frame: grayscale replicated, colour kept as RGB; its display no larger than display_max_side."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -421,7 +464,7 @@ def read_image_file(path: Path, prep: Preprocessing) -> list[Frame]:
                 rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
         raise PipelineError(f"not a readable image: {exc}"[:300]) from exc
-    return [Frame(image=rgb, display=(rgb * 255).round().astype(np.uint8), frame_index=0)]
+    return [Frame(image=rgb, display=display_image(rgb, display_max_side), frame_index=0)]
 
 
 def is_image_file(path: Path) -> bool:
@@ -434,19 +477,25 @@ def is_image_file(path: Path) -> bool:
 
 
 def read_frames(
-    source: str | Path | Dataset, settings: PipelineSettings, prep: Preprocessing, frames: list[int] | None = None
+    source: str | Path | Dataset,
+    settings: PipelineSettings,
+    prep: Preprocessing,
+    frames: list[int] | None = None,
+    display_max_side: int = 0,
 ) -> list[Frame]:
     """Frames of a DICOM instance or a PNG/JPEG file, ready for to_tensor; PipelineError on failure.
 
     frames picks 0-based frames of a DICOM instance (e.g. the one a heatmap needs) instead of
-    up to max_frames evenly spaced ones.
+    up to max_frames evenly spaced ones. Each frame's display image has its longest side at most
+    display_max_side ([report] sc_max_side for heatmaps; 0: the decoded size); the model image
+    is the same whatever it is.
     """
     if not isinstance(source, Dataset):
         path = Path(source)
         if not path.is_file():
             raise PipelineError(f"no such file: {path}")
         if is_image_file(path):
-            return read_image_file(path, prep)
+            return read_image_file(path, prep, display_max_side)
         source = read_dataset(path, settings.max_decoded_mb)
     ds = source
     reason = skip_reason(ds, settings)
@@ -458,7 +507,7 @@ def read_frames(
         for i, values in modality_values(ds, settings.max_frames, frames, j2k_reduce(settings, prep)):
             if not all_finite(values):
                 raise PipelineError("pixel values are not finite after the Modality LUT")
-            frame = frame_from_values(values, i, ds, settings, prep)
+            frame = frame_from_values(values, i, ds, settings, prep, display_max_side=display_max_side)
             if not all_finite(frame.image):
                 raise PipelineError("pixel values are not finite after the VOI LUT")
             frame.notes = tuple(notes)
@@ -513,12 +562,17 @@ def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
     return (out - mean) / std
 
 
-def map_to_source(cam_input: np.ndarray, g: Geometry) -> np.ndarray:
-    """A map over the SxS model input mapped back onto the HxW source pixels."""
+def map_to_source(cam_input: np.ndarray, g: Geometry, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A map over the SxS model input mapped back onto the HxW source pixels, or onto size (h, w).
+
+    With size, the result covers the source's extent at h x w pixels (a display image that is
+    a scaled copy of the source): the letterbox/crop is undone with the source's own geometry g.
+    """
     t = torch.from_numpy(np.ascontiguousarray(cam_input, dtype=np.float32))[None, None]
     canvas = torch.zeros(1, 1, g.resized_h, g.resized_w)
     src_t, src_l = max(0, g.top), max(0, g.left)
     dst_t, dst_l = max(0, -g.top), max(0, -g.left)
     hh, ww = min(g.size - src_t, g.resized_h - dst_t), min(g.size - src_l, g.resized_w - dst_l)
     canvas[..., dst_t : dst_t + hh, dst_l : dst_l + ww] = t[..., src_t : src_t + hh, src_l : src_l + ww]
-    return F.interpolate(canvas, size=(g.height, g.width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    out = size or (g.height, g.width)
+    return F.interpolate(canvas, size=out, mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -57,7 +57,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dxnode import __version__
-from dxnode.config import Settings
+from dxnode.config import MIN_SC_SIDE, Settings
 from dxnode.results import Finding, Heatmap, StudyResult
 from dxnode.source_header import reference_header
 from dxnode.store import write_durably
@@ -113,6 +113,8 @@ HEATMAP = CodedConcept("HEATMAP", SCHEME, "Grad-CAM heatmap image")
 ATTENTION_LEVEL = 0.5
 # Most vertices of an attention outline; longer contours are subsampled.
 MAX_OUTLINE_POINTS = 64
+# Spacing attributes a heatmap SC must not carry: its pixels are resampled and captioned.
+SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 # Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
@@ -264,8 +266,10 @@ def _group(
 def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """Closed outline (column, row pairs, source pixel coordinates) of the map's region >= half its peak.
 
-    The region is the connected part above ATTENTION_LEVEL that holds the peak; the map is scaled
-    from its own size to Rows x Columns, with DICOM's convention that pixel centres are at +0.5.
+    The region is the connected part above ATTENTION_LEVEL that holds the peak; the map (the
+    heatmap's, at display size: the source's or a downsampled copy of its extent) is scaled from
+    its own size to Rows x Columns, edge to edge, with DICOM's convention that the image spans
+    (0, 0) to (Columns, Rows) and pixel centres are at +0.5; the result is clipped to that span.
     """
     from contourpy import contour_generator
     from scipy import ndimage  # type: ignore[import-untyped]
@@ -450,36 +454,59 @@ def caption_lines(h: Heatmap, f: Finding, result: StudyResult) -> list[str]:
     return lines
 
 
-def render_caption(overlay: np.ndarray, lines: list[str]) -> np.ndarray:
-    """The overlay, at least 512 px wide, with a caption panel and a low-high colour scale sized to it."""
+def _caption_font(width: int) -> tuple[Any, int]:
+    """The caption font for a canvas this wide, and its size in pixels."""
+    from PIL import ImageFont
+
+    size = max(12, width // 55)
+    try:
+        return ImageFont.load_default(size=size), size
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default(), 11
+
+
+def _panel_height(size: int, n_lines: int) -> int:
+    """Height of the caption panel: the lines, then the colour scale."""
+    line_h = int(size * 1.35)
+    return line_h * n_lines + max(10, size // 2) + 3 * line_h // 2
+
+
+def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """The overlay with a caption panel and a low-high colour scale below it, and the overlay's size in it.
+
+    The canvas is at least MIN_SC_SIDE px wide (a narrower overlay is enlarged to that width).
+    With max_side (>= MIN_SC_SIDE), neither side of the canvas exceeds it: the overlay is scaled
+    down, aspect kept, to leave room for the panel (centred if that makes it narrower than the
+    canvas). Returns (RGB canvas, (height, width) of the overlay in it).
+    """
     import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     img = Image.fromarray(overlay)
-    if img.width < 512:
-        img = img.resize((512, max(1, round(img.height * 512 / img.width))), Image.Resampling.BILINEAR)
-    size = max(12, img.width // 55)
-    try:
-        font: Any = ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
-        font, size = ImageFont.load_default(), 11
-    line_h = int(size * 1.35)
-    bar_h = max(10, size // 2)
-    panel_h = line_h * len(lines) + bar_h + 3 * line_h // 2
-    canvas = Image.new("RGB", (img.width, img.height + panel_h), (0, 0, 0))
-    canvas.paste(img, (0, 0))
+    scale = max(1.0, MIN_SC_SIDE / img.width)
+    if max_side:  # the panel for the widest canvas possible is the tallest: the result fits
+        _, size = _caption_font(max(MIN_SC_SIDE, round(img.width * scale)))
+        scale = min(scale, max_side / img.width, (max_side - _panel_height(size, len(lines))) / img.height)
+    width, height = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    if (width, height) != img.size:
+        img = img.resize((width, height), Image.Resampling.BILINEAR)  # antialiased when it reduces
+    font, size = _caption_font(max(MIN_SC_SIDE, img.width))
+    line_h, bar_h = int(size * 1.35), max(10, size // 2)
+    panel_h = _panel_height(size, len(lines))
+    canvas = Image.new("RGB", (max(MIN_SC_SIDE, img.width), img.height + panel_h), (0, 0, 0))
+    canvas.paste(img, ((canvas.width - img.width) // 2, 0))
     draw = ImageDraw.Draw(canvas)
     y = img.height + line_h // 2
     for line in lines:
         draw.text((size // 2, y), line, fill=(255, 255, 255), font=font)
         y += line_h
     label_w = int(draw.textlength("high", font=font)) + size
-    bar_w = max(64, min(img.width // 3, img.width - 2 * label_w - size))
+    bar_w = max(64, min(canvas.width // 3, canvas.width - 2 * label_w - size))
     ramp = (matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3] * 255).astype(np.uint8)
     canvas.paste(Image.fromarray(np.repeat(ramp[np.newaxis], bar_h, axis=0)), (label_w, y + (line_h - bar_h) // 2))
     draw.text((size // 2, y), "low", fill=(255, 255, 255), font=font)
     draw.text((label_w + bar_w + size // 2, y), "high", fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
+    return np.asarray(canvas), (img.height, img.width)
 
 
 def image_orientation(source: Dataset, frame: int = 0) -> list[float] | None:
@@ -516,10 +543,18 @@ def patient_orientation(source: Dataset, frame: int = 0) -> tuple[str, str] | No
 def build_sc(
     h: Heatmap, f: Finding, result: StudyResult, source: Dataset, settings: Settings, index: int
 ) -> tuple[Dataset, str]:
-    """The Secondary Capture of one heatmap and its caption."""
+    """The Secondary Capture of one heatmap and its caption.
+
+    Its Rows and Columns are at most [report] sc_max_side (0: the heatmap at the size it was
+    drawn, the source's or a reduced JPEG 2000 level's), caption included; Derivation Description
+    says when the image is not at the source's size. It carries no spacing attribute (Pixel
+    Spacing, Imager Pixel Spacing, Nominal Scanned Pixel Spacing): the pixels are a resampled
+    copy of the source with a caption panel below, so none would be true of them; measurements
+    belong on the source image, which Source Image Sequence references.
+    """
     key = result_key(result)
     lines = caption_lines(h, f, result)
-    pixels = render_caption(h.overlay, lines)
+    pixels, (height, width) = render_caption(h.overlay, lines, settings.report.sc_max_side)
     orientation = patient_orientation(source, h.frame)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -543,7 +578,15 @@ def build_sc(
     sc.SeriesDescription = settings.report.sc_series_description[:64]
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = " / ".join(lines)[:10240]
-    sc.DerivationDescription = f"Grad-CAM of {result.model.name} {result.model.version} for {f.label}"[:1024]
+    derivation = f"Grad-CAM of {result.model.name} {result.model.version} for {f.label}"
+    rows, columns = int(source.get("Rows", 0) or 0), int(source.get("Columns", 0) or 0)
+    if rows and columns and (height, width) != (rows, columns):
+        how = "reduced" if height * width < rows * columns else "enlarged"
+        derivation += f"; image {how} from the source's {rows}x{columns} to {height}x{width} (rows x columns)"
+    sc.DerivationDescription = derivation[:1024]
+    for keyword in SPACING_ATTRIBUTES:  # none is true of these pixels (see above)
+        if keyword in sc:
+            del sc[keyword]
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     if int(source.get("NumberOfFrames", 1) or 1) > 1:

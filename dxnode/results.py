@@ -47,8 +47,9 @@ class Heatmap:
     label: str
     sop_instance_uid: str
     frame: int
-    overlay: np.ndarray  # HxWx3 uint8 RGB: windowed source image with the colour map blended in
-    cam: np.ndarray  # HxW float32 in [0, 1], the map at source resolution
+    # The source frame's extent at display size: the decoded size, downsampled to [report] sc_max_side.
+    overlay: np.ndarray  # hxwx3 uint8 RGB: windowed source image with the colour map blended in
+    cam: np.ndarray  # hxw float32 in [0, 1], the map at the overlay's size
 
 
 @dataclass

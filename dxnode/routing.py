@@ -165,7 +165,7 @@ class Decision:
 
 
 def job_settings(settings: Settings, e: ModelEntry) -> Settings:
-    """The settings a job of this entry runs with: its model, heatmaps, SR/SC series numbers and descriptions."""
+    """The settings a job of this entry runs with: its model, heatmaps, SC size, SR/SC series numbers and descriptions."""
     if not settings.models:
         return settings
     index = [m.name for m in settings.models].index(e.name)
@@ -173,6 +173,7 @@ def job_settings(settings: Settings, e: ModelEntry) -> Settings:
     report = r.model_copy(
         update={
             "heatmap_for": e.heatmap_for or r.heatmap_for,
+            "sc_max_side": r.sc_max_side if e.sc_max_side is None else e.sc_max_side,
             "sr_series_number": e.sr_series_number or r.sr_series_number + 10 * index,
             "sc_series_number": e.sc_series_number or r.sc_series_number + 10 * index,
             "sr_series_description": (e.sr_series_description or f"{r.sr_series_description} ({e.name})")[:64],

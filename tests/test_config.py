@@ -45,6 +45,8 @@ def test_dxnode_config_variable_chooses_the_file(tmp_path: Path, monkeypatch: py
         ('[node]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title"),
         ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0\n', "destinations.0.port"),
         ('[report]\nheatmap_for = "some"\n', "report.heatmap_for"),
+        ("[report]\nsc_max_side = 256\n", "report.sc_max_side"),  # 0 or >= 512: the caption needs the width
+        ("[report]\nsc_max_side = -1\n", "report.sc_max_side"),
     ],
 )
 def test_bad_key_or_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -129,6 +129,16 @@ def test_heatmap_sc_from_a_reduced_decode_is_valid_and_references_the_source(tmp
     for w in written:
         assert dciodvfy_errors(w.path) == [], w.path
     for ds in sc:
-        assert ds.Columns <= 1024 and ds.Columns == 921  # the level-1 image; the caption panel adds rows
+        # [report] sc_max_side (1024) bounds the SC, caption panel included: the level-1 image
+        # (978x921) is scaled down a little to leave room for the panel.
+        assert max(ds.Rows, ds.Columns) <= 1024 and 850 < ds.Columns < 921
+        assert "from the source's 1955x1841" in ds.DerivationDescription
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # sc_max_side = 0: the heatmap at the size it was drawn, the level-1 image; the caption panel adds rows
+    unbounded = Settings(report={"sc_max_side": 0})
+    for w in write_outputs(result, {source.SOPInstanceUID: src}, unbounded, tmp_path / "out0"):
+        if w.kind == "sc":
+            ds = pydicom.dcmread(w.path)
+            assert ds.Columns == 921 and ds.Rows > 978
+            assert dciodvfy_errors(w.path) == [], w.path

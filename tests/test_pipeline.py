@@ -146,6 +146,60 @@ def test_resize_geometry_round_trip(resize: str) -> None:
     assert back[10:90, 10:190].min() > 0.95 if resize == "letterbox" else back[:, 60:140].min() > 0.95
 
 
+def _box(display: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """PIL's exact area average of a display image down to shape: an independent reference."""
+    return np.asarray(Image.fromarray(display).resize((shape[1], shape[0]), Image.Resampling.BOX)).astype(int)
+
+
+@pytest.mark.parametrize(
+    "path, settings, max_side, size",
+    [
+        (DATA_STORE / "RG1_UNCR.dcm", PipelineSettings(), 1024, (1024, 964)),  # 1955x1841 CR, MONOCHROME1
+        (Path(get_testdata_file("examples_ybr_color.dcm")), PipelineSettings(max_frames=2), 160, (120, 160)),  # colour
+        (Path(get_testdata_file("CT_small.dcm")), LUNG, 1024, (128, 128)),  # already small: as it is
+    ],
+)
+def test_display_is_downsampled_to_display_max_side_and_the_model_image_is_not(
+    path: Path, settings: PipelineSettings, max_side: int, size: tuple[int, int]
+) -> None:
+    full = read_frames(path, settings, PREP)
+    small = read_frames(path, settings, PREP, display_max_side=max_side)
+    for f, s in zip(full, small, strict=True):
+        np.testing.assert_array_equal(s.image, f.image)  # the model input is unchanged
+        assert s.image_shape == f.image_shape == f.display.shape[:2] == f.image.shape[:2]
+        assert s.display.shape == (*size, 3) and s.display.dtype == np.uint8
+        assert max(size) <= max_side
+        # aspect kept: the longest side is max_side, the other within rounding of the source's ratio
+        h, w = f.image_shape
+        assert abs(size[0] / size[1] - h / w) <= 1 / min(size)
+        if size == f.image_shape:
+            np.testing.assert_array_equal(s.display, f.display)
+        else:  # a weighted mean of the pixels under each display pixel, close to an exact area average
+            assert np.abs(_box(f.display, s.display.shape) - s.display).mean() < 1.0
+            assert abs(float(s.display.mean()) - float(f.display.mean())) < 0.5
+        if f.display.shape[2] == 3 and (f.display[..., 0] == f.display[..., 2]).all():
+            assert (s.display[..., 0] == s.display[..., 1]).all() and (s.display[..., 0] == s.display[..., 2]).all()
+        assert s.without_image().image.size == 0 and s.without_image().image_shape == f.image_shape
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "center_crop"])
+def test_a_map_onto_a_scaled_display_is_the_scaled_map_onto_the_source(resize: str) -> None:
+    """The letterbox/crop is undone with the source's geometry, whatever size the display has."""
+    prep = Preprocessing(input_size=64, resize=resize)
+    g = geometry(300, 200, prep)
+    yy, xx = np.mgrid[0:64, 0:64]
+    inside = np.exp(-((yy - 40) ** 2 + (xx - 28) ** 2) / 60.0).astype(np.float32)  # a smooth, off-centre blob
+    full = map_to_source(inside, g)
+    small = map_to_source(inside, g, (150, 100))
+    assert full.shape == (300, 200) and small.shape == (150, 100)
+    # each display pixel covers 2x2 source pixels: the mean of those, within interpolation error
+    pooled = full.reshape(150, 2, 100, 2).mean(axis=(1, 3))
+    assert np.abs(pooled - small).max() < 0.02
+    peak_full = np.array(np.unravel_index(int(full.argmax()), full.shape))
+    peak_small = np.array(np.unravel_index(int(small.argmax()), small.shape))
+    assert np.abs((peak_small + 0.5) * 2 - (peak_full + 0.5)).max() <= 2  # the same place, in source pixels
+
+
 def test_png_and_jpeg_inputs(tmp_path: Path) -> None:
     rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "x.png")
@@ -154,6 +208,9 @@ def test_png_and_jpeg_inputs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(png.display, rgb)
     (jpg,) = read_frames(tmp_path / "g.jpg", PipelineSettings(), PREP)
     assert jpg.display.shape == (40, 60, 3) and (jpg.display[..., 0] == jpg.display[..., 2]).all()
+    (small,) = read_frames(tmp_path / "x.png", PipelineSettings(), PREP, display_max_side=30)
+    assert small.display.shape == (20, 30, 3) and small.image_shape == (40, 60)
+    np.testing.assert_array_equal(small.image, png.image)
 
 
 def test_non_images_never_reach_the_decoder_and_rules_apply() -> None:

@@ -33,7 +33,7 @@ def no_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
-def bundle(tmp_path: Path, version: str = "1.0") -> Path:
+def bundle(tmp_path: Path, version: str = "1.0", size: int = 64) -> Path:
     torch.manual_seed(5)
     net = torchvision.models.resnet18(num_classes=3)
     write_bundle(
@@ -44,7 +44,7 @@ def bundle(tmp_path: Path, version: str = "1.0") -> Path:
         labels=["Effusion", "Nodule", "Pneumothorax"],
         task="multilabel",
         thresholds=[0.3, 0.5, 0.9],
-        preprocessing=Preprocessing(input_size=64),
+        preprocessing=Preprocessing(input_size=size),
     )
     return tmp_path / f"b{version}"
 
@@ -215,3 +215,77 @@ def test_attention_outline_follows_the_hot_region() -> None:
     assert np.array_equal(xy[0], xy[-1])
     assert xy[:, 0].min() == pytest.approx(40, abs=6) and xy[:, 0].max() == pytest.approx(90, abs=6)
     assert xy[:, 1].min() == pytest.approx(20, abs=6) and xy[:, 1].max() == pytest.approx(50, abs=6)
+
+
+def test_heatmap_sc_of_a_large_radiograph_is_reduced_and_its_attention_roi_stays_on_the_source(tmp_path: Path) -> None:
+    """[report] sc_max_side on a real 1955x1841 CR: the SC fits 1024 px, the model and the ROIs do not change."""
+    import re
+
+    import highdicom as hd
+    import numpy as np
+
+    src = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    rows, columns = int(source.Rows), int(source.Columns)
+    assert (rows, columns) == (1955, 1841) and "PixelSpacing" in source
+    clf = load_classifier(ModelSettings(bundle=str(bundle(tmp_path, size=224))))  # a 7x7 Grad-CAM
+    results, written = {}, {}
+    for side in (1024, 0):
+        settings = Settings(report={"sc_max_side": side})
+        result = analyze_study(source.StudyInstanceUID, [(source.SOPInstanceUID, src)], clf, settings, "all")
+        # Thresholds of an untrained bundle decide nothing here: make every finding positive (every ROI written).
+        results[side] = dataclasses.replace(
+            result, findings=[dataclasses.replace(f, positive=True) for f in result.findings]
+        )
+        written[side] = write_outputs(results[side], {source.SOPInstanceUID: src}, settings, tmp_path / f"o{side}")
+
+    # The model's input is the same: identical probabilities, drivers and per-instance results.
+    reduced, full = results[1024], results[0]
+    assert [(f.label, f.probability, f.source_sop_instance_uid) for f in reduced.findings] == [
+        (f.label, f.probability, f.source_sop_instance_uid) for f in full.findings
+    ]
+    assert reduced.instances[0].probabilities == full.instances[0].probabilities
+    assert {h.overlay.shape for h in reduced.heatmaps} == {(1024, 964, 3)}  # longest side 1024, aspect kept
+    assert {h.cam.shape for h in reduced.heatmaps} == {(1024, 964)}
+    assert {h.overlay.shape for h in full.heatmaps} == {(rows, columns, 3)}
+
+    for side, outputs in written.items():
+        scs = [w for w in outputs if w.kind == "sc"]
+        assert len(scs) == 3
+        for w in outputs:
+            assert dciodvfy_errors(w.path) == [], w.path
+        for w in scs:
+            sc = pydicom.dcmread(w.path)
+            assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
+            assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+            assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert sc.SourceImageSequence[0].ReferencedSOPClassUID == source.SOPClassUID
+            # No spacing attribute: none is true of resampled, captioned pixels.
+            assert not {"PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"} & set(sc.dir())
+            if side == 0:  # the source's size; the caption panel adds rows below
+                assert sc.Columns == columns and sc.Rows > rows
+                assert "reduced" not in sc.DerivationDescription
+                continue
+            assert max(sc.Rows, sc.Columns) <= 1024  # caption included
+            found = re.search(r"reduced from the source's 1955x1841 to (\d+)x(\d+)", sc.DerivationDescription)
+            assert found, sc.DerivationDescription
+            height, width = int(found[1]), int(found[2])
+            assert width == sc.Columns and height < sc.Rows  # the image on top, the caption panel below
+            assert abs(height * columns / width - rows) <= 3  # aspect kept, within a few source pixels
+            image, panel = sc.pixel_array[:height], sc.pixel_array[height:]
+            assert image.mean() > 20 and (panel == 0).all(axis=-1).mean() > 0.5  # the picture, then a black panel
+
+    # The TID 1410 ROIs: source pixel coordinates either way, the reduced CAM's within a few source pixels.
+    boxes = {}
+    for side, outputs in written.items():
+        sr = hd.sr.srread(next(w.path for w in outputs if w.kind == "sr"))
+        groups = hd.sr.MeasurementReport.from_sequence([sr]).get_planar_roi_measurement_groups()
+        assert len(groups) == 2 * len(reduced.findings)
+        for g in groups:
+            data = g.roi.value
+            assert g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert (data >= 0).all() and (data[:, 0] <= columns).all() and (data[:, 1] <= rows).all()
+            boxes[side, g.tracking_identifier] = np.r_[data.min(axis=0), data.max(axis=0)]
+    for (side, name), box in boxes.items():
+        if side == 1024:
+            np.testing.assert_allclose(box, boxes[0, name], rtol=0, atol=3, err_msg=name)

@@ -192,6 +192,23 @@ def test_model_names_and_rules_are_validated() -> None:
         Settings(models=[{"modalities": ["CT"]}])
     with pytest.raises(ValidationError, match="not a regular expression"):
         Settings(models=[{"name": "a", "series_description": "("}])
+    with pytest.raises(ValidationError, match="at least 512"):
+        Settings(models=[{"name": "a", "sc_max_side": 100}])
+
+
+def test_an_entry_may_set_its_own_sc_size() -> None:
+    from dxnode.routing import entry, job_settings
+
+    settings = Settings(
+        report={"sc_max_side": 768},
+        models=[{"name": "as-report"}, {"name": "full", "sc_max_side": 0}, {"name": "big", "sc_max_side": 2048}],
+    )
+    sides = {}
+    for name in ("as-report", "full", "big"):
+        e = entry(settings, name)
+        assert e is not None
+        sides[name] = job_settings(settings, e).report.sc_max_side
+    assert sides == {"as-report": 768, "full": 0, "big": 2048}
 
 
 def test_builtin_bundles_of_an_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
