@@ -173,7 +173,11 @@ def api_router() -> APIRouter:
         _audit(request, who, "api.jobs.read", rows=len(rows))  # jobs name their study
         return rows
 
-    @r.post("/jobs/{job_id}/requeue", summary="Re-queue a job (admin)")
+    @r.post(
+        "/jobs/{job_id}/requeue",
+        summary="Re-queue a job (admin)",
+        responses={409: {"description": "The job cannot be re-queued now (e.g. it is queued or running)"}},
+    )
     def requeue_job(request: Request, job_id: RowId, who: Principal = Depends(require_admin)) -> JobRequeued:
         from dxnode.worklist import requeue_job as do_requeue
 
