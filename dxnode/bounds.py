@@ -228,5 +228,6 @@ def check_codestreams(ds: Dataset, indices: list[int], n_frames: int) -> None:
 
 
 def all_finite(values: np.ndarray) -> bool:
-    """True when no value is NaN or infinite."""
+    """True when no value is NaN or infinite (a broadcast axis, stride 0, is looked at once)."""
+    values = values[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in values.strides)]
     return bool(np.isfinite(values).all())

@@ -400,12 +400,12 @@ def frame_from_values(
     if prep.channels == "windows":
         chans = [_window01(values, c, w) for c, w in prep.windows]
         image = np.stack([1.0 - ch if monochrome1 else ch for ch in chans], axis=-1)
-    else:
-        image = np.repeat(gray[..., np.newaxis], 3, axis=-1)
+        image = image.astype(np.float32)
+    else:  # one plane seen three times (a read-only view): no copies of a radiograph-sized array
+        gray = gray.astype(np.float32, copy=False)
+        image = np.broadcast_to(gray[..., np.newaxis], (*gray.shape, 3))
     display = display_image(gray, display_max_side)
-    return Frame(
-        image=image.astype(np.float32), display=display, frame_index=frame_index, sop_instance_uid=uid, window=used
-    )
+    return Frame(image=image, display=display, frame_index=frame_index, sop_instance_uid=uid, window=used)
 
 
 def read_dataset(path: str | Path, max_inflated_mb: float | None = None) -> Dataset:
@@ -546,9 +546,13 @@ def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
     g = geometry(h, w, prep)
     img = frame.image
     # A grayscale frame has three equal channels: resize one (a third of the cost) and repeat it.
-    gray = img.shape[2] == 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2])
+    # frame_from_values makes them one plane seen three times (channel stride 0): no need to compare.
+    gray = img.shape[2] == 3 and (
+        img.strides[2] == 0 or (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]))
+    )
     planes = img[np.newaxis, ..., 0] if gray else img.transpose(2, 0, 1)
-    x = torch.from_numpy(np.ascontiguousarray(planes))[None]
+    planes = np.ascontiguousarray(planes)
+    x = torch.from_numpy(planes if planes.flags.writeable else planes.copy())[None]  # torch wants writable arrays
     x = F.interpolate(x, size=(g.resized_h, g.resized_w), mode="bilinear", align_corners=False, antialias=True)[0]
     x = x.expand(3, -1, -1) if gray else x
     out = torch.zeros(3, g.size, g.size, dtype=torch.float32)
