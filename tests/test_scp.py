@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
-from conftest import need_tool, run
+from conftest import need, need_tool, run
 from nodeproc import InProcessNode as LocalNode
 from nodeproc import Node, node_config, wait_until
 from pydicom.data import get_testdata_file
@@ -335,3 +335,52 @@ def test_echo_command(node: LocalNode) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and "success" in out.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs to receive into (root only: mount(8)); unmounted afterwards."""
+    folder = tmp_path / "var"
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)]).returncode == 0
+    need(mounted, "root and mount(8) for a small tmpfs")
+    try:
+        yield folder
+    finally:
+        run(["umount", "-l", str(folder)])
+
+
+@pytest.mark.parametrize("database_on_it", [False, True], ids=["files-full", "files-and-database-full"])
+def test_a_really_full_disk_refuses_with_out_of_resources_and_loses_nothing(
+    tmp_path: Path, small_disk: Path, database_on_it: bool
+) -> None:
+    from dxnode.store import upgrade
+
+    url = None
+    if database_on_it:  # then the SQLite file (and its WAL) may be what runs out of space
+        url = f"sqlite:///{small_disk / 'dxnode.db'}"
+        upgrade(url)
+    # min_free_mb 0: the writes themselves hit ENOSPC (the free-space check is tested above).
+    n = LocalNode(tmp_path, url, min_free_mb=0)
+    try:
+        study, series = generate_uid(), generate_uid()
+        sent = [small_ct(study, series, i, size=256) for i in range(40)]  # 128 KiB each, 5 MB in all
+        statuses = [send_one(n.port, ds) for ds in sent]
+        assert 0xA700 in statuses, statuses
+        first_refused = statuses.index(0xA700)
+        assert first_refused > 5 and set(statuses[:first_refused]) == {0}, statuses
+        stored = n.instances()
+        accepted = {ds.SOPInstanceUID: ds for ds, st in zip(sent, statuses, strict=True) if st == 0}
+        assert set(stored) == set(accepted), "every acknowledged instance has its row, and only those"
+        for uid, row in stored.items():  # each acknowledged file is whole
+            assert pydicom.dcmread(n.settings.data_dir / row.file_path).PixelData == accepted[uid].PixelData
+        assert not list(small_disk.rglob("*.tmp")), "a refused write left its temporary file"
+        files = {p.relative_to(n.settings.data_dir) for p in (small_disk / "incoming").rglob("*.dcm")}
+        assert files == {Path(row.file_path) for row in stored.values()}, "a refused instance left its file"
+        # Space comes back: the refused instances, sent again, are stored; nothing was lost.
+        assert run(["mount", "-o", "remount,size=16m", str(small_disk)]).returncode == 0
+        refused = [ds for ds, st in zip(sent, statuses, strict=True) if st != 0]
+        assert [send_one(n.port, ds) for ds in refused] == [0] * len(refused)
+        assert set(n.instances()) == {ds.SOPInstanceUID for ds in sent}
+    finally:
+        n.stop()
