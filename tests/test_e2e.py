@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, need, need_tool
+from conftest import free_port, need, need_tool, run
 from dicom_checks import dciodvfy_errors
 from nodeproc import Node, StoreSCP, make_study, node_config, wait_port, wait_until
 
@@ -187,3 +187,43 @@ def test_orthanc_forwards_a_study_and_receives_sr_and_sc(tmp_path: Path) -> None
         if orthanc is not None:
             orthanc.terminate()
             orthanc.wait(20)
+
+
+def test_full_disk_when_writing_results_retries_and_delivers_each_once(tmp_path: Path, pacs: StoreSCP) -> None:
+    import os
+
+    outputs = tmp_path / "var" / "outputs"
+    outputs.mkdir(parents=True)
+    # A 64 KiB tmpfs where the SR and SC are written: the heatmap SC (over 512 px wide) cannot fit.
+    mounted = (
+        os.geteuid() == 0 and run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(outputs)]).returncode == 0
+    )
+    need(mounted, "root and mount(8) for a small tmpfs")
+    cfg = node_config(
+        tmp_path,
+        worklist={"stable_seconds": 1, "retry_backoff_seconds": 1, "retry_backoff_max_seconds": 2, "max_attempts": 20},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+    )
+    node = Node(cfg, "--no-web")
+    try:
+        study_uid, files = make_study(tmp_path / "study", n=2)
+        storescu(node.port, files)
+        failed = wait_until(
+            lambda: [j for j in json.loads(node.cli("jobs", "--json").stdout) if j["attempts"] >= 1 and j["error"]],
+            timeout=120,
+            what="an attempt failed on the full disk",
+        )
+        assert "No space left on device" in failed[0]["error"], failed[0]
+        assert failed[0]["state"] == "queued", "a full disk is transient: the job waits for its retry"
+        assert not pacs.datasets(), "nothing was sent from the failed attempt"
+        assert run(["mount", "-o", "remount,size=64m", str(outputs)]).returncode == 0
+        wait_until(lambda: len(pacs.datasets()) >= 2, timeout=120, what="SR and SC at the PACS after space returned")
+        time.sleep(2)  # a second copy of either would be sent by now
+        objs = pacs.datasets()
+        assert sorted(d.SOPClassUID in SR_STORAGE for d in objs) == [False, True], [d.SOPClassUID for d in objs]
+        assert all(d.StudyInstanceUID == study_uid for d in objs)
+        (job,) = json.loads(node.cli("jobs", "--json").stdout)
+        assert job["state"] == "done" and job["attempts"] >= 2
+    finally:
+        node.stop()
+        run(["umount", "-l", str(outputs)])
