@@ -301,7 +301,7 @@ class WebSettings(Section):
     tokens: list[WebToken] = []
     session_secret: str = ""  # empty: a random secret per process (sessions end on restart)
     max_upload_mb: float = Field(64, gt=0)
-    # STOW-RS (POST /dicomweb/studies): the body is held in memory up to this size; larger parts fail alone.
+    # STOW-RS (POST /dicomweb/studies): larger bodies get 413 (the body is spooled to disk); larger parts fail alone.
     stow_max_body_mb: float = Field(512, gt=0)
     stow_max_part_mb: float = Field(256, gt=0)
     keep_uploads: bool = False

@@ -16,7 +16,7 @@ import secrets
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -72,30 +72,99 @@ def multipart_body(parts: list[bytes]) -> tuple[bytes, str]:
     return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
-def iter_parts(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str], bytes]]:
-    """(headers with lower-case names, content) of each part of a multipart body (RFC 2046)."""
-    delimiter = b"--" + boundary.encode("latin-1")
-    pieces = (b"\r\n" + body).split(b"\r\n" + delimiter)
-    if len(pieces) < 2:
-        raise ValueError("multipart body without its boundary")
-    for piece in pieces[1:]:  # pieces[0] is the preamble
-        if piece.startswith(b"--"):  # the close delimiter
-            return
-        piece = piece.lstrip(b" \t")  # transport padding
-        if not piece.startswith(b"\r\n"):
+class Searchable(Protocol):
+    """What the multipart parser reads: bytes, or a FileBuffer over a body spooled to disk."""
+
+    def find(self, sub: bytes, start: int = ..., end: int = ...) -> int: ...
+
+    def __getitem__(self, index: slice) -> bytes: ...
+
+    def __len__(self) -> int: ...
+
+
+class FileBuffer:
+    """Read-only bytes-like access (find, slices, len) to an open file, read on demand with pread:
+    only what is asked for comes into memory (an mmap would count the whole file in the RSS)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.size = fd, os.fstat(fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, _ = index.indices(self.size)
+        parts, pos = [], start
+        while pos < stop:
+            data = os.pread(self.fd, stop - pos, pos)
+            if not data:
+                break
+            parts.append(data)
+            pos += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        """Lowest index of sub in [start, end), or -1; read a chunk at a time."""
+        end = self.size if end is None else min(end, self.size)
+        pos = start
+        while pos < end:
+            block = self[pos : min(end, pos + self.CHUNK + len(sub) - 1)]  # overlap: a match may straddle
+            found = block.find(sub)
+            if found >= 0:
+                return pos + found
+            pos += self.CHUNK
+        return -1
+
+
+def part_spans(body: Searchable, boundary: str) -> list[tuple[dict[str, str], int, int]]:
+    """(headers with lower-case names, start, end of the content) of each part of a multipart body
+    (RFC 2046); ValueError if the body is malformed anywhere. Nothing is copied but the headers, so
+    a body spooled to disk is checked whole before any part is read."""
+    dash = b"--" + boundary.encode("latin-1")
+    delimiter = b"\r\n" + dash
+    if body[: len(dash)] == dash:  # no preamble
+        pos = len(dash)
+    else:
+        found = body.find(delimiter)
+        if found < 0:
+            raise ValueError("multipart body without its boundary")
+        pos = found + len(delimiter)
+    spans: list[tuple[dict[str, str], int, int]] = []
+    while True:
+        if body[pos : pos + 2] == b"--":  # the close delimiter
+            return spans
+        nxt = body.find(delimiter, pos)
+        end = nxt if nxt >= 0 else len(body)
+        while body[pos : pos + 1] in (b" ", b"\t"):  # transport padding
+            pos += 1
+        if body[pos : pos + 2] != b"\r\n":
             raise ValueError("malformed multipart boundary line")
-        head, sep, content = piece[2:].partition(b"\r\n\r\n")
-        if not sep:
-            if head.strip() == b"":
-                continue
+        head_start = pos + 2
+        # The header section ends at an empty line; a part without headers starts with it.
+        sep = (
+            head_start - 2 if body[head_start : head_start + 2] == b"\r\n" else body.find(b"\r\n\r\n", head_start, end)
+        )
+        if sep >= 0:
+            headers = {}
+            for line in body[head_start : max(head_start, sep)].decode("latin-1").split("\r\n"):
+                if ":" in line:
+                    name, value = line.split(":", 1)
+                    headers[name.strip().lower()] = value.strip()
+            if headers or end > sep + 4:  # an empty piece between two delimiters is no part
+                spans.append((headers, sep + 4, end))
+        elif end - head_start > 64 or body[head_start:end].strip():
             raise ValueError("multipart part without a header/body separator")
-        headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        yield headers, content
-    raise ValueError("multipart body has no close delimiter")
+        if nxt < 0:
+            raise ValueError("multipart body has no close delimiter")
+        pos = nxt + len(delimiter)
+
+
+def iter_parts(body: Searchable, boundary: str) -> Iterator[tuple[dict[str, str], bytes]]:
+    """(headers with lower-case names, content) of each part of a multipart body, one at a time."""
+    for headers, start, end in part_spans(body, boundary):
+        yield headers, body[start:end]
 
 
 def ssl_context(dest: Destination) -> ssl.SSLContext:

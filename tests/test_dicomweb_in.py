@@ -181,3 +181,54 @@ def test_orthanc_dicomweb_client_sends_a_study_to_the_node(node: WebNode, tmp_pa
     finally:
         orthanc.terminate()
         orthanc.wait(timeout=30)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def test_a_large_body_is_spooled_to_disk_not_held_in_memory(tmp_path: Path) -> None:
+    """100 MB of STOW-RS in one request raises the peak RSS by far less than the body's size."""
+    n = WebNode(tmp_path, stow_max_body_mb=512, stow_max_part_mb=8)
+    try:
+        template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        template.Rows, template.Columns = 1000, 800
+        template.PixelData = bytes(1000 * 800 * 2)
+        body_file = tmp_path / "body.bin"
+        boundary = "dxnode-test-boundary"
+        uids = []
+        with open(body_file, "wb") as f:
+            for _ in range(64):
+                template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+                uids.append(str(template.SOPInstanceUID))
+                buf = BytesIO()
+                template.save_as(buf, enforce_file_format=True)
+                f.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+                f.write(buf.getvalue() + b"\r\n")
+            f.write(f"--{boundary}--\r\n".encode())
+        size_mb = body_file.stat().st_size / 2**20
+        assert size_mb > 95
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = _rss_kb("VmRSS")
+        with open(body_file, "rb") as f:
+            r = httpx.post(
+                n.url + "/dicomweb/studies",
+                content=f,
+                headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Authorization": f"Bearer {STORER}",
+                },
+                timeout=300,
+            )
+        growth_mb = (_rss_kb("VmHWM") - before) / 1024
+        assert r.status_code == 200, r.text[:500]
+        assert set(n.instances()) == set(uids)
+        # The old code held the body, its parts and their copies: over twice the body's size.
+        assert growth_mb < 40, f"peak RSS grew {growth_mb:.0f} MB for a {size_mb:.0f} MB body"
+        assert not [p for p in (n.settings.data_dir / "incoming").iterdir() if p.is_file()], "a spool file was left"
+    finally:
+        n.server.stop()
+        n.store.dispose()

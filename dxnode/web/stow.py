@@ -7,21 +7,25 @@ before the response lists it as stored, so the contract is the one C-STORE sende
 study then joins the worklist like any other. The response (DICOM JSON) lists stored instances
 and failed ones with a Failure Reason: 200 all stored, 202 some, 409 none. A body over
 ``[web] stow_max_body_mb`` is refused with 413 while it is read; a part over
-``stow_max_part_mb`` fails alone. Needs a token with role "store" or "admin".
+``stow_max_part_mb`` fails alone. The body is spooled to an unnamed temporary file beside the
+received files, not held in memory: a request costs one part's worth of memory at a time. Needs a
+token with role "store" or "admin".
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from io import BytesIO
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 
-from dxnode.dicomweb import DICOM_JSON, iter_parts, response_body
+from dxnode.dicomweb import DICOM_JSON, FileBuffer, part_spans, response_body
 from dxnode.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StorageSCP, StoreRefused, parse_dataset
 from dxnode.store import Store, audit
 from dxnode.uids import is_valid_uid
@@ -61,18 +65,26 @@ def _boundary(content_type: str) -> str:
     return values["boundary"]
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes the limit."""
+async def _spool_body(request: Request, limit: int, folder: Path) -> BinaryIO:
+    """The request body in an unnamed temporary file in folder (gone when closed, or if the node
+    dies), refused with 413 as soon as it passes the limit: memory holds one chunk at a time."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"body larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    folder.mkdir(parents=True, exist_ok=True)
+    spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (returned open; the caller closes it)
+    try:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body larger than {limit} bytes")
+            spool.write(chunk)
+        spool.flush()
+        return spool
+    except BaseException:
+        spool.close()
+        raise
 
 
 def _store_part(scp: StorageSCP, data: bytes, study: str | None, who: Principal) -> tuple[str, str, int, str]:
@@ -101,8 +113,12 @@ def _store_part(scp: StorageSCP, data: bytes, study: str | None, who: Principal)
         return cls if is_valid_uid(cls) else "", inst if is_valid_uid(inst) else "", OUT_OF_RESOURCES, str(exc)
 
 
-def _store_all(request: Request, body: bytes, boundary: str, study: str | None, who: Principal) -> dict[str, Any]:
-    """Store every part in order; the PS3.18 response pieces."""
+def _store_all(request: Request, spool: BinaryIO, boundary: str, study: str | None, who: Principal) -> dict[str, Any]:
+    """Store every part of the spooled body in order; the PS3.18 response pieces.
+
+    Its structure is checked whole first (a malformed body stores nothing), then each part is read
+    from the file, stored and dropped in turn."""
+    body = FileBuffer(spool.fileno())
     settings = request.app.state.settings
     store: Store = request.app.state.store
     scp = getattr(request.app.state, "stow_scp", None)
@@ -114,22 +130,22 @@ def _store_all(request: Request, body: bytes, boundary: str, study: str | None, 
     failed: list[tuple[str, str, int]] = []
     comments: list[str] = []
     try:
-        parts = list(iter_parts(body, boundary))
+        spans = part_spans(body, boundary)
     except ValueError as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed multipart body: {exc}") from exc
-    if not parts:
+    if not spans:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "multipart body without parts")
-    for headers, data in parts:
+    for headers, start, end in spans:
         part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if part_type != "application/dicom":
             failed.append(("", "", CANNOT_UNDERSTAND))
             comments.append(f"part of type {part_type[:64]!r}: only application/dicom is accepted")
             continue
-        if len(data) > part_limit:
+        if end - start > part_limit:
             failed.append(("", "", OUT_OF_RESOURCES))
             comments.append(f"part larger than [web] stow_max_part_mb = {settings.web.stow_max_part_mb}")
             continue
-        cls, inst, reason, comment = _store_part(scp, data, study, who)
+        cls, inst, reason, comment = _store_part(scp, body[start:end], study, who)
         if reason:
             failed.append((cls, inst, reason))
             comments.append(f"{inst or 'instance'}: 0x{reason:04X} {comment}")
@@ -160,8 +176,9 @@ def stow_router() -> APIRouter:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "the study in the path is not a valid UID")
         boundary = _boundary(request.headers.get("content-type", ""))
         settings = request.app.state.settings
-        body = await _read_body(request, int(settings.web.stow_max_body_mb * 1024 * 1024))
-        outcome = await run_in_threadpool(_store_all, request, body, boundary, study, who)
+        incoming = settings.data_dir / "incoming"
+        with await _spool_body(request, int(settings.web.stow_max_body_mb * 1024 * 1024), incoming) as spool:
+            outcome = await run_in_threadpool(_store_all, request, spool, boundary, study, who)
         stored, failed = outcome["stored"], outcome["failed"]
         code = 200 if not failed else 202 if stored else 409
         return JSONResponse(response_body(stored, failed), status_code=code, media_type=DICOM_JSON)
