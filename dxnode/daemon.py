@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from dxnode.model import Classifier
+    from dxnode.scp import StorageSCP
     from dxnode.web.server import WebServer
 
 log = logging.getLogger("dxnode.daemon")
@@ -93,12 +94,16 @@ def _start_scheduler(
     return scheduler
 
 
-def _start_web(settings: Settings, store: Store, readiness: Readiness) -> WebServer:
-    """Serve the REST API and pages; print how to log in."""
+def _start_web(settings: Settings, store: Store, readiness: Readiness, scp: StorageSCP | None = None) -> WebServer:
+    """Serve the REST API and pages; print how to log in. STOW-RS stores through scp when given
+    (the receiver whose activity the stable-study sweep watches)."""
     from dxnode.web.app import create_app
     from dxnode.web.server import WebServer
 
-    server = WebServer(create_app(settings, store, readiness), settings.web.host, settings.web.port)
+    app = create_app(settings, store, readiness)
+    if scp is not None:
+        app.state.stow_scp = scp
+    server = WebServer(app, settings.web.host, settings.web.port)
     server.start()
     print(f"dxnode web: {server.url}", flush=True)
     if not settings.web.tokens:
@@ -188,7 +193,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
             checks["workers"] = supervisor.alive > 0
         return checks
 
-    server = _start_web(settings, store, readiness) if web_on else None
+    server = _start_web(settings, store, readiness, scp) if web_on else None
     try:
         _wait_for_signal(supervisor.fatal if supervisor is not None else None)
     finally:

@@ -21,7 +21,7 @@ from webnode import ADMIN, READER, make_store, node_settings
 
 from dxnode import worklist
 from dxnode.dicomweb import FAILED_SOP_SEQUENCE, FAILURE_REASON, REFERENCED_SOP_INSTANCE, multipart_body
-from dxnode.store import Audit, Instance, Job, Study
+from dxnode.store import Audit, Instance, Job, Study, utcnow
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
 
@@ -33,7 +33,8 @@ class WebNode:
         settings = node_settings(tmp, **web)
         settings.web.tokens.append(type(settings.web.tokens[0])(name="pacs", token=STORER, role="store"))
         self.settings, self.store = settings, make_store(settings)
-        self.server = WebServer(create_app(settings, self.store), "127.0.0.1", 0)
+        self.app = create_app(settings, self.store)
+        self.server = WebServer(self.app, "127.0.0.1", 0)
         self.server.start()
         self.url = f"http://127.0.0.1:{self.server.port}"
 
@@ -117,6 +118,20 @@ def test_partial_and_total_failures_with_reasons(node: WebNode, tmp_path: Path) 
     body, ctype = multipart_body([b"garbage"])
     r = node.post(body, ctype)
     assert r.status_code == 409 and failures(r) == [(None, 0xC000)]
+
+
+def test_a_stow_request_is_activity_for_the_stable_study_sweep(node: WebNode, tmp_path: Path) -> None:
+    """Its studies are busy while it stores and their quiet time starts at its end, as for an association."""
+    study_uid, paths = files(tmp_path / "study", n=2)
+    body, ctype = multipart_body([p.read_bytes() for p in paths])
+    before = utcnow()
+    assert node.post(body, ctype).status_code == 200
+    activity = node.app.state.stow_scp.activity
+    assert study_uid not in activity.busy_studies()
+    released = activity.released_at()[study_uid]
+    assert released >= before and set(node.instances()) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+    with node.store.session() as s:  # released after the last instance arrived
+        assert released >= s.scalar(select(Study.last_received_at).where(Study.study_instance_uid == study_uid))
 
 
 def test_study_in_the_path_must_match(node: WebNode, tmp_path: Path) -> None:

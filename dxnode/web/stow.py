@@ -87,8 +87,13 @@ async def _spool_body(request: Request, limit: int, folder: Path) -> BinaryIO:
         raise
 
 
-def _store_part(scp: StorageSCP, data: bytes, study: str | None, who: Principal) -> tuple[str, str, int, str]:
-    """Parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment)."""
+def _store_part(
+    scp: StorageSCP, data: bytes, study: str | None, who: Principal, request_key: int
+) -> tuple[str, str, int, str]:
+    """Parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment).
+
+    While it is stored its study is busy for the stable-study sweep, as during a C-STORE; the
+    request counts as the association (its end starts the study's quiet time)."""
     cls = inst = ""
     try:
         try:
@@ -103,7 +108,11 @@ def _store_part(scp: StorageSCP, data: bytes, study: str | None, who: Principal)
         rec = parse_dataset(ds, cls, inst, syntax)
         if study is not None and rec.study_instance_uid != study:
             return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
-        scp.store_received(rec, (data,), "", who.address, actor=f"stow:{who.name}")
+        scp.activity.begin(request_key, rec.study_instance_uid)
+        try:
+            scp.store_received(rec, (data,), "", who.address, actor=f"stow:{who.name}")
+        finally:
+            scp.activity.end(rec.study_instance_uid)
         return cls, inst, 0, ""
     except StoreRefused as exc:
         # A hostile UID is never echoed back.
@@ -135,22 +144,25 @@ def _store_all(request: Request, spool: BinaryIO, boundary: str, study: str | No
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed multipart body: {exc}") from exc
     if not spans:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "multipart body without parts")
-    for headers, start, end in spans:
-        part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-        if part_type != "application/dicom":
-            failed.append(("", "", CANNOT_UNDERSTAND))
-            comments.append(f"part of type {part_type[:64]!r}: only application/dicom is accepted")
-            continue
-        if end - start > part_limit:
-            failed.append(("", "", OUT_OF_RESOURCES))
-            comments.append(f"part larger than [web] stow_max_part_mb = {settings.web.stow_max_part_mb}")
-            continue
-        cls, inst, reason, comment = _store_part(scp, body[start:end], study, who)
-        if reason:
-            failed.append((cls, inst, reason))
-            comments.append(f"{inst or 'instance'}: 0x{reason:04X} {comment}")
-        else:
-            stored.append((cls, inst, ""))
+    try:
+        for headers, start, end in spans:
+            part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+            if part_type != "application/dicom":
+                failed.append(("", "", CANNOT_UNDERSTAND))
+                comments.append(f"part of type {part_type[:64]!r}: only application/dicom is accepted")
+                continue
+            if end - start > part_limit:
+                failed.append(("", "", OUT_OF_RESOURCES))
+                comments.append(f"part larger than [web] stow_max_part_mb = {settings.web.stow_max_part_mb}")
+                continue
+            cls, inst, reason, comment = _store_part(scp, body[start:end], study, who, id(request))
+            if reason:
+                failed.append((cls, inst, reason))
+                comments.append(f"{inst or 'instance'}: 0x{reason:04X} {comment}")
+            else:
+                stored.append((cls, inst, ""))
+    finally:  # the request's studies start their quiet time now (as at an association's release)
+        scp.activity.closed(id(request))
     with store.session() as session:
         audit(
             session,
