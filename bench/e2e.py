@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,26 +34,12 @@ import data_store
 import pydicom
 from pydicom.uid import generate_uid
 
+from bench.loopback import free_port, wait_port
+
 DATA = Path(data_store.__file__).parent / "data"
 CR_TEMPLATE, CT_TEMPLATE = DATA / "RG1_UNCR.dcm", DATA / "693_UNCR.dcm"
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
 ENV = dict(os.environ, TCP_NODELAY="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def make_study(template: Path, folder: Path, count: int, patient: str) -> str:

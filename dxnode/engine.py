@@ -148,13 +148,13 @@ def export_onnx(net: torch.nn.Module, path: Path, input_size: int) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            names: dict[str, Any] = {"input_names": [INPUT], "output_names": [LOGITS, FEATURES]}
             try:
                 torch.onnx.export(
                     model,
                     (x,),
                     str(tmp),
-                    input_names=[INPUT],
-                    output_names=[LOGITS, FEATURES],
+                    **names,
                     dynamic_axes={INPUT: {0: "n"}, LOGITS: {0: "n"}, FEATURES: {0: "n"}},
                     dynamo=False,  # one self-contained file, in about a second
                 )
@@ -163,8 +163,7 @@ def export_onnx(net: torch.nn.Module, path: Path, input_size: int) -> Path:
                     model,
                     (x,),
                     str(tmp),
-                    input_names=[INPUT],
-                    output_names=[LOGITS, FEATURES],
+                    **names,
                     dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=4096)}},
                     dynamo=True,
                     external_data=False,

@@ -23,6 +23,12 @@ def _short(element: int, vr: bytes, value: str, pad: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(raw)) + raw
 
 
+# The same for every file: built once.
+_IMPLEMENTATION = _short(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID), b"\x00") + _short(
+    0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION, b" "
+)
+
+
 def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
     """Preamble, 'DICM' and the file meta group for one instance (UIDs already validated as UIDs)."""
     body = b"".join(
@@ -31,8 +37,7 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: 
             _short(0x0002, b"UI", sop_class_uid, b"\x00"),
             _short(0x0003, b"UI", sop_instance_uid, b"\x00"),
             _short(0x0010, b"UI", transfer_syntax_uid, b"\x00"),
-            _short(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID), b"\x00"),
-            _short(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION, b" "),
+            _IMPLEMENTATION,
         )
     )
     return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body

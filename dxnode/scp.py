@@ -467,19 +467,15 @@ class StorageSCP:
         """Parse, write and record one instance; raise StoreRefused with the status to send."""
         check_received_size(event, self.settings.node.max_instance_mb)
         rec = parse_received(event)
-        self.activity.begin(id(event.assoc), rec.study_instance_uid)
-        try:
-            # The file is the preamble and file meta, then the dataset as received: written and hashed
-            # from pynetdicom's own buffer, without joining them into one more copy.
-            head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
-            received = event.request.DataSet if isinstance(event.request, C_STORE) else None
-            if not isinstance(received, BytesIO):  # parse_received checked the request; this is for the type
-                raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
-            with received.getbuffer() as body:
-                self.store_received(rec, (head, body), calling_aet, str(event.assoc.requestor.address))
-            return SUCCESS
-        finally:
-            self.activity.end(rec.study_instance_uid)
+        # The file is the preamble and file meta, then the dataset as received: written and hashed
+        # from pynetdicom's own buffer, without joining them into one more copy.
+        head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
+        received = event.request.DataSet if isinstance(event.request, C_STORE) else None
+        if not isinstance(received, BytesIO):  # parse_received checked the request; this is for the type
+            raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
+        with received.getbuffer() as body:
+            self.store_received(rec, (head, body), calling_aet, str(event.assoc.requestor.address), id(event.assoc))
+        return SUCCESS
 
     def store_received(
         self,
@@ -487,15 +483,31 @@ class StorageSCP:
         parts: Sequence[bytes | memoryview],
         calling_aet: str,
         address: str,
+        sender: int,
         actor: str | None = None,
     ) -> bool:
         """Write a parsed instance (the file's bytes, in parts) durably and commit its rows; True if new.
 
-        C-STORE and STOW-RS both store through here.
+        C-STORE and STOW-RS both store through here. sender identifies the association (or STOW-RS
+        request) it came on: while it is stored its study is busy for the stable-study sweep, and
+        the sender's end (activity.closed) starts the study's quiet time.
 
         Raises StoreRefused with the status to report; returns only once file and rows are durable.
         """
-        free = shutil.disk_usage(self.incoming).free if self.incoming.exists() else 0
+        self.activity.begin(sender, rec.study_instance_uid)
+        try:
+            return self._store(rec, parts, calling_aet, address, actor)
+        finally:
+            self.activity.end(rec.study_instance_uid)
+
+    def _store(
+        self, rec: Received, parts: Sequence[bytes | memoryview], calling_aet: str, address: str, actor: str | None
+    ) -> bool:
+        """store_received's work: free space checked, file written and fsynced, rows committed."""
+        try:  # incoming/ is made at start; gone since, nothing can be stored
+            free = shutil.disk_usage(self.incoming).free
+        except OSError:
+            free = 0
         if free < self.settings.node.min_free_mb * 1024 * 1024:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")
         rel = Path("incoming") / rec.study_instance_uid / rec.series_instance_uid / f"{rec.sop_instance_uid}.dcm"

@@ -217,8 +217,15 @@ def test_full_disk_when_writing_results_retries_and_delivers_each_once(tmp_path:
         assert failed[0]["state"] == "queued", "a full disk is transient: the job waits for its retry"
         assert not pacs.datasets(), "nothing was sent from the failed attempt"
         assert run(["mount", "-o", "remount,size=64m", str(outputs)]).returncode == 0
-        wait_until(lambda: len(pacs.datasets()) >= 2, timeout=120, what="SR and SC at the PACS after space returned")
-        time.sleep(2)  # a second copy of either would be sent by now
+        wait_until(
+            lambda: (
+                (outbox := json.loads(node.cli("outbox", "--json").stdout))
+                and all(d["state"] == "sent" for d in outbox)
+            ),
+            timeout=120,
+            what="the SR and SC sent after space returned",
+        )
+        # Deliveries are only ever created by a job and this one is done: what the PACS has is final.
         objs = pacs.datasets()
         assert sorted(d.SOPClassUID in SR_STORAGE for d in objs) == [False, True], [d.SOPClassUID for d in objs]
         assert all(d.StudyInstanceUID == study_uid for d in objs)

@@ -356,10 +356,23 @@ def test_sixteen_concurrent_senders_get_one_sr_per_study(
             out = p.communicate(timeout=600)[0]
             assert p.returncode == 0, out
         uids = [uid for uid, _ in studies]
-        wait_until(lambda: all_done(store, uids), timeout=300, what="every study done")
-        wait_until(lambda: found if len(found := srs_by_study(pacs)) == len(uids) else None, timeout=120, what="SRs")
-        # Give a second, partial job's SR the time it would need to show up, then look again.
-        time.sleep(3)
+
+        def settled() -> bool:
+            """Each study's newest job is done over all its instances and every delivery is sent: a job
+            started on part of a study would have been followed by another one by then."""
+            jobs = jobs_by_study(store)
+            with store.session() as s:
+                if s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state != "sent")):
+                    return False
+                return all(
+                    jobs.get(uid)
+                    and jobs[uid][-1].state == "done"
+                    and s.scalar(select(func.count()).where(InstanceResult.job_id == jobs[uid][-1].id))
+                    == INSTANCES_PER_SENDER
+                    for uid in uids
+                )
+
+        wait_until(settled, timeout=300, what="every study done over all its instances, every SR sent")
         assert {uid: len(s) for uid, s in srs_by_study(pacs).items()} == {uid: 1 for uid in uids}
         with store.session() as s:
             assert s.scalar(select(func.count()).select_from(Instance)) == CONCURRENT_SENDERS * INSTANCES_PER_SENDER

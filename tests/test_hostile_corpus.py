@@ -220,7 +220,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
             timeout=60,
             what="every output delivered",
         )
-        time.sleep(0.5)
         assert node.proc.poll() is None, "\n".join(node.lines[-50:])
         alive = [pid for pid in [node.proc.pid, *node.job_pids()] if Path(f"/proc/{pid}/status").exists()]
         assert len(alive) >= 2, "no job process alive: " + "\n".join(node.lines[-30:])

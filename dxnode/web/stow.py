@@ -92,8 +92,7 @@ def _store_part(
 ) -> tuple[str, str, int, str]:
     """Parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment).
 
-    While it is stored its study is busy for the stable-study sweep, as during a C-STORE; the
-    request counts as the association (its end starts the study's quiet time)."""
+    The request is the sender, as an association is for C-STORE (see StorageSCP.store_received)."""
     cls = inst = ""
     try:
         try:
@@ -108,11 +107,7 @@ def _store_part(
         rec = parse_dataset(ds, cls, inst, syntax)
         if study is not None and rec.study_instance_uid != study:
             return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
-        scp.activity.begin(request_key, rec.study_instance_uid)
-        try:
-            scp.store_received(rec, (data,), "", who.address, actor=f"stow:{who.name}")
-        finally:
-            scp.activity.end(rec.study_instance_uid)
+        scp.store_received(rec, (data,), "", who.address, request_key, actor=f"stow:{who.name}")
         return cls, inst, 0, ""
     except StoreRefused as exc:
         # A hostile UID is never echoed back.
