@@ -165,7 +165,7 @@ def test_echo_refused_connection_is_one_line_without_pynetdicom_errors(config: P
 
 def test_read_command_refuses_a_missing_database_and_creates_nothing(tmp_path: Path) -> None:
     """Run from an empty folder with the bundled config: no var/dxnode.db appears, the path is named."""
-    for argv in (["studies"], ["jobs"], ["outbox"], ["results"], ["db", "current"]):
+    for argv in (["studies"], ["jobs"], ["outbox"], ["results"], ["requeue", "1.2.3"], ["db", "current"], ["web"]):
         out = dxnode(*argv, cwd=tmp_path)
         assert out.returncode == 1, (argv, out.stderr)
         err = one_line(out.stderr)
