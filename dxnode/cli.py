@@ -99,7 +99,8 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
 
     ok, message = echo(args.host, args.port, args.aet or settings.node.ae_title, args.aec, timeout=args.timeout)
     if not ok:
-        print(f"dxnode echo: {message}", file=sys.stderr)
+        hint = "; give its AE title with --aec" if "called AE title not recognised" in message else ""
+        print(f"dxnode echo: {message}{hint}", file=sys.stderr)
         return 1
     print(message)
     return 0
@@ -360,6 +361,8 @@ def predict_inputs(names: Sequence[str]) -> tuple[list[tuple[str, str | None]], 
             refused.append(f"{name}: no such file or folder")
         elif not path.is_file():
             refused.append(f"{name}: not a file or folder")
+        elif not os.access(path, os.R_OK):
+            refused.append(f"{name}: cannot read it (permission denied)")
         else:
             kind = file_kind(path)
             files.append((name, None if kind else "not a DICOM file (no DICM prefix at byte 128), PNG or JPEG"))

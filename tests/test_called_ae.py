@@ -48,7 +48,7 @@ def test_dxnode_echo_names_the_rejection(node: InProcessNode) -> None:
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert lines == [
-        f"dxnode echo: association rejected by 127.0.0.1:{node.port} (called AE WRONGAE): called AE title not recognised"
+        f"dxnode echo: association rejected by 127.0.0.1:{node.port} (called AE WRONGAE): called AE title not recognised; give its AE title with --aec"
     ], out.stderr
     ok = echo("DXNODE")
     assert ok.returncode == 0 and "success" in ok.stdout
