@@ -802,7 +802,9 @@ def _run(argv: Sequence[str] | None) -> int:
     except Exception as exc:  # an admin gets one line and an exit status, not a traceback
         log.debug("traceback", exc_info=True)
         message = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
-        print(f"dxnode {args.command}: {message or type(exc).__name__}".splitlines()[0], file=sys.stderr)
+        actions = (getattr(args, f"{args.command}_command", None),)  # db current, model info, ...
+        command = " ".join([args.command, *(a for a in actions if a)])
+        print(f"dxnode {command}: {message or type(exc).__name__}".splitlines()[0], file=sys.stderr)
         return 1
 
 

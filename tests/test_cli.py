@@ -169,6 +169,7 @@ def test_read_command_refuses_a_missing_database_and_creates_nothing(tmp_path: P
         out = dxnode(*argv, cwd=tmp_path)
         assert out.returncode == 1, (argv, out.stderr)
         err = one_line(out.stderr)
+        assert err.startswith(f"dxnode {' '.join(argv[:2] if argv[0] == 'db' else argv[:1])}: "), err
         assert f"no database at {tmp_path / 'var' / 'dxnode.db'}" in err, err
         assert "run `dxnode db upgrade` or `dxnode serve` first" in err
         assert list(tmp_path.iterdir()) == [], argv
