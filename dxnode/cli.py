@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,10 +50,22 @@ def print_table(items: Sequence[BaseModel] | Sequence[dict[str, Any]], columns: 
 
 
 def open_store(settings: Settings, migrate: bool = True) -> Store:
-    """Open the configured database as the daemon does (dxnode.store.open_store, imported when needed)."""
+    """Open the configured database for a command that reads or edits it: a missing SQLite file is
+    refused (DatabaseUnavailable naming its path), never created; only serve, worker and db upgrade create it."""
     from dxnode.store import open_store as open_node_store
 
-    return open_node_store(settings, migrate)
+    return open_node_store(settings, migrate, create=False)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port from 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (1-65535)")
+    return value
 
 
 # --- node --------------------------------------------------------------------------------------
@@ -73,9 +86,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    """Run only the REST API and web pages."""
+    """Run only the REST API and web pages (on a database that serve or db upgrade made)."""
     from dxnode.daemon import serve_web_only
 
+    open_store(settings, migrate=False).dispose()
     return serve_web_only(settings)
 
 
@@ -84,36 +98,44 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
     from dxnode.scp import echo
 
     ok, message = echo(args.host, args.port, args.aet or settings.node.ae_title, args.aec, timeout=args.timeout)
+    if not ok:
+        hint = "; give its AE title with --aec" if "called AE title not recognised" in message else ""
+        print(f"dxnode echo: {message}{hint}", file=sys.stderr)
+        return 1
     print(message)
-    return 0 if ok else 1
+    return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     """Apply the Alembic migrations."""
-    from dxnode.store import Store, current_revision, upgrade
+    from dxnode.store import current_revision
+    from dxnode.store import open_store as open_node_store
 
-    upgrade(settings.database.url)
-    print(f"database at revision {current_revision(Store(settings.database.url))}")
+    store = open_node_store(settings, migrate=True, create=True)
+    print(f"database at revision {current_revision(store)}")
     return 0
 
 
 def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
     """Print the schema revision."""
-    from dxnode.store import Store, current_revision
+    from dxnode.store import current_revision
 
-    print(current_revision(Store(settings.database.url)) or "empty (run `dxnode db upgrade`)")
+    print(current_revision(open_store(settings, migrate=False)) or "empty (run `dxnode db upgrade`)")
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
     """Print the effective configuration (file + environment), secrets masked."""
-    from dxnode.config import masked, to_toml
+    from dxnode.config import SECRET, has_secrets, masked, to_toml
 
     data = masked(settings)
     if args.json:
         print_json(data)
     else:
-        print(f"# effective configuration: {settings.source} + DXNODE_* environment; secrets masked")
+        print(f"# effective configuration: {settings.source} + DXNODE_* environment")
+        if has_secrets(data):
+            print(f"# secrets are shown as {SECRET} (tokens, session secret) or *** (database password):")
+            print("# this output is refused as a configuration until the real values are put back")
         print(to_toml(data), end="")
     return 0
 
@@ -299,18 +321,74 @@ def load_model_or_say_why(settings: Settings, bundle: str | None) -> Classifier 
         return None
 
 
+def file_kind(path: Path) -> str | None:
+    """'dicom' (DICM at byte 128, what the reader needs), 'image' (PNG or JPEG) or None."""
+    from dxnode.pipeline import is_image_file
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if head[128:132] == b"DICM":
+            return "dicom"
+        return "image" if is_image_file(path) else None
+    except OSError:
+        return None
+
+
+def predict_inputs(names: Sequence[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The files to analyse, each with why it cannot be (None if it can), and the arguments that name nothing usable.
+
+    A folder stands for its DICOM, PNG and JPEG files, its subfolders included (hidden files and
+    DICOMDIR left out); other files in it are passed over.
+    """
+    files: list[tuple[str, str | None]] = []
+    refused: list[str] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = [
+                str(p)
+                for p in sorted(path.rglob("*"))
+                if p.name != "DICOMDIR"
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and p.is_file()
+                and file_kind(p)
+            ]
+            if not found:
+                refused.append(f"{name}: a folder with no DICOM, PNG or JPEG file")
+            files += [(f, None) for f in found]
+        elif not path.exists():
+            refused.append(f"{name}: no such file or folder")
+        elif not path.is_file():
+            refused.append(f"{name}: not a file or folder")
+        elif not os.access(path, os.R_OK):
+            refused.append(f"{name}: cannot read it (permission denied)")
+        else:
+            kind = file_kind(path)
+            files.append((name, None if kind else "not a DICOM file (no DICM prefix at byte 128), PNG or JPEG"))
+    return files, refused
+
+
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the model on files directly; exit 1 if any file failed, 2 if the model cannot load."""
-    from dxnode.model import predict_file, save_png
+    """Run the model on files and folders directly; exit 1 if any file failed, 2 if the model cannot load."""
+    from dxnode.model import FilePrediction, predict_file, save_png
     from dxnode.queries import PredictionOut
 
+    files, refused = predict_inputs(args.files)
+    if refused or all(error for _, error in files):  # say so before spending seconds on loading the model
+        for line in refused or [f"{name}: {error}" for name, error in files]:
+            print(f"dxnode predict: {line}", file=sys.stderr)
+        return 1
     classifier = load_model_or_say_why(settings, args.model)
     if classifier is None:
         return 2
     ident = classifier.identity
     results, failed = [], 0
-    for name in args.files:
-        pred = predict_file(Path(name), classifier, settings, top_k=args.top)
+    for name, error in files:
+        if error is None:
+            pred = predict_file(Path(name), classifier, settings, top_k=args.top)
+        else:
+            pred = FilePrediction(name, [], ident, None, error)
         heatmap = None
         if pred.error is None and args.heatmap_dir and pred.heatmap is not None:
             safe = "".join(
@@ -451,8 +529,23 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from dxnode.evaluate import table
 
     print(table(metrics))
-    print(f'wrote bundle {out} (serve it with [model] bundle = "{out}")')
+    warn_small_split(metrics, "train", "validation split")
+    bundle = Path(out).resolve()
+    print(f"wrote bundle {bundle} (serve it with [model] bundle = {json.dumps(str(bundle))})")
     return 0
+
+
+def warn_small_split(metrics: dict[str, Any], command: str, what: str) -> None:
+    """Warn on stderr about labels with too few positives or negatives for their metrics to mean anything."""
+    from dxnode.evaluate import small_split_warnings
+
+    lines = small_split_warnings(metrics)
+    if not lines:
+        return
+    print(f"dxnode {command}: warning: the {what} is too small for these metrics to mean much:", file=sys.stderr)
+    shown = lines if len(lines) <= 6 else [*lines[:5], f"... and {len(lines) - 5} more labels like these"]
+    for line in shown:
+        print(f"  {line}", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -466,12 +559,20 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"dxnode evaluate: {exc}", file=sys.stderr)
         return 2
     print(table(metrics))
+    warn_small_split(metrics, "evaluate", f"{args.split} split" if args.split else "data set")
     if args.compare:
         from dxnode.evaluate import compare_table
 
         print(compare_table(metrics))
     print(f"wrote {args.out}/metrics.json, metrics.csv, roc.png, calibration.png")
     return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> Any:  # argparse's own signature returns NoReturn
+        self.exit(2, f"{self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -488,9 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from dxnode.states import DeliveryState, JobState
 
-    p = argparse.ArgumentParser(
-        prog="dxnode", description="dxnode: a DICOM AI node beside your PACS.", formatter_class=HelpFormatter
-    )
+    p = Parser(prog="dxnode", description="dxnode: a DICOM AI node beside your PACS.", formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"dxnode {__version__}")
     p.add_argument(
         "--config",
@@ -516,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("echo", cmd_echo, "C-ECHO a DICOM node (verification)")
     sp.add_argument("host")
-    sp.add_argument("port", type=int)
+    sp.add_argument("port", type=port_number, help="TCP port (1-65535)")
     sp.add_argument("--aec", default="ANY-SCP", help="called AE title")
     sp.add_argument("--aet", help="calling AE title (default: [node] ae_title)")
     sp.add_argument("--timeout", type=float, default=10, help="seconds")
@@ -570,8 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("resend", cmd_resend, "re-queue delivery of an output (SOP Instance UID) or of a study's outputs")
     sp.add_argument("target", metavar="OUTPUT_OR_STUDY")
 
-    sp = add("predict", cmd_predict, "run the model on DICOM, PNG or JPEG files")
-    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp = add("predict", cmd_predict, "run the model on DICOM, PNG or JPEG files (a folder: every such file in it)")
+    sp.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER")
     sp.add_argument("--model", metavar="BUNDLE", help="model bundle folder (default: [model] bundle)")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
     sp.add_argument(
@@ -658,8 +757,28 @@ def setup_logging(level: str) -> None:
     logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, logging.getLevelName(level)))
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `seq 100000 | head` reports for seq
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dxnode`` console script."""
+    """Entry point of the ``dxnode`` console script.
+
+    Exit status: 0 ok, 1 failure (one line on stderr), 2 usage or configuration error, 130 on
+    Ctrl-C, 141 when the reader of stdout went away (``dxnode outbox | head``), quietly.
+    """
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # Nothing more can be written to the pipe; point stdout at /dev/null so that the
+        # interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse, load the configuration and run the command; every error becomes one line and a status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -670,16 +789,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(args.log_level or settings.logging.level)
     try:
-        return int(args.handler(args, settings))
+        status = int(args.handler(args, settings))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
     except ConfigError as exc:
         print(f"dxnode: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # an admin gets one line and an exit status, not a traceback
         log.debug("traceback", exc_info=True)
         message = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
-        print(f"dxnode {args.command}: {message or type(exc).__name__}".splitlines()[0], file=sys.stderr)
+        actions = (getattr(args, f"{args.command}_command", None),)  # db current, model info, ...
+        command = " ".join([args.command, *(a for a in actions if a)])
+        print(f"dxnode {command}: {message or type(exc).__name__}".splitlines()[0], file=sys.stderr)
         return 1
 
 

@@ -9,10 +9,12 @@ Every key is validated at start; an unknown key or a bad value is an error namin
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -33,6 +35,9 @@ from dxnode.uids import is_valid_ae_title
 
 class ConfigError(Exception):
     """The configuration file or an override is invalid; the message names the key."""
+
+
+HIDDEN_PASSWORD = "***"  # how SQLAlchemy masks a database password (config show prints it)
 
 
 def _check_ae_title(value: str) -> str:
@@ -67,6 +72,8 @@ class NodeSettings(Section):
     port: int = Field(11112, ge=0, le=65535)
     data_dir: Path = Path("var")
     allowed_calling_aets: list[str] = []
+    # False: an association calling another AE title than ae_title is rejected ("called AE title not recognised").
+    accept_any_called_ae: bool = False
     max_associations: int = Field(10, ge=1)
     # Refuse C-STORE (0xA700) while the data dir's file system has less free space than this.
     min_free_mb: int = Field(1024, ge=0)
@@ -98,6 +105,22 @@ class DatabaseSettings(Section):
     url: str = "sqlite:///var/dxnode.db"
     busy_timeout_s: float = Field(30, gt=0)
     echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (sqlite:///path or postgresql+psycopg://user:password@host/db)"
+            ) from None
+        if url.password == HIDDEN_PASSWORD:
+            raise ValueError("has the password mask `dxnode config show` prints (***); put the real password")
+        return v
 
 
 class WorklistSettings(Section):
@@ -284,12 +307,34 @@ class DispatchSettings(Section):
     timeout_seconds: float = Field(30, gt=0)
 
 
+# What `config show` prints in place of a secret; refused as a value, so its output never loads as if real.
+SECRET = "********"
+MIN_TOKEN_LENGTH = 20
+
+
+def _not_the_mask(value: str, what: str) -> str:
+    if value == SECRET:
+        raise ValueError(f"is the mask `dxnode config show` prints; put the real {what}")
+    return value
+
+
 class WebToken(Section):
     """[[web.tokens]]: a bearer token and its role."""
 
     name: str
-    token: str = Field(min_length=1)
+    token: str
     role: Literal["admin", "read", "store"] = "read"  # store: STOW-RS only (a PACS sending studies)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        _not_the_mask(v, "token")
+        if len(v) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"has {len(v)} character{'' if len(v) == 1 else 's'}; a token needs at least {MIN_TOKEN_LENGTH} "
+                "(make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return v
 
 
 class WebSettings(Section):
@@ -310,6 +355,8 @@ class WebSettings(Section):
     login_free_attempts: int = Field(10, ge=1)  # failed token guesses per client address per hour before delays
     login_delay_s: float = Field(1, gt=0)  # the first delay after those; it doubles with each further failure
     login_max_delay_s: float = Field(900, gt=0)
+
+    _secret = field_validator("session_secret")(lambda cls, v: _not_the_mask(v, "session secret"))
 
 
 class LoggingSettings(Section):
@@ -372,8 +419,16 @@ def default_config_path() -> Path:
     return Path(str(importlib.resources.files("dxnode.resources").joinpath("dxnode.toml")))
 
 
+ENV_PREFIX = "DXNODE_"
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Read and validate the config file, apply environment overrides, raise ConfigError on error."""
+    """Read and validate the config file, apply environment overrides, raise ConfigError on error.
+
+    Each error names where the bad value came from: the file, or the DXNODE_* variable that set it.
+    """
+    from pydantic_settings import SettingsError
+
     chosen = (
         Path(path)
         if path
@@ -385,45 +440,137 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {chosen}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{chosen}: is a folder, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{chosen}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{chosen}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
-    unknown = set(raw) - TOP_LEVEL_KEYS
-    if unknown:
-        raise ConfigError(
-            f"{chosen}: unknown section or key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})"
-        )
-    _check_env_sections()
+    for name in sorted(set(raw) - TOP_LEVEL_KEYS):
+        raise ConfigError(f"{chosen}: unknown section or key {name!r}{_did_you_mean(name, TOP_LEVEL_KEYS)}")
+    _check_environment()
     raw.update(overrides)
     try:
         settings = Settings(**raw)
     except ValidationError as exc:
-        raise ConfigError(f"{chosen}: {_describe(exc)}") from None
+        raise ConfigError(_describe(exc, chosen)) from None
+    except SettingsError as exc:  # a DXNODE_* value that should be JSON is not
+        raise ConfigError(_describe_settings_error(exc)) from None
     settings.source = str(chosen)
     return settings
 
 
-def _check_env_sections() -> None:
-    """Refuse DXNODE_<SECTION>__... variables whose section does not exist (typos are silent otherwise)."""
-    for name in os.environ:
-        if name.startswith("DXNODE_") and "__" in name:
-            section = name[len("DXNODE_") :].split("__", 1)[0].lower()
-            if section not in TOP_LEVEL_KEYS:
-                raise ConfigError(f"environment variable {name}: unknown section {section!r}")
+def _did_you_mean(name: str, known: Any) -> str:
+    """' (did you mean port?)' for the closest known name, else ''."""
+    close = difflib.get_close_matches(str(name).lower(), sorted(str(k) for k in known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _describe(exc: ValidationError) -> str:
-    """One line per error, each naming the dotted key, e.g. 'node.port: ...'."""
+def _section_model(section: str) -> type[BaseModel] | None:
+    """The model of a top-level section or of the items of a list section, None if unknown."""
+    field = Settings.model_fields.get(section)
+    if field is None or section == "source":
+        return None
+    annotation = field.annotation
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _fields_at(loc: Sequence[int | str]) -> list[str]:
+    """The field names of the model at a validation error's location (loc without its last key)."""
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = None
+        if field is not None:
+            for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    model = candidate
+    return list(model.model_fields) if model is not None else []
+
+
+def _check_environment() -> None:
+    """Refuse DXNODE_<SECTION>__<KEY> variables naming an unknown section or key (typos are silent otherwise)."""
+    for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, rest = name[len(ENV_PREFIX) :].lower().partition("__")
+        found = _section_model(section)
+        if found is None:
+            raise ConfigError(
+                f"environment variable {name}: unknown section {section!r}{_did_you_mean(section, TOP_LEVEL_KEYS)}"
+            )
+        key = rest.split("__", 1)[0]
+        fields = list(found.model_fields)
+        if Settings.model_fields[section].annotation is found and key not in fields:
+            raise ConfigError(
+                f"environment variable {name}: unknown key {key!r} in [{section}]{_did_you_mean(key, fields)}"
+            )
+
+
+def _env_source(loc: Sequence[int | str]) -> str | None:
+    """The DXNODE_* variable that set the value at loc, if one did."""
+    names = {n.upper(): n for n in os.environ if n.upper().startswith(ENV_PREFIX)}
+    parts = [str(p).upper() for p in loc if not isinstance(p, int)]
+    for depth in range(len(parts), 0, -1):
+        candidate = ENV_PREFIX + "__".join(parts[:depth])
+        if candidate in names:
+            return names[candidate]
+    return None
+
+
+def _key(loc: Sequence[int | str]) -> str:
+    """A dotted key as an admin writes it: web.tokens[0].token."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# Values never echoed in an error message.
+_SECRET_KEYS = {"token", "session_secret", "url", "password"}
+
+
+def _describe(exc: ValidationError, source: Path) -> str:
+    """The errors, each naming its key and where it came from, e.g. 'f.toml: node.port: ... (got 70000)'."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        lines.append(
-            f"{key}: {err['msg']}"
-            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
-        )
+        loc = err["loc"]
+        where = _env_source(loc)
+        origin = f"environment variable {where}" if where else str(source)
+        if err["type"] == "extra_forbidden":
+            text = f"unknown key{_did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))}"
+        else:
+            text = str(err["msg"]).removeprefix("Value error, ")
+            shown = "input" in err and not isinstance(err["input"], dict | list) and loc and loc[-1] not in _SECRET_KEYS
+            text += f" (got {err['input']!r})" if shown else ""
+        lines.append(f"{origin}: {_key(loc)}: {text}")
     return "; ".join(lines)
 
 
-SECRET = "********"
+def _describe_settings_error(exc: Exception) -> str:
+    """A DXNODE_* variable whose value pydantic-settings could not parse (lists and tables are JSON)."""
+    import json
+
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        model = _section_model(section)
+        field = model.model_fields.get(key) if model is not None else None
+        scalar = field is not None and field.annotation in (str, int, float, bool, Path)
+        if field is not None and not scalar:
+            try:
+                json.loads(value)
+            except ValueError:
+                return f"environment variable {name}: not valid JSON (lists and tables are given as JSON, e.g. '[\"CT1\"]')"
+    return f"environment: {exc}"
 
 
 def masked(settings: Settings) -> dict[str, Any]:
@@ -437,6 +584,14 @@ def masked(settings: Settings) -> dict[str, Any]:
         data["web"]["session_secret"] = SECRET
     data["database"]["url"] = make_url(data["database"]["url"]).render_as_string(hide_password=True)
     return data
+
+
+def has_secrets(data: dict[str, Any]) -> bool:
+    """True when masked() data hides a secret (so it would not load as it is)."""
+    from sqlalchemy.engine import make_url
+
+    web = data["web"]
+    return bool(web["tokens"] or web["session_secret"] or make_url(data["database"]["url"]).password)
 
 
 def _toml_value(value: Any) -> str:

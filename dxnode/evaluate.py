@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from dxnode.model import Classifier
 
 BOOTSTRAP = 1000
+# Fewer positives (or negatives) of a label than this in a split and its AUROC, CI and operating
+# point say next to nothing (a handful of images easily give "AUROC 1.000 (1.000-1.000)").
+MIN_PER_CLASS = 10
 
 
 def _safe(x: float) -> float | None:
@@ -115,7 +118,23 @@ def compute_metrics(
             "threshold": round(float(t), 6),
         }
     out["mean_auroc"] = _safe(float(np.mean(aucs))) if aucs else None
+    out["warnings"] = small_split_warnings(out)
     return out
+
+
+def small_split_warnings(metrics: dict[str, Any], min_per_class: int = MIN_PER_CLASS) -> list[str]:
+    """One line per label with too few positive or negative images for its metrics to mean anything."""
+    lines = []
+    for label, m in metrics["labels"].items():
+        n = int(m.get("n") or 0)
+        pos = m.get("positives")
+        pos = int(pos) if pos is not None else round((m.get("prevalence") or 0.0) * n)
+        if pos < min_per_class or n - pos < min_per_class:
+            lines.append(
+                f"{label}: {pos} positive and {n - pos} negative images (fewer than {min_per_class} of either): "
+                "its AUROC, CI and operating point mean little"
+            )
+    return lines
 
 
 def table(metrics: dict[str, Any]) -> str:

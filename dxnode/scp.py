@@ -340,6 +340,9 @@ class StorageSCP:
             # unless their lines would be shown.
             _config.LOG_HANDLER_LEVEL = "none"
         ae.require_calling_aet = list(node.allowed_calling_aets)
+        # A sender configured with the wrong called AE title is refused (A-ASSOCIATE-RJ reason 7,
+        # "called AE title not recognised") instead of going unnoticed.
+        ae.require_called_aet = not node.accept_any_called_ae
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:  # always set in pynetdicom's own list
@@ -438,12 +441,18 @@ class StorageSCP:
         log.info("association from %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     def _on_rejected(self, event: Event) -> None:
-        log.warning(
-            "association from %r (%s) rejected: calling AE title not allowed",
-            event.assoc.requestor.ae_title,
-            event.assoc.requestor.address,
-        )
-        metrics.ASSOCIATIONS_REJECTED.labels(reason="calling_aet").inc()
+        calling = str(event.assoc.requestor.ae_title).strip()
+        called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        node = self.settings.node
+        # pynetdicom checks the calling AE title, then the called one (its reason wins), then the association limit.
+        if self.ae.require_called_aet and called != node.ae_title:
+            reason, why = "called_aet", f"called AE title {called!r} not recognised (this node is {node.ae_title!r})"
+        elif node.allowed_calling_aets and calling not in node.allowed_calling_aets:
+            reason, why = "calling_aet", "calling AE title not allowed"
+        else:
+            reason, why = "max_associations", f"more than {node.max_associations} associations"
+        log.warning("association from %r (%s) rejected: %s", calling, event.assoc.requestor.address, why)
+        metrics.ASSOCIATIONS_REJECTED.labels(reason=reason).inc()
 
     def _on_store(self, event: Event) -> int | Dataset:
         """Store one instance durably, then acknowledge; failure statuses otherwise."""
@@ -741,20 +750,73 @@ def _withdraw(path: Path, inode: int) -> None:
             path.unlink()
 
 
+@contextlib.contextmanager
+def _pynetdicom_errors() -> Any:
+    """Collect pynetdicom's log lines instead of showing them (unless DEBUG logging asks for them)."""
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("pynetdicom")
+    if logger.isEnabledFor(logging.DEBUG):
+        yield records
+        return
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, propagate = Collect(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _connect_error(records: Sequence[logging.LogRecord]) -> str | None:
+    """The socket error pynetdicom logged when it could not connect (e.g. '[Errno 111] Connection refused')."""
+    for r in records:
+        text = r.getMessage()
+        if text.startswith("TCP Initialisation Error:"):
+            return text.split(":", 1)[1].strip()
+    return None
+
+
 def echo(host: str, port: int, calling_aet: str, called_aet: str, timeout: float = 10) -> tuple[bool, str]:
-    """C-ECHO a remote node; (success, a line saying what happened)."""
+    """C-ECHO a remote node; (success, one line saying what happened)."""
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        return False, f"C-ECHO {called_aet}@{host}:{port}: association {reason}"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
+    ae.connection_timeout = timeout
+    where = f"{host}:{port}"
+    with _pynetdicom_errors() as records:
+        try:
+            assoc = ae.associate(host, port, ae_title=called_aet)
+        except socket.gaierror as exc:
+            return False, f"cannot resolve host {host!r}: {exc.strerror or exc}"
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                rsp = assoc.acceptor.primitive
+                reason = str(getattr(rsp, "reason_str", "") or "no reason given")
+                return (
+                    False,
+                    f"association rejected by {where} (called AE {called_aet}): {reason[:1].lower()}{reason[1:]}",
+                )
+            error = _connect_error(records)
+            if error is not None:
+                if "refused" in error.lower():
+                    return False, f"connection refused by {where}"
+                if "timed out" in error.lower():
+                    return False, f"no answer from {where} within {timeout:g} s"
+                return False, f"cannot connect to {where}: {error}"
+            if assoc.is_aborted:
+                return False, f"association with {where} aborted (called AE {called_aet})"
+            return False, f"no answer from {where} within {timeout:g} s"
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
     code = getattr(status, "Status", None)
     if code == SUCCESS:
-        return True, f"C-ECHO {called_aet}@{host}:{port}: success"
-    return False, f"C-ECHO {called_aet}@{host}:{port}: " + ("no response" if code is None else f"status 0x{code:04X}")
+        return True, f"C-ECHO {called_aet}@{where}: success"
+    return False, f"C-ECHO {called_aet}@{where}: " + ("no response" if code is None else f"status 0x{code:04X}")

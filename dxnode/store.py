@@ -388,13 +388,47 @@ class Store:
         self.engine.dispose()
 
 
-def open_store(settings: Settings, migrate: bool = True) -> Store:
-    """The node's database as the CLI and the daemon open it: data dir created, migrations applied."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if migrate:
-        upgrade(settings.database.url)
+class DatabaseUnavailable(Exception):
+    """The configured database is missing (and this command does not create one) or does not answer."""
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The absolute file of a SQLite URL (relative to the working directory), None for other databases."""
+    parsed = make_url(url)
+    name = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    return Path(name).expanduser().resolve()
+
+
+def open_store(settings: Settings, migrate: bool = True, create: bool = True) -> Store:
+    """The node's database as the CLI and the daemon open it, migrations applied.
+
+    create (serve, worker, db upgrade): the data dir and a new SQLite file are made if missing.
+    Otherwise a missing SQLite file is refused (DatabaseUnavailable naming its path) rather than
+    created empty in whatever folder the command ran from; an unreachable server is refused too.
+    """
+    from sqlalchemy.exc import OperationalError
+
     db = settings.database
-    return Store(db.url, db.busy_timeout_s, db.echo)
+    path = sqlite_file(db.url)
+    if not create and path is not None and not path.is_file():
+        raise DatabaseUnavailable(f"no database at {path}: run `dxnode db upgrade` or `dxnode serve` first")
+    if create:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if migrate:
+            upgrade(db.url)
+        store = Store(db.url, db.busy_timeout_s, db.echo)
+        if not migrate:
+            with store.engine.connect():
+                pass
+    except OperationalError as exc:
+        text = str(exc.orig or exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        shown = make_url(db.url).render_as_string(hide_password=True)
+        raise DatabaseUnavailable(f"cannot open the database {shown}: {reason}") from exc
+    return store
 
 
 def upgrade(url: str, revision: str = "head") -> None:
