@@ -575,6 +575,7 @@ def cancel(session: Session, sel: Selection, actor: str, source: str = "", user:
             ids=changed,
             skipped=skipped,
         )
+    if changed:
         log.warning("%s cancelled %d delivery(ies): %s", who, len(changed), sel.describe())
     return OutboxChange(action="cancel", selection=sel.describe(), matched=len(rows), changed=changed, skipped=skipped)
 
