@@ -280,10 +280,12 @@ def _record(
         return row.state
 
 
-def _still_pending(store: Store, job: _Job) -> bool:
-    """False when the row was cancelled (or otherwise settled) after it was claimed: it is not sent."""
+def _still_ours(store: Store, job: _Job) -> bool:
+    """False when the row was cancelled (or re-queued, or its lease released) after this process claimed
+    it: it is not sent by this batch (a re-queued row goes with a later claim)."""
     with store.session() as s:
-        return s.scalar(select(Delivery.state).where(Delivery.id == job.id)) == DeliveryState.PENDING
+        row = s.execute(select(Delivery.state, Delivery.leased_by).where(Delivery.id == job.id)).first()
+    return row is not None and row.state == DeliveryState.PENDING and row.leased_by == worker_id()
 
 
 def _release(store: Store, jobs: list[_Job]) -> None:
@@ -387,7 +389,7 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         for i, job in enumerate(ready):
-            if i and not _still_pending(store, job):
+            if i and not _still_ours(store, job):
                 continue
             if job.sop_class_uid not in accepted:
                 _record(
@@ -418,7 +420,7 @@ def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Job], de
     sent = 0
     with StowClient(dest, settings.dispatch.timeout_seconds) as client:
         for i, job in enumerate(batch):
-            if i and not _still_pending(store, job):
+            if i and not _still_ours(store, job):
                 continue
             try:
                 data = (settings.data_dir / job.path).read_bytes()
