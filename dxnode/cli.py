@@ -654,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--study", metavar="UID", help="only deliveries of this Study Instance UID")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
     sp.add_argument("--limit", type=int, default=100, help="most rows printed")
-    obs = sp.add_subparsers(dest="outbox_command", metavar="ACTION")
+    obs = sp.add_subparsers(dest="outbox_command", metavar="[ACTION]")
     for name, handler, text in (
         ("cancel", cmd_outbox_cancel, "cancel unsent deliveries (pending, failed, orphaned): never sent; audited"),
         (
