@@ -251,21 +251,102 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
-    """List outbox deliveries."""
+    """List outbox deliveries, each with the address its destination has in this configuration."""
     from dxnode.queries import list_deliveries
     from dxnode.states import DeliveryState
 
+    if args.limit < 1:
+        print("dxnode outbox: --limit must be at least 1", file=sys.stderr)
+        return 2
     store = open_store(settings)
     with store.session() as session:
-        rows = list_deliveries(session, state=DeliveryState(args.state) if args.state else None, limit=args.limit)
+        rows = list_deliveries(
+            session,
+            state=DeliveryState(args.state) if args.state else None,
+            destination=args.destination,
+            limit=args.limit,
+            study_instance_uid=args.study,
+            destinations=settings.destinations,
+        )
     if args.json:
         print_json(rows)
     else:
+        shown = [r.model_dump() | {"address": r.address or "(not configured)"} for r in rows]
         print_table(
-            rows,
-            ["id", "kind", "label", "destination", "state", "attempts", "next_attempt_at", "sent_at", "last_error"],
+            shown,
+            [
+                "id",
+                "kind",
+                "label",
+                "destination",
+                "address",
+                "state",
+                "attempts",
+                "next_attempt_at",
+                "sent_at",
+                "last_error",
+            ],
         )
     return 0
+
+
+def _outbox_selection(args: argparse.Namespace) -> Any:
+    """The dispatch.Selection of `outbox cancel|retry`, or None after saying that one is needed."""
+    from dxnode.dispatch import Selection
+
+    sel = Selection(tuple(args.delivery or ()), args.study or "", args.destination or "")
+    if sel.empty:
+        print(
+            f"dxnode outbox {args.outbox_command}: give --delivery ID, --study UID or --destination NAME",
+            file=sys.stderr,
+        )
+        return None
+    return sel
+
+
+def _outbox_change(args: argparse.Namespace, settings: Settings, done: str) -> int:
+    """Run `outbox cancel` or `outbox retry` and report it; exit 1 if nothing matched or changed."""
+    import getpass
+
+    from dxnode import dispatch
+
+    sel = _outbox_selection(args)
+    if sel is None:
+        return 2
+    store = open_store(settings)
+    with store.session() as session:
+        if args.outbox_command == "cancel":
+            change = dispatch.cancel(session, sel, actor="cli", source="local", user=getpass.getuser())
+        else:
+            change = dispatch.retry(session, sel, settings, actor="cli", source="local", user=getpass.getuser())
+    if args.json:
+        print_json(change)
+    elif change.matched:
+        n = len(change.changed)
+        print(f"{done} {n} deliver{'y' if n == 1 else 'ies'}" + (f" ({_ids(change.changed)})" if n else ""))
+        for reason, ids in change.skipped.items():
+            print(f"left {len(ids)} as they were, {reason} ({_ids(ids)})")
+    if not change.matched:
+        print(f"dxnode outbox {args.outbox_command}: no delivery matches {change.selection}", file=sys.stderr)
+        return 1
+    # Success: something changed, or every row was cancelled already (cancel twice is no error).
+    return 0 if change.changed or set(change.skipped) <= {"already cancelled"} else 1
+
+
+def _ids(ids: list[int], most: int = 20) -> str:
+    """'ids 1, 2, 3' (the first 20, then how many more)."""
+    text = ", ".join(map(str, ids[:most]))
+    return f"id{'s' if len(ids) > 1 else ''} {text}" + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def cmd_outbox_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    """Cancel unsent deliveries: they are never sent (audited)."""
+    return _outbox_change(args, settings, "cancelled")
+
+
+def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """Send unsent deliveries at once, to their destination as configured now (audited)."""
+    return _outbox_change(args, settings, "re-queued")
 
 
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
@@ -662,10 +743,32 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print one JSON array")
     fmt.add_argument("--csv", action="store_true", help="print CSV (the columns of /api/results.csv)")
 
-    sp = add("outbox", cmd_outbox, "list deliveries of results to destinations")
+    sp = add(
+        "outbox",
+        cmd_outbox,
+        "list deliveries of results to destinations (with the address each goes to now); cancel or retry some",
+    )
     sp.add_argument("--state", choices=[str(s) for s in DeliveryState], help="only deliveries in this state")
+    sp.add_argument("--destination", metavar="NAME", help="only deliveries to this [[destinations]] name")
+    sp.add_argument("--study", metavar="UID", help="only deliveries of this Study Instance UID")
     sp.add_argument("--json", action="store_true", help="print one JSON array")
     sp.add_argument("--limit", type=int, default=100, help="most rows printed")
+    obs = sp.add_subparsers(dest="outbox_command", metavar="[ACTION]")
+    for name, handler, text in (
+        ("cancel", cmd_outbox_cancel, "cancel unsent deliveries (pending, failed, orphaned): never sent; audited"),
+        (
+            "retry",
+            cmd_outbox_retry,
+            "send unsent deliveries (pending, failed, cancelled, orphaned) at once, to the address configured now; "
+            "audited",
+        ),
+    ):
+        op = obs.add_parser(name, help=text, description=text + ". Rows must match every option given.")
+        op.add_argument("--delivery", type=int, action="append", metavar="ID", help="a delivery id (repeatable)")
+        op.add_argument("--study", metavar="UID", help="the deliveries of this Study Instance UID")
+        op.add_argument("--destination", metavar="NAME", help="the deliveries to this [[destinations]] name")
+        op.add_argument("--json", action="store_true", help="print what changed as one JSON object")
+        op.set_defaults(handler=handler)
     sp = add("resend", cmd_resend, "re-queue delivery of an output (SOP Instance UID) or of a study's outputs")
     sp.add_argument("target", metavar="OUTPUT_OR_STUDY")
 

@@ -6,6 +6,22 @@ after ``max_attempts`` with the DIMSE status or network error. With the defaults
 5 s doubling to 15 min) a destination may be down for about three hours before a row fails, and
 ``dxnode resend`` re-queues failed rows.
 
+A row names its destination only; the address, AE title, TLS and auth come from the [[destinations]]
+entry of that name in the configuration the sender runs with, so a corrected address applies to rows
+already queued as soon as the node runs with it. The states of a row:
+
+- ``pending``: to be sent (or being sent: leased, see below).
+- ``sent``: the destination stored it.
+- ``failed``: the destination refused it for good, or ``max_attempts`` tries failed.
+- ``cancelled``: ``dxnode outbox cancel``; never sent (a row already on the wire when it is
+  cancelled may still arrive, and is then recorded as sent).
+- ``orphaned``: its destination is no longer configured ("no destination named X"). Not ``failed``:
+  nothing was tried and nothing is wrong with the row or the receiver, only the configuration; a
+  state of its own keeps it out of the failure counts and alerts, tells the operator what to fix,
+  and lets ``dxnode outbox retry`` bring it back once the destination is configured again. It does
+  not come back by itself when a destination of that name reappears: old results going out
+  unasked to a re-added node would be a surprise.
+
 Rows of one destination go in creation order: a destination is served only when its oldest pending
 row is due, and a round stops at the first row that will be retried, so a later row never
 overtakes an earlier one. A row the destination can never take (SOP class refused, data set not
@@ -27,7 +43,6 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pydicom
 from apscheduler.schedulers.base import BaseScheduler
@@ -41,6 +56,8 @@ from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Destination, Settings
+from dxnode.queries import OutboxChange
+from dxnode.states import DeliveryState
 from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
 from dxnode.worklist import process_gone, worker_id
 
@@ -62,23 +79,24 @@ def destinations_for(settings: Settings, calling_aet: str) -> list[Destination]:
     return chosen
 
 
+def configured(settings: Settings, name: str) -> Destination | None:
+    """The [[destinations]] entry of that name in the configuration, or None."""
+    return next((d for d in settings.destinations if d.name == name), None)
+
+
+def not_configured(name: str) -> str:
+    """The reason an orphaned row gives."""
+    return f"no destination named {name} in [[destinations]]"
+
+
 def enqueue(session: Session, output: Output, settings: Settings, calling_aet: str = "") -> list[Delivery]:
-    """A pending delivery per destination; rows that already exist are kept as they are."""
+    """A pending delivery per destination, by name; rows that already exist are kept as they are."""
     existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
     rows = []
     for dest in destinations_for(settings, calling_aet):
         row = existing.get(dest.name)
         if row is None:
-            url = urlsplit(dest.url) if dest.kind == "dicomweb" else None
-            row = Delivery(
-                output_id=output.id,
-                destination=dest.name,
-                ae_title=dest.ae_title if url is None else "",
-                host=dest.host if url is None else str(url.hostname),
-                port=dest.port if url is None else url.port or (443 if url.scheme == "https" else 80),
-                state="pending",
-                next_attempt_at=utcnow(),
-            )
+            row = Delivery(output_id=output.id, destination=dest.name, state="pending", next_attempt_at=utcnow())
             session.add(row)
         rows.append(row)
     session.flush()
@@ -100,9 +118,6 @@ class _Job:
     sop_class_uid: str
     sop_instance_uid: str
     destination: str
-    ae_title: str
-    host: str
-    port: int
 
 
 def lease_stale_after(settings: Settings) -> dt.timedelta:
@@ -130,17 +145,52 @@ def _release_dead_leases(s: Session, settings: Settings, now: dt.datetime) -> No
             log.warning("released the outbox lease of stopped process %s", holder)
 
 
-def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job]]:
-    """Lease the pending rows of every destination whose oldest pending row is due, in creation order.
+def _orphan_unconfigured(s: Session, settings: Settings) -> None:
+    """Move the pending rows of destinations missing from the configuration to ``orphaned``, with the reason.
 
-    A batch holds the oldest rows of one destination that share the head row's address, at most BATCH.
+    Rows leased by another live process are left to it (it may run with a configuration that has the
+    destination); rows leased by a stopped one were made free by _release_dead_leases just before.
     """
+    names = [d.name for d in settings.destinations]
+    me = worker_id()
+    free = (Delivery.leased_by == "") | (Delivery.leased_by == me)
+    gone = s.scalars(
+        select(Delivery.destination)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.destination.not_in(names), free)
+        .distinct()
+    ).all()
+    for name in gone:
+        rows = s.scalars(
+            select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.destination == name, free)
+        ).all()
+        for row in rows:
+            row.state, row.last_error = DeliveryState.ORPHANED, not_configured(name)
+            row.leased_by, row.lease_heartbeat_at = "", None
+        ids = [row.id for row in rows]
+        audit(s, "system", "delivery.orphaned", target=f"destination:{name}", reason=not_configured(name), ids=ids)
+        log.error(
+            "%d delivery(ies) orphaned: %s (`dxnode outbox retry --destination %s` once it is)",
+            len(rows),
+            not_configured(name),
+            name,
+        )
+
+
+def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job]]:
+    """Lease the pending rows of every configured destination whose oldest pending row is due, in
+    creation order (a batch: at most BATCH oldest rows of one destination); orphan the rows of
+    destinations no longer configured."""
     me = worker_id()
     with store.session() as s:
         if store.dialect == "postgresql":
             s.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK)))
         _release_dead_leases(s, settings, now)
-        head_ids = select(func.min(Delivery.id)).where(Delivery.state == "pending").group_by(Delivery.destination)
+        _orphan_unconfigured(s, settings)
+        head_ids = (
+            select(func.min(Delivery.id))
+            .where(Delivery.state == "pending", Delivery.destination.in_([d.name for d in settings.destinations]))
+            .group_by(Delivery.destination)
+        )
         heads = s.scalars(
             select(Delivery).where(Delivery.id.in_(head_ids), Delivery.next_attempt_at <= now).order_by(Delivery.id)
         ).all()
@@ -149,13 +199,7 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
             q = (
                 select(Delivery, Output)
                 .join(Output, Output.id == Delivery.output_id)
-                .where(
-                    Delivery.state == "pending",
-                    Delivery.destination == head.destination,
-                    Delivery.ae_title == head.ae_title,
-                    Delivery.host == head.host,
-                    Delivery.port == head.port,
-                )
+                .where(Delivery.state == "pending", Delivery.destination == head.destination)
                 .order_by(Delivery.id)
                 .limit(BATCH)
             )
@@ -167,18 +211,7 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
             batch = []
             for row, out in rows:
                 row.next_attempt_at, row.leased_by, row.lease_heartbeat_at = lease, me, now
-                batch.append(
-                    _Job(
-                        row.id,
-                        out.file_path,
-                        out.sop_class_uid,
-                        out.sop_instance_uid,
-                        row.destination,
-                        row.ae_title,
-                        row.host,
-                        row.port,
-                    )
-                )
+                batch.append(_Job(row.id, out.file_path, out.sop_class_uid, out.sop_instance_uid, row.destination))
             batches.append(batch)
         return batches
 
@@ -209,7 +242,7 @@ def _record(
             .where(Delivery.leased_by == worker_id(), Delivery.state == "pending", Delivery.id != row.id)
             .values(lease_heartbeat_at=utcnow())
         )
-        if ok:
+        if ok:  # also a row cancelled while on the wire: it did arrive
             row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
             metrics.DELIVERIES_SENT.labels(destination=row.destination).inc()
             audit(
@@ -221,8 +254,10 @@ def _record(
                 sop_instance_uid=job.sop_instance_uid,
             )
             return row.state
-        row.last_error = error[:2000]
         metrics.DELIVERIES_FAILED.labels(destination=row.destination).inc()
+        if row.state != DeliveryState.PENDING:  # cancelled meanwhile: it stays so, with its reason
+            return row.state
+        row.last_error = error[:2000]
         if permanent or row.attempts >= settings.dispatch.max_attempts:
             row.state = "failed"
             audit(
@@ -243,6 +278,14 @@ def _record(
                 "delivery %d to %s failed (attempt %d), retrying: %s", row.id, row.destination, row.attempts, error
             )
         return row.state
+
+
+def _still_ours(store: Store, job: _Job) -> bool:
+    """False when the row was cancelled (or re-queued, or its lease released) after this process claimed
+    it: it is not sent by this batch (a re-queued row goes with a later claim)."""
+    with store.session() as s:
+        row = s.execute(select(Delivery.state, Delivery.leased_by).where(Delivery.id == job.id)).first()
+    return row is not None and row.state == DeliveryState.PENDING and row.leased_by == worker_id()
 
 
 def _release(store: Store, jobs: list[_Job]) -> None:
@@ -292,20 +335,18 @@ def _file_error(settings: Settings, job: _Job) -> tuple[str, str]:
         return "", f"cannot read output file {Path(job.path)}: {exc}"
 
 
-def _associate(settings: Settings, head: _Job, syntaxes: dict[str, set[str]]) -> tuple[Association | None, str]:
-    """An association with the head row's address proposing the SOP classes and syntaxes, or the error in words."""
-    configured = next((d for d in settings.destinations if d.name == head.destination), None)
-    tls_args = (
-        (tls_client_context(settings, head.host), head.host) if configured is not None and configured.tls else None
-    )
+def _associate(settings: Settings, dest: Destination, syntaxes: dict[str, set[str]]) -> tuple[Association | None, str]:
+    """An association with the destination as configured now, proposing the SOP classes and syntaxes,
+    or the error in words."""
+    tls_args = (tls_client_context(settings, dest.host), dest.host) if dest.tls else None
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dispatch.timeout_seconds
     ae.connection_timeout = settings.dispatch.timeout_seconds
     for sop_class, ts in syntaxes.items():
         ae.add_requested_context(sop_class, sorted(ts | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    where = f"{head.ae_title}@{head.host}:{head.port}"
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     try:
-        assoc = ae.associate(head.host, head.port, ae_title=head.ae_title, tls_args=tls_args)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:
         return None, f"cannot associate with {where}: {exc}"
     if assoc.is_established:
@@ -314,17 +355,20 @@ def _associate(settings: Settings, head: _Job, syntaxes: dict[str, set[str]]) ->
         return None, f"association rejected by {where}"
     # pynetdicom only says 'aborted': connect again to say why (refused, unreachable, timed out).
     return None, _tcp_error(
-        head.host, head.port, settings.dispatch.timeout_seconds
+        dest.host, dest.port, settings.dispatch.timeout_seconds
     ) or f"association with {where} aborted"
 
 
 def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
     """One association for a destination's claimed rows, sent in order; return how many were stored."""
-    configured = next((d for d in settings.destinations if d.name == batch[0].destination), None) if batch else None
-    if (configured is not None and configured.kind == "dicomweb") or (
-        configured is None and batch and not batch[0].ae_title
-    ):
-        return _send_batch_dicomweb(store, settings, batch, configured)
+    if not batch:
+        return 0
+    dest = configured(settings, batch[0].destination)
+    if dest is None:  # _claim only claims configured destinations; this settings object changed since
+        _release(store, batch)
+        return 0
+    if dest.kind == "dicomweb":
+        return _send_batch_dicomweb(store, settings, batch, dest)
     syntaxes: dict[str, set[str]] = {}
     ready = []
     for job in batch:
@@ -336,7 +380,7 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
             ready.append(job)
     if not ready:
         return 0
-    assoc, error = _associate(settings, ready[0], syntaxes)
+    assoc, error = _associate(settings, dest, syntaxes)
     if assoc is None:
         for job in ready:  # one failed attempt for every row: the destination is down for all of them
             _record(store, settings, job, False, error)
@@ -345,13 +389,15 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         for i, job in enumerate(ready):
+            if i and not _still_ours(store, job):
+                continue
             if job.sop_class_uid not in accepted:
                 _record(
                     store,
                     settings,
                     job,
                     False,
-                    f"{job.ae_title} accepted no presentation context for SOP class {job.sop_class_uid}",
+                    f"{dest.ae_title} accepted no presentation context for SOP class {job.sop_class_uid}",
                     permanent=True,
                 )
                 continue
@@ -367,19 +413,15 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
     return sent
 
 
-def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Job], dest: Destination | None) -> int:
+def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Job], dest: Destination) -> int:
     """STOW-RS the claimed rows one by one, in order; a row that will be retried holds back those behind it."""
     from dxnode.dicomweb import StowClient
 
-    if dest is None:
-        for job in batch:
-            _record(
-                store, settings, job, False, f"destination {job.destination} is no longer configured", permanent=True
-            )
-        return 0
     sent = 0
     with StowClient(dest, settings.dispatch.timeout_seconds) as client:
         for i, job in enumerate(batch):
+            if i and not _still_ours(store, job):
+                continue
             try:
                 data = (settings.data_dir / job.path).read_bytes()
             except OSError as exc:
@@ -452,17 +494,130 @@ def resend(session: Session, target: str, actor: str = "cli", source: str = "") 
                 session.scalars(q.join(Study, Study.id == Output.study_id).where(Study.study_instance_uid == target))
             )
     for row in rows:
-        row.state, row.attempts, row.last_error, row.next_attempt_at, row.dimse_status = (
-            "pending",
-            0,
-            "",
-            utcnow(),
-            None,
-        )
-        row.leased_by, row.lease_heartbeat_at = "", None
+        _requeue(row)
     if rows:
         audit(session, actor, "delivery.resend", target=target, source=source, rows=len(rows))
     return len(rows)
+
+
+def _requeue(row: Delivery) -> None:
+    """Make a row pending and due now, as if never tried."""
+    row.state, row.attempts, row.last_error, row.next_attempt_at = DeliveryState.PENDING, 0, "", utcnow()
+    row.dimse_status = row.http_status = None
+    row.leased_by, row.lease_heartbeat_at = "", None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The deliveries `dxnode outbox cancel` and `retry` act on: rows matching every criterion given."""
+
+    delivery_ids: tuple[int, ...] = ()
+    study_instance_uid: str = ""
+    destination: str = ""
+
+    @property
+    def empty(self) -> bool:
+        """True when no criterion is given (it would select nothing)."""
+        return not (self.delivery_ids or self.study_instance_uid or self.destination)
+
+    def describe(self) -> str:
+        """The selection as the audit target, e.g. 'study:1.2.3 destination:pacs'."""
+        parts = [f"delivery:{','.join(map(str, self.delivery_ids))}"] if self.delivery_ids else []
+        parts += [f"study:{self.study_instance_uid}"] if self.study_instance_uid else []
+        parts += [f"destination:{self.destination}"] if self.destination else []
+        return " ".join(parts)
+
+
+def selected(session: Session, sel: Selection) -> list[Delivery]:
+    """The rows of a selection, oldest first, locked against a concurrent claim (PostgreSQL)."""
+    if sel.empty:
+        return []
+    q = select(Delivery).order_by(Delivery.id)
+    if sel.delivery_ids:
+        q = q.where(Delivery.id.in_(sel.delivery_ids))
+    if sel.study_instance_uid:
+        q = (
+            q.join(Output, Output.id == Delivery.output_id)
+            .join(Study, Study.id == Output.study_id)
+            .where(Study.study_instance_uid == sel.study_instance_uid)
+        )
+    if sel.destination:
+        q = q.where(Delivery.destination == sel.destination)
+    if session.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(of=Delivery)
+    return list(session.scalars(q))
+
+
+def cancel(session: Session, sel: Selection, actor: str, source: str = "", user: str = "") -> OutboxChange:
+    """Cancel the selected rows that are not sent yet (pending, failed, orphaned): they are never sent.
+
+    A row on the wire at this moment may still arrive (it is then recorded as sent); the rest of its
+    batch is not sent. Audited as ``delivery.cancel`` with the selection, the user and the rows changed.
+    """
+    rows = selected(session, sel)
+    who = f"{actor} ({user})" if user else actor
+    changed: list[int] = []
+    skipped: dict[str, list[int]] = {}
+    for row in rows:
+        if row.state in (DeliveryState.SENT, DeliveryState.CANCELLED):
+            skipped.setdefault(f"already {row.state}", []).append(row.id)
+            continue
+        was = f"was {row.state}" + (f": {row.last_error}" if row.last_error else "")
+        row.state, row.last_error = DeliveryState.CANCELLED, f"cancelled by {who}; {was}"[:2000]
+        row.leased_by, row.lease_heartbeat_at = "", None
+        changed.append(row.id)
+    if rows:
+        audit(
+            session,
+            actor,
+            "delivery.cancel",
+            target=sel.describe(),
+            source=source,
+            user=user,
+            ids=changed,
+            skipped=skipped,
+        )
+    if changed:
+        log.warning("%s cancelled %d delivery(ies): %s", who, len(changed), sel.describe())
+    return OutboxChange(action="cancel", selection=sel.describe(), matched=len(rows), changed=changed, skipped=skipped)
+
+
+def retry(
+    session: Session, sel: Selection, settings: Settings, actor: str, source: str = "", user: str = ""
+) -> OutboxChange:
+    """Queue the selected unsent rows (pending, failed, cancelled, orphaned) to go out at once: attempts
+    and backoff reset, sent to their destination as configured in settings.
+
+    Left as they are: sent rows (``dxnode resend`` sends again), rows whose destination is not in
+    settings, and rows another process is sending right now. Audited as ``delivery.retry``.
+    """
+    rows = selected(session, sel)
+    changed: list[int] = []
+    skipped: dict[str, list[int]] = {}
+    for row in rows:
+        if row.state == DeliveryState.SENT:
+            reason = "already sent (dxnode resend sends it again)"
+        elif configured(settings, row.destination) is None:
+            reason = not_configured(row.destination)
+        elif row.state == DeliveryState.PENDING and row.leased_by:
+            reason = f"being sent now by {row.leased_by}"
+        else:
+            _requeue(row)
+            changed.append(row.id)
+            continue
+        skipped.setdefault(reason, []).append(row.id)
+    if rows:
+        audit(
+            session,
+            actor,
+            "delivery.retry",
+            target=sel.describe(),
+            source=source,
+            user=user,
+            ids=changed,
+            skipped=skipped,
+        )
+    return OutboxChange(action="retry", selection=sel.describe(), matched=len(rows), changed=changed, skipped=skipped)
 
 
 def schedule(scheduler: BaseScheduler, store: Store, settings: Settings) -> None:

@@ -7,13 +7,16 @@ body and ``--json`` on the CLI prints the same objects. Times are ISO 8601 UTC t
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dxnode.config import Destination
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Delivery, FindingRow, InstanceResult, Job, Output, Series, Study
 
@@ -275,8 +278,18 @@ def spreadsheet_safe(value: Any) -> Any:
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
+def destination_address(dest: Destination | None) -> str:
+    """Where a destination's deliveries go: 'AE@host:port' (plus ' TLS') or the STOW-RS URL; '' if not configured."""
+    if dest is None:
+        return ""
+    if dest.kind == "dicomweb":
+        return dest.url
+    return f"{dest.ae_title}@{dest.host}:{dest.port}" + (" TLS" if dest.tls else "")
+
+
 class DeliveryOut(BaseModel):
-    """An outbox row: one output to one destination."""
+    """An outbox row: one output to one destination, with the address it goes to under the configuration
+    in force (a delivery names its destination only)."""
 
     id: int
     output_sop_instance_uid: str
@@ -284,7 +297,9 @@ class DeliveryOut(BaseModel):
     label: str
     study_instance_uid: str
     destination: str
-    ae_title: str
+    configured: bool  # the destination is in [[destinations]] (false: its rows are orphaned)
+    address: str  # "AE@host:port" (" TLS"), or the STOW-RS URL; "" when not configured
+    ae_title: str  # of the configured destination ("" for DICOMweb or not configured)
     host: str
     port: int
     state: DeliveryState
@@ -304,8 +319,10 @@ def list_deliveries(
     limit: int = 100,
     offset: int = 0,
     study_instance_uid: str | None = None,
+    destinations: Sequence[Destination] = (),
 ) -> list[DeliveryOut]:
-    """Outbox rows, newest first."""
+    """Outbox rows, newest first; addresses from destinations (the configuration's [[destinations]])."""
+    by_name = {d.name: d for d in destinations}
     q = (
         select(Delivery, Output, Study.study_instance_uid)
         .join(Output, Output.id == Delivery.output_id)
@@ -326,9 +343,9 @@ def list_deliveries(
             label=o.label,
             study_instance_uid=study_uid,
             destination=d.destination,
-            ae_title=d.ae_title,
-            host=d.host,
-            port=d.port,
+            configured=d.destination in by_name,
+            address=destination_address(by_name.get(d.destination)),
+            **_address_parts(by_name.get(d.destination)),
             state=DeliveryState(d.state),
             attempts=d.attempts,
             next_attempt_at=iso(d.next_attempt_at),
@@ -340,6 +357,26 @@ def list_deliveries(
         )
         for d, o, study_uid in session.execute(q)
     ]
+
+
+def _address_parts(dest: Destination | None) -> dict[str, Any]:
+    """ae_title, host and port of a destination as configured (of its URL for DICOMweb)."""
+    if dest is None:
+        return {"ae_title": "", "host": "", "port": 0}
+    if dest.kind == "dicomweb":
+        url = urlsplit(dest.url)
+        return {"ae_title": "", "host": url.hostname or "", "port": url.port or (443 if url.scheme == "https" else 80)}
+    return {"ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
+
+
+class OutboxChange(BaseModel):
+    """What `dxnode outbox cancel` or `retry` did: the rows changed, and those left as they were, by reason."""
+
+    action: str  # cancel or retry
+    selection: str  # e.g. "study:1.2.3 destination:pacs"
+    matched: int
+    changed: list[int]  # delivery ids
+    skipped: dict[str, list[int]]  # reason -> delivery ids
 
 
 class SeriesOut(BaseModel):
@@ -396,8 +433,11 @@ class StudyDetail(StudyOut):
     deliveries: list[DeliveryOut]
 
 
-def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | None:
-    """One study with its series, jobs, findings, outputs and deliveries; None if unknown."""
+def study_detail(
+    session: Session, study_instance_uid: str, destinations: Sequence[Destination] = ()
+) -> StudyDetail | None:
+    """One study with its series, jobs, findings, outputs and deliveries (addresses from destinations);
+    None if unknown."""
     study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
     if study is None:
         return None
@@ -451,7 +491,9 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
             )
             for o in outputs
         ],
-        deliveries=list_deliveries(session, limit=1000, study_instance_uid=study_instance_uid),
+        deliveries=list_deliveries(
+            session, limit=1000, study_instance_uid=study_instance_uid, destinations=destinations
+        ),
     )
 
 

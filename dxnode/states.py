@@ -16,8 +16,10 @@ class JobState(StrEnum):
 
 
 class DeliveryState(StrEnum):
-    """The states of an outbox row (``delivery.state``)."""
+    """The states of an outbox row (``delivery.state``); see dxnode/dispatch.py for each one's meaning."""
 
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # `dxnode outbox cancel`: never sent; `outbox retry` queues it again
+    ORPHANED = "orphaned"  # its destination is no longer configured: not tried; `outbox retry` once it is again

@@ -244,7 +244,12 @@ class Output(Base):
 
 
 class Delivery(Base):
-    """An outbox row: one output to one destination, with its retry state."""
+    """An outbox row: one output to one destination, with its retry state.
+
+    The destination is referenced by its [[destinations]] name only: its address, AE title, TLS and
+    auth are read from the configuration in force when the row is sent (migration 0009 dropped the
+    address columns that used to pin it when queued).
+    """
 
     __tablename__ = "delivery"
     __table_args__ = (
@@ -255,9 +260,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))  # the [[destinations]] name
-    ae_title: Mapped[str] = mapped_column(String(16))
-    host: Mapped[str] = mapped_column(String(255))
-    port: Mapped[int] = mapped_column(Integer)
+    # pending, sent, failed, cancelled or orphaned (dxnode.states.DeliveryState); last_error says why
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

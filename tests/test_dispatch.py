@@ -408,8 +408,9 @@ def test_cli_outbox_and_resend(
     assert cli.main(["--config", str(config), "outbox"]) == 0
     table = capsys.readouterr().out
     assert (
-        table.splitlines()[0].split()[:5] == ["ID", "KIND", "LABEL", "DESTINATION", "STATE"]
+        table.splitlines()[0].split()[:6] == ["ID", "KIND", "LABEL", "DESTINATION", "ADDRESS", "STATE"]
         and table.count("failed") == 2
+        and table.count("PACS@127.0.0.1:104 ") == 2  # the address of the config the command runs with
     )
     assert cli.main(["--config", str(config), "resend", rows[0]["study_instance_uid"]]) == 0
     assert "re-queued 2 deliveries" in capsys.readouterr().out

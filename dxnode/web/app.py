@@ -124,7 +124,7 @@ def api_router() -> APIRouter:
     @r.get("/studies/{study_instance_uid}", summary="One study with its series, jobs, findings, outputs and deliveries")
     def study(request: Request, study_instance_uid: str, who: Principal = Depends(require_read)) -> StudyDetail:
         with request.app.state.store.session() as s:
-            detail = study_detail(s, study_instance_uid)
+            detail = study_detail(s, study_instance_uid, request.app.state.settings.destinations)
         if detail is None:
             raise HTTPException(404, "no such study")
         _audit(request, who, "api.study.read", target=study_instance_uid)
@@ -253,7 +253,9 @@ def api_router() -> APIRouter:
         offset: int = Query(0, ge=0, le=10**9),
     ) -> list[DeliveryOut]:
         with request.app.state.store.session() as s:
-            rows = list_deliveries(s, state, destination, limit, offset)
+            rows = list_deliveries(
+                s, state, destination, limit, offset, destinations=request.app.state.settings.destinations
+            )
         _audit(request, who, "api.outbox.read", rows=len(rows))
         return rows
 

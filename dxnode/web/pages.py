@@ -177,7 +177,7 @@ def pages_router() -> APIRouter:
     @r.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_instance_uid: str, who: Principal = Depends(page_user)) -> Response:
         with request.app.state.store.session() as s:
-            detail = study_detail(s, study_instance_uid)
+            detail = study_detail(s, study_instance_uid, request.app.state.settings.destinations)
         if detail is None:
             return TEMPLATES.TemplateResponse(
                 request, "message.html", _context(request, who, message="No such study."), status_code=404
