@@ -222,9 +222,10 @@ def _record(
             )
             return row.state
         row.last_error = error[:2000]
-        metrics.DELIVERIES_FAILED.labels(destination=row.destination).inc()
+        metrics.DELIVERY_ATTEMPTS_FAILED.labels(destination=row.destination).inc()
         if permanent or row.attempts >= settings.dispatch.max_attempts:
             row.state = "failed"
+            metrics.DELIVERIES_FAILED_FOR_GOOD.labels(destination=row.destination).inc()
             audit(
                 s,
                 "system",
