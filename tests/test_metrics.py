@@ -58,9 +58,9 @@ def moved(samples: dict[tuple[str, str], float], name: str) -> bool:
     return any(v > 0 for (n, _), v in samples.items() if n in (name, f"{name}_total", f"{name}_count"))
 
 
-def send_unreadable(port: int, aet: str) -> int:
+def send_unreadable(port: int, aet: str, folder: Path) -> int:
     """One C-STORE of a dataset without a Study Instance UID (refused 0xC000); its status."""
-    ds = pydicom.dcmread(make_study(Path(f"/tmp/dxnode-metrics-{port}"), n=1)[1][0])
+    ds = pydicom.dcmread(make_study(folder, n=1)[1][0])
     del ds.StudyInstanceUID
     ae = AE(ae_title=aet)
     ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
@@ -101,7 +101,7 @@ def test_every_watched_metric_moves_after_real_jobs_and_deliveries(tmp_path: Pat
         base = node.wait_for(r"dxnode web: (http://\S+/)").group(1)
         study_uid, files = make_study(tmp_path / "study", n=2)
         storescu(node.port, files, "MODALITY")
-        assert 0xC000 <= send_unreadable(node.port, "SENDER") <= 0xCFFF
+        assert 0xC000 <= send_unreadable(node.port, "SENDER", tmp_path / "bad") <= 0xCFFF
         echo = subprocess.run(
             ["echoscu", "-aet", "INTRUDER", "-aec", "DXNODE", "127.0.0.1", str(node.port)], timeout=30
         )

@@ -111,6 +111,28 @@ def test_impossible_addresses_are_named(tmp_path: Path, case: str, expected: str
     assert not TRACEBACK_OR_SPAM.search(out + err)
 
 
+@pytest.mark.parametrize("part", ["dicom-tls", "database", "model"])
+def test_a_part_that_cannot_start_is_named_and_nothing_keeps_running(tmp_path: Path, part: str) -> None:
+    dicom = free_port()
+    sections: dict[str, dict[str, object]] = {"node": {"port": dicom}}
+    if part == "dicom-tls":
+        (tmp_path / "cert.pem").write_text("not a certificate\n")
+        sections["node"].update(
+            tls_port=free_port(), tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "cert.pem")
+        )
+    elif part == "database":
+        sections["database"] = {"url": f"postgresql+psycopg://dxnode@127.0.0.1:{free_port()}/dxnode"}  # nobody listens
+    else:
+        sections["web"] = {"enabled": True, "host": "127.0.0.1", "port": free_port()}
+        sections["model"] = {"bundle": str(tmp_path / "no-such-bundle")}
+    code, out, err, _ = run_node(node_config(tmp_path, **sections), "serve")
+    assert code == EXIT_START, out + err
+    assert last_line(err).startswith(f"dxnode serve: {part}: "), err
+    assert not TRACEBACK_OR_SPAM.search(out + err)
+    with socket.socket() as probe:  # a listener started before the failing part was closed again
+        assert probe.connect_ex(("127.0.0.1", dicom)) != 0
+
+
 def test_job_processes_that_never_start_end_the_node(tmp_path: Path) -> None:
     """Every job process killed before it is ready (a memory limit below any interpreter's size): the
     node must not go on receiving studies it will never analyse."""
