@@ -325,6 +325,9 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     except StartError as exc:
         _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
         return _refused("serve", exc, EXIT_START)
+    except BaseException:  # an unforeseen error (or Ctrl-C) while starting: nothing may keep running
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        raise
     try:
         failed = _watch(_part_checks(scp, scheduler, supervisor, server))
     finally:
@@ -383,6 +386,9 @@ def work(settings: Settings, log_level: str = "INFO") -> int:
     except StartError as exc:
         _stop(settings, time.monotonic(), None, scheduler, supervisor, server, store)
         return _refused("worker", exc, EXIT_START)
+    except BaseException:
+        _stop(settings, time.monotonic(), None, scheduler, supervisor, server, store)
+        raise
     try:
         failed = _watch(_part_checks(None, scheduler, supervisor, server))
     finally:
@@ -402,7 +408,6 @@ def serve_web_only(settings: Settings) -> int:
         store = _open(settings)
     except StartError as exc:
         return _refused("web", exc, EXIT_START)
-    server = None
     try:
         classifier = _model(settings)
 
