@@ -165,19 +165,22 @@ def share_metrics(settings: Settings) -> Path | None:
     longer run are removed; one per node process, because several nodes may share a data dir.
     Returns None (each process counts for itself) when prometheus_client was imported already.
     """
-    if "prometheus_client" in sys.modules and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if "prometheus_client" in sys.modules:
         log.warning("prometheus_client imported before the node started: /metrics shows this process only")
         return None
     root = settings.data_dir / "metrics"
     host = socket.gethostname()
-    if root.is_dir():
-        for old in root.iterdir():
-            name, _, pid = old.name.rpartition("-")
-            if name == host and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
     folder = root / f"{host}-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    try:
+        if root.is_dir():
+            for old in root.iterdir():
+                name, _, pid = old.name.rpartition("-")
+                if name == host and pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        raise StartError("metrics", f"cannot make {folder}: {exc.strerror or exc}") from None
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return folder
 
@@ -292,9 +295,9 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     web_on = web and settings.web.enabled
     try:
         check_addresses(listen_addresses(settings, web_on))  # before the database and the model: at once
+        metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
     except StartError as exc:
         return _refused("serve", exc, EXIT_START)
-    metrics_dir = share_metrics(settings)
     from dxnode import worklist
     from dxnode.scp import StorageSCP
 
@@ -364,9 +367,9 @@ def work(settings: Settings, log_level: str = "INFO") -> int:
     web_on = settings.web.enabled
     try:
         check_addresses(listen_addresses(settings, web_on, dicom=False))
+        metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
     except StartError as exc:
         return _refused("worker", exc, EXIT_START)
-    metrics_dir = share_metrics(settings)
     from dxnode import worklist
 
     store = scheduler = supervisor = server = None
