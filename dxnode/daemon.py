@@ -4,7 +4,10 @@ serve: the SCP receives on its own threads (pynetdicom); one APScheduler Backgro
 the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
 thread; jobs run in supervised job processes (dxnode/runner.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
-and one shared data dir.
+and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
+
+Every process of a node counts into one prometheus_client multiprocess folder,
+data_dir/metrics/HOSTNAME-PID (share_metrics), so /metrics shows the job processes' counters too.
 
 The node starts whole or exits: every listen address (DICOM, DICOM TLS, web) is bound once before
 the database opens and the model loads, and a part that cannot start stops the parts already
