@@ -62,6 +62,18 @@ def test_taken_web_port_ends_the_node_at_once_naming_it(tmp_path: Path) -> None:
         assert probe.connect_ex(("127.0.0.1", dicom)) != 0
 
 
+def test_a_worker_whose_metrics_port_is_taken_exits_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = node_config(tmp_path, web={"enabled": True, "host": "127.0.0.1", "port": port})
+        code, out, err, seconds = run_node(cfg, "worker")
+    assert code == EXIT_START, out + err
+    assert err.strip() == f"dxnode worker: web: 127.0.0.1:{port} is in use (another dxnode?)", err
+    assert seconds < 10 and "job process" not in out + err  # nothing was started
+
+
 def test_second_node_on_the_same_dicom_port_is_refused_at_once(tmp_path: Path) -> None:
     need_tool("echoscu")
     port = free_port()
