@@ -4,27 +4,43 @@ serve: the SCP receives on its own threads (pynetdicom); one APScheduler Backgro
 the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
 thread; jobs run in supervised job processes (dxnode/runner.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
-and one shared data dir.
+and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
+
+Every process of a node counts into one prometheus_client multiprocess folder,
+data_dir/metrics/HOSTNAME-PID (share_metrics), so /metrics shows the job processes' counters too.
+
+The node starts whole or exits: every listen address (DICOM, DICOM TLS, web) is bound once before
+the database opens and the model loads, and a part that cannot start stops the parts already
+started; the process then exits with status 2 (EXIT_START) after one line on stderr naming the part
+and the cause, e.g. ``dxnode serve: web: 127.0.0.1:8080 is in use (another dxnode?)``. While it
+runs, a part that stops (a listener thread, the scheduler, the web server, job processes that cannot
+start or load the model) makes it stop the rest and exit with status 1 (EXIT_PART_DIED), one line
+naming the part, so systemd starts it again. It never runs half.
 
 SIGTERM and SIGINT stop the listener first (no new association), then the scheduler, then the job
 processes: each re-queues its job at the next stage boundary; one still running a little before
-``[node] stop_timeout_seconds`` is killed and its job re-queued. The process exits within that time.
+``[node] stop_timeout_seconds`` is killed and its job re-queued. The process exits within that time
+(status 0).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
 from dxnode.config import Settings
+from dxnode.listen import EXIT_PART_DIED, EXIT_START, StartError, check_addresses
 from dxnode.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -94,37 +110,131 @@ def _start_scheduler(
     return scheduler
 
 
-def _start_web(settings: Settings, store: Store, readiness: Readiness, scp: StorageSCP | None = None) -> WebServer:
-    """Serve the REST API and pages; print how to log in. STOW-RS stores through scp when given
-    (the receiver whose activity the stable-study sweep watches)."""
-    from dxnode.web.app import create_app
+def _start_web(
+    settings: Settings,
+    store: Store,
+    readiness: Readiness,
+    scp: StorageSCP | None = None,
+    metrics_dir: Path | None = None,
+    worker: bool = False,
+) -> WebServer:
+    """Serve the REST API and pages (a worker: /healthz, /readyz and /metrics only); print how to log in.
+    STOW-RS stores through scp when given (the receiver whose activity the stable-study sweep watches)."""
+    from dxnode.web.app import create_app, create_metrics_app
     from dxnode.web.server import WebServer
 
-    app = create_app(settings, store, readiness)
+    if worker:
+        app = create_metrics_app(settings, store, readiness, metrics_dir)
+    else:
+        app = create_app(settings, store, readiness, metrics_dir)
     if scp is not None:
         app.state.stow_scp = scp
     server = WebServer(app, settings.web.host, settings.web.port)
     server.start()
-    print(f"dxnode web: {server.url}", flush=True)
+    print(f"dxnode {'worker metrics' if worker else 'web'}: {server.url}", flush=True)
     if not settings.web.tokens:
         print(
-            "dxnode web: no [[web.tokens]] configured, so nobody can log in. Make one with\n"
+            "dxnode web: no [[web.tokens]] configured, so nobody can log in. Make a token with\n"
             "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'\n"
-            'and add to the config:  [[web.tokens]]  name = "admin"  token = "..."  role = "admin"\n'
+            "and add to the config:\n"
+            "[[web.tokens]]\n"
+            'name = "admin"\n'
+            'token = "..."\n'
+            'role = "admin"\n'
             '(or set DXNODE_WEB__TOKENS=\'[{"name":"admin","token":"...","role":"admin"}]\')',
             flush=True,
         )
     return server
 
 
-def _wait_for_signal(fatal: threading.Event | None = None) -> None:
-    """Block until SIGTERM or SIGINT (or fatal is set)."""
+def listen_addresses(settings: Settings, web: bool, dicom: bool = True) -> list[tuple[str, str, int]]:
+    """(part, host, port) of every listener this node is configured to open."""
+    node = settings.node
+    parts: list[tuple[str, str, int]] = []
+    if dicom:
+        parts.append(("dicom", node.host, node.port))
+        if node.tls_port is not None:
+            parts.append(("dicom-tls", node.host, node.tls_port))
+    if web:
+        parts.append(("web", settings.web.host, settings.web.port))
+    return parts
+
+
+def share_metrics(settings: Settings) -> Path | None:
+    """Put this node's processes on one prometheus_client multiprocess folder, data_dir/metrics/HOST-PID.
+
+    Must run before prometheus_client is first imported (dxnode.metrics, dxnode.scp, ...): the job
+    processes, spawned later, inherit PROMETHEUS_MULTIPROC_DIR. Folders of this host's nodes that no
+    longer run are removed; one per node process, because several nodes may share a data dir.
+    Returns None (each process counts for itself) when prometheus_client was imported already.
+    """
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client imported before the node started: /metrics shows this process only")
+        return None
+    root = settings.data_dir / "metrics"
+    host = socket.gethostname()
+    folder = root / f"{host}-{os.getpid()}"
+    try:
+        if root.is_dir():
+            for old in root.iterdir():
+                name, _, pid = old.name.rpartition("-")
+                if name == host and pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        raise StartError("metrics", f"cannot make {folder}: {exc.strerror or exc}") from None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+Check = Callable[[], "tuple[str, str] | None"]
+
+
+def _watch(checks: list[Check]) -> StartError | None:
+    """Block until SIGTERM or SIGINT (None), or until a part stops running (StartError naming it)."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        if fatal is not None and fatal.is_set():
-            return
+    before = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            for check in checks:
+                if (failed := check()) is not None:
+                    return StartError(*failed)
+        return None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _scheduler_failure(scheduler: BackgroundScheduler) -> tuple[str, str] | None:
+    """The scheduler's thread ended while the node runs (it never should)."""
+    thread = getattr(scheduler, "_thread", None)  # APScheduler 3 keeps no public handle on it
+    if not scheduler.running or (thread is not None and not thread.is_alive()):
+        return "scheduler", "the background scheduler (sweep, recovery, outbox) stopped"
+    return None
+
+
+def _part_checks(scp: Any, scheduler: Any, supervisor: Any, server: Any) -> list[Check]:
+    checks: list[Check] = []
+    if scp is not None:
+        checks.append(scp.failure)
+    if scheduler is not None:
+        checks.append(lambda: _scheduler_failure(scheduler))
+    if supervisor is not None:
+        checks.append(lambda: ("jobs", why) if (why := supervisor.failure()) else None)
+    if server is not None:
+        checks.append(lambda: ("web", why) if (why := server.failure()) else None)
+    return checks
 
 
 def _exit_by(deadline: float) -> None:
@@ -152,89 +262,171 @@ def _start_jobs(settings: Settings, store: Store, log_level: str) -> Any:
 
 
 def _stop(
-    settings: Settings, started: float, scp: Any, scheduler: Any, supervisor: Any, server: Any, store: Store
+    settings: Settings, started: float, scp: Any, scheduler: Any, supervisor: Any, server: Any, store: Store | None
 ) -> None:
-    """Stop in order within stop_timeout_seconds of started: listener, scheduler, jobs, web."""
+    """Stop in order within stop_timeout_seconds of started: listener, scheduler, jobs, web (each if started)."""
     deadline = started + settings.node.stop_timeout_seconds
     _exit_by(deadline - 0.3)
     if scp is not None:
         scp.stop()
-    scheduler.shutdown(wait=False)
+    if scheduler is not None and scheduler.running:
+        scheduler.shutdown(wait=False)
     if supervisor is not None:
         supervisor.stop(deadline - min(2.0, settings.node.stop_timeout_seconds / 4))
     if server is not None:
         server.stop()
-    store.dispose()
+    if store is not None:
+        store.dispose()
+
+
+def _refused(command: str, exc: StartError, code: int) -> int:
+    """Print the one line that names the part that failed and why; return the exit status."""
+    print(f"dxnode {command}: {exc}", file=sys.stderr, flush=True)
+    return code
+
+
+def _open(settings: Settings) -> Store:
+    """The node's database, migrated; StartError naming it when it cannot be opened."""
+    try:
+        return open_store(settings)
+    except Exception as exc:
+        raise StartError("database", f"{safe_url(settings.database.url)}: {exc}".splitlines()[0]) from exc
 
 
 def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
-    """Run the node until a signal arrives."""
+    """Run the node until a signal arrives (0), a part cannot start (2) or a running part stops (1)."""
+    web_on = web and settings.web.enabled
+    try:
+        check_addresses(listen_addresses(settings, web_on))  # before the database and the model: at once
+        metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
+    except StartError as exc:
+        return _refused("serve", exc, EXIT_START)
     from dxnode import worklist
     from dxnode.scp import StorageSCP
 
-    store = open_store(settings)
-    log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
-    worklist.recover(store, settings)
-    web_on = web and settings.web.enabled
-    classifier = _load_model(settings) if web_on else None  # for /api/predict; jobs load their own
-    scp = StorageSCP(settings, store)
-    scp.start()
-    print(
-        f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
-        + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
-        flush=True,
-    )
-    supervisor = _start_jobs(settings, store, log_level)
-    scheduler = _start_scheduler(settings, store, scp.activity, supervisor)
-
-    def readiness() -> dict[str, bool]:
-        checks = {"database": store.ping(), "model": classifier is not None, "scp": scp.listening}
-        if supervisor is not None:
-            checks["workers"] = supervisor.alive > 0
-        return checks
-
-    server = _start_web(settings, store, readiness, scp) if web_on else None
+    store = scp = scheduler = supervisor = server = None
     try:
-        _wait_for_signal(supervisor.fatal if supervisor is not None else None)
+        store = _open(settings)
+        log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
+        worklist.recover(store, settings)
+        classifier = _model(settings) if web_on else None  # for /api/predict; jobs load their own
+        scp = StorageSCP(settings, store)
+        scp.start()
+        print(
+            f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
+            + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
+            flush=True,
+        )
+        supervisor = _start_jobs(settings, store, log_level)
+        scheduler = _start_scheduler(settings, store, scp.activity, supervisor)
+        ready_store, ready_scp, ready_jobs = store, scp, supervisor
+
+        def readiness() -> dict[str, bool]:
+            checks = {"database": ready_store.ping(), "model": classifier is not None, "scp": ready_scp.listening}
+            if ready_jobs is not None:
+                checks["workers"] = ready_jobs.alive > 0
+            return checks
+
+        server = _start_web(settings, store, readiness, scp, metrics_dir) if web_on else None
+    except StartError as exc:
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        return _refused("serve", exc, EXIT_START)
+    except BaseException:  # an unforeseen error (or Ctrl-C) while starting: nothing may keep running
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        raise
+    try:
+        failed = _watch(_part_checks(scp, scheduler, supervisor, server))
     finally:
         log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
         _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
-    return 1 if supervisor is not None and supervisor.fatal.is_set() else 0
+    if failed is not None:
+        return _refused("serve", failed, EXIT_PART_DIED)
+    _forget(metrics_dir)
+    return 0
+
+
+def _model(settings: Settings) -> Classifier:
+    """The model, or StartError naming it."""
+    from dxnode.model import BundleError
+
+    try:
+        return _load_model(settings)
+    except (BundleError, FileNotFoundError) as exc:
+        raise StartError("model", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def _forget(metrics_dir: Path | None) -> None:
+    """Remove this node's multiprocess metrics folder after a clean stop (its counters start again at 0)."""
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def work(settings: Settings, log_level: str = "INFO") -> int:
-    """`dxnode worker`: job processes and the outbox only, on a shared database and data dir."""
-    from dxnode import worklist
-
-    store = open_store(settings)
-    log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
-    worklist.recover(store, settings)
+    """`dxnode worker`: job processes and the outbox, on a shared database and data dir; with [web]
+    enabled it serves its own /healthz, /readyz and /metrics on [web] host:port."""
     if not settings.worklist.run_jobs:
         print("dxnode worker: [worklist] run_jobs = false, nothing to do", file=sys.stderr)
-        return 2
-    supervisor = _start_jobs(settings, store, log_level)
-    scheduler = _start_scheduler(settings, store, None, supervisor, sweep=False)
-    print(f"dxnode worker: {settings.worklist.workers} job process(es) and the outbox running", flush=True)
+        return EXIT_START
+    web_on = settings.web.enabled
     try:
-        _wait_for_signal(supervisor.fatal)
+        check_addresses(listen_addresses(settings, web_on, dicom=False))
+        metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
+    except StartError as exc:
+        return _refused("worker", exc, EXIT_START)
+    from dxnode import worklist
+
+    store = scheduler = supervisor = server = None
+    try:
+        store = _open(settings)
+        log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
+        worklist.recover(store, settings)
+        supervisor = _start_jobs(settings, store, log_level)
+        scheduler = _start_scheduler(settings, store, None, supervisor, sweep=False)
+        ready_store, ready_jobs = store, supervisor
+
+        def readiness() -> dict[str, bool]:
+            return {"database": ready_store.ping(), "workers": ready_jobs.alive > 0}
+
+        server = _start_web(settings, store, readiness, None, metrics_dir, worker=True) if web_on else None
+        print(f"dxnode worker: {settings.worklist.workers} job process(es) and the outbox running", flush=True)
+    except StartError as exc:
+        _stop(settings, time.monotonic(), None, scheduler, supervisor, server, store)
+        return _refused("worker", exc, EXIT_START)
+    except BaseException:
+        _stop(settings, time.monotonic(), None, scheduler, supervisor, server, store)
+        raise
+    try:
+        failed = _watch(_part_checks(None, scheduler, supervisor, server))
     finally:
         log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
-        _stop(settings, time.monotonic(), None, scheduler, supervisor, None, store)
-    return 1 if supervisor.fatal.is_set() else 0
+        _stop(settings, time.monotonic(), None, scheduler, supervisor, server, store)
+    if failed is not None:
+        return _refused("worker", failed, EXIT_PART_DIED)
+    _forget(metrics_dir)
+    return 0
 
 
 def serve_web_only(settings: Settings) -> int:
-    """Run only the web stage against the configured database."""
-    store = open_store(settings)
-    classifier = _load_model(settings)
-
-    def readiness() -> dict[str, bool]:
-        return {"database": store.ping(), "model": classifier is not None}
-
-    server = _start_web(settings, store, readiness)
+    """Run only the web stage against the configured database (/metrics: this process's counters and
+    the database's figures; the receiving node's counters are on its own /metrics)."""
     try:
-        _wait_for_signal()
+        check_addresses(listen_addresses(settings, True, dicom=False))
+        store = _open(settings)
+    except StartError as exc:
+        return _refused("web", exc, EXIT_START)
+    try:
+        classifier = _model(settings)
+
+        def readiness() -> dict[str, bool]:
+            return {"database": store.ping(), "model": classifier is not None}
+
+        server = _start_web(settings, store, readiness)
+    except StartError as exc:
+        store.dispose()
+        return _refused("web", exc, EXIT_START)
+    try:
+        failed = _watch(_part_checks(None, None, None, server))
     finally:
         server.stop()
         store.dispose()
-    return 0
+    return 0 if failed is None else _refused("web", failed, EXIT_PART_DIED)

@@ -254,12 +254,13 @@ def _record(
                 sop_instance_uid=job.sop_instance_uid,
             )
             return row.state
-        metrics.DELIVERIES_FAILED.labels(destination=row.destination).inc()
+        metrics.DELIVERY_ATTEMPTS_FAILED.labels(destination=row.destination).inc()
         if row.state != DeliveryState.PENDING:  # cancelled meanwhile: it stays so, with its reason
             return row.state
         row.last_error = error[:2000]
         if permanent or row.attempts >= settings.dispatch.max_attempts:
             row.state = "failed"
+            metrics.DELIVERIES_FAILED_FOR_GOOD.labels(destination=row.destination).inc()
             audit(
                 s,
                 "system",

@@ -1,18 +1,28 @@
 """Prometheus metrics of the node, updated by the stages and served at /metrics.
 
-Gauges that are a count of rows (jobs by state, outbox backlog) are computed from the store at
-scrape time by the web stage, so several processes sharing one database agree.
+Counters and histograms are counted where the event happens: the receiver and the outbox in the
+node's own process, jobs in its job processes. ``dxnode serve`` and ``dxnode worker`` put every
+process of the node on prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by
+dxnode.daemon before this module is first imported), so /metrics sums them all. Gauges that are a
+count of rows (jobs by state, outbox backlog) are computed from the store at scrape time, so
+several nodes sharing one database agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from dxnode.states import JobState
+
+if TYPE_CHECKING:
+    from dxnode.store import Store
 
 INSTANCES_RECEIVED = Counter(
     "dxnode_instances_received_total", "C-STORE instances stored and acknowledged", ["calling_aet"]
@@ -65,9 +75,74 @@ def stage_histogram(timings: Iterable[dict[str, float]]) -> HistogramMetricFamil
 
 
 DELIVERIES_SENT = Counter("dxnode_deliveries_sent_total", "Outputs delivered to a destination", ["destination"])
-DELIVERIES_FAILED = Counter("dxnode_deliveries_failed_total", "Delivery attempts that failed", ["destination"])
+DELIVERY_ATTEMPTS_FAILED = Counter(
+    "dxnode_delivery_attempts_failed_total",
+    "Delivery attempts that failed, each retry counted (most are retried: see dxnode_deliveries_failed_for_good_total)",
+    ["destination"],
+)
+DELIVERIES_FAILED_FOR_GOOD = Counter(
+    "dxnode_deliveries_failed_for_good_total",
+    "Deliveries given up (max_attempts reached or refused for good): the outbox rows that turned failed",
+    ["destination"],
+)
 
 # Export the labelled series at zero from the start, so dashboards and alerts see them before the first event.
 ASSOCIATIONS_REJECTED.labels(reason="calling_aet")
 for _state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED):
     JOBS_FINISHED.labels(state=_state)
+
+
+def store_families(store: Store) -> list[Metric]:
+    """The figures read from the database at scrape time: jobs by state, outbox backlog and failures,
+    stage times. Families, not Gauge objects: those would write multiprocess files of their own."""
+    from sqlalchemy import func, select
+
+    from dxnode.states import DeliveryState
+    from dxnode.store import Delivery, Job
+
+    jobs = GaugeMetricFamily("dxnode_jobs", "Jobs by state", labels=["state"])
+    with store.session() as s:
+        counts = dict.fromkeys(JobState, 0) | dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        for state, n in counts.items():
+            jobs.add_metric([str(state)], n)
+
+        def deliveries(state: DeliveryState) -> int:
+            return s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == state)) or 0
+
+        backlog = GaugeMetricFamily(
+            "dxnode_outbox_backlog", "Deliveries pending", value=deliveries(DeliveryState.PENDING)
+        )
+        failed = GaugeMetricFamily(
+            "dxnode_outbox_failed",
+            "Deliveries failed for good (outbox rows now failed)",
+            value=deliveries(DeliveryState.FAILED),
+        )
+        stages = stage_histogram(s.scalars(select(Job.timings)))
+    return [jobs, backlog, failed, stages]
+
+
+class _Families:
+    """Metric families computed at scrape time, as a collector for a CollectorRegistry."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def exposition(store: Store | None, multiproc_dir: Path | None) -> bytes:
+    """The text of /metrics: the counters of every process of this node (summed from multiproc_dir,
+    or this process's own when None), this process's CPU and memory, and the database's figures."""
+    if multiproc_dir is None:
+        text = generate_latest(REGISTRY)
+    else:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(multiproc_dir))
+        ProcessCollector(registry=registry)
+        text = generate_latest(registry)
+    if store is not None:
+        registry = CollectorRegistry()
+        registry.register(_Families(store_families(store)))
+        text += generate_latest(registry)
+    return text

@@ -34,8 +34,11 @@ log = logging.getLogger("dxnode.runner")
 EXIT_CONFIG = 78
 
 
-def job_process_main(settings: Settings, log_level: str, parent: int) -> None:
-    """Body of one job process: load the model once, then claim and run jobs until SIGTERM."""
+def job_process_main(settings: Settings, log_level: str, parent: int, ready: Any = None, problems: Any = None) -> None:
+    """Body of one job process: load the model once, set ready, then claim and run jobs until SIGTERM.
+
+    ready: a multiprocessing Event set once the model is loaded; problems: a queue that gets the
+    one-line reason when the model cannot load (the process then exits with EXIT_CONFIG)."""
     from dxnode.cli import setup_logging
 
     setup_logging(log_level)
@@ -49,9 +52,13 @@ def job_process_main(settings: Settings, log_level: str, parent: int) -> None:
         load_classifier(settings.model, data_dir=settings.data_dir)
     except (BundleError, FileNotFoundError) as exc:
         log.error("job process cannot load the model: %s", exc)
+        if problems is not None:
+            problems.put(f"a job process cannot load the model: {exc}".splitlines()[0])
         raise SystemExit(EXIT_CONFIG) from None
     store = Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
     me, supervisor = worklist.worker_id(), worklist.worker_id(parent)
+    if ready is not None:
+        ready.set()
     log.info("job process %s ready", me)
     try:
         while not stop.is_set() and os.getppid() == parent:
@@ -99,6 +106,13 @@ class _Slot:
     next_start: float = 0.0
     why: str = ""  # the reason the supervisor itself stopped it
     checked: float = 0.0  # when its job's heartbeat was last looked at
+    ready: Any = None  # multiprocessing Event: set by the job process once its model is loaded
+    failed_starts: int = 0  # deaths in a row before ever getting ready
+
+
+# A node whose every job process died this many times in a row before getting ready stops (exit 1):
+# restarting it would not help, and a node that receives but never analyses must not look alive.
+START_TRIES = 3
 
 
 class Supervisor:
@@ -110,7 +124,9 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx = multiprocessing.get_context("spawn")
-        self.fatal = threading.Event()  # a job process could not load its model
+        self._problems = self._ctx.SimpleQueue()  # one-line reasons from job processes that give up
+        self.fatal = threading.Event()  # the job processes cannot run: the node stops
+        self.fatal_reason = ""
 
     @property
     def workers(self) -> frozenset[str]:
@@ -129,12 +145,14 @@ class Supervisor:
         self._thread.start()
 
     def _spawn(self, slot: _Slot) -> None:
+        ready = self._ctx.Event()
         proc = self._ctx.Process(
             target=job_process_main,
-            args=(self.settings, self.log_level, os.getpid()),
+            args=(self.settings, self.log_level, os.getpid(), ready, self._problems),
             name=f"dxnode-job-{slot.index}",
         )
         proc.start()
+        slot.ready = ready
         assert proc.pid is not None
         slot.proc, slot.worker, slot.started, slot.why = proc, worklist.worker_id(proc.pid), time.monotonic(), ""
         log.info("started job process %d (pid %d)", slot.index, proc.pid)
@@ -160,14 +178,39 @@ class Supervisor:
         why = slot.why or _exit_reason(code)
         handed = worklist.worker_lost(self.store, self.settings, slot.worker, why)
         log.error("job process %d (pid %s) %s; %d job(s) handed back", slot.index, proc.pid, why, handed)
+        _forget_metrics(proc.pid)
         if code == EXIT_CONFIG:
-            self.fatal.set()  # the node stops: restarting would fail the same way
+            # the node stops: restarting would fail the same way
+            self._give_up(self._problem() or "a job process cannot load the model")
             slot.proc, slot.worker, slot.next_start = None, "", float("inf")
             return
+        slot.failed_starts = 0 if slot.ready is not None and slot.ready.is_set() else slot.failed_starts + 1
+        if all(s.failed_starts >= START_TRIES for s in self.slots):
+            self._give_up(f"every job process failed to start {START_TRIES} times in a row (last: {why})")
         quick = time.monotonic() - slot.started < 10
         slot.failures = slot.failures + 1 if quick else 0
         slot.proc, slot.worker = None, ""
         slot.next_start = time.monotonic() + min(30.0, 0.5 * 2 ** min(slot.failures, 6)) if slot.failures else 0.0
+
+    def _problem(self) -> str:
+        """The latest reason a job process sent before giving up ('' if none)."""
+        last = ""
+        while not self._problems.empty():
+            last = str(self._problems.get())
+        return last
+
+    def _give_up(self, reason: str) -> None:
+        if not self.fatal.is_set():
+            self.fatal_reason = reason
+            self.fatal.set()
+
+    def failure(self) -> str | None:
+        """Why the job processes cannot run (None while they can): the node then stops."""
+        if self.fatal.is_set():
+            return self.fatal_reason
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return "the job supervisor thread stopped"
+        return None
 
     def _limit(self, slot: _Slot, proc: BaseProcess) -> None:
         """Stop a job process over its memory limit, or one whose job's heartbeat went stale (hung)."""
@@ -213,6 +256,20 @@ class Supervisor:
         for slot in self.slots:
             if slot.worker:
                 worklist.release_worker(self.store, slot.worker, "the node stopped")
+            if slot.proc is not None and slot.proc.pid is not None:
+                _forget_metrics(slot.proc.pid)
+
+
+def _forget_metrics(pid: int | None) -> None:
+    """Tell prometheus_client's multiprocess mode that a job process is gone (its counters stay counted)."""
+    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid)
+    except OSError:
+        log.debug("mark_process_dead(%d) failed", pid, exc_info=True)
 
 
 def readiness_of(supervisor: Supervisor | None) -> dict[str, Any]:

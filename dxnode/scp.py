@@ -67,6 +67,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from dxnode import metrics
 from dxnode.bounds import MB, inflated_size_exceeds
 from dxnode.config import Settings
+from dxnode.listen import StartError, bind_error
+from dxnode.listen import address as host_port
 from dxnode.part10 import file_header
 from dxnode.store import (
     Instance,
@@ -318,6 +320,8 @@ class StorageSCP:
         # Threads that write and fsync received files while the storing thread hashes and records them.
         self._writer = ThreadPoolExecutor(settings.node.max_associations + 4, thread_name_prefix="dxnode-write")
         self._servers: list[NoDelayServer] = []
+        self._threads: list[tuple[str, threading.Thread]] = []  # (part, thread serving it)
+        self._stopping = False
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
@@ -376,26 +380,41 @@ class StorageSCP:
         return removed
 
     def start(self) -> None:
-        """Start listening (returns at once; associations run on pynetdicom's threads)."""
+        """Start listening (returns at once; associations run on pynetdicom's threads).
+
+        Raises StartError naming the listener ("dicom", "dicom-tls") and the cause when one cannot
+        start; the listeners started before it keep running until stop().
+        """
+        node = self.settings.node
+        tls = None
+        if node.tls_port is not None:
+            try:
+                tls = self._tls_context()
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                raise StartError("dicom-tls", f"cannot load the TLS certificate or key: {exc}") from None
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temporaries()
         # Files of a receiver killed just before this start are younger than the cutoff: once more later.
         self._sweep = threading.Timer(self.settings.node.dimse_timeout + 1, self.remove_stale_temporaries)
         self._sweep.daemon = True
         self._sweep.start()
-        node = self.settings.node
-        self._serve((node.host, node.port), None)
+        self._serve("dicom", (node.host, node.port), None)
         if node.tls_port is not None:
-            self._serve((node.host, node.tls_port), self._tls_context())
+            self._serve("dicom-tls", (node.host, node.tls_port), tls)
 
-    def _serve(self, address: tuple[str, int], ssl_context: ssl.SSLContext | None) -> None:
+    def _serve(self, part: str, address: tuple[str, int], ssl_context: ssl.SSLContext | None) -> None:
         """Bind one listener and serve it on a daemon thread (what AE.start_server(block=False) does)."""
-        server = self.ae.make_server(
-            address, ssl_context=ssl_context, evt_handlers=self._handlers(), server_class=NoDelayServer
-        )
+        try:
+            server = self.ae.make_server(
+                address, ssl_context=ssl_context, evt_handlers=self._handlers(), server_class=NoDelayServer
+            )
+        except OSError as exc:
+            raise bind_error(part, address[0], address[1], exc) from None
         assert isinstance(server, NoDelayServer)
-        threading.Thread(target=server.serve_forever, name=f"dxnode-scp:{address[1]}", daemon=True).start()
+        thread = threading.Thread(target=server.serve_forever, name=f"dxnode-scp:{address[1]}", daemon=True)
+        thread.start()
         self._servers.append(server)
+        self._threads.append((part, thread))
 
     def _tls_context(self) -> ssl.SSLContext:
         """Server TLS context from node.tls_cert/tls_key, verifying clients against tls_ca if set."""
@@ -414,6 +433,7 @@ class StorageSCP:
 
     def stop(self) -> None:
         """Stop listening and end open associations."""
+        self._stopping = True
         if self._sweep is not None:
             self._sweep.cancel()
         for server in self._servers:
@@ -433,7 +453,21 @@ class StorageSCP:
     @property
     def listening(self) -> bool:
         """True while the listener threads run."""
-        return bool(self._servers) and all(s.socket is not None and s.socket.fileno() != -1 for s in self._servers)
+        return (
+            bool(self._servers)
+            and all(s.socket is not None and s.socket.fileno() != -1 for s in self._servers)
+            and all(thread.is_alive() for _, thread in self._threads)
+        )
+
+    def failure(self) -> tuple[str, str] | None:
+        """(part, why) of a listener that stopped serving while the node runs; None while all serve."""
+        if self._stopping:
+            return None
+        for (part, thread), server in zip(self._threads, self._servers, strict=False):
+            if not thread.is_alive():
+                host, port = server.server_address[:2]
+                return part, f"the listener on {host_port(str(host), int(port))} stopped"
+        return None
 
     # --- event handlers ----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 import re
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,14 +22,14 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, Metric, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from dxnode.config import Settings
-from dxnode.metrics import stage_histogram
+from dxnode.metrics import exposition
 from dxnode.queries import (
     DeliveryOut,
     Health,
@@ -55,7 +55,7 @@ from dxnode.queries import (
     study_detail,
 )
 from dxnode.states import DeliveryState, JobState
-from dxnode.store import Delivery, Instance, Job, Output, Store, Study, audit
+from dxnode.store import Instance, Output, Store, Study, audit
 from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
@@ -379,54 +379,78 @@ def _predict_bytes(request: Request, data: bytes, filename: str, who: Principal,
     return UploadPrediction.model_validate(body)
 
 
-def metrics_text(store: Store) -> bytes:
-    """Process counters plus gauges computed from the store at scrape time."""
-    registry = CollectorRegistry()
-    jobs = Gauge("dxnode_jobs", "Jobs by state", ["state"], registry=registry)
-    backlog = Gauge("dxnode_outbox_backlog", "Deliveries pending", registry=registry)
-    failed = Gauge("dxnode_outbox_failed", "Deliveries failed for good", registry=registry)
-    with store.session() as s:
-        for state in JobState:
-            jobs.labels(state=state).set(0)
-        for name, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
-            jobs.labels(state=name).set(n)
-        backlog.set(
-            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.PENDING)) or 0
-        )
-        failed.set(
-            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
-        )
-        stages = stage_histogram(s.scalars(select(Job.timings)))
-    registry.register(_Collected(stages))
-    return generate_latest(REGISTRY) + generate_latest(registry)
+def metrics_text(store: Store, multiproc_dir: Path | None = None) -> bytes:
+    """The /metrics text: counters of every process of the node (from multiproc_dir when the node runs
+    in prometheus_client's multiprocess mode) plus figures read from the store at scrape time."""
+    return exposition(store, multiproc_dir)
 
 
-class _Collected:
-    """A metric family computed at scrape time, as a collector for a CollectorRegistry."""
+def health_routes(app: FastAPI, store: Store, readiness: Readiness | None) -> None:
+    """/healthz, /readyz and /metrics.
 
-    def __init__(self, family: Metric) -> None:
-        self.family = family
+    /healthz and /readyz need no token: load balancers and systemd probes call them without one, and
+    they reveal only booleans (is the process up; are the database, model, DICOM listener and job
+    processes ready). /metrics needs a read token: it names calling AE titles and destinations.
+    """
 
-    def collect(self) -> Iterator[Metric]:
-        yield self.family
+    @app.get("/healthz", summary="The process is up (no token needed)")
+    async def healthz() -> Health:  # on the event loop: answers even when every worker thread is busy
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        summary="Database reachable, model loaded, DICOM listener and job processes up (no token needed)",
+        response_model=ReadyOut,
+        responses={503: {"description": "Not ready", "model": ReadyOut}},
+    )
+    def readyz() -> JSONResponse:
+        checks = readiness() if readiness else {"database": store.ping()}
+        body = ReadyOut(ready=all(checks.values()), checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics of every process of this node (read token)",
+        response_class=PlainTextResponse,
+        responses={401: ERRORS[401], 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+    )
+    def metrics(request: Request, who: Principal = Depends(require_read)) -> Response:
+        return Response(metrics_text(store, request.app.state.metrics_dir), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: Settings, store: Store, readiness: Readiness | None = None) -> FastAPI:
-    """The web application of a node."""
-    from dxnode.model import load_classifier
-
+def _base_app(settings: Settings, store: Store, title: str, metrics_dir: Path | None) -> FastAPI:
     app = FastAPI(
-        title="dxnode",
+        title=title,
         version=__import__("dxnode").__version__,
         description="REST API of a dxnode DICOM AI node. Send `Authorization: Bearer TOKEN`.",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
     )  # served below, behind a token (no CDN-based UI: nodes run offline)
-    app.state.settings, app.state.store = settings, store
+    app.state.settings, app.state.store, app.state.metrics_dir = settings, store, metrics_dir
+    app.state.login_throttle = LoginThrottle.from_settings(settings.web)
+    return app
+
+
+def create_metrics_app(
+    settings: Settings, store: Store, readiness: Readiness | None = None, metrics_dir: Path | None = None
+) -> FastAPI:
+    """What a `dxnode worker` serves: /healthz, /readyz and /metrics only (same tokens as the node)."""
+    app = _base_app(settings, store, "dxnode worker", metrics_dir)
+    app.add_middleware(SecurityHeaders)
+    health_routes(app, store, readiness)
+    return app
+
+
+def create_app(
+    settings: Settings, store: Store, readiness: Readiness | None = None, metrics_dir: Path | None = None
+) -> FastAPI:
+    """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any)."""
+    from dxnode.model import load_classifier
+
+    app = _base_app(settings, store, "dxnode", metrics_dir)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
     app.state.classifier = lambda: load_classifier(settings.model, data_dir=settings.data_dir)
-    app.state.login_throttle = LoginThrottle.from_settings(settings.web)
     form = BodyRule(64 * 1024, "form larger than 64 KiB")
     upload = BodyRule(
         int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
@@ -447,30 +471,7 @@ def create_app(settings: Settings, store: Store, readiness: Readiness | None = N
     )
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, the guards' refusals included
 
-    @app.get("/healthz", summary="The process is up (no token needed)")
-    async def healthz() -> Health:  # on the event loop: answers even when every worker thread is busy
-        return Health(status="ok")
-
-    @app.get(
-        "/readyz",
-        summary="Database reachable, model loaded, DICOM listener up",
-        response_model=ReadyOut,
-        responses={401: ERRORS[401], 503: {"description": "Not ready", "model": ReadyOut}},
-    )
-    def readyz(who: Principal = Depends(require_read)) -> JSONResponse:
-        checks = readiness() if readiness else {"database": store.ping()}
-        body = ReadyOut(ready=all(checks.values()), checks=checks)
-        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
-
-    @app.get(
-        "/metrics",
-        summary="Prometheus metrics",
-        response_class=PlainTextResponse,
-        responses={401: ERRORS[401], 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
-    )
-    def metrics(who: Principal = Depends(require_read)) -> Response:
-        return Response(metrics_text(store), media_type=CONTENT_TYPE_LATEST)
-
+    health_routes(app, store, readiness)
     app.include_router(api_router())
     app.include_router(stow_router())
     app.include_router(pages_router())
