@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import make_url
 
 from dxnode.config import Settings
+from dxnode.routing import warn_beyond_declaration
 from dxnode.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -175,6 +176,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     store = open_store(settings)
     log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
     worklist.recover(store, settings)
+    warn_beyond_declaration(settings)
     web_on = web and settings.web.enabled
     classifier = _load_model(settings) if web_on else None  # for /api/predict; jobs load their own
     scp = StorageSCP(settings, store)
@@ -209,6 +211,7 @@ def work(settings: Settings, log_level: str = "INFO") -> int:
     store = open_store(settings)
     log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
     worklist.recover(store, settings)
+    warn_beyond_declaration(settings)
     if not settings.worklist.run_jobs:
         print("dxnode worker: [worklist] run_jobs = false, nothing to do", file=sys.stderr)
         return 2
