@@ -157,9 +157,15 @@ def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if settings.photometric and photometric not in {p.upper() for p in settings.photometric}:
         return f"photometric {photometric or '(none)'} is not one the model takes ({'/'.join(settings.photometric)})"
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows < settings.min_rows or columns < settings.min_columns:
-        return f"{rows} x {columns} pixels is below the model's minimum {settings.min_rows} x {settings.min_columns}"
+    if settings.min_rows or settings.min_columns:
+        try:
+            rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        except (TypeError, ValueError):
+            return "Rows/Columns are not numbers"
+        if rows < settings.min_rows or columns < settings.min_columns:
+            return (
+                f"{rows} x {columns} pixels is below the model's minimum {settings.min_rows} x {settings.min_columns}"
+            )
     return None
 
 

@@ -59,6 +59,7 @@ class Route:
 
     model: str  # the [[models]] name, "" for the single [model] section
     series: frozenset[str]
+    left_out: tuple[str, ...] = ()  # why the study's other series are not analysed by it
 
 
 def entries(settings: Settings) -> list[ModelEntry]:
@@ -278,7 +279,7 @@ def _route(settings: Settings, study: StudyFacts) -> tuple[list[Route], list[str
             else:
                 matched.append(s.series_instance_uid)
         if matched:
-            routes.append(Route(e.name, frozenset(matched)))
+            routes.append(Route(e.name, frozenset(matched), tuple(why)))
             continue
         reasons.append(f"model {e.name or '[model]'}: " + ("; ".join(why[:5]) or "the study has no series"))
         if declared_only and sc is not None:
@@ -370,4 +371,7 @@ def resolve_job(session: Session, settings: Settings, job_id: int) -> Decision:
             + (f"; also queued: {', '.join(r.model for r in others)}" if others else "")
         )
         lines += [f"routing: not {x}" for x in refusals]
+    elif first.left_out:  # the single model: say which series it leaves out, and why
+        lines.append(f"routing: model [model] for {len(first.series)} of {len(study.series)} series")
+    lines += [f"routing: left out {x}" for x in first.left_out[:20]]
     return Decision(e, first.series, job_settings(settings, e), lines)

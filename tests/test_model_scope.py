@@ -116,16 +116,21 @@ def test_the_demo_model_analyses_chest_radiographs_only_and_says_why_it_skipped_
     node: InProcessNode, tmp_path: Path
 ) -> None:
     chest, chest_files = copy_as_new_study(CR_CHEST, tmp_path / "chest")
+    _, knee_files = copy_as_new_study(CR_EXTREMITY, tmp_path / "knee", StudyInstanceUID=chest, BodyPartExamined="KNEE")
     thorax, thorax_files = copy_as_new_study(CR_CHEST, tmp_path / "thorax", BodyPartExamined="THORAX PA")
     ankle, ankle_files = copy_as_new_study(CR_EXTREMITY, tmp_path / "ankle", BodyPartExamined="ANKLE")
     us, us_files = copy_as_new_study(US, tmp_path / "us")
     ct, ct_files = copy_as_new_study(Path(get_testdata_file("CT_small.dcm")), tmp_path / "ct")
-    storescu(node.port, chest_files + thorax_files + ankle_files + us_files + ct_files)
+    storescu(node.port, chest_files + knee_files + thorax_files + ankle_files + us_files + ct_files)
     run_all(node, settings_of(node))  # the defaults: [pipeline] modalities = [], no [[models]]
 
     jobs = jobs_by_study(node)
     assert [j["state"] for j in jobs[chest]] == ["done"] and [j["state"] for j in jobs[thorax]] == ["done"]
     assert outputs_of(node, chest) and outputs_of(node, thorax)
+    # The chest study's knee series is left out, and its job says so.
+    assert jobs[chest][0]["routing"][0] == "model [model] for 1 of 2 series"
+    assert jobs[chest][0]["routing"][1].endswith("body part KNEE: model dxnode-demo is for CR/DX CHEST")
+    assert jobs[thorax][0]["routing"] == []
     for study, what in ((ankle, "body part ANKLE"), (us, "modality US"), (ct, "modality CT")):
         (job,) = jobs[study]
         assert job["state"] == "skipped" and job["model_name"] == "", job
