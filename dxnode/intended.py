@@ -9,9 +9,11 @@ declaration wherever the admin's own filters ([pipeline], a [[models]] entry) ar
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Words that name the same region in BodyPartExamined, which is free text in practice.
@@ -103,6 +105,17 @@ class IntendedUse:
 NO_DECLARATION = "none declared: no restriction (any modality, body part, SOP class, photometric, size)"
 DEMO_NAME = "dxnode-demo"
 DEMO_USE = IntendedUse(modalities=("CR", "DX"), body_parts=("CHEST",))
+
+
+def read_declaration(bundle: Path) -> tuple[str, IntendedUse | None]:
+    """A bundle folder's model name and intended use, from its manifest.json alone (no torch, no weights).
+
+    ValueError or OSError when the manifest cannot be read; loading the bundle then says why in full."""
+    d = json.loads((Path(bundle) / "manifest.json").read_text())
+    if not isinstance(d, dict):
+        raise ValueError("manifest.json is not an object")
+    use = d.get("intended_use")
+    return str(d.get("name", Path(bundle).name)), None if use is None else IntendedUse.from_dict(use)
 
 
 def _group(term: str) -> frozenset[str]:

@@ -17,6 +17,7 @@ The declared photometric and minimum size are checked per instance (the job's [p
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dxnode.config import ModelEntry, ModelSettings, Settings
-from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse, body_part_matches
+from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse, body_part_matches, read_declaration
 from dxnode.store import Instance, Series, Study
 
 log = logging.getLogger("dxnode.routing")
@@ -106,22 +107,28 @@ class Scope:
 def declaration(settings: Settings, e: ModelEntry) -> tuple[str, IntendedUse | None]:
     """The entry's bundle's model name and intended use (None: declares nothing), from its manifest only.
 
-    A bundle that cannot be read declares nothing here: loading it fails the job with the reason."""
-    from dxnode.model import BundleError, imagenet_weights_path, load_manifest
-
+    A bundle that cannot be read declares nothing here: loading it fails the job with the reason.
+    Torch-free (the receiver process calls it at start): dxnode.model is not imported."""
     bundle = e.bundle or settings.model.bundle
     if not bundle:  # as load_classifier: ImageNet when its file is there, else the demo
-        bundle = "imagenet" if imagenet_weights_path(settings.model).is_file() else "demo"
+        bundle = "imagenet" if imagenet_file(settings.model).is_file() else "demo"
     if bundle == "demo":
         return DEMO_NAME, DEMO_USE
     if bundle == "imagenet" or bundle.startswith("imagenet:"):
         return "torchvision-resnet18-imagenet", None
     try:
-        m = load_manifest(Path(bundle).expanduser())
-    except BundleError as exc:
+        return read_declaration(Path(bundle).expanduser())
+    except (OSError, ValueError) as exc:
         log.debug("model %s: no declaration read: %s", e.name or "[model]", exc)
         return Path(bundle).name, None
-    return m.name, m.intended_use
+
+
+def imagenet_file(ms: ModelSettings) -> Path:
+    """Where dxnode.model.imagenet_weights_path looks for torchvision's ImageNet file (same rule, no torch import)."""
+    if ms.imagenet_weights:
+        return Path(ms.imagenet_weights).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"
+    return Path(os.environ.get("TORCH_HOME", cache)).expanduser() / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
 
 
 def scope(settings: Settings, e: ModelEntry) -> Scope | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,26 @@ def test_train_declares_what_its_dicom_files_are_and_the_flags_override(tmp_path
     assert out.returncode == 0, out.stderr
     assert "intended use: modalities CR; body parts CHEST" in out.stderr
     assert load_manifest(bundle).intended_use == IntendedUse(("CR",), ("CHEST",))
+
+
+def test_routing_finds_the_declaration_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dxnode.config import ModelSettings
+    from dxnode.model import imagenet_weights_path
+    from dxnode.routing import imagenet_file
+
+    for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
+        for name in ("TORCH_HOME", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(name, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        for ms in (ModelSettings(), ModelSettings(imagenet_weights="~/w.pth")):
+            assert imagenet_file(ms) == imagenet_weights_path(ms)
+    bundle = small_bundle(tmp_path / "scoped", IntendedUse(("MR",)))
+    code = (
+        "import sys; from dxnode.config import Settings; from dxnode.routing import beyond_declaration;"
+        f"print(beyond_declaration(Settings(model={{'bundle': {str(bundle)!r}}}, pipeline={{'modalities': ['CT']}})));"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "model [model] (scoped, for MR): modalities ['CT'] go beyond" in out.stdout
+    assert out.stdout.splitlines()[-1] == "False"  # the receiver process stays torch-free
