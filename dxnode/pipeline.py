@@ -154,9 +154,12 @@ def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
     body_part = str(ds.get("BodyPartExamined", "")).upper()
     if settings.body_parts and body_part not in {b.upper() for b in settings.body_parts}:
         return f"body part {body_part or '(none)'} is not in [pipeline] body_parts"
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if settings.photometric and photometric not in {p.upper() for p in settings.photometric}:
-        return f"photometric {photometric or '(none)'} is not one the model takes ({'/'.join(settings.photometric)})"
+    if settings.photometric:
+        photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+        if photometric not in {p.upper() for p in settings.photometric}:
+            return (
+                f"photometric {photometric or '(none)'} is not one the model takes ({'/'.join(settings.photometric)})"
+            )
     if settings.min_rows or settings.min_columns:
         try:
             rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
