@@ -506,6 +506,12 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     if len(info["labels"]) > 20:
         info["labels"] = [*info["labels"][:10], f"... {len(info['labels']) - 10} more"]
         info["thresholds"] = info["thresholds"][:10]
+    if classifier.manifest.intended_use is None:  # older bundles and ImageNet: any image
+        from dxnode.intended import NO_DECLARATION
+
+        info["intended_use"] = NO_DECLARATION
+    elif not args.json:
+        info["intended_use"] = classifier.manifest.intended_use.describe()
     info["device"] = str(classifier.device)
     info["weights_check"] = "built-in demo weights" if classifier.manifest.demo else "sha256 matches"
     info["engine"] = classifier.engine.name

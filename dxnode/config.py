@@ -206,11 +206,19 @@ class WindowPreset(Section):
 
 
 class PipelineSettings(Section):
-    """[pipeline]: which instances go to the model and how pixels become model input."""
+    """[pipeline]: which instances go to the model and how pixels become model input.
 
-    modalities: list[str] = []  # empty = any modality with pixel data
-    sop_classes: list[str] = []  # empty = any image storage SOP class
-    body_parts: list[str] = []  # empty = any body part
+    The filters are the admin's choice, used as written; one left empty (or 0) takes what the
+    model's bundle declares it is for (its manifest's intended_use, dxnode.intended), and a
+    bundle that declares nothing takes any image.
+    """
+
+    modalities: list[str] = []  # empty = the bundle's declared modalities (none declared: any)
+    sop_classes: list[str] = []  # empty = the bundle's declared SOP classes (none declared: any image class)
+    body_parts: list[str] = []  # empty = the bundle's declared body parts (none declared: any)
+    photometric: list[str] = []  # Photometric Interpretation values; empty = the bundle's declared ones
+    min_rows: int = Field(0, ge=0)  # smaller images are skipped; 0 = the bundle's declared minimum
+    min_columns: int = Field(0, ge=0)
     max_frames: int = Field(8, ge=1)
     # Refuse an instance whose declared decoded pixels (rows x columns x frames decoded x samples x
     # bytes) exceed this, before any decoder runs; also bounds what a Deflated file may inflate to.
@@ -238,9 +246,10 @@ class ModelSettings(Section):
 class ModelEntry(Section):
     """[[models]]: one of several models, with the rules that route series of a study to it.
 
-    Every rule that is set must hold for a series (empty lists and strings match anything); a
-    study gets one job per entry that at least one of its series matches, and that job analyses
-    the matching series only. Without [[models]] the [model] section is the only model.
+    Every rule that is set must hold for a series (empty strings match anything); a study gets
+    one job per entry that at least one of its series matches, and that job analyses the matching
+    series only. Without [[models]] the [model] section is the only model. modalities, body_parts
+    and sop_classes left empty (here and in [pipeline]) take what the entry's bundle declares.
     """
 
     name: str = Field("", max_length=64)

@@ -41,6 +41,7 @@ from sqlalchemy.engine import make_url
 
 from dxnode.config import Settings
 from dxnode.listen import EXIT_PART_DIED, EXIT_START, StartError, check_addresses
+from dxnode.routing import warn_beyond_declaration
 from dxnode.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -309,6 +310,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         worklist.recover(store, settings)
+        warn_beyond_declaration(settings)
         classifier = _model(settings) if web_on else None  # for /api/predict; jobs load their own
         scp = StorageSCP(settings, store)
         scp.start()
@@ -380,6 +382,7 @@ def work(settings: Settings, log_level: str = "INFO") -> int:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         worklist.recover(store, settings)
+        warn_beyond_declaration(settings)
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, None, supervisor, sweep=False)
         ready_store, ready_jobs = store, supervisor

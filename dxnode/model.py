@@ -37,6 +37,7 @@ import torchvision
 
 from dxnode.config import ModelSettings, Settings
 from dxnode.engine import Engine, TorchEngine, bundle_onnx, cached_onnx, choose_engine
+from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse
 from dxnode.pipeline import (
     Frame,
     PipelineError,
@@ -82,6 +83,7 @@ class Manifest:
     onnx_file: str = ""  # model.onnx, run by the ONNX Runtime engine (dxnode.engine)
     onnx_sha256: str = ""
     quantization: dict[str, Any] = field(default_factory=dict)  # set on int8 bundles (dxnode model quantize)
+    intended_use: IntendedUse | None = None  # what the model is for (dxnode.intended); None: not declared, any image
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -100,6 +102,7 @@ class Manifest:
             "onnx_file": self.onnx_file,
             "onnx_sha256": self.onnx_sha256,
             "quantization": self.quantization,
+            **({"intended_use": self.intended_use.to_dict()} if self.intended_use else {}),
         }
 
 
@@ -134,6 +137,7 @@ def write_bundle(
     demo: bool = False,
     description: str = "",
     extra: dict[str, Any] | None = None,
+    intended_use: IntendedUse | None = None,
 ) -> Manifest:
     """Write weights.pt and manifest.json (with the weights' sha256) into the folder path."""
     path = Path(path)
@@ -152,6 +156,7 @@ def write_bundle(
         demo,
         description,
         dict(extra or {}),
+        intended_use=intended_use,
     )
     _validate(manifest, str(path))
     tmp = path / "manifest.json.tmp"
@@ -180,6 +185,7 @@ def load_manifest(path: Path) -> Manifest:
             onnx_file=d.get("onnx_file", ""),
             onnx_sha256=d.get("onnx_sha256", ""),
             quantization=dict(d.get("quantization") or {}),
+            intended_use=IntendedUse.from_dict(d["intended_use"]) if d.get("intended_use") is not None else None,
         )
     except FileNotFoundError:
         raise BundleError(f"model bundle {path}: no manifest.json") from None
@@ -383,6 +389,7 @@ def imagenet_manifest(weights: Path) -> Manifest:
         weights_file=weights.name,
         weights_sha256=sha,
         description="General ImageNet classifier (1000 everyday object classes), not a medical model.",
+        intended_use=None,  # general purpose: declares nothing
     )
 
 
@@ -397,7 +404,7 @@ def demo_network() -> tuple[torch.nn.Module, Manifest]:
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
     manifest = Manifest(
-        name="dxnode-demo",
+        name=DEMO_NAME,
         version="0-untrained",
         labels=list(DEMO_LABELS),
         task="multilabel",
@@ -406,6 +413,7 @@ def demo_network() -> tuple[torch.nn.Module, Manifest]:
         weights_file="(built in)",
         weights_sha256=h.hexdigest(),
         demo=True,
+        intended_use=DEMO_USE,
         description="UNTRAINED DEMO MODEL: random weights with a fixed seed. Its findings are meaningless; configure [model] bundle.",
     )
     return net, manifest

@@ -154,6 +154,21 @@ def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
     body_part = str(ds.get("BodyPartExamined", "")).upper()
     if settings.body_parts and body_part not in {b.upper() for b in settings.body_parts}:
         return f"body part {body_part or '(none)'} is not in [pipeline] body_parts"
+    if settings.photometric:
+        photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+        if photometric not in {p.upper() for p in settings.photometric}:
+            return (
+                f"photometric {photometric or '(none)'} is not one the model takes ({'/'.join(settings.photometric)})"
+            )
+    if settings.min_rows or settings.min_columns:
+        try:
+            rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        except (TypeError, ValueError):
+            return "Rows/Columns are not numbers"
+        if rows < settings.min_rows or columns < settings.min_columns:
+            return (
+                f"{rows} x {columns} pixels is below the model's minimum {settings.min_rows} x {settings.min_columns}"
+            )
     return None
 
 

@@ -6,18 +6,30 @@ gets one job per entry that at least one of its series matches, and that job ana
 matching series. Without ``[[models]]`` the ``[model]`` section is the single entry "" that
 matches everything (the pipeline's own eligibility rules still apply). A study no entry matches
 gets a "skipped" job whose log says why each entry refused it.
+
+What the model is for: an entry's modalities, body_parts and sop_classes, else [pipeline]'s, are
+the admin's choice and used as written; a key left empty in both takes what the entry's bundle
+declares (its manifest's intended_use, dxnode.intended), so the demo's chest model gets CR/DX
+CHEST series only and a CT study is skipped with "skipped: model dxnode-demo is for CR/DX CHEST".
+The declared photometric and minimum size are checked per instance (the job's [pipeline]).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dxnode.config import ModelEntry, ModelSettings, Settings
+from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse, body_part_matches, read_declaration
 from dxnode.store import Instance, Series, Study
+
+log = logging.getLogger("dxnode.routing")
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class Route:
 
     model: str  # the [[models]] name, "" for the single [model] section
     series: frozenset[str]
+    left_out: tuple[str, ...] = ()  # why the study's other series are not analysed by it
 
 
 def entries(settings: Settings) -> list[ModelEntry]:
@@ -75,6 +88,123 @@ def model_settings(settings: Settings, e: ModelEntry) -> ModelSettings:
     if e.engine:
         update["engine"] = e.engine
     return ModelSettings.model_validate({**settings.model.model_dump(), **update})
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an entry's bundle declares it is for, less the keys the admin set (those are used as written)."""
+
+    model: str  # the bundle's model name, for messages
+    declared: IntendedUse  # the whole declaration, for messages
+    modalities: tuple[str, ...]  # checked per series here
+    body_parts: tuple[str, ...]
+    sop_classes: tuple[str, ...]
+    photometric: tuple[str, ...]  # checked per instance, through the job's [pipeline] (job_settings)
+    min_rows: int
+    min_columns: int
+
+
+def declaration(settings: Settings, e: ModelEntry) -> tuple[str, IntendedUse | None]:
+    """The entry's bundle's model name and intended use (None: declares nothing), from its manifest only.
+
+    A bundle that cannot be read declares nothing here: loading it fails the job with the reason.
+    Torch-free (the receiver process calls it at start): dxnode.model is not imported."""
+    bundle = e.bundle or settings.model.bundle
+    if not bundle:  # as load_classifier: ImageNet when its file is there, else the demo
+        bundle = "imagenet" if imagenet_file(settings.model).is_file() else "demo"
+    if bundle == "demo":
+        return DEMO_NAME, DEMO_USE
+    if bundle == "imagenet" or bundle.startswith("imagenet:"):
+        return "torchvision-resnet18-imagenet", None
+    try:
+        return read_declaration(Path(bundle).expanduser())
+    except (OSError, ValueError) as exc:
+        log.debug("model %s: no declaration read: %s", e.name or "[model]", exc)
+        return Path(bundle).name, None
+
+
+def imagenet_file(ms: ModelSettings) -> Path:
+    """Where dxnode.model.imagenet_weights_path looks for torchvision's ImageNet file (same rule, no torch import)."""
+    if ms.imagenet_weights:
+        return Path(ms.imagenet_weights).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"
+    return Path(os.environ.get("TORCH_HOME", cache)).expanduser() / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+
+
+def scope(settings: Settings, e: ModelEntry) -> Scope | None:
+    """The declared rules the entry applies (the admin's keys win); None when the bundle declares nothing."""
+    name, use = declaration(settings, e)
+    if use is None:
+        return None
+    p = settings.pipeline
+    return Scope(
+        name,
+        use,
+        () if e.modalities or p.modalities else use.modalities,
+        () if e.body_parts or p.body_parts else use.body_parts,
+        () if e.sop_classes or p.sop_classes else use.sop_classes,
+        () if p.photometric else use.photometric,
+        0 if p.min_rows else use.min_rows,
+        0 if p.min_columns else use.min_columns,
+    )
+
+
+def out_of_scope(sc: Scope | None, s: SeriesFacts) -> str:
+    """'' if the series is within what the bundle declares (as far as the admin left it), else why not."""
+    if sc is None:
+        return ""
+    if sc.modalities and s.modality.upper() not in sc.modalities:
+        what = f"modality {s.modality or '(none)'}"
+    elif sc.body_parts and not body_part_matches(sc.body_parts, s.body_part):
+        what = f"body part {s.body_part}"
+    elif sc.sop_classes and not s.sop_classes & set(sc.sop_classes):
+        what = f"SOP classes {sorted(s.sop_classes)}"
+    else:
+        return ""
+    return f"{what}: {for_what(sc)}"
+
+
+def for_what(sc: Scope) -> str:
+    """E.g. "model dxnode-demo is for CR/DX CHEST"."""
+    return f"model {sc.model} is for {sc.declared.short()}"
+
+
+def beyond_declaration(settings: Settings) -> list[str]:
+    """Where the admin's explicit filters go beyond what a bundle declares (logged as warnings at start)."""
+    out = []
+    p = settings.pipeline
+    for e in entries(settings):
+        name, use = declaration(settings, e)
+        if use is None:
+            continue
+        where = f"model {e.name or '[model]'} ({name}, for {use.short()})"
+        modalities = e.modalities or p.modalities
+        extra = [m for m in modalities if use.modalities and m.upper() not in use.modalities]
+        if extra:
+            out.append(f"{where}: modalities {extra} go beyond the bundle's declared {list(use.modalities)}")
+        parts = e.body_parts or p.body_parts
+        extra = [b for b in parts if not body_part_matches(use.body_parts, b)]
+        if extra:
+            out.append(f"{where}: body parts {extra} go beyond the bundle's declared {list(use.body_parts)}")
+        classes = e.sop_classes or p.sop_classes
+        extra = [c for c in classes if use.sop_classes and c not in use.sop_classes]
+        if extra:
+            out.append(f"{where}: SOP classes {extra} go beyond the bundle's declared {list(use.sop_classes)}")
+        extra = [x for x in p.photometric if use.photometric and x.upper() not in use.photometric]
+        if extra:
+            out.append(f"{where}: photometric {extra} goes beyond the bundle's declared {list(use.photometric)}")
+        if (p.min_rows and p.min_rows < use.min_rows) or (p.min_columns and p.min_columns < use.min_columns):
+            out.append(
+                f"{where}: [pipeline] min_rows/min_columns {p.min_rows} x {p.min_columns} are below the bundle's"
+                f" declared {use.min_rows} x {use.min_columns}"
+            )
+    return out
+
+
+def warn_beyond_declaration(settings: Settings) -> None:
+    """Log a warning for each explicit filter that goes beyond a bundle's declared intended use."""
+    for line in beyond_declaration(settings):
+        log.warning("%s: results there are outside what the model is for", line)
 
 
 def facts(session: Session, study_id: int) -> StudyFacts:
@@ -138,20 +268,30 @@ def refusal(e: ModelEntry, study: StudyFacts, s: SeriesFacts) -> str:
 
 def route(settings: Settings, study: StudyFacts) -> tuple[list[Route], list[str]]:
     """The entries the study goes to (with their series), and why each other entry refused it."""
-    routes, reasons = [], []
+    routes, reasons, _ = _route(settings, study)
+    return routes, reasons
+
+
+def _route(settings: Settings, study: StudyFacts) -> tuple[list[Route], list[str], dict[str, str]]:
+    """route(), and for each entry refused by its bundle's declaration alone, "model X is for ..." by name."""
+    routes, reasons, out_of = [], [], {}
     for e in entries(settings):
-        matched, why = [], []
+        matched, why, sc, declared_only = [], [], scope(settings, e), bool(study.series)
         for s in study.series:
             reason = refusal(e, study, s)
+            declared_only &= not reason
+            reason = reason or out_of_scope(sc, s)
             if reason:
                 why.append(f"series {s.series_instance_uid}: {reason}")
             else:
                 matched.append(s.series_instance_uid)
         if matched:
-            routes.append(Route(e.name, frozenset(matched)))
-        else:
-            reasons.append(f"model {e.name or '[model]'}: " + ("; ".join(why[:5]) or "the study has no series"))
-    return routes, reasons
+            routes.append(Route(e.name, frozenset(matched), tuple(why)))
+            continue
+        reasons.append(f"model {e.name or '[model]'}: " + ("; ".join(why[:5]) or "the study has no series"))
+        if declared_only and sc is not None:
+            out_of[e.name] = for_what(sc)
+    return routes, reasons, out_of
 
 
 @dataclass(frozen=True)
@@ -165,7 +305,19 @@ class Decision:
 
 
 def job_settings(settings: Settings, e: ModelEntry) -> Settings:
-    """The settings a job of this entry runs with: its model, heatmaps, SC size, SR/SC series numbers and descriptions."""
+    """The settings a job of this entry runs with: its model, heatmaps, SC size, SR/SC series numbers and
+    descriptions, and in [pipeline] the photometric and minimum size its bundle declares (unless set)."""
+    sc = scope(settings, e)
+    if sc is not None and (sc.photometric or sc.min_rows or sc.min_columns):
+        p = settings.pipeline
+        pipeline = p.model_copy(
+            update={
+                "photometric": p.photometric or list(sc.photometric),
+                "min_rows": p.min_rows or sc.min_rows,
+                "min_columns": p.min_columns or sc.min_columns,
+            }
+        )
+        settings = settings.model_copy(update={"pipeline": pipeline})
     if not settings.models:
         return settings
     index = [m.name for m in settings.models].index(e.name)
@@ -192,19 +344,22 @@ def resolve_job(session: Session, settings: Settings, job_id: int) -> Decision:
     job = session.get(Job, job_id)
     assert job is not None
     study = facts(session, job.study_id)
-    routes, refusals = route(settings, study)
+    routes, refusals, out_of = _route(settings, study)
     if settings.models and job.routed_model:  # already routed: only its own entry
         routes = [r for r in routes if r.model == job.routed_model]
         if entry(settings, job.routed_model) is None:
-            refusals = [f"model {job.routed_model} is no longer configured"]
+            refusals, out_of = [f"model {job.routed_model} is no longer configured"], {}
         else:
             refusals = [x for x in refusals if x.startswith(f"model {job.routed_model}:")]
+            out_of = {k: v for k, v in out_of.items() if k == job.routed_model}
     if not routes:
+        # Every entry refused by its bundle's declaration alone: say so first, as the study's reason.
+        summary = f"skipped: {'; '.join(dict.fromkeys(out_of.values()))}" if len(out_of) == len(refusals) else ""
         return Decision(
             None,
             frozenset(),
             settings,
-            ["routing: no model matches this study", *(f"routing: not {x}" for x in refusals)],
+            [f"routing: {summary or 'no model matches this study'}", *(f"routing: not {x}" for x in refusals)],
         )
     first, others = routes[0], routes[1:]
     job.routed_model = first.model
@@ -223,4 +378,7 @@ def resolve_job(session: Session, settings: Settings, job_id: int) -> Decision:
             + (f"; also queued: {', '.join(r.model for r in others)}" if others else "")
         )
         lines += [f"routing: not {x}" for x in refusals]
+    elif first.left_out:  # the single model: say which series it leaves out, and why
+        lines.append(f"routing: model [model] for {len(first.series)} of {len(study.series)} series")
+    lines += [f"routing: left out {x}" for x in first.left_out[:20]]
     return Decision(e, first.series, job_settings(settings, e), lines)

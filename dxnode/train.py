@@ -6,7 +6,9 @@ a warning. The data is split by patient (dxnode.dataset), images go through the 
 pipeline (no train/serve skew), the loss is BCE with per-label pos_weight or focal loss, the
 optimiser AdamW/Adam with a cosine schedule; the checkpoint kept is the one with the lowest
 validation loss, and training stops early when that stops improving. Every epoch is checkpointed (``--resume`` continues). Per-label thresholds
-are chosen on the validation split by Youden's J (default) or a target sensitivity.
+are chosen on the validation split by Youden's J (default) or a target sensitivity. The manifest
+says what the model is for (intended_use): the modalities and body parts of the training DICOM
+files, or ``--intended-modalities`` / ``--intended-body-parts`` where given.
 
 This module imports torch and friends inside functions, so `dxnode --help` stays fast.
 """
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
+    from dxnode.dataset import Sample
+    from dxnode.intended import IntendedUse
 
 log = logging.getLogger("dxnode.train")
 
@@ -93,6 +97,55 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", default="", help="cpu, cuda, auto (default: [model] device)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument(
+        "--intended-modalities",
+        metavar="LIST",
+        help="modalities the model is for, e.g. CR,DX (default: those of the training DICOM files; '' = any)",
+    )
+    p.add_argument(
+        "--intended-body-parts",
+        metavar="LIST",
+        help="body parts the model is for, e.g. CHEST (default: those of the training DICOM files; '' = any)",
+    )
+
+
+def intended_use_of(
+    samples: list[Sample], modalities: str | None = None, body_parts: str | None = None, data_format: str = ""
+) -> tuple[IntendedUse | None, str]:
+    """What a model trained on these samples is for: the Modality and BodyPartExamined values of the
+    DICOM files among them (ChestX-ray14 PNGs: DX/CR CHEST), each replaced by its flag where given
+    (a comma-separated list, "" = any). Returns the declaration (None: any image) and where it came from."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from dxnode.intended import IntendedUse, split_list
+    from dxnode.pipeline import is_image_file
+
+    found: tuple[set[str], set[str]] = (set(), set())
+    dicom = 0
+    for sample in samples if modalities is None or body_parts is None else []:
+        try:
+            if is_image_file(sample.path):
+                continue
+            ds = pydicom.dcmread(sample.path, stop_before_pixels=True, specific_tags=["Modality", "BodyPartExamined"])
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        dicom += 1
+        for value, into in zip((ds.get("Modality"), ds.get("BodyPartExamined")), found, strict=True):
+            if str(value or "").strip():
+                into.add(str(value).strip().upper())
+    source = f"the modalities and body parts of {dicom} DICOM training file(s)"
+    if not dicom and data_format == "chestxray14":  # frontal chest radiographs (PA/AP), shipped as PNG
+        found, source = ({"CR", "DX"}, {"CHEST"}), "ChestX-ray14: chest radiographs"
+    if modalities is not None or body_parts is not None:
+        source = f"--intended-modalities/--intended-body-parts, else {source}"
+    use = IntendedUse(
+        modalities=tuple(split_list(modalities) if modalities is not None else sorted(found[0])),
+        body_parts=tuple(split_list(body_parts) if body_parts is not None else sorted(found[1])),
+    )
+    if not use.modalities and not use.body_parts:
+        return None, f"intended use: none declared (from {source}): the model takes any image"
+    return use, f"intended use: {use.describe()} (from {source})"
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,6 +246,10 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
         for name, items in splits.items():
             w.writerows([str(s.path.resolve()), s.patient_id, name] for s in items)
     labels, task = table.labels, table.task
+    intended_use, said = intended_use_of(
+        table.samples, args.intended_modalities, args.intended_body_parts, table.format
+    )
+    print(said, file=sys.stderr)
     prep = Preprocessing(input_size=args.input_size, resize=args.resize)  # ImageNet mean/std, as the backbone expects
     device = choose_device(args.device or settings.model.device)
     weights_file = args.imagenet_weights or imagenet_weights_path(settings.model)
@@ -386,6 +443,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
         preprocessing=prep,
         description=f"ResNet-18 fine-tuned by dxnode train on {args.data.name}",
         extra=extra,
+        intended_use=intended_use,
     )
     from dxnode.engine import export_bundle
 

@@ -19,6 +19,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
+# The demo model declares chest CR/DX; the tests run it on pydicom's CT, MR, US... files, as an
+# admin would with an explicit [pipeline] modalities list (see dxnode/routing.py).
+TEST_MODALITIES = ["CR", "DX", "CT", "MR", "US", "OT", "NM", "MG", "XA", "PT", "SC"]
 
 
 def toml_value(value: Any) -> str:
@@ -69,6 +72,7 @@ def node_config(tmp: Path, **sections: Any) -> Path:
         "dispatch": {"interval_seconds": 0.5, "backoff_initial_seconds": 0.5, "backoff_max_seconds": 2},
         "web": {"enabled": False},
         "report": {"heatmap_for": "top1"},
+        "pipeline": {"modalities": TEST_MODALITIES},
     }
     for name, body in sections.items():
         if isinstance(body, dict):
@@ -169,6 +173,7 @@ class InProcessNode:
         self.settings = Settings(
             node={"host": "127.0.0.1", "port": 0, "data_dir": tmp / "var", "min_free_mb": 10, **node},
             database={"url": url},
+            pipeline={"modalities": TEST_MODALITIES},
         )
         self.store = Store(url, busy_timeout_s=busy_timeout_s)
         self.scp = StorageSCP(self.settings, self.store)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from dicom_checks import dciodvfy_errors
+from nodeproc import TEST_MODALITIES
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -72,6 +73,7 @@ def node_settings(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         database={"url": db_url},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
         report={"heatmap_for": "top1"},
+        pipeline={"modalities": TEST_MODALITIES},
     )
 
 

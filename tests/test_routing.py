@@ -24,7 +24,7 @@ from dxnode.config import Settings
 from dxnode.queries import JobFilter, list_jobs
 from dxnode.store import Job, Output
 
-CR_CHEST = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"  # CR, MONOCHROME1
+CR_CHEST = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"  # CR CHEST, MONOCHROME1
 MODELS = [
     {"name": "chest-cr", "bundle": "demo", "modalities": ["CR", "DX"], "heatmap_for": "top1"},
     {"name": "ct", "bundle": "demo", "modalities": ["CT"], "min_instances": 2, "heatmap_for": "top1"},
@@ -68,12 +68,13 @@ def node_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str) -> Ite
     n.stop()
 
 
-def with_models(node: InProcessNode, models: list[dict[str, Any]]) -> Settings:
+def with_models(node: InProcessNode, models: list[dict[str, Any]], **sections: Any) -> Settings:
     return Settings(
         node={"data_dir": node.settings.node.data_dir},
         database={"url": node.store.url},
         models=models,
         worklist={"stable_seconds": 0},
+        **sections,
     )
 
 
@@ -146,7 +147,8 @@ def test_a_study_matching_two_models_gets_two_srs_and_rerouting_follows_the_rule
         Path(get_testdata_file("CT_small.dcm")), tmp_path / "ct", n=2, SeriesDescription="CHEST AXIAL"
     )
     storescu(node.port, files)
-    two = [*MODELS, {"name": "chest-any", "bundle": "demo", "series_description": "chest", "heatmap_for": "top1"}]
+    chest_any = {"name": "chest-any", "bundle": "demo", "modalities": ["CT"], "series_description": "chest"}
+    two = [*MODELS, {**chest_any, "heatmap_for": "top1"}]
     settings = with_models(node, two)
     run_all(node, settings)
     jobs = jobs_by_study(node)[study]
@@ -173,10 +175,10 @@ def test_a_study_matching_two_models_gets_two_srs_and_rerouting_follows_the_rule
         assert s.scalar(select(Job).where(Job.state == "queued")) is None
 
 
-def test_without_models_the_model_section_takes_everything(node: InProcessNode, tmp_path: Path) -> None:
+def test_without_models_the_model_section_takes_what_pipeline_names(node: InProcessNode, tmp_path: Path) -> None:
     study, files = copy_as_new_study(Path(get_testdata_file("MR_small.dcm")), tmp_path / "mr")
     storescu(node.port, files)
-    settings = with_models(node, [])
+    settings = with_models(node, [], pipeline={"modalities": ["MR"]})  # beyond the demo's CR/DX, as written
     run_all(node, settings)
     (job,) = jobs_by_study(node)[study]
     assert job["state"] == "done" and job["routed_model"] == "" and job["routing"] == []

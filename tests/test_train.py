@@ -126,6 +126,7 @@ def test_training_reaches_auroc_above_0_9_for_every_label(trained: tuple[Path, P
     manifest = load_manifest(bundle)
     assert manifest.labels == LABELS and manifest.task == "multilabel" and manifest.preprocessing.input_size == 64
     assert all(0 < t < 1 for t in manifest.thresholds)
+    assert manifest.intended_use is not None and manifest.intended_use.modalities == ("CR",)  # its DICOM files
     training = manifest.extra["training"]
     assert training["data_sha256"] and training["start"] == "scratch" and training["threshold_rule"] == "youden"
     assert (bundle / "roc.png").stat().st_size > 5000 and (bundle / "curves.png").stat().st_size > 5000

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from nodeproc import TEST_MODALITIES
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -25,6 +26,7 @@ def node_settings(tmp: Path, url: str | None = None, **web: object) -> Settings:
         database={"url": url},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
         report={"heatmap_for": "top1"},
+        pipeline={"modalities": TEST_MODALITIES},
         web={
             "tokens": [
                 {"name": "alice", "token": ADMIN, "role": "admin"},
