@@ -479,8 +479,9 @@ def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> 
     down, aspect kept, to leave room for the panel (centred if that makes it narrower than the
     canvas). Returns (RGB canvas, (height, width) of the overlay in it).
     """
-    import matplotlib
     from PIL import Image, ImageDraw
+
+    from dxnode.colormap import jet
 
     img = Image.fromarray(overlay)
     scale = max(1.0, MIN_SC_SIDE / img.width)
@@ -502,7 +503,7 @@ def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> 
         y += line_h
     label_w = int(draw.textlength("high", font=font)) + size
     bar_w = max(64, min(canvas.width // 3, canvas.width - 2 * label_w - size))
-    ramp = (matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3] * 255).astype(np.uint8)
+    ramp = (jet(np.linspace(0, 1, bar_w)) * 255).astype(np.uint8)
     canvas.paste(Image.fromarray(np.repeat(ramp[np.newaxis], bar_h, axis=0)), (label_w, y + (line_h - bar_h) // 2))
     draw.text((size // 2, y), "low", fill=(255, 255, 255), font=font)
     draw.text((label_w + bar_w + size // 2, y), "high", fill=(255, 255, 255), font=font)
