@@ -44,11 +44,33 @@ EXPORT_TOLERANCE = 1e-4  # max |logit difference| accepted between the exported 
 TRAIN_EXTRA = "pip install 'dxnode[train]'"
 
 
-def has_torch() -> bool:
-    """Whether PyTorch (the dxnode[train] extra) is installed, without importing it."""
+TRAIN_MODULES = ("torch", "torchvision", "sklearn", "matplotlib", "tqdm")  # what dxnode[train] adds, as imported
+
+
+class MissingExtra(RuntimeError):
+    """A command needs the dxnode[train] extra, which this install does not have (one line for the CLI)."""
+
+
+def installed(module: str) -> bool:
+    """Whether a top-level module can be imported, without importing it."""
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def has_torch() -> bool:
+    """Whether PyTorch (the dxnode[train] extra) is installed, without importing it."""
+    return installed("torch")
+
+
+def require_train_extra(command: str) -> None:
+    """MissingExtra naming the extra to install, unless everything dxnode[train] adds is installed."""
+    missing = [m for m in TRAIN_MODULES if not installed(m)]
+    if missing:
+        raise MissingExtra(f"{command} needs the training extra ({', '.join(missing)} not installed): {TRAIN_EXTRA}")
 
 
 def require_torch(what: str) -> None:
