@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -133,3 +134,20 @@ def test_what_needs_the_training_extra_says_so_in_one_line(tmp_path: Path) -> No
     assert imagenet.returncode == 1
     (line,) = imagenet.stderr.strip().splitlines()
     assert "ImageNet weights file" in line and "pip install 'dxnode[train]'" in line
+
+
+def test_the_attention_region_is_scipys_connected_component_without_scipy() -> None:
+    """report.connected_region (NumPy, for the runtime install) labels as scipy.ndimage.label does."""
+    ndimage = pytest.importorskip("scipy.ndimage")  # installed with the training extra (scikit-learn)
+    from dxnode.report import connected_region
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        mask = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        if not mask.any():
+            continue
+        cells = np.argwhere(mask)
+        seed = tuple(int(v) for v in cells[rng.integers(len(cells))])
+        labels, _ = ndimage.label(mask)
+        np.testing.assert_array_equal(connected_region(mask, seed), labels == labels[seed])
