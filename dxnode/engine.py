@@ -141,7 +141,7 @@ class TorchEngine:
         """See Engine.forward."""
         torch = self.torch
         with torch.inference_mode():
-            t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             logits, feats = self.model(t.to(self.device))
             probs = torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
             maps = torch.einsum("lc,nchw->nlhw", self.net.fc.weight, feats).float().cpu().numpy() if cams else None

@@ -263,7 +263,7 @@ def _group(
     )
 
 
-def connected_region(mask: np.ndarray, seed: tuple[int, ...]) -> np.ndarray:
+def connected_region(mask: np.ndarray, seed: tuple[Any, ...]) -> np.ndarray:
     """The part of a 2-D boolean mask 4-connected to seed (which is in it), as a boolean mask.
 
     Runs of each row are joined to the overlapping runs of the rows above and below: a Python
