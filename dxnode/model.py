@@ -40,6 +40,9 @@ import numpy as np
 from dxnode.colormap import jet_table
 from dxnode.config import ModelSettings, Settings
 from dxnode.engine import (
+    FEATURES,
+    INPUT,
+    LOGITS,
     TRAIN_EXTRA,
     Engine,
     TorchEngine,
@@ -530,7 +533,7 @@ def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float 
         nodes[-1].attribute.append(helper.make_attribute("epsilon", bn_epsilon))
         return node("Relu", [y]) if relu else y
 
-    x = conv_bn("input", "conv1", "bn1", 2, True)
+    x = conv_bn(INPUT, "conv1", "bn1", 2, True)
     x = node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     for layer in range(1, 5):
         for block in range(2):
@@ -543,17 +546,17 @@ def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float 
                 else x
             )
             x = node("Relu", [node("Add", [y, shortcut])])
-    nodes.append(helper.make_node("Identity", [x], [FEATURES_OUTPUT]))
+    nodes.append(helper.make_node("Identity", [x], [FEATURES]))
     pooled = node("Flatten", [node("GlobalAveragePool", [x])], axis=1)
-    nodes.append(helper.make_node("Gemm", [pooled, "fc.weight", "fc.bias"], [LOGITS_OUTPUT], transB=1))
+    nodes.append(helper.make_node("Gemm", [pooled, "fc.weight", "fc.bias"], [LOGITS], transB=1))
     labels = len(weights["fc.bias"])
     graph = helper.make_graph(
         nodes,
         "resnet18",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, "s", "s"])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["n", 3, "s", "s"])],
         [
-            helper.make_tensor_value_info(LOGITS_OUTPUT, TensorProto.FLOAT, ["n", labels]),
-            helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, ["n", 512, "h", "w"]),
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["n", labels]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["n", 512, "h", "w"]),
         ],
         [numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in weights.items()],
     )
@@ -572,9 +575,6 @@ def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float 
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-LOGITS_OUTPUT, FEATURES_OUTPUT = "logits", "features"  # dxnode.engine's output names
 
 
 _TORCH_STORAGES = {
