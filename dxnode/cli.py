@@ -365,7 +365,7 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
     """Make a bundle from the torchvision ImageNet weights file."""
     from dxnode.engine import require_train_extra
 
-    require_train_extra("dxnode model init-imagenet")
+    require_train_extra("init-imagenet")
     import torch
 
     from dxnode.model import imagenet_manifest, imagenet_weights_path, write_bundle
@@ -446,7 +446,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from dxnode.engine import require_train_extra
     from dxnode.train import run_train
 
-    require_train_extra("dxnode train")
+    require_train_extra()
     try:
         out = run_train(args, settings)
     except (ValueError, FileNotFoundError) as exc:
@@ -466,7 +466,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from dxnode.evaluate import evaluate, table
     from dxnode.model import BundleError
 
-    require_train_extra("dxnode evaluate")
+    require_train_extra()
     try:
         metrics = evaluate(args.bundle, args.data, args.out, settings, args.images, args.split, args.seed, args.compare)
     except (ValueError, BundleError) as exc:

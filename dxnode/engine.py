@@ -66,11 +66,15 @@ def has_torch() -> bool:
     return installed("torch")
 
 
-def require_train_extra(command: str) -> None:
-    """MissingExtra naming the extra to install, unless everything dxnode[train] adds is installed."""
+def require_train_extra(what: str = "") -> None:
+    """MissingExtra naming the extra to install, unless everything dxnode[train] adds is installed.
+
+    The CLI prints it after "dxnode COMMAND: "; what names the subcommand where that is not enough.
+    """
     missing = [m for m in TRAIN_MODULES if not installed(m)]
     if missing:
-        raise MissingExtra(f"{command} needs the training extra ({', '.join(missing)} not installed): {TRAIN_EXTRA}")
+        who = f"{what} " if what else ""
+        raise MissingExtra(f"{who}needs the training extra ({', '.join(missing)} not installed): {TRAIN_EXTRA}")
 
 
 def require_torch(what: str) -> None:
