@@ -1,13 +1,17 @@
-# The two commands of the README: `make run` starts the node on its bundled defaults,
-# `make test` runs the whole suite (`make check`: ruff and mypy). They create and reuse the virtual
-# environment at .venv.
-.PHONY: venv run test check wheel-smoke bench clean
+# The two commands of the README: `make run` starts the node on its bundled defaults in the runtime
+# environment at .venv-run (dxnode alone: ONNX Runtime, no torch); `make test` runs the whole suite
+# in the full environment at .venv (dxnode[test]: torch, training and the test tools; `make check`:
+# ruff and mypy). Each is created once and reused.
+.PHONY: venv venv-run run test check wheel-smoke runtime-smoke bench clean
 
 venv:
 	@scripts/ensure-venv
 
-run: venv
-	.venv/bin/dxnode serve
+venv-run:
+	@scripts/ensure-venv run
+
+run: venv-run
+	.venv-run/bin/dxnode serve
 
 test: venv
 	.venv/bin/python -m pytest -ra $(PYTEST_ARGS)
@@ -21,6 +25,10 @@ check: venv
 # Build the wheel and sdist, install the wheel outside the checkout and run it from an empty folder.
 wheel-smoke: venv
 	scripts/wheel-smoke
+
+# Install the built wheel with its runtime dependencies only (no torch) and receive a study end to end.
+runtime-smoke: venv
+	scripts/runtime-smoke
 
 bench: venv
 	.venv/bin/python -m bench.receive

@@ -183,14 +183,12 @@ class Node:
 
 def floor_seconds(folder: Path, threads: int, batch_size: int) -> tuple[float, float]:
     """(decode-only seconds of every file in folder, bare forward seconds over as many inputs) in this process."""
-    import torch
+    import numpy as np
 
     from dxnode.config import Settings
     from dxnode.model import load_classifier
     from dxnode.pipeline import read_frames, to_tensor
 
-    if threads:
-        torch.set_num_threads(threads)
     settings = Settings()
     model = settings.model.model_copy(update={"threads": threads, "batch_size": batch_size})
     # The same model and engine as the node's ([model] engine = auto: ONNX Runtime on CPU).
@@ -201,10 +199,10 @@ def floor_seconds(folder: Path, threads: int, batch_size: int) -> tuple[float, f
     start = time.perf_counter()
     inputs = [to_tensor(f, prep) for path in files for f in read_frames(path, settings.pipeline, prep)]
     decode = time.perf_counter() - start
-    clf.forward(torch.stack(inputs[:batch_size]), cams=False)  # warm-up
+    clf.forward(np.stack(inputs[:batch_size]), cams=False)  # warm-up
     start = time.perf_counter()
     for i in range(0, len(inputs), batch_size):
-        clf.forward(torch.stack(inputs[i : i + batch_size]), cams=False)
+        clf.forward(np.stack(inputs[i : i + batch_size]), cams=False)
     return decode, time.perf_counter() - start
 
 

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     frames = [f for r in real for f in read_frames(r.path, lung, prep)]
-    batch = torch.stack([to_tensor(f, prep) for f in frames])
+    batch = torch.from_numpy(np.stack([to_tensor(f, prep) for f in frames]))
     p_ort, c_ort = ort_clf.predict_with_cam(batch)
     p_torch, c_torch = torch_clf.predict_with_cam(batch.to(device))
     cam_diff = max(

@@ -528,6 +528,9 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int:
     """Make a bundle from the torchvision ImageNet weights file."""
+    from dxnode.engine import require_train_extra
+
+    require_train_extra("init-imagenet")
     import torch
 
     from dxnode.model import imagenet_manifest, imagenet_weights_path, write_bundle
@@ -605,8 +608,10 @@ def cmd_model_quantize(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Fine-tune ResNet-18 on a labelled CSV and write a bundle."""
+    from dxnode.engine import require_train_extra
     from dxnode.train import run_train
 
+    require_train_extra()
     try:
         out = run_train(args, settings)
     except (ValueError, FileNotFoundError) as exc:
@@ -637,9 +642,11 @@ def warn_small_split(metrics: dict[str, Any], command: str, what: str) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate a bundle on a labelled CSV."""
+    from dxnode.engine import require_train_extra
     from dxnode.evaluate import evaluate, table
     from dxnode.model import BundleError
 
+    require_train_extra()
     try:
         metrics = evaluate(args.bundle, args.data, args.out, settings, args.images, args.split, args.seed, args.compare)
     except (ValueError, BundleError) as exc:

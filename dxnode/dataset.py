@@ -22,10 +22,9 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 from pydicom import Dataset
 
 from dxnode.config import PipelineSettings
@@ -45,6 +44,16 @@ from dxnode.pipeline import (
     skip_reason,
     to_tensor,
 )
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import torch
+    from torch.utils.data import Dataset as TorchMapDataset
+
+    _SampleDataset: TypeAlias = TorchMapDataset[tuple[torch.Tensor, torch.Tensor] | str]
+else:
+    _SampleDataset = object  # torch's Dataset only adds typing; torch is imported where training runs
 
 SPLITS = ("train", "val", "test")
 
@@ -253,7 +262,12 @@ def load_tensor(
     augment: Augment | None = None,
     rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
-    """The model input of a sample (first frame), optionally augmented; PipelineError if unusable."""
+    """The model input of a sample (first frame), optionally augmented; PipelineError if unusable.
+
+    The input is pipeline.to_tensor's, as serving makes it (no train/serve skew), as a torch tensor.
+    """
+    import torch  # training: dxnode[train]
+
     rng = rng or np.random.default_rng()
     if is_image_file(sample.path) or augment is None:
         frame = read_frames(sample.path, settings, prep)[0]
@@ -276,12 +290,13 @@ def load_tensor(
             raise
         except Exception as exc:  # a malformed LUT or window in the header, as read_frames reports it
             raise PipelineError(f"cannot apply the pixel chain: {type(exc).__name__}: {exc}"[:300]) from exc
-    x = to_tensor(frame, prep)
+    x = torch.from_numpy(to_tensor(frame, prep))
     return _augment_tensor(x, prep, augment, rng) if augment else x
 
 
 def _augment_tensor(x: torch.Tensor, prep: Preprocessing, a: Augment, rng: np.random.Generator) -> torch.Tensor:
     """Small affine, contrast and noise on a normalised 3xSxS tensor."""
+    import torch  # training: dxnode[train]
     import torch.nn.functional as F
 
     angle = math.radians(rng.uniform(-a.rotate_deg, a.rotate_deg))
@@ -302,8 +317,11 @@ def _augment_tensor(x: torch.Tensor, prep: Preprocessing, a: Augment, rng: np.ra
     return (img.clamp(0, 1) - mean) / std
 
 
-class TorchDataset(torch.utils.data.Dataset):
-    """Samples as (input, target) pairs; a sample that fails to load gives None (dropped by collate)."""
+class TorchDataset(_SampleDataset):
+    """Samples as (input, target) pairs; a sample that fails to load gives None (dropped by collate).
+
+    (A map-style dataset for torch's DataLoader: __len__ and __getitem__.)
+    """
 
     def __init__(
         self, samples: list[Sample], settings: PipelineSettings, prep: Preprocessing, augment: Augment | None, seed: int
@@ -320,6 +338,8 @@ class TorchDataset(torch.utils.data.Dataset):
             x = load_tensor(self.samples[i], self.settings, self.prep, self.augment, rng)
         except PipelineError as exc:
             return f"{self.samples[i].path}: {exc}"
+        import torch  # training: dxnode[train]
+
         return x, torch.tensor(self.samples[i].labels, dtype=torch.float32)
 
 
@@ -333,6 +353,8 @@ class Batch(NamedTuple):
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor] | str]) -> Batch:
     """Stack a batch, leaving out (and naming) samples that failed to load."""
+    import torch  # training: dxnode[train]
+
     items = [b for b in batch if not isinstance(b, str)]
     failed = [b for b in batch if isinstance(b, str)]
     if not items:

@@ -7,8 +7,13 @@ logits and layer4's features; the CAM is the fc weights applied to the features,
 
 A bundle's ``model.onnx`` (fp32, or int8 from `dxnode model quantize`) is listed in its manifest
 with its sha256 and checked at load like the weights. The built-in demo and ImageNet models are
-exported once into ``<data_dir>/model-cache`` beside a JSON file with both checksums, and rebuilt
-when either does not match.
+written once into ``<data_dir>/model-cache`` beside a JSON file with both checksums, and rebuilt
+when either does not match (the demo is built as an ONNX graph from NumPy weights, ImageNet is
+exported from PyTorch).
+
+Serving needs no torch: ONNX Runtime runs the model and the CAM is NumPy. PyTorch (the
+``dxnode[train]`` extra) is imported inside the functions that need it: the torch engine, export
+and quantisation.
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from dxnode.model import Manifest
 
 log = logging.getLogger("dxnode.engine")
@@ -35,6 +41,48 @@ ONNX_FILE = "model.onnx"
 INPUT, LOGITS, FEATURES = "input", "logits", "features"
 CACHE_FOLDER = "model-cache"
 EXPORT_TOLERANCE = 1e-4  # max |logit difference| accepted between the exported model and PyTorch
+TRAIN_EXTRA = "pip install 'dxnode[train]'"
+
+
+TRAIN_MODULES = ("torch", "torchvision", "sklearn", "matplotlib", "tqdm")  # what dxnode[train] adds, as imported
+
+
+class MissingExtra(RuntimeError):
+    """A command needs the dxnode[train] extra, which this install does not have (one line for the CLI)."""
+
+
+def installed(module: str) -> bool:
+    """Whether a top-level module can be imported, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def has_torch() -> bool:
+    """Whether PyTorch (the dxnode[train] extra) is installed, without importing it."""
+    return installed("torch")
+
+
+def require_train_extra(what: str = "") -> None:
+    """MissingExtra naming the extra to install, unless everything dxnode[train] adds is installed.
+
+    The CLI prints it after "dxnode COMMAND: "; what names the subcommand where that is not enough.
+    """
+    missing = [m for m in TRAIN_MODULES if not installed(m)]
+    if missing:
+        who = f"{what} " if what else ""
+        raise MissingExtra(f"{who}needs the training extra ({', '.join(missing)} not installed): {TRAIN_EXTRA}")
+
+
+def require_torch(what: str) -> None:
+    """BundleError in one line naming the extra to install, unless PyTorch is installed."""
+    if not has_torch():
+        from dxnode.model import BundleError
+
+        raise BundleError(f"{what} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
 
 
 class Engine(Protocol):
@@ -42,8 +90,8 @@ class Engine(Protocol):
 
     name: str
 
-    def forward(self, x: torch.Tensor, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities [N, L] (float32) and raw CAMs [N, L, h, w] when cams is true."""
+    def forward(self, x: np.ndarray, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities [N, L] (float32) and raw CAMs [N, L, h, w] when cams is true, of inputs [N, 3, S, S]."""
         ...
 
 
@@ -61,39 +109,46 @@ def _cams(fc_weight: np.ndarray, features: np.ndarray) -> np.ndarray:
     return np.matmul(fc_weight, features.reshape(n, c, h * w)).reshape(n, -1, h, w)
 
 
-class FeatureNet(torch.nn.Module):
+def feature_net(net: torch.nn.Module) -> torch.nn.Module:
     """A torchvision ResNet returning (logits, layer4 features): the graph that is exported."""
+    import torch  # PyTorch only here, in the torch engine and in export (dxnode[train])
 
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net: Any = net  # a torchvision ResNet: its layers are looked up by name
+    class FeatureNet(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net: Any = net  # a torchvision ResNet: its layers are looked up by name
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [N, L] and layer4 features [N, 512, h, w]."""
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        feats = n.layer4(n.layer3(n.layer2(n.layer1(x))))
-        return n.fc(torch.flatten(n.avgpool(feats), 1)), feats
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            n = self.net
+            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+            feats = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+            return n.fc(torch.flatten(n.avgpool(feats), 1)), feats
+
+    return FeatureNet(net)
 
 
 class TorchEngine:
-    """The network in PyTorch, on CPU or CUDA, under inference_mode."""
+    """The network in PyTorch, on CPU or CUDA, under inference_mode (needs dxnode[train])."""
 
     name = "torch"
 
-    def __init__(self, net: torch.nn.Module, task: str, device: torch.device) -> None:
-        self.model = FeatureNet(net).to(device).eval()
-        self.task = task
-        self.device = device
+    def __init__(self, net: torch.nn.Module, task: str, device: str | torch.device) -> None:
+        import torch  # the torch engine: dxnode[train]
 
-    def forward(self, x: torch.Tensor, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        self.torch = torch
+        self.device = torch.device(str(device))
+        self.net: Any = net  # a torchvision ResNet (its fc weights make the CAMs)
+        self.model = feature_net(net).to(self.device).eval()
+        self.task = task
+
+    def forward(self, x: np.ndarray, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """See Engine.forward."""
+        torch = self.torch
         with torch.inference_mode():
-            logits, feats = self.model(x.to(self.device))
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            logits, feats = self.model(t.to(self.device))
             probs = torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
-            maps = (
-                torch.einsum("lc,nchw->nlhw", self.model.net.fc.weight, feats).float().cpu().numpy() if cams else None
-            )
+            maps = torch.einsum("lc,nchw->nlhw", self.net.fc.weight, feats).float().cpu().numpy() if cams else None
         return probs.float().cpu().numpy(), maps
 
 
@@ -107,9 +162,9 @@ class OrtEngine:
         self.fc_weight = np.ascontiguousarray(fc_weight, dtype=np.float32)
         self.task = task
 
-    def forward(self, x: torch.Tensor, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def forward(self, x: np.ndarray, cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """See Engine.forward."""
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        arr = np.ascontiguousarray(x, dtype=np.float32)
         out = self.session.run([LOGITS, FEATURES] if cams else [LOGITS], {INPUT: arr})
         return probabilities(out[0], self.task), _cams(self.fc_weight, out[1]) if cams else None
 
@@ -138,9 +193,11 @@ def ort_has_cuda() -> bool:
 
 def export_onnx(net: torch.nn.Module, path: Path, input_size: int) -> Path:
     """Write net as ONNX (inputs 'input', outputs 'logits' and 'features', dynamic batch), atomically."""
+    import torch  # export runs the torch exporter: dxnode[train]
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = FeatureNet(net).to("cpu").eval()
+    model = feature_net(net).to("cpu").eval()
     x = torch.zeros(1, 3, input_size, input_size)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -178,9 +235,11 @@ def export_onnx(net: torch.nn.Module, path: Path, input_size: int) -> Path:
 
 def check_export(net: torch.nn.Module, path: Path, input_size: int) -> float:
     """Max |logit difference| of the ONNX model against PyTorch on a fixed random batch; raises if too large."""
+    import torch  # the reference is PyTorch: dxnode[train]
+
     x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref, ref_feats = FeatureNet(net).to("cpu").eval()(x)
+        ref, ref_feats = feature_net(net).to("cpu").eval()(x)
     logits, feats = ort_session(path).run([LOGITS, FEATURES], {INPUT: x.numpy()})
     diff = max(float(np.abs(ref.numpy() - logits).max()), float(np.abs(ref_feats.numpy() - feats).max()))
     if diff > EXPORT_TOLERANCE:
@@ -192,6 +251,7 @@ def export_bundle(bundle: Path) -> Manifest:
     """Export a bundle's verified weights to model.onnx, check it against PyTorch, record its sha256."""
     from dxnode.model import BundleError, load_manifest, load_network, save_manifest, sha256_file
 
+    require_torch("dxnode model export")
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     if manifest.quantization:
@@ -214,8 +274,8 @@ def bundle_onnx(bundle: Path, manifest: Manifest) -> tuple[Path | None, str]:
     return path, f"{manifest.onnx_file} sha256 matches"
 
 
-def cached_onnx(net: torch.nn.Module, manifest: Manifest, cache_dir: Path) -> Path:
-    """The built-in model's export in cache_dir, made (or remade, if its checksums do not match) as needed."""
+def cached_onnx(build: Callable[[Path], None], manifest: Manifest, cache_dir: Path) -> Path:
+    """The built-in model's ONNX file in cache_dir, built by build(path) (again if its checksums do not match)."""
     from dxnode.model import sha256_file
 
     stem = f"{manifest.name}-{manifest.weights_sha256[:16]}-{manifest.preprocessing.input_size}"
@@ -224,17 +284,27 @@ def cached_onnx(net: torch.nn.Module, manifest: Manifest, cache_dir: Path) -> Pa
         recorded = json.loads(meta.read_text())
         if recorded["weights_sha256"] == manifest.weights_sha256 and recorded["onnx_sha256"] == sha256_file(path):
             return path
-        log.warning("%s does not match its checksum in %s: exporting it again", path, meta.name)
+        log.warning("%s does not match its checksum in %s: building it again", path, meta.name)
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # not exported yet (or half written): export now
-    log.info("exporting %s %s to %s (once)", manifest.name, manifest.version, path)
-    net.eval()
-    export_onnx(net, path, manifest.preprocessing.input_size)
-    check_export(net, path, manifest.preprocessing.input_size)
+        pass  # not built yet (or half written): build now
+    log.info("building the ONNX model of %s %s in %s (once)", manifest.name, manifest.version, path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    build(path)
     tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"weights_sha256": manifest.weights_sha256, "onnx_sha256": sha256_file(path)}))
     tmp.replace(meta)
     return path
+
+
+def torch_export(net: torch.nn.Module, input_size: int) -> Callable[[Path], None]:
+    """A cached_onnx builder: export net from PyTorch and check the export against it."""
+
+    def build(path: Path) -> None:
+        net.eval()
+        export_onnx(net, path, input_size)
+        check_export(net, path, input_size)
+
+    return build
 
 
 # --- choosing ------------------------------------------------------------------------------------
@@ -242,9 +312,10 @@ def cached_onnx(net: torch.nn.Module, manifest: Manifest, cache_dir: Path) -> Pa
 
 def choose_engine(
     wanted: str,
-    device: torch.device,
+    device: str,
     device_setting: str,
-    net: torch.nn.Module,
+    load_net: Callable[[], torch.nn.Module],
+    fc_weight: np.ndarray,
     manifest: Manifest,
     onnx: Path | None,
     onnx_note: str,
@@ -254,11 +325,25 @@ def choose_engine(
 
     onnx is the verified ONNX model (None when there is none, onnx_note then says why). auto is
     ONNX Runtime on CPU, and on CUDA only when onnxruntime-gpu runs there; int8 models always
-    run in ONNX Runtime (on CPU when it has no CUDA).
+    run in ONNX Runtime (on CPU when it has no CUDA). load_net gives the PyTorch network, called
+    only when the torch engine runs (it needs dxnode[train]); fc_weight [L, 512] makes ONNX
+    Runtime's CAMs.
     """
     import onnxruntime as ort
 
     from dxnode.model import BundleError
+
+    def torch_engine(why: str) -> TorchEngine:
+        if not has_torch():
+            raise BundleError(
+                f"{manifest.name} {manifest.version} cannot run in ONNX Runtime ({why}) and this install has no "
+                f"PyTorch to run it: {TRAIN_EXTRA}"
+            )
+        import torch  # the torch engine: dxnode[train]
+
+        if threads:
+            torch.set_num_threads(threads)
+        return TorchEngine(load_net(), manifest.task, device)
 
     int8 = bool(manifest.quantization)
     if int8 and onnx is None:
@@ -269,12 +354,13 @@ def choose_engine(
             "use engine 'auto' or 'onnxruntime', or its fp32 bundle"
         )
     if wanted == "torch":
-        return TorchEngine(net, manifest.task, device), "[model] engine = 'torch'"
+        require_torch("[model] engine = 'torch'")
+        return torch_engine(onnx_note), "[model] engine = 'torch'"
     if onnx is None:
         prefix = "ONNX Runtime not used" if wanted == "auto" else "[model] engine = 'onnxruntime' not possible"
-        return TorchEngine(net, manifest.task, device), f"{prefix}: {onnx_note}"
+        return torch_engine(onnx_note), f"{prefix}: {onnx_note}"
     cuda_problem = ""
-    if device.type == "cuda":
+    if device.startswith("cuda"):
         cuda_problem = "" if ort_has_cuda() else "onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)"
         if not cuda_problem:
             session = ort_session(onnx, threads, cuda=True)
@@ -282,18 +368,17 @@ def choose_engine(
                 cuda_problem = "onnxruntime-gpu is installed but could not start on CUDA"
     if cuda_problem and not int8:
         if wanted == "auto":
-            return TorchEngine(net, manifest.task, device), f"torch on CUDA: {cuda_problem}"
+            return torch_engine(cuda_problem), f"torch on CUDA: {cuda_problem}"
         if device_setting != "auto":
             raise BundleError(f"[model] engine = 'onnxruntime' with device = {device_setting!r}: {cuda_problem}")
-    if device.type != "cuda" or cuda_problem:
+    if not device.startswith("cuda") or cuda_problem:
         session = ort_session(onnx, threads)
     provider = session.get_providers()[0]
     kind = "int8" if int8 else "fp32"
     reason = f"onnxruntime {ort.__version__} ({provider}, {kind}): {onnx_note}"
     if cuda_problem:
         reason += f"; on CPU because {cuda_problem}"
-    fc: Any = net.fc
-    return OrtEngine(session, fc.weight.detach().cpu().numpy(), manifest.task), reason
+    return OrtEngine(session, fc_weight, manifest.task), reason
 
 
 # --- int8 ----------------------------------------------------------------------------------------
@@ -356,7 +441,7 @@ def calibration_batches(
     """Model inputs of the samples' frames, made by the node's own pipeline, in batches; unreadable files are skipped."""
     from dxnode.pipeline import PipelineError, read_frames, to_tensor
 
-    pending: list[torch.Tensor] = []
+    pending: list[np.ndarray] = []
     count = 0
     for s in samples:
         if count >= max_images:
@@ -370,10 +455,10 @@ def calibration_batches(
             pending.append(to_tensor(f, prep))
             count += 1
             if len(pending) == batch_size:
-                yield torch.stack(pending).numpy()
+                yield np.stack(pending)
                 pending = []
     if pending:
-        yield torch.stack(pending).numpy()
+        yield np.stack(pending)
 
 
 def quantize_bundle(
@@ -393,6 +478,7 @@ def quantize_bundle(
     from dxnode.dataset import read_table
     from dxnode.model import BundleError, load_manifest, load_network, save_manifest, sha256_file
 
+    require_torch("dxnode model quantize")
     bundle, out = Path(bundle), Path(out)
     if out.resolve() == bundle.resolve():
         raise ValueError("--out must be a new folder, not the source bundle")

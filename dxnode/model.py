@@ -4,8 +4,13 @@ A bundle is a folder: ``weights.pt`` (a torchvision resnet18 state dict with fc 
 labels) and ``manifest.json`` (name, version, labels, task, thresholds, preprocessing, sha256 of
 the weights, checked at load), and ``model.onnx`` with its sha256 for the ONNX Runtime engine
 (dxnode.engine runs the network; see there). Nothing is ever downloaded: with no bundle configured, dxnode
-serves torchvision's ImageNet classifier if ``resnet18-f37072fd.pth`` is on disk, else an
-untrained demo model that says so in every output.
+serves torchvision's ImageNet classifier if ``resnet18-f37072fd.pth`` is on disk (and PyTorch is
+installed), else an untrained demo model that says so in every output.
+
+Serving needs no PyTorch: a bundle's model.onnx runs in ONNX Runtime with the fc weights read from
+weights.pt by a small reader of torch's file format (read_state_dict), and the demo model is
+built as an ONNX graph from NumPy weights. PyTorch (``dxnode[train]``) is imported inside the
+functions that need it only: writing weights, the torch engine, ImageNet.
 
 Grad-CAM: ResNet-18 ends in global average pooling and one linear layer, so the gradient of a
 class logit with respect to each layer4 channel is that class's fc weight divided by the map
@@ -28,15 +33,26 @@ from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision
 
+from dxnode.colormap import jet_table
 from dxnode.config import ModelSettings, Settings
-from dxnode.engine import Engine, TorchEngine, bundle_onnx, cached_onnx, choose_engine
+from dxnode.engine import (
+    FEATURES,
+    INPUT,
+    LOGITS,
+    TRAIN_EXTRA,
+    Engine,
+    TorchEngine,
+    bundle_onnx,
+    cached_onnx,
+    choose_engine,
+    has_torch,
+    require_torch,
+    torch_export,
+)
 from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse
 from dxnode.pipeline import (
     Frame,
@@ -46,10 +62,14 @@ from dxnode.pipeline import (
     map_to_source,
     read_dataset,
     read_frames,
+    resize_planes,
     skip_reason,
     to_tensor,
 )
 from dxnode.results import Finding, Heatmap, InstanceOutcome, ModelIdentity, StudyResult
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dxnode.model")
 
@@ -140,6 +160,8 @@ def write_bundle(
     intended_use: IntendedUse | None = None,
 ) -> Manifest:
     """Write weights.pt and manifest.json (with the weights' sha256) into the folder path."""
+    import torch  # weights.pt is written by torch.save: dxnode[train] (training, init-imagenet)
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / "weights.pt"
@@ -222,11 +244,15 @@ def verify_weights(path: Path, manifest: Manifest) -> Path:
 
 def resnet18(num_labels: int) -> torch.nn.Module:
     """torchvision ResNet-18 with fc sized to the labels (no weights downloaded)."""
+    import torchvision  # the PyTorch network: dxnode[train]
+
     return torchvision.models.resnet18(weights=None, num_classes=num_labels)
 
 
 def choose_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU."""
+    """'auto' is CUDA when present, else CPU (PyTorch's device: training and the torch engine)."""
+    import torch  # dxnode[train]
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -234,8 +260,20 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def serving_device(name: str) -> str:
+    """[model] device for inference: choose_device where PyTorch is installed; without it, the CPU.
+
+    (Without PyTorch, CUDA is ONNX Runtime's alone: 'cuda' asks onnxruntime-gpu for it.)
+    """
+    if has_torch():
+        return str(choose_device(name))
+    return "cpu" if name == "auto" else name
+
+
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     """Model outputs as probabilities: softmax over the labels for multiclass, a sigmoid per label otherwise."""
+    import torch  # training and evaluation in PyTorch: dxnode[train]
+
     return torch.softmax(logits, dim=1) if task == "multiclass" else torch.sigmoid(logits)
 
 
@@ -262,29 +300,35 @@ class Classifier:
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: torch.nn.Module | None,
         manifest: Manifest,
-        device: torch.device,
+        device: Any,
         batch_size: int = 8,
         engine: Engine | None = None,
         engine_reason: str = "",
     ) -> None:
-        self.net = net.eval() if engine else net.to(device).eval()
+        """net: the PyTorch network (None when the engine is ONNX Runtime and none was loaded); without
+        an engine, it runs in the torch engine on device."""
+        self.net = net.eval() if net is not None else None
         self.manifest = manifest
-        self.device = device
+        self.device = str(device)
         self.batch_size = batch_size
-        self.engine: Engine = engine or TorchEngine(self.net, manifest.task, device)
+        if engine is None:
+            if net is None:
+                raise ValueError("a Classifier needs an engine or a network")
+            engine = TorchEngine(net, manifest.task, device)
+        self.engine: Engine = engine
         self.engine_reason = engine_reason or "PyTorch"
         self.identity = ModelIdentity(
             manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task
         )
         self._lock = threading.Lock()
 
-    def predict(self, batch: torch.Tensor) -> np.ndarray:
+    def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities [N, L] for a batch of input tensors [N, 3, S, S]."""
         return self.predict_with_cam(batch, cams=False)[0]
 
-    def forward(self, batch: torch.Tensor, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: np.ndarray, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass: probabilities [N, L] and raw layer4 CAMs [N, L, h, w] (before ReLU).
 
         The whole engine contract of a batch; another runtime (e.g. ONNX Runtime) can replace it.
@@ -294,7 +338,7 @@ class Classifier:
             probs, maps = self.engine.forward(batch, cams)
         return probs, (maps if maps is not None else np.zeros((0,), np.float32))
 
-    def predict_with_cam(self, batch: torch.Tensor, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_cam(self, batch: np.ndarray, cams: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities [N, L] and raw class-activation maps [N, L, h, w] (before ReLU/normalising)."""
         probs, maps = [], []
         for start in range(0, len(batch), self.batch_size):
@@ -324,10 +368,7 @@ def cam_to_source(raw: np.ndarray, frame: Frame, prep: Preprocessing) -> np.ndar
     The letterbox/crop undone is the one to_tensor applied to the frame's model image; the
     display is that image's extent at its own (possibly smaller) size.
     """
-    t = torch.from_numpy(np.maximum(raw, 0).astype(np.float32))[None, None]
-    on_input = F.interpolate(t, size=(prep.input_size, prep.input_size), mode="bilinear", align_corners=False)[
-        0, 0
-    ].numpy()
+    on_input = resize_planes(np.maximum(raw, 0)[np.newaxis], (prep.input_size, prep.input_size))[0]
     h, w = frame.display.shape[:2]
     return normalise_cam(map_to_source(on_input, geometry(*frame.image_shape, prep), (h, w)))
 
@@ -350,9 +391,7 @@ def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing, alpha: float = 0
 @functools.cache
 def _jet_lut(alpha: float) -> np.ndarray:
     """matplotlib's 'jet' colours as 256 x 3 float32 in 0-255, scaled by alpha."""
-    import matplotlib
-
-    return (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255 * alpha).astype(np.float32)
+    return (jet_table() * 255 * alpha).astype(np.float32)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -373,6 +412,9 @@ def imagenet_weights_path(settings: ModelSettings) -> Path:
 
 def imagenet_manifest(weights: Path) -> Manifest:
     """The manifest of torchvision's ImageNet ResNet-18 (1000 labels, top class)."""
+    require_torch(f"the ImageNet weights file {weights}")
+    import torchvision  # its category names: dxnode[train]
+
     categories = list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
     sha = sha256_file(weights)
     if not sha.startswith(IMAGENET_SHA256_PREFIX):
@@ -393,17 +435,55 @@ def imagenet_manifest(weights: Path) -> Manifest:
     )
 
 
-def demo_network() -> tuple[torch.nn.Module, Manifest]:
-    """The untrained demo model: ResNet-18 with a fixed seed, five chest-finding labels."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(DEMO_SEED)
-    net = resnet18(len(DEMO_LABELS))
-    torch.random.set_rng_state(gen_state)
+def _resnet18_layout(num_labels: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters of torchvision's resnet18 (state-dict names and shapes, BN statistics included), in its order."""
+    shapes: list[tuple[str, tuple[int, ...]]] = [("conv1.weight", (64, 3, 7, 7)), *_bn("bn1", 64)]
+    cin = 64
+    for layer, cout in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            p, stride = f"layer{layer}.{block}", 2 if layer > 1 and block == 0 else 1
+            shapes += [(f"{p}.conv1.weight", (cout, cin, 3, 3)), *_bn(f"{p}.bn1", cout)]
+            shapes += [(f"{p}.conv2.weight", (cout, cout, 3, 3)), *_bn(f"{p}.bn2", cout)]
+            if stride != 1 or cin != cout:
+                shapes += [(f"{p}.downsample.0.weight", (cout, cin, 1, 1)), *_bn(f"{p}.downsample.1", cout)]
+            cin = cout
+    return [*shapes, ("fc.weight", (num_labels, 512)), ("fc.bias", (num_labels,))]
+
+
+def _bn(prefix: str, channels: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.{k}", (channels,)) for k in ("weight", "bias", "running_mean", "running_var")]
+
+
+def demo_weights() -> dict[str, np.ndarray]:
+    """The untrained demo model's ResNet-18 weights (torchvision names), from a NumPy generator with a fixed seed.
+
+    Convolutions He-normal (fan out, as torchvision initialises them), batch norms the identity,
+    fc uniform in +-1/sqrt(512) (as a fresh torch Linear): deterministic, and no torch needed.
+    """
+    rng = np.random.default_rng(DEMO_SEED)
+    weights: dict[str, np.ndarray] = {}
+    for name, shape in _resnet18_layout(len(DEMO_LABELS)):
+        if name.endswith("running_var") or (name.endswith(".weight") and len(shape) == 1):
+            weights[name] = np.ones(shape, np.float32)
+        elif name.endswith(("running_mean", ".bias")) and not name.startswith("fc."):
+            weights[name] = np.zeros(shape, np.float32)
+        elif name.startswith("fc."):
+            weights[name] = rng.uniform(-(512**-0.5), 512**-0.5, shape).astype(np.float32)
+        else:
+            fan_out = shape[0] * shape[2] * shape[3]
+            weights[name] = (rng.standard_normal(shape, np.float32) * np.float32((2.0 / fan_out) ** 0.5)).astype(
+                np.float32
+            )
+    return weights
+
+
+def demo_manifest(weights: dict[str, np.ndarray]) -> Manifest:
+    """The demo model's manifest; its weights_sha256 is over the names and bytes of its weights."""
     h = hashlib.sha256()
-    for k, v in net.state_dict().items():
+    for k, v in weights.items():
         h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    manifest = Manifest(
+        h.update(np.ascontiguousarray(v).tobytes())
+    return Manifest(
         name=DEMO_NAME,
         version="0-untrained",
         labels=list(DEMO_LABELS),
@@ -416,11 +496,172 @@ def demo_network() -> tuple[torch.nn.Module, Manifest]:
         intended_use=DEMO_USE,
         description="UNTRAINED DEMO MODEL: random weights with a fixed seed. Its findings are meaningless; configure [model] bundle.",
     )
-    return net, manifest
+
+
+def torch_network(weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    """torchvision's resnet18 holding these (NumPy) weights: the demo model in the torch engine."""
+    import torch  # the torch engine: dxnode[train]
+
+    net = resnet18(len(weights["fc.bias"]))
+    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+    state.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def demo_network() -> tuple[torch.nn.Module, Manifest]:
+    """The untrained demo model in PyTorch (needs dxnode[train]): the same weights as its ONNX graph."""
+    weights = demo_weights()
+    return torch_network(weights), demo_manifest(weights)
+
+
+def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float = 1e-5) -> Path:
+    """Write torchvision's ResNet-18 forward pass with these weights as an ONNX graph, atomically.
+
+    The graph dxnode.engine exports from PyTorch: input 'input' [n, 3, S, S], outputs 'logits'
+    [n, L] and layer4's 'features' [n, 512, h, w], batch size dynamic. Built with onnx.helper,
+    without torch.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes: list[Any] = []
+    count = [0]
+
+    def node(op: str, inputs: list[str], **attrs: Any) -> str:
+        count[0] += 1
+        out = f"{op.lower()}_{count[0]}"
+        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def conv_bn(x: str, conv: str, bn: str, stride: int, relu: bool) -> str:
+        k = weights[f"{conv}.weight"].shape[-1]
+        y = node("Conv", [x, f"{conv}.weight"], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
+        y = node("BatchNormalization", [y, *(f"{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var"))])
+        nodes[-1].attribute.append(helper.make_attribute("epsilon", bn_epsilon))
+        return node("Relu", [y]) if relu else y
+
+    x = conv_bn(INPUT, "conv1", "bn1", 2, True)
+    x = node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    for layer in range(1, 5):
+        for block in range(2):
+            p, stride = f"layer{layer}.{block}", 2 if layer > 1 and block == 0 else 1
+            y = conv_bn(x, f"{p}.conv1", f"{p}.bn1", stride, True)
+            y = conv_bn(y, f"{p}.conv2", f"{p}.bn2", 1, False)
+            shortcut = (
+                conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", stride, False)
+                if f"{p}.downsample.0.weight" in weights
+                else x
+            )
+            x = node("Relu", [node("Add", [y, shortcut])])
+    nodes.append(helper.make_node("Identity", [x], [FEATURES]))
+    pooled = node("Flatten", [node("GlobalAveragePool", [x])], axis=1)
+    nodes.append(helper.make_node("Gemm", [pooled, "fc.weight", "fc.bias"], [LOGITS], transB=1))
+    labels = len(weights["fc.bias"])
+    graph = helper.make_graph(
+        nodes,
+        "resnet18",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["n", 3, "s", "s"])],
+        [
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["n", labels]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["n", 512, "h", "w"]),
+        ],
+        [numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="dxnode")
+    model.ir_version = 8  # what every onnxruntime since 1.10 reads
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+_TORCH_STORAGES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """A state dict written by torch.save (its zip format), as NumPy arrays, without torch.
+
+    Only tensors in (Ordered)dicts are understood: any other object in the pickle is refused, as
+    torch.load(weights_only=True) refuses it.
+    """
+    import pickle
+    import zipfile
+    from collections import OrderedDict
+
+    def rebuild(
+        storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
+    ) -> np.ndarray:
+        item = storage.itemsize
+        return np.lib.stride_tricks.as_strided(
+            storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
+        ).copy()
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        root = names[0].split("/", 1)[0]
+        if f"{root}/byteorder" in names and z.read(f"{root}/byteorder").strip() != b"little":
+            raise ValueError("only little-endian tensor files are supported")
+
+        class Reader(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if (module, name) == ("collections", "OrderedDict"):
+                    return OrderedDict
+                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                    return rebuild
+                if module == "torch" and name in _TORCH_STORAGES:
+                    return np.dtype(_TORCH_STORAGES[name])
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict")
+
+            def persistent_load(self, pid: Any) -> np.ndarray:
+                _, dtype, key, _location, _numel = pid
+                return np.frombuffer(z.read(f"{root}/data/{key}"), dtype=dtype)
+
+        with z.open(f"{root}/data.pkl") as f:
+            state = Reader(f).load()
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ValueError("not a state dict of tensors")
+    return dict(state)
+
+
+def bundle_fc_weight(bundle: Path, manifest: Manifest) -> np.ndarray:
+    """The fc weights [L, 512] of a bundle's verified weights.pt (they make ONNX Runtime's CAMs), without torch."""
+    weights = verify_weights(bundle, manifest)
+    try:
+        fc = read_state_dict(weights)["fc.weight"]
+    except Exception as exc:
+        raise BundleError(f"model weights {weights}: cannot read fc.weight: {exc}"[:500]) from exc
+    if fc.shape != (len(manifest.labels), 512):
+        raise BundleError(
+            f"model weights {weights}: fc.weight is {list(fc.shape)}, not [{len(manifest.labels)}, 512] for its labels"
+        )
+    return fc.astype(np.float32)
 
 
 def load_network(bundle: Path, manifest: Manifest) -> torch.nn.Module:
-    """A resnet18 with the bundle's verified weights loaded."""
+    """A resnet18 with the bundle's verified weights loaded (needs dxnode[train])."""
+    require_torch(f"loading {bundle}/{manifest.weights_file} into PyTorch")
+    import torch  # dxnode[train]
+
     weights = verify_weights(bundle, manifest)
     net = resnet18(len(manifest.labels))
     try:
@@ -438,64 +679,97 @@ def load_classifier(
     """The configured model, loaded once per process (bundle > [model] bundle > ImageNet > demo).
 
     The engine follows [model] engine (dxnode.engine.choose_engine); the built-in demo and ImageNet
-    models are exported to ONNX once, under data_dir (without one they run in PyTorch).
+    models are written to ONNX once, under data_dir (without one they run in PyTorch). Without
+    PyTorch (no dxnode[train]): bundles run from their model.onnx, the demo from its ONNX graph,
+    and an ImageNet file on disk is not used unless configured (then it is a one-line error).
     """
     chosen = str(bundle or settings.bundle or "")
-    device = choose_device(settings.device)
+    device = serving_device(settings.device)
     if not chosen:
         imagenet = imagenet_weights_path(settings)
-        chosen = f"imagenet:{imagenet}" if imagenet.is_file() else "demo"
         if settings.imagenet_weights and not imagenet.is_file():
             raise BundleError(
                 f"[model] imagenet_weights = {settings.imagenet_weights!r}: no such file (expected torchvision's {IMAGENET_FILE})"
             )
-    key = (chosen, str(device), settings.engine, str(data_dir))
+        chosen = f"imagenet:{imagenet}" if imagenet.is_file() else "demo"
+        if chosen != "demo" and not settings.imagenet_weights and not has_torch():
+            log.warning("%s not used: reading it needs PyTorch (%s); serving the demo model", imagenet, TRAIN_EXTRA)
+            chosen = "demo"
+    key = (chosen, device, settings.engine, str(data_dir))
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        net: Any = None
+        build: Callable[[Path], None] | None
         if chosen == "demo":
-            net, manifest = demo_network()
+            weights = demo_weights()
+            manifest = demo_manifest(weights)
+            fc = weights["fc.weight"]
+
+            def load_net() -> torch.nn.Module:
+                return torch_network(weights)
+
+            def build_demo(path: Path) -> None:
+                resnet18_onnx(weights, path)
+
+            build = build_demo
+
         elif chosen.startswith("imagenet:"):
-            weights = Path(chosen.split(":", 1)[1])
-            manifest = imagenet_manifest(weights)
+            pth = Path(chosen.split(":", 1)[1])
+            manifest = imagenet_manifest(pth)  # (requires torch, in one line)
+            import torch  # reading torchvision's .pth: dxnode[train]
+
             net = resnet18(1000)
             try:
-                net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                net.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
             except Exception as exc:
-                raise BundleError(f"{weights} is not torchvision's ResNet-18 ImageNet state dict: {exc}"[:500]) from exc
+                raise BundleError(f"{pth} is not torchvision's ResNet-18 ImageNet state dict: {exc}"[:500]) from exc
+            fc = net.fc.weight.detach().cpu().numpy()
+            build = torch_export(net, manifest.preprocessing.input_size)
+
+            def load_net() -> torch.nn.Module:
+                return net
+
         else:
             path = Path(chosen).expanduser()
             manifest = load_manifest(path)
-            net = load_network(path, manifest)
-        onnx, note = _onnx_for(chosen, net, manifest, settings, data_dir)
+            fc = bundle_fc_weight(path, manifest)
+
+            def load_net() -> torch.nn.Module:
+                return load_network(path, manifest)
+
+            build = None
+        onnx, note = _onnx_for(chosen, build, manifest, settings, data_dir)
         engine, reason = choose_engine(
-            settings.engine, device, settings.device, net, manifest, onnx, note, settings.threads
+            settings.engine, device, settings.device, load_net, fc, manifest, onnx, note, settings.threads
         )
         (log.info if engine.name == "onnxruntime" or settings.engine == "torch" else log.warning)(
             "model %s %s: engine %s (%s)", manifest.name, manifest.version, engine.name, reason
         )
-        classifier = Classifier(net, manifest, device, settings.batch_size, engine, reason)
+        classifier = Classifier(getattr(engine, "net", None), manifest, device, settings.batch_size, engine, reason)
         _cache[key] = classifier
         return classifier
 
 
 def _onnx_for(
-    chosen: str, net: torch.nn.Module, manifest: Manifest, settings: ModelSettings, data_dir: Path | None
+    chosen: str,
+    build: Callable[[Path], None] | None,
+    manifest: Manifest,
+    settings: ModelSettings,
+    data_dir: Path | None,
 ) -> tuple[Path | None, str]:
-    """The verified ONNX model of a bundle, or the built-in model's cached export, or why there is none."""
-    if chosen != "demo" and not chosen.startswith("imagenet:"):
+    """The verified ONNX model of a bundle, or the built-in model's cached ONNX file, or why there is none."""
+    if build is None:
         return bundle_onnx(Path(chosen).expanduser(), manifest)
     if settings.engine == "torch":
         return None, "[model] engine = 'torch'"
     if data_dir is None:
-        return None, "no data_dir given to cache the built-in model's ONNX export in"
+        return None, "no data_dir given to cache the built-in model's ONNX file in"
     cache = Path(data_dir) / "model-cache"
     try:
-        return cached_onnx(net, manifest, cache), f"exported once to {cache}"
+        return cached_onnx(build, manifest, cache), f"built once in {cache}"
     except (OSError, RuntimeError) as exc:
-        return None, f"could not export the built-in model to {cache}: {exc}"
+        return None, f"could not build the built-in model's ONNX file in {cache}: {exc}"
 
 
 # --- studies and files ------------------------------------------------------------------------
@@ -511,7 +785,7 @@ def _run_frames(classifier: Classifier, frames: list[_Input]) -> tuple[np.ndarra
     prep = classifier.manifest.preprocessing
     if not frames:
         return np.zeros((0, len(classifier.manifest.labels))), np.zeros((0,))
-    return classifier.predict_with_cam(torch.stack([to_tensor(f.frame, prep) for f in frames]))
+    return classifier.predict_with_cam(np.stack([to_tensor(f.frame, prep) for f in frames]))
 
 
 def _heatmap_labels(findings: list[Finding], heatmap_for: str) -> list[Finding]:
@@ -527,7 +801,7 @@ class _Decoded:
     """One instance after the pixel chain: its model inputs (frame index, tensor, display-only frame), or why it has none."""
 
     sop_instance_uid: str
-    inputs: list[tuple[int, torch.Tensor, Frame]]  # the Frame without its model image
+    inputs: list[tuple[int, np.ndarray, Frame]]  # the Frame without its model image
     outcome: InstanceOutcome | None  # skipped or failed
     seconds: float  # read + decode + window + resize, in the decoding thread
     notes: str = ""  # what the pixel chain noted (e.g. a non-finite window it did not use)
@@ -641,12 +915,12 @@ def analyze_study(
     outcomes: dict[str, InstanceOutcome] = {}
     running = _RunningStudy(len(labels))
     per_instance: dict[str, list[Any]] = {}  # uid -> [frames not yet run, max probabilities so far, notes]
-    waiting: list[tuple[str, int, torch.Tensor, Frame]] = []  # inputs decoded, not yet run
+    waiting: list[tuple[str, int, np.ndarray, Frame]] = []  # inputs decoded, not yet run
     kept: dict[tuple[str, int], Frame] = {}  # display images of current drivers, at most batch_size
 
-    def run_batch(batch: list[tuple[str, int, torch.Tensor, Frame]]) -> None:
+    def run_batch(batch: list[tuple[str, int, np.ndarray, Frame]]) -> None:
         start = time.perf_counter()
-        probs, cams = classifier.forward(torch.stack([x for _, _, x, _ in batch]))
+        probs, cams = classifier.forward(np.stack([x for _, _, x, _ in batch]))
         spent["model"] += time.perf_counter() - start
         running.fold(probs, cams, [(uid, i) for uid, i, _, _ in batch])
         drivers = set(running.driver)

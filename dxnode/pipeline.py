@@ -5,6 +5,7 @@ window or VOI LUT > percentile window) -> MONOCHROME1 inversion -> RGB for colou
 (letterbox or centre crop) -> three channels -> normalise. Every LUT step is a `pydicom.pixels`
 function; this module only chooses which one applies and maps the result to [0, 1].
 Training (dxnode.train) goes through the same functions, so there is no train/serve skew.
+Everything here is NumPy and Pillow: serving needs no torch.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-import torch
-import torch.nn.functional as F
+from PIL import Image
 from pydicom import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
@@ -382,8 +382,7 @@ def display_image(values01: np.ndarray, max_side: int = 0) -> np.ndarray:
     size = display_shape(h, w, max_side)
     if size != (h, w):
         planes = values01[np.newaxis] if values01.ndim == 2 else values01.transpose(2, 0, 1)
-        t = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
-        small = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+        small = resize_planes(planes, size)
         values01 = small[0] if values01.ndim == 2 else small.transpose(1, 2, 0)
     u8 = (values01 * 255).round().astype(np.uint8)
     return u8 if u8.ndim == 3 else np.repeat(u8[..., np.newaxis], 3, axis=-1)
@@ -555,8 +554,28 @@ def geometry(height: int, width: int, prep: Preprocessing) -> Geometry:
     return Geometry(height, width, s, rh, rw, (s - rh) // 2, (s - rw) // 2)
 
 
-def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
-    """3xSxS float32: resized (letterbox or centre crop) and normalised with the bundle's mean/std."""
+def resize_planes(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """CxHxW planes resized to C x size (h, w) in float32: bilinear, antialiased when it reduces.
+
+    Pillow's triangle filter on 32-bit float images, each output pixel a weighted mean of the
+    source pixels under it, the image's extent kept (pixel centres at (i + 0.5) * scale): the
+    resize torch's interpolate(mode="bilinear", align_corners=False, antialias=True) imitates
+    (tests/test_pipeline.py compares them), and plain bilinear when it enlarges.
+    """
+    h, w = size
+    out = np.empty((planes.shape[0], h, w), np.float32)
+    for c, plane in enumerate(planes):
+        img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # float32: mode "F"
+        out[c] = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+    return out
+
+
+def to_tensor(frame: Frame, prep: Preprocessing) -> np.ndarray:
+    """3xSxS float32: resized (letterbox or centre crop) and normalised with the bundle's mean/std.
+
+    The one model input of serving, evaluation, calibration and training (dxnode.dataset wraps it
+    for torch).
+    """
     h, w = frame.image.shape[:2]
     g = geometry(h, w, prep)
     img = frame.image
@@ -566,19 +585,18 @@ def to_tensor(frame: Frame, prep: Preprocessing) -> torch.Tensor:
         img.strides[2] == 0 or (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]))
     )
     planes = img[np.newaxis, ..., 0] if gray else img.transpose(2, 0, 1)
-    planes = np.ascontiguousarray(planes)
-    x = torch.from_numpy(planes if planes.flags.writeable else planes.copy())[None]  # torch wants writable arrays
-    x = F.interpolate(x, size=(g.resized_h, g.resized_w), mode="bilinear", align_corners=False, antialias=True)[0]
-    x = x.expand(3, -1, -1) if gray else x
-    out = torch.zeros(3, g.size, g.size, dtype=torch.float32)
+    x = resize_planes(planes, (g.resized_h, g.resized_w))
+    out = np.zeros((3, g.size, g.size), np.float32)
     # Paste the resized image at (top, left); negative offsets crop it (centre crop).
     src_t, src_l = max(0, -g.top), max(0, -g.left)
     dst_t, dst_l = max(0, g.top), max(0, g.left)
     hh, ww = min(g.resized_h - src_t, g.size - dst_t), min(g.resized_w - src_l, g.size - dst_l)
-    out[:, dst_t : dst_t + hh, dst_l : dst_l + ww] = x[:, src_t : src_t + hh, src_l : src_l + ww]
-    mean = torch.tensor(prep.mean).view(3, 1, 1)
-    std = torch.tensor(prep.std).view(3, 1, 1)
-    return (out - mean) / std
+    out[:, dst_t : dst_t + hh, dst_l : dst_l + ww] = x[
+        :, src_t : src_t + hh, src_l : src_l + ww
+    ]  # (1 plane: broadcast)
+    out -= np.asarray(prep.mean, np.float32).reshape(3, 1, 1)
+    out /= np.asarray(prep.std, np.float32).reshape(3, 1, 1)
+    return out
 
 
 def map_to_source(cam_input: np.ndarray, g: Geometry, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -587,11 +605,9 @@ def map_to_source(cam_input: np.ndarray, g: Geometry, size: tuple[int, int] | No
     With size, the result covers the source's extent at h x w pixels (a display image that is
     a scaled copy of the source): the letterbox/crop is undone with the source's own geometry g.
     """
-    t = torch.from_numpy(np.ascontiguousarray(cam_input, dtype=np.float32))[None, None]
-    canvas = torch.zeros(1, 1, g.resized_h, g.resized_w)
+    canvas = np.zeros((1, g.resized_h, g.resized_w), np.float32)
     src_t, src_l = max(0, g.top), max(0, g.left)
     dst_t, dst_l = max(0, -g.top), max(0, -g.left)
     hh, ww = min(g.size - src_t, g.resized_h - dst_t), min(g.size - src_l, g.resized_w - dst_l)
-    canvas[..., dst_t : dst_t + hh, dst_l : dst_l + ww] = t[..., src_t : src_t + hh, src_l : src_l + ww]
-    out = size or (g.height, g.width)
-    return F.interpolate(canvas, size=out, mode="bilinear", align_corners=False)[0, 0].numpy()
+    canvas[:, dst_t : dst_t + hh, dst_l : dst_l + ww] = cam_input[src_t : src_t + hh, src_l : src_l + ww]
+    return resize_planes(canvas, size or (g.height, g.width))[0]

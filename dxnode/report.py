@@ -263,6 +263,35 @@ def _group(
     )
 
 
+def connected_region(mask: np.ndarray, seed: tuple[Any, ...]) -> np.ndarray:
+    """The part of a 2-D boolean mask 4-connected to seed (which is in it), as a boolean mask.
+
+    Runs of each row are joined to the overlapping runs of the rows above and below: a Python
+    loop over runs, not pixels (what scipy.ndimage.label's default structure connects).
+    """
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    starts = [np.flatnonzero(edges[r] == 1) for r in range(h)]  # run r: columns [start, end)
+    ends = [np.flatnonzero(edges[r] == -1) for r in range(h)]
+    out = np.zeros_like(mask, dtype=bool)
+    r0, c0 = int(seed[0]), int(seed[1])
+    first = int(np.searchsorted(ends[r0], c0, side="right"))
+    todo, seen = [(r0, first)], {(r0, first)}
+    while todo:
+        r, i = todo.pop()
+        s, e = int(starts[r][i]), int(ends[r][i])
+        out[r, s:e] = True
+        for nr in (r - 1, r + 1):
+            if 0 <= nr < h:  # runs of row nr overlapping columns [s, e)
+                for j in range(int(np.searchsorted(ends[nr], s, side="right")), int(np.searchsorted(starts[nr], e))):
+                    if (nr, j) not in seen:
+                        seen.add((nr, j))
+                        todo.append((nr, j))
+    return out
+
+
 def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """Closed outline (column, row pairs, source pixel coordinates) of the map's region >= half its peak.
 
@@ -272,15 +301,13 @@ def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     (0, 0) to (Columns, Rows) and pixel centres are at +0.5; the result is clipped to that span.
     """
     from contourpy import contour_generator
-    from scipy import ndimage  # type: ignore[import-untyped]
 
     cam = np.asarray(cam, dtype=np.float32)
     peak = float(cam.max()) if cam.size else 0.0
     sx, sy = columns / cam.shape[1], rows / cam.shape[0]
     if peak <= 0:
         return np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float32)
-    labels, _ = ndimage.label(cam >= ATTENTION_LEVEL * peak)
-    mask = labels == labels[np.unravel_index(int(np.argmax(cam)), cam.shape)]
+    mask = connected_region(cam >= ATTENTION_LEVEL * peak, np.unravel_index(int(np.argmax(cam)), cam.shape))
     padded = np.pad(mask.astype(np.float32), 1)  # a zero border makes every contour closed
     lines: list[np.ndarray] = list(contour_generator(z=padded).lines(0.5))  # type: ignore[arg-type]
     line: np.ndarray = max(lines, key=len) if lines else np.empty((0, 2))
@@ -479,8 +506,9 @@ def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> 
     down, aspect kept, to leave room for the panel (centred if that makes it narrower than the
     canvas). Returns (RGB canvas, (height, width) of the overlay in it).
     """
-    import matplotlib
     from PIL import Image, ImageDraw
+
+    from dxnode.colormap import jet
 
     img = Image.fromarray(overlay)
     scale = max(1.0, MIN_SC_SIDE / img.width)
@@ -502,7 +530,7 @@ def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> 
         y += line_h
     label_w = int(draw.textlength("high", font=font)) + size
     bar_w = max(64, min(canvas.width // 3, canvas.width - 2 * label_w - size))
-    ramp = (matplotlib.colormaps["jet"](np.linspace(0, 1, bar_w))[:, :3] * 255).astype(np.uint8)
+    ramp = (jet(np.linspace(0, 1, bar_w)) * 255).astype(np.uint8)
     canvas.paste(Image.fromarray(np.repeat(ramp[np.newaxis], bar_h, axis=0)), (label_w, y + (line_h - bar_h) // 2))
     draw.text((size // 2, y), "low", fill=(255, 255, 255), font=font)
     draw.text((label_w + bar_w + size // 2, y), "high", fill=(255, 255, 255), font=font)

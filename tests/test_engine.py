@@ -58,10 +58,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bundle
 
 
-def real_batch(prep: Preprocessing) -> torch.Tensor:
+def real_batch(prep: Preprocessing) -> np.ndarray:
     frames = [f for name in REAL for f in read_frames(DATA / name, Settings().pipeline, prep)]
     assert len(frames) == len(REAL)
-    return torch.stack([to_tensor(f, prep) for f in frames])
+    return np.stack([to_tensor(f, prep) for f in frames])
 
 
 def test_both_engines_give_the_same_probabilities_and_cams_on_real_images(exported: Path) -> None:
@@ -136,7 +136,7 @@ def test_the_demo_model_is_exported_once_to_the_cache_and_rebuilt_when_it_does_n
     meta = json.loads(onnx.with_suffix(".json").read_text())
     assert meta["onnx_sha256"] == model_mod.sha256_file(onnx) and meta["weights_sha256"] == clf.manifest.weights_sha256
     first = onnx.stat().st_mtime_ns
-    x = torch.zeros(2, 3, 224, 224)
+    x = np.zeros((2, 3, 224, 224), np.float32)
     probs = clf.predict(x)
     model_mod._cache.clear()
     assert load_classifier(ModelSettings(), data_dir=tmp_path).engine.name == "onnxruntime"
@@ -186,3 +186,32 @@ def test_int8_bundle_keeps_auroc_within_0_01_of_fp32_on_a_held_out_set(tmp_path:
         assert c["auroc"] > 0.8, (label, c)  # the fp32 model learned something
         assert c["auroc_diff"] == pytest.approx(metrics["labels"][label]["auroc"] - c["auroc"], abs=1e-5)
     assert abs(compare["mean_auroc_diff"]) <= 0.01, compare
+
+
+def test_the_demo_onnx_graph_and_the_torch_demo_network_agree_on_real_images(tmp_path: Path) -> None:
+    """The demo's ONNX graph is built from NumPy weights without torch; torch runs the same weights."""
+    ort_clf = load_classifier(ModelSettings(device="cpu"), data_dir=tmp_path)
+    torch_clf = load_classifier(ModelSettings(device="cpu", engine="torch"), data_dir=tmp_path)
+    assert (ort_clf.engine.name, torch_clf.engine.name) == ("onnxruntime", "torch")
+    assert ort_clf.identity == torch_clf.identity and ort_clf.identity.demo
+    assert model_mod.demo_manifest(model_mod.demo_weights()).weights_sha256 == ort_clf.manifest.weights_sha256
+    x = real_batch(ort_clf.manifest.preprocessing)
+    p_ort, cam_ort = ort_clf.predict_with_cam(x)
+    p_torch, cam_torch = torch_clf.predict_with_cam(x)
+    assert p_ort.shape == (len(REAL), 5) and cam_ort.shape == (len(REAL), 5, 7, 7)
+    np.testing.assert_allclose(p_ort, p_torch, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cam_ort, cam_torch, atol=1e-4 * float(np.abs(cam_torch).max()), rtol=0)
+    assert p_ort.std() > 1e-3  # the inputs are told apart: not a constant network
+
+
+def test_fc_weights_are_read_from_weights_pt_without_torch(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", size=32)
+    reference = torch.load(bundle / "weights.pt", weights_only=True)
+    ours = model_mod.read_state_dict(bundle / "weights.pt")
+    assert ours.keys() == reference.keys()
+    for k, v in reference.items():
+        np.testing.assert_array_equal(ours[k], v.numpy())
+    other = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2), "extra": torch.nn.Linear(2, 2)}, other)  # a module, not a tensor
+    with pytest.raises(Exception, match="not part of a state dict"):
+        model_mod.read_state_dict(other)

@@ -59,7 +59,7 @@ def test_bundle_loads_checks_its_checksum_and_matches_torchvision(tmp_path: Path
     frame = read_frames(get_testdata_file("CT_small.dcm"), Settings().pipeline, m.preprocessing)[0]
     x = to_tensor(frame, m.preprocessing)[None]
     with torch.no_grad():
-        direct = torch.sigmoid(net(x)).numpy()
+        direct = torch.sigmoid(net(torch.from_numpy(x))).numpy()
     np.testing.assert_allclose(clf.predict(x), direct, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_fc_cam_equals_backward_pass_grad_cam(tmp_path: Path) -> None:
     ref_net.eval()
     for label in range(3):
         with GradCAM(model=ref_net, target_layers=[ref_net.layer4[-1]]) as cam:
-            reference = cam(input_tensor=x, targets=[ClassifierOutputTarget(label)])[0]
+            reference = cam(input_tensor=torch.from_numpy(x), targets=[ClassifierOutputTarget(label)])[0]
         # The library min-max normalises per layer after resizing, then again after averaging layers.
         ours = scale_cam_image(scale_cam_image(np.maximum(raw[:, label], 0), (224, 224)))[0]
         np.testing.assert_allclose(ours, reference, atol=1e-4)

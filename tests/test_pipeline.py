@@ -136,7 +136,8 @@ def test_resize_geometry_round_trip(resize: str) -> None:
 
     t = to_tensor(Frame(frame_image, (frame_image * 255).astype(np.uint8), 0), prep)
     assert t.shape == (3, 64, 64)
-    inside = (t[0] * prep.std[0] + prep.mean[0]).numpy()  # undo normalisation: 1 where the image is
+    assert isinstance(t, np.ndarray) and t.dtype == np.float32
+    inside = t[0] * prep.std[0] + prep.mean[0]  # undo normalisation: 1 where the image is
     if resize == "letterbox":
         assert inside[g.top : g.top + g.resized_h, :].min() > 0.99 and inside[0, 0] == pytest.approx(0, abs=1e-6)
     else:
@@ -286,3 +287,51 @@ def test_jpeg_baseline_decodes_close_to_the_native_colour_image() -> None:
     (native,) = read_frames(get_testdata_file("SC_rgb.dcm"), PipelineSettings(), PREP)
     (baseline,) = read_frames(get_testdata_file("SC_rgb_dcmtk_+eb+cr.dcm"), PipelineSettings(), PREP)
     assert np.abs(baseline.display.astype(int) - native.display.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((1955, 1841), (224, 211)),  # a radiograph to the model input: antialiased reduction
+        ((512, 400), (224, 175)),
+        ((224, 224), (150, 100)),  # unequal factors
+        ((100, 80), (224, 179)),  # enlarged
+        ((7, 7), (224, 224)),  # a CAM to the model input
+    ],
+)
+def test_the_numpy_resize_is_torchs_antialiased_bilinear_interpolate(
+    shape: tuple[int, int], size: tuple[int, int]
+) -> None:
+    """resize_planes (Pillow, no torch) gives what torch's interpolate(antialias=True) gave before it."""
+    torch = pytest.importorskip("torch")
+    from dxnode.pipeline import resize_planes
+
+    planes = np.random.default_rng(1).random((2, *shape), dtype=np.float32)
+    ours = resize_planes(planes, size)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(planes)[None], size=size, mode="bilinear", align_corners=False, antialias=True
+    )[0].numpy()
+    assert ours.shape == ref.shape == (2, *size) and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 2e-5  # float32 rounding: measured at most 8e-6 on values in [0, 1]
+
+
+def test_to_tensor_matches_the_torch_resize_it_replaced() -> None:
+    """The model input of a real CR (letterbox) and a colour image (centre crop) against a torch reference."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    for path, prep in [
+        (DATA_STORE / "RG1_UNCR.dcm", PREP),
+        (Path(get_testdata_file("examples_ybr_color.dcm")), Preprocessing(resize="center_crop")),
+    ]:
+        frame = read_frames(path, PipelineSettings(max_frames=1), prep)[0]
+        g = geometry(*frame.image.shape[:2], prep)
+        planes = torch.from_numpy(np.ascontiguousarray(frame.image.transpose(2, 0, 1)))[None]
+        x = F.interpolate(
+            planes, size=(g.resized_h, g.resized_w), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        ref = torch.zeros(3, g.size, g.size)
+        st, sl, dt, dl = max(0, -g.top), max(0, -g.left), max(0, g.top), max(0, g.left)
+        hh, ww = min(g.resized_h - st, g.size - dt), min(g.resized_w - sl, g.size - dl)
+        ref[:, dt : dt + hh, dl : dl + ww] = x[:, st : st + hh, sl : sl + ww]
+        ref = (ref - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
+        assert np.abs(to_tensor(frame, prep) - ref.numpy()).max() < 1e-4  # (normalised: /0.225)

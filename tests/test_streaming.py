@@ -91,7 +91,7 @@ def all_at_once(
             inputs += [(uid, f) for f in read_frames(ds, settings.pipeline, prep)]
         except PipelineError as exc:
             outcomes[uid] = ("failed", str(exc), {})
-    probs, cams = clf.predict_with_cam(torch.stack([to_tensor(f, prep) for _, f in inputs]))
+    probs, cams = clf.predict_with_cam(np.stack([to_tensor(f, prep) for _, f in inputs]))
     for uid in dict.fromkeys(u for u, _ in inputs):
         rows = [k for k, (u, _) in enumerate(inputs) if u == uid]
         outcomes[uid] = ("done", "", dict(zip(labels, probs[rows].max(axis=0).tolist(), strict=True)))

@@ -69,7 +69,7 @@ def _input(case: str, tmp_path: Path) -> tuple[Path, PipelineSettings]:
 def test_training_input_without_augmentation_is_the_inference_input(case: str, tmp_path: Path) -> None:
     """No train/serve skew: a zero-strength augmentation gives exactly the tensor the node feeds the model."""
     path, settings = _input(case, tmp_path)
-    served = to_tensor(read_frames(path, settings, PREP)[0], PREP)
+    served = torch.from_numpy(to_tensor(read_frames(path, settings, PREP)[0], PREP))
     sample = Sample(path, (1.0,), "P1")
     plain = load_tensor(sample, settings, PREP)
     augmented = load_tensor(sample, settings, PREP, NO_AUGMENT, np.random.default_rng(0))
