@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from dxnode import worklist
 from dxnode.config import Settings
+from dxnode.logs import setup_logging
 from dxnode.store import Job, Store, utcnow
 
 log = logging.getLogger("dxnode.runner")
@@ -39,8 +40,6 @@ def job_process_main(settings: Settings, log_level: str, parent: int, ready: Any
 
     ready: a multiprocessing Event set once the model is loaded; problems: a queue that gets the
     one-line reason when the model cannot load (the process then exits with EXIT_CONFIG)."""
-    from dxnode.cli import setup_logging
-
     setup_logging(log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
