@@ -210,7 +210,7 @@ def j2k_reduce(settings: PipelineSettings, prep: Preprocessing) -> J2KReduce | N
     """The reduced-decode bounds for this config and bundle (None: always full size)."""
     if not settings.decode_max_side:
         return None
-    return J2KReduce(settings.decode_max_side, prep.input_size, settings.decode_threads or j2k.default_threads())
+    return J2KReduce(settings.decode_max_side, prep.input_size, settings.j2k_threads or j2k.default_threads())
 
 
 def reduction_level(rows: int, columns: int, available: int, reduce: J2KReduce) -> int:

@@ -269,8 +269,3 @@ def _forget_metrics(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
     except OSError:
         log.debug("mark_process_dead(%d) failed", pid, exc_info=True)
-
-
-def readiness_of(supervisor: Supervisor | None) -> dict[str, Any]:
-    """The job processes' part of /readyz."""
-    return {} if supervisor is None else {"workers": supervisor.alive > 0}
