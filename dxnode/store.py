@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.resources
 import json
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
@@ -43,6 +45,8 @@ from dxnode.states import DeliveryState, JobState
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> dt.datetime:
@@ -363,6 +367,8 @@ class Store:
         self.url = url
         self.engine = make_engine(url, busy_timeout_s, echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.shown_url = make_url(url).render_as_string(hide_password=True)
+        self._ping_failure: str | None = None  # the last reason ping() logged, None while it answers
 
     @property
     def dialect(self) -> str:
@@ -376,13 +382,21 @@ class Store:
             yield session
 
     def ping(self) -> bool:
-        """True when the database answers."""
+        """True when the database answers; the reason it does not is logged once per change."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(select(1))
-            return True
-        except Exception:
+        except (SQLAlchemyError, OSError) as exc:
+            text = str(getattr(exc, "orig", None) or exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            if reason != self._ping_failure:
+                log.warning("database %s does not answer: %s", self.shown_url, reason)
+                self._ping_failure = reason
             return False
+        if self._ping_failure is not None:
+            log.info("database %s answers again", self.shown_url)
+            self._ping_failure = None
+        return True
 
     def dispose(self) -> None:
         """Close pooled connections."""
