@@ -96,7 +96,9 @@ def enqueue(session: Session, output: Output, settings: Settings, calling_aet: s
     for dest in destinations_for(settings, calling_aet):
         row = existing.get(dest.name)
         if row is None:
-            row = Delivery(output_id=output.id, destination=dest.name, state="pending", next_attempt_at=utcnow())
+            row = Delivery(
+                output_id=output.id, destination=dest.name, state=DeliveryState.PENDING, next_attempt_at=utcnow()
+            )
             session.add(row)
         rows.append(row)
     session.flush()
@@ -130,7 +132,7 @@ def _release_dead_leases(s: Session, settings: Settings, now: dt.datetime) -> No
     """Make rows leased by a stopped process due again: its pid is gone here, or its lease went stale."""
     holders = s.execute(
         select(Delivery.leased_by, func.max(Delivery.lease_heartbeat_at))
-        .where(Delivery.state == "pending", Delivery.leased_by != "", Delivery.next_attempt_at > now)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.leased_by != "", Delivery.next_attempt_at > now)
         .group_by(Delivery.leased_by)
     ).all()
     for holder, refreshed in holders:
@@ -139,7 +141,7 @@ def _release_dead_leases(s: Session, settings: Settings, now: dt.datetime) -> No
         if process_gone(holder) or refreshed is None or refreshed < now - lease_stale_after(settings):
             s.execute(
                 update(Delivery)
-                .where(Delivery.state == "pending", Delivery.leased_by == holder)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.leased_by == holder)
                 .values(next_attempt_at=now, leased_by="", lease_heartbeat_at=None)
             )
             log.warning("released the outbox lease of stopped process %s", holder)
@@ -188,7 +190,10 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Lea
         _orphan_unconfigured(s, settings)
         head_ids = (
             select(func.min(Delivery.id))
-            .where(Delivery.state == "pending", Delivery.destination.in_([d.name for d in settings.destinations]))
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.destination.in_([d.name for d in settings.destinations]),
+            )
             .group_by(Delivery.destination)
         )
         heads = s.scalars(
@@ -199,7 +204,7 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Lea
             q = (
                 select(Delivery, Output)
                 .join(Output, Output.id == Delivery.output_id)
-                .where(Delivery.state == "pending", Delivery.destination == head.destination)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.destination == head.destination)
                 .order_by(Delivery.id)
                 .limit(BATCH)
             )
@@ -226,12 +231,12 @@ def _record(
     permanent: bool = False,
     http_status: int | None = None,
     retry_after: float | None = None,
-) -> str:
+) -> DeliveryState:
     """Store the outcome of one attempt; return the row's new state (retry_after: the server's wait, seconds)."""
     with store.session() as s:
         row = s.get(Delivery, item.id)
         if row is None:  # deleted meanwhile (its output was removed)
-            return "failed"
+            return DeliveryState.FAILED
         row.attempts += 1
         row.dimse_status = status
         row.http_status = http_status
@@ -239,11 +244,11 @@ def _record(
         # The rest of this process's batch is still being worked on: refresh its lease.
         s.execute(
             update(Delivery)
-            .where(Delivery.leased_by == worker_id(), Delivery.state == "pending", Delivery.id != row.id)
+            .where(Delivery.leased_by == worker_id(), Delivery.state == DeliveryState.PENDING, Delivery.id != row.id)
             .values(lease_heartbeat_at=utcnow())
         )
         if ok:  # also a row cancelled while on the wire: it did arrive
-            row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
+            row.state, row.sent_at, row.last_error = DeliveryState.SENT, utcnow(), ""
             metrics.DELIVERIES_SENT.labels(destination=row.destination).inc()
             audit(
                 s,
@@ -259,7 +264,7 @@ def _record(
             return row.state
         row.last_error = error[:2000]
         if permanent or row.attempts >= settings.dispatch.max_attempts:
-            row.state = "failed"
+            row.state = DeliveryState.FAILED
             metrics.DELIVERIES_FAILED_FOR_GOOD.labels(destination=row.destination).inc()
             audit(
                 s,
@@ -295,7 +300,7 @@ def _release(store: Store, leased: list[_Leased]) -> None:
         with store.session() as s:
             s.execute(
                 update(Delivery)
-                .where(Delivery.id.in_([d.id for d in leased]), Delivery.state == "pending")
+                .where(Delivery.id.in_([d.id for d in leased]), Delivery.state == DeliveryState.PENDING)
                 .values(next_attempt_at=utcnow(), leased_by="", lease_heartbeat_at=None)
             )
 
@@ -403,8 +408,8 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Leased]) -> int:
                 )
                 continue
             state = _send_one(store, settings, assoc, item)
-            sent += state == "sent"
-            if state == "pending":  # will be retried: the rows behind it wait for it
+            sent += state == DeliveryState.SENT
+            if state == DeliveryState.PENDING:  # will be retried: the rows behind it wait for it
                 _release(store, ready[i + 1 :])
                 break
     finally:
@@ -441,15 +446,15 @@ def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Leased],
                 http_status=outcome.http_status,
                 retry_after=outcome.retry_after,
             )
-            sent += state == "sent"
-            if state == "pending":
+            sent += state == DeliveryState.SENT
+            if state == DeliveryState.PENDING:
                 _release(store, batch[i + 1 :])
                 break
     log.info("sent %d of %d object(s) to %s by STOW-RS", sent, len(batch), batch[0].destination)
     return sent
 
 
-def _send_one(store: Store, settings: Settings, assoc: Association, item: _Leased) -> str:
+def _send_one(store: Store, settings: Settings, assoc: Association, item: _Leased) -> DeliveryState:
     """C-STORE one output on an open association; return the row's new state."""
     if not assoc.is_established:
         return _record(store, settings, item, False, "association ended before this object was sent")

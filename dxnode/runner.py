@@ -27,6 +27,7 @@ from sqlalchemy import select
 from dxnode import worklist
 from dxnode.config import Settings
 from dxnode.logs import setup_logging
+from dxnode.states import JobState
 from dxnode.store import Job, Store, utcnow
 
 log = logging.getLogger("dxnode.runner")
@@ -224,7 +225,7 @@ class Supervisor:
         stale = utcnow() - dt.timedelta(seconds=self.settings.worklist.running_timeout_seconds)
         with self.store.session() as session:
             hung = session.scalar(
-                select(Job.id).where(Job.state == "running", Job.worker == slot.worker, Job.heartbeat_at < stale)
+                select(Job.id).where(Job.state == JobState.RUNNING, Job.worker == slot.worker, Job.heartbeat_at < stale)
             )
         if hung is not None:
             self._kill(slot, proc, f"stopped: no heartbeat for {self.settings.worklist.running_timeout_seconds:g} s")

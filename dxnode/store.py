@@ -14,6 +14,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +35,9 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy import (
+    Enum as SAEnum,
+)
 from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,12 +45,25 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from dxnode.states import DeliveryState, JobState
+from dxnode.states import DeliveryState, InstanceState, JobState, OutputKind
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+def state_column(states: type[StrEnum], length: int) -> SAEnum:
+    """A column holding one of states' values as plain text (VARCHAR(length), no CHECK, no database
+    enum type), so databases made before it load unchanged; rows come back as enum members."""
+    return SAEnum(
+        states,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=False,  # a query for an unknown state finds nothing, as it did with plain text
+    )
 
 
 def utcnow() -> dt.datetime:
@@ -156,7 +173,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    state: Mapped[JobState] = mapped_column(state_column(JobState, 16), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
     log: Mapped[str] = mapped_column(Text, default="")  # human-readable lines of what the job did
@@ -191,7 +208,7 @@ class InstanceResult(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[InstanceState] = mapped_column(state_column(InstanceState, 16))
     reason: Mapped[str] = mapped_column(Text, default="")
     probabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
@@ -231,7 +248,7 @@ class Output(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id", ondelete="SET NULL"), nullable=True, index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # "sr" or "sc"
+    kind: Mapped[OutputKind] = mapped_column(state_column(OutputKind, 8))
     label: Mapped[str] = mapped_column(String(128), default="")  # the finding of an SC
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -262,8 +279,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))  # the [[destinations]] name
-    # pending, sent, failed, cancelled or orphaned (dxnode.states.DeliveryState); last_error says why
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
+    # pending, sent, failed, cancelled or orphaned; last_error says why
+    state: Mapped[DeliveryState] = mapped_column(state_column(DeliveryState, 16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")

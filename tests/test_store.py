@@ -56,3 +56,58 @@ def test_ping_logs_when_the_database_answers_again(pg_url: str, caplog: pytest.L
     finally:
         store.dispose()
         admin.dispose()
+
+
+def test_state_columns_are_plain_text_and_load_stored_strings_as_enum_members(store: Store) -> None:
+    """Rows written as text (by an older dxnode, or raw SQL) come back as the enums; the columns stay
+    VARCHAR without a CHECK or a database enum type, so existing databases need no migration."""
+    import sqlalchemy as sa
+
+    from dxnode.states import DeliveryState, InstanceState, JobState, OutputKind
+    from dxnode.store import Delivery, InstanceResult, Job, Output, Study
+
+    with store.session() as s:
+        study = Study(study_instance_uid="1.2.3.4")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id)
+        s.add(job)
+        s.flush()
+        assert job.state is JobState.QUEUED
+        s.add(
+            Output(
+                study_id=study.id,
+                kind=OutputKind.SR,
+                sop_class_uid="1.2",
+                sop_instance_uid="1.2.5",
+                series_instance_uid="1.2.6",
+                file_path="x.dcm",
+            )
+        )
+        ids = study.id, job.id
+    with store.engine.begin() as c:
+        c.execute(sa.text("UPDATE job SET state = 'done' WHERE id = :j"), {"j": ids[1]})
+        c.execute(
+            sa.text(
+                "INSERT INTO instance_result (job_id, sop_instance_uid, state, reason, probabilities)"
+                " VALUES (:j, '1.2.7', 'skipped', 'small', '{}')"
+            ),
+            {"j": ids[1]},
+        )
+        out_id = c.execute(sa.text("SELECT id FROM output")).scalar_one()
+        c.execute(
+            sa.text(
+                "INSERT INTO delivery (output_id, destination, state, attempts, next_attempt_at, last_error,"
+                " created_at, leased_by) VALUES (:o, 'pacs', 'orphaned', 0, :t, '', :t, '')"
+            ),
+            {"o": out_id, "t": "2026-01-01 00:00:00"},
+        )
+        assert c.execute(sa.text("SELECT state FROM job")).scalar_one() == "done"  # text in the database
+    with store.session() as s:
+        assert s.get(Job, ids[1]).state is JobState.DONE  # type: ignore[union-attr]
+        assert s.scalars(sa.select(InstanceResult.state)).one() is InstanceState.SKIPPED
+        assert s.scalars(sa.select(Output.kind)).one() is OutputKind.SR
+        assert s.scalars(sa.select(Delivery.state)).one() is DeliveryState.ORPHANED
+        assert s.scalars(sa.select(Job.id).where(Job.state == "no-such-state")).all() == []
+    columns = {c["name"]: c for c in sa.inspect(store.engine).get_columns("job")}
+    assert isinstance(columns["state"]["type"], sa.String) and columns["state"]["type"].length == 16
