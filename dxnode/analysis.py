@@ -18,6 +18,7 @@ from sqlalchemy import delete, select
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.results import StudyResult
+from dxnode.states import InstanceState, JobState, OutputKind
 from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.analysis")
@@ -29,8 +30,8 @@ class NothingToAnalyze(Exception):
     permanent = True  # a retry reads the same files: the job fails at once
 
 
-def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> str:
-    """Run the whole analysis of one job; return "done" or "skipped" (raise on failure).
+def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> JobState:
+    """Run the whole analysis of one job; return DONE or SKIPPED (raise on failure).
 
     heartbeat, when given, is called with the stage name at stage boundaries and between model
     batches (the worklist refreshes the job's heartbeat with it, and stops the job there when the
@@ -48,12 +49,12 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
         assert study is not None
         if study.ignored:
             job.log = "study is marked ignored: not analysed"
-            return "skipped"
+            return JobState.SKIPPED
         study_uid, calling_aet, queued_at = study.study_instance_uid, study.calling_aet, job.created_at
         decision = resolve_job(session, settings, job_id)  # which model, which series (dxnode/routing.py)
         if decision.entry is None:
             job.log = "\n".join(decision.lines)
-            return "skipped"
+            return JobState.SKIPPED
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.file_path)
             .join(Series, Series.id == Instance.series_id)
@@ -64,7 +65,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
     settings = decision.settings
 
     timings: dict[str, float] = {}
-    state = "failed"
+    state = JobState.FAILED
     try:
         classifier = load_classifier(settings.model, data_dir=settings.data_dir)
         beat("analyze")
@@ -84,7 +85,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
         beat("findings")
         lines = decision.lines + _describe(result)
         state = _record_findings(store, job_id, result, lines)
-        if state == "skipped":
+        if state == JobState.SKIPPED:
             return state
         beat("outputs")
         outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
@@ -98,10 +99,10 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
             notes = sorted({n for o in outputs for n in o.notes})
             if notes:  # values changed when copying source attributes into the SR/SC (never the values)
                 job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
-        state = "done"
+        state = JobState.DONE
         return state
     finally:
-        if state != "failed":
+        if state != JobState.FAILED:
             timings["queued_to_done"] = (utcnow() - queued_at).total_seconds()
         _record_timings(store, job_id, timings)
 
@@ -124,7 +125,9 @@ def _describe(result: StudyResult) -> list[str]:
     counts: dict[str, int] = {}
     for outcome in result.instances:
         counts[outcome.state] = counts.get(outcome.state, 0) + 1
-        if outcome.state != "done" or outcome.reason:  # a done instance's reason is a note (e.g. window not used)
+        if (
+            outcome.state != InstanceState.DONE or outcome.reason
+        ):  # a done instance's reason is a note (e.g. window not used)
             lines.append(f"instance {outcome.state}: {outcome.reason}")
     lines.insert(1, "instances: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for f in result.findings[:10]:
@@ -134,10 +137,10 @@ def _describe(result: StudyResult) -> list[str]:
     return lines
 
 
-def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list[str]) -> str:
+def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list[str]) -> JobState:
     """Replace this job's instance results and findings with the new ones; return the job state."""
-    done = [o for o in result.instances if o.state == "done"]
-    failed = [o for o in result.instances if o.state == "failed"]
+    done = [o for o in result.instances if o.state == InstanceState.DONE]
+    failed = [o for o in result.instances if o.state == InstanceState.FAILED]
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -150,14 +153,14 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
                 InstanceResult(
                     job_id=job_id,
                     sop_instance_uid=o.sop_instance_uid,
-                    state=o.state,
+                    state=InstanceState(o.state),
                     reason=o.reason,
                     probabilities=o.probabilities,
                 )
             )
         if not done and not failed:
             job.log += "\nno instance matched the pipeline rules: nothing to report"
-            return "skipped"
+            return JobState.SKIPPED
     if not done:  # raised after the commit, so the per-instance reasons stay recorded
         raise NothingToAnalyze("no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed}))[:2000])
     with store.session() as session:
@@ -190,7 +193,7 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
             findings=len(result.findings),
             positive=len(result.positive),
         )
-    return "done"
+    return JobState.DONE
 
 
 class _Written:
@@ -214,7 +217,7 @@ def _write_outputs(
     from dxnode.dispatch import enqueue
     from dxnode.report import write_outputs
 
-    used = {o.sop_instance_uid for o in result.instances if o.state == "done"}
+    used = {o.sop_instance_uid for o in result.instances if o.state == InstanceState.DONE}
     written = write_outputs(
         result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs", timings
     )
@@ -226,7 +229,7 @@ def _write_outputs(
                 output = Output(
                     job_id=job_id,
                     study_id=study_id,
-                    kind=w.kind,
+                    kind=OutputKind(w.kind),
                     label=w.label,
                     sop_class_uid=w.sop_class_uid,
                     sop_instance_uid=w.sop_instance_uid,

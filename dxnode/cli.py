@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from dxnode import __version__
 from dxnode.config import ConfigError, Settings, load_settings
+from dxnode.logs import setup_logging
 
 if TYPE_CHECKING:
     from dxnode.model import Classifier
@@ -853,24 +854,6 @@ def _add_training_arguments(sub: Any) -> None:
 
     add_train_arguments(sub.choices["train"])
     add_evaluate_arguments(sub.choices["evaluate"])
-
-
-def setup_logging(level: str) -> None:
-    """Log lines with time, level and stage name to stderr."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in (
-        "pynetdicom",
-        "apscheduler",
-        "uvicorn.access",
-        "PIL",
-        "matplotlib",
-        "alembic",
-        "highdicom",
-        "multipart",
-    ):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    # While a job runs, APScheduler warns every poll that the runner is still busy: expected, not news.
-    logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, logging.getLevelName(level)))
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `seq 100000 | head` reports for seq

@@ -14,6 +14,7 @@ import importlib.resources
 import os
 import re
 import tomllib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -205,6 +206,32 @@ class WindowPreset(Section):
     width: float = Field(gt=0)
 
 
+class DeprecatedKeyWarning(FutureWarning):
+    """A config key was given by its old name (shown by default: it is meant for the admin)."""
+
+
+# Keys renamed, by section: old name -> new name. The old name still works, with a warning.
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    # [model] decode_threads (the prefetch threads) kept its name; this one is the JPEG 2000 decoder's.
+    "pipeline": {"decode_threads": "j2k_threads"},
+}
+
+
+def _accept_renamed(data: Any, section: str, renamed: dict[str, str]) -> Any:
+    """data with each old key moved to its new name, warning once per old key; both given is an error."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ValueError(f"{old} is the old name of {new}: set {new} only")
+        warnings.warn(f"[{section}] {old} is deprecated: rename it to {new}", DeprecatedKeyWarning, stacklevel=2)
+        data[new] = data.pop(old)
+    return data
+
+
 class PipelineSettings(Section):
     """[pipeline]: which instances go to the model and how pixels become model input.
 
@@ -226,7 +253,13 @@ class PipelineSettings(Section):
     windows: list[WindowPreset] = []
     # JPEG 2000 decoded at the reduced level whose longest side is at most this (0 = always full size)
     decode_max_side: int = Field(1024, ge=0)
-    decode_threads: int = Field(0, ge=0)  # JPEG 2000 decoder threads (0 = every core, at most 4)
+    j2k_threads: int = Field(0, ge=0)  # JPEG 2000 decoder threads (0 = every core, at most 4)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Accept the keys' old names, with a warning (the old name is not accepted with the new one)."""
+        return _accept_renamed(data, "pipeline", RENAMED_KEYS["pipeline"])
 
 
 class ModelSettings(Section):
@@ -517,6 +550,9 @@ def _check_environment() -> None:
             )
         key = rest.split("__", 1)[0]
         fields = list(found.model_fields)
+        if key in RENAMED_KEYS.get(section, {}):
+            new = ENV_PREFIX + f"{section}__{RENAMED_KEYS[section][key]}".upper()
+            raise ConfigError(f"environment variable {name}: {key!r} in [{section}] was renamed: set {new}")
         if Settings.model_fields[section].annotation is found and key not in fields:
             raise ConfigError(
                 f"environment variable {name}: unknown key {key!r} in [{section}]{_did_you_mean(key, fields)}"

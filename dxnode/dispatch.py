@@ -96,7 +96,9 @@ def enqueue(session: Session, output: Output, settings: Settings, calling_aet: s
     for dest in destinations_for(settings, calling_aet):
         row = existing.get(dest.name)
         if row is None:
-            row = Delivery(output_id=output.id, destination=dest.name, state="pending", next_attempt_at=utcnow())
+            row = Delivery(
+                output_id=output.id, destination=dest.name, state=DeliveryState.PENDING, next_attempt_at=utcnow()
+            )
             session.add(row)
         rows.append(row)
     session.flush()
@@ -110,8 +112,8 @@ def backoff(settings: Settings, attempts: int) -> dt.timedelta:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """A claimed delivery row and what is needed to send it."""
+class _Leased:
+    """A delivery row this process has leased, and what is needed to send it."""
 
     id: int
     path: str
@@ -130,7 +132,7 @@ def _release_dead_leases(s: Session, settings: Settings, now: dt.datetime) -> No
     """Make rows leased by a stopped process due again: its pid is gone here, or its lease went stale."""
     holders = s.execute(
         select(Delivery.leased_by, func.max(Delivery.lease_heartbeat_at))
-        .where(Delivery.state == "pending", Delivery.leased_by != "", Delivery.next_attempt_at > now)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.leased_by != "", Delivery.next_attempt_at > now)
         .group_by(Delivery.leased_by)
     ).all()
     for holder, refreshed in holders:
@@ -139,7 +141,7 @@ def _release_dead_leases(s: Session, settings: Settings, now: dt.datetime) -> No
         if process_gone(holder) or refreshed is None or refreshed < now - lease_stale_after(settings):
             s.execute(
                 update(Delivery)
-                .where(Delivery.state == "pending", Delivery.leased_by == holder)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.leased_by == holder)
                 .values(next_attempt_at=now, leased_by="", lease_heartbeat_at=None)
             )
             log.warning("released the outbox lease of stopped process %s", holder)
@@ -176,7 +178,7 @@ def _orphan_unconfigured(s: Session, settings: Settings) -> None:
         )
 
 
-def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job]]:
+def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Leased]]:
     """Lease the pending rows of every configured destination whose oldest pending row is due, in
     creation order (a batch: at most BATCH oldest rows of one destination); orphan the rows of
     destinations no longer configured."""
@@ -188,7 +190,10 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
         _orphan_unconfigured(s, settings)
         head_ids = (
             select(func.min(Delivery.id))
-            .where(Delivery.state == "pending", Delivery.destination.in_([d.name for d in settings.destinations]))
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.destination.in_([d.name for d in settings.destinations]),
+            )
             .group_by(Delivery.destination)
         )
         heads = s.scalars(
@@ -199,7 +204,7 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
             q = (
                 select(Delivery, Output)
                 .join(Output, Output.id == Delivery.output_id)
-                .where(Delivery.state == "pending", Delivery.destination == head.destination)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.destination == head.destination)
                 .order_by(Delivery.id)
                 .limit(BATCH)
             )
@@ -211,7 +216,7 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
             batch = []
             for row, out in rows:
                 row.next_attempt_at, row.leased_by, row.lease_heartbeat_at = lease, me, now
-                batch.append(_Job(row.id, out.file_path, out.sop_class_uid, out.sop_instance_uid, row.destination))
+                batch.append(_Leased(row.id, out.file_path, out.sop_class_uid, out.sop_instance_uid, row.destination))
             batches.append(batch)
         return batches
 
@@ -219,19 +224,19 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Job
 def _record(
     store: Store,
     settings: Settings,
-    job: _Job,
+    item: _Leased,
     ok: bool,
     error: str = "",
     status: int | None = None,
     permanent: bool = False,
     http_status: int | None = None,
     retry_after: float | None = None,
-) -> str:
+) -> DeliveryState:
     """Store the outcome of one attempt; return the row's new state (retry_after: the server's wait, seconds)."""
     with store.session() as s:
-        row = s.get(Delivery, job.id)
+        row = s.get(Delivery, item.id)
         if row is None:  # deleted meanwhile (its output was removed)
-            return "failed"
+            return DeliveryState.FAILED
         row.attempts += 1
         row.dimse_status = status
         row.http_status = http_status
@@ -239,11 +244,11 @@ def _record(
         # The rest of this process's batch is still being worked on: refresh its lease.
         s.execute(
             update(Delivery)
-            .where(Delivery.leased_by == worker_id(), Delivery.state == "pending", Delivery.id != row.id)
+            .where(Delivery.leased_by == worker_id(), Delivery.state == DeliveryState.PENDING, Delivery.id != row.id)
             .values(lease_heartbeat_at=utcnow())
         )
         if ok:  # also a row cancelled while on the wire: it did arrive
-            row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
+            row.state, row.sent_at, row.last_error = DeliveryState.SENT, utcnow(), ""
             metrics.DELIVERIES_SENT.labels(destination=row.destination).inc()
             audit(
                 s,
@@ -251,7 +256,7 @@ def _record(
                 "delivery.sent",
                 target=f"delivery:{row.id}",
                 destination=row.destination,
-                sop_instance_uid=job.sop_instance_uid,
+                sop_instance_uid=item.sop_instance_uid,
             )
             return row.state
         metrics.DELIVERY_ATTEMPTS_FAILED.labels(destination=row.destination).inc()
@@ -259,7 +264,7 @@ def _record(
             return row.state
         row.last_error = error[:2000]
         if permanent or row.attempts >= settings.dispatch.max_attempts:
-            row.state = "failed"
+            row.state = DeliveryState.FAILED
             metrics.DELIVERIES_FAILED_FOR_GOOD.labels(destination=row.destination).inc()
             audit(
                 s,
@@ -267,7 +272,7 @@ def _record(
                 "delivery.failed",
                 target=f"delivery:{row.id}",
                 destination=row.destination,
-                sop_instance_uid=job.sop_instance_uid,
+                sop_instance_uid=item.sop_instance_uid,
                 error=error[:500],
             )
             log.error("delivery %d to %s failed for good: %s", row.id, row.destination, error)
@@ -281,21 +286,21 @@ def _record(
         return row.state
 
 
-def _still_ours(store: Store, job: _Job) -> bool:
+def _still_ours(store: Store, item: _Leased) -> bool:
     """False when the row was cancelled (or re-queued, or its lease released) after this process claimed
     it: it is not sent by this batch (a re-queued row goes with a later claim)."""
     with store.session() as s:
-        row = s.execute(select(Delivery.state, Delivery.leased_by).where(Delivery.id == job.id)).first()
+        row = s.execute(select(Delivery.state, Delivery.leased_by).where(Delivery.id == item.id)).first()
     return row is not None and row.state == DeliveryState.PENDING and row.leased_by == worker_id()
 
 
-def _release(store: Store, jobs: list[_Job]) -> None:
+def _release(store: Store, leased: list[_Leased]) -> None:
     """Give back the lease of rows not tried this round; they wait behind the row that will be retried."""
-    if jobs:
+    if leased:
         with store.session() as s:
             s.execute(
                 update(Delivery)
-                .where(Delivery.id.in_([j.id for j in jobs]), Delivery.state == "pending")
+                .where(Delivery.id.in_([d.id for d in leased]), Delivery.state == DeliveryState.PENDING)
                 .values(next_attempt_at=utcnow(), leased_by="", lease_heartbeat_at=None)
             )
 
@@ -328,12 +333,12 @@ def never_storable(code: int) -> bool:
     return code == 0x0122 or 0xA900 <= code <= 0xA9FF
 
 
-def _file_error(settings: Settings, job: _Job) -> tuple[str, str]:
+def _file_error(settings: Settings, item: _Leased) -> tuple[str, str]:
     """(transfer syntax, '') of the output file, or ('', the reason it cannot be read)."""
     try:
-        return str(read_file_meta_info(settings.data_dir / job.path).TransferSyntaxUID), ""
+        return str(read_file_meta_info(settings.data_dir / item.path).TransferSyntaxUID), ""
     except Exception as exc:
-        return "", f"cannot read output file {Path(job.path)}: {exc}"
+        return "", f"cannot read output file {Path(item.path)}: {exc}"
 
 
 def _associate(settings: Settings, dest: Destination, syntaxes: dict[str, set[str]]) -> tuple[Association | None, str]:
@@ -360,7 +365,7 @@ def _associate(settings: Settings, dest: Destination, syntaxes: dict[str, set[st
     ) or f"association with {where} aborted"
 
 
-def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
+def _send_batch(store: Store, settings: Settings, batch: list[_Leased]) -> int:
     """One association for a destination's claimed rows, sent in order; return how many were stored."""
     if not batch:
         return 0
@@ -372,39 +377,39 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
         return _send_batch_dicomweb(store, settings, batch, dest)
     syntaxes: dict[str, set[str]] = {}
     ready = []
-    for job in batch:
-        ts, error = _file_error(settings, job)
+    for item in batch:
+        ts, error = _file_error(settings, item)
         if error:
-            _record(store, settings, job, False, error, permanent=True)
+            _record(store, settings, item, False, error, permanent=True)
         else:
-            syntaxes.setdefault(job.sop_class_uid, set()).add(ts)
-            ready.append(job)
+            syntaxes.setdefault(item.sop_class_uid, set()).add(ts)
+            ready.append(item)
     if not ready:
         return 0
     assoc, error = _associate(settings, dest, syntaxes)
     if assoc is None:
-        for job in ready:  # one failed attempt for every row: the destination is down for all of them
-            _record(store, settings, job, False, error)
+        for item in ready:  # one failed attempt for every row: the destination is down for all of them
+            _record(store, settings, item, False, error)
         return 0
     sent = 0
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        for i, job in enumerate(ready):
-            if i and not _still_ours(store, job):
+        for i, item in enumerate(ready):
+            if i and not _still_ours(store, item):
                 continue
-            if job.sop_class_uid not in accepted:
+            if item.sop_class_uid not in accepted:
                 _record(
                     store,
                     settings,
-                    job,
+                    item,
                     False,
-                    f"{dest.ae_title} accepted no presentation context for SOP class {job.sop_class_uid}",
+                    f"{dest.ae_title} accepted no presentation context for SOP class {item.sop_class_uid}",
                     permanent=True,
                 )
                 continue
-            state = _send_one(store, settings, assoc, job)
-            sent += state == "sent"
-            if state == "pending":  # will be retried: the rows behind it wait for it
+            state = _send_one(store, settings, assoc, item)
+            sent += state == DeliveryState.SENT
+            if state == DeliveryState.PENDING:  # will be retried: the rows behind it wait for it
                 _release(store, ready[i + 1 :])
                 break
     finally:
@@ -414,59 +419,63 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Job]) -> int:
     return sent
 
 
-def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Job], dest: Destination) -> int:
+def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Leased], dest: Destination) -> int:
     """STOW-RS the claimed rows one by one, in order; a row that will be retried holds back those behind it."""
     from dxnode.dicomweb import StowClient
 
     sent = 0
     with StowClient(dest, settings.dispatch.timeout_seconds) as client:
-        for i, job in enumerate(batch):
-            if i and not _still_ours(store, job):
+        for i, item in enumerate(batch):
+            if i and not _still_ours(store, item):
                 continue
             try:
-                data = (settings.data_dir / job.path).read_bytes()
+                data = (settings.data_dir / item.path).read_bytes()
             except OSError as exc:
-                _record(store, settings, job, False, f"cannot read output file {Path(job.path)}: {exc}", permanent=True)
+                _record(
+                    store, settings, item, False, f"cannot read output file {Path(item.path)}: {exc}", permanent=True
+                )
                 continue
-            outcome = client.store(data, job.sop_instance_uid)
+            outcome = client.store(data, item.sop_instance_uid)
             state = _record(
                 store,
                 settings,
-                job,
+                item,
                 outcome.stored,
                 outcome.error,
                 permanent=outcome.permanent,
                 http_status=outcome.http_status,
                 retry_after=outcome.retry_after,
             )
-            sent += state == "sent"
-            if state == "pending":
+            sent += state == DeliveryState.SENT
+            if state == DeliveryState.PENDING:
                 _release(store, batch[i + 1 :])
                 break
     log.info("sent %d of %d object(s) to %s by STOW-RS", sent, len(batch), batch[0].destination)
     return sent
 
 
-def _send_one(store: Store, settings: Settings, assoc: Association, job: _Job) -> str:
+def _send_one(store: Store, settings: Settings, assoc: Association, item: _Leased) -> DeliveryState:
     """C-STORE one output on an open association; return the row's new state."""
     if not assoc.is_established:
-        return _record(store, settings, job, False, "association ended before this object was sent")
+        return _record(store, settings, item, False, "association ended before this object was sent")
     try:
-        ds = pydicom.dcmread(settings.data_dir / job.path)
+        ds = pydicom.dcmread(settings.data_dir / item.path)
     except Exception as exc:
-        return _record(store, settings, job, False, f"cannot read output file {Path(job.path)}: {exc}", permanent=True)
+        return _record(
+            store, settings, item, False, f"cannot read output file {Path(item.path)}: {exc}", permanent=True
+        )
     try:
         status = assoc.send_c_store(ds)
     except Exception as exc:
-        return _record(store, settings, job, False, f"C-STORE failed: {exc}")
+        return _record(store, settings, item, False, f"C-STORE failed: {exc}")
     code = int(status.Status) if "Status" in status else None
     if code is None:
-        return _record(store, settings, job, False, "no C-STORE response (timeout or association aborted)")
+        return _record(store, settings, item, False, "no C-STORE response (timeout or association aborted)")
     if code in _STORED:
-        return _record(store, settings, job, True, status=code)
+        return _record(store, settings, item, True, status=code)
     comment = str(status.get("ErrorComment", ""))
     error = "C-STORE status " + status_text(code) + (f": {comment}" if comment else "")
-    return _record(store, settings, job, False, error, status=code, permanent=never_storable(code))
+    return _record(store, settings, item, False, error, status=code, permanent=never_storable(code))
 
 
 def _tcp_error(host: str, port: int, timeout: float) -> str:

@@ -10,6 +10,8 @@ Everything here is NumPy and Pillow: serving needs no torch.
 
 from __future__ import annotations
 
+import logging
+import struct
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ from dxnode.bounds import (
     usable_window,
 )
 from dxnode.config import PipelineSettings
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _VOI_FULL_SCALE = 65535.0  # output range of the synthetic VOI datasets below (16-bit unsigned)
@@ -210,7 +214,7 @@ def j2k_reduce(settings: PipelineSettings, prep: Preprocessing) -> J2KReduce | N
     """The reduced-decode bounds for this config and bundle (None: always full size)."""
     if not settings.decode_max_side:
         return None
-    return J2KReduce(settings.decode_max_side, prep.input_size, settings.decode_threads or j2k.default_threads())
+    return J2KReduce(settings.decode_max_side, prep.input_size, settings.j2k_threads or j2k.default_threads())
 
 
 def reduction_level(rows: int, columns: int, available: int, reduce: J2KReduce) -> int:
@@ -237,6 +241,7 @@ def decode_j2k_reduced(
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if (
         ts not in j2k.J2K_TRANSFER_SYNTAXES
+        or "PixelData" not in ds
         or int(ds.get("SamplesPerPixel", 1)) != 1
         or str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2")
         or max(rows, columns) <= reduce.max_side
@@ -259,6 +264,21 @@ def decode_j2k_reduced(
     return frames
 
 
+# What a malformed encapsulation (pydicom's get_frame) or header value raises on the reduced-decode
+# path; anything else there is a bug and propagates (the decoder itself answers None, not raises).
+J2K_HEADER_ERRORS = (ValueError, TypeError, struct.error, EOFError)
+_fallback_reasons: set[str] = set()
+
+
+def _note_full_size_fallback(exc: BaseException) -> None:
+    """Log, once per kind of reason per process, why the reduced JPEG 2000 decode fell back to full size."""
+    text = str(exc).strip()
+    reason = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    if reason not in _fallback_reasons and len(_fallback_reasons) < 100:
+        _fallback_reasons.add(reason)
+        log.warning("reduced JPEG 2000 decode fell back to full size: %s", reason)
+
+
 def modality_values(
     ds: Dataset, max_frames: int, indices: list[int] | None = None, reduce: J2KReduce | None = None
 ) -> list[tuple[int, np.ndarray]]:
@@ -274,7 +294,8 @@ def modality_values(
     chosen = frame_indices(n_frames, max_frames) if indices is None else indices
     try:
         reduced = decode_j2k_reduced(ds, chosen, n_frames, reduce) if reduce else None
-    except Exception:  # a malformed encapsulation: pydicom's decoder gives the reason below
+    except J2K_HEADER_ERRORS as exc:  # malformed encapsulation or header: pydicom's decoder gives the reason below
+        _note_full_size_fallback(exc)
         reduced = None
     for i, frame in (reduced or decode_frames(ds, chosen, n_frames)).items():
         if photometric == "PALETTE COLOR":

@@ -58,9 +58,9 @@ from pydicom.sr.codedict import codes
 
 from dxnode import __version__
 from dxnode.config import MIN_SC_SIDE, Settings
+from dxnode.durable import write_durably
 from dxnode.results import Finding, Heatmap, StudyResult
 from dxnode.source_header import reference_header
-from dxnode.store import write_durably
 
 log = logging.getLogger("dxnode.report")
 

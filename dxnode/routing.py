@@ -340,6 +340,7 @@ def resolve_job(session: Session, settings: Settings, job_id: int) -> Decision:
     and queues one job for each other one; a routed job re-checks its own entry. Rules are read now,
     so changing them and re-queueing re-routes."""
     from dxnode.store import Job
+    from dxnode.worklist import queued_job
 
     job = session.get(Job, job_id)
     assert job is not None
@@ -364,11 +365,7 @@ def resolve_job(session: Session, settings: Settings, job_id: int) -> Decision:
     first, others = routes[0], routes[1:]
     job.routed_model = first.model
     for r in others:
-        waiting = session.scalar(
-            select(Job.id).where(Job.study_id == job.study_id, Job.state == "queued", Job.routed_model == r.model)
-        )
-        if waiting is None:
-            session.add(Job(study_id=job.study_id, state="queued", routed_model=r.model))
+        queued_job(session, job.study_id, r.model)
     e = entry(settings, first.model)
     assert e is not None
     lines = []

@@ -26,6 +26,8 @@ from sqlalchemy import select
 
 from dxnode import worklist
 from dxnode.config import Settings
+from dxnode.logs import setup_logging
+from dxnode.states import JobState
 from dxnode.store import Job, Store, utcnow
 
 log = logging.getLogger("dxnode.runner")
@@ -39,8 +41,6 @@ def job_process_main(settings: Settings, log_level: str, parent: int, ready: Any
 
     ready: a multiprocessing Event set once the model is loaded; problems: a queue that gets the
     one-line reason when the model cannot load (the process then exits with EXIT_CONFIG)."""
-    from dxnode.cli import setup_logging
-
     setup_logging(log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -225,7 +225,7 @@ class Supervisor:
         stale = utcnow() - dt.timedelta(seconds=self.settings.worklist.running_timeout_seconds)
         with self.store.session() as session:
             hung = session.scalar(
-                select(Job.id).where(Job.state == "running", Job.worker == slot.worker, Job.heartbeat_at < stale)
+                select(Job.id).where(Job.state == JobState.RUNNING, Job.worker == slot.worker, Job.heartbeat_at < stale)
             )
         if hung is not None:
             self._kill(slot, proc, f"stopped: no heartbeat for {self.settings.worklist.running_timeout_seconds:g} s")
@@ -270,8 +270,3 @@ def _forget_metrics(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
     except OSError:
         log.debug("mark_process_dead(%d) failed", pid, exc_info=True)
-
-
-def readiness_of(supervisor: Supervisor | None) -> dict[str, Any]:
-    """The job processes' part of /readyz."""
-    return {} if supervisor is None else {"workers": supervisor.alive > 0}

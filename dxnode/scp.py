@@ -67,6 +67,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from dxnode import metrics
 from dxnode.bounds import MB, inflated_size_exceeds
 from dxnode.config import Settings
+from dxnode.durable import publish, temporary_name, write_new_file
 from dxnode.listen import StartError, bind_error
 from dxnode.listen import address as host_port
 from dxnode.part10 import file_header
@@ -76,10 +77,7 @@ from dxnode.store import (
     Store,
     Study,
     audit_core,
-    publish,
-    temporary_name,
     utcnow,
-    write_new_file,
 )
 from dxnode.uids import is_valid_uid
 

@@ -1,4 +1,5 @@
-"""The states of jobs and outbox rows: one enum each, used by the store, the API, the CLI and the metrics."""
+"""The states of jobs, instances and outbox rows, and the kinds of outputs: one enum each, used by the
+store (its columns load them), the API, the CLI and the metrics. Values are the stored strings."""
 
 from __future__ import annotations
 
@@ -23,3 +24,18 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"  # `dxnode outbox cancel`: never sent; `outbox retry` queues it again
     ORPHANED = "orphaned"  # its destination is no longer configured: not tried; `outbox retry` once it is again
+
+
+class InstanceState(StrEnum):
+    """What a job did with one instance (``instance_result.state``)."""
+
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class OutputKind(StrEnum):
+    """The kind of a DICOM object dxnode wrote (``output.kind``)."""
+
+    SR = "sr"  # the Comprehensive SR report
+    SC = "sc"  # a heatmap Secondary Capture

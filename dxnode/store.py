@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import importlib.resources
 import json
-import os
+import logging
 import sqlite3
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,16 +35,35 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy import (
+    Enum as SAEnum,
+)
 from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from dxnode.states import DeliveryState, JobState
+from dxnode.states import DeliveryState, InstanceState, JobState, OutputKind
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def state_column(states: type[StrEnum], length: int) -> SAEnum:
+    """A column holding one of states' values as plain text (VARCHAR(length), no CHECK, no database
+    enum type), so databases made before it load unchanged; rows come back as enum members."""
+    return SAEnum(
+        states,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=False,  # a query for an unknown state finds nothing, as it did with plain text
+    )
 
 
 def utcnow() -> dt.datetime:
@@ -154,7 +173,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    state: Mapped[JobState] = mapped_column(state_column(JobState, 16), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
     log: Mapped[str] = mapped_column(Text, default="")  # human-readable lines of what the job did
@@ -189,7 +208,7 @@ class InstanceResult(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[InstanceState] = mapped_column(state_column(InstanceState, 16))
     reason: Mapped[str] = mapped_column(Text, default="")
     probabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
@@ -229,7 +248,7 @@ class Output(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id", ondelete="SET NULL"), nullable=True, index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # "sr" or "sc"
+    kind: Mapped[OutputKind] = mapped_column(state_column(OutputKind, 8))
     label: Mapped[str] = mapped_column(String(128), default="")  # the finding of an SC
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -260,8 +279,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))  # the [[destinations]] name
-    # pending, sent, failed, cancelled or orphaned (dxnode.states.DeliveryState); last_error says why
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
+    # pending, sent, failed, cancelled or orphaned; last_error says why
+    state: Mapped[DeliveryState] = mapped_column(state_column(DeliveryState, 16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -365,6 +384,8 @@ class Store:
         self.url = url
         self.engine = make_engine(url, busy_timeout_s, echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.shown_url = make_url(url).render_as_string(hide_password=True)
+        self._ping_failure: str | None = None  # the last reason ping() logged, None while it answers
 
     @property
     def dialect(self) -> str:
@@ -378,13 +399,21 @@ class Store:
             yield session
 
     def ping(self) -> bool:
-        """True when the database answers."""
+        """True when the database answers; the reason it does not is logged once per change."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(select(1))
-            return True
-        except Exception:
+        except (SQLAlchemyError, OSError) as exc:
+            text = str(getattr(exc, "orig", None) or exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            if reason != self._ping_failure:
+                log.warning("database %s does not answer: %s", self.shown_url, reason)
+                self._ping_failure = reason
             return False
+        if self._ping_failure is not None:
+            log.info("database %s answers again", self.shown_url)
+            self._ping_failure = None
+        return True
 
     def dispose(self) -> None:
         """Close pooled connections."""
@@ -452,45 +481,3 @@ def current_revision(store: Store) -> str | None:
 
     with store.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
-
-
-def temporary_name(path: Path) -> Path:
-    """A new hidden temporary name beside path (cleaned up at start if a killed writer left it)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-
-
-def write_new_file(tmp: Path, data: bytes | Sequence[bytes | memoryview]) -> int:
-    """Create tmp (and its folder), write data (or its parts in order), fsync and close it; returns its inode."""
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "xb") as f:
-        for part in (data,) if isinstance(data, bytes) else data:
-            f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
-        return os.fstat(f.fileno()).st_ino
-
-
-def write_temporary(path: Path, data: bytes | Sequence[bytes | memoryview]) -> Path:
-    """Write data (or its parts in order), fsynced, to a temporary file beside path; returns the temporary file."""
-    tmp = temporary_name(path)
-    try:
-        write_new_file(tmp, data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Rename a written temporary file to its final name and fsync the folder (the rename is durable)."""
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write data to path atomically: temporary file, fsync, rename, fsync of the folder."""
-    publish(write_temporary(path, data), path)

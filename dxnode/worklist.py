@@ -17,7 +17,6 @@ backoff, and permanent failures (an exception with ``permanent = True``) end the
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import logging
 import os
 import socket
@@ -33,15 +32,20 @@ from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Settings
+from dxnode.states import JobState
 from dxnode.store import Job, Store, Study, audit, utcnow
 
 log = logging.getLogger("dxnode.worklist")
 
-# A job body: runs the pipeline for job_id and returns its final state, "done" or "skipped".
-# Raising marks the attempt failed (retried after a backoff until worklist.max_attempts; at once
-# failed when the exception has ``permanent = True``). A body may take a ``heartbeat`` keyword:
-# a function to call with the stage name at stage boundaries and between batches.
-JobHandler = Callable[..., str]
+
+class JobBody(Protocol):
+    """A job body: runs the pipeline for job_id and returns its final state, DONE or SKIPPED.
+
+    Raising marks the attempt failed (retried after a backoff until worklist.max_attempts; at once
+    failed when the exception has ``permanent = True``). heartbeat is always passed: call it with
+    the stage name at stage boundaries and between batches (it raises Stopping or TakenOver)."""
+
+    def __call__(self, store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None]) -> JobState: ...
 
 
 class Stopping(BaseException):
@@ -143,7 +147,7 @@ def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action
     if claimed != 1:
         return None  # another sweeper got it, or a new instance arrived meanwhile
     waiting = session.scalar(
-        select(Job.id).where(Job.study_id == study.id, Job.state == "queued", Job.routed_model == "")
+        select(Job.id).where(Job.study_id == study.id, Job.state == JobState.QUEUED, Job.routed_model == "")
     )
     if waiting is not None:
         return waiting  # the queued job will read every instance (and route) when it runs
@@ -152,15 +156,18 @@ def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action
     return job_id
 
 
-def queued_job(session: Session, study_id: int) -> int:
-    """The study's waiting job, or a new queued one (a queued job reads every instance when it runs)."""
-    # Only an unrouted job: it routes the study when it runs (a job queued for one model would miss the others).
+def queued_job(session: Session, study_id: int, routed_model: str = "") -> int:
+    """The study's waiting job for routed_model, or a new queued one: every job is made here.
+
+    A queued job reads every instance when it runs. "" is an unrouted job, which routes the study
+    when it runs (the receiver and the sweep queue only those: a job queued for one model would miss
+    the others); routing queues one per further [[models]] entry the study matches."""
     waiting = session.scalar(
-        select(Job.id).where(Job.study_id == study_id, Job.state == "queued", Job.routed_model == "")
+        select(Job.id).where(Job.study_id == study_id, Job.state == JobState.QUEUED, Job.routed_model == routed_model)
     )
     if waiting is not None:
         return int(waiting)
-    job = Job(study_id=study_id, state="queued")
+    job = Job(study_id=study_id, state=JobState.QUEUED, routed_model=routed_model)
     session.add(job)
     session.flush()
     return job.id
@@ -223,13 +230,13 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
     job = session.get(Job, job_id)
     if job is None:
         raise LookupError(f"no job {job_id}")
-    if job.state in ("running", "queued"):
+    if job.state in (JobState.RUNNING, JobState.QUEUED):
         raise ValueError(f"job {job_id} is {job.state}")
-    if job.state == "done":
+    if job.state == JobState.DONE:
         waiting = queued_job(session, job.study_id)
         audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source, queued=f"job:{waiting}")
         return waiting
-    job.state, job.attempts, job.error, job.lost, job.not_before = "queued", 0, "", 0, None
+    job.state, job.attempts, job.error, job.lost, job.not_before = JobState.QUEUED, 0, "", 0, None
     audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source)
     return job_id
 
@@ -243,7 +250,7 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
     with store.session() as session:
         q = (
             select(Job.id)
-            .where(Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now))
+            .where(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now))
             .order_by(Job.id)
             .limit(1)
         )
@@ -255,9 +262,9 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
         taken = rowcount(
             session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == "queued")
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
                 .values(
-                    state="running",
+                    state=JobState.RUNNING,
                     attempts=Job.attempts + 1,
                     worker=worker,
                     started_at=now,
@@ -272,7 +279,7 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
         )
         if taken != 1:
             return None
-        audit(session, worker, "job.state", target=f"job:{job_id}", state="running")
+        audit(session, worker, "job.state", target=f"job:{job_id}", state=JobState.RUNNING)
         return job_id
 
 
@@ -282,7 +289,7 @@ def beat(store: Store, job_id: int, worker: str, stage: str) -> bool:
     with store.session() as session:
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker)
             .values(heartbeat_at=now, updated_at=now, stage=stage[:32])
             .execution_options(synchronize_session=False)
         )
@@ -313,17 +320,17 @@ def finish(
     store: Store,
     settings: Settings,
     job_id: int,
-    state: str | None,
+    state: JobState | None,
     error: str = "",
     permanent: bool = False,
     worker: str | None = None,
-) -> str:
+) -> JobState:
     """Record the end of an attempt: done/skipped, or failed (retried after a backoff until
     max_attempts; at once failed when permanent). With worker, only while the job is still its own."""
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        if worker is not None and (job.state != "running" or job.worker != worker):
+        if worker is not None and (job.state != JobState.RUNNING or job.worker != worker):
             log.warning(
                 "job %d was taken over (now %s by %s): this attempt's end is not recorded",
                 job_id,
@@ -333,15 +340,15 @@ def finish(
             return job.state
         if state is None:
             if permanent or job.attempts >= settings.worklist.max_attempts:
-                state = "failed"
+                state = JobState.FAILED
             else:
-                state = "queued"
+                state = JobState.QUEUED
                 job.not_before = utcnow() + retry_delay(settings, job.attempts)
             job.error = error
         job.state = state
-        job.finished_at = utcnow() if state != "queued" else None
+        job.finished_at = utcnow() if state != JobState.QUEUED else None
         audit(session, job.worker or "system", "job.state", target=f"job:{job_id}", state=state, error=error[:500])
-    if state != "queued":
+    if state != JobState.QUEUED:
         metrics.JOBS_FINISHED.labels(state=state).inc()
     return state
 
@@ -350,26 +357,19 @@ def release(store: Store, job_id: int, worker: str, why: str) -> bool:
     """Put a job this worker stopped on purpose (shutdown) back in the queue, not counting the attempt."""
     with store.session() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != "running" or job.worker != worker:
+        if job is None or job.state != JobState.RUNNING or job.worker != worker:
             return False
-        job.state, job.attempts, job.not_before = "queued", max(0, job.attempts - 1), None
+        job.state, job.attempts, job.not_before = JobState.QUEUED, max(0, job.attempts - 1), None
         job.error = f"re-queued at stage {job.stage or 'start'}: {why}"
-        audit(session, worker, "job.state", target=f"job:{job_id}", state="queued", reason=why)
+        audit(session, worker, "job.state", target=f"job:{job_id}", state=JobState.QUEUED, reason=why)
     log.info("job %d re-queued: %s", job_id, why)
     return True
-
-
-def _takes_heartbeat(handler: JobHandler) -> bool:
-    try:
-        return "heartbeat" in inspect.signature(handler).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def run_one(
     store: Store,
     settings: Settings,
-    handler: JobHandler,
+    body: JobBody,
     worker: str | None = None,
     stop: threading.Event | None = None,
     supervisor: str = "",
@@ -379,11 +379,8 @@ def run_one(
     job_id = claim(store, worker, supervisor=supervisor)
     if job_id is None:
         return None
-    kwargs: dict[str, Any] = {}
-    if _takes_heartbeat(handler):
-        kwargs["heartbeat"] = Heartbeat(store, job_id, worker, stop)
     try:
-        state = handler(store, settings, job_id, **kwargs)
+        state = JobState(body(store, settings, job_id, heartbeat=Heartbeat(store, job_id, worker, stop)))
     except Stopping as exc:
         release(store, job_id, worker, f"the node stopped during stage {exc}")
         return job_id
@@ -404,10 +401,10 @@ def run_one(
     return job_id
 
 
-def drain(store: Store, settings: Settings, handler: JobHandler, worker: str | None = None, limit: int = 1000) -> int:
+def drain(store: Store, settings: Settings, body: JobBody, worker: str | None = None, limit: int = 1000) -> int:
     """Run due jobs until none is left (or limit); return how many ran."""
     ran = 0
-    while ran < limit and run_one(store, settings, handler, worker) is not None:
+    while ran < limit and run_one(store, settings, body, worker) is not None:
         ran += 1
     return ran
 
@@ -420,7 +417,7 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, c
     now = utcnow()
     with store.session() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != "running" or job.worker != worker:
+        if job is None or job.state != JobState.RUNNING or job.worker != worker:
             return None
         times, stage = job.lost + 1, job.stage or "start"
         values: dict[str, Any] = {"lost": times, "updated_at": now}
@@ -429,7 +426,7 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, c
         limit = settings.worklist.max_attempts
         if (counted and job.attempts >= limit) or times >= CRASH_LOOP_FACTOR * limit:
             values.update(
-                state="failed",
+                state=JobState.FAILED,
                 finished_at=now,
                 error=(
                     f"the worker stopped {times} time{'s' if times != 1 else ''} while running this job "
@@ -438,14 +435,14 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, c
             )
         else:
             values.update(
-                state="queued",
+                state=JobState.QUEUED,
                 not_before=now + retry_delay(settings, job.attempts),
                 error=f"its worker {worker} stopped at stage {stage} ({why}); retried",
             )
         changed = rowcount(
             session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == "running", Job.worker == worker)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker)
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
@@ -454,22 +451,22 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, c
             return None
         audit(session, "system", "job.state", target=f"job:{job_id}", state=values["state"], reason=why)
     log.warning("job %d: worker %s stopped (%s) -> %s", job_id, worker, why, values["state"])
-    if values["state"] == "failed":
-        metrics.JOBS_FINISHED.labels(state="failed").inc()
+    if values["state"] == JobState.FAILED:
+        metrics.JOBS_FINISHED.labels(state=JobState.FAILED).inc()
     return str(values["state"])
 
 
 def worker_lost(store: Store, settings: Settings, worker: str, why: str) -> int:
     """Handle every job a stopped worker process was running; return how many."""
     with store.session() as session:
-        ids = list(session.scalars(select(Job.id).where(Job.state == "running", Job.worker == worker)))
+        ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING, Job.worker == worker)))
     return sum(lost(store, settings, job_id, worker, why) is not None for job_id in ids)
 
 
 def release_worker(store: Store, worker: str, why: str) -> int:
     """Re-queue, without counting the attempt, the jobs of a worker stopped on purpose (shutdown)."""
     with store.session() as session:
-        ids = list(session.scalars(select(Job.id).where(Job.state == "running", Job.worker == worker)))
+        ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING, Job.worker == worker)))
     return sum(release(store, job_id, worker, why) for job_id in ids)
 
 
@@ -483,7 +480,9 @@ def recover(
     stale_before = (now or utcnow()) - dt.timedelta(seconds=settings.worklist.running_timeout_seconds)
     with store.session() as session:
         running = session.execute(
-            select(Job.id, Job.worker, Job.supervisor, Job.heartbeat_at, Job.updated_at).where(Job.state == "running")
+            select(Job.id, Job.worker, Job.supervisor, Job.heartbeat_at, Job.updated_at).where(
+                Job.state == JobState.RUNNING
+            )
         ).all()
     handed = 0
     for job_id, worker, supervisor, heartbeat, updated in running:

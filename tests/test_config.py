@@ -161,3 +161,26 @@ def test_config_check_cli_names_the_environment_variable(
     assert main(["config", "check"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "DXNODE_NODE__PROT" in err and "did you mean port?" in err
+
+
+def test_pipeline_decode_threads_is_read_as_j2k_threads_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[pipeline] decode_threads was renamed j2k_threads ([model] decode_threads is another setting)."""
+    from dxnode.config import DeprecatedKeyWarning
+
+    cfg = tmp_path / "old.toml"
+    cfg.write_text("[pipeline]\ndecode_threads = 3\n[model]\ndecode_threads = 5\n")
+    with pytest.warns(
+        DeprecatedKeyWarning, match=r"\[pipeline\] decode_threads is deprecated: rename it to j2k_threads"
+    ):
+        s = load_settings(cfg)
+    assert (s.pipeline.j2k_threads, s.model.decode_threads) == (3, 5)
+    cfg.write_text("[pipeline]\ndecode_threads = 3\nj2k_threads = 2\n")
+    with pytest.raises(ConfigError, match="decode_threads is the old name of j2k_threads: set j2k_threads only"):
+        load_settings(cfg)
+    monkeypatch.setenv("DXNODE_PIPELINE__DECODE_THREADS", "3")
+    with pytest.raises(
+        ConfigError, match=r"DXNODE_PIPELINE__DECODE_THREADS: .* was renamed: set DXNODE_PIPELINE__J2K_THREADS"
+    ):
+        load_settings()

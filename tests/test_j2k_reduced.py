@@ -142,3 +142,33 @@ def test_heatmap_sc_from_a_reduced_decode_is_valid_and_references_the_source(tmp
             ds = pydicom.dcmread(w.path)
             assert ds.Columns == 921 and ds.Rows > 978
             assert dciodvfy_errors(w.path) == [], w.path
+
+
+def test_malformed_encapsulation_falls_back_to_full_size_with_the_reason_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broken Basic Offset Table (read_frames refuses it earlier; modality_values is also called directly):
+    the reduced path logs why, once, and pydicom's decoder gives the error."""
+    from dxnode.pipeline import PipelineError, j2k_reduce, modality_values
+
+    ds = pydicom.dcmread(DATA / "RG1_J2KR.dcm")
+    ds.PixelData = b"\x00\x00\x00\x00" + ds.PixelData[4:]
+    with caplog.at_level("WARNING", logger="dxnode.pipeline"):
+        for _ in range(2):
+            with pytest.raises(PipelineError, match="cannot decode pixel data"):
+                modality_values(ds, 1, reduce=j2k_reduce(REDUCED, Preprocessing()))
+    lines = [r.getMessage() for r in caplog.records if "fell back to full size" in r.getMessage()]
+    assert len(lines) == 1 and "ValueError" in lines[0], lines
+
+
+def test_a_bug_on_the_reduced_path_is_not_hidden_as_a_full_size_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the header's failure modes fall back: an error of dxnode's own code fails the instance, naming it."""
+    from dxnode.pipeline import PipelineError
+
+    def broken(cs: bytes, level: int, threads: int) -> None:
+        raise AttributeError("module 'dxnode.j2k' has no attribute 'opj_thing'")
+
+    monkeypatch.setattr(j2k, "decode", broken)
+    with pytest.raises(PipelineError, match=r"AttributeError: .*opj_thing"):
+        read_frames(DATA / "RG1_J2KR.dcm", REDUCED, Preprocessing())
+    assert read_frames(DATA / "RG1_J2KR.dcm", FULL, Preprocessing())  # the full-size path does not use it

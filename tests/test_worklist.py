@@ -88,7 +88,7 @@ def test_failing_job_is_retried_then_failed_with_its_error(store: Store) -> None
     sid = add_study(store, "1.2.8", utcnow() - dt.timedelta(seconds=30))
     worklist.sweep(store, settings)
 
-    def broken(store: Store, settings: Settings, job_id: int) -> str:
+    def broken(store: Store, settings: Settings, job_id: int, heartbeat: object) -> str:
         raise RuntimeError("decoder exploded")
 
     assert worklist.drain(store, settings, broken) == 2
@@ -105,7 +105,7 @@ def test_retry_waits_for_its_backoff_and_permanent_failures_end_at_once(store: S
     class Undecodable(Exception):
         permanent = True
 
-    def body(store: Store, settings: Settings, job_id: int) -> str:
+    def body(store: Store, settings: Settings, job_id: int, heartbeat: object) -> str:
         with store.session() as s:
             study_id = s.get(Job, job_id).study_id
         raise (OperationalErrorLike("database is locked") if study_id == transient else Undecodable("no pixels"))
@@ -231,7 +231,7 @@ WORKER = textwrap.dedent(
     from dxnode.store import Store, audit
     from dxnode import worklist
 
-    def handler(store, settings, job_id):
+    def handler(store, settings, job_id, heartbeat):
         with store.session() as s:
             audit(s, worklist.worker_id(), "test.ran", target=f"job:{job_id}")
         time.sleep(0.005)
@@ -295,3 +295,28 @@ def test_a_study_still_arriving_is_not_stable_whatever_its_last_commit(store: St
     assert len(jobs_of(store, busy)) == 1 and jobs_of(store, released) == []
     assert worklist.sweep(store, settings, now + dt.timedelta(seconds=11), Arriving(set(), {"1.2.12": now}))
     assert len(jobs_of(store, released)) == 1
+
+
+def test_every_body_gets_the_heartbeat_and_its_state_must_be_a_job_state(store: Store) -> None:
+    """The JobBody contract: heartbeat always passed; a body answering something else fails the attempt."""
+    from dxnode.states import JobState
+
+    settings = settings_for(store.url, max_attempts=1)
+    first = add_study(store, "1.2.9.1", utcnow() - dt.timedelta(seconds=30))
+    second = add_study(store, "1.2.9.2", utcnow() - dt.timedelta(seconds=30))
+    worklist.sweep(store, settings)
+    got: list[object] = []
+
+    def body(store: Store, settings: Settings, job_id: int, heartbeat: worklist.Heartbeat) -> JobState:
+        got.append(heartbeat)
+        heartbeat("decode")
+        with store.session() as s:
+            study_id = s.get(Job, job_id).study_id  # type: ignore[union-attr]
+        return JobState.SKIPPED if study_id == first else "finished"  # type: ignore[return-value]
+
+    assert worklist.drain(store, settings, body) == 2
+    assert all(isinstance(h, worklist.Heartbeat) for h in got) and len(got) == 2
+    (a,) = jobs_of(store, first)
+    (b,) = jobs_of(store, second)
+    assert a.state is JobState.SKIPPED and a.stage == "decode"
+    assert b.state is JobState.FAILED and "'finished' is not a valid JobState" in b.error

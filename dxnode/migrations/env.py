@@ -1,4 +1,9 @@
-"""Alembic environment: runs dxnode's migrations against the URL set by dxnode.store.upgrade."""
+"""Alembic environment: runs dxnode's migrations against the URL set by dxnode.store.upgrade.
+
+The chain is linear; files in versions/ are named ``mNN_<revision id>_<what>.py`` by position in
+the chain, the revision ids are the released ones and never change. README.md here says how to
+add the next migration (tests/test_migrations.py checks the rules).
+"""
 
 from alembic import context
 

@@ -1,7 +1,8 @@
 """DICOMweb deliveries (HTTP status) and model routing (the [[models]] entry a job runs)
 
+Step 5 of the chain (the file's mNN prefix); the revision id is kept as first released.
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 from collections.abc import Sequence

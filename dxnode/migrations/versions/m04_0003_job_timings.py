@@ -1,5 +1,6 @@
 """job timings: seconds per stage of a job (decode, model, cam, sr, sc, write, queued_to_done)
 
+Step 4 of the chain (the file's mNN prefix); the revision id is kept as first released.
 Revision ID: 0003
 Revises: 0002 (re-chained after 0002 and 0008 when main was merged)
 """

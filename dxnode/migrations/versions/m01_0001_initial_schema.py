@@ -1,5 +1,6 @@
 """initial schema
 
+Step 1 of the chain (the file's mNN prefix); the revision id is kept as first released.
 Revision ID: 0001
 Revises: 
 Create Date: 2026-11-25 06:51:35.644190

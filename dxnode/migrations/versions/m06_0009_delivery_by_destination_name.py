@@ -7,6 +7,7 @@ Downgrade adds the address columns back, empty (the configuration is not known h
 dxnode would try unsent rows at an empty address, so downgrade only a node whose outbox is empty.
 ``cancelled`` and ``orphaned`` rows become ``failed`` (an older dxnode knows no other state).
 
+Step 6 of the chain (the file's mNN prefix); the revision id is kept as first released.
 Revision ID: 0009
 Revises: 0004
 """

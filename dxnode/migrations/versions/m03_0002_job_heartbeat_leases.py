@@ -1,5 +1,6 @@
 """job heartbeat, stage, retry time, lost-worker count and supervisor; outbox lease holder
 
+Step 3 of the chain (the file's mNN prefix); the revision id is kept as first released.
 Revision ID: 0002
 Revises: 0008
 """

@@ -1,5 +1,6 @@
 """web sessions kept server-side (logout revokes, sessions expire)
 
+Step 2 of the chain (the file's mNN prefix); the revision id is kept as first released.
 Revision ID: 0008
 Revises: 0001
 """

@@ -1,0 +1,70 @@
+"""Durable files: the one way dxnode writes a file atomically (temporary file beside it, fsync,
+rename, fsync of the folder), for received instances, outputs, bundles, exports and caches."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    """A new hidden temporary name beside path (cleaned up at start if a killed writer left it)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def write_new_file(tmp: Path, data: bytes | Sequence[bytes | memoryview]) -> int:
+    """Create tmp (and its folder), write data (or its parts in order), fsync and close it; returns its inode."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "xb") as f:
+        for part in (data,) if isinstance(data, bytes) else data:
+            f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
+        return os.fstat(f.fileno()).st_ino
+
+
+def write_temporary(path: Path, data: bytes | Sequence[bytes | memoryview]) -> Path:
+    """Write data (or its parts in order), fsynced, to a temporary file beside path; returns the temporary file."""
+    tmp = temporary_name(path)
+    try:
+        write_new_file(tmp, data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a written temporary file to its final name and fsync the folder (the rename is durable)."""
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write data to path atomically: temporary file, fsync, rename, fsync of the folder."""
+    publish(write_temporary(path, data), path)
+
+
+@contextmanager
+def durable_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside path for a writer that wants a file name (torch.save, an ONNX export);
+    on success its file is fsynced and published under path, on failure removed."""
+    tmp = temporary_name(path)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
