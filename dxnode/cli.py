@@ -454,7 +454,7 @@ def predict_inputs(names: Sequence[str]) -> tuple[list[tuple[str, str | None]], 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     """Run the model on files and folders directly; exit 1 if any file failed, 2 if the model cannot load."""
     from dxnode.model import FilePrediction, predict_file, save_png
-    from dxnode.queries import PredictionOut
+    from dxnode.schemas import PredictionOut
 
     files, refused = predict_inputs(args.files)
     if refused or all(error for _, error in files):  # say so before spending seconds on loading the model

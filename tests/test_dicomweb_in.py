@@ -24,6 +24,7 @@ from dxnode.dicomweb import FAILED_SOP_SEQUENCE, FAILURE_REASON, REFERENCED_SOP_
 from dxnode.store import Audit, Instance, Job, Study, utcnow
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
+from dxnode.web.services import services_of
 
 STORER = "store-token-0123456789"
 
@@ -126,7 +127,7 @@ def test_a_stow_request_is_activity_for_the_stable_study_sweep(node: WebNode, tm
     body, ctype = multipart_body([p.read_bytes() for p in paths])
     before = utcnow()
     assert node.post(body, ctype).status_code == 200
-    activity = node.app.state.stow_scp.activity
+    activity = services_of(node.app).receiver().activity
     assert study_uid not in activity.busy_studies()
     released = activity.released_at()[study_uid]
     assert released >= before and set(node.instances()) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
