@@ -248,3 +248,39 @@ def test_a_large_body_is_spooled_to_disk_not_held_in_memory(tmp_path: Path) -> N
     finally:
         n.server.stop()
         n.store.dispose()
+
+
+def test_an_unexpected_storing_error_is_logged_once_and_the_client_gets_no_exception_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dxnode.scp import OUT_OF_RESOURCES, StorageSCP
+
+    class Failing(StorageSCP):
+        """A receiver with a bug: its storing path raises an exception no handler expects."""
+
+        def store_received(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("secret detail /srv/dxnode/internal")
+
+    settings = node_settings(tmp_path)
+    settings.web.tokens.append(type(settings.web.tokens[0])(name="pacs", token=STORER, role="store"))
+    store = make_store(settings)
+    server = WebServer(create_app(settings, store, scp=Failing(settings, store)), "127.0.0.1", 0)
+    server.start()
+    try:
+        _, paths = files(tmp_path / "study", n=1)
+        body, ctype = multipart_body([paths[0].read_bytes()])
+        with caplog.at_level("WARNING", logger="dxnode.stow"):
+            r = httpx.post(
+                f"http://127.0.0.1:{server.port}/dicomweb/studies",
+                content=body,
+                headers={"Content-Type": ctype, "Authorization": f"Bearer {STORER}"},
+                timeout=60,
+            )
+        assert r.status_code == 409 and [reason for _, reason in failures(r)] == [OUT_OF_RESOURCES]
+        assert "secret detail" not in r.text
+        logged = [rec for rec in caplog.records if rec.exc_info and "secret detail" in str(rec.exc_info[1])]
+        assert len(logged) == 1  # once, with the reason
+        assert not any("secret detail" in rec.getMessage() for rec in caplog.records)
+    finally:
+        server.stop()
+        store.dispose()
