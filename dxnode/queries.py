@@ -373,3 +373,14 @@ def dashboard_counters(session: Session) -> DashboardCounters:
         outbox_backlog=deliveries.get(DeliveryState.PENDING, 0),
         outbox_failed=deliveries.get(DeliveryState.FAILED, 0),
     )
+
+
+def heatmap_file(session: Session, output_id: int) -> tuple[str, str] | None:
+    """(SOP Instance UID, file path under the data dir) of a heatmap SC output, or None."""
+    out = session.get(Output, output_id)
+    return (out.sop_instance_uid, out.file_path) if out is not None and out.kind == "sc" else None
+
+
+def instance_file(session: Session, sop_instance_uid: str) -> str | None:
+    """The file path (under the data dir) of a received instance, or None."""
+    return session.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid))

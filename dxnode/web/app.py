@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -33,6 +32,8 @@ from dxnode.queries import (
     JobFilter,
     ResultFilter,
     StudyFilter,
+    heatmap_file,
+    instance_file,
     list_deliveries,
     list_jobs,
     list_results,
@@ -56,7 +57,7 @@ from dxnode.schemas import (
     UploadPrediction,
 )
 from dxnode.states import DeliveryState, JobState
-from dxnode.store import Instance, Output, Store, audit
+from dxnode.store import Store, audit
 from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
@@ -281,11 +282,12 @@ def api_router() -> APIRouter:
     )
     def output_image(svc: Svc, output_id: RowId, who: Principal = Depends(require_read)) -> Response:
         with svc.store.session() as s:
-            out = s.get(Output, output_id)
-        if out is None or out.kind != "sc":
+            found = heatmap_file(s, output_id)
+        if found is None:
             raise HTTPException(404, "no such heatmap")
-        _audit(svc, who, "api.output.image", target=out.sop_instance_uid)
-        return Response(output_png(svc.settings.data_dir / out.file_path), media_type="image/png")
+        sop_instance_uid, file_path = found
+        _audit(svc, who, "api.output.image", target=sop_instance_uid)
+        return Response(output_png(svc.settings.data_dir / file_path), media_type="image/png")
 
     @r.get(
         "/instances/{sop_instance_uid}.png",
@@ -297,13 +299,13 @@ def api_router() -> APIRouter:
         from dxnode.pipeline import PipelineError, read_frames
 
         with svc.store.session() as s:
-            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-        if inst is None:
+            file_path = instance_file(s, sop_instance_uid)
+        if file_path is None:
             raise HTTPException(404, "no such instance")
         settings = svc.settings
         try:
             frame = read_frames(
-                settings.data_dir / inst.file_path,
+                settings.data_dir / file_path,
                 settings.pipeline,
                 svc.model().manifest.preprocessing,
             )[0]
