@@ -62,7 +62,7 @@ from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, 
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
-from dxnode.web.services import Readiness, WebServices, attach, given_receiver, own_receiver, services
+from dxnode.web.services import Readiness, Svc, WebServices, attach, given_receiver, own_receiver
 from dxnode.web.stow import stow_router
 
 if TYPE_CHECKING:
@@ -78,7 +78,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "Invalid parameters"},
     429: {"description": "Too many wrong tokens from this address (see Retry-After)"},
 }
-Svc = Annotated[WebServices, Depends(services)]
 
 
 def _audit(svc: WebServices, who: Principal, action: str, target: str = "", **detail: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
@@ -15,9 +15,8 @@ from dxnode.queries import ResultFilter, StudyFilter, dashboard_counters, list_r
 from dxnode.schemas import ResultOut
 from dxnode.store import Store, audit
 from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
-from dxnode.web.services import WebServices, services
+from dxnode.web.services import Svc, services
 
-Svc = Annotated[WebServices, Depends(services)]
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 

@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
 from dxnode.config import Settings
 from dxnode.store import Store
@@ -53,6 +53,9 @@ class WebServices:
 def services(request: Request) -> WebServices:
     """FastAPI dependency: the services of the application serving the request."""
     return services_of(request.app)
+
+
+Svc = Annotated[WebServices, Depends(services)]  # a route's parameter `svc: Svc` gets the app's services
 
 
 def services_of(app: FastAPI) -> WebServices:
