@@ -127,9 +127,7 @@ def _start_web(
     if worker:
         app = create_metrics_app(settings, store, readiness, metrics_dir)
     else:
-        app = create_app(settings, store, readiness, metrics_dir)
-    if scp is not None:
-        app.state.stow_scp = scp
+        app = create_app(settings, store, readiness, metrics_dir, scp)
     server = WebServer(app, settings.web.host, settings.web.port)
     server.start()
     print(f"dxnode {'worker metrics' if worker else 'web'}: {server.url}", flush=True)

@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Destination, Settings
-from dxnode.queries import OutboxChange
+from dxnode.schemas import OutboxChange
 from dxnode.states import DeliveryState
 from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
 from dxnode.worklist import process_gone, worker_id

@@ -1,7 +1,7 @@
-"""The read model: every query the CLI, the REST API and the pages show, one implementation each.
+"""The read queries: every count and list the CLI, the REST API and the pages show, one implementation each.
 
-Each query returns pydantic models, so the REST API's OpenAPI document describes every response
-body and ``--json`` on the CLI prints the same objects. Times are ISO 8601 UTC text ("...Z").
+Each query returns a contract of dxnode.schemas (pydantic models), so the REST API's OpenAPI
+document describes every response body and ``--json`` on the CLI prints the same objects.
 """
 
 from __future__ import annotations
@@ -12,13 +12,25 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dxnode.config import Destination
+from dxnode.schemas import (
+    DashboardCounters,
+    DeliveryOut,
+    FindingOut,
+    InstanceResultOut,
+    JobOut,
+    JobWithLog,
+    OutputOut,
+    ResultOut,
+    SeriesOut,
+    StudyDetail,
+    StudyOut,
+)
 from dxnode.states import DeliveryState, JobState
-from dxnode.store import Delivery, FindingRow, InstanceResult, Job, Output, Series, Study
+from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Study, utcnow
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -59,25 +71,6 @@ def study_state(session: Session, study: Study) -> str:
     return job.state if job else "receiving"
 
 
-class StudyOut(BaseModel):
-    """A received study."""
-
-    id: int
-    study_instance_uid: str
-    patient_id: str
-    patient_name: str
-    accession_number: str
-    study_date: str
-    study_description: str
-    modalities: str  # backslash-separated
-    calling_aet: str
-    num_instances: int
-    first_received_at: str | None
-    last_received_at: str | None
-    ignored: bool
-    state: str  # the newest job's state, "receiving" before the first job, or "ignored"
-
-
 def study_out(session: Session, study: Study) -> StudyOut:
     """The read model of a study row."""
     return StudyOut(
@@ -115,31 +108,6 @@ def list_studies(session: Session, f: StudyFilter) -> list[StudyOut]:
         q = q.where(Study.calling_aet == f.calling_aet)
     q = q.order_by(Study.last_received_at.desc(), Study.id.desc()).limit(f.limit).offset(f.offset)
     return [study_out(session, s) for s in session.scalars(q)]
-
-
-class JobOut(BaseModel):
-    """A job: one run of the pipeline over a study."""
-
-    id: int
-    study_instance_uid: str
-    state: JobState
-    attempts: int
-    error: str
-    worker: str
-    model_name: str
-    model_version: str
-    routed_model: str  # the [[models]] entry ("" for [model], or not routed yet)
-    routing: list[str]  # why: the model chosen and the others' refusals (dxnode/routing.py)
-    created_at: str | None
-    started_at: str | None
-    finished_at: str | None
-    timings: dict[str, float] = {}  # seconds per stage of the last attempt (decode, model, ..., queued_to_done)
-
-
-class JobWithLog(JobOut):
-    """A job with the lines it logged (the study page)."""
-
-    log: str
 
 
 def job_out(job: Job, study_uid: str) -> JobOut:
@@ -190,23 +158,6 @@ class ResultFilter:
     include_superseded: bool = False  # also findings of older jobs of the same study
     limit: int = 1000
     offset: int = 0
-
-
-class ResultOut(BaseModel):
-    """A study-level finding: one label's probability from one job."""
-
-    study_instance_uid: str
-    patient_id: str
-    accession_number: str
-    label: str
-    probability: float
-    threshold: float
-    positive: bool
-    model_name: str
-    model_version: str
-    model_demo: bool
-    job_id: int
-    created_at: str | None
 
 
 RESULT_COLUMNS = list(ResultOut.model_fields)
@@ -287,31 +238,6 @@ def destination_address(dest: Destination | None) -> str:
     return f"{dest.ae_title}@{dest.host}:{dest.port}" + (" TLS" if dest.tls else "")
 
 
-class DeliveryOut(BaseModel):
-    """An outbox row: one output to one destination, with the address it goes to under the configuration
-    in force (a delivery names its destination only)."""
-
-    id: int
-    output_sop_instance_uid: str
-    kind: str  # "sr" or "sc"
-    label: str
-    study_instance_uid: str
-    destination: str
-    configured: bool  # the destination is in [[destinations]] (false: its rows are orphaned)
-    address: str  # "AE@host:port" (" TLS"), or the STOW-RS URL; "" when not configured
-    ae_title: str  # of the configured destination ("" for DICOMweb or not configured)
-    host: str
-    port: int
-    state: DeliveryState
-    attempts: int
-    next_attempt_at: str | None
-    last_error: str
-    dimse_status: int | None
-    http_status: int | None  # of the last STOW-RS attempt (DICOMweb destinations)
-    created_at: str | None
-    sent_at: str | None
-
-
 def list_deliveries(
     session: Session,
     state: DeliveryState | None = None,
@@ -367,70 +293,6 @@ def _address_parts(dest: Destination | None) -> dict[str, Any]:
         url = urlsplit(dest.url)
         return {"ae_title": "", "host": url.hostname or "", "port": url.port or (443 if url.scheme == "https" else 80)}
     return {"ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
-
-
-class OutboxChange(BaseModel):
-    """What `dxnode outbox cancel` or `retry` did: the rows changed, and those left as they were, by reason."""
-
-    action: str  # cancel or retry
-    selection: str  # e.g. "study:1.2.3 destination:pacs"
-    matched: int
-    changed: list[int]  # delivery ids
-    skipped: dict[str, list[int]]  # reason -> delivery ids
-
-
-class SeriesOut(BaseModel):
-    """A series of a study."""
-
-    series_instance_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str
-    body_part_examined: str
-
-
-class FindingOut(BaseModel):
-    """A finding of the study's newest done job."""
-
-    label: str
-    probability: float
-    threshold: float
-    positive: bool
-    source_sop_instance_uid: str
-    model_name: str
-    model_version: str
-    model_demo: bool
-
-
-class InstanceResultOut(BaseModel):
-    """What the newest done job did with one instance."""
-
-    sop_instance_uid: str
-    state: str  # done, skipped or failed
-    reason: str
-
-
-class OutputOut(BaseModel):
-    """An SR or heatmap SC written for the study; ``current`` when it is from the newest done job."""
-
-    id: int
-    kind: str
-    label: str
-    sop_instance_uid: str
-    summary: str
-    model_version: str
-    current: bool
-
-
-class StudyDetail(StudyOut):
-    """A study in full: what the study page and GET /api/studies/{uid} show."""
-
-    series: list[SeriesOut]
-    jobs: list[JobWithLog]
-    findings: list[FindingOut]
-    instance_results: list[InstanceResultOut]
-    outputs: list[OutputOut]
-    deliveries: list[DeliveryOut]
 
 
 def study_detail(
@@ -497,115 +359,28 @@ def study_detail(
     )
 
 
-# --- bodies of admin actions, the model and predictions (the same objects on the CLI with --json) -------------
+def dashboard_counters(session: Session) -> DashboardCounters:
+    """Instances received since midnight UTC, queued/running/failed jobs, the outbox backlog and failures."""
+    midnight = dt.datetime.combine(utcnow().date(), dt.time(), tzinfo=dt.UTC)
+    received = session.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= midnight))
+    jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    deliveries = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+    return DashboardCounters(
+        received_today=received or 0,
+        queued=jobs.get(JobState.QUEUED, 0),
+        running=jobs.get(JobState.RUNNING, 0),
+        failed=jobs.get(JobState.FAILED, 0),
+        outbox_backlog=deliveries.get(DeliveryState.PENDING, 0),
+        outbox_failed=deliveries.get(DeliveryState.FAILED, 0),
+    )
 
 
-class JobQueued(BaseModel):
-    """A study was queued: the job that will run it."""
-
-    job_id: int
-
-
-class JobRequeued(BaseModel):
-    """A job was re-queued: the queued job (the same one, or a new one when it was done)."""
-
-    job_id: int
-    requeued_from: int
-    state: JobState
+def heatmap_file(session: Session, output_id: int) -> tuple[str, str] | None:
+    """(SOP Instance UID, file path under the data dir) of a heatmap SC output, or None."""
+    out = session.get(Output, output_id)
+    return (out.sop_instance_uid, out.file_path) if out is not None and out.kind == "sc" else None
 
 
-class StudyIgnored(BaseModel):
-    """A study's ignored flag after the change."""
-
-    study_instance_uid: str
-    ignored: bool
-
-
-class Requeued(BaseModel):
-    """How many deliveries were queued again."""
-
-    requeued: int
-
-
-class PreprocessingOut(BaseModel):
-    """How the bundle wants its input made."""
-
-    input_size: int
-    resize: str
-    channels: str
-    windows: list[tuple[float, float]]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-class ModelInfo(BaseModel):
-    """A model bundle's manifest, as served (keys a newer manifest adds are passed through)."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-    name: str
-    version: str
-    labels: list[str]
-    task: str  # multilabel or multiclass
-    thresholds: list[float]
-    preprocessing: PreprocessingOut
-    weights_file: str
-    weights_sha256: str
-    demo: bool
-    description: str
-    extra: dict[str, Any]
-    label_count: int
-    onnx_file: str = ""  # model.onnx of the ONNX Runtime engine ("" in older bundles)
-    onnx_sha256: str = ""
-    quantization: dict[str, Any] = {}  # set on int8 bundles
-    engine: str = ""  # the engine running it: onnxruntime or torch
-    engine_reason: str = ""  # why that engine
-
-
-class FindingScore(BaseModel):
-    """One label of a prediction."""
-
-    label: str
-    probability: float
-    positive: bool
-    threshold: float
-
-
-class ModelRef(BaseModel):
-    """The model that made a prediction."""
-
-    name: str
-    version: str
-    demo: bool
-
-
-class PredictionOut(BaseModel):
-    """`dxnode predict --json`: the findings for one file, or why it failed."""
-
-    model_config = ConfigDict(protected_namespaces=())
-
-    file: str
-    findings: list[FindingScore]
-    model: ModelRef
-    heatmap: str | None  # the PNG written with --heatmap-dir
-    error: str | None
-
-
-class UploadPrediction(PredictionOut):
-    """POST /api/predict: the prediction plus the heatmap and the windowed image as PNG data URLs."""
-
-    heatmap_png: str | None
-    image_png: str | None
-
-
-class Health(BaseModel):
-    """GET /healthz: the process is up."""
-
-    status: str
-
-
-class ReadyOut(BaseModel):
-    """GET /readyz: each check, and whether all passed (status 503 if not)."""
-
-    ready: bool
-    checks: dict[str, bool]
+def instance_file(session: Session, sop_instance_uid: str) -> str | None:
+    """The file path (under the data dir) of a received instance, or None."""
+    return session.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid))

@@ -22,6 +22,7 @@ import logging
 import random
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,46 @@ log = logging.getLogger("dxnode.train")
 # Defaults that depend on where training starts (docs/training.md says why).
 SCRATCH: dict[str, Any] = {"lr": 1e-3, "batch_size": 16}
 IMAGENET: dict[str, Any] = {"lr": 3e-4, "batch_size": 32}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What `dxnode train` was asked to do (its options; add_train_arguments documents each).
+    batch_size and lr of None take the default of where training starts (SCRATCH or IMAGENET)."""
+
+    data: Path
+    out: Path
+    images: Path | None = None
+    name: str = ""
+    version: str = "1.0.0"
+    epochs: int = 20
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    loss: str = "bce"
+    input_size: int = 224
+    resize: str = "letterbox"
+    freeze_epochs: int = 0
+    patience: int = 5
+    threshold_rule: str = "youden"
+    target_sensitivity: float = 0.9
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    hflip: bool = False
+    no_augment: bool = False
+    imagenet_weights: Path | None = None
+    seed: int = 0
+    workers: int = 0
+    device: str = ""
+    resume: bool = False
+    intended_modalities: str | None = None
+    intended_body_parts: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainOptions:
+        """The options of a parsed `dxnode train` command line."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -217,7 +258,7 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     return net, f"imagenet:{weights.name}"
 
 
-def run_train(args: argparse.Namespace, settings: Settings) -> Path:
+def run_train(opts: TrainOptions, settings: Settings) -> Path:
     """Train and write the bundle; returns its folder."""
     import numpy as np
     import torch
@@ -228,15 +269,15 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
     from dxnode.model import choose_device, imagenet_weights_path, probabilities, write_bundle
     from dxnode.pipeline import Preprocessing
 
-    seed_everything(args.seed)
-    out: Path = args.out
+    seed_everything(opts.seed)
+    out: Path = opts.out
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    table = read_table(args.data, args.images)
+    table = read_table(opts.data, opts.images)
     for line in table.unreadable:
         print(f"left out {line}", file=sys.stderr)
     splits = split_by_patient(
-        table.samples, (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction), args.seed
+        table.samples, (1 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction), opts.seed
     )
     if not splits["train"] or not splits["val"]:
         raise ValueError(f"not enough patients to split: train {len(splits['train'])}, val {len(splits['val'])} images")
@@ -247,17 +288,18 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
             w.writerows([str(s.path.resolve()), s.patient_id, name] for s in items)
     labels, task = table.labels, table.task
     intended_use, said = intended_use_of(
-        table.samples, args.intended_modalities, args.intended_body_parts, table.format
+        table.samples, opts.intended_modalities, opts.intended_body_parts, table.format
     )
     print(said, file=sys.stderr)
-    prep = Preprocessing(input_size=args.input_size, resize=args.resize)  # ImageNet mean/std, as the backbone expects
-    device = choose_device(args.device or settings.model.device)
-    weights_file = args.imagenet_weights or imagenet_weights_path(settings.model)
+    prep = Preprocessing(input_size=opts.input_size, resize=opts.resize)  # ImageNet mean/std, as the backbone expects
+    device = choose_device(opts.device or settings.model.device)
+    weights_file = opts.imagenet_weights or imagenet_weights_path(settings.model)
     net, start = initial_network(len(labels), weights_file)
     net.to(device)
-    for key, value in (SCRATCH if start == "scratch" else IMAGENET).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    defaults = SCRATCH if start == "scratch" else IMAGENET
+    lr: float = defaults["lr"] if opts.lr is None else opts.lr
+    batch_size: int = defaults["batch_size"] if opts.batch_size is None else opts.batch_size
+    opts = replace(opts, lr=lr, batch_size=batch_size)  # the manifest records the values used
 
     y_train = np.asarray([s.labels for s in splits["train"]], dtype=np.float64)
     pos = y_train.sum(axis=0)
@@ -269,31 +311,31 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
 
         def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
-    elif args.loss == "focal":
+    elif opts.loss == "focal":
         loss_fn = focal_loss
     else:
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    augment = None if args.no_augment else Augment(hflip=args.hflip)
-    train_ds = TorchDataset(splits["train"], settings.pipeline, prep, augment, args.seed)
-    val_ds = TorchDataset(splits["val"], settings.pipeline, prep, None, args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    augment = None if opts.no_augment else Augment(hflip=opts.hflip)
+    train_ds = TorchDataset(splits["train"], settings.pipeline, prep, augment, opts.seed)
+    val_ds = TorchDataset(splits["val"], settings.pipeline, prep, None, opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
     train_dl = torch.utils.data.DataLoader(
         train_ds,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         shuffle=True,
-        num_workers=args.workers,
+        num_workers=opts.workers,
         collate_fn=collate,
         generator=gen,
         # A last batch of one or two images gives BatchNorm statistics of a couple of values.
-        drop_last=len(train_ds) > args.batch_size,
+        drop_last=len(train_ds) > batch_size,
     )
     val_dl = torch.utils.data.DataLoader(
-        val_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate
+        val_ds, batch_size=batch_size, shuffle=False, num_workers=opts.workers, collate_fn=collate
     )
-    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
+    opt_cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(net.parameters(), lr=lr, weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, opts.epochs))
     state: dict[str, Any] = {
         "epoch": -1,
         "best_loss": float("inf"),
@@ -303,7 +345,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
         "stale": 0,
     }
     last = ckpt_dir / "last.pt"
-    if args.resume:
+    if opts.resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}")
         ck = torch.load(last, map_location="cpu", weights_only=False)
@@ -343,16 +385,16 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
         y_all = np.concatenate(ys)
         return y_all, np.concatenate(ps), loss_sum / len(y_all)
 
-    for epoch in range(state["epoch"] + 1, args.epochs):
+    for epoch in range(state["epoch"] + 1, opts.epochs):
         train_ds.epoch = epoch
-        frozen = epoch < args.freeze_epochs
+        frozen = epoch < opts.freeze_epochs
         for name, p in net.named_parameters():
             p.requires_grad = (not frozen) or name.startswith("fc.")
         net.train()
         total, count = 0.0, 0
         bar = tqdm(
             train_dl,
-            desc=f"epoch {epoch + 1}/{args.epochs}" + (" (fc only)" if frozen else ""),
+            desc=f"epoch {epoch + 1}/{opts.epochs}" + (" (fc only)" if frozen else ""),
             file=sys.stderr,
             leave=False,
         )
@@ -375,7 +417,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
             {"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss, "val_mean_auroc": mean_auc}
         )
         print(
-            f"epoch {epoch + 1}/{args.epochs}  loss {total / max(count, 1):.4f}  val loss {val_loss:.4f}"
+            f"epoch {epoch + 1}/{opts.epochs}  loss {total / max(count, 1):.4f}  val loss {val_loss:.4f}"
             f"  val mean AUROC {mean_auc:.4f}",
             file=sys.stderr,
         )
@@ -399,28 +441,26 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
             tmp,
         )
         tmp.replace(last)
-        if state["stale"] >= args.patience:
-            print(f"early stop: no lower validation loss for {args.patience} epochs", file=sys.stderr)
+        if state["stale"] >= opts.patience:
+            print(f"early stop: no lower validation loss for {opts.patience} epochs", file=sys.stderr)
             break
 
     net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True))
     y_val, p_val, _ = validate()
     if task == "multiclass":
         thresholds = [0.0] * len(labels)
-    elif args.threshold_rule == "sensitivity":
+    elif opts.threshold_rule == "sensitivity":
         thresholds = [
-            sensitivity_threshold(y_val[:, j], p_val[:, j], args.target_sensitivity) for j in range(len(labels))
+            sensitivity_threshold(y_val[:, j], p_val[:, j], opts.target_sensitivity) for j in range(len(labels))
         ]
     else:
         thresholds = [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(len(labels))]
-    metrics = compute_metrics(y_val, p_val, labels, thresholds, args.seed, task=task)
+    metrics = compute_metrics(y_val, p_val, labels, thresholds, opts.seed, task=task)
     metrics["split"] = "val"
-    params = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "parser_hook")
-    }
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     extra = {
         "training": {
-            "data": str(args.data),
+            "data": str(opts.data),
             "data_sha256": table.sha256,
             "format": table.format,
             "start": start,
@@ -428,20 +468,20 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
             "split_sizes": {k: len(v) for k, v in splits.items()},
             "best_epoch": state["best_epoch"] + 1,
             "history": state["history"],
-            "threshold_rule": args.threshold_rule if task == "multilabel" else "argmax",
+            "threshold_rule": opts.threshold_rule if task == "multilabel" else "argmax",
         },
         "validation": {"mean_auroc": metrics["mean_auroc"]},
     }
     write_bundle(
         out,
         net.cpu().state_dict(),
-        name=args.name or out.name,
-        version=args.version,
+        name=opts.name or out.name,
+        version=opts.version,
         labels=labels,
         task=task,
         thresholds=thresholds,
         preprocessing=prep,
-        description=f"ResNet-18 fine-tuned by dxnode train on {args.data.name}",
+        description=f"ResNet-18 fine-tuned by dxnode train on {opts.data.name}",
         extra=extra,
         intended_use=intended_use,
     )
@@ -449,7 +489,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> Path:
 
     export_bundle(out)  # model.onnx for the ONNX Runtime engine
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    roc_plot(y_val, p_val, labels, out / "roc.png", f"{args.name or out.name} {args.version} (validation)")
+    roc_plot(y_val, p_val, labels, out / "roc.png", f"{opts.name or out.name} {opts.version} (validation)")
     curves_plot(state["history"], out / "curves.png")
     return out
 

@@ -224,6 +224,15 @@ def requeue_study(
     return job_id
 
 
+def set_study_ignored(session: Session, study_instance_uid: str, ignored: bool, actor: str, source: str = "") -> None:
+    """Mark a study ignored (never queued) or not, audited; LookupError if it is unknown."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        raise LookupError(f"no study with Study Instance UID {study_instance_uid!r}")
+    study.ignored = ignored
+    audit(session, actor, "study.ignore" if ignored else "study.unignore", target=study_instance_uid, source=source)
+
+
 def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> int:
     """Run a job's study again. A failed or skipped job goes back to the queue (attempts reset);
     a done job keeps its results visible and a new job is queued for the study. Returns the queued job's id."""

@@ -235,3 +235,29 @@ def test_predict_folder_analyses_its_dicom_files(tmp_path: Path) -> None:
     out = dxnode("predict", str(empty), "--model", "demo")
     assert out.returncode == 1
     assert one_line(out.stderr) == f"dxnode predict: {empty}: a folder with no DICOM, PNG or JPEG file"
+
+
+def test_list_tables_show_fields_of_their_response_models() -> None:
+    from dxnode.schemas import DeliveryOut, JobOut, ResultOut, StudyOut, TableRow
+
+    for model in (StudyOut, JobOut, ResultOut, DeliveryOut):
+        assert model.table_columns and set(model.table_columns) <= set(model.model_fields)
+    with pytest.raises(TypeError, match="names no field"):
+
+        class Broken(TableRow):
+            table_columns = ("nope",)
+            id: int
+
+
+def test_train_options_hold_every_train_option() -> None:
+    import dataclasses
+
+    from dxnode.train import TrainOptions
+
+    args = build_parser().parse_args(["train", "--data", "d.csv", "--out", "b", "--loss", "focal"])
+    opts = TrainOptions.from_args(args)
+    assert (opts.data, opts.out, opts.loss, opts.lr, opts.batch_size) == (Path("d.csv"), Path("b"), "focal", None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.lr = 1.0  # type: ignore[misc]
+    given = set(vars(args)) - {"command", "config", "log_level", "handler"}
+    assert given == {f.name for f in dataclasses.fields(TrainOptions)}  # no option is dropped on the way

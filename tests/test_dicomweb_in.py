@@ -24,6 +24,7 @@ from dxnode.dicomweb import FAILED_SOP_SEQUENCE, FAILURE_REASON, REFERENCED_SOP_
 from dxnode.store import Audit, Instance, Job, Study, utcnow
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
+from dxnode.web.services import services_of
 
 STORER = "store-token-0123456789"
 
@@ -126,7 +127,7 @@ def test_a_stow_request_is_activity_for_the_stable_study_sweep(node: WebNode, tm
     body, ctype = multipart_body([p.read_bytes() for p in paths])
     before = utcnow()
     assert node.post(body, ctype).status_code == 200
-    activity = node.app.state.stow_scp.activity
+    activity = services_of(node.app).receiver().activity
     assert study_uid not in activity.busy_studies()
     released = activity.released_at()[study_uid]
     assert released >= before and set(node.instances()) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
@@ -247,3 +248,39 @@ def test_a_large_body_is_spooled_to_disk_not_held_in_memory(tmp_path: Path) -> N
     finally:
         n.server.stop()
         n.store.dispose()
+
+
+def test_an_unexpected_storing_error_is_logged_once_and_the_client_gets_no_exception_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dxnode.scp import OUT_OF_RESOURCES, StorageSCP
+
+    class Failing(StorageSCP):
+        """A receiver with a bug: its storing path raises an exception no handler expects."""
+
+        def store_received(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("secret detail /srv/dxnode/internal")
+
+    settings = node_settings(tmp_path)
+    settings.web.tokens.append(type(settings.web.tokens[0])(name="pacs", token=STORER, role="store"))
+    store = make_store(settings)
+    server = WebServer(create_app(settings, store, scp=Failing(settings, store)), "127.0.0.1", 0)
+    server.start()
+    try:
+        _, paths = files(tmp_path / "study", n=1)
+        body, ctype = multipart_body([paths[0].read_bytes()])
+        with caplog.at_level("WARNING", logger="dxnode.stow"):
+            r = httpx.post(
+                f"http://127.0.0.1:{server.port}/dicomweb/studies",
+                content=body,
+                headers={"Content-Type": ctype, "Authorization": f"Bearer {STORER}"},
+                timeout=60,
+            )
+        assert r.status_code == 409 and [reason for _, reason in failures(r)] == [OUT_OF_RESOURCES]
+        assert "secret detail" not in r.text
+        logged = [rec for rec in caplog.records if rec.exc_info and "secret detail" in str(rec.exc_info[1])]
+        assert len(logged) == 1  # once, with the reason
+        assert not any("secret detail" in rec.getMessage() for rec in caplog.records)
+    finally:
+        server.stop()
+        store.dispose()

@@ -27,6 +27,7 @@ from dxnode.queries import spreadsheet_safe
 from dxnode.store import Audit, Store, Study, WebSession
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
+from dxnode.web.services import services_of
 
 H_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 H_READ = {"Authorization": f"Bearer {READER}"}
@@ -182,7 +183,7 @@ def test_wrong_tokens_are_throttled_per_address_with_a_growing_delay(node) -> No
     settings, store, _ = node
     app = create_app(with_web(settings, login_free_attempts=3, login_delay_s=10, login_max_delay_s=25), store)
     now = [1000.0]
-    app.state.login_throttle.clock = lambda: now[0]  # the throttle's clock, moved by hand
+    services_of(app).login_throttle.clock = lambda: now[0]  # the throttle's clock, moved by hand
     client = TestClient(app, headers=BROWSER)
     throttled_before = len(audits(store, "web.login_throttled"))
     for _ in range(3):

@@ -14,39 +14,26 @@ import logging
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from dxnode.config import Settings
 from dxnode.metrics import exposition
 from dxnode.queries import (
-    DeliveryOut,
-    Health,
     JobFilter,
-    JobOut,
-    JobQueued,
-    JobRequeued,
-    ModelInfo,
-    ReadyOut,
-    Requeued,
     ResultFilter,
-    ResultOut,
-    StudyDetail,
     StudyFilter,
-    StudyIgnored,
-    StudyOut,
-    UploadPrediction,
+    heatmap_file,
+    instance_file,
     list_deliveries,
     list_jobs,
     list_results,
@@ -54,13 +41,32 @@ from dxnode.queries import (
     results_csv,
     study_detail,
 )
+from dxnode.schemas import (
+    DeliveryOut,
+    Health,
+    JobOut,
+    JobQueued,
+    JobRequeued,
+    ModelInfo,
+    ReadyOut,
+    Requeued,
+    ResultOut,
+    StudyDetail,
+    StudyIgnored,
+    StudyOut,
+    UploadPrediction,
+)
 from dxnode.states import DeliveryState, JobState
-from dxnode.store import Instance, Output, Store, Study, audit
+from dxnode.store import Store, audit
 from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
+from dxnode.web.services import Readiness, Svc, WebServices, attach, given_receiver, own_receiver
 from dxnode.web.stow import stow_router
+
+if TYPE_CHECKING:
+    from dxnode.scp import StorageSCP
 
 log = logging.getLogger("dxnode.web")
 
@@ -72,12 +78,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "Invalid parameters"},
     429: {"description": "Too many wrong tokens from this address (see Retry-After)"},
 }
-Readiness = Callable[[], dict[str, bool]]
 
 
-def _audit(request: Request, who: Principal, action: str, target: str = "", **detail: Any) -> None:
-    store: Store = request.app.state.store
-    with store.session() as session:
+def _audit(svc: WebServices, who: Principal, action: str, target: str = "", **detail: Any) -> None:
+    with svc.store.session() as session:
         audit(session, who.name, action, target=target, source=who.address, **detail)
 
 
@@ -103,7 +107,7 @@ def api_router() -> APIRouter:
 
     @r.get("/studies", summary="Received studies, most recent first")
     def studies(
-        request: Request,
+        svc: Svc,
         who: Principal = Depends(require_read),
         patient_id: str | None = None,
         accession_number: str | None = None,
@@ -114,28 +118,28 @@ def api_router() -> APIRouter:
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10**9),
     ) -> list[StudyOut]:
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             rows = list_studies(
                 s, StudyFilter(patient_id, accession_number, date_from, date_to, modality, calling_aet, limit, offset)
             )
-        _audit(request, who, "api.studies.read", rows=len(rows))
+        _audit(svc, who, "api.studies.read", rows=len(rows))
         return rows
 
     @r.get("/studies/{study_instance_uid}", summary="One study with its series, jobs, findings, outputs and deliveries")
-    def study(request: Request, study_instance_uid: str, who: Principal = Depends(require_read)) -> StudyDetail:
-        with request.app.state.store.session() as s:
-            detail = study_detail(s, study_instance_uid, request.app.state.settings.destinations)
+    def study(svc: Svc, study_instance_uid: str, who: Principal = Depends(require_read)) -> StudyDetail:
+        with svc.store.session() as s:
+            detail = study_detail(s, study_instance_uid, svc.settings.destinations)
         if detail is None:
             raise HTTPException(404, "no such study")
-        _audit(request, who, "api.study.read", target=study_instance_uid)
+        _audit(svc, who, "api.study.read", target=study_instance_uid)
         return detail
 
     @r.post("/studies/{study_instance_uid}/requeue", summary="Queue the study's analysis again (admin)")
-    def requeue(request: Request, study_instance_uid: str, who: Principal = Depends(require_admin)) -> JobQueued:
+    def requeue(svc: Svc, study_instance_uid: str, who: Principal = Depends(require_admin)) -> JobQueued:
         from dxnode.worklist import requeue_study
 
         try:
-            with request.app.state.store.session() as s:
+            with svc.store.session() as s:
                 job_id = requeue_study(s, study_instance_uid, actor=who.name, source=who.address)
         except LookupError:
             raise HTTPException(404, "no such study") from None
@@ -143,34 +147,29 @@ def api_router() -> APIRouter:
 
     @r.post("/studies/{study_instance_uid}/ignore", summary="Mark a study to be ignored (admin)")
     def ignore(
-        request: Request, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True
+        svc: Svc, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True
     ) -> StudyIgnored:
-        with request.app.state.store.session() as s:
-            study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
-            if study is None:
-                raise HTTPException(404, "no such study")
-            study.ignored = ignored
-            audit(
-                s,
-                who.name,
-                "study.ignore" if ignored else "study.unignore",
-                target=study_instance_uid,
-                source=who.address,
-            )
+        from dxnode.worklist import set_study_ignored
+
+        try:
+            with svc.store.session() as s:
+                set_study_ignored(s, study_instance_uid, ignored, actor=who.name, source=who.address)
+        except LookupError:
+            raise HTTPException(404, "no such study") from None
         return StudyIgnored(study_instance_uid=study_instance_uid, ignored=ignored)
 
     @r.get("/jobs", summary="Jobs, newest first")
     def jobs(
-        request: Request,
+        svc: Svc,
         who: Principal = Depends(require_read),
         state: JobState | None = None,
         since: IsoDate | None = Query(None, description="created on or after, YYYY-MM-DD (UTC)"),
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10**9),
     ) -> list[JobOut]:
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             rows = list_jobs(s, JobFilter(state=state, since=_day(since), limit=limit, offset=offset))
-        _audit(request, who, "api.jobs.read", rows=len(rows))  # jobs name their study
+        _audit(svc, who, "api.jobs.read", rows=len(rows))  # jobs name their study
         return rows
 
     @r.post(
@@ -178,11 +177,11 @@ def api_router() -> APIRouter:
         summary="Re-queue a job (admin)",
         responses={409: {"description": "The job cannot be re-queued now (e.g. it is queued or running)"}},
     )
-    def requeue_job(request: Request, job_id: RowId, who: Principal = Depends(require_admin)) -> JobRequeued:
+    def requeue_job(svc: Svc, job_id: RowId, who: Principal = Depends(require_admin)) -> JobRequeued:
         from dxnode.worklist import requeue_job as do_requeue
 
         try:
-            with request.app.state.store.session() as s:
+            with svc.store.session() as s:
                 queued = do_requeue(s, job_id, actor=who.name, source=who.address)
         except LookupError:
             raise HTTPException(404, "no such job") from None
@@ -218,11 +217,11 @@ def api_router() -> APIRouter:
 
     @r.get("/results", summary="Study-level findings (the newest done job of each study unless include_superseded)")
     def results(
-        request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
+        svc: Svc, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
     ) -> list[ResultOut]:
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             rows = list_results(s, f)
-        _audit(request, who, "api.results.read", rows=len(rows))
+        _audit(svc, who, "api.results.read", rows=len(rows))
         return rows
 
     @r.get(
@@ -232,11 +231,11 @@ def api_router() -> APIRouter:
         responses={200: {"content": {"text/csv": {}}}},
     )
     def results_as_csv(
-        request: Request, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
+        svc: Svc, f: ResultFilter = Depends(result_filter), who: Principal = Depends(require_read)
     ) -> Response:
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             rows = list_results(s, f)
-        _audit(request, who, "api.results.export", rows=len(rows))
+        _audit(svc, who, "api.results.export", rows=len(rows))
         return Response(
             results_csv(rows),
             media_type="text/csv",
@@ -245,33 +244,31 @@ def api_router() -> APIRouter:
 
     @r.get("/outbox", summary="Deliveries of outputs to destinations")
     def outbox(
-        request: Request,
+        svc: Svc,
         who: Principal = Depends(require_read),
         state: DeliveryState | None = None,
         destination: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10**9),
     ) -> list[DeliveryOut]:
-        with request.app.state.store.session() as s:
-            rows = list_deliveries(
-                s, state, destination, limit, offset, destinations=request.app.state.settings.destinations
-            )
-        _audit(request, who, "api.outbox.read", rows=len(rows))
+        with svc.store.session() as s:
+            rows = list_deliveries(s, state, destination, limit, offset, destinations=svc.settings.destinations)
+        _audit(svc, who, "api.outbox.read", rows=len(rows))
         return rows
 
     @r.post("/outbox/{delivery_id}/resend", summary="Re-send a delivery (admin)")
-    def resend(request: Request, delivery_id: RowId, who: Principal = Depends(require_admin)) -> Requeued:
+    def resend(svc: Svc, delivery_id: RowId, who: Principal = Depends(require_admin)) -> Requeued:
         from dxnode.dispatch import resend as do_resend
 
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             n = do_resend(s, str(delivery_id), actor=who.name, source=who.address)
         if not n:
             raise HTTPException(404, "no such delivery")
         return Requeued(requeued=n)
 
     @r.get("/model", summary="The served model's manifest")
-    def model(request: Request, who: Principal = Depends(require_read)) -> ModelInfo:
-        clf = request.app.state.classifier()
+    def model(svc: Svc, who: Principal = Depends(require_read)) -> ModelInfo:
+        clf = svc.model()
         m = clf.manifest
         extra = {"label_count": len(m.labels), "engine": clf.engine.name, "engine_reason": clf.engine_reason}
         return ModelInfo.model_validate(m.to_dict() | extra)
@@ -282,13 +279,14 @@ def api_router() -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}},
     )
-    def output_image(request: Request, output_id: RowId, who: Principal = Depends(require_read)) -> Response:
-        with request.app.state.store.session() as s:
-            out = s.get(Output, output_id)
-        if out is None or out.kind != "sc":
+    def output_image(svc: Svc, output_id: RowId, who: Principal = Depends(require_read)) -> Response:
+        with svc.store.session() as s:
+            found = heatmap_file(s, output_id)
+        if found is None:
             raise HTTPException(404, "no such heatmap")
-        _audit(request, who, "api.output.image", target=out.sop_instance_uid)
-        return Response(output_png(request.app.state.settings.data_dir / out.file_path), media_type="image/png")
+        sop_instance_uid, file_path = found
+        _audit(svc, who, "api.output.image", target=sop_instance_uid)
+        return Response(output_png(svc.settings.data_dir / file_path), media_type="image/png")
 
     @r.get(
         "/instances/{sop_instance_uid}.png",
@@ -296,23 +294,23 @@ def api_router() -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}},
     )
-    def instance_image(request: Request, sop_instance_uid: str, who: Principal = Depends(require_read)) -> Response:
+    def instance_image(svc: Svc, sop_instance_uid: str, who: Principal = Depends(require_read)) -> Response:
         from dxnode.pipeline import PipelineError, read_frames
 
-        with request.app.state.store.session() as s:
-            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-        if inst is None:
+        with svc.store.session() as s:
+            file_path = instance_file(s, sop_instance_uid)
+        if file_path is None:
             raise HTTPException(404, "no such instance")
-        settings: Settings = request.app.state.settings
+        settings = svc.settings
         try:
             frame = read_frames(
-                settings.data_dir / inst.file_path,
+                settings.data_dir / file_path,
                 settings.pipeline,
-                request.app.state.classifier().manifest.preprocessing,
+                svc.model().manifest.preprocessing,
             )[0]
         except PipelineError as exc:
             raise HTTPException(422, str(exc)) from None
-        _audit(request, who, "api.instance.image", target=sop_instance_uid)
+        _audit(svc, who, "api.instance.image", target=sop_instance_uid)
         return Response(png_bytes(frame.display), media_type="image/png")
 
     @r.post(
@@ -321,44 +319,44 @@ def api_router() -> APIRouter:
         responses={413: {"description": "Too large"}, 415: {"description": "Not an image"}},
     )
     async def predict(
-        request: Request, file: UploadFile, who: Principal = Depends(require_read), top_k: int = Query(3, ge=1, le=20)
+        svc: Svc, file: UploadFile, who: Principal = Depends(require_read), top_k: int = Query(3, ge=1, le=20)
     ) -> UploadPrediction:
-        return await predict_upload(request, file, who, top_k)
+        return await predict_upload(svc, file, who, top_k)
 
     return r
 
 
-async def predict_upload(request: Request, file: UploadFile, who: Principal, top_k: int) -> UploadPrediction:
+async def predict_upload(svc: Svc, file: UploadFile, who: Principal, top_k: int) -> UploadPrediction:
     """Run the model on an upload; the file is deleted afterwards unless [web] keep_uploads.
 
     Decoding and inference run on a worker thread, so the event loop keeps answering other requests."""
-    settings: Settings = request.app.state.settings
+    settings = svc.settings
     limit = int(settings.web.max_upload_mb * 1024 * 1024)
     data = await file.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}")
     if not data:
         raise HTTPException(422, "empty file")
-    return await run_in_threadpool(_predict_bytes, request, data, file.filename or "", who, top_k)
+    return await run_in_threadpool(_predict_bytes, svc, data, file.filename or "", who, top_k)
 
 
-def _predict_bytes(request: Request, data: bytes, filename: str, who: Principal, top_k: int) -> UploadPrediction:
+def _predict_bytes(svc: Svc, data: bytes, filename: str, who: Principal, top_k: int) -> UploadPrediction:
     """The blocking part of predict_upload: write, decode, infer, audit, encode the PNGs."""
     from dxnode.model import predict_file
 
-    settings: Settings = request.app.state.settings
+    settings = svc.settings
     keep = settings.web.keep_uploads
     folder = settings.data_dir / "uploads" if keep else Path(tempfile.mkdtemp(prefix="dxnode-upload-"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{secrets.token_hex(8)}.upload"
     path.write_bytes(data)
     try:
-        pred = predict_file(path, request.app.state.classifier(), settings, top_k=top_k)
+        pred = predict_file(path, svc.model(), settings, top_k=top_k)
     finally:
         if not keep:
             path.unlink(missing_ok=True)
             folder.rmdir()
-    _audit(request, who, "api.predict", filename=filename[:100], error=pred.error or "")
+    _audit(svc, who, "api.predict", filename=filename[:100], error=pred.error or "")
     if pred.error:
         code = (
             415 if pred.error.startswith(("not a readable", "not an image", "no pixel data", "no such file")) else 422
@@ -385,7 +383,7 @@ def metrics_text(store: Store, multiproc_dir: Path | None = None) -> bytes:
     return exposition(store, multiproc_dir)
 
 
-def health_routes(app: FastAPI, store: Store, readiness: Readiness | None) -> None:
+def health_routes(app: FastAPI) -> None:
     """/healthz, /readyz and /metrics.
 
     /healthz and /readyz need no token: load balancers and systemd probes call them without one, and
@@ -403,8 +401,8 @@ def health_routes(app: FastAPI, store: Store, readiness: Readiness | None) -> No
         response_model=ReadyOut,
         responses={503: {"description": "Not ready", "model": ReadyOut}},
     )
-    def readyz() -> JSONResponse:
-        checks = readiness() if readiness else {"database": store.ping()}
+    def readyz(svc: Svc) -> JSONResponse:
+        checks = svc.readiness() if svc.readiness else {"database": svc.store.ping()}
         body = ReadyOut(ready=all(checks.values()), checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
@@ -414,11 +412,11 @@ def health_routes(app: FastAPI, store: Store, readiness: Readiness | None) -> No
         response_class=PlainTextResponse,
         responses={401: ERRORS[401], 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
     )
-    def metrics(request: Request, who: Principal = Depends(require_read)) -> Response:
-        return Response(metrics_text(store, request.app.state.metrics_dir), media_type=CONTENT_TYPE_LATEST)
+    def metrics(svc: Svc, who: Principal = Depends(require_read)) -> Response:
+        return Response(metrics_text(svc.store, svc.metrics_dir), media_type=CONTENT_TYPE_LATEST)
 
 
-def _base_app(settings: Settings, store: Store, title: str, metrics_dir: Path | None) -> FastAPI:
+def _base_app(svc: WebServices, title: str) -> FastAPI:
     app = FastAPI(
         title=title,
         version=__import__("dxnode").__version__,
@@ -427,8 +425,7 @@ def _base_app(settings: Settings, store: Store, title: str, metrics_dir: Path | 
         redoc_url=None,
         openapi_url=None,
     )  # served below, behind a token (no CDN-based UI: nodes run offline)
-    app.state.settings, app.state.store, app.state.metrics_dir = settings, store, metrics_dir
-    app.state.login_throttle = LoginThrottle.from_settings(settings.web)
+    attach(app, svc)
     return app
 
 
@@ -436,21 +433,35 @@ def create_metrics_app(
     settings: Settings, store: Store, readiness: Readiness | None = None, metrics_dir: Path | None = None
 ) -> FastAPI:
     """What a `dxnode worker` serves: /healthz, /readyz and /metrics only (same tokens as the node)."""
-    app = _base_app(settings, store, "dxnode worker", metrics_dir)
+    svc = WebServices(settings, store, LoginThrottle.from_settings(settings.web), readiness, metrics_dir)
+    app = _base_app(svc, "dxnode worker")
     app.add_middleware(SecurityHeaders)
-    health_routes(app, store, readiness)
+    health_routes(app)
     return app
 
 
 def create_app(
-    settings: Settings, store: Store, readiness: Readiness | None = None, metrics_dir: Path | None = None
+    settings: Settings,
+    store: Store,
+    readiness: Readiness | None = None,
+    metrics_dir: Path | None = None,
+    scp: StorageSCP | None = None,
 ) -> FastAPI:
-    """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any)."""
+    """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any;
+    scp: the node's SCP, that STOW-RS parts are stored by; default: one made on first use)."""
     from dxnode.model import load_classifier
 
-    app = _base_app(settings, store, "dxnode", metrics_dir)
+    svc = WebServices(
+        settings,
+        store,
+        LoginThrottle.from_settings(settings.web),
+        readiness,
+        metrics_dir,
+        classifier=lambda: load_classifier(settings.model, data_dir=settings.data_dir),
+        stow_receiver=own_receiver(settings, store) if scp is None else given_receiver(scp),
+    )
+    app = _base_app(svc, "dxnode")
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    app.state.classifier = lambda: load_classifier(settings.model, data_dir=settings.data_dir)
     form = BodyRule(64 * 1024, "form larger than 64 KiB")
     upload = BodyRule(
         int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
@@ -471,7 +482,7 @@ def create_app(
     )
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, the guards' refusals included
 
-    health_routes(app, store, readiness)
+    health_routes(app)
     app.include_router(api_router())
     app.include_router(stow_router())
     app.include_router(pages_router())

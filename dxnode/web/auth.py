@@ -25,6 +25,7 @@ from sqlalchemy import delete, select
 
 from dxnode.config import WebSettings, WebToken
 from dxnode.store import Store, WebSession, audit, utcnow
+from dxnode.web.services import services
 
 THROTTLE_WINDOW_S = 3600
 T = TypeVar("T")  # failures older than this no longer count
@@ -99,10 +100,11 @@ def check_token(request: Request, presented: str, actor: str, throttled: str, fa
     """The configured token presented by the caller, or None (audited as `failed`); raises 429 (audited
     as `throttled`) while the caller's address must wait after too many wrong tokens."""
     address = client_address(request)
-    tokens: list[WebToken] = request.app.state.settings.web.tokens
-    t, wait = request.app.state.login_throttle.attempt(address, lambda: find_token(tokens, presented))
+    svc = services(request)
+    tokens = svc.settings.web.tokens
+    t, wait = svc.login_throttle.attempt(address, lambda: find_token(tokens, presented))
     if wait > 0:
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             audit(s, actor, throttled, source=address, retry_after_s=round(wait, 1))
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -110,7 +112,7 @@ def check_token(request: Request, presented: str, actor: str, throttled: str, fa
             headers={"Retry-After": str(max(1, round(wait)))},
         )
     if t is None:
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             audit(s, actor, failed, source=address)
     return t
 
@@ -130,7 +132,8 @@ def principal(request: Request) -> Principal | None:
     A wrong bearer token counts as a failed attempt of its address; while that address is throttled
     any bearer token gets 429 without being looked at.
     """
-    tokens: list[WebToken] = request.app.state.settings.web.tokens
+    svc = services(request)
+    tokens = svc.settings.web.tokens
     address = client_address(request)
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
@@ -139,7 +142,7 @@ def principal(request: Request) -> Principal | None:
     key = request.session.get("sid") if "session" in request.scope else None
     if not isinstance(key, str) or not key:
         return None
-    with request.app.state.store.session() as s:
+    with svc.store.session() as s:
         row = s.scalar(
             select(WebSession).where(WebSession.key_hash == _key_hash(key), WebSession.expires_at > utcnow())
         )

@@ -10,12 +10,12 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select
 
-from dxnode.queries import ResultFilter, ResultOut, StudyFilter, list_results, list_studies, study_detail
-from dxnode.states import DeliveryState, JobState
-from dxnode.store import Delivery, Instance, Job, audit, utcnow
+from dxnode.queries import ResultFilter, StudyFilter, dashboard_counters, list_results, list_studies, study_detail
+from dxnode.schemas import ResultOut
+from dxnode.store import Store, audit
 from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
+from dxnode.web.services import Svc, services
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -51,40 +51,21 @@ def page_user(request: Request) -> Principal:
 
 
 def _context(request: Request, who: Principal, **extra: Any) -> dict[str, Any]:
-    clf = request.app.state.classifier()
+    clf = services(request).model()
     return {"request": request, "user": who, "model": clf.identity, "label_count": len(clf.manifest.labels), **extra}
 
 
-def dashboard_data(request: Request) -> dict[str, Any]:
+def dashboard_data(store: Store) -> dict[str, Any]:
     """Counters and recent studies with their top findings."""
-    store = request.app.state.store
-    midnight = dt.datetime.combine(utcnow().date(), dt.time(), tzinfo=dt.UTC)
     with store.session() as s:
-        received = s.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= midnight)) or 0
-        states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        backlog = (
-            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.PENDING)) or 0
-        )
-        failed_out = (
-            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
-        )
+        counters = dashboard_counters(s)
         studies: list[dict[str, Any]] = []
         for st in list_studies(s, StudyFilter(limit=25)):
             top = list_results(s, ResultFilter(study_instance_uid=st.study_instance_uid, limit=3))
             studies.append(
                 st.model_dump() | {"top": [r.model_dump(include={"label", "probability", "positive"}) for r in top]}
             )
-    return {
-        "counters": {
-            "received_today": received,
-            "queued": states.get(JobState.QUEUED, 0),
-            "running": states.get(JobState.RUNNING, 0),
-            "failed": states.get(JobState.FAILED, 0),
-            "outbox_backlog": backlog,
-            "outbox_failed": failed_out,
-        },
-        "studies": studies,
-    }
+    return {"counters": counters.model_dump(), "studies": studies}
 
 
 def page_result_filter(
@@ -121,15 +102,15 @@ def pages_router() -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
     @r.get("/login", response_class=HTMLResponse)
-    def login_form(request: Request, error: str = "") -> Response:
+    def login_form(request: Request, svc: Svc, error: str = "") -> Response:
         return TEMPLATES.TemplateResponse(
-            request, "login.html", {"error": error, "no_tokens": not request.app.state.settings.web.tokens}
+            request, "login.html", {"error": error, "no_tokens": not svc.settings.web.tokens}
         )
 
     @r.post("/login")
-    def login(request: Request, token: str = Form(...)) -> Response:
+    def login(request: Request, svc: Svc, token: str = Form(...)) -> Response:
         address = request.client.host if request.client else ""
-        store = request.app.state.store
+        store = svc.store
         try:
             t = check_token(request, token.strip(), "anonymous", "web.login_throttled", "web.login_failed")
         except HTTPException as refusal:
@@ -148,41 +129,43 @@ def pages_router() -> APIRouter:
             audit(s, t.name, "web.login", source=address)
         end_session(store, request.session.get("sid"))
         request.session.clear()  # a new key at each login (no session fixation)
-        request.session["sid"] = start_session(store, t, address, request.app.state.settings.web.session_hours)
+        request.session["sid"] = start_session(store, t, address, svc.settings.web.session_hours)
         return RedirectResponse("/", status_code=303)
 
     @r.post("/logout")
-    def logout(request: Request) -> Response:
+    def logout(request: Request, svc: Svc) -> Response:
         who = principal(request)
-        end_session(request.app.state.store, request.session.get("sid"))
+        end_session(svc.store, request.session.get("sid"))
         if who is not None:
-            with request.app.state.store.session() as s:
+            with svc.store.session() as s:
                 audit(s, who.name, "web.logout", source=who.address)
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
     @r.get("/", response_class=HTMLResponse)
-    def dashboard(request: Request, who: Principal = Depends(page_user)) -> Response:
-        data = dashboard_data(request)
-        with request.app.state.store.session() as s:
+    def dashboard(request: Request, svc: Svc, who: Principal = Depends(page_user)) -> Response:
+        data = dashboard_data(svc.store)
+        with svc.store.session() as s:
             audit(s, who.name, "web.dashboard", source=who.address)
         return TEMPLATES.TemplateResponse(request, "dashboard.html", _context(request, who, **data))
 
     @r.get("/dashboard.json")
-    def dashboard_json(request: Request, who: Principal = Depends(page_user)) -> Response:
+    def dashboard_json(request: Request, svc: Svc, who: Principal = Depends(page_user)) -> Response:
         """The dashboard's live refresh. Opening the dashboard is the audited read; the 5-second
         polls that follow are not audited one by one (that would be 720 rows an hour per tab)."""
-        return JSONResponse(dashboard_data(request))
+        return JSONResponse(dashboard_data(svc.store))
 
     @r.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
-    def study_page(request: Request, study_instance_uid: str, who: Principal = Depends(page_user)) -> Response:
-        with request.app.state.store.session() as s:
-            detail = study_detail(s, study_instance_uid, request.app.state.settings.destinations)
+    def study_page(
+        request: Request, svc: Svc, study_instance_uid: str, who: Principal = Depends(page_user)
+    ) -> Response:
+        with svc.store.session() as s:
+            detail = study_detail(s, study_instance_uid, svc.settings.destinations)
         if detail is None:
             return TEMPLATES.TemplateResponse(
                 request, "message.html", _context(request, who, message="No such study."), status_code=404
             )
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             audit(s, who.name, "web.study", target=study_instance_uid, source=who.address)
         sr = next((o for o in detail.outputs if o.kind == "sr" and o.current), None)
         heatmaps = [o for o in detail.outputs if o.kind == "sc" and o.current]
@@ -194,6 +177,7 @@ def pages_router() -> APIRouter:
     @r.get("/results", response_class=HTMLResponse)
     def results_page(
         request: Request,
+        svc: Svc,
         who: Principal = Depends(page_user),
         label: str = "",
         min_prob: str = "",
@@ -205,7 +189,7 @@ def pages_router() -> APIRouter:
     ) -> Response:
         f, errors = page_result_filter(label, min_prob, positive, model_name, model_version, date_from, date_to)
         rows: list[ResultOut] = []
-        with request.app.state.store.session() as s:
+        with svc.store.session() as s:
             if not errors:
                 rows = list_results(s, f)
             audit(s, who.name, "web.results", source=who.address, rows=len(rows))
@@ -219,9 +203,9 @@ def pages_router() -> APIRouter:
         )
 
     @r.get("/upload", response_class=HTMLResponse)
-    def upload_page(request: Request, who: Principal = Depends(page_user)) -> Response:
+    def upload_page(request: Request, svc: Svc, who: Principal = Depends(page_user)) -> Response:
         return TEMPLATES.TemplateResponse(
-            request, "upload.html", _context(request, who, max_mb=request.app.state.settings.web.max_upload_mb)
+            request, "upload.html", _context(request, who, max_mb=svc.settings.web.max_upload_mb)
         )
 
     return r

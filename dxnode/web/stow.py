@@ -27,9 +27,10 @@ from starlette.concurrency import run_in_threadpool
 
 from dxnode.dicomweb import DICOM_JSON, FileBuffer, part_spans, response_body
 from dxnode.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StorageSCP, StoreRefused, parse_dataset
-from dxnode.store import Store, audit
+from dxnode.store import audit
 from dxnode.uids import is_valid_uid
 from dxnode.web.auth import Principal, principal
+from dxnode.web.services import services
 
 log = logging.getLogger("dxnode.stow")
 
@@ -112,9 +113,14 @@ def _store_part(
     except StoreRefused as exc:
         # A hostile UID is never echoed back.
         return cls if is_valid_uid(cls) else "", inst if is_valid_uid(inst) else "", exc.status, exc.comment
-    except Exception as exc:  # one bad part must not fail the others
-        log.exception("STOW-RS part failed: %s", exc)
-        return cls if is_valid_uid(cls) else "", inst if is_valid_uid(inst) else "", OUT_OF_RESOURCES, str(exc)
+    except Exception:  # one bad part must not fail the others; the client gets a fixed message, the log the reason
+        log.exception("STOW-RS part %s failed", inst if is_valid_uid(inst) else "(no valid SOP Instance UID)")
+        return (
+            cls if is_valid_uid(cls) else "",
+            inst if is_valid_uid(inst) else "",
+            OUT_OF_RESOURCES,
+            "the node could not store it (see its log)",
+        )
 
 
 def _store_all(request: Request, spool: BinaryIO, boundary: str, study: str | None, who: Principal) -> dict[str, Any]:
@@ -123,12 +129,8 @@ def _store_all(request: Request, spool: BinaryIO, boundary: str, study: str | No
     Its structure is checked whole first (a malformed body stores nothing), then each part is read
     from the file, stored and dropped in turn."""
     body = FileBuffer(spool.fileno())
-    settings = request.app.state.settings
-    store: Store = request.app.state.store
-    scp = getattr(request.app.state, "stow_scp", None)
-    if scp is None:  # the SCP's storing path, without its listeners
-        scp = request.app.state.stow_scp = StorageSCP(settings, store)
-        scp.incoming.mkdir(parents=True, exist_ok=True)
+    svc = services(request)
+    settings, store, scp = svc.settings, svc.store, svc.receiver()
     part_limit = int(settings.web.stow_max_part_mb * 1024 * 1024)
     stored: list[tuple[str, str, str]] = []
     failed: list[tuple[str, str, int]] = []
@@ -182,7 +184,7 @@ def stow_router() -> APIRouter:
         if study is not None and not is_valid_uid(study):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "the study in the path is not a valid UID")
         boundary = _boundary(request.headers.get("content-type", ""))
-        settings = request.app.state.settings
+        settings = services(request).settings
         incoming = settings.data_dir / "incoming"
         with await _spool_body(request, int(settings.web.stow_max_body_mb * 1024 * 1024), incoming) as spool:
             outcome = await run_in_threadpool(_store_all, request, spool, boundary, study, who)

@@ -1,0 +1,7 @@
+"""`python -m dxnode.cli`: the dxnode command."""
+
+import sys
+
+from dxnode.cli import main
+
+sys.exit(main())
