@@ -16,7 +16,7 @@ import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
@@ -61,6 +61,9 @@ from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
 from dxnode.web.stow import stow_router
+
+if TYPE_CHECKING:
+    from dxnode.model import ModelRegistry
 
 log = logging.getLogger("dxnode.web")
 
@@ -344,7 +347,7 @@ async def predict_upload(request: Request, file: UploadFile, who: Principal, top
 
 def _predict_bytes(request: Request, data: bytes, filename: str, who: Principal, top_k: int) -> UploadPrediction:
     """The blocking part of predict_upload: write, decode, infer, audit, encode the PNGs."""
-    from dxnode.model import predict_file
+    from dxnode.predict import predict_file
 
     settings: Settings = request.app.state.settings
     keep = settings.web.keep_uploads
@@ -443,14 +446,20 @@ def create_metrics_app(
 
 
 def create_app(
-    settings: Settings, store: Store, readiness: Readiness | None = None, metrics_dir: Path | None = None
+    settings: Settings,
+    store: Store,
+    readiness: Readiness | None = None,
+    metrics_dir: Path | None = None,
+    registry: ModelRegistry | None = None,
 ) -> FastAPI:
-    """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any)."""
-    from dxnode.model import load_classifier
+    """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any;
+    registry: the process's models, a new one when not given)."""
+    from dxnode.model import ModelRegistry
 
     app = _base_app(settings, store, "dxnode", metrics_dir)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    app.state.classifier = lambda: load_classifier(settings.model, data_dir=settings.data_dir)
+    models = registry or ModelRegistry()
+    app.state.classifier = lambda: models.get(settings.model, data_dir=settings.data_dir)
     form = BodyRule(64 * 1024, "form larger than 64 KiB")
     upload = BodyRule(
         int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
