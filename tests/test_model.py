@@ -170,6 +170,28 @@ def test_analyze_study_keeps_going_past_a_broken_instance(tmp_path: Path) -> Non
     assert result.heatmaps[0].cam.min() >= 0 and result.heatmaps[0].cam.max() <= 1
 
 
+def test_a_registry_loads_each_model_once_and_keeps_its_decoding_threads(tmp_path: Path) -> None:
+    from dxnode.streaming import analyze_study
+
+    bundle, _ = make_bundle(tmp_path / "b", size=32)
+    settings = ModelSettings(bundle=str(bundle), decode_threads=2)
+    registry = ModelRegistry()
+    clf = registry.get(settings)
+    assert registry.get(settings) is clf and ModelRegistry().get(settings) is not clf
+    pool = registry.decode_pool(2)
+    assert registry.decode_pool(2) is pool
+    study = [("1.1", Path(get_testdata_file("CT_small.dcm"))), ("1.2", Path(get_testdata_file("MR_small.dcm")))]
+    shared = analyze_study("1.2.3", study, clf, Settings(), pool=pool)
+    own = analyze_study("1.2.3", study, clf, Settings())  # threads of its own, stopped afterwards
+    assert [(f.label, f.probability, f.source_sop_instance_uid) for f in shared.findings] == [
+        (f.label, f.probability, f.source_sop_instance_uid) for f in own.findings
+    ]
+    registry.close()
+    with pytest.raises(RuntimeError):
+        pool.submit(print)
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "weights.pt"]  # no temporary file left
+
+
 def test_predict_cli_json_contract_and_per_file_errors(tmp_path: Path) -> None:
     bundle, _ = make_bundle(tmp_path / "b", size=32)
     not_image = tmp_path / "notes.txt"
