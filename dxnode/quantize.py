@@ -7,12 +7,18 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dxnode.bundle import BundleError, Manifest, load_manifest, load_network, require_torch, save_manifest, sha256_file
+from dxnode.config import Settings
+from dxnode.durable import durable_path
 from dxnode.engine import INPUT, ONNX_FILE, bundle_onnx, check_export, export_onnx, ort_session
+from dxnode.pipeline import PipelineError, Preprocessing, read_frames, to_tensor
+
+if TYPE_CHECKING:
+    from dxnode.dataset import Sample
 
 log = logging.getLogger("dxnode.engine")
 
@@ -45,19 +51,19 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="dxnode-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))  # shape inference and graph fusions, as ORT advises
-        out.parent.mkdir(parents=True, exist_ok=True)
-        quantize_static(
-            str(prepared),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-            extra_options={"CalibMaxIntermediateOutputs": 16},
-        )
+        with durable_path(out) as written:
+            quantize_static(
+                str(prepared),
+                str(written),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                extra_options={"CalibMaxIntermediateOutputs": 16},
+            )
     return {
         "method": "static",
         "format": "QDQ",
@@ -69,11 +75,10 @@ def quantize_onnx(
 
 
 def calibration_batches(
-    samples: list[Any], settings: Any, prep: Any, max_images: int, batch_size: int = 8
+    samples: list[Sample], settings: Settings, prep: Preprocessing, max_images: int, batch_size: int = 8
 ) -> Iterator[np.ndarray]:
-    """Model inputs of the samples' frames, made by the node's own pipeline, in batches; unreadable files are skipped."""
-    from dxnode.pipeline import PipelineError, read_frames, to_tensor
-
+    """Model inputs of the samples' frames, made by the node's own pipeline (read_frames, to_tensor: what
+    serving feeds the model), in batches; unreadable files are skipped."""
     pending: list[np.ndarray] = []
     count = 0
     for s in samples:
@@ -98,7 +103,7 @@ def quantize_bundle(
     bundle: Path,
     calibration: Path,
     out: Path,
-    settings: Any,
+    settings: Settings,
     images: Path | None = None,
     max_images: int = 200,
     method: str = "minmax",
