@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 
@@ -20,6 +21,9 @@ from dxnode.config import Settings
 from dxnode.results import StudyResult
 from dxnode.states import InstanceState, JobState, OutputKind
 from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit, utcnow
+
+if TYPE_CHECKING:
+    from dxnode.model import ModelRegistry
 
 log = logging.getLogger("dxnode.analysis")
 
@@ -30,15 +34,23 @@ class NothingToAnalyze(Exception):
     permanent = True  # a retry reads the same files: the job fails at once
 
 
-def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[str], None] | None = None) -> JobState:
+def run_job(
+    store: Store,
+    settings: Settings,
+    job_id: int,
+    heartbeat: Callable[[str], None] | None = None,
+    registry: ModelRegistry | None = None,
+) -> JobState:
     """Run the whole analysis of one job; return DONE or SKIPPED (raise on failure).
 
     heartbeat, when given, is called with the stage name at stage boundaries and between model
     batches (the worklist refreshes the job's heartbeat with it, and stops the job there when the
     node stops). The seconds spent per stage are stored on the job (Job.timings, the source of
-    dxnode_stage_seconds), also for an attempt that failed (as far as it got)."""
-    from dxnode.model import analyze_study, load_classifier
+    dxnode_stage_seconds), also for an attempt that failed (as far as it got). registry: the job process's
+    models and decoding threads (without one, this job loads its own)."""
+    from dxnode.model import load_classifier
     from dxnode.routing import resolve_job
+    from dxnode.streaming import analyze_study
 
     beat = heartbeat or (lambda stage: None)
     beat("load")
@@ -67,7 +79,8 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
     timings: dict[str, float] = {}
     state = JobState.FAILED
     try:
-        classifier = load_classifier(settings.model, data_dir=settings.data_dir)
+        load = registry.get if registry is not None else load_classifier
+        classifier = load(settings.model, data_dir=settings.data_dir)
         beat("analyze")
         started = time.perf_counter()
         result = analyze_study(
@@ -78,6 +91,7 @@ def run_job(store: Store, settings: Settings, job_id: int, heartbeat: Callable[[
             heatmap_for=settings.report.heatmap_for,
             progress=beat,
             timings=timings,
+            pool=registry.decode_pool(settings.model.decode_threads) if registry is not None else None,
         )
         result.route = decision.entry.name
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)

@@ -47,7 +47,7 @@ from dxnode.store import Store, open_store
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from dxnode.model import Classifier
+    from dxnode.model import Classifier, ModelRegistry
     from dxnode.scp import StorageSCP
     from dxnode.web.server import WebServer
 
@@ -60,11 +60,9 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _load_model(settings: Settings) -> Classifier:
+def _load_model(settings: Settings, registry: ModelRegistry) -> Classifier:
     """Load the configured model once, so a missing or tampered bundle stops the node at start."""
-    from dxnode.model import load_classifier
-
-    classifier = load_classifier(settings.model, data_dir=settings.data_dir)
+    classifier = registry.get(settings.model, data_dir=settings.data_dir)
     ident = classifier.identity
     log.info(
         "model %s %s (sha256 %s) on %s%s",
@@ -118,6 +116,7 @@ def _start_web(
     scp: StorageSCP | None = None,
     metrics_dir: Path | None = None,
     worker: bool = False,
+    registry: ModelRegistry | None = None,
 ) -> WebServer:
     """Serve the REST API and pages (a worker: /healthz, /readyz and /metrics only); print how to log in.
     STOW-RS stores through scp when given (the receiver whose activity the stable-study sweep watches)."""
@@ -127,7 +126,7 @@ def _start_web(
     if worker:
         app = create_metrics_app(settings, store, readiness, metrics_dir)
     else:
-        app = create_app(settings, store, readiness, metrics_dir, scp)
+        app = create_app(settings, store, readiness, metrics_dir, scp, registry)
     server = WebServer(app, settings.web.host, settings.web.port)
     server.start()
     print(f"dxnode {'worker metrics' if worker else 'web'}: {server.url}", flush=True)
@@ -309,7 +308,10 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         worklist.recover(store, settings)
         warn_beyond_declaration(settings)
-        classifier = _model(settings) if web_on else None  # for /api/predict; jobs load their own
+        from dxnode.model import ModelRegistry
+
+        models = ModelRegistry()  # the web app's (/api/predict); each job process has its own
+        classifier = _model(settings, models) if web_on else None
         scp = StorageSCP(settings, store)
         scp.start()
         print(
@@ -327,7 +329,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
                 checks["workers"] = ready_jobs.alive > 0
             return checks
 
-        server = _start_web(settings, store, readiness, scp, metrics_dir) if web_on else None
+        server = _start_web(settings, store, readiness, scp, metrics_dir, registry=models) if web_on else None
     except StartError as exc:
         _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
         return _refused("serve", exc, EXIT_START)
@@ -345,12 +347,12 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     return 0
 
 
-def _model(settings: Settings) -> Classifier:
+def _model(settings: Settings, registry: ModelRegistry) -> Classifier:
     """The model, or StartError naming it."""
-    from dxnode.model import BundleError
+    from dxnode.bundle import BundleError
 
     try:
-        return _load_model(settings)
+        return _load_model(settings, registry)
     except (BundleError, FileNotFoundError) as exc:
         raise StartError("model", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
@@ -416,12 +418,15 @@ def serve_web_only(settings: Settings) -> int:
     except StartError as exc:
         return _refused("web", exc, EXIT_START)
     try:
-        classifier = _model(settings)
+        from dxnode.model import ModelRegistry
+
+        models = ModelRegistry()
+        classifier = _model(settings, models)
 
         def readiness() -> dict[str, bool]:
             return {"database": store.ping(), "model": classifier is not None}
 
-        server = _start_web(settings, store, readiness)
+        server = _start_web(settings, store, readiness, registry=models)
     except StartError as exc:
         store.dispose()
         return _refused("web", exc, EXIT_START)

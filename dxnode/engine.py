@@ -21,19 +21,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from dxnode.bundle import (
+    BundleError,
+    Manifest,
+    load_manifest,
+    load_network,
+    require_torch,
+    save_manifest,
+    sha256_file,
+    verify_file,
+)
+from dxnode.durable import durable_path, write_durably
+from dxnode.extras import TRAIN_EXTRA, has_torch
+
 if TYPE_CHECKING:
     import torch
-
-    from dxnode.model import Manifest
 
 log = logging.getLogger("dxnode.engine")
 
@@ -41,48 +50,6 @@ ONNX_FILE = "model.onnx"
 INPUT, LOGITS, FEATURES = "input", "logits", "features"
 CACHE_FOLDER = "model-cache"
 EXPORT_TOLERANCE = 1e-4  # max |logit difference| accepted between the exported model and PyTorch
-TRAIN_EXTRA = "pip install 'dxnode[train]'"
-
-
-TRAIN_MODULES = ("torch", "torchvision", "sklearn", "matplotlib", "tqdm")  # what dxnode[train] adds, as imported
-
-
-class MissingExtra(RuntimeError):
-    """A command needs the dxnode[train] extra, which this install does not have (one line for the CLI)."""
-
-
-def installed(module: str) -> bool:
-    """Whether a top-level module can be imported, without importing it."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def has_torch() -> bool:
-    """Whether PyTorch (the dxnode[train] extra) is installed, without importing it."""
-    return installed("torch")
-
-
-def require_train_extra(what: str = "") -> None:
-    """MissingExtra naming the extra to install, unless everything dxnode[train] adds is installed.
-
-    The CLI prints it after "dxnode COMMAND: "; what names the subcommand where that is not enough.
-    """
-    missing = [m for m in TRAIN_MODULES if not installed(m)]
-    if missing:
-        who = f"{what} " if what else ""
-        raise MissingExtra(f"{who}needs the training extra ({', '.join(missing)} not installed): {TRAIN_EXTRA}")
-
-
-def require_torch(what: str) -> None:
-    """BundleError in one line naming the extra to install, unless PyTorch is installed."""
-    if not has_torch():
-        from dxnode.model import BundleError
-
-        raise BundleError(f"{what} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
 
 
 class Engine(Protocol):
@@ -188,6 +155,27 @@ def ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def choose_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU (PyTorch's device: training and the torch engine)."""
+    import torch  # dxnode[train]
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BundleError(f"[model] device = {name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def serving_device(name: str) -> str:
+    """[model] device for inference: choose_device where PyTorch is installed; without it, the CPU.
+
+    (Without PyTorch, CUDA is ONNX Runtime's alone: 'cuda' asks onnxruntime-gpu for it.)
+    """
+    if has_torch():
+        return str(choose_device(name))
+    return "cpu" if name == "auto" else name
+
+
 # --- export -------------------------------------------------------------------------------------
 
 
@@ -195,42 +183,32 @@ def export_onnx(net: torch.nn.Module, path: Path, input_size: int) -> Path:
     """Write net as ONNX (inputs 'input', outputs 'logits' and 'features', dynamic batch), atomically."""
     import torch  # export runs the torch exporter: dxnode[train]
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = feature_net(net).to("cpu").eval()
     x = torch.zeros(1, 3, input_size, input_size)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            names: dict[str, Any] = {"input_names": [INPUT], "output_names": [LOGITS, FEATURES]}
-            try:
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    str(tmp),
-                    **names,
-                    dynamic_axes={INPUT: {0: "n"}, LOGITS: {0: "n"}, FEATURES: {0: "n"}},
-                    dynamo=False,  # one self-contained file, in about a second
-                )
-            except Exception:  # a torch without the TorchScript exporter: the dynamo one (onnxscript)
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    str(tmp),
-                    **names,
-                    dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=4096)}},
-                    dynamo=True,
-                    external_data=False,
-                )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    names: dict[str, Any] = {"input_names": [INPUT], "output_names": [LOGITS, FEATURES]}
+    with durable_path(Path(path)) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        try:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                **names,
+                dynamic_axes={INPUT: {0: "n"}, LOGITS: {0: "n"}, FEATURES: {0: "n"}},
+                dynamo=False,  # one self-contained file, in about a second
+            )
+        except ImportError as exc:  # a torch without the TorchScript exporter: the dynamo one (onnxscript)
+            log.warning("TorchScript ONNX exporter not available (%s): exporting with torch.export", exc)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                **names,
+                dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=4096)}},
+                dynamo=True,
+                external_data=False,
+            )
+    return Path(path)
 
 
 def check_export(net: torch.nn.Module, path: Path, input_size: int) -> float:
@@ -249,8 +227,6 @@ def check_export(net: torch.nn.Module, path: Path, input_size: int) -> float:
 
 def export_bundle(bundle: Path) -> Manifest:
     """Export a bundle's verified weights to model.onnx, check it against PyTorch, record its sha256."""
-    from dxnode.model import BundleError, load_manifest, load_network, save_manifest, sha256_file
-
     require_torch("dxnode model export")
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
@@ -266,8 +242,6 @@ def export_bundle(bundle: Path) -> Manifest:
 
 def bundle_onnx(bundle: Path, manifest: Manifest) -> tuple[Path | None, str]:
     """The bundle's verified model.onnx, or (None, why there is none); a mismatch is refused."""
-    from dxnode.model import verify_file
-
     if not manifest.onnx_file:
         return None, f"bundle {bundle} has no model.onnx (older bundle): `dxnode model export {bundle}` adds one"
     path = verify_file(Path(bundle) / manifest.onnx_file, manifest.onnx_sha256, "ONNX model")
@@ -276,8 +250,6 @@ def bundle_onnx(bundle: Path, manifest: Manifest) -> tuple[Path | None, str]:
 
 def cached_onnx(build: Callable[[Path], None], manifest: Manifest, cache_dir: Path) -> Path:
     """The built-in model's ONNX file in cache_dir, built by build(path) (again if its checksums do not match)."""
-    from dxnode.model import sha256_file
-
     stem = f"{manifest.name}-{manifest.weights_sha256[:16]}-{manifest.preprocessing.input_size}"
     path, meta = cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json"
     try:
@@ -290,9 +262,8 @@ def cached_onnx(build: Callable[[Path], None], manifest: Manifest, cache_dir: Pa
     log.info("building the ONNX model of %s %s in %s (once)", manifest.name, manifest.version, path)
     cache_dir.mkdir(parents=True, exist_ok=True)
     build(path)
-    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"weights_sha256": manifest.weights_sha256, "onnx_sha256": sha256_file(path)}))
-    tmp.replace(meta)
+    record = {"weights_sha256": manifest.weights_sha256, "onnx_sha256": sha256_file(path)}
+    write_durably(meta, json.dumps(record).encode())
     return path
 
 
@@ -305,6 +276,66 @@ def torch_export(net: torch.nn.Module, input_size: int) -> Callable[[Path], None
         check_export(net, path, input_size)
 
     return build
+
+
+def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float = 1e-5) -> Path:
+    """Write torchvision's ResNet-18 forward pass with these weights as an ONNX graph, atomically.
+
+    The graph dxnode.engine exports from PyTorch: input 'input' [n, 3, S, S], outputs 'logits'
+    [n, L] and layer4's 'features' [n, 512, h, w], batch size dynamic. Built with onnx.helper,
+    without torch.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes: list[Any] = []
+    count = [0]
+
+    def node(op: str, inputs: list[str], **attrs: Any) -> str:
+        count[0] += 1
+        out = f"{op.lower()}_{count[0]}"
+        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def conv_bn(x: str, conv: str, bn: str, stride: int, relu: bool) -> str:
+        k = weights[f"{conv}.weight"].shape[-1]
+        y = node("Conv", [x, f"{conv}.weight"], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
+        y = node("BatchNormalization", [y, *(f"{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var"))])
+        nodes[-1].attribute.append(helper.make_attribute("epsilon", bn_epsilon))
+        return node("Relu", [y]) if relu else y
+
+    x = conv_bn(INPUT, "conv1", "bn1", 2, True)
+    x = node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    for layer in range(1, 5):
+        for block in range(2):
+            p, stride = f"layer{layer}.{block}", 2 if layer > 1 and block == 0 else 1
+            y = conv_bn(x, f"{p}.conv1", f"{p}.bn1", stride, True)
+            y = conv_bn(y, f"{p}.conv2", f"{p}.bn2", 1, False)
+            shortcut = (
+                conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", stride, False)
+                if f"{p}.downsample.0.weight" in weights
+                else x
+            )
+            x = node("Relu", [node("Add", [y, shortcut])])
+    nodes.append(helper.make_node("Identity", [x], [FEATURES]))
+    pooled = node("Flatten", [node("GlobalAveragePool", [x])], axis=1)
+    nodes.append(helper.make_node("Gemm", [pooled, "fc.weight", "fc.bias"], [LOGITS], transB=1))
+    labels = len(weights["fc.bias"])
+    graph = helper.make_graph(
+        nodes,
+        "resnet18",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["n", 3, "s", "s"])],
+        [
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["n", labels]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["n", 512, "h", "w"]),
+        ],
+        [numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="dxnode")
+    model.ir_version = 8  # what every onnxruntime since 1.10 reads
+    onnx.checker.check_model(model)
+    write_durably(Path(path), model.SerializeToString())
+    return Path(path)
 
 
 # --- choosing ------------------------------------------------------------------------------------
@@ -330,8 +361,6 @@ def choose_engine(
     Runtime's CAMs.
     """
     import onnxruntime as ort
-
-    from dxnode.model import BundleError
 
     def torch_engine(why: str) -> TorchEngine:
         if not has_torch():
@@ -379,151 +408,3 @@ def choose_engine(
     if cuda_problem:
         reason += f"; on CPU because {cuda_problem}"
     return OrtEngine(session, fc_weight, manifest.task), reason
-
-
-# --- int8 ----------------------------------------------------------------------------------------
-
-
-def quantize_onnx(
-    source: Path, out: Path, batches: Iterator[np.ndarray], method: str = "minmax", reduce_range: bool = False
-) -> dict[str, Any]:
-    """Static int8 quantisation (QDQ, uint8 activations, int8 per-channel weights) calibrated on batches."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(batches, None)
-            return None if batch is None else {INPUT: batch}
-
-    with tempfile.TemporaryDirectory(prefix="dxnode-quant-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared))  # shape inference and graph fusions, as ORT advises
-        out.parent.mkdir(parents=True, exist_ok=True)
-        quantize_static(
-            str(prepared),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-            extra_options={"CalibMaxIntermediateOutputs": 16},
-        )
-    return {
-        "method": "static",
-        "format": "QDQ",
-        "activations": "uint8 per tensor",
-        "weights": "int8 per channel" + (" (reduced range)" if reduce_range else ""),
-        "calibration_method": method,
-        "onnxruntime": ort.__version__,
-    }
-
-
-def calibration_batches(
-    samples: list[Any], settings: Any, prep: Any, max_images: int, batch_size: int = 8
-) -> Iterator[np.ndarray]:
-    """Model inputs of the samples' frames, made by the node's own pipeline, in batches; unreadable files are skipped."""
-    from dxnode.pipeline import PipelineError, read_frames, to_tensor
-
-    pending: list[np.ndarray] = []
-    count = 0
-    for s in samples:
-        if count >= max_images:
-            break
-        try:
-            frames = read_frames(s.path, settings.pipeline, prep)
-        except PipelineError as exc:
-            log.warning("calibration: left out %s: %s", s.path, exc)
-            continue
-        for f in frames[: max_images - count]:
-            pending.append(to_tensor(f, prep))
-            count += 1
-            if len(pending) == batch_size:
-                yield np.stack(pending)
-                pending = []
-    if pending:
-        yield np.stack(pending)
-
-
-def quantize_bundle(
-    bundle: Path,
-    calibration: Path,
-    out: Path,
-    settings: Any,
-    images: Path | None = None,
-    max_images: int = 200,
-    method: str = "minmax",
-    reduce_range: bool = False,
-    version: str = "",
-) -> Manifest:
-    """Write an int8 copy of a bundle to out: its ONNX model statically quantised, calibrated on the CSV's images."""
-    import shutil
-
-    from dxnode.dataset import read_table
-    from dxnode.model import BundleError, load_manifest, load_network, save_manifest, sha256_file
-
-    require_torch("dxnode model quantize")
-    bundle, out = Path(bundle), Path(out)
-    if out.resolve() == bundle.resolve():
-        raise ValueError("--out must be a new folder, not the source bundle")
-    source = load_manifest(bundle)
-    if source.quantization:
-        raise BundleError(f"{bundle} is already quantised")
-    net = load_network(bundle, source).eval()
-    table = read_table(calibration, images)
-    if not table.samples:
-        raise ValueError(f"{calibration}: no readable image to calibrate on")
-    count = [0]
-
-    def counted() -> Iterator[np.ndarray]:
-        for batch in calibration_batches(table.samples, settings, source.preprocessing, max_images):
-            count[0] += len(batch)
-            yield batch
-
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dxnode-export-") as tmp:
-        fp32, _ = bundle_onnx(bundle, source)
-        if fp32 is None:  # an older bundle: export its weights here, the source bundle is left as it is
-            fp32 = export_onnx(net, Path(tmp) / ONNX_FILE, source.preprocessing.input_size)
-            check_export(net, fp32, source.preprocessing.input_size)
-        record = quantize_onnx(fp32, out / ONNX_FILE, counted(), method, reduce_range)
-        fp32_sha = sha256_file(fp32)
-    if not count[0]:
-        raise ValueError(f"{calibration}: none of its images could be read to calibrate on")
-    ort_session(out / ONNX_FILE)  # it loads
-    shutil.copy2(bundle / source.weights_file, out / source.weights_file)  # torch-side fc weights for the CAM
-    if (bundle / "splits.csv").is_file():
-        shutil.copy2(bundle / "splits.csv", out / "splits.csv")
-    record["calibration"] = {"csv": str(calibration), "sha256": table.sha256, "images": count[0]}
-    record["source"] = {
-        "name": source.name,
-        "version": source.version,
-        "weights_sha256": source.weights_sha256,
-        "onnx_sha256": fp32_sha,
-    }
-    manifest = dataclasses.replace(
-        source,
-        version=version or f"{source.version}-int8",
-        description=f"{source.description} (int8, statically quantised by dxnode model quantize)".strip(),
-        onnx_file=ONNX_FILE,
-        onnx_sha256=sha256_file(out / ONNX_FILE),
-        quantization=record,
-    )
-    save_manifest(out, manifest)
-    return manifest

@@ -203,8 +203,8 @@ def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], p
 def predict_samples(
     classifier: Classifier, samples: list[Sample], settings: Settings
 ) -> tuple[np.ndarray, list[Sample]]:
-    """Probabilities of each sample as the node computes them (dxnode.model.predict_file); failures left out."""
-    from dxnode.model import predict_file
+    """Probabilities of each sample as the node computes them (dxnode.predict.predict_file); failures left out."""
+    from dxnode.predict import predict_file
 
     labels = classifier.manifest.labels
     rows, kept = [], []

@@ -77,7 +77,7 @@ def model_settings(settings: Settings, e: ModelEntry) -> ModelSettings:
     """The [model] section with the entry's bundle and engine in it."""
     update: dict[str, object] = {}
     if e.bundle == "imagenet":  # torchvision's ImageNet file, where [model] imagenet_weights says
-        from dxnode.model import IMAGENET_FILE, imagenet_weights_path
+        from dxnode.bundle import IMAGENET_FILE, imagenet_weights_path
 
         weights = imagenet_weights_path(settings.model)
         if not weights.is_file():
@@ -108,7 +108,7 @@ def declaration(settings: Settings, e: ModelEntry) -> tuple[str, IntendedUse | N
     """The entry's bundle's model name and intended use (None: declares nothing), from its manifest only.
 
     A bundle that cannot be read declares nothing here: loading it fails the job with the reason.
-    Torch-free (the receiver process calls it at start): dxnode.model is not imported."""
+    Torch-free (the receiver process calls it at start): dxnode.bundle is not imported."""
     bundle = e.bundle or settings.model.bundle
     if not bundle:  # as load_classifier: ImageNet when its file is there, else the demo
         bundle = "imagenet" if imagenet_file(settings.model).is_file() else "demo"
@@ -124,7 +124,7 @@ def declaration(settings: Settings, e: ModelEntry) -> tuple[str, IntendedUse | N
 
 
 def imagenet_file(ms: ModelSettings) -> Path:
-    """Where dxnode.model.imagenet_weights_path looks for torchvision's ImageNet file (same rule, no torch import)."""
+    """Where dxnode.bundle.imagenet_weights_path looks for torchvision's ImageNet file (same rule, no torch import)."""
     if ms.imagenet_weights:
         return Path(ms.imagenet_weights).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"

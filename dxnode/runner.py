@@ -12,6 +12,7 @@ heartbeat went stale (hung), with that reason recorded on the job.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import multiprocessing
 import os
@@ -46,10 +47,12 @@ def job_process_main(settings: Settings, log_level: str, parent: int, ready: Any
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     from dxnode.analysis import run_job
-    from dxnode.model import BundleError, load_classifier
+    from dxnode.bundle import BundleError
+    from dxnode.model import ModelRegistry
 
+    registry = ModelRegistry()  # this process's models and decoding threads, kept across its jobs
     try:
-        load_classifier(settings.model, data_dir=settings.data_dir)
+        registry.get(settings.model, data_dir=settings.data_dir)
     except (BundleError, FileNotFoundError) as exc:
         log.error("job process cannot load the model: %s", exc)
         if problems is not None:
@@ -62,10 +65,14 @@ def job_process_main(settings: Settings, log_level: str, parent: int, ready: Any
     log.info("job process %s ready", me)
     try:
         while not stop.is_set() and os.getppid() == parent:
-            if worklist.run_one(store, settings, run_job, me, stop, supervisor) is None:
+            if (
+                worklist.run_one(store, settings, functools.partial(run_job, registry=registry), me, stop, supervisor)
+                is None
+            ):
                 stop.wait(settings.worklist.poll_interval_seconds)
     finally:
         store.dispose()
+        registry.close()
     log.info("job process %s stopped", me)
 
 

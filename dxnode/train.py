@@ -233,7 +233,7 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     """ResNet-18 with fc for the labels, from the ImageNet file when there is one."""
     import torch
 
-    from dxnode.model import resnet18
+    from dxnode.bundle import resnet18
 
     net = resnet18(num_labels)
     if weights is None or not weights.is_file():
@@ -264,9 +264,12 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:
     import torch
     from tqdm import tqdm
 
+    from dxnode.bundle import imagenet_weights_path, write_bundle
     from dxnode.dataset import Augment, TorchDataset, collate, read_table, split_by_patient
+    from dxnode.durable import durable_path
+    from dxnode.engine import choose_device
     from dxnode.evaluate import compute_metrics, roc_plot, sensitivity_threshold, youden_threshold
-    from dxnode.model import choose_device, imagenet_weights_path, probabilities, write_bundle
+    from dxnode.model import probabilities
     from dxnode.pipeline import Preprocessing
 
     seed_everything(opts.seed)
@@ -425,22 +428,22 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:
         # saturates (often at 1.0) within a few epochs and would keep the first, undertrained one.
         if val_loss < state.get("best_loss", float("inf")):
             state.update(best_loss=val_loss, best_auroc=mean_auc, best_epoch=epoch, stale=0)
-            torch.save(net.state_dict(), ckpt_dir / "best.pt")
+            with durable_path(ckpt_dir / "best.pt") as tmp:
+                torch.save(net.state_dict(), tmp)
         else:
             state["stale"] += 1
         state["epoch"] = epoch
-        tmp = last.with_name("last.pt.tmp")  # a crash while saving must not destroy the previous checkpoint
-        torch.save(
-            {
-                "model": net.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "state": state,
-                "generator": gen.get_state(),
-            },
-            tmp,
-        )
-        tmp.replace(last)
+        with durable_path(last) as tmp:  # a crash while saving must not destroy the previous checkpoint
+            torch.save(
+                {
+                    "model": net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "state": state,
+                    "generator": gen.get_state(),
+                },
+                tmp,
+            )
         if state["stale"] >= opts.patience:
             print(f"early stop: no lower validation loss for {opts.patience} epochs", file=sys.stderr)
             break

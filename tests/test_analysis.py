@@ -19,9 +19,11 @@ from sqlalchemy import select
 
 from dxnode import worklist
 from dxnode.analysis import run_job
+from dxnode.bundle import write_bundle
 from dxnode.config import Settings
-from dxnode.model import load_classifier, predict_file, write_bundle
+from dxnode.model import load_classifier
 from dxnode.pipeline import Preprocessing
+from dxnode.predict import predict_file
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, utcnow
 
 

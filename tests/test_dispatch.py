@@ -20,12 +20,12 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[at
 from sqlalchemy import func, select
 
 from dxnode import cli, dispatch
-from dxnode import model as model_mod
 from dxnode.config import Settings
-from dxnode.model import analyze_study, load_classifier
+from dxnode.model import load_classifier
 from dxnode.queries import list_deliveries
 from dxnode.report import WrittenOutput, write_outputs
 from dxnode.store import Audit, Delivery, Output, Store, Study, utcnow
+from dxnode.streaming import analyze_study
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 BOTH = [SecondaryCaptureImageStorage, COMPREHENSIVE_SR]
@@ -54,7 +54,6 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Writte
     settings = Settings(node={"data_dir": tmp}, report={"heatmap_for": "top1"})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(tmp / "torch-home"))
-        model_mod._cache.clear()
         src = Path(get_testdata_file("CT_small.dcm"))
         ds = pydicom.dcmread(src, stop_before_pixels=True)
         result = analyze_study(

@@ -18,11 +18,19 @@ import torch
 import torchvision
 from test_train import make_dataset
 
-from dxnode import model as model_mod
+from dxnode.bundle import (
+    BundleError,
+    demo_manifest,
+    demo_weights,
+    load_manifest,
+    read_state_dict,
+    sha256_file,
+    write_bundle,
+)
 from dxnode.cli import main
 from dxnode.config import ModelSettings, Settings
 from dxnode.engine import OrtEngine, TorchEngine, export_bundle, ort_session
-from dxnode.model import BundleError, load_classifier, load_manifest, normalise_cam, write_bundle
+from dxnode.model import load_classifier, normalise_cam
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
 
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
@@ -32,7 +40,6 @@ REAL = ["RG1_UNCR.dcm", "RG3_UNCR.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNC
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_mod._cache.clear()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no ImageNet file: the demo model
 
 
@@ -87,7 +94,7 @@ def test_both_engines_give_the_same_probabilities_and_cams_on_real_images(export
 def test_a_tampered_or_missing_model_onnx_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bundle = make_bundle(tmp_path / "b", size=32)
     m = export_bundle(bundle)
-    assert m.onnx_file == "model.onnx" and m.onnx_sha256 == model_mod.sha256_file(bundle / "model.onnx")
+    assert m.onnx_file == "model.onnx" and m.onnx_sha256 == sha256_file(bundle / "model.onnx")
     assert load_manifest(bundle).onnx_sha256 == m.onnx_sha256
     data = bytearray((bundle / "model.onnx").read_bytes())
     data[-20] ^= 0xFF
@@ -118,10 +125,9 @@ def test_an_older_bundle_runs_in_torch_says_why_and_model_export_adds_the_onnx(
     export = subprocess.run([DXNODE, "model", "export", str(bundle)], capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr
     assert "model.onnx" in export.stdout and (bundle / "model.onnx").is_file()
-    model_mod._cache.clear()
     assert main(["model", "info", str(bundle), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["engine"] == "onnxruntime" and shown["onnx_sha256"] == model_mod.sha256_file(bundle / "model.onnx")
+    assert shown["engine"] == "onnxruntime" and shown["onnx_sha256"] == sha256_file(bundle / "model.onnx")
 
 
 def test_the_demo_model_is_exported_once_to_the_cache_and_rebuilt_when_it_does_not_match(
@@ -129,24 +135,21 @@ def test_the_demo_model_is_exported_once_to_the_cache_and_rebuilt_when_it_does_n
 ) -> None:
     no_cache = load_classifier(ModelSettings())
     assert no_cache.engine.name == "torch" and "no data_dir" in no_cache.engine_reason
-    model_mod._cache.clear()
     clf = load_classifier(ModelSettings(), data_dir=tmp_path)
     assert clf.identity.demo and clf.engine.name == "onnxruntime"
     (onnx,) = (tmp_path / "model-cache").glob("dxnode-demo-*.onnx")
     meta = json.loads(onnx.with_suffix(".json").read_text())
-    assert meta["onnx_sha256"] == model_mod.sha256_file(onnx) and meta["weights_sha256"] == clf.manifest.weights_sha256
+    assert meta["onnx_sha256"] == sha256_file(onnx) and meta["weights_sha256"] == clf.manifest.weights_sha256
     first = onnx.stat().st_mtime_ns
     x = np.zeros((2, 3, 224, 224), np.float32)
     probs = clf.predict(x)
-    model_mod._cache.clear()
     assert load_classifier(ModelSettings(), data_dir=tmp_path).engine.name == "onnxruntime"
     assert onnx.stat().st_mtime_ns == first  # reused, not exported again
     onnx.write_bytes(onnx.read_bytes()[:-100])  # truncated
-    model_mod._cache.clear()
     with caplog.at_level(logging.WARNING, logger="dxnode.engine"):
         again = load_classifier(ModelSettings(), data_dir=tmp_path)
     assert "does not match its checksum" in caplog.text
-    assert json.loads(onnx.with_suffix(".json").read_text())["onnx_sha256"] == model_mod.sha256_file(onnx)
+    assert json.loads(onnx.with_suffix(".json").read_text())["onnx_sha256"] == sha256_file(onnx)
     np.testing.assert_allclose(again.predict(x), probs, atol=1e-6)
 
 
@@ -170,12 +173,11 @@ def int8_against_fp32(root: Path) -> tuple[dict[str, Any], Path, Path]:
 def test_int8_bundle_keeps_auroc_within_0_01_of_fp32_on_a_held_out_set(tmp_path: Path) -> None:
     os.environ["TORCH_HOME"] = str(tmp_path / "torch-home")
     metrics, fp32, int8 = int8_against_fp32(tmp_path)
-    assert load_manifest(fp32).onnx_sha256 == model_mod.sha256_file(fp32 / "model.onnx")  # train writes it
+    assert load_manifest(fp32).onnx_sha256 == sha256_file(fp32 / "model.onnx")  # train writes it
     m = load_manifest(int8)
     assert m.version == "1.0.0-int8" and m.quantization["format"] == "QDQ"
     assert m.quantization["calibration"]["images"] == 64 and m.quantization["source"]["version"] == "1.0.0"
     assert (int8 / "model.onnx").stat().st_size < (fp32 / "model.onnx").stat().st_size / 3
-    model_mod._cache.clear()
     clf = load_classifier(ModelSettings(bundle=str(int8)))
     assert clf.engine.name == "onnxruntime" and "int8" in clf.engine_reason
     with pytest.raises(BundleError, match="int8"):
@@ -194,7 +196,7 @@ def test_the_demo_onnx_graph_and_the_torch_demo_network_agree_on_real_images(tmp
     torch_clf = load_classifier(ModelSettings(device="cpu", engine="torch"), data_dir=tmp_path)
     assert (ort_clf.engine.name, torch_clf.engine.name) == ("onnxruntime", "torch")
     assert ort_clf.identity == torch_clf.identity and ort_clf.identity.demo
-    assert model_mod.demo_manifest(model_mod.demo_weights()).weights_sha256 == ort_clf.manifest.weights_sha256
+    assert demo_manifest(demo_weights()).weights_sha256 == ort_clf.manifest.weights_sha256
     x = real_batch(ort_clf.manifest.preprocessing)
     p_ort, cam_ort = ort_clf.predict_with_cam(x)
     p_torch, cam_torch = torch_clf.predict_with_cam(x)
@@ -207,11 +209,11 @@ def test_the_demo_onnx_graph_and_the_torch_demo_network_agree_on_real_images(tmp
 def test_fc_weights_are_read_from_weights_pt_without_torch(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "b", size=32)
     reference = torch.load(bundle / "weights.pt", weights_only=True)
-    ours = model_mod.read_state_dict(bundle / "weights.pt")
+    ours = read_state_dict(bundle / "weights.pt")
     assert ours.keys() == reference.keys()
     for k, v in reference.items():
         np.testing.assert_array_equal(ours[k], v.numpy())
     other = tmp_path / "other.pt"
     torch.save({"fc.weight": torch.zeros(2, 2), "extra": torch.nn.Linear(2, 2)}, other)  # a module, not a tensor
     with pytest.raises(Exception, match="not part of a state dict"):
-        model_mod.read_state_dict(other)
+        read_state_dict(other)

@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from test_train import make_dataset
 
-from dxnode import model as model_mod
+from dxnode.bundle import resnet18, write_bundle
 from dxnode.cli import main
 from dxnode.config import ModelSettings, Settings
 from dxnode.evaluate import (
@@ -26,8 +26,9 @@ from dxnode.evaluate import (
     write_report,
     youden_threshold,
 )
-from dxnode.model import load_classifier, predict_file, resnet18, write_bundle
+from dxnode.model import load_classifier
 from dxnode.pipeline import Preprocessing
+from dxnode.predict import predict_file
 
 
 def _scores(n: int = 300, labels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +171,6 @@ def test_evaluate_cli_matches_predict_and_sklearn(
     untrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle, data = untrained
-    model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
     assert "left out" in printed and "broken.dcm" in printed  # the unreadable row, in one line
@@ -201,7 +201,6 @@ def test_evaluate_subset_csv_naming_only_some_labels(untrained: tuple[Path, Path
         "path,patient_id,labels\n"
         + "".join(f"{data.parent / r['path']},{r['patient_id']},{'disc' if r['disc'] == '1' else ''}\n" for r in rows)
     )
-    model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(tmp_path / "sub.csv"), "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["labels"]["bar"]["positives"] == 0 and m["labels"]["bar"]["auroc"] is None
@@ -212,7 +211,6 @@ def test_evaluate_bad_input_is_a_clear_error(
     untrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle, data = untrained
-    model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(data), "--out", str(tmp_path / "a"), "--split", "test"]) == 2
     assert "splits.csv not found" in capsys.readouterr().err
     (tmp_path / "other.csv").write_text("path,patient_id,mass\n" + f"{data.parent / 'p000_0.dcm'},P1,1\n")

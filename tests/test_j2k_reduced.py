@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from dicom_checks import dciodvfy_errors
 
 from dxnode import j2k
+from dxnode.bundle import demo_network, write_bundle
 from dxnode.config import ModelSettings, PipelineSettings, Settings
-from dxnode.model import Classifier, analyze_study, demo_network, load_classifier, write_bundle
+from dxnode.model import Classifier, load_classifier
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
 from dxnode.report import write_outputs
+from dxnode.streaming import analyze_study
 
 DATA = Path(data_store.__file__).parent / "data"
 RADIOGRAPHS = ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm", "RG3_J2KI.dcm"]  # real CRs, MONOCHROME1

@@ -15,10 +15,11 @@ import torch
 import torchvision
 from pydicom.data import get_testdata_file
 
-from dxnode import model as model_mod
+from dxnode.bundle import BundleError, load_manifest, sha256_file, write_bundle
 from dxnode.config import ModelSettings, Settings
-from dxnode.model import BundleError, load_classifier, load_manifest, predict_file, write_bundle
+from dxnode.model import ModelRegistry, load_classifier
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
+from dxnode.predict import predict_file
 from dxnode.results import Finding
 
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
@@ -26,7 +27,6 @@ DXNODE = str(Path(sys.executable).with_name("dxnode"))
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_mod._cache.clear()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache: never the real one
 
 
@@ -53,7 +53,7 @@ def make_bundle(
 def test_bundle_loads_checks_its_checksum_and_matches_torchvision(tmp_path: Path) -> None:
     bundle, net = make_bundle(tmp_path / "b")
     m = load_manifest(bundle)
-    assert m.weights_sha256 == model_mod.sha256_file(bundle / "weights.pt") and m.labels == ["effusion", "nodule"]
+    assert m.weights_sha256 == sha256_file(bundle / "weights.pt") and m.labels == ["effusion", "nodule"]
     clf = load_classifier(ModelSettings(bundle=str(bundle), device="cpu"))
     assert clf.identity.name == "test-net" and not clf.identity.demo
     frame = read_frames(get_testdata_file("CT_small.dcm"), Settings().pipeline, m.preprocessing)[0]
@@ -77,13 +77,14 @@ def test_tampered_weights_are_refused_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_without_bundle_or_imagenet_file_the_demo_model_says_so() -> None:
-    clf = load_classifier(ModelSettings())
+    registry = ModelRegistry()
+    clf = registry.get(ModelSettings())
     assert clf.identity.demo and "UNTRAINED" in clf.manifest.description
-    again = load_classifier(ModelSettings())
-    assert again is clf  # loaded once per process
+    assert registry.get(ModelSettings()) is clf  # loaded once per registry (one per serving process)
     p1 = predict_file(Path(get_testdata_file("CT_small.dcm")), clf, Settings())
-    model_mod._cache.clear()
-    p2 = predict_file(Path(get_testdata_file("CT_small.dcm")), load_classifier(ModelSettings()), Settings())
+    fresh = ModelRegistry().get(ModelSettings())
+    assert fresh is not clf
+    p2 = predict_file(Path(get_testdata_file("CT_small.dcm")), fresh, Settings())
     assert [f.probability for f in p1.findings] == [f.probability for f in p2.findings]  # fixed seed
 
 
@@ -148,7 +149,7 @@ def test_every_bundled_pixel_file_predicts_or_gives_a_specific_reason(tmp_path: 
 
 
 def test_analyze_study_keeps_going_past_a_broken_instance(tmp_path: Path) -> None:
-    from dxnode.model import analyze_study
+    from dxnode.streaming import analyze_study
 
     bundle, _ = make_bundle(tmp_path / "b", size=32)
     clf = load_classifier(ModelSettings(bundle=str(bundle)))
@@ -167,6 +168,28 @@ def test_analyze_study_keeps_going_past_a_broken_instance(tmp_path: Path) -> Non
     assert all(f.source_sop_instance_uid == "1.1" for f in result.findings)
     assert len(result.heatmaps) == 2 and result.heatmaps[0].overlay.shape == (128, 128, 3)
     assert result.heatmaps[0].cam.min() >= 0 and result.heatmaps[0].cam.max() <= 1
+
+
+def test_a_registry_loads_each_model_once_and_keeps_its_decoding_threads(tmp_path: Path) -> None:
+    from dxnode.streaming import analyze_study
+
+    bundle, _ = make_bundle(tmp_path / "b", size=32)
+    settings = ModelSettings(bundle=str(bundle), decode_threads=2)
+    registry = ModelRegistry()
+    clf = registry.get(settings)
+    assert registry.get(settings) is clf and ModelRegistry().get(settings) is not clf
+    pool = registry.decode_pool(2)
+    assert registry.decode_pool(2) is pool
+    study = [("1.1", Path(get_testdata_file("CT_small.dcm"))), ("1.2", Path(get_testdata_file("MR_small.dcm")))]
+    shared = analyze_study("1.2.3", study, clf, Settings(), pool=pool)
+    own = analyze_study("1.2.3", study, clf, Settings())  # threads of its own, stopped afterwards
+    assert [(f.label, f.probability, f.source_sop_instance_uid) for f in shared.findings] == [
+        (f.label, f.probability, f.source_sop_instance_uid) for f in own.findings
+    ]
+    registry.close()
+    with pytest.raises(RuntimeError):
+        pool.submit(print)
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "weights.pt"]  # no temporary file left
 
 
 def test_predict_cli_json_contract_and_per_file_errors(tmp_path: Path) -> None:

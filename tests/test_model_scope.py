@@ -20,12 +20,11 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 from test_routing import copy_as_new_study, jobs_by_study, run_all, storescu
 
-from dxnode import model as model_mod
 from dxnode import worklist
 from dxnode.analysis import run_job
+from dxnode.bundle import BundleError, demo_network, load_manifest, write_bundle
 from dxnode.config import Settings
 from dxnode.intended import DEMO_USE, IntendedUse, body_part_matches
-from dxnode.model import BundleError, demo_network, load_manifest, write_bundle
 from dxnode.pipeline import Preprocessing
 from dxnode.queries import study_detail
 from dxnode.routing import beyond_declaration, declaration, entries
@@ -40,7 +39,6 @@ DEMO_SKIP = "skipped: model dxnode-demo is for CR/DX CHEST"
 @pytest.fixture
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessNode]:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no ImageNet file: the demo model
-    model_mod._cache.clear()
     n = InProcessNode(tmp_path)
     yield n
     n.stop()
@@ -268,8 +266,8 @@ def test_train_declares_what_its_dicom_files_are_and_the_flags_override(tmp_path
 
 
 def test_routing_finds_the_declaration_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dxnode.bundle import imagenet_weights_path
     from dxnode.config import ModelSettings
-    from dxnode.model import imagenet_weights_path
     from dxnode.routing import imagenet_file
 
     for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):

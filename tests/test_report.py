@@ -13,12 +13,13 @@ import torchvision
 from dicom_checks import dciodvfy_errors, dsrdump, pixelmed_sr_check
 from pydicom.data import get_testdata_file
 
-from dxnode import model as model_mod
+from dxnode.bundle import write_bundle
 from dxnode.config import ModelSettings, Settings
-from dxnode.model import analyze_study, load_classifier, write_bundle
+from dxnode.model import load_classifier
 from dxnode.pipeline import Preprocessing
 from dxnode.report import summary_line, write_outputs
 from dxnode.results import StudyResult
+from dxnode.streaming import analyze_study
 
 SOURCES = {
     "ct": Path(get_testdata_file("CT_small.dcm")),
@@ -29,7 +30,6 @@ SOURCES = {
 
 @pytest.fixture(autouse=True)
 def no_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_mod._cache.clear()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
@@ -116,7 +116,6 @@ def test_same_result_same_uids_changed_result_new_uids(tmp_path: Path) -> None:
     )
     other = write_outputs(changed, sources, settings, tmp_path / "c")
     assert not {w.sop_instance_uid for w in other} & {w.sop_instance_uid for w in first}
-    model_mod._cache.clear()
     newer, _ = result_for("ct", settings, bundle(tmp_path, version="1.1"))
     assert newer.model.version == "1.1"
     assert write_outputs(newer, sources, settings, tmp_path / "d")[0].sop_instance_uid != first[0].sop_instance_uid

@@ -17,7 +17,6 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dxnode import model as model_mod
 from dxnode import worklist
 from dxnode.analysis import run_job
 from dxnode.config import Settings
@@ -52,7 +51,6 @@ def copy_as_new_study(src: Path, folder: Path, n: int = 1, **attrs: Any) -> tupl
 @pytest.fixture
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessNode]:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    model_mod._cache.clear()
     n = InProcessNode(tmp_path)
     yield n
     n.stop()
@@ -62,7 +60,6 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessN
 def node_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str) -> Iterator[InProcessNode]:
     """The same on SQLite and on PostgreSQL (the routing queries run on both)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    model_mod._cache.clear()
     n = InProcessNode(tmp_path, url=db_url)
     yield n
     n.stop()

@@ -19,8 +19,8 @@ import torch
 import torchvision
 from pydicom.data import get_testdata_file
 
+from dxnode.bundle import write_bundle
 from dxnode.engine import export_bundle
-from dxnode.model import write_bundle
 from dxnode.pipeline import Preprocessing
 
 BLOCK = """

@@ -12,11 +12,11 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dxnode import model as model_mod
 from dxnode.config import ModelSettings, Settings
-from dxnode.model import analyze_study, load_classifier
+from dxnode.model import load_classifier
 from dxnode.report import WrittenOutput, write_outputs
 from dxnode.source_header import TYPE2_PATIENT_STUDY, reference_header
+from dxnode.streaming import analyze_study
 
 CHARACTER_SETS = {
     "latin1": ("ISO_IR 100", "Müller^Jürgen"),
@@ -29,7 +29,6 @@ CHARACTER_SETS = {
 
 @pytest.fixture(autouse=True)
 def no_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_mod._cache.clear()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 

@@ -17,22 +17,22 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from test_analysis import node_settings, receive  # noqa: F401 (a fixture)
 
-from dxnode import model as model_mod
 from dxnode import worklist
 from dxnode.analysis import run_job
+from dxnode.bundle import write_bundle
 from dxnode.config import ModelSettings, Settings
 from dxnode.metrics import STAGES
-from dxnode.model import Classifier, analyze_study, load_classifier, overlay, write_bundle
+from dxnode.model import Classifier, load_classifier, overlay
 from dxnode.pipeline import PipelineError, Preprocessing, read_dataset, read_frames, skip_reason, to_tensor
 from dxnode.queries import JobFilter, list_jobs
 from dxnode.report import write_outputs
 from dxnode.results import Finding, StudyResult
 from dxnode.store import Store
+from dxnode.streaming import analyze_study, driver_frame
 
 
 @pytest.fixture(autouse=True)
 def no_imagenet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    model_mod._cache.clear()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     threads = torch.get_num_threads()
     yield
@@ -228,7 +228,7 @@ def test_a_driver_frame_read_again_is_the_frame_the_model_saw() -> None:
     for name in ("emri_small.dcm", "CT_small.dcm", "examples_ybr_color.dcm"):
         path = Path(get_testdata_file(name))
         for frame in read_frames(path, settings.pipeline, prep):
-            again = model_mod._driver_frame(path, frame.frame_index, settings, prep)
+            again = driver_frame(path, frame.frame_index, settings, prep)
             assert again.frame_index == frame.frame_index
             np.testing.assert_array_equal(again.display, frame.display)
             np.testing.assert_array_equal(again.image, frame.image)

@@ -15,11 +15,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sklearn.metrics import roc_auc_score
 
-from dxnode import model as model_mod
+from dxnode.bundle import load_manifest
 from dxnode.cli import main
 from dxnode.config import ModelSettings, Settings
 from dxnode.dataset import read_table, split_by_patient
-from dxnode.model import analyze_study, load_classifier, load_manifest, predict_file
+from dxnode.model import load_classifier
+from dxnode.predict import predict_file
+from dxnode.streaming import analyze_study
 
 LABELS = ["bar", "disc"]
 
@@ -150,7 +152,6 @@ def test_split_is_by_patient_without_leakage(trained: tuple[Path, Path]) -> None
 
 def test_evaluate_on_the_held_out_split_agrees_with_sklearn(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, bundle = trained
-    model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev"), "--split", "test"]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     with open(bundle / "splits.csv", newline="") as f:
@@ -171,7 +172,6 @@ def test_evaluate_on_the_held_out_split_agrees_with_sklearn(trained: tuple[Path,
 
 def test_bundle_gives_the_same_probabilities_in_predict_and_in_the_runner(trained: tuple[Path, Path]) -> None:
     data, bundle = trained
-    model_mod._cache.clear()
     clf = load_classifier(ModelSettings(bundle=str(bundle)))
     image = data.parent / "p000_1.dcm"
     direct = {f.label: f.probability for f in predict_file(image, clf, Settings()).findings}

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from test_train import LABELS, make_dataset
 
-from dxnode import model as model_mod
 from dxnode.cli import main
 
 CPU_BUDGET_S = 240  # user + system over both cores; about 40-60 s on an idle 2-core machine
@@ -38,7 +37,6 @@ def test_default_options_from_scratch_reach_auroc_0_95_on_a_separate_held_out_cs
     training = json.loads((bundle / "manifest.json").read_text())["extra"]["training"]
     assert training["start"] == "scratch"
     assert training["parameters"]["lr"] == 1e-3 and training["parameters"]["batch_size"] == 16
-    model_mod._cache.clear()
     assert main(["evaluate", str(bundle), "--data", str(held_out), "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     aurocs = {label: metrics["labels"][label]["auroc"] for label in LABELS}

@@ -9,7 +9,6 @@ from nodeproc import TEST_MODALITIES
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dxnode import model as model_mod
 from dxnode import worklist
 from dxnode.analysis import run_job
 from dxnode.config import Settings
@@ -39,7 +38,6 @@ def node_settings(tmp: Path, url: str | None = None, **web: object) -> Settings:
 
 def processed_study(store: Store, settings: Settings, patient_id: str = "PID-WEB-1", accession: str = "ACC-9") -> str:
     """Receive CT_small as a new study (files + rows), then run the real job body on it."""
-    model_mod._cache.clear()
     study_uid, series_uid = generate_uid(), generate_uid()
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 def load_model_or_say_why(settings: Settings, bundle: str | None) -> Classifier | None:
     """The configured (or given) model, or None after printing why it cannot be loaded."""
-    from dxnode.model import BundleError, load_classifier
+    from dxnode.bundle import BundleError
+    from dxnode.model import load_classifier
 
     try:
         return load_classifier(settings.model, bundle, settings.data_dir)
@@ -78,7 +79,7 @@ def predict_inputs(names: Sequence[str]) -> tuple[list[tuple[str, str | None]], 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     """Run the model on files and folders directly; exit 1 if any file failed, 2 if the model cannot load."""
-    from dxnode.model import FilePrediction, predict_file, save_png
+    from dxnode.predict import FilePrediction, predict_file, save_png
     from dxnode.schemas import PredictionOut
 
     files, refused = predict_inputs(args.files)
@@ -154,12 +155,12 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int:
     """Make a bundle from the torchvision ImageNet weights file."""
-    from dxnode.engine import require_train_extra
+    from dxnode.extras import require_train_extra
 
     require_train_extra("init-imagenet")
     import torch
 
-    from dxnode.model import imagenet_manifest, imagenet_weights_path, write_bundle
+    from dxnode.bundle import imagenet_manifest, imagenet_weights_path, write_bundle
 
     weights = Path(args.weights) if args.weights else imagenet_weights_path(settings.model)
     if not weights.is_file():
@@ -193,8 +194,8 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
 
 def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
     """Add model.onnx (checked against PyTorch, sha256 in the manifest) to a bundle."""
+    from dxnode.bundle import BundleError
     from dxnode.engine import export_bundle
-    from dxnode.model import BundleError
 
     try:
         m = export_bundle(Path(args.bundle))
@@ -207,8 +208,8 @@ def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """Write an int8 copy of a bundle, calibrated on the images of a labelled CSV."""
-    from dxnode.engine import quantize_bundle
-    from dxnode.model import BundleError
+    from dxnode.bundle import BundleError
+    from dxnode.quantize import quantize_bundle
 
     try:
         m = quantize_bundle(
@@ -234,7 +235,7 @@ def cmd_model_quantize(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Fine-tune ResNet-18 on a labelled CSV and write a bundle."""
-    from dxnode.engine import require_train_extra
+    from dxnode.extras import require_train_extra
     from dxnode.train import TrainOptions, run_train
 
     require_train_extra()
@@ -268,9 +269,9 @@ def warn_small_split(metrics: dict[str, Any], command: str, what: str) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate a bundle on a labelled CSV."""
-    from dxnode.engine import require_train_extra
+    from dxnode.bundle import BundleError
     from dxnode.evaluate import evaluate, table
-    from dxnode.model import BundleError
+    from dxnode.extras import require_train_extra
 
     require_train_extra()
     try:

@@ -66,6 +66,7 @@ from dxnode.web.services import Readiness, Svc, WebServices, attach, given_recei
 from dxnode.web.stow import stow_router
 
 if TYPE_CHECKING:
+    from dxnode.model import ModelRegistry
     from dxnode.scp import StorageSCP
 
 log = logging.getLogger("dxnode.web")
@@ -342,7 +343,7 @@ async def predict_upload(svc: Svc, file: UploadFile, who: Principal, top_k: int)
 
 def _predict_bytes(svc: Svc, data: bytes, filename: str, who: Principal, top_k: int) -> UploadPrediction:
     """The blocking part of predict_upload: write, decode, infer, audit, encode the PNGs."""
-    from dxnode.model import predict_file
+    from dxnode.predict import predict_file
 
     settings = svc.settings
     keep = settings.web.keep_uploads
@@ -446,10 +447,14 @@ def create_app(
     readiness: Readiness | None = None,
     metrics_dir: Path | None = None,
     scp: StorageSCP | None = None,
+    registry: ModelRegistry | None = None,
 ) -> FastAPI:
     """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any;
-    scp: the node's SCP, that STOW-RS parts are stored by; default: one made on first use)."""
-    from dxnode.model import load_classifier
+    scp: the node's SCP, that STOW-RS parts are stored by, default one made on first use;
+    registry: the process's models, a new one when not given)."""
+    from dxnode.model import ModelRegistry
+
+    models = registry or ModelRegistry()
 
     svc = WebServices(
         settings,
@@ -457,7 +462,7 @@ def create_app(
         LoginThrottle.from_settings(settings.web),
         readiness,
         metrics_dir,
-        classifier=lambda: load_classifier(settings.model, data_dir=settings.data_dir),
+        classifier=lambda: models.get(settings.model, data_dir=settings.data_dir),
         stow_receiver=own_receiver(settings, store) if scp is None else given_receiver(scp),
     )
     app = _base_app(svc, "dxnode")
