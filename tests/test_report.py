@@ -17,8 +17,9 @@ from dxnode import model as model_mod
 from dxnode.config import ModelSettings, Settings
 from dxnode.model import analyze_study, load_classifier, write_bundle
 from dxnode.pipeline import Preprocessing
-from dxnode.report import summary_line, write_outputs
+from dxnode.report import write_outputs
 from dxnode.results import StudyResult
+from dxnode.sr import summary_line
 
 SOURCES = {
     "ct": Path(get_testdata_file("CT_small.dcm")),
@@ -206,7 +207,7 @@ def _walk(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
 def test_attention_outline_follows_the_hot_region() -> None:
     import numpy as np
 
-    from dxnode.report import attention_outline
+    from dxnode.attention import attention_outline
 
     cam = np.zeros((10, 20), dtype=np.float32)
     cam[2:5, 4:9] = 1.0  # rows 2-4, columns 4-8
