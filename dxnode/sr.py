@@ -84,8 +84,8 @@ def library_view(ds: Dataset) -> Dataset:
     """
     if _has_modality_descriptors(ds):
         return ds
-    view = Dataset({tag: elem for tag, elem in ds.items()})  # a new element dict: ds stays as it is
-    view.Modality = "OT"
+    view = Dataset({tag: elem for tag, elem in ds.items()})  # a new element dict over the same elements
+    view.add_new(0x00080060, "CS", "OT")  # a new Modality element: setting .Modality would change ds's
     return view
 
 
