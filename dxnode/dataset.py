@@ -25,24 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from pydicom import Dataset
 
 from dxnode.config import PipelineSettings
 from dxnode.pipeline import (
     PipelineError,
     Preprocessing,
-    auto_window,
-    check_before_decoding,
-    dataset_window,
-    frame_from_values,
     is_image_file,
-    j2k_reduce,
-    modality_values,
-    preset_window,
+    model_inputs,
     read_dataset,
-    read_frames,
     skip_reason,
-    to_tensor,
 )
 
 if TYPE_CHECKING:
@@ -241,20 +232,6 @@ class Augment:
     hflip: bool = False
 
 
-def _window(ds: Dataset | None, values: np.ndarray, settings: PipelineSettings) -> tuple[float, float] | None:
-    """The LINEAR window inference would use for this frame, to jitter; None when inference uses
-    something else (a VOI LUT sequence, a SIGMOID or LINEAR_EXACT function), which is then left as is."""
-    w = preset_window(ds, settings)
-    if w is not None:
-        return w
-    own = dataset_window(ds)
-    if own is not None:
-        return own[:2] if own[2] == "LINEAR" else None
-    if ds is not None and "VOILUTSequence" not in ds:
-        return auto_window(values)
-    return None
-
-
 def load_tensor(
     sample: Sample,
     settings: PipelineSettings,
@@ -264,33 +241,22 @@ def load_tensor(
 ) -> torch.Tensor:
     """The model input of a sample (first frame), optionally augmented; PipelineError if unusable.
 
-    The input is pipeline.to_tensor's, as serving makes it (no train/serve skew), as a torch tensor.
+    The input is pipeline.model_inputs', the node's own path (no train/serve skew), as a torch
+    tensor. Augmentation jitters the LINEAR window the pipeline picks, then moves the tensor.
     """
     import torch  # training: dxnode[train]
 
     rng = rng or np.random.default_rng()
-    if is_image_file(sample.path) or augment is None:
-        frame = read_frames(sample.path, settings, prep)[0]
-    else:
-        ds = read_dataset(sample.path, settings.max_decoded_mb)
-        check_before_decoding(ds, settings)  # declared sizes and LUT numbers, as read_frames checks them
-        try:
-            idx, values = modality_values(ds, 1, reduce=j2k_reduce(settings, prep))[0]
-            window = _window(ds, values, settings) if values.ndim == 2 else None
-            if window is not None:
-                c, w = window
-                window = (
-                    c + rng.uniform(-1, 1) * augment.window_center_shift * w,
-                    w * (1 + rng.uniform(-1, 1) * augment.window_width_scale),
-                )
-            frame = frame_from_values(values, idx, ds, settings, prep, window=window)
-            if not np.isfinite(frame.image).all():
-                raise PipelineError("pixel values are not finite after the LUTs")
-        except PipelineError:
-            raise
-        except Exception as exc:  # a malformed LUT or window in the header, as read_frames reports it
-            raise PipelineError(f"cannot apply the pixel chain: {type(exc).__name__}: {exc}"[:300]) from exc
-    x = torch.from_numpy(to_tensor(frame, prep))
+    jitter = None
+    if augment is not None:
+        a, draws = augment, list[float]()
+
+        def jitter(center: float, width: float) -> tuple[float, float]:
+            if not draws:  # one draw per sample: every frame of it gets the same jitter
+                draws.extend((rng.uniform(-1, 1), rng.uniform(-1, 1)))
+            return center + draws[0] * a.window_center_shift * width, width * (1 + draws[1] * a.window_width_scale)
+
+    x = torch.from_numpy(model_inputs(sample.path, settings, prep, adjust_window=jitter)[0])
     return _augment_tensor(x, prep, augment, rng) if augment else x
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from dxnode.config import PipelineSettings
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Changes a LINEAR window (center, width) before it is applied: training's window jitter.
+WindowAdjust = Callable[[float, float], tuple[float, float]]
 _VOI_FULL_SCALE = 65535.0  # output range of the synthetic VOI datasets below (16-bit unsigned)
 
 # SOP classes that carry no image for the model, whatever else they hold (PS3.4 Annex B).
@@ -359,18 +362,27 @@ def auto_window(values: np.ndarray) -> tuple[float, float]:
 
 
 def voi01(
-    values: np.ndarray, ds: Dataset | None, settings: PipelineSettings, window: tuple[float, float] | None = None
+    values: np.ndarray,
+    ds: Dataset | None,
+    settings: PipelineSettings,
+    window: tuple[float, float] | None = None,
+    adjust_window: WindowAdjust | None = None,
 ) -> tuple[np.ndarray, tuple[float, float] | None]:
     """VOI of a grayscale frame scaled to [0, 1] and the window used (None for a VOI LUT).
 
     Precedence: explicit window > config preset > the dataset's Window Center/Width (LINEAR,
-    LINEAR_EXACT or SIGMOID) > its VOI LUT Sequence > a percentile window.
+    LINEAR_EXACT or SIGMOID) > its VOI LUT Sequence > a percentile window. adjust_window (training's
+    window jitter) changes a LINEAR window before it is applied; other VOI functions stay as they are.
     """
+    adjust = adjust_window or (lambda c, w: (c, w))
     window = window or preset_window(ds, settings)
     if window is not None:
+        window = adjust(*window)
         return _window01(values, *window), window
     own = dataset_window(ds)
     if own is not None:
+        if own[2] == "LINEAR":
+            own = (*adjust(*own[:2]), "LINEAR")
         return _window01(values, *own), own[:2]
     if ds is not None and "VOILUTSequence" in ds:
         lut_ds = Dataset()
@@ -380,7 +392,7 @@ def voi01(
         indices = values.astype(np.int64) if np.array_equal(values, np.round(values)) else values
         out = apply_voi_lut(indices, lut_ds, prefer_lut=True)
         return np.clip(out.astype(np.float32) / float(2**bits - 1), 0, 1), None
-    auto = auto_window(values)
+    auto = adjust(*auto_window(values))
     return _window01(values, *auto), auto
 
 
@@ -417,6 +429,7 @@ def frame_from_values(
     prep: Preprocessing,
     window: tuple[float, float] | None = None,
     display_max_side: int = 0,
+    adjust_window: WindowAdjust | None = None,
 ) -> Frame:
     """Window (grayscale) or pass through (colour) one frame into a Frame; its display no larger than display_max_side."""
     uid = str(ds.get("SOPInstanceUID", "")) if ds is not None else ""
@@ -429,7 +442,7 @@ def frame_from_values(
             sop_instance_uid=uid,
         )
     monochrome1 = ds is not None and str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    gray, used = voi01(values, ds, settings, window)
+    gray, used = voi01(values, ds, settings, window, adjust_window)
     if monochrome1:
         gray = 1.0 - gray
     if prep.channels == "windows":
@@ -517,13 +530,14 @@ def read_frames(
     prep: Preprocessing,
     frames: list[int] | None = None,
     display_max_side: int = 0,
+    adjust_window: WindowAdjust | None = None,
 ) -> list[Frame]:
     """Frames of a DICOM instance or a PNG/JPEG file, ready for to_tensor; PipelineError on failure.
 
     frames picks 0-based frames of a DICOM instance (e.g. the one a heatmap needs) instead of
     up to max_frames evenly spaced ones. Each frame's display image has its longest side at most
     display_max_side ([report] sc_max_side for heatmaps; 0: the decoded size); the model image
-    is the same whatever it is.
+    is the same whatever it is. adjust_window: see voi01 (training only).
     """
     if not isinstance(source, Dataset):
         path = Path(source)
@@ -542,7 +556,9 @@ def read_frames(
         for i, values in modality_values(ds, settings.max_frames, frames, j2k_reduce(settings, prep)):
             if not all_finite(values):
                 raise PipelineError("pixel values are not finite after the Modality LUT")
-            frame = frame_from_values(values, i, ds, settings, prep, display_max_side=display_max_side)
+            frame = frame_from_values(
+                values, i, ds, settings, prep, display_max_side=display_max_side, adjust_window=adjust_window
+            )
             if not all_finite(frame.image):
                 raise PipelineError("pixel values are not finite after the VOI LUT")
             frame.notes = tuple(notes)
@@ -632,3 +648,13 @@ def map_to_source(cam_input: np.ndarray, g: Geometry, size: tuple[int, int] | No
     hh, ww = min(g.size - src_t, g.resized_h - dst_t), min(g.size - src_l, g.resized_w - dst_l)
     canvas[:, dst_t : dst_t + hh, dst_l : dst_l + ww] = cam_input[src_t : src_t + hh, src_l : src_l + ww]
     return resize_planes(canvas, size or (g.height, g.width))[0]
+
+
+def model_inputs(
+    path: Path, settings: PipelineSettings, prep: Preprocessing, adjust_window: WindowAdjust | None = None
+) -> list[np.ndarray]:
+    """The model inputs (3xSxS float32) of a file's frames: read_frames then to_tensor, as the node serves them.
+
+    The one path from a file to tensors for training, evaluation and calibration; PipelineError if unusable.
+    """
+    return [to_tensor(f, prep) for f in read_frames(path, settings, prep, adjust_window=adjust_window)]

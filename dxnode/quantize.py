@@ -15,7 +15,7 @@ from dxnode.bundle import BundleError, Manifest, load_manifest, load_network, re
 from dxnode.config import Settings
 from dxnode.durable import durable_path
 from dxnode.engine import INPUT, ONNX_FILE, bundle_onnx, check_export, export_onnx, ort_session
-from dxnode.pipeline import PipelineError, Preprocessing, read_frames, to_tensor
+from dxnode.pipeline import PipelineError, Preprocessing, model_inputs
 
 if TYPE_CHECKING:
     from dxnode.dataset import Sample
@@ -77,7 +77,7 @@ def quantize_onnx(
 def calibration_batches(
     samples: list[Sample], settings: Settings, prep: Preprocessing, max_images: int, batch_size: int = 8
 ) -> Iterator[np.ndarray]:
-    """Model inputs of the samples' frames, made by the node's own pipeline (read_frames, to_tensor: what
+    """Model inputs of the samples' frames, made by the node's own pipeline (pipeline.model_inputs: what
     serving feeds the model), in batches; unreadable files are skipped."""
     pending: list[np.ndarray] = []
     count = 0
@@ -85,12 +85,12 @@ def calibration_batches(
         if count >= max_images:
             break
         try:
-            frames = read_frames(s.path, settings.pipeline, prep)
+            inputs = model_inputs(s.path, settings.pipeline, prep)
         except PipelineError as exc:
             log.warning("calibration: left out %s: %s", s.path, exc)
             continue
-        for f in frames[: max_images - count]:
-            pending.append(to_tensor(f, prep))
+        for x in inputs[: max_images - count]:
+            pending.append(x)
             count += 1
             if len(pending) == batch_size:
                 yield np.stack(pending)

@@ -56,7 +56,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table
@@ -336,11 +336,6 @@ class StorageSCP:
             node.network_timeout,
         )
         ae.maximum_pdu_size = MAX_PDU
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # pynetdicom's "standard" handlers log every DIMSE message and PDU at INFO/DEBUG, and the
-            # C-STORE one copies the whole received dataset just to print "Present": unbind them
-            # unless their lines would be shown.
-            _config.LOG_HANDLER_LEVEL = "none"
         ae.require_calling_aet = list(node.allowed_calling_aets)
         # A sender configured with the wrong called AE title is refused (A-ASSOCIATE-RJ reason 7,
         # "called AE title not recognised") instead of going unnoticed.

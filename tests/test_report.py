@@ -17,8 +17,9 @@ from dxnode.bundle import write_bundle
 from dxnode.config import ModelSettings, Settings
 from dxnode.model import load_classifier
 from dxnode.pipeline import Preprocessing
-from dxnode.report import summary_line, write_outputs
+from dxnode.report import write_outputs
 from dxnode.results import StudyResult
+from dxnode.sr import summary_line
 from dxnode.streaming import analyze_study
 
 SOURCES = {
@@ -205,7 +206,7 @@ def _walk(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
 def test_attention_outline_follows_the_hot_region() -> None:
     import numpy as np
 
-    from dxnode.report import attention_outline
+    from dxnode.attention import attention_outline
 
     cam = np.zeros((10, 20), dtype=np.float32)
     cam[2:5, 4:9] = 1.0  # rows 2-4, columns 4-8

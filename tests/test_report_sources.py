@@ -1,7 +1,7 @@
 """SR and SC from sources beyond single-frame CT/CR: multi-frame frames, laterality, rerun identity, bad input.
 
 Results are built directly from the dataclasses of dxnode.results (no model), so every check here
-is about dxnode/report.py alone. Each of these once failed against report.py (enhanced
+is about the outputs alone (dxnode/report.py, sr.py, sc.py). Each of these once failed against them (enhanced
 multi-frame and ultrasound sources, laterality of unpaired body parts, colliding label codes,
 heatmaps not matching the result) and pins the fix.
 """

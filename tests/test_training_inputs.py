@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import data_store
@@ -14,9 +15,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from test_train import make_dataset, synthetic_image
 
-from dxnode.config import PipelineSettings
+from dxnode.config import PipelineSettings, Settings
 from dxnode.dataset import Augment, Sample, TorchDataset, collate, load_tensor, read_table, split_by_patient
-from dxnode.pipeline import Preprocessing, read_frames, to_tensor
+from dxnode.streaming import _decode_instance
+from dxnode.pipeline import Preprocessing, model_inputs, read_frames, to_tensor
 
 DATA_STORE = Path(data_store.__file__).parent / "data"
 PREP = Preprocessing(input_size=64)
@@ -75,6 +77,46 @@ def test_training_input_without_augmentation_is_the_inference_input(case: str, t
     augmented = load_tensor(sample, settings, PREP, NO_AUGMENT, np.random.default_rng(0))
     assert torch.equal(plain, served)
     torch.testing.assert_close(augmented, served, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "case", ["own window", "sigmoid window", "preset window", "auto window", "MONOCHROME1", "VOI LUT sequence"]
+)
+def test_training_loader_and_the_node_give_bitwise_the_same_tensor(case: str, tmp_path: Path) -> None:
+    """One path from file to tensor: the training loader's input is byte for byte the one the node serves."""
+    path, pipeline = _input(case, tmp_path)
+    settings = Settings(pipeline=pipeline)
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    decoded = _decode_instance(uid, path, settings, PREP)  # what a job feeds the model
+    assert decoded.outcome is None and decoded.inputs
+    served = decoded.inputs[0][1]
+    item = TorchDataset([Sample(path, (1.0,), "P1")], pipeline, PREP, None, seed=0)[0]
+    assert not isinstance(item, str)
+    trained = item[0].numpy()
+    assert trained.dtype == served.dtype == np.float32 and trained.shape == served.shape
+    assert trained.tobytes() == served.tobytes()
+    assert model_inputs(path, pipeline, PREP)[0].tobytes() == served.tobytes()  # what calibration reads
+
+
+@pytest.mark.parametrize(
+    ("case", "jittered"),
+    [
+        ("own window", True),
+        ("preset window", True),
+        ("auto window", True),
+        ("sigmoid window", False),
+        ("VOI LUT sequence", False),
+        ("png", False),
+    ],
+)
+def test_window_jitter_moves_only_the_linear_window_the_node_picks(case: str, jittered: bool, tmp_path: Path) -> None:
+    """The jitter goes through the pipeline's own window choice: a LINEAR window moves, a SIGMOID or VOI LUT does not."""
+    path, settings = _input(case, tmp_path)
+    sample = Sample(path, (1.0,), "P1")
+    served = load_tensor(sample, settings, PREP)
+    window_only = dataclasses.replace(NO_AUGMENT, window_center_shift=0.3, window_width_scale=0.3)
+    moved = load_tensor(sample, settings, PREP, window_only, np.random.default_rng(3))
+    assert (float((moved - served).abs().max()) > 1e-3) is jittered
 
 
 def test_augmentation_is_seeded_small_and_flips_only_when_asked(tmp_path: Path) -> None:

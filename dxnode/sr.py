@@ -1,0 +1,304 @@
+"""The TID 1500 Comprehensive SR of a result (IHE AI Results profile).
+
+A device observer (this node), the algorithm (TID 4019: model name, version, weights sha256),
+one measurement group per label (TID 1501) holding the finding as a qualitative evaluation
+(present/absent by the bundle's threshold) and the model probability (UCUM "1"), the TID 1410
+attention regions of positive findings, the source images, an image library, a plain-text
+summary, and an IHE "Processing Algorithm" Contributing Equipment item. What it references is
+explained in dxnode/report.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dxnode import __version__
+from dxnode.attention import attention_outline
+from dxnode.config import Settings
+from dxnode.result_uids import derived_uid, result_key
+from dxnode.results import Finding, StudyResult
+
+SCHEME = "99DXNODE"  # private coding scheme for model labels
+PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
+# Measurement method of a TID 1410 attention region: where the model looked, not a lesion outline.
+ATTENTION_METHOD = CodedConcept("GRADCAM50", SCHEME, "Grad-CAM attention region (map >= 50% of peak)")
+HEATMAP = CodedConcept("HEATMAP", SCHEME, "Grad-CAM heatmap image")
+PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+
+
+# Modalities for which highdicom 0.28 adds the TID 1604 (cross-sectional) or TID 1603 (projection)
+# image library descriptors (ImageLibraryEntryDescriptors._is_cross_sectional / _is_projection_radiography).
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
+_PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+
+
+def _has_modality_descriptors(ds: Dataset) -> bool:
+    """Whether the header holds every attribute highdicom reads for its modality's TID 1603/1604 descriptors."""
+    modality = str(ds.get("Modality", ""))
+    if modality in _CROSS_SECTIONAL:
+        return (
+            len(ds.get("PixelSpacing") or []) == 2
+            and len(ds.get("ImageOrientationPatient") or []) == 6
+            and len(ds.get("ImagePositionPatient") or []) == 3
+            and ds.get("SliceThickness") not in (None, "")
+        )
+    if modality in _PROJECTION:
+        return "ImagerPixelSpacing" in ds and len(ds.get("PatientOrientation") or []) == 2
+    return True
+
+
+def library_view(ds: Dataset) -> Dataset:
+    """The header as handed to highdicom's image library: TID 1602 descriptors only when 1603/1604 cannot be had.
+
+    TID 1603/1604 descriptors are optional (U), but highdicom reads Imager Pixel Spacing and
+    Patient Orientation (projection) or Pixel Spacing, Image Orientation/Position (Patient) and
+    Slice Thickness (cross-sectional) unconditionally once Modality names such a modality, and
+    raises on real radiographs without them and on enhanced multi-frame images (those keep them
+    in functional groups). For such a header highdicom gets a copy whose Modality is "OT", which
+    only decides that branch: the library entry's modality code comes from the SOP Class.
+    Not yet reported upstream (the SpacingBetweenSlices case was fixed the same way in
+    https://github.com/ImagingDataCommons/highdicom/pull/315); to report at
+    https://github.com/ImagingDataCommons/highdicom/issues, then drop this view.
+    """
+    if _has_modality_descriptors(ds):
+        return ds
+    view = Dataset({tag: elem for tag, elem in ds.items()})  # a new element dict over the same elements
+    view.add_new(0x00080060, "CS", "OT")  # a new Modality element: setting .Modality would change ds's
+    return view
+
+
+def summary_line(result: StudyResult) -> str:
+    """One line a radiologist can read in any SR viewer."""
+    m = result.model
+    who = f"{m.name} {m.version}" + (", UNTRAINED DEMO MODEL - results are meaningless" if m.demo else "")
+    positives = [f"{f.label} {f.probability:.2f}" for f in result.positive]
+    top = ", ".join(f"{f.label} {f.probability:.2f}" for f in result.findings[:3])
+    found = ("positive: " + ", ".join(positives)) if positives else "no finding above threshold"
+    return f"AI-generated result ({who}): {found}; top: {top}. Not reviewed by a physician."
+
+
+def _label_concept(label: str) -> CodedConcept:
+    """The private code of a model label: the label itself when it fits a code value, else a digest.
+
+    Code values are at most 16 characters; labels that differ only past that or in punctuation
+    must still get different codes.
+    """
+    code = "".join(c if c.isalnum() else "_" for c in label.upper())
+    if not code or code != label.upper() or len(code) > 16:
+        code = f"{code[:7]}_{hashlib.sha256(label.encode()).hexdigest()[:8]}".lstrip("_")
+    return CodedConcept(code, SCHEME, label[:64])
+
+
+def _contributing_equipment(settings: Settings, m_name: str, m_version: str, device_uid: str) -> Dataset:
+    """IHE AIR Contributing Equipment item, purpose 'Processing Algorithm' (added with pydicom)."""
+    item = Dataset()
+    item.Manufacturer = settings.report.manufacturer
+    item.ManufacturerModelName = f"dxnode / {m_name}"[:64]
+    item.SoftwareVersions = [f"dxnode {__version__}", f"{m_name} {m_version}"[:64]]
+    item.DeviceUID = device_uid
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = PROCESSING_ALGORITHM
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.ContributionDescription = "AI inference (ResNet-18) and Grad-CAM"
+    return item
+
+
+def _probability(f: Finding, algo: AlgorithmIdentification) -> Measurement:
+    """The finding's probability as a TID 300 measurement (UCUM "1", no units)."""
+    return Measurement(
+        name=PROBABILITY,
+        value=round(float(f.probability), 6),
+        unit=CodedConcept("1", "UCUM", "no units"),
+        algorithm_id=algo,
+    )
+
+
+def _group(
+    f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one label: present/absent and probability, with its source image."""
+    concept = _label_concept(f.label)
+    images = []
+    if f.source_sop_instance_uid and f.source_sop_instance_uid in sources:
+        src = sources[f.source_sop_instance_uid]
+        frames = [f.source_frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+        images.append(
+            SourceImageForMeasurementGroup(
+                str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
+            )
+        )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=derived_uid(key, "group", f.label), identifier=f.label[:64]),
+        finding_type=concept,
+        algorithm_id=algo,
+        qualitative_evaluations=[QualitativeEvaluation(concept, codes.SCT.Present if f.positive else codes.SCT.Absent)],
+        measurements=[_probability(f, algo)],
+        source_images=images or None,
+    )
+
+
+def attention_groups(
+    result: StudyResult, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Two TID 1410 groups per positive finding with a heatmap: outline and bounding box of its Grad-CAM attention region."""
+    heatmaps = {h.label: h for h in result.heatmaps}
+    groups = []
+    for f in result.positive:
+        h = heatmaps.get(f.label)
+        if h is None or h.sop_instance_uid not in sources:
+            continue
+        src = sources[h.sop_instance_uid]
+        outline = attention_outline(h.cam, int(src.Rows), int(src.Columns))
+        (x0, y0), (x1, y1) = outline.min(axis=0), outline.max(axis=0)
+        box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+        # Both shapes, for viewers that draw only one kind (and Pixelmed's validator misreads a report
+        # holding exactly one TID 1410 group).
+        for shape, points in (("outline", outline), ("box", box)):
+            groups.append(_attention_group(f, src, h.frame, shape, points, algo, key))
+    return groups
+
+
+def _attention_group(
+    f: Finding,
+    src: Dataset,
+    frame: int,
+    shape: str,
+    points: np.ndarray,
+    algo: AlgorithmIdentification,
+    key: str,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1410 group: a closed polyline on the source image (and frame), the probability as its measurement."""
+    frames = [frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            str(src.SOPClassUID), str(src.SOPInstanceUID), referenced_frame_numbers=frames
+        ),
+    )
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(key, "attention", shape, f.label),
+            identifier=f"AI attention {shape}, not a lesion boundary: {f.label}"[:64],
+        ),
+        referenced_region=region,
+        finding_type=_label_concept(f.label),
+        method=ATTENTION_METHOD,
+        algorithm_id=algo,
+        measurements=[_probability(f, algo)],
+    )
+    for item in group[0].ContentSequence:  # TID 1419 row 5: highdicom 0.28 writes CONTAINS
+        if item.ConceptNameCodeSequence[0].CodeValue == "370129005":
+            item.RelationshipType = "HAS CONCEPT MOD"
+    return group
+
+
+def heatmap_image_items(heatmaps: list[Dataset]) -> list[hd.sr.ImageContentItem]:
+    """IMAGE content items pointing at the heatmap SCs the SR comes with (as AI Results samples do)."""
+    return [
+        hd.sr.ImageContentItem(
+            name=HEATMAP,
+            referenced_sop_class_uid=str(sc.SOPClassUID),
+            referenced_sop_instance_uid=str(sc.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for sc in heatmaps
+    ]
+
+
+def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 'Qualitative Evaluations' container with plain-text lines."""
+    container = hd.sr.ContainerContentItem(
+        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=CodedConcept("121106", "DCM", "Comment"),
+                value=line[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in lines
+        ]
+    )
+    return container
+
+
+def build_sr(
+    result: StudyResult, sources: dict[str, Dataset], settings: Settings, heatmaps: list[Dataset] | None = None
+) -> tuple[Dataset, str]:
+    """The Comprehensive SR dataset of a result and its summary line; it references the given heatmap SCs."""
+    m = result.model
+    key = result_key(result)
+    device_uid = derived_uid("dxnode-device", settings.node.ae_title)
+    algo = AlgorithmIdentification(name=m.name[:64], version=m.version[:64], parameters=[f"weights sha256 {m.sha256}"])
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=settings.node.ae_title,
+            manufacturer_name=settings.report.manufacturer,
+            model_name=f"dxnode {__version__}",
+        ),
+    )
+    # Only the images the findings name (see the module docstring); the first source when none does.
+    named = sorted({f.source_sop_instance_uid for f in result.findings if f.source_sop_instance_uid in sources})
+    evidence = [sources[uid] for uid in named] or [sources[uid] for uid in sorted(sources)[:1]]
+    # TID 1500 lists planar ROI groups (TID 1410) before the whole-image ones (TID 1501); Pixelmed's validator wants that order.
+    groups: list[Any] = attention_groups(result, sources, algo, key) if settings.report.attention_roi else []
+    groups += [_group(f, sources, algo, key) for f in result.findings]
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=CodedConcept("363679005", "SCT", "Imaging procedure"),
+        imaging_measurements=groups,
+        referenced_images=[library_view(ds) for ds in evidence],
+    )
+    summary = summary_line(result)
+    lines = [
+        summary,
+        "This content was generated by an AI model"
+        + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else "."),
+    ]
+    comments = _comments_container(lines)
+    comments.ContentSequence.extend(heatmap_image_items(list(heatmaps or [])))
+    report[0].ContentSequence.append(comments)
+    sr = ComprehensiveSR(
+        evidence=evidence + list(heatmaps or []),
+        content=report[0],
+        series_instance_uid=derived_uid(key, "sr-series"),
+        series_number=settings.report.sr_series_number,
+        sop_instance_uid=derived_uid(key, "sr"),
+        instance_number=1,
+        manufacturer=settings.report.manufacturer,
+        institution_name=settings.report.institution_name or None,
+        is_complete=True,
+        contributing_equipment=None,
+    )
+    sr.SeriesDescription = settings.report.sr_series_description[:64]
+    # highdicom types this as list[ContributingEquipment], whose class accepts only the purpose codes it lists
+    # and so refuses IHE's "Processing Algorithm" (99IHE Newcode1): the item is a plain pydicom Dataset.
+    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]  # type: ignore[list-item]
+    return sr, summary
