@@ -17,8 +17,8 @@ from test_train import make_dataset, synthetic_image
 
 from dxnode.config import PipelineSettings, Settings
 from dxnode.dataset import Augment, Sample, TorchDataset, collate, load_tensor, read_table, split_by_patient
-from dxnode.streaming import _decode_instance
 from dxnode.pipeline import Preprocessing, model_inputs, read_frames, to_tensor
+from dxnode.streaming import _decode_instance
 
 DATA_STORE = Path(data_store.__file__).parent / "data"
 PREP = Preprocessing(input_size=64)
