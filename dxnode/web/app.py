@@ -58,12 +58,13 @@ from dxnode.schemas import (
 )
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Store, audit
-from dxnode.web.auth import LoginThrottle, Principal, principal, require_admin, require_read
+from dxnode.web.auth import Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
 from dxnode.web.services import Readiness, Svc, WebServices, attach, given_receiver, own_receiver
 from dxnode.web.stow import stow_router
+from dxnode.web.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     from dxnode.model import ModelRegistry

@@ -20,7 +20,7 @@ from dxnode.store import Store
 if TYPE_CHECKING:
     from dxnode.model import Classifier
     from dxnode.scp import StorageSCP
-    from dxnode.web.auth import LoginThrottle
+    from dxnode.web.throttle import LoginThrottle
 
 Readiness = Callable[[], dict[str, bool]]
 
