@@ -112,17 +112,20 @@ def list_studies(session: Session, f: StudyFilter) -> list[StudyOut]:
 
 def job_out(job: Job, study_uid: str) -> JobOut:
     """The read model of a job row."""
+    routing = [line[len("routing: ") :] for line in (job.log or "").splitlines() if line.startswith("routing: ")]
+    skipped = JobState(job.state) == JobState.SKIPPED
     return JobOut(
         id=job.id,
         study_instance_uid=study_uid,
         state=JobState(job.state),
         attempts=job.attempts,
         error=job.error,
+        reason=job.error or (routing[0] if skipped and routing else ""),
         worker=job.worker,
         model_name=job.model_name,
         model_version=job.model_version,
         routed_model=job.routed_model,
-        routing=[line[len("routing: ") :] for line in (job.log or "").splitlines() if line.startswith("routing: ")],
+        routing=routing,
         created_at=iso(job.created_at),
         started_at=iso(job.started_at),
         finished_at=iso(job.finished_at),

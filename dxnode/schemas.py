@@ -71,7 +71,7 @@ class JobOut(TableRow):
         "model_version",
         "created_at",
         "finished_at",
-        "error",
+        "reason",
     )
 
     id: int
@@ -79,6 +79,7 @@ class JobOut(TableRow):
     state: JobState
     attempts: int
     error: str
+    reason: str  # why it failed (its error) or was skipped (the routing summary), in one line
     worker: str
     model_name: str
     model_version: str

@@ -134,6 +134,7 @@ def test_the_demo_model_analyses_chest_radiographs_only_and_says_why_it_skipped_
         (job,) = jobs[study]
         assert job["state"] == "skipped" and job["model_name"] == "", job
         assert job["routing"][0] == DEMO_SKIP, job["routing"]
+        assert job["reason"] == DEMO_SKIP  # the one line `dxnode jobs` shows in its REASON column
         assert any(what in line and line.endswith("model dxnode-demo is for CR/DX CHEST") for line in job["routing"])
         assert outputs_of(node, study) == []  # no SR, no SC into the PACS
     with node.store.session() as s:  # what the study page and /api/studies/{uid} show
