@@ -95,7 +95,7 @@ def add_parsers(sub: Any) -> argparse.ArgumentParser:
         sub,
         "jobs",
         cmd_jobs,
-        "list jobs (with the [[models]] entry each was routed to; --json adds the routing reasons)",
+        "list jobs (the [[models]] entry each was routed to, why one failed or was skipped; --json adds every routing line)",
     )
     sp.add_argument("--state", choices=[str(s) for s in JobState], help="only jobs in this state")
     _json_and_limit(sp, 100)
