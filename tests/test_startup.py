@@ -25,11 +25,11 @@ from dxnode.listen import EXIT_PART_DIED, EXIT_START
 TRACEBACK_OR_SPAM = re.compile(r"Traceback|cannot schedule new futures")
 
 
-def run_node(cfg: Path, *args: str, timeout: float = 60) -> tuple[int, str, str, float]:
-    """Run `dxnode serve` (or args) to its end: (status, stdout, stderr, seconds)."""
+def run_node(cfg: Path, *args: str, timeout: float = 60, prefix: tuple[str, ...] = ()) -> tuple[int, str, str, float]:
+    """Run `dxnode serve` (or args) to its end, under prefix (a command such as setpriv): (status, stdout, stderr, seconds)."""
     started = time.monotonic()
     out = subprocess.run(
-        [DXNODE, "--config", str(cfg), *(args or ("serve",))],
+        [*prefix, DXNODE, "--config", str(cfg), *(args or ("serve",))],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -114,10 +114,13 @@ def test_impossible_addresses_are_named(tmp_path: Path, case: str, expected: str
     elif case == "foreign_address":
         node["host"] = "192.0.2.1"  # TEST-NET-1: never an address of this host
     elif case == "privileged_port":
-        if os.geteuid() == 0:
-            pytest.skip("root may bind ports below 1024")
         node["port"] = 104
-    code, out, err, _ = run_node(node_config(tmp_path, node=node, web=web))
+    # Root binds ports below 1024 through CAP_NET_BIND_SERVICE: drop it, as an unprivileged service runs.
+    prefix = ("setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service")
+    code, out, err, _ = run_node(
+        node_config(tmp_path, node=node, web=web),
+        prefix=prefix if case == "privileged_port" and os.geteuid() == 0 else (),
+    )
     assert code == EXIT_START, out + err
     assert last_line(err) == "dxnode serve: " + expected.format(dicom=dicom), err
     assert not TRACEBACK_OR_SPAM.search(out + err)
