@@ -217,7 +217,7 @@ def seconds_between(a: str | None, b: str | None) -> float:
     ).total_seconds()
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915  a bench script read top to bottom: arguments, runs, one report
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cr", type=int, default=40, help="single-image CR studies (default 40)")
     parser.add_argument("--ct", type=int, default=300, help="slices of the CT study (default 300; try 1000)")

@@ -341,7 +341,7 @@ def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float 
 # --- choosing ------------------------------------------------------------------------------------
 
 
-def choose_engine(
+def choose_engine(  # noqa: C901  one decision table: engine wanted x device x int8 x onnx present
     wanted: str,
     device: str,
     device_setting: str,

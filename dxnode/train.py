@@ -258,7 +258,7 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     return net, f"imagenet:{weights.name}"
 
 
-def run_train(opts: TrainOptions, settings: Settings) -> Path:
+def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PLR0912, PLR0915  the training loop, to split into stages with the training folder (issue 20)
     """Train and write the bundle; returns its folder."""
     import numpy as np
     import torch

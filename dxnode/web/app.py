@@ -103,7 +103,7 @@ def _day(value: dt.date | None, plus_days: int = 0) -> dt.datetime | None:
     return dt.datetime.combine(value + dt.timedelta(days=plus_days), dt.time(), tzinfo=dt.UTC) if value else None
 
 
-def api_router() -> APIRouter:
+def api_router() -> APIRouter:  # noqa: C901, PLR0915  the routes are nested functions: split per resource with the web folder (issue 20)
     """The /api routes."""
     r = APIRouter(prefix="/api", responses=ERRORS)
 
