@@ -114,7 +114,16 @@ def test_every_watched_metric_moves_after_real_jobs_and_deliveries(tmp_path: Pat
             samples = scrape(base)
             for name in names:
                 seen[name] = seen[name] or moved(samples, name)  # gauges (backlog) move and come back
-            settled = value(samples, "dxnode_outbox_backlog") == 0 and value(samples, "dxnode_outbox_failed") >= 2
+            # A scrape reads the counters and the database's gauges one after the other, so a delivery
+            # that fails in between shows in one and not yet in the other: wait until both say so.
+            settled = (
+                value(samples, "dxnode_outbox_backlog") == 0
+                and value(samples, "dxnode_outbox_failed") >= 2
+                and value(samples, "dxnode_deliveries_failed_for_good_total", destination="dead") >= 2
+                and value(samples, "dxnode_deliveries_sent_total", destination="pacs") >= 2
+                and value(samples, "dxnode_jobs", state="done") >= 1
+                and value(samples, "dxnode_jobs_finished_total", state="done") >= 1
+            )
             return samples if all(seen.values()) and settled else None
 
         try:
