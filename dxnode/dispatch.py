@@ -576,20 +576,9 @@ def cancel(session: Session, sel: Selection, actor: str, source: str = "", user:
         row.state, row.last_error = DeliveryState.CANCELLED, f"cancelled by {who}; {was}"[:2000]
         row.leased_by, row.lease_heartbeat_at = "", None
         changed.append(row.id)
-    if rows:
-        audit(
-            session,
-            actor,
-            "delivery.cancel",
-            target=sel.describe(),
-            source=source,
-            user=user,
-            ids=changed,
-            skipped=skipped,
-        )
     if changed:
         log.warning("%s cancelled %d delivery(ies): %s", who, len(changed), sel.describe())
-    return OutboxChange(action="cancel", selection=sel.describe(), matched=len(rows), changed=changed, skipped=skipped)
+    return _outcome(session, "cancel", sel, rows, changed, skipped, actor, source, user)
 
 
 def retry(
@@ -616,18 +605,33 @@ def retry(
             changed.append(row.id)
             continue
         skipped.setdefault(reason, []).append(row.id)
+    return _outcome(session, "retry", sel, rows, changed, skipped, actor, source, user)
+
+
+def _outcome(
+    session: Session,
+    action: str,
+    sel: Selection,
+    rows: list[Delivery],
+    changed: list[int],
+    skipped: dict[str, list[int]],
+    actor: str,
+    source: str,
+    user: str,
+) -> OutboxChange:
+    """Audit an outbox action that matched rows (as delivery.<action>) and say what it did."""
     if rows:
         audit(
             session,
             actor,
-            "delivery.retry",
+            f"delivery.{action}",
             target=sel.describe(),
             source=source,
             user=user,
             ids=changed,
             skipped=skipped,
         )
-    return OutboxChange(action="retry", selection=sel.describe(), matched=len(rows), changed=changed, skipped=skipped)
+    return OutboxChange(action=action, selection=sel.describe(), matched=len(rows), changed=changed, skipped=skipped)
 
 
 def schedule(scheduler: BaseScheduler, store: Store, settings: Settings) -> None:

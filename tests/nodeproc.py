@@ -258,3 +258,14 @@ def make_study(
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return study_uid, files
+
+
+def storescu(port: int, files: list[Path], aet: str = "MODALITY") -> None:
+    """Send files to the node with DCMTK storescu; every one must be acknowledged."""
+    out = subprocess.run(
+        ["storescu", "-aet", aet, "-aec", "DXNODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -12,21 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import free_port, need, need_tool, run
 from dicom_checks import dciodvfy_errors
-from nodeproc import Node, StoreSCP, make_study, node_config, wait_port, wait_until
+from nodeproc import Node, StoreSCP, make_study, node_config, storescu, wait_port, wait_until
 
 SR_STORAGE = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.34"}
 SC_STORAGE = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
-
-
-def storescu(port: int, files: list[Path], aet: str = "MODALITY") -> None:
-    """Send files to the node with DCMTK storescu; every one must be acknowledged."""
-    out = subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "DXNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.fixture

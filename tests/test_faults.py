@@ -24,14 +24,14 @@ from typing import Any
 import pydicom
 import pytest
 from conftest import free_port, need_tool
-from nodeproc import Node, StoreSCP, make_study, node_config, wait_until
+from nodeproc import Node, StoreSCP, make_study, node_config, storescu, wait_until
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
-from test_e2e import SR_STORAGE, storescu
+from test_e2e import SR_STORAGE
 
 from dxnode.store import Audit, Delivery, Instance, InstanceResult, Job, Output, Store, Study
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 from conftest import free_port, need_tool
-from nodeproc import Node, StoreSCP, make_study, node_config, wait_until
+from nodeproc import Node, StoreSCP, make_study, node_config, storescu, wait_until
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -71,16 +71,6 @@ def send_unreadable(port: int, aet: str, folder: Path) -> int:
     status = assoc.send_c_store(ds)
     assoc.release()
     return int(status.Status)
-
-
-def storescu(port: int, files: list[Path], aet: str) -> None:
-    out = subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "DXNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_every_watched_metric_moves_after_real_jobs_and_deliveries(tmp_path: Path) -> None:
