@@ -16,12 +16,15 @@ run: venv-run
 test: venv
 	.venv/bin/python -m pytest -ra $(PYTEST_ARGS)
 
-# Style, types and sizes (ruff's complexity limits, modules within 450 lines or a reason), run by .ci/run before the tests.
+# Style, types, sizes (ruff's complexity limits, modules within 450 lines or a reason) and the import layers
+# (import-linter's contracts in pyproject.toml; function-local imports say why), run by .ci/run before the tests.
 check: venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/python scripts/check-module-sizes
+	.venv/bin/lint-imports --no-cache
+	.venv/bin/python scripts/check-local-imports
 
 # Build the wheel and sdist, install the wheel outside the checkout and run it from an empty folder.
 wheel-smoke: venv

@@ -114,6 +114,9 @@ class Node:
             f"min_free_mb = 100\n"
             f'[database]\nurl = "sqlite:///{self.db}"\n'
             f"[worklist]\nstable_seconds = 2\nsweep_interval_seconds = 0.5\npoll_interval_seconds = 0.5\n"
+            # The demo model declares CR/DX chest radiographs: the CT is named here, as an admin would, to
+            # time a large study (a warning at start says the filter goes beyond the declaration).
+            f'[pipeline]\nmodalities = ["CR", "DX", "CT"]\n'
             f"[model]\nthreads = {threads}\nbatch_size = {batch_size}\n"
             f'[report]\nheatmap_for = "top1"\n'
             f"[dispatch]\ninterval_seconds = 0.5\n"
@@ -153,10 +156,10 @@ class Node:
                 raise RuntimeError(f"dxnode serve exited: see {self.log.name}")
             rows = self.jobs()
             ended = [r for r in rows if r["state"] in ("done", "failed", "skipped")]
+            bad = [r for r in ended if r["state"] != "done"]
+            if bad:  # a skipped or failed job sends nothing: the PACS count would never be reached
+                raise RuntimeError(f"job(s) did not end done: {bad[:2]}")
             if len(ended) >= jobs and len(list(self.pacs_dir.iterdir())) >= at_pacs:
-                bad = [r for r in ended if r["state"] != "done"]
-                if bad:
-                    raise RuntimeError(f"job(s) did not end done: {bad[:2]}")
                 return time.monotonic()
             time.sleep(0.1)
         raise TimeoutError(f"{jobs} jobs / {at_pacs} objects at the PACS not reached in {timeout} s")

@@ -31,12 +31,12 @@ import data_store
 import numpy as np
 import torch
 
-from dxnode.bundle import demo_network
 from dxnode.config import PipelineSettings, WindowPreset
-from dxnode.engine import OrtEngine, check_export, choose_device, export_onnx, ort_session
+from dxnode.inference.bundle import demo_network
+from dxnode.inference.engine import OrtEngine, check_export, choose_device, export_onnx, ort_session
 from dxnode.model import Classifier, normalise_cam
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
-from dxnode.quantize import calibration_batches, quantize_onnx
+from dxnode.training.quantize import calibration_batches, quantize_onnx
 
 DATA = Path(data_store.__file__).parent / "data"
 REAL_FILES = ["RG1_UNCR.dcm", "RG3_UNCR.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm"]

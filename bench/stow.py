@@ -21,7 +21,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dxnode.config import Settings
-from dxnode.dicomweb import multipart_body
+from dxnode.outbox.dicomweb import multipart_body
+from dxnode.receive.ingest import Ingest
 from dxnode.scp import StorageSCP
 from dxnode.store import Store, upgrade
 from dxnode.web.app import create_app
@@ -60,9 +61,10 @@ def main() -> None:
             web={"tokens": [{"name": "bench", "token": TOKEN, "role": "store"}]},
         )
         store = Store(url)
-        scp = StorageSCP(settings, store)
+        ingest = Ingest(settings, store)
+        scp = StorageSCP(settings, ingest)
         scp.start()
-        web = WebServer(create_app(settings, store), "127.0.0.1", 0)
+        web = WebServer(create_app(settings, store, ingest=ingest), "127.0.0.1", 0)
         web.start()
         best = {"C-STORE (storescu)": 0.0, "STOW-RS": 0.0}
         client = httpx.Client(timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})

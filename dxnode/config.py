@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import json
 import os
 import re
 import tomllib
@@ -30,7 +31,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
+from dxnode.states import HeatmapFor
 from dxnode.uids import is_valid_ae_title
 
 
@@ -110,8 +114,6 @@ class DatabaseSettings(Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
 
         try:
             url = make_url(v)
@@ -236,7 +238,7 @@ class PipelineSettings(Section):
     """[pipeline]: which instances go to the model and how pixels become model input.
 
     The filters are the admin's choice, used as written; one left empty (or 0) takes what the
-    model's bundle declares it is for (its manifest's intended_use, dxnode.intended), and a
+    model's bundle declares it is for (its manifest's intended_use, dxnode.inference.intended), and a
     bundle that declares nothing takes any image.
     """
 
@@ -288,7 +290,7 @@ class ModelEntry(Section):
     name: str = Field("", max_length=64)
     bundle: str = ""  # a bundle folder, "demo" or "imagenet"; empty: as [model] bundle
     engine: Literal["", "auto", "torch", "onnxruntime"] = ""  # empty: as [model] engine
-    heatmap_for: Literal["positive", "top1", "all"] | None = None  # None: as [report]
+    heatmap_for: HeatmapFor | None = None  # None: as [report]
     sc_max_side: int | None = Field(None, ge=0)  # None: as [report]
     modalities: list[str] = []
     body_parts: list[str] = []
@@ -323,7 +325,7 @@ class ReportSettings(Section):
     sr_series_number: int = 9901
     sc_series_description: str = "AI Heatmaps"
     sc_series_number: int = 9902
-    heatmap_for: Literal["positive", "top1", "all"] = "positive"
+    heatmap_for: HeatmapFor = HeatmapFor.POSITIVE
     # Longest side (Rows or Columns) of a heatmap SC, caption included; the heatmap is drawn on a
     # display image at most this large, downsampled from the source. 0 = the source's size.
     sc_max_side: int = Field(1024, ge=0)
@@ -469,6 +471,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
     Each error names where the bad value came from: the file, or the DXNODE_* variable that set it.
     """
+    # start-up time: pydantic_settings loads only when this runs
     from pydantic_settings import SettingsError
 
     chosen = (
@@ -601,7 +604,6 @@ def _describe(exc: ValidationError, source: Path) -> str:
 
 def _describe_settings_error(exc: Exception) -> str:
     """A DXNODE_* variable whose value pydantic-settings could not parse (lists and tables are JSON)."""
-    import json
 
     for name, value in sorted(os.environ.items()):
         if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
@@ -620,7 +622,6 @@ def _describe_settings_error(exc: Exception) -> str:
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as plain data with secrets hidden: token values, the session secret, database passwords."""
-    from sqlalchemy.engine import make_url
 
     data = settings.model_dump(mode="json", exclude={"source"})
     for token in data["web"]["tokens"]:
@@ -633,7 +634,6 @@ def masked(settings: Settings) -> dict[str, Any]:
 
 def has_secrets(data: dict[str, Any]) -> bool:
     """True when masked() data hides a secret (so it would not load as it is)."""
-    from sqlalchemy.engine import make_url
 
     web = data["web"]
     return bool(web["tokens"] or web["session_secret"] or make_url(data["database"]["url"]).password)
@@ -641,7 +641,6 @@ def has_secrets(data: dict[str, Any]) -> bool:
 
 def _toml_value(value: Any) -> str:
     """One TOML value (strings JSON-quoted, which TOML accepts for these characters)."""
-    import json
 
     if isinstance(value, bool):
         return "true" if value else "false"

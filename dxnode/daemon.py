@@ -2,7 +2,7 @@
 
 serve: the SCP receives on its own threads (pynetdicom); one APScheduler BackgroundScheduler runs
 the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
-thread; jobs run in supervised job processes (dxnode/runner.py), never in this one.
+thread; jobs run in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
 and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
 
@@ -41,14 +41,14 @@ from sqlalchemy.engine import make_url
 
 from dxnode.config import Settings
 from dxnode.listen import EXIT_PART_DIED, EXIT_START, StartError, check_addresses
-from dxnode.routing import warn_beyond_declaration
 from dxnode.store import Store, open_store
+from dxnode.worklist.routing import warn_beyond_declaration
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from dxnode.model import Classifier, ModelRegistry
-    from dxnode.scp import StorageSCP
+    from dxnode.receive.ingest import Ingest
     from dxnode.web.server import WebServer
 
 log = logging.getLogger("dxnode.daemon")
@@ -79,9 +79,10 @@ def _start_scheduler(
     settings: Settings, store: Store, activity: Any = None, supervisor: Any = None, sweep: bool = True
 ) -> BackgroundScheduler:
     """The background jobs: sweep for stable studies, hand back jobs of stopped workers, send the outbox."""
+    # start-up time: apscheduler loads only when this runs
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from dxnode import worklist
+    from dxnode.worklist import queue
 
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -89,7 +90,7 @@ def _start_scheduler(
     interval = settings.worklist.sweep_interval_seconds
     if sweep:
         scheduler.add_job(
-            worklist.sweep,
+            queue.sweep,
             "interval",
             args=[store, settings],
             kwargs={"activity": activity},
@@ -98,11 +99,12 @@ def _start_scheduler(
         )
 
     def recover() -> None:
-        worklist.recover(store, settings, exclude=supervisor.workers if supervisor is not None else frozenset())
+        queue.recover(store, settings, exclude=supervisor.workers if supervisor is not None else frozenset())
 
     scheduler.add_job(recover, "interval", seconds=max(interval, 1.0), id="recover")
     if settings.worklist.run_jobs:
-        from dxnode import dispatch
+        # start-up time: loaded only when this part of the node starts
+        from dxnode.outbox import dispatch
 
         dispatch.schedule(scheduler, store, settings)
     scheduler.start()
@@ -113,20 +115,22 @@ def _start_web(
     settings: Settings,
     store: Store,
     readiness: Readiness,
-    scp: StorageSCP | None = None,
+    ingest: Ingest | None = None,
     metrics_dir: Path | None = None,
     worker: bool = False,
     registry: ModelRegistry | None = None,
 ) -> WebServer:
     """Serve the REST API and pages (a worker: /healthz, /readyz and /metrics only); print how to log in.
-    STOW-RS stores through scp when given (the receiver whose activity the stable-study sweep watches)."""
+    STOW-RS stores through ingest when given (the one the listener shares, whose activity the stable-study
+    sweep watches)."""
+    # start-up time: loaded only when this part of the node starts
     from dxnode.web.app import create_app, create_metrics_app
     from dxnode.web.server import WebServer
 
     if worker:
         app = create_metrics_app(settings, store, readiness, metrics_dir)
     else:
-        app = create_app(settings, store, readiness, metrics_dir, scp, registry)
+        app = create_app(settings, store, readiness, metrics_dir, ingest, registry)
     server = WebServer(app, settings.web.host, settings.web.port)
     server.start()
     print(f"dxnode {'worker metrics' if worker else 'web'}: {server.url}", flush=True)
@@ -250,11 +254,13 @@ def _exit_by(deadline: float) -> None:
 
 def _start_jobs(settings: Settings, store: Store, log_level: str) -> Any:
     """The supervised job processes, when this node runs jobs."""
-    from dxnode.runner import Supervisor
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.jobs.process import job_process_main
+    from dxnode.worklist.supervisor import Supervisor
 
     if not settings.worklist.run_jobs:
         return None
-    supervisor = Supervisor(settings, store, settings.worklist.workers, log_level)
+    supervisor = Supervisor(settings, store, settings.worklist.workers, job_process_main, log_level)
     supervisor.start()
     return supervisor
 
@@ -299,20 +305,24 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
     except StartError as exc:
         return _refused("serve", exc, EXIT_START)
-    from dxnode import worklist
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.receive.ingest import Ingest
     from dxnode.scp import StorageSCP
+    from dxnode.worklist import queue
 
     store = scp = scheduler = supervisor = server = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
-        worklist.recover(store, settings)
+        queue.recover(store, settings)
         warn_beyond_declaration(settings)
+        # start-up time: loaded only when this part of the node starts
         from dxnode.model import ModelRegistry
 
         models = ModelRegistry()  # the web app's (/api/predict); each job process has its own
         classifier = _model(settings, models) if web_on else None
-        scp = StorageSCP(settings, store)
+        ingest = Ingest(settings, store)  # one durable receive path for C-STORE and STOW-RS
+        scp = StorageSCP(settings, ingest)
         scp.start()
         print(
             f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
@@ -320,7 +330,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
             flush=True,
         )
         supervisor = _start_jobs(settings, store, log_level)
-        scheduler = _start_scheduler(settings, store, scp.activity, supervisor)
+        scheduler = _start_scheduler(settings, store, ingest.activity, supervisor)
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
 
         def readiness() -> dict[str, bool]:
@@ -329,7 +339,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
                 checks["workers"] = ready_jobs.alive > 0
             return checks
 
-        server = _start_web(settings, store, readiness, scp, metrics_dir, registry=models) if web_on else None
+        server = _start_web(settings, store, readiness, ingest, metrics_dir, registry=models) if web_on else None
     except StartError as exc:
         _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
         return _refused("serve", exc, EXIT_START)
@@ -349,7 +359,8 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
 
 def _model(settings: Settings, registry: ModelRegistry) -> Classifier:
     """The model, or StartError naming it."""
-    from dxnode.bundle import BundleError
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.inference.bundle import BundleError
 
     try:
         return _load_model(settings, registry)
@@ -375,13 +386,14 @@ def work(settings: Settings, log_level: str = "INFO") -> int:
         metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
     except StartError as exc:
         return _refused("worker", exc, EXIT_START)
-    from dxnode import worklist
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.worklist import queue
 
     store = scheduler = supervisor = server = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
-        worklist.recover(store, settings)
+        queue.recover(store, settings)
         warn_beyond_declaration(settings)
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, None, supervisor, sweep=False)
@@ -418,6 +430,7 @@ def serve_web_only(settings: Settings) -> int:
     except StartError as exc:
         return _refused("web", exc, EXIT_START)
     try:
+        # start-up time: loaded only when this part of the node starts
         from dxnode.model import ModelRegistry
 
         models = ModelRegistry()

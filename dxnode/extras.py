@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 TRAIN_EXTRA = "pip install 'dxnode[train]'"
 
 
@@ -14,7 +16,6 @@ class MissingExtra(RuntimeError):
 
 def installed(module: str) -> bool:
     """Whether a top-level module can be imported, without importing it."""
-    import importlib.util
 
     try:
         return importlib.util.find_spec(module) is not None

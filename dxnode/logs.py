@@ -32,6 +32,7 @@ def library_switches(level: str) -> None:
     # While a job runs, APScheduler warns every poll that the runner is still busy: expected, not news.
     logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, logging.getLevelName(level)))
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        # start-up time: pynetdicom loads only when this runs
         from pynetdicom import _config
 
         # pynetdicom's "standard" handlers log every DIMSE message and PDU at INFO/DEBUG, and the

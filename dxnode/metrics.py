@@ -18,8 +18,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, P
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
+from sqlalchemy import func, select
 
-from dxnode.states import JobState
+from dxnode.states import DeliveryState, JobState
+from dxnode.store import Delivery, Job
 
 if TYPE_CHECKING:
     from dxnode.store import Store
@@ -95,10 +97,6 @@ for _state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED):
 def store_families(store: Store) -> list[Metric]:
     """The figures read from the database at scrape time: jobs by state, outbox backlog and failures,
     stage times. Families, not Gauge objects: those would write multiprocess files of their own."""
-    from sqlalchemy import func, select
-
-    from dxnode.states import DeliveryState
-    from dxnode.store import Delivery, Job
 
     jobs = GaugeMetricFamily("dxnode_jobs", "Jobs by state", labels=["state"])
     with store.session() as s:

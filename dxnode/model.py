@@ -1,8 +1,8 @@
 """The ResNet-18 classifier: loading the configured model into its engine, batched inference, and Grad-CAM.
 
-Bundles on disk and the built-in models are dxnode.bundle; the engines that run the network are
-dxnode.engine; studies are streamed through the classifier by dxnode.streaming, single files by
-dxnode.predict.
+Bundles on disk and the built-in models are dxnode.inference.bundle; the engines that run the network are
+dxnode.inference.engine; studies are streamed through the classifier by dxnode.analysis.streaming, single files by
+dxnode.analysis.predict.
 
 Grad-CAM: ResNet-18 ends in global average pooling and one linear layer, so the gradient of a
 class logit with respect to each layer4 channel is that class's fc weight divided by the map
@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dxnode.bundle import (
+from dxnode.config import ModelSettings
+from dxnode.extras import TRAIN_EXTRA, has_torch
+from dxnode.inference.bundle import (
     IMAGENET_FILE,
     BundleError,
     Manifest,
@@ -36,9 +38,7 @@ from dxnode.bundle import (
     load_network,
     torch_network,
 )
-from dxnode.colormap import jet_table
-from dxnode.config import ModelSettings
-from dxnode.engine import (
+from dxnode.inference.engine import (
     Engine,
     TorchEngine,
     bundle_onnx,
@@ -48,9 +48,10 @@ from dxnode.engine import (
     serving_device,
     torch_export,
 )
-from dxnode.extras import TRAIN_EXTRA, has_torch
 from dxnode.pipeline import Frame, Preprocessing, geometry, map_to_source, resize_planes
+from dxnode.pixels.colormap import jet_table
 from dxnode.results import Finding, ModelIdentity
+from dxnode.states import Task
 
 if TYPE_CHECKING:
     import torch
@@ -60,19 +61,19 @@ log = logging.getLogger("dxnode.model")
 MAX_STORED_FINDINGS = 10  # multi-class models with many labels keep their top findings only
 
 
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, task: Task) -> torch.Tensor:
     """Model outputs as probabilities: softmax over the labels for multiclass, a sigmoid per label otherwise."""
     import torch  # training and evaluation in PyTorch: dxnode[train]
 
-    return torch.softmax(logits, dim=1) if task == "multiclass" else torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1) if task == Task.MULTICLASS else torch.sigmoid(logits)
 
 
-def positive_call(probs: np.ndarray, thresholds: Sequence[float], task: str) -> np.ndarray:
+def positive_call(probs: np.ndarray, thresholds: Sequence[float], task: Task) -> np.ndarray:
     """Which labels are positive, for one row [L] or rows [N, L]: at or above the label's threshold,
     and for multiclass only the top class of its row. (The node, evaluation and training all call this.)"""
     rows = np.atleast_2d(probs)
     pos = rows >= np.asarray(thresholds, dtype=np.float64)
-    if task == "multiclass" and len(rows):
+    if task == Task.MULTICLASS and len(rows):
         top = np.zeros_like(pos)
         top[np.arange(len(rows)), rows.argmax(axis=1)] = True
         pos &= top
@@ -80,7 +81,7 @@ def positive_call(probs: np.ndarray, thresholds: Sequence[float], task: str) -> 
 
 
 class Classifier:
-    """A loaded ResNet-18 with its manifest and inference engine (dxnode.engine); thread-safe inference."""
+    """A loaded ResNet-18 with its manifest and inference engine (dxnode.inference.engine); thread-safe inference."""
 
     def __init__(
         self,
@@ -233,7 +234,7 @@ def load_classifier(
 ) -> Classifier:
     """The configured model, loaded now (bundle > [model] bundle > ImageNet > demo); ModelRegistry.get keeps it.
 
-    The engine follows [model] engine (dxnode.engine.choose_engine); the built-in demo and ImageNet
+    The engine follows [model] engine (dxnode.inference.engine.choose_engine); the built-in demo and ImageNet
     models are written to ONNX once, under data_dir (without one they run in PyTorch). Without
     PyTorch (no dxnode[train]): bundles run from their model.onnx, the demo from its ONNX graph,
     and an ImageNet file on disk is not used unless configured (then it is a one-line error).

@@ -4,7 +4,7 @@ decode (pydicom + pylibjpeg plugins) -> Modality LUT -> VOI (config preset > the
 window or VOI LUT > percentile window) -> MONOCHROME1 inversion -> RGB for colour -> resize
 (letterbox or centre crop) -> three channels -> normalise. Every LUT step is a `pydicom.pixels`
 function; this module only chooses which one applies and maps the result to [0, 1].
-Training (dxnode.train) goes through the same functions, so there is no train/serve skew.
+Training (dxnode.training.train) goes through the same functions, so there is no train/serve skew.
 Everything here is NumPy and Pillow: serving needs no torch.
 """
 
@@ -24,7 +24,6 @@ from pydicom import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 
-from dxnode import j2k
 from dxnode.bounds import (
     MB,
     DeclaredSizeError,
@@ -37,6 +36,7 @@ from dxnode.bounds import (
     usable_window,
 )
 from dxnode.config import PipelineSettings
+from dxnode.pixels import j2k
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +496,7 @@ def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
 
 def read_image_file(path: Path, prep: Preprocessing, display_max_side: int = 0) -> list[Frame]:
     """A PNG or JPEG as one frame: grayscale replicated, colour kept as RGB; its display no larger than display_max_side."""
+    # start-up time: PIL loads only when this runs
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -610,7 +611,7 @@ def resize_planes(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def to_tensor(frame: Frame, prep: Preprocessing) -> np.ndarray:
     """3xSxS float32: resized (letterbox or centre crop) and normalised with the bundle's mean/std.
 
-    The one model input of serving, evaluation, calibration and training (dxnode.dataset wraps it
+    The one model input of serving, evaluation, calibration and training (dxnode.training.dataset wraps it
     for torch).
     """
     h, w = frame.image.shape[:2]

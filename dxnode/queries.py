@@ -6,7 +6,9 @@ document describes every response body and ``--json`` on the CLI prints the same
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,8 +216,6 @@ def list_results(session: Session, f: ResultFilter) -> list[ResultOut]:
 
 def results_csv(rows: list[ResultOut]) -> str:
     """Result objects as CSV text (header row first)."""
-    import csv
-    import io
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dxnode.states import Task
+
 
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -15,7 +17,7 @@ class ModelIdentity:
     version: str
     sha256: str  # of the weights file
     demo: bool  # True for the untrained demo model: every output says so
-    task: str  # "multilabel" (sigmoid) or "multiclass" (softmax)
+    task: Task
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from dxnode.states import DeliveryState, JobState
+from dxnode.states import DeliveryState, JobState, Task
 
 
 class TableRow(BaseModel):
@@ -84,7 +84,7 @@ class JobOut(TableRow):
     model_name: str
     model_version: str
     routed_model: str  # the [[models]] entry ("" for [model], or not routed yet)
-    routing: list[str]  # why: the model chosen and the others' refusals (dxnode/routing.py)
+    routing: list[str]  # why: the model chosen and the others' refusals (dxnode/worklist/routing.py)
     created_at: str | None
     started_at: str | None
     finished_at: str | None
@@ -274,7 +274,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     labels: list[str]
-    task: str  # multilabel or multiclass
+    task: Task
     thresholds: list[float]
     preprocessing: PreprocessingOut
     weights_file: str

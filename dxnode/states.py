@@ -17,7 +17,7 @@ class JobState(StrEnum):
 
 
 class DeliveryState(StrEnum):
-    """The states of an outbox row (``delivery.state``); see dxnode/dispatch.py for each one's meaning."""
+    """The states of an outbox row (``delivery.state``); see dxnode/outbox/dispatch.py for each one's meaning."""
 
     PENDING = "pending"
     SENT = "sent"
@@ -39,3 +39,18 @@ class OutputKind(StrEnum):
 
     SR = "sr"  # the Comprehensive SR report
     SC = "sc"  # a heatmap Secondary Capture
+
+
+class Task(StrEnum):
+    """What a model's outputs mean (a bundle manifest's ``task``)."""
+
+    MULTILABEL = "multilabel"  # one sigmoid per label: any number of labels can be present
+    MULTICLASS = "multiclass"  # one softmax over the labels: exactly one is the answer
+
+
+class HeatmapFor(StrEnum):
+    """Which findings get a Grad-CAM heatmap (``[report] heatmap_for``)."""
+
+    POSITIVE = "positive"  # each finding at or above its threshold
+    TOP1 = "top1"  # the most probable finding, positive or not
+    ALL = "all"  # every label

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
@@ -182,7 +182,7 @@ class Job(Base):
     model_version: Mapped[str] = mapped_column(String(64), default="")
     # seconds per stage of the last attempt: decode, decode_wait, model, cam, sr, sc, write, queued_to_done
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
-    # The [[models]] entry this job runs ("" for the single [model] section); see dxnode/routing.py.
+    # The [[models]] entry this job runs ("" for the single [model] section); see dxnode/worklist/routing.py.
     routed_model: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
@@ -440,7 +440,6 @@ def open_store(settings: Settings, migrate: bool = True, create: bool = True) ->
     Otherwise a missing SQLite file is refused (DatabaseUnavailable naming its path) rather than
     created empty in whatever folder the command ran from; an unreachable server is refused too.
     """
-    from sqlalchemy.exc import OperationalError
 
     db = settings.database
     path = sqlite_file(db.url)
@@ -465,6 +464,7 @@ def open_store(settings: Settings, migrate: bool = True, create: bool = True) ->
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations to the database at url (the only way the schema is made)."""
+    # start-up time: alembic loads only when this runs
     from alembic import command
     from alembic.config import Config
 
@@ -477,6 +477,7 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def current_revision(store: Store) -> str | None:
     """The Alembic revision the database is at, or None if it was never migrated."""
+    # start-up time: alembic loads only when this runs
     from alembic.runtime.migration import MigrationContext
 
     with store.engine.connect() as conn:

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
 # The demo model declares chest CR/DX; the tests run it on pydicom's CT, MR, US... files, as an
-# admin would with an explicit [pipeline] modalities list (see dxnode/routing.py).
+# admin would with an explicit [pipeline] modalities list (see dxnode/worklist/routing.py).
 TEST_MODALITIES = ["CR", "DX", "CT", "MR", "US", "OT", "NM", "MG", "XA", "PT", "SC"]
 
 
@@ -164,6 +164,7 @@ class InProcessNode:
 
     def __init__(self, tmp: Path, url: str | None = None, busy_timeout_s: float = 30, **node: Any) -> None:
         from dxnode.config import Settings
+        from dxnode.receive.ingest import Ingest
         from dxnode.scp import StorageSCP
         from dxnode.store import Store, upgrade
 
@@ -176,7 +177,8 @@ class InProcessNode:
             pipeline={"modalities": TEST_MODALITIES},
         )
         self.store = Store(url, busy_timeout_s=busy_timeout_s)
-        self.scp = StorageSCP(self.settings, self.store)
+        self.ingest = Ingest(self.settings, self.store)
+        self.scp = StorageSCP(self.settings, self.ingest)
         self.scp.start()
         self.port = self.scp.port
 

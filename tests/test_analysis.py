@@ -17,14 +17,14 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dxnode import worklist
-from dxnode.analysis import run_job
-from dxnode.bundle import write_bundle
+from dxnode.analysis.predict import predict_file
 from dxnode.config import Settings
+from dxnode.inference.bundle import write_bundle
+from dxnode.jobs.body import run_job
 from dxnode.model import load_classifier
 from dxnode.pipeline import Preprocessing
-from dxnode.predict import predict_file
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, utcnow
+from dxnode.worklist import queue
 
 
 def receive(store: Store, settings: Settings, sources: list[str]) -> tuple[str, list[str]]:
@@ -83,8 +83,8 @@ def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(
     store: Store, node_settings: Settings
 ) -> None:
     study_uid, uids = receive(store, node_settings, ["CT_small.dcm", "CT_small.dcm", "reportsi.dcm"])
-    assert worklist.sweep(store, node_settings)
-    assert worklist.drain(store, node_settings, run_job) == 1
+    assert queue.sweep(store, node_settings)
+    assert queue.drain(store, node_settings, run_job) == 1
     with store.session() as s:
         job = s.scalar(select(Job))
         assert job.state == "done", job.error
@@ -106,8 +106,8 @@ def test_runner_turns_a_received_study_into_findings_outputs_and_deliveries(
 
     # Re-running the job writes the same objects and queues nothing new.
     with store.session() as s:
-        worklist.requeue_study(s, study_uid, actor="test")
-    worklist.drain(store, node_settings, run_job)
+        queue.requeue_study(s, study_uid, actor="test")
+    queue.drain(store, node_settings, run_job)
     with store.session() as s:
         assert sorted(o.sop_instance_uid for o in s.scalars(select(Output))) == sorted(
             o.sop_instance_uid for o in outputs
@@ -122,8 +122,8 @@ def test_study_whose_only_image_is_broken_fails_with_the_reason(store: Store, no
         path = node_settings.data_dir / inst.file_path
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20000])  # truncate the pixel data
-    worklist.sweep(store, node_settings)
-    worklist.drain(store, node_settings, run_job)
+    queue.sweep(store, node_settings)
+    queue.drain(store, node_settings, run_job)
     with store.session() as s:
         job = s.scalar(select(Job))
         outcome = s.scalar(select(InstanceResult))
@@ -151,8 +151,8 @@ def test_a_bundle_gives_the_runner_and_predict_the_same_probabilities(
         update={"model": node_settings.model.model_copy(update={"bundle": str(bundle)})}
     )
     receive(store, settings, ["CT_small.dcm"])
-    worklist.sweep(store, settings)
-    worklist.drain(store, settings, run_job)
+    queue.sweep(store, settings)
+    queue.drain(store, settings, run_job)
     with store.session() as s:
         job = s.scalar(select(Job))
         assert job.state == "done", job.error

@@ -19,12 +19,12 @@ from sqlalchemy import select
 from test_dicomweb_out import orthanc_with_dicomweb, rest
 from webnode import ADMIN, READER, make_store, node_settings
 
-from dxnode import worklist
-from dxnode.dicomweb import FAILED_SOP_SEQUENCE, FAILURE_REASON, REFERENCED_SOP_INSTANCE, multipart_body
+from dxnode.outbox.dicomweb import FAILED_SOP_SEQUENCE, FAILURE_REASON, REFERENCED_SOP_INSTANCE, multipart_body
 from dxnode.store import Audit, Instance, Job, Study, utcnow
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
 from dxnode.web.services import services_of
+from dxnode.worklist import queue
 
 STORER = "store-token-0123456789"
 
@@ -95,7 +95,7 @@ def test_dicomweb_client_stores_a_study_durably_and_it_joins_the_worklist(node: 
         assert study is not None and study.num_instances == 3
         assert s.scalar(select(Audit).where(Audit.action == "stow.received")).actor == "pacs"  # type: ignore[union-attr]
     node.settings.worklist.stable_seconds = 0
-    assert len(worklist.sweep(node.store, node.settings)) == 1
+    assert len(queue.sweep(node.store, node.settings)) == 1
     with node.store.session() as s:
         assert s.scalar(select(Job.state)) == "queued"
     # The same instances again: acknowledged, not stored twice (as over C-STORE).
@@ -253,9 +253,10 @@ def test_a_large_body_is_spooled_to_disk_not_held_in_memory(tmp_path: Path) -> N
 def test_an_unexpected_storing_error_is_logged_once_and_the_client_gets_no_exception_text(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from dxnode.scp import OUT_OF_RESOURCES, StorageSCP
+    from dxnode.receive.ingest import Ingest
+    from dxnode.receive.parse import OUT_OF_RESOURCES
 
-    class Failing(StorageSCP):
+    class Failing(Ingest):
         """A receiver with a bug: its storing path raises an exception no handler expects."""
 
         def store_received(self, *args: Any, **kwargs: Any) -> Any:
@@ -264,7 +265,7 @@ def test_an_unexpected_storing_error_is_logged_once_and_the_client_gets_no_excep
     settings = node_settings(tmp_path)
     settings.web.tokens.append(type(settings.web.tokens[0])(name="pacs", token=STORER, role="store"))
     store = make_store(settings)
-    server = WebServer(create_app(settings, store, scp=Failing(settings, store)), "127.0.0.1", 0)
+    server = WebServer(create_app(settings, store, ingest=Failing(settings, store)), "127.0.0.1", 0)
     server.start()
     try:
         _, paths = files(tmp_path / "study", n=1)

@@ -21,9 +21,9 @@ from conftest import free_port, need
 from nodeproc import wait_port
 from test_dispatch import deliveries, enqueue_all
 
-from dxnode import dispatch
 from dxnode.config import Settings
-from dxnode.dicomweb import iter_parts, response_body, retry_after_seconds
+from dxnode.outbox import dispatch
+from dxnode.outbox.dicomweb import iter_parts, response_body, retry_after_seconds
 from dxnode.store import Output, Store, utcnow
 
 written, outputs = test_dispatch.written, test_dispatch.outputs  # shared fixtures: a real SR + SC as outbox rows

@@ -19,13 +19,14 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from dxnode import cli, dispatch
+from dxnode import cli
+from dxnode.analysis.streaming import analyze_study
 from dxnode.config import Settings
 from dxnode.model import load_classifier
+from dxnode.outbox import dispatch
+from dxnode.outputs.report import WrittenOutput, write_outputs
 from dxnode.queries import list_deliveries
-from dxnode.report import WrittenOutput, write_outputs
 from dxnode.store import Audit, Delivery, Output, Store, Study, utcnow
-from dxnode.streaming import analyze_study
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 BOTH = [SecondaryCaptureImageStorage, COMPREHENSIVE_SR]

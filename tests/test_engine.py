@@ -18,7 +18,9 @@ import torch
 import torchvision
 from test_train import make_dataset
 
-from dxnode.bundle import (
+from dxnode.cli import main
+from dxnode.config import ModelSettings, Settings
+from dxnode.inference.bundle import (
     BundleError,
     demo_manifest,
     demo_weights,
@@ -27,9 +29,7 @@ from dxnode.bundle import (
     sha256_file,
     write_bundle,
 )
-from dxnode.cli import main
-from dxnode.config import ModelSettings, Settings
-from dxnode.engine import OrtEngine, TorchEngine, export_bundle, ort_session
+from dxnode.inference.engine import OrtEngine, TorchEngine, export_bundle, ort_session
 from dxnode.model import load_classifier, normalise_cam
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
 
@@ -146,7 +146,7 @@ def test_the_demo_model_is_exported_once_to_the_cache_and_rebuilt_when_it_does_n
     assert load_classifier(ModelSettings(), data_dir=tmp_path).engine.name == "onnxruntime"
     assert onnx.stat().st_mtime_ns == first  # reused, not exported again
     onnx.write_bytes(onnx.read_bytes()[:-100])  # truncated
-    with caplog.at_level(logging.WARNING, logger="dxnode.engine"):
+    with caplog.at_level(logging.WARNING, logger="dxnode.inference.engine"):
         again = load_classifier(ModelSettings(), data_dir=tmp_path)
     assert "does not match its checksum" in caplog.text
     assert json.loads(onnx.with_suffix(".json").read_text())["onnx_sha256"] == sha256_file(onnx)

@@ -1,4 +1,4 @@
-"""dxnode.evaluate: metrics against scikit-learn, threshold rules, multiclass calls, the evaluate CLI on an untrained bundle."""
+"""dxnode.training.evaluate: metrics against scikit-learn, threshold rules, multiclass calls, the evaluate CLI on an untrained bundle."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from test_train import make_dataset
 
-from dxnode.bundle import resnet18, write_bundle
+from dxnode.analysis.predict import predict_file
 from dxnode.cli import main
 from dxnode.config import ModelSettings, Settings
-from dxnode.evaluate import (
+from dxnode.inference.bundle import resnet18, write_bundle
+from dxnode.model import load_classifier
+from dxnode.pipeline import Preprocessing
+from dxnode.training.evaluate import (
     bootstrap_ci,
     compute_metrics,
     label_columns,
@@ -26,9 +29,6 @@ from dxnode.evaluate import (
     write_report,
     youden_threshold,
 )
-from dxnode.model import load_classifier
-from dxnode.pipeline import Preprocessing
-from dxnode.predict import predict_file
 
 
 def _scores(n: int = 300, labels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +222,7 @@ def test_evaluate_bad_input_is_a_clear_error(
 
 
 def test_building_the_cli_parser_imports_no_torch_sklearn_or_matplotlib() -> None:
-    """dxnode.train / dxnode.evaluate add their options at parser build time; `dxnode --help` must stay fast."""
+    """dxnode.training.train / dxnode.training.evaluate add their options at parser build time; `dxnode --help` must stay fast."""
     code = "import sys, dxnode.cli; dxnode.cli.build_parser(); print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip() == "[]"

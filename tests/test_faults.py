@@ -162,8 +162,8 @@ def big_rle_instance(path: Path, study_uid: str, side: int = 8192) -> None:
 def job_process_baseline_mb(tmp: Path) -> int:
     """Resident size of a process that imported the job body and loaded the node's model."""
     code = (
-        "import os; from dxnode.config import Settings; from dxnode.analysis import run_job; "
-        "from dxnode.model import load_classifier; from dxnode.runner import rss_mb; "
+        "import os; from dxnode.config import Settings; from dxnode.jobs.body import run_job; "
+        "from dxnode.model import load_classifier; from dxnode.worklist.supervisor import rss_mb; "
         "load_classifier(Settings().model); print(rss_mb(os.getpid()))"
     )
     env = dict(os.environ, TORCH_HOME=str(tmp / "torch-home"))

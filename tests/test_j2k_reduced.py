@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from dicom_checks import dciodvfy_errors
 
-from dxnode import j2k
-from dxnode.bundle import demo_network, write_bundle
+from dxnode.analysis.streaming import analyze_study
 from dxnode.config import ModelSettings, PipelineSettings, Settings
+from dxnode.inference.bundle import demo_network, write_bundle
 from dxnode.model import Classifier, load_classifier
+from dxnode.outputs.report import write_outputs
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
-from dxnode.report import write_outputs
-from dxnode.streaming import analyze_study
+from dxnode.pixels import j2k
 
 DATA = Path(data_store.__file__).parent / "data"
 RADIOGRAPHS = ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm", "RG3_J2KI.dcm"]  # real CRs, MONOCHROME1
@@ -168,7 +168,7 @@ def test_a_bug_on_the_reduced_path_is_not_hidden_as_a_full_size_decode(monkeypat
     from dxnode.pipeline import PipelineError
 
     def broken(cs: bytes, level: int, threads: int) -> None:
-        raise AttributeError("module 'dxnode.j2k' has no attribute 'opj_thing'")
+        raise AttributeError("module 'dxnode.pixels.j2k' has no attribute 'opj_thing'")
 
     monkeypatch.setattr(j2k, "decode", broken)
     with pytest.raises(PipelineError, match=r"AttributeError: .*opj_thing"):

@@ -8,7 +8,7 @@ import sys
 PROBE = """
 import logging
 from pynetdicom import _config
-import dxnode.report, dxnode.scp, dxnode.sr, dxnode.sc
+import dxnode.outputs.report, dxnode.scp, dxnode.outputs.sr, dxnode.outputs.sc
 print(logging.getLogger("highdicom").level, _config.LOG_HANDLER_LEVEL)
 from dxnode.logs import setup_logging
 setup_logging("DEBUG")

@@ -15,11 +15,11 @@ import torch
 import torchvision
 from pydicom.data import get_testdata_file
 
-from dxnode.bundle import BundleError, load_manifest, sha256_file, write_bundle
+from dxnode.analysis.predict import predict_file
 from dxnode.config import ModelSettings, Settings
+from dxnode.inference.bundle import BundleError, load_manifest, sha256_file, write_bundle
 from dxnode.model import ModelRegistry, load_classifier
 from dxnode.pipeline import Preprocessing, read_frames, to_tensor
-from dxnode.predict import predict_file
 from dxnode.results import Finding
 
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
@@ -149,7 +149,7 @@ def test_every_bundled_pixel_file_predicts_or_gives_a_specific_reason(tmp_path: 
 
 
 def test_analyze_study_keeps_going_past_a_broken_instance(tmp_path: Path) -> None:
-    from dxnode.streaming import analyze_study
+    from dxnode.analysis.streaming import analyze_study
 
     bundle, _ = make_bundle(tmp_path / "b", size=32)
     clf = load_classifier(ModelSettings(bundle=str(bundle)))
@@ -171,7 +171,7 @@ def test_analyze_study_keeps_going_past_a_broken_instance(tmp_path: Path) -> Non
 
 
 def test_a_registry_loads_each_model_once_and_keeps_its_decoding_threads(tmp_path: Path) -> None:
-    from dxnode.streaming import analyze_study
+    from dxnode.analysis.streaming import analyze_study
 
     bundle, _ = make_bundle(tmp_path / "b", size=32)
     settings = ModelSettings(bundle=str(bundle), decode_threads=2)

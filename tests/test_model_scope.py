@@ -20,15 +20,15 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 from test_routing import copy_as_new_study, jobs_by_study, run_all, storescu
 
-from dxnode import worklist
-from dxnode.analysis import run_job
-from dxnode.bundle import BundleError, demo_network, load_manifest, write_bundle
 from dxnode.config import Settings
-from dxnode.intended import DEMO_USE, IntendedUse, body_part_matches
+from dxnode.inference.bundle import BundleError, demo_network, load_manifest, write_bundle
+from dxnode.inference.intended import DEMO_USE, IntendedUse, body_part_matches
+from dxnode.jobs.body import run_job
 from dxnode.pipeline import Preprocessing
 from dxnode.queries import study_detail
-from dxnode.routing import beyond_declaration, declaration, entries
 from dxnode.store import Output
+from dxnode.worklist import queue
+from dxnode.worklist.routing import beyond_declaration, declaration, entries
 
 DATA = Path(data_store.__file__).parent / "data"
 CR_CHEST, CR_EXTREMITY = DATA / "RG1_UNCR.dcm", DATA / "RG3_UNCR.dcm"  # real CRs, 1955 x 1841 and 1760 x 1760
@@ -182,8 +182,8 @@ def test_a_models_entry_takes_its_bundles_declaration_unless_it_names_its_own(
     # An explicit rule refusing it too: the summary is the general one, each reason follows.
     models[1]["series_description"] = "^nothing$"
     with node.store.session() as s:
-        worklist.requeue_study(s, ct, actor="test")
-    worklist.drain(node.store, settings_of(node, models=models), run_job)
+        queue.requeue_study(s, ct, actor="test")
+    queue.drain(node.store, settings_of(node, models=models), run_job)
     newest = jobs_by_study(node)[ct][0]
     assert newest["routing"][0] == "no model matches this study"
     assert any("model scoped is for MR" in line for line in newest["routing"])
@@ -209,8 +209,8 @@ def test_declared_photometric_and_size_are_checked_per_instance_and_the_admin_ma
     )
     assert any("min_rows/min_columns 64 x 64 are below" in line for line in beyond_declaration(lowered))
     with node.store.session() as s:
-        worklist.requeue_study(s, ct, actor="test")
-    worklist.drain(node.store, lowered, run_job)
+        queue.requeue_study(s, ct, actor="test")
+    queue.drain(node.store, lowered, run_job)
     assert jobs_by_study(node)[ct][0]["state"] == "done"
 
 
@@ -245,8 +245,8 @@ def test_model_info_shows_the_declaration_or_that_there_is_none(tmp_path: Path) 
 def test_train_declares_what_its_dicom_files_are_and_the_flags_override(tmp_path: Path) -> None:
     from test_train import make_dataset
 
-    from dxnode.dataset import read_table
-    from dxnode.train import intended_use_of
+    from dxnode.training.dataset import read_table
+    from dxnode.training.train import intended_use_of
 
     data = make_dataset(tmp_path / "data", patients=12)  # synthetic CRs without a body part
     samples = read_table(data, None).samples
@@ -267,9 +267,9 @@ def test_train_declares_what_its_dicom_files_are_and_the_flags_override(tmp_path
 
 
 def test_routing_finds_the_declaration_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dxnode.bundle import imagenet_weights_path
     from dxnode.config import ModelSettings
-    from dxnode.routing import imagenet_file
+    from dxnode.inference.bundle import imagenet_weights_path
+    from dxnode.worklist.routing import imagenet_file
 
     for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
         for name in ("TORCH_HOME", "XDG_CACHE_HOME"):
@@ -280,7 +280,7 @@ def test_routing_finds_the_declaration_without_torch(tmp_path: Path, monkeypatch
             assert imagenet_file(ms) == imagenet_weights_path(ms)
     bundle = small_bundle(tmp_path / "scoped", IntendedUse(("MR",)))
     code = (
-        "import sys; from dxnode.config import Settings; from dxnode.routing import beyond_declaration;"
+        "import sys; from dxnode.config import Settings; from dxnode.worklist.routing import beyond_declaration;"
         f"print(beyond_declaration(Settings(model={{'bundle': {str(bundle)!r}}}, pipeline={{'modalities': ['CT']}})));"
         "print('torch' in sys.modules)"
     )

@@ -19,9 +19,10 @@ from sqlalchemy import select
 from test_dicomweb_out import ScriptedStow
 from test_dispatch import BOTH, PickySCP, audit_actions, deliveries, enqueue_all, extra_outputs, settings_for
 
-from dxnode import cli, dispatch
+from dxnode import cli
 from dxnode.config import Settings
-from dxnode.report import WrittenOutput
+from dxnode.outbox import dispatch
+from dxnode.outputs.report import WrittenOutput
 from dxnode.store import Audit, Output, Store, Study, UTCDateTime, upgrade, utcnow
 
 written, outputs = test_dispatch.written, test_dispatch.outputs  # shared fixtures: a real SR + SC as outbox rows

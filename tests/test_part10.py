@@ -11,7 +11,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta
 
-from dxnode.part10 import file_header
+from dxnode.receive.part10 import file_header
 
 
 @pytest.mark.parametrize("uid_length", [20, 21, 63, 64])  # even and odd lengths: UI values are padded with NUL

@@ -13,14 +13,14 @@ import torchvision
 from dicom_checks import dciodvfy_errors, dsrdump, pixelmed_sr_check
 from pydicom.data import get_testdata_file
 
-from dxnode.bundle import write_bundle
+from dxnode.analysis.streaming import analyze_study
 from dxnode.config import ModelSettings, Settings
+from dxnode.inference.bundle import write_bundle
 from dxnode.model import load_classifier
+from dxnode.outputs.report import write_outputs
+from dxnode.outputs.sr import summary_line
 from dxnode.pipeline import Preprocessing
-from dxnode.report import write_outputs
 from dxnode.results import StudyResult
-from dxnode.sr import summary_line
-from dxnode.streaming import analyze_study
 
 SOURCES = {
     "ct": Path(get_testdata_file("CT_small.dcm")),
@@ -206,7 +206,7 @@ def _walk(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
 def test_attention_outline_follows_the_hot_region() -> None:
     import numpy as np
 
-    from dxnode.attention import attention_outline
+    from dxnode.outputs.attention import attention_outline
 
     cam = np.zeros((10, 20), dtype=np.float32)
     cam[2:5, 4:9] = 1.0  # rows 2-4, columns 4-8

@@ -1,7 +1,7 @@
 """SR and SC from sources beyond single-frame CT/CR: multi-frame frames, laterality, rerun identity, bad input.
 
 Results are built directly from the dataclasses of dxnode.results (no model), so every check here
-is about the outputs alone (dxnode/report.py, sr.py, sc.py). Each of these once failed against them (enhanced
+is about the outputs alone (dxnode/outputs/report.py, sr.py, sc.py). Each of these once failed against them (enhanced
 multi-frame and ultrasound sources, laterality of unpaired body parts, colliding label codes,
 heatmaps not matching the result) and pins the fix.
 """
@@ -21,7 +21,7 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
 from dxnode.config import Settings
-from dxnode.report import write_outputs
+from dxnode.outputs.report import write_outputs
 from dxnode.results import Finding, Heatmap, InstanceOutcome, ModelIdentity, StudyResult
 
 MODEL = ModelIdentity(name="probe-net", version="2.3", sha256="ab" * 32, demo=False, task="multilabel")

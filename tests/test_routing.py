@@ -17,11 +17,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dxnode import worklist
-from dxnode.analysis import run_job
 from dxnode.config import Settings
+from dxnode.jobs.body import run_job
 from dxnode.queries import JobFilter, list_jobs
 from dxnode.store import Job, Output
+from dxnode.worklist import queue
 
 CR_CHEST = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"  # CR CHEST, MONOCHROME1
 MODELS = [
@@ -87,8 +87,8 @@ def storescu(port: int, files: list[Path]) -> None:
 
 
 def run_all(node: InProcessNode, settings: Settings) -> None:
-    worklist.sweep(node.store, settings)
-    worklist.drain(node.store, settings, run_job)
+    queue.sweep(node.store, settings)
+    queue.drain(node.store, settings, run_job)
 
 
 def jobs_by_study(node: InProcessNode) -> dict[str, list[dict[str, Any]]]:
@@ -156,15 +156,15 @@ def test_a_study_matching_two_models_gets_two_srs_and_rerouting_follows_the_rule
 
     # Re-running with the same rules writes the same objects again (deterministic UIDs per study and model).
     with node.store.session() as s:
-        worklist.requeue_study(s, study, actor="test")
-    worklist.drain(node.store, settings, run_job)
+        queue.requeue_study(s, study, actor="test")
+    queue.drain(node.store, settings, run_job)
     assert {d.SOPInstanceUID for d in srs(node, study)} == {d.SOPInstanceUID for d in first}
 
     # Tighten the CT rule: re-queueing routes the study to the other model only.
     changed = with_models(node, [{**two[1], "min_instances": 3}, two[2]])
     with node.store.session() as s:
-        worklist.requeue_study(s, study, actor="test")
-    worklist.drain(node.store, changed, run_job)
+        queue.requeue_study(s, study, actor="test")
+    queue.drain(node.store, changed, run_job)
     with node.store.session() as s:
         newest = s.scalars(select(Job).order_by(Job.id.desc())).first()
         assert newest is not None and newest.routed_model == "chest-any"
@@ -196,7 +196,7 @@ def test_model_names_and_rules_are_validated() -> None:
 
 
 def test_an_entry_may_set_its_own_sc_size() -> None:
-    from dxnode.routing import entry, job_settings
+    from dxnode.worklist.routing import entry, job_settings
 
     settings = Settings(
         report={"sc_max_side": 768},
@@ -211,7 +211,7 @@ def test_an_entry_may_set_its_own_sc_size() -> None:
 
 
 def test_builtin_bundles_of_an_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dxnode.routing import entry, model_settings
+    from dxnode.worklist.routing import entry, model_settings
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     settings = Settings(models=[{"name": "d", "bundle": "demo"}, {"name": "i", "bundle": "imagenet"}])

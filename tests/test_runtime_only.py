@@ -19,8 +19,8 @@ import torch
 import torchvision
 from pydicom.data import get_testdata_file
 
-from dxnode.bundle import write_bundle
-from dxnode.engine import export_bundle
+from dxnode.inference.bundle import write_bundle
+from dxnode.inference.engine import export_bundle
 from dxnode.pipeline import Preprocessing
 
 BLOCK = """
@@ -68,7 +68,7 @@ def make_bundle(path: Path, onnx: bool) -> Path:
 def test_the_node_imports_without_the_training_extra(tmp_path: Path) -> None:
     r = runtime_only(
         tmp_path,
-        "import dxnode.cli, dxnode.daemon, dxnode.model, dxnode.web.app, dxnode.report, dxnode.dataset\n"
+        "import dxnode.cli, dxnode.daemon, dxnode.model, dxnode.web.app, dxnode.outputs.report, dxnode.training.dataset\n"
         "dxnode.cli.build_parser()\n"
         "print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'matplotlib') if m in sys.modules))",
     )
@@ -140,7 +140,7 @@ def test_the_attention_region_is_scipys_connected_component_without_scipy() -> N
     """attention.connected_region (NumPy, for the runtime install) labels as scipy.ndimage.label does."""
     from scipy import ndimage  # the test environment has dxnode[train] (scipy comes with scikit-learn)
 
-    from dxnode.attention import connected_region
+    from dxnode.outputs.attention import connected_region
 
     rng = np.random.default_rng(0)
     for _ in range(200):

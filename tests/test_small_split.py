@@ -11,7 +11,7 @@ import pytest
 from test_train import make_dataset
 
 from dxnode.cli import main
-from dxnode.evaluate import MIN_PER_CLASS, compute_metrics, small_split_warnings
+from dxnode.training.evaluate import MIN_PER_CLASS, compute_metrics, small_split_warnings
 
 
 def test_too_few_positives_or_negatives_per_label_are_named() -> None:

@@ -12,11 +12,11 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dxnode.analysis.streaming import analyze_study
 from dxnode.config import ModelSettings, Settings
 from dxnode.model import load_classifier
-from dxnode.report import WrittenOutput, write_outputs
-from dxnode.source_header import TYPE2_PATIENT_STUDY, reference_header
-from dxnode.streaming import analyze_study
+from dxnode.outputs.report import WrittenOutput, write_outputs
+from dxnode.outputs.source_header import TYPE2_PATIENT_STUDY, reference_header
 
 CHARACTER_SETS = {
     "latin1": ("ISO_IR 100", "Müller^Jürgen"),

@@ -6,7 +6,7 @@ import highdicom as hd
 import pydicom
 from pydicom.data import get_testdata_file
 
-from dxnode.sr import library_view
+from dxnode.outputs.sr import library_view
 
 
 def _dx(**attrs: object) -> pydicom.Dataset:

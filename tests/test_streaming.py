@@ -17,18 +17,18 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from test_analysis import node_settings, receive  # noqa: F401 (a fixture)
 
-from dxnode import worklist
-from dxnode.analysis import run_job
-from dxnode.bundle import write_bundle
+from dxnode.analysis.streaming import analyze_study, driver_frame
 from dxnode.config import ModelSettings, Settings
+from dxnode.inference.bundle import write_bundle
+from dxnode.jobs.body import run_job
 from dxnode.metrics import STAGES
 from dxnode.model import Classifier, load_classifier, overlay
+from dxnode.outputs.report import write_outputs
 from dxnode.pipeline import PipelineError, Preprocessing, read_dataset, read_frames, skip_reason, to_tensor
 from dxnode.queries import JobFilter, list_jobs
-from dxnode.report import write_outputs
 from dxnode.results import Finding, StudyResult
 from dxnode.store import Store
-from dxnode.streaming import analyze_study, driver_frame
+from dxnode.worklist import queue
 
 
 @pytest.fixture(autouse=True)
@@ -248,11 +248,11 @@ def test_a_job_records_its_stage_timings_calls_the_heartbeat_and_the_histogram_c
         return next(s.value for s in family.samples if s.name.endswith("_count") and s.labels["stage"] == stage)
 
     receive(store, node_settings, ["CT_small.dcm", "CT_small.dcm", "reportsi.dcm"])
-    assert worklist.sweep(store, node_settings)
-    job_id = worklist.claim(store)
+    assert queue.sweep(store, node_settings)
+    job_id = queue.claim(store)
     beats: list[str] = []
     assert run_job(store, node_settings, job_id, heartbeat=beats.append) == "done"
-    worklist.finish(store, node_settings, job_id, "done")
+    queue.finish(store, node_settings, job_id, "done")
     assert beats[0] == "load" and {"analyze", "decode", "model", "cam", "findings", "outputs"} <= set(beats)
     assert beats.count("model") >= 1  # once per batch
     with store.session() as s:

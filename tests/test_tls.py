@@ -16,8 +16,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dxnode import dispatch
 from dxnode.config import Settings
+from dxnode.outbox import dispatch
+from dxnode.receive.ingest import Ingest
 from dxnode.scp import StorageSCP
 from dxnode.store import Delivery, Instance, Output, Store, Study, upgrade
 
@@ -102,7 +103,7 @@ def tls_node(tmp: Path, pki: Path, require_client_cert: bool) -> tuple[StorageSC
         database={"url": url},
     )
     store = Store(url)
-    scp = StorageSCP(settings, store)
+    scp = StorageSCP(settings, Ingest(settings, store))
     scp.start()
     return scp, store
 

@@ -15,13 +15,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sklearn.metrics import roc_auc_score
 
-from dxnode.bundle import load_manifest
+from dxnode.analysis.predict import predict_file
+from dxnode.analysis.streaming import analyze_study
 from dxnode.cli import main
 from dxnode.config import ModelSettings, Settings
-from dxnode.dataset import read_table, split_by_patient
+from dxnode.inference.bundle import load_manifest
 from dxnode.model import load_classifier
-from dxnode.predict import predict_file
-from dxnode.streaming import analyze_study
+from dxnode.training.dataset import read_table, split_by_patient
 
 LABELS = ["bar", "disc"]
 

@@ -13,8 +13,8 @@ import torch
 import torchvision
 from test_train import make_dataset, synthetic_image
 
-from dxnode.bundle import load_manifest
 from dxnode.cli import main
+from dxnode.inference.bundle import load_manifest
 
 
 class Crash(BaseException):

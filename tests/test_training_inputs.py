@@ -1,4 +1,4 @@
-"""dxnode.dataset: CSV layouts, patient splits, and training inputs made by the inference pipeline."""
+"""dxnode.training.dataset: CSV layouts, patient splits, and training inputs made by the inference pipeline."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from test_train import make_dataset, synthetic_image
 
+from dxnode.analysis.streaming import _decode_instance
 from dxnode.config import PipelineSettings, Settings
-from dxnode.dataset import Augment, Sample, TorchDataset, collate, load_tensor, read_table, split_by_patient
 from dxnode.pipeline import Preprocessing, model_inputs, read_frames, to_tensor
-from dxnode.streaming import _decode_instance
+from dxnode.training.dataset import Augment, Sample, TorchDataset, collate, load_tensor, read_table, split_by_patient
 
 DATA_STORE = Path(data_store.__file__).parent / "data"
 PREP = Preprocessing(input_size=64)

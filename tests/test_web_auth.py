@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from webnode import ADMIN, BROWSER, READER, make_store, node_settings, processed_study
 
-from dxnode import worklist
-from dxnode.analysis import run_job
 from dxnode.config import Settings
+from dxnode.jobs.body import run_job
 from dxnode.store import Audit, Job, Store
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
+from dxnode.worklist import queue
 
 H_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 H_READ = {"Authorization": f"Bearer {READER}"}
@@ -61,7 +61,7 @@ def test_admin_actions_record_who_and_from_where(node) -> None:  # type: ignore[
         assert rows[-1].at is not None
     # Re-queueing the done job while the study is already queued joins that queued job (one re-run,
     # not two); the old results stay visible until it finishes, and the work really runs again.
-    assert worklist.drain(store, settings, run_job) == 1
+    assert queue.drain(store, settings, run_job) == 1
     assert client.get("/api/jobs", params={"state": "done"}, headers=H_READ).json()[0]["id"] > job_id
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from dxnode import worklist
 from dxnode.config import Settings
 from dxnode.store import Audit, Job, Store, Study, utcnow
+from dxnode.worklist import queue
 
 
 def settings_for(url: str, **worklist_keys: object) -> Settings:
@@ -44,20 +44,20 @@ def test_sweep_queues_stable_study_once_and_again_after_new_instances(store: Sto
     now = utcnow()
     sid = add_study(store, "1.2.3", now - dt.timedelta(seconds=30))
     fresh = add_study(store, "1.2.4", now - dt.timedelta(seconds=3))
-    assert len(worklist.sweep(store, settings, now)) == 1
-    assert worklist.sweep(store, settings, now) == []
+    assert len(queue.sweep(store, settings, now)) == 1
+    assert queue.sweep(store, settings, now) == []
     assert [j.state for j in jobs_of(store, sid)] == ["queued"]
     assert jobs_of(store, fresh) == []  # not stable yet
 
     # The queued job ran; then more instances arrive: the study is queued again once stable.
-    job_id = worklist.claim(store, "w:1")
-    worklist.finish(store, settings, job_id, "done")
+    job_id = queue.claim(store, "w:1")
+    queue.finish(store, settings, job_id, "done")
     with store.session() as s:
         s.get(Study, sid).last_received_at = now + dt.timedelta(seconds=5)
-    worklist.sweep(store, settings, now + dt.timedelta(seconds=8))
+    queue.sweep(store, settings, now + dt.timedelta(seconds=8))
     assert len(jobs_of(store, sid)) == 1  # only 3 s quiet
     assert len(jobs_of(store, fresh)) == 1  # 11 s quiet now
-    worklist.sweep(store, settings, now + dt.timedelta(seconds=16))
+    queue.sweep(store, settings, now + dt.timedelta(seconds=16))
     assert [j.state for j in jobs_of(store, sid)] == ["done", "queued"]
 
 
@@ -65,10 +65,10 @@ def test_new_instances_while_queued_do_not_add_a_second_queued_job(store: Store)
     settings = settings_for(store.url)
     now = utcnow()
     sid = add_study(store, "1.2.5", now - dt.timedelta(seconds=30))
-    worklist.sweep(store, settings, now)
+    queue.sweep(store, settings, now)
     with store.session() as s:
         s.get(Study, sid).last_received_at = now
-    worklist.sweep(store, settings, now + dt.timedelta(seconds=11))
+    queue.sweep(store, settings, now + dt.timedelta(seconds=11))
     assert [j.state for j in jobs_of(store, sid)] == ["queued"]
 
 
@@ -77,21 +77,21 @@ def test_per_calling_aet_stable_seconds(store: Store) -> None:
     now = utcnow()
     slow = add_study(store, "1.2.6", now - dt.timedelta(seconds=30), aet="SLOWCT")
     quick = add_study(store, "1.2.7", now - dt.timedelta(seconds=30), aet="CR1")
-    worklist.sweep(store, settings, now)
+    queue.sweep(store, settings, now)
     assert jobs_of(store, slow) == [] and len(jobs_of(store, quick)) == 1
-    worklist.sweep(store, settings, now + dt.timedelta(seconds=31))
+    queue.sweep(store, settings, now + dt.timedelta(seconds=31))
     assert len(jobs_of(store, slow)) == 1
 
 
 def test_failing_job_is_retried_then_failed_with_its_error(store: Store) -> None:
     settings = settings_for(store.url, max_attempts=2, retry_backoff_seconds=0)
     sid = add_study(store, "1.2.8", utcnow() - dt.timedelta(seconds=30))
-    worklist.sweep(store, settings)
+    queue.sweep(store, settings)
 
     def broken(store: Store, settings: Settings, job_id: int, heartbeat: object) -> str:
         raise RuntimeError("decoder exploded")
 
-    assert worklist.drain(store, settings, broken) == 2
+    assert queue.drain(store, settings, broken) == 2
     (job,) = jobs_of(store, sid)
     assert job.state == "failed" and job.attempts == 2 and "decoder exploded" in job.error
 
@@ -100,7 +100,7 @@ def test_retry_waits_for_its_backoff_and_permanent_failures_end_at_once(store: S
     settings = settings_for(store.url, max_attempts=3, retry_backoff_seconds=30)
     transient = add_study(store, "1.2.8.1", utcnow() - dt.timedelta(seconds=30))
     permanent = add_study(store, "1.2.8.2", utcnow() - dt.timedelta(seconds=30))
-    worklist.sweep(store, settings)
+    queue.sweep(store, settings)
 
     class Undecodable(Exception):
         permanent = True
@@ -110,14 +110,14 @@ def test_retry_waits_for_its_backoff_and_permanent_failures_end_at_once(store: S
             study_id = s.get(Job, job_id).study_id
         raise (OperationalErrorLike("database is locked") if study_id == transient else Undecodable("no pixels"))
 
-    assert worklist.drain(store, settings, body) == 2  # each once: the transient one waits 30 s
+    assert queue.drain(store, settings, body) == 2  # each once: the transient one waits 30 s
     (t,) = jobs_of(store, transient)
     (p,) = jobs_of(store, permanent)
     assert t.state == "queued" and t.attempts == 1 and t.not_before > utcnow() + dt.timedelta(seconds=25)
     assert p.state == "failed" and p.attempts == 1 and "no pixels" in p.error
-    assert worklist.claim(store, "w:1") is None
-    assert worklist.claim(store, "w:1", now=utcnow() + dt.timedelta(seconds=31)) == t.id
-    assert worklist.retry_delay(settings, 2) == dt.timedelta(seconds=60)
+    assert queue.claim(store, "w:1") is None
+    assert queue.claim(store, "w:1", now=utcnow() + dt.timedelta(seconds=31)) == t.id
+    assert queue.retry_delay(settings, 2) == dt.timedelta(seconds=60)
 
 
 class OperationalErrorLike(Exception):
@@ -157,12 +157,12 @@ def test_recover_hands_back_jobs_of_dead_or_silent_workers_only(store: Store) ->
         _running(store, "1.9.0", f"{socket.gethostname()}:{dead.pid}", now),  # crashed process of this host
         _running(store, "1.9.1", "otherhost:123", now),  # alive on another node
         _running(store, "1.9.2", "otherhost:456", now - dt.timedelta(hours=2)),  # heartbeat stale
-        _running(store, "1.9.3", worklist.worker_id(), now),  # this very process
+        _running(store, "1.9.3", queue.worker_id(), now),  # this very process
         _running(store, "1.9.4", f"{socket.gethostname()}:{dead.pid}", now, attempts=3),  # its last attempt
         # The whole node died (job process and its supervisor): the attempt is given back.
         _running(store, "1.9.5", f"{socket.gethostname()}:{dead.pid}", now, 3, f"{socket.gethostname()}:{dead.pid}"),
     ]
-    assert worklist.recover(store, settings) == 4
+    assert queue.recover(store, settings) == 4
     with store.session() as s:
         jobs = [s.get(Job, i) for i in ids]
     assert [j.state for j in jobs] == ["queued", "running", "queued", "running", "failed", "queued"]
@@ -175,16 +175,16 @@ def test_recover_hands_back_jobs_of_dead_or_silent_workers_only(store: Store) ->
 def test_a_job_that_keeps_killing_its_worker_ends_failed_after_max_attempts(store: Store) -> None:
     settings = settings_for(store.url, max_attempts=3, retry_backoff_seconds=0)
     sid = add_study(store, "1.2.9", utcnow() - dt.timedelta(seconds=30))
-    worklist.sweep(store, settings)
+    queue.sweep(store, settings)
     states = []
     for n in range(3):
-        job_id = worklist.claim(store, f"host:{100 + n}")
+        job_id = queue.claim(store, f"host:{100 + n}")
         assert job_id is not None  # the poison job is claimed again: nothing else is queued
-        states.append(worklist.worker_lost(store, settings, f"host:{100 + n}", "killed by SIGKILL"))
+        states.append(queue.worker_lost(store, settings, f"host:{100 + n}", "killed by SIGKILL"))
     (job,) = jobs_of(store, sid)
     assert job.state == "failed" and job.attempts == 3 and job.lost == 3
     assert job.error.startswith("the worker stopped 3 times while running this job (last stage reached: claimed")
-    assert worklist.claim(store, "host:200") is None
+    assert queue.claim(store, "host:200") is None
 
 
 def test_heartbeat_records_the_stage_and_stops_the_job_when_the_process_stops(store: Store) -> None:
@@ -192,7 +192,7 @@ def test_heartbeat_records_the_stage_and_stops_the_job_when_the_process_stops(st
 
     settings = settings_for(store.url, max_attempts=1)
     sid = add_study(store, "1.2.10", utcnow() - dt.timedelta(seconds=30))
-    worklist.sweep(store, settings)
+    queue.sweep(store, settings)
     stop = threading.Event()
     seen: list[str] = []
 
@@ -207,7 +207,7 @@ def test_heartbeat_records_the_stage_and_stops_the_job_when_the_process_stops(st
             seen.append("swallowed")
         return "done"
 
-    worklist.run_one(store, settings, body, "w:1", stop)
+    queue.run_one(store, settings, body, "w:1", stop)
     (job,) = jobs_of(store, sid)
     assert seen == ["decode"]
     # Re-queued without counting the attempt, though max_attempts is 1.
@@ -215,11 +215,11 @@ def test_heartbeat_records_the_stage_and_stops_the_job_when_the_process_stops(st
 
     # A job handed to another worker meanwhile: the first one's heartbeat stops it, its end is not recorded.
     def slow(store: Store, settings: Settings, job_id: int, heartbeat: object) -> str:
-        worklist.lost(store, settings, job_id, "w:2", "no heartbeat")
+        queue.lost(store, settings, job_id, "w:2", "no heartbeat")
         heartbeat("model")  # type: ignore[operator]
         return "done"
 
-    job_id = worklist.run_one(store, settings, slow, "w:2")
+    job_id = queue.run_one(store, settings, slow, "w:2")
     with store.session() as s:
         assert s.get(Job, job_id).state == "failed"  # lost on its only attempt, not "done"
 
@@ -229,17 +229,17 @@ WORKER = textwrap.dedent(
     import sys, time
     from dxnode.config import Settings
     from dxnode.store import Store, audit
-    from dxnode import worklist
+    from dxnode.worklist import queue
 
     def handler(store, settings, job_id, heartbeat):
         with store.session() as s:
-            audit(s, worklist.worker_id(), "test.ran", target=f"job:{job_id}")
+            audit(s, queue.worker_id(), "test.ran", target=f"job:{job_id}")
         time.sleep(0.005)
         return "done"
 
     store = Store(sys.argv[1])
     settings = Settings(database={"url": sys.argv[1]})
-    print(worklist.drain(store, settings, handler))
+    print(queue.drain(store, settings, handler))
     """
 )
 
@@ -289,11 +289,11 @@ def test_a_study_still_arriving_is_not_stable_whatever_its_last_commit(store: St
     now = utcnow()
     busy = add_study(store, "1.2.11", now - dt.timedelta(seconds=60))
     released = add_study(store, "1.2.12", now - dt.timedelta(seconds=60))
-    assert worklist.sweep(store, settings, now, Arriving({"1.2.11"}, {"1.2.12": now - dt.timedelta(seconds=4)})) == []
+    assert queue.sweep(store, settings, now, Arriving({"1.2.11"}, {"1.2.12": now - dt.timedelta(seconds=4)})) == []
     # Quiet time counts from the release of the association that sent it.
-    assert worklist.sweep(store, settings, now + dt.timedelta(seconds=7), Arriving(set(), {"1.2.12": now}))
+    assert queue.sweep(store, settings, now + dt.timedelta(seconds=7), Arriving(set(), {"1.2.12": now}))
     assert len(jobs_of(store, busy)) == 1 and jobs_of(store, released) == []
-    assert worklist.sweep(store, settings, now + dt.timedelta(seconds=11), Arriving(set(), {"1.2.12": now}))
+    assert queue.sweep(store, settings, now + dt.timedelta(seconds=11), Arriving(set(), {"1.2.12": now}))
     assert len(jobs_of(store, released)) == 1
 
 
@@ -304,18 +304,18 @@ def test_every_body_gets_the_heartbeat_and_its_state_must_be_a_job_state(store: 
     settings = settings_for(store.url, max_attempts=1)
     first = add_study(store, "1.2.9.1", utcnow() - dt.timedelta(seconds=30))
     second = add_study(store, "1.2.9.2", utcnow() - dt.timedelta(seconds=30))
-    worklist.sweep(store, settings)
+    queue.sweep(store, settings)
     got: list[object] = []
 
-    def body(store: Store, settings: Settings, job_id: int, heartbeat: worklist.Heartbeat) -> JobState:
+    def body(store: Store, settings: Settings, job_id: int, heartbeat: queue.Heartbeat) -> JobState:
         got.append(heartbeat)
         heartbeat("decode")
         with store.session() as s:
             study_id = s.get(Job, job_id).study_id  # type: ignore[union-attr]
         return JobState.SKIPPED if study_id == first else "finished"  # type: ignore[return-value]
 
-    assert worklist.drain(store, settings, body) == 2
-    assert all(isinstance(h, worklist.Heartbeat) for h in got) and len(got) == 2
+    assert queue.drain(store, settings, body) == 2
+    assert all(isinstance(h, queue.Heartbeat) for h in got) and len(got) == 2
     (a,) = jobs_of(store, first)
     (b,) = jobs_of(store, second)
     assert a.state is JobState.SKIPPED and a.stage == "decode"

@@ -9,10 +9,10 @@ from nodeproc import TEST_MODALITIES
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dxnode import worklist
-from dxnode.analysis import run_job
 from dxnode.config import Settings
+from dxnode.jobs.body import run_job
 from dxnode.store import Instance, Series, Store, Study, upgrade, utcnow
+from dxnode.worklist import queue
 
 ADMIN, READER = "admin-token-0123456789", "read-token-0123456789"
 BROWSER = {"Origin": "http://testserver"}  # what a browser adds to a POST from the node's own pages (TestClient's host)
@@ -75,8 +75,8 @@ def processed_study(store: Store, settings: Settings, patient_id: str = "PID-WEB
             )
         )
     with store.session() as s:
-        worklist.requeue_study(s, study_uid, actor="test", action="study.force_complete")
-    assert worklist.drain(store, settings, run_job) == 1
+        queue.requeue_study(s, study_uid, actor="test", action="study.force_complete")
+    assert queue.drain(store, settings, run_job) == 1
     return study_uid
 
 

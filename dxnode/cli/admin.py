@@ -11,12 +11,13 @@ from dxnode.cli.common import add_command, open_store, print_json
 from dxnode.config import Settings
 
 if TYPE_CHECKING:
-    from dxnode.dispatch import Selection
+    from dxnode.outbox.dispatch import Selection
 
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
     """Queue a study again (re-run its analysis)."""
-    from dxnode.worklist import requeue_study
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.worklist.queue import requeue_study
 
     with open_store(settings).session() as session:
         job_id = requeue_study(session, args.study, actor="cli")
@@ -26,7 +27,8 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
     """Force a study complete now instead of waiting for stable_seconds."""
-    from dxnode.worklist import requeue_study
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.worklist.queue import requeue_study
 
     with open_store(settings).session() as session:
         job_id = requeue_study(session, args.study, actor="cli", action="study.force_complete")
@@ -36,7 +38,8 @@ def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
     """Re-queue deliveries of an output or a study."""
-    from dxnode.dispatch import resend
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.outbox.dispatch import resend
 
     with open_store(settings).session() as session:
         n = resend(session, args.target, actor="cli")
@@ -52,7 +55,8 @@ def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
 
 def _outbox_selection(args: argparse.Namespace) -> Selection | None:
     """The dispatch.Selection of `outbox cancel|retry`, or None after saying that one is needed."""
-    from dxnode.dispatch import Selection
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.outbox.dispatch import Selection
 
     sel = Selection(tuple(args.delivery or ()), args.study or "", args.destination or "")
     if sel.empty:
@@ -66,7 +70,8 @@ def _outbox_selection(args: argparse.Namespace) -> Selection | None:
 
 def _outbox_change(args: argparse.Namespace, settings: Settings, done: str) -> int:
     """Run `outbox cancel` or `outbox retry` and report it; exit 1 if nothing matched or changed."""
-    from dxnode import dispatch
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.outbox import dispatch
 
     sel = _outbox_selection(args)
     if sel is None:

@@ -74,6 +74,7 @@ def print_table(items: Sequence[BaseModel] | Sequence[dict[str, Any]], columns: 
 def open_store(settings: Settings, migrate: bool = True) -> Store:
     """Open the configured database for a command that reads or edits it: a missing SQLite file is
     refused (DatabaseUnavailable naming its path), never created; only serve, worker and db upgrade create it."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.store import open_store as open_node_store
 
     return open_node_store(settings, migrate, create=False)
@@ -105,6 +106,7 @@ def print_list(
     with open_store(settings).session() as session:
         rows = query(session)
         if audit_action:
+            # start-up time: only this command loads it (`dxnode --help` stays quick)
             from dxnode.store import audit
 
             audit(session, "cli", audit_action, source="local", user=getpass.getuser(), rows=len(rows))

@@ -11,6 +11,7 @@ from dxnode.config import Settings, load_settings
 
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
     """Print the effective configuration (file + environment), secrets masked."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.config import SECRET, has_secrets, masked, to_toml
 
     data = masked(settings)

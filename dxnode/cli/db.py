@@ -11,6 +11,7 @@ from dxnode.config import Settings
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     """Apply the Alembic migrations."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.store import current_revision
     from dxnode.store import open_store as open_node_store
 
@@ -21,6 +22,7 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
     """Print the schema revision."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.store import current_revision
 
     print(current_revision(open_store(settings, migrate=False)) or "empty (run `dxnode db upgrade`)")

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 def load_model_or_say_why(settings: Settings, bundle: str | None) -> Classifier | None:
     """The configured (or given) model, or None after printing why it cannot be loaded."""
-    from dxnode.bundle import BundleError
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.inference.bundle import BundleError
     from dxnode.model import load_classifier
 
     try:
@@ -31,6 +32,7 @@ def load_model_or_say_why(settings: Settings, bundle: str | None) -> Classifier 
 
 def file_kind(path: Path) -> str | None:
     """'dicom' (DICM at byte 128, what the reader needs), 'image' (PNG or JPEG) or None."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.pipeline import is_image_file
 
     try:
@@ -79,7 +81,8 @@ def predict_inputs(names: Sequence[str]) -> tuple[list[tuple[str, str | None]], 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     """Run the model on files and folders directly; exit 1 if any file failed, 2 if the model cannot load."""
-    from dxnode.predict import FilePrediction, predict_file, save_png
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.analysis.predict import FilePrediction, predict_file, save_png
     from dxnode.schemas import PredictionOut
 
     files, refused = predict_inputs(args.files)
@@ -134,7 +137,8 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
         info["labels"] = [*info["labels"][:10], f"... {len(info['labels']) - 10} more"]
         info["thresholds"] = info["thresholds"][:10]
     if classifier.manifest.intended_use is None:  # older bundles and ImageNet: any image
-        from dxnode.intended import NO_DECLARATION
+        # start-up time: only this command loads it (`dxnode --help` stays quick)
+        from dxnode.inference.intended import NO_DECLARATION
 
         info["intended_use"] = NO_DECLARATION
     elif not args.json:
@@ -155,12 +159,14 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int:
     """Make a bundle from the torchvision ImageNet weights file."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.extras import require_train_extra
 
     require_train_extra("init-imagenet")
+    # start-up time, and torch is the optional dxnode[train] extra
     import torch
 
-    from dxnode.bundle import imagenet_manifest, imagenet_weights_path, write_bundle
+    from dxnode.inference.bundle import imagenet_manifest, imagenet_weights_path, write_bundle
 
     weights = Path(args.weights) if args.weights else imagenet_weights_path(settings.model)
     if not weights.is_file():
@@ -183,7 +189,8 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
         description=m.description,
         extra={"source": str(weights), "source_sha256": m.weights_sha256},
     )
-    from dxnode.engine import export_bundle
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.inference.engine import export_bundle
 
     export_bundle(Path(args.path))  # model.onnx for the ONNX Runtime engine
     print(
@@ -194,8 +201,9 @@ def cmd_model_init_imagenet(args: argparse.Namespace, settings: Settings) -> int
 
 def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
     """Add model.onnx (checked against PyTorch, sha256 in the manifest) to a bundle."""
-    from dxnode.bundle import BundleError
-    from dxnode.engine import export_bundle
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.inference.bundle import BundleError
+    from dxnode.inference.engine import export_bundle
 
     try:
         m = export_bundle(Path(args.bundle))
@@ -208,8 +216,9 @@ def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """Write an int8 copy of a bundle, calibrated on the images of a labelled CSV."""
-    from dxnode.bundle import BundleError
-    from dxnode.quantize import quantize_bundle
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.inference.bundle import BundleError
+    from dxnode.training.quantize import quantize_bundle
 
     try:
         m = quantize_bundle(
@@ -235,8 +244,9 @@ def cmd_model_quantize(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Fine-tune ResNet-18 on a labelled CSV and write a bundle."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.extras import require_train_extra
-    from dxnode.train import TrainOptions, run_train
+    from dxnode.training.train import TrainOptions, run_train
 
     require_train_extra()
     try:
@@ -245,7 +255,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         print(f"dxnode train: {exc}", file=sys.stderr)
         return 2
     metrics = json.loads((out / "metrics.json").read_text())
-    from dxnode.evaluate import table
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.training.evaluate import table
 
     print(table(metrics))
     warn_small_split(metrics, "train", "validation split")
@@ -256,7 +267,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def warn_small_split(metrics: dict[str, Any], command: str, what: str) -> None:
     """Warn on stderr about labels with too few positives or negatives for their metrics to mean anything."""
-    from dxnode.evaluate import small_split_warnings
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
+    from dxnode.training.evaluate import small_split_warnings
 
     lines = small_split_warnings(metrics)
     if not lines:
@@ -269,9 +281,10 @@ def warn_small_split(metrics: dict[str, Any], command: str, what: str) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate a bundle on a labelled CSV."""
-    from dxnode.bundle import BundleError
-    from dxnode.evaluate import evaluate, table
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.extras import require_train_extra
+    from dxnode.inference.bundle import BundleError
+    from dxnode.training.evaluate import evaluate, table
 
     require_train_extra()
     try:
@@ -282,7 +295,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     print(table(metrics))
     warn_small_split(metrics, "evaluate", f"{args.split} split" if args.split else "data set")
     if args.compare:
-        from dxnode.evaluate import compare_table
+        # start-up time: only this command loads it (`dxnode --help` stays quick)
+        from dxnode.training.evaluate import compare_table
 
         print(compare_table(metrics))
     print(f"wrote {args.out}/metrics.json, metrics.csv, roc.png, calibration.png")
@@ -349,7 +363,7 @@ def add_parsers(sub: Any) -> None:
 
     add_command(sub, "train", cmd_train, "fine-tune ResNet-18 on labelled images and write a model bundle")
     add_command(sub, "evaluate", cmd_evaluate, "evaluate a model bundle on labelled images")
-    from dxnode.train import add_evaluate_arguments, add_train_arguments  # kept beside their implementation
+    from dxnode.training.train import add_evaluate_arguments, add_train_arguments  # kept beside their implementation
 
     add_train_arguments(sub.choices["train"])
     add_evaluate_arguments(sub.choices["evaluate"])

@@ -12,6 +12,7 @@ from dxnode.config import Settings
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the node: SCP, worklist, job processes, dispatcher and web server."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.daemon import serve
 
     return serve(settings, web=not args.no_web, log_level=args.log_level or settings.logging.level)
@@ -19,6 +20,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run only job processes and the outbox (scale-out beside a receiving node)."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.daemon import work
 
     return work(settings, log_level=args.log_level or settings.logging.level)
@@ -26,6 +28,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     """Run only the REST API and web pages (on a database that serve or db upgrade made)."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.daemon import serve_web_only
 
     open_store(settings, migrate=False).dispose()
@@ -34,6 +37,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
     """C-ECHO a remote node."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.scp import echo
 
     ok, message = echo(args.host, args.port, args.aet or settings.node.ae_title, args.aec, timeout=args.timeout)

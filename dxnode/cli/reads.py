@@ -15,6 +15,7 @@ from dxnode.states import DeliveryState, JobState
 
 def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
     """List received studies."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.queries import StudyFilter, list_studies
 
     return print_list(settings, StudyOut, lambda s: list_studies(s, StudyFilter(limit=args.limit)), args.json)
@@ -22,6 +23,7 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     """List jobs."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.queries import JobFilter, list_jobs
 
     f = JobFilter(state=JobState(args.state) if args.state else None, limit=args.limit)
@@ -30,6 +32,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     """List study-level findings (the same query as GET /api/results)."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.queries import ResultFilter, list_results, results_csv
 
     since = None
@@ -60,6 +63,7 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     """List outbox deliveries, each with the address its destination has in this configuration."""
+    # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.queries import list_deliveries
 
     if args.limit < 1:

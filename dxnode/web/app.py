@@ -68,7 +68,7 @@ from dxnode.web.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     from dxnode.model import ModelRegistry
-    from dxnode.scp import StorageSCP
+    from dxnode.receive.ingest import Ingest
 
 log = logging.getLogger("dxnode.web")
 
@@ -138,7 +138,8 @@ def api_router() -> APIRouter:  # noqa: C901, PLR0915  the routes are nested fun
 
     @r.post("/studies/{study_instance_uid}/requeue", summary="Queue the study's analysis again (admin)")
     def requeue(svc: Svc, study_instance_uid: str, who: Principal = Depends(require_admin)) -> JobQueued:
-        from dxnode.worklist import requeue_study
+        # start-up time: loaded on the first request that needs it
+        from dxnode.worklist.queue import requeue_study
 
         try:
             with svc.store.session() as s:
@@ -151,7 +152,8 @@ def api_router() -> APIRouter:  # noqa: C901, PLR0915  the routes are nested fun
     def ignore(
         svc: Svc, study_instance_uid: str, who: Principal = Depends(require_admin), ignored: bool = True
     ) -> StudyIgnored:
-        from dxnode.worklist import set_study_ignored
+        # start-up time: loaded on the first request that needs it
+        from dxnode.worklist.queue import set_study_ignored
 
         try:
             with svc.store.session() as s:
@@ -180,7 +182,8 @@ def api_router() -> APIRouter:  # noqa: C901, PLR0915  the routes are nested fun
         responses={409: {"description": "The job cannot be re-queued now (e.g. it is queued or running)"}},
     )
     def requeue_job(svc: Svc, job_id: RowId, who: Principal = Depends(require_admin)) -> JobRequeued:
-        from dxnode.worklist import requeue_job as do_requeue
+        # start-up time: loaded on the first request that needs it
+        from dxnode.worklist.queue import requeue_job as do_requeue
 
         try:
             with svc.store.session() as s:
@@ -260,7 +263,8 @@ def api_router() -> APIRouter:  # noqa: C901, PLR0915  the routes are nested fun
 
     @r.post("/outbox/{delivery_id}/resend", summary="Re-send a delivery (admin)")
     def resend(svc: Svc, delivery_id: RowId, who: Principal = Depends(require_admin)) -> Requeued:
-        from dxnode.dispatch import resend as do_resend
+        # start-up time: loaded on the first request that needs it
+        from dxnode.outbox.dispatch import resend as do_resend
 
         with svc.store.session() as s:
             n = do_resend(s, str(delivery_id), actor=who.name, source=who.address)
@@ -297,6 +301,7 @@ def api_router() -> APIRouter:  # noqa: C901, PLR0915  the routes are nested fun
         responses={200: {"content": {"image/png": {}}}},
     )
     def instance_image(svc: Svc, sop_instance_uid: str, who: Principal = Depends(require_read)) -> Response:
+        # start-up time: loaded on the first request that needs it
         from dxnode.pipeline import PipelineError, read_frames
 
         with svc.store.session() as s:
@@ -344,7 +349,8 @@ async def predict_upload(svc: Svc, file: UploadFile, who: Principal, top_k: int)
 
 def _predict_bytes(svc: Svc, data: bytes, filename: str, who: Principal, top_k: int) -> UploadPrediction:
     """The blocking part of predict_upload: write, decode, infer, audit, encode the PNGs."""
-    from dxnode.predict import predict_file
+    # start-up time: loaded on the first request that needs it
+    from dxnode.analysis.predict import predict_file
 
     settings = svc.settings
     keep = settings.web.keep_uploads
@@ -447,12 +453,13 @@ def create_app(
     store: Store,
     readiness: Readiness | None = None,
     metrics_dir: Path | None = None,
-    scp: StorageSCP | None = None,
+    ingest: Ingest | None = None,
     registry: ModelRegistry | None = None,
 ) -> FastAPI:
     """The web application of a node (metrics_dir: its prometheus_client multiprocess folder, if any;
     scp: the node's SCP, that STOW-RS parts are stored by, default one made on first use;
     registry: the process's models, a new one when not given)."""
+    # start-up time: loaded on the first request that needs it
     from dxnode.model import ModelRegistry
 
     models = registry or ModelRegistry()
@@ -464,7 +471,7 @@ def create_app(
         readiness,
         metrics_dir,
         classifier=lambda: models.get(settings.model, data_dir=settings.data_dir),
-        stow_receiver=own_receiver(settings, store) if scp is None else given_receiver(scp),
+        stow_receiver=own_receiver(settings, store) if ingest is None else given_receiver(ingest),
     )
     app = _base_app(svc, "dxnode")
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")

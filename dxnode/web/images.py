@@ -11,6 +11,7 @@ import pydicom
 
 def png_bytes(rgb: np.ndarray) -> bytes:
     """An RGB (or grayscale) uint8 array as PNG bytes."""
+    # start-up time: PIL loads only when this runs
     from PIL import Image
 
     buf = io.BytesIO()

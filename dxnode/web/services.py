@@ -19,7 +19,7 @@ from dxnode.store import Store
 
 if TYPE_CHECKING:
     from dxnode.model import Classifier
-    from dxnode.scp import StorageSCP
+    from dxnode.receive.ingest import Ingest
     from dxnode.web.throttle import LoginThrottle
 
 Readiness = Callable[[], dict[str, bool]]
@@ -35,7 +35,7 @@ class WebServices:
     readiness: Readiness | None = None  # None: the database check only
     metrics_dir: Path | None = None  # prometheus_client's multiprocess folder, if any
     classifier: Callable[[], Classifier] | None = None  # the served model (loaded and cached by dxnode.model)
-    stow_receiver: Callable[[], StorageSCP] | None = None  # the SCP's storing path for STOW-RS parts
+    stow_receiver: Callable[[], Ingest] | None = None  # the durable receive path STOW-RS parts take
 
     def model(self) -> Classifier:
         """The served model; RuntimeError on an app that serves none (a worker's)."""
@@ -43,7 +43,7 @@ class WebServices:
             raise RuntimeError("this web application serves no model")
         return self.classifier()
 
-    def receiver(self) -> StorageSCP:
+    def receiver(self) -> Ingest:
         """The STOW-RS receiver; RuntimeError on an app that takes no STOW-RS (a worker's)."""
         if self.stow_receiver is None:
             raise RuntimeError("this web application takes no STOW-RS")
@@ -71,24 +71,24 @@ def attach(app: FastAPI, svc: WebServices) -> None:
     app.state.services = svc
 
 
-def own_receiver(settings: Settings, store: Store) -> Callable[[], StorageSCP]:
-    """A receiver made on first use: the SCP's storing path without its listeners (`dxnode web`)."""
+def own_receiver(settings: Settings, store: Store) -> Callable[[], Ingest]:
+    """An ingest made on first use, for an app without a DICOM listener (`dxnode web`)."""
     lock = threading.Lock()
-    made: list[StorageSCP] = []
+    made: list[Ingest] = []
 
-    def receiver() -> StorageSCP:
+    def receiver() -> Ingest:
         with lock:
             if not made:
-                from dxnode.scp import StorageSCP
+                from dxnode.receive.ingest import Ingest  # only once STOW-RS is used: keeps start-up lean
 
-                scp = StorageSCP(settings, store)
-                scp.incoming.mkdir(parents=True, exist_ok=True)
-                made.append(scp)
+                ingest = Ingest(settings, store)
+                ingest.open()
+                made.append(ingest)
             return made[0]
 
     return receiver
 
 
-def given_receiver(scp: StorageSCP) -> Callable[[], StorageSCP]:
-    """The node's own SCP as the receiver (`dxnode serve`: the stable-study sweep watches its activity)."""
-    return lambda: scp
+def given_receiver(ingest: Ingest) -> Callable[[], Ingest]:
+    """The node's own ingest, shared with its listener (`dxnode serve`: the stable-study sweep watches its activity)."""
+    return lambda: ingest

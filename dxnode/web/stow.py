@@ -1,8 +1,8 @@
 """STOW-RS on the node's web server (PS3.18 10.5): POST /dicomweb/studies[/{study}].
 
 Each part of a ``multipart/related; type="application/dicom"`` body is a Part 10 file. It is
-parsed and validated like a C-STORE (``dxnode.scp.parse_dataset``) and stored by the SCP's own
-durable path (``StorageSCP.store_received``: temporary file, fsync, rename, rows committed)
+parsed and validated like a C-STORE (``dxnode.receive.parse``) and stored by the same durable
+ingest (``Ingest.store_received``: temporary file, fsync, rename, rows committed)
 before the response lists it as stored, so the contract is the one C-STORE senders get; the
 study then joins the worklist like any other. The response (DICOM JSON) lists stored instances
 and failed ones with a Failure Reason: 200 all stored, 202 some, 409 none. A body over
@@ -25,8 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 
-from dxnode.dicomweb import DICOM_JSON, FileBuffer, part_spans, response_body
-from dxnode.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StorageSCP, StoreRefused, parse_dataset
+from dxnode.outbox.dicomweb import DICOM_JSON, FileBuffer, part_spans, response_body
+from dxnode.receive.ingest import Ingest
+from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused, parse_dataset
 from dxnode.store import audit
 from dxnode.uids import is_valid_uid
 from dxnode.web.auth import Principal, principal
@@ -89,11 +90,11 @@ async def _spool_body(request: Request, limit: int, folder: Path) -> BinaryIO:
 
 
 def _store_part(
-    scp: StorageSCP, data: bytes, study: str | None, who: Principal, request_key: int
+    ingest: Ingest, data: bytes, study: str | None, who: Principal, request_key: int
 ) -> tuple[str, str, int, str]:
     """Parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment).
 
-    The request is the sender, as an association is for C-STORE (see StorageSCP.store_received)."""
+    The request is the sender, as an association is for C-STORE (see Ingest.store_received)."""
     cls = inst = ""
     try:
         try:
@@ -108,7 +109,7 @@ def _store_part(
         rec = parse_dataset(ds, cls, inst, syntax)
         if study is not None and rec.study_instance_uid != study:
             return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
-        scp.store_received(rec, (data,), "", who.address, request_key, actor=f"stow:{who.name}")
+        ingest.store_received(rec, (data,), "", who.address, request_key, actor=f"stow:{who.name}")
         return cls, inst, 0, ""
     except StoreRefused as exc:
         # A hostile UID is never echoed back.
@@ -130,7 +131,7 @@ def _store_all(request: Request, spool: BinaryIO, boundary: str, study: str | No
     from the file, stored and dropped in turn."""
     body = FileBuffer(spool.fileno())
     svc = services(request)
-    settings, store, scp = svc.settings, svc.store, svc.receiver()
+    settings, store, ingest = svc.settings, svc.store, svc.receiver()
     part_limit = int(settings.web.stow_max_part_mb * 1024 * 1024)
     stored: list[tuple[str, str, str]] = []
     failed: list[tuple[str, str, int]] = []
@@ -152,14 +153,14 @@ def _store_all(request: Request, spool: BinaryIO, boundary: str, study: str | No
                 failed.append(("", "", OUT_OF_RESOURCES))
                 comments.append(f"part larger than [web] stow_max_part_mb = {settings.web.stow_max_part_mb}")
                 continue
-            cls, inst, reason, comment = _store_part(scp, body[start:end], study, who, id(request))
+            cls, inst, reason, comment = _store_part(ingest, body[start:end], study, who, id(request))
             if reason:
                 failed.append((cls, inst, reason))
                 comments.append(f"{inst or 'instance'}: 0x{reason:04X} {comment}")
             else:
                 stored.append((cls, inst, ""))
     finally:  # the request's studies start their quiet time now (as at an association's release)
-        scp.activity.closed(id(request))
+        ingest.activity.closed(id(request))
     with store.session() as session:
         audit(
             session,

@@ -16,6 +16,7 @@ from dxnode.config import Settings
 from dxnode.model import MAX_STORED_FINDINGS, Classifier, overlay
 from dxnode.pipeline import Frame, PipelineError, Preprocessing, read_dataset, read_frames, skip_reason, to_tensor
 from dxnode.results import Finding, Heatmap, InstanceOutcome, StudyResult
+from dxnode.states import HeatmapFor
 
 Key = tuple[str, int]  # (SOP Instance UID, frame index): one model input
 
@@ -111,11 +112,11 @@ def driver_frame(path: Path, frame_index: int, settings: Settings, prep: Preproc
     return frame
 
 
-def heatmap_labels(findings: list[Finding], heatmap_for: str) -> list[Finding]:
+def heatmap_labels(findings: list[Finding], heatmap_for: HeatmapFor) -> list[Finding]:
     """The findings that get a heatmap by [report] heatmap_for: all, top1 or the positive ones."""
-    if heatmap_for == "all":
+    if heatmap_for == HeatmapFor.ALL:
         return findings
-    if heatmap_for == "top1":
+    if heatmap_for == HeatmapFor.TOP1:
         return findings[:1]
     return [f for f in findings if f.positive]
 
@@ -180,7 +181,7 @@ class _StudyRun:
             self.outcomes[uid] = InstanceOutcome(uid, "done", state.notes, {labels[j]: float(best[j]) for j in top})
 
     def heatmaps(
-        self, findings: list[Finding], heatmap_for: str, paths: dict[str, Path], settings: Settings
+        self, findings: list[Finding], heatmap_for: HeatmapFor, paths: dict[str, Path], settings: Settings
     ) -> list[Heatmap]:
         """Overlays of the chosen findings on their driver frames (kept, or read again)."""
         prep = self.classifier.manifest.preprocessing
@@ -205,7 +206,7 @@ def analyze_study(
     instances: list[tuple[str, Path]],
     classifier: Classifier,
     settings: Settings,
-    heatmap_for: str = "positive",
+    heatmap_for: HeatmapFor = HeatmapFor.POSITIVE,
     progress: Callable[[str], None] | None = None,
     timings: dict[str, float] | None = None,
     pool: ThreadPoolExecutor | None = None,

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from dxnode.analysis.streaming import RunningStudy
 from dxnode.config import Settings
 from dxnode.model import Classifier, overlay
 from dxnode.pipeline import PipelineError, read_frames, to_tensor
 from dxnode.results import Finding, ModelIdentity
-from dxnode.streaming import RunningStudy
 
 
 @dataclass
@@ -68,6 +68,7 @@ def predict_file(path: Path, classifier: Classifier, settings: Settings, top_k: 
 
 def save_png(rgb: np.ndarray, path: Path) -> Path:
     """Write an RGB uint8 array as PNG."""
+    # start-up time: PIL loads only when this runs
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ gets a "skipped" job whose log says why each entry refused it.
 
 What the model is for: an entry's modalities, body_parts and sop_classes, else [pipeline]'s, are
 the admin's choice and used as written; a key left empty in both takes what the entry's bundle
-declares (its manifest's intended_use, dxnode.intended), so the demo's chest model gets CR/DX
+declares (its manifest's intended_use, dxnode.inference.intended), so the demo's chest model gets CR/DX
 CHEST series only and a CT study is skipped with "skipped: model dxnode-demo is for CR/DX CHEST".
 The declared photometric and minimum size are checked per instance (the job's [pipeline]).
 """
@@ -26,10 +26,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dxnode.config import ModelEntry, ModelSettings, Settings
-from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse, body_part_matches, read_declaration
-from dxnode.store import Instance, Series, Study
+from dxnode.inference.bundle import IMAGENET_FILE, imagenet_weights_path
+from dxnode.inference.intended import DEMO_NAME, DEMO_USE, IntendedUse, body_part_matches, read_declaration
+from dxnode.store import Instance, Job, Series, Study
+from dxnode.worklist.queue import queued_job
 
-log = logging.getLogger("dxnode.routing")
+log = logging.getLogger("dxnode.worklist.routing")
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,6 @@ def model_settings(settings: Settings, e: ModelEntry) -> ModelSettings:
     """The [model] section with the entry's bundle and engine in it."""
     update: dict[str, object] = {}
     if e.bundle == "imagenet":  # torchvision's ImageNet file, where [model] imagenet_weights says
-        from dxnode.bundle import IMAGENET_FILE, imagenet_weights_path
-
         weights = imagenet_weights_path(settings.model)
         if not weights.is_file():
             raise FileNotFoundError(f"model {e.name}: bundle = 'imagenet' needs {IMAGENET_FILE} at {weights}")
@@ -108,7 +108,7 @@ def declaration(settings: Settings, e: ModelEntry) -> tuple[str, IntendedUse | N
     """The entry's bundle's model name and intended use (None: declares nothing), from its manifest only.
 
     A bundle that cannot be read declares nothing here: loading it fails the job with the reason.
-    Torch-free (the receiver process calls it at start): dxnode.bundle is not imported."""
+    Torch-free (the receiver process calls it at start): dxnode.inference.bundle is not imported."""
     bundle = e.bundle or settings.model.bundle
     if not bundle:  # as load_classifier: ImageNet when its file is there, else the demo
         bundle = "imagenet" if imagenet_file(settings.model).is_file() else "demo"
@@ -124,7 +124,7 @@ def declaration(settings: Settings, e: ModelEntry) -> tuple[str, IntendedUse | N
 
 
 def imagenet_file(ms: ModelSettings) -> Path:
-    """Where dxnode.bundle.imagenet_weights_path looks for torchvision's ImageNet file (same rule, no torch import)."""
+    """Where dxnode.inference.bundle.imagenet_weights_path looks for torchvision's ImageNet file (same rule, no torch import)."""
     if ms.imagenet_weights:
         return Path(ms.imagenet_weights).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"
@@ -339,8 +339,6 @@ def resolve_job(session: Session, settings: Settings, job_id: int) -> Decision:
     """Route a job when it starts: an unrouted job ("" with [[models]]) takes the first matching entry
     and queues one job for each other one; a routed job re-checks its own entry. Rules are read now,
     so changing them and re-queueing re-routes."""
-    from dxnode.store import Job
-    from dxnode.worklist import queued_job
 
     job = session.get(Job, job_id)
     assert job is not None

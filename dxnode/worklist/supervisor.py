@@ -12,7 +12,6 @@ heartbeat went stale (hung), with that reason recorded on the job.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 import multiprocessing
 import os
@@ -21,59 +20,27 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
-from dxnode import worklist
 from dxnode.config import Settings
-from dxnode.logs import setup_logging
 from dxnode.states import JobState
 from dxnode.store import Job, Store, utcnow
+from dxnode.worklist import queue
 
-log = logging.getLogger("dxnode.runner")
+log = logging.getLogger("dxnode.worklist.supervisor")
+
+
+class JobProcessMain(Protocol):
+    """A job process's target (dxnode.jobs.process.job_process_main): settings, log level, the parent's
+    pid, an Event to set once ready, and a queue for the one-line reason it cannot start."""
+
+    def __call__(self, settings: Settings, log_level: str, parent: int, ready: Any, problems: Any, /) -> None: ...
+
 
 # Exit status of a job process that cannot load its model: a configuration error, not a crash.
 EXIT_CONFIG = 78
-
-
-def job_process_main(settings: Settings, log_level: str, parent: int, ready: Any = None, problems: Any = None) -> None:
-    """Body of one job process: load the model once, set ready, then claim and run jobs until SIGTERM.
-
-    ready: a multiprocessing Event set once the model is loaded; problems: a queue that gets the
-    one-line reason when the model cannot load (the process then exits with EXIT_CONFIG)."""
-    setup_logging(log_level)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    from dxnode.analysis import run_job
-    from dxnode.bundle import BundleError
-    from dxnode.model import ModelRegistry
-
-    registry = ModelRegistry()  # this process's models and decoding threads, kept across its jobs
-    try:
-        registry.get(settings.model, data_dir=settings.data_dir)
-    except (BundleError, FileNotFoundError) as exc:
-        log.error("job process cannot load the model: %s", exc)
-        if problems is not None:
-            problems.put(f"a job process cannot load the model: {exc}".splitlines()[0])
-        raise SystemExit(EXIT_CONFIG) from None
-    store = Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
-    me, supervisor = worklist.worker_id(), worklist.worker_id(parent)
-    if ready is not None:
-        ready.set()
-    log.info("job process %s ready", me)
-    try:
-        while not stop.is_set() and os.getppid() == parent:
-            if (
-                worklist.run_one(store, settings, functools.partial(run_job, registry=registry), me, stop, supervisor)
-                is None
-            ):
-                stop.wait(settings.worklist.poll_interval_seconds)
-    finally:
-        store.dispose()
-        registry.close()
-    log.info("job process %s stopped", me)
 
 
 def rss_mb(pid: int) -> int:
@@ -125,8 +92,10 @@ START_TRIES = 3
 class Supervisor:
     """Keeps ``count`` job processes running and hands back the jobs of those that die."""
 
-    def __init__(self, settings: Settings, store: Store, count: int, log_level: str = "INFO") -> None:
-        self.settings, self.store, self.log_level = settings, store, log_level
+    def __init__(
+        self, settings: Settings, store: Store, count: int, main: JobProcessMain, log_level: str = "INFO"
+    ) -> None:
+        self.settings, self.store, self.main, self.log_level = settings, store, main, log_level
         self.slots = [_Slot(i) for i in range(count)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,14 +123,14 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         ready = self._ctx.Event()
         proc = self._ctx.Process(
-            target=job_process_main,
+            target=self.main,
             args=(self.settings, self.log_level, os.getpid(), ready, self._problems),
             name=f"dxnode-job-{slot.index}",
         )
         proc.start()
         slot.ready = ready
         assert proc.pid is not None
-        slot.proc, slot.worker, slot.started, slot.why = proc, worklist.worker_id(proc.pid), time.monotonic(), ""
+        slot.proc, slot.worker, slot.started, slot.why = proc, queue.worker_id(proc.pid), time.monotonic(), ""
         log.info("started job process %d (pid %d)", slot.index, proc.pid)
 
     def _watch(self) -> None:
@@ -183,7 +152,7 @@ class Supervisor:
             return
         code = proc.exitcode
         why = slot.why or _exit_reason(code)
-        handed = worklist.worker_lost(self.store, self.settings, slot.worker, why)
+        handed = queue.worker_lost(self.store, self.settings, slot.worker, why)
         log.error("job process %d (pid %s) %s; %d job(s) handed back", slot.index, proc.pid, why, handed)
         _forget_metrics(proc.pid)
         if code == EXIT_CONFIG:
@@ -262,7 +231,7 @@ class Supervisor:
                 slot.proc.join(5)
         for slot in self.slots:
             if slot.worker:
-                worklist.release_worker(self.store, slot.worker, "the node stopped")
+                queue.release_worker(self.store, slot.worker, "the node stopped")
             if slot.proc is not None and slot.proc.pid is not None:
                 _forget_metrics(slot.proc.pid)
 
@@ -271,6 +240,7 @@ def _forget_metrics(pid: int | None) -> None:
     """Tell prometheus_client's multiprocess mode that a job process is gone (its counters stay counted)."""
     if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
+    # start-up time: prometheus_client loads only when this runs
     from prometheus_client import multiprocess
 
     try:

@@ -49,6 +49,7 @@ def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     its own size to Rows x Columns, edge to edge, with DICOM's convention that the image spans
     (0, 0) to (Columns, Rows) and pixel centres are at +0.5; the result is clipped to that span.
     """
+    # start-up time: contourpy loads only when this runs
     from contourpy import contour_generator
 
     cam = np.asarray(cam, dtype=np.float32)

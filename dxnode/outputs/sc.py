@@ -10,7 +10,8 @@ import pydicom
 from pydicom import Dataset
 
 from dxnode.config import MIN_SC_SIDE, Settings
-from dxnode.result_uids import derived_uid, result_key
+from dxnode.outputs.result_uids import derived_uid, result_key
+from dxnode.pixels.colormap import jet
 from dxnode.results import Finding, Heatmap, StudyResult
 
 # Spacing attributes a heatmap SC must not carry: its pixels are resampled and captioned.
@@ -67,6 +68,7 @@ def caption_lines(h: Heatmap, f: Finding, result: StudyResult) -> list[str]:
 
 def _caption_font(width: int) -> tuple[Any, int]:
     """The caption font for a canvas this wide, and its size in pixels."""
+    # start-up time: PIL loads only when this runs
     from PIL import ImageFont
 
     size = max(12, width // 55)
@@ -90,9 +92,8 @@ def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> 
     down, aspect kept, to leave room for the panel (centred if that makes it narrower than the
     canvas). Returns (RGB canvas, (height, width) of the overlay in it).
     """
+    # start-up time: PIL loads only when this runs
     from PIL import Image, ImageDraw
-
-    from dxnode.colormap import jet
 
     img = Image.fromarray(overlay)
     scale = max(1.0, MIN_SC_SIDE / img.width)

@@ -22,8 +22,8 @@ probabilities, source instances): re-running a job rebuilds the same UIDs, a cha
 gets new ones. Patient and study attributes come from the source instances, so the PACS files
 the objects in the same study.
 
-Here: the order of work and the writing. The SR is built in dxnode/sr.py, the SCs in
-dxnode/sc.py, the UIDs in dxnode/result_uids.py, attention outlines in dxnode/attention.py.
+Here: the order of work and the writing. The SR is built in dxnode/outputs/sr.py, the SCs in
+dxnode/outputs/sc.py, the UIDs in dxnode/outputs/result_uids.py, attention outlines in dxnode/outputs/attention.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -41,12 +42,12 @@ from pydicom import Dataset
 
 from dxnode.config import Settings
 from dxnode.durable import write_durably
+from dxnode.outputs.sc import build_sc
+from dxnode.outputs.source_header import reference_header
+from dxnode.outputs.sr import build_sr
 from dxnode.results import StudyResult
-from dxnode.sc import build_sc
-from dxnode.source_header import reference_header
-from dxnode.sr import build_sr
 
-log = logging.getLogger("dxnode.report")
+log = logging.getLogger("dxnode.outputs.report")
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,6 @@ class _Stopwatch:
 
 def _save(ds: Dataset, folder: Path, kind: str, label: str, summary: str, notes: tuple[str, ...]) -> WrittenOutput:
     """Encode and write one object durably."""
-    from io import BytesIO
 
     ds.ContentDate = ds.get("ContentDate") or dt.datetime.now(dt.UTC).strftime("%Y%m%d")
     buf = BytesIO()

@@ -3,7 +3,7 @@
 A bundle is a folder: ``weights.pt`` (a torchvision resnet18 state dict with fc sized to the
 labels) and ``manifest.json`` (name, version, labels, task, thresholds, preprocessing, sha256 of
 the weights, checked at load), and ``model.onnx`` with its sha256 for the ONNX Runtime engine
-(dxnode.engine). Nothing is ever downloaded: with no bundle configured, dxnode serves
+(dxnode.inference.engine). Nothing is ever downloaded: with no bundle configured, dxnode serves
 torchvision's ImageNet classifier if ``resnet18-f37072fd.pth`` is on disk (and PyTorch is
 installed), else an untrained demo model that says so in every output (its weights come from a
 seeded NumPy generator, see demo_weights).
@@ -18,6 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +30,9 @@ import numpy as np
 from dxnode.config import ModelSettings
 from dxnode.durable import durable_path, write_durably
 from dxnode.extras import TRAIN_EXTRA, has_torch
-from dxnode.intended import DEMO_NAME, DEMO_USE, IntendedUse
+from dxnode.inference.intended import DEMO_NAME, DEMO_USE, IntendedUse
 from dxnode.pipeline import Preprocessing
+from dxnode.states import Task
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +57,7 @@ class Manifest:
     name: str
     version: str
     labels: list[str]
-    task: str  # "multilabel" (sigmoid per label) or "multiclass" (softmax)
+    task: Task
     thresholds: list[float]
     preprocessing: Preprocessing
     weights_file: str = "weights.pt"
@@ -61,10 +65,12 @@ class Manifest:
     demo: bool = False
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    onnx_file: str = ""  # model.onnx, run by the ONNX Runtime engine (dxnode.engine)
+    onnx_file: str = ""  # model.onnx, run by the ONNX Runtime engine (dxnode.inference.engine)
     onnx_sha256: str = ""
     quantization: dict[str, Any] = field(default_factory=dict)  # set on int8 bundles (dxnode model quantize)
-    intended_use: IntendedUse | None = None  # what the model is for (dxnode.intended); None: not declared, any image
+    intended_use: IntendedUse | None = (
+        None  # what the model is for (dxnode.inference.intended); None: not declared, any image
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -97,7 +103,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _validate(m: Manifest, where: str) -> None:
-    if m.task not in ("multilabel", "multiclass"):
+    if m.task not in tuple(Task):
         raise BundleError(f"{where}: task must be multilabel or multiclass, not {m.task!r}")
     if not m.labels or len(m.thresholds) != len(m.labels):
         raise BundleError(
@@ -112,7 +118,7 @@ def write_bundle(
     name: str,
     version: str,
     labels: list[str],
-    task: str,
+    task: Task,
     thresholds: list[float],
     preprocessing: Preprocessing,
     demo: bool = False,
@@ -155,7 +161,7 @@ def load_manifest(path: Path) -> Manifest:
             name=d["name"],
             version=str(d["version"]),
             labels=list(d["labels"]),
-            task=d["task"],
+            task=Task(d["task"]) if d["task"] in tuple(Task) else d["task"],  # _validate names a wrong one
             thresholds=[float(t) for t in d["thresholds"]],
             preprocessing=Preprocessing.from_dict(d.get("preprocessing", {})),
             weights_file=d.get("weights_file", "weights.pt"),
@@ -237,7 +243,7 @@ def imagenet_manifest(weights: Path) -> Manifest:
         name="torchvision-resnet18-imagenet",
         version="IMAGENET1K_V1",
         labels=categories,
-        task="multiclass",
+        task=Task.MULTICLASS,
         thresholds=[0.0] * len(categories),
         preprocessing=Preprocessing(224, "center_crop", "replicate", (), IMAGENET_MEAN, IMAGENET_STD),
         weights_file=weights.name,
@@ -312,7 +318,7 @@ def demo_manifest(weights: dict[str, np.ndarray]) -> Manifest:
         name=DEMO_NAME,
         version="0-untrained",
         labels=list(DEMO_LABELS),
-        task="multilabel",
+        task=Task.MULTILABEL,
         thresholds=[0.5] * len(DEMO_LABELS),
         preprocessing=Preprocessing(),
         weights_file="(built in)",
@@ -359,9 +365,6 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     Only tensors in (Ordered)dicts are understood: any other object in the pickle is refused, as
     torch.load(weights_only=True) refuses it.
     """
-    import pickle
-    import zipfile
-    from collections import OrderedDict
 
     def rebuild(
         storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any

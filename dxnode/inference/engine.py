@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from dxnode.bundle import (
+from dxnode.durable import durable_path, write_durably
+from dxnode.extras import TRAIN_EXTRA, has_torch
+from dxnode.inference.bundle import (
     BundleError,
     Manifest,
     load_manifest,
@@ -38,13 +40,12 @@ from dxnode.bundle import (
     sha256_file,
     verify_file,
 )
-from dxnode.durable import durable_path, write_durably
-from dxnode.extras import TRAIN_EXTRA, has_torch
+from dxnode.states import Task
 
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("dxnode.engine")
+log = logging.getLogger("dxnode.inference.engine")
 
 ONNX_FILE = "model.onnx"
 INPUT, LOGITS, FEATURES = "input", "logits", "features"
@@ -62,10 +63,10 @@ class Engine(Protocol):
         ...
 
 
-def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
+def probabilities(logits: np.ndarray, task: Task) -> np.ndarray:
     """Softmax for multiclass, else sigmoid per label, in float32 (as torch computes them)."""
     z = logits.astype(np.float32, copy=False)
-    if task == "multiclass":
+    if task == Task.MULTICLASS:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
     return 1.0 / (1.0 + np.exp(-z))
@@ -99,7 +100,7 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, net: torch.nn.Module, task: str, device: str | torch.device) -> None:
+    def __init__(self, net: torch.nn.Module, task: Task, device: str | torch.device) -> None:
         import torch  # the torch engine: dxnode[train]
 
         self.torch = torch
@@ -114,7 +115,7 @@ class TorchEngine:
         with torch.inference_mode():
             t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             logits, feats = self.model(t.to(self.device))
-            probs = torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
+            probs = torch.softmax(logits, dim=1) if self.task == Task.MULTICLASS else torch.sigmoid(logits)
             maps = torch.einsum("lc,nchw->nlhw", self.net.fc.weight, feats).float().cpu().numpy() if cams else None
         return probs.float().cpu().numpy(), maps
 
@@ -124,7 +125,7 @@ class OrtEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, session: Any, fc_weight: np.ndarray, task: str) -> None:
+    def __init__(self, session: Any, fc_weight: np.ndarray, task: Task) -> None:
         self.session = session
         self.fc_weight = np.ascontiguousarray(fc_weight, dtype=np.float32)
         self.task = task
@@ -138,6 +139,7 @@ class OrtEngine:
 
 def ort_session(path: Path, threads: int = 0, cuda: bool = False) -> Any:
     """An ONNX Runtime session: CUDA first when asked (and available), else CPU; threads 0 = ORT's default."""
+    # start-up time: onnxruntime loads only when this runs
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -150,6 +152,7 @@ def ort_session(path: Path, threads: int = 0, cuda: bool = False) -> Any:
 
 def ort_has_cuda() -> bool:
     """Whether this onnxruntime has a CUDA provider (onnxruntime-gpu)."""
+    # start-up time: onnxruntime loads only when this runs
     import onnxruntime as ort
 
     return "CUDAExecutionProvider" in ort.get_available_providers()
@@ -281,10 +284,11 @@ def torch_export(net: torch.nn.Module, input_size: int) -> Callable[[Path], None
 def resnet18_onnx(weights: dict[str, np.ndarray], path: Path, bn_epsilon: float = 1e-5) -> Path:
     """Write torchvision's ResNet-18 forward pass with these weights as an ONNX graph, atomically.
 
-    The graph dxnode.engine exports from PyTorch: input 'input' [n, 3, S, S], outputs 'logits'
+    The graph dxnode.inference.engine exports from PyTorch: input 'input' [n, 3, S, S], outputs 'logits'
     [n, L] and layer4's 'features' [n, 512, h, w], batch size dynamic. Built with onnx.helper,
     without torch.
     """
+    # start-up time: onnx loads only when this runs
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -360,6 +364,7 @@ def choose_engine(  # noqa: C901  one decision table: engine wanted x device x i
     only when the torch engine runs (it needs dxnode[train]); fc_weight [L, 512] makes ONNX
     Runtime's CAMs.
     """
+    # start-up time: onnxruntime loads only when this runs
     import onnxruntime as ort
 
     def torch_engine(why: str) -> TorchEngine:

@@ -5,7 +5,7 @@ one measurement group per label (TID 1501) holding the finding as a qualitative 
 (present/absent by the bundle's threshold) and the model probability (UCUM "1"), the TID 1410
 attention regions of positive findings, the source images, an image library, a plain-text
 summary, and an IHE "Processing Algorithm" Contributing Equipment item. What it references is
-explained in dxnode/report.py.
+explained in dxnode/outputs/report.py.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dxnode import __version__
-from dxnode.attention import attention_outline
 from dxnode.config import Settings
-from dxnode.result_uids import derived_uid, result_key
+from dxnode.outputs.attention import attention_outline
+from dxnode.outputs.result_uids import derived_uid, result_key
 from dxnode.results import Finding, StudyResult
 
 SCHEME = "99DXNODE"  # private coding scheme for model labels

@@ -11,22 +11,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dxnode.bundle import BundleError, Manifest, load_manifest, load_network, require_torch, save_manifest, sha256_file
 from dxnode.config import Settings
 from dxnode.durable import durable_path
-from dxnode.engine import INPUT, ONNX_FILE, bundle_onnx, check_export, export_onnx, ort_session
+from dxnode.inference.bundle import (
+    BundleError,
+    Manifest,
+    load_manifest,
+    load_network,
+    require_torch,
+    save_manifest,
+    sha256_file,
+)
+from dxnode.inference.engine import INPUT, ONNX_FILE, bundle_onnx, check_export, export_onnx, ort_session
 from dxnode.pipeline import PipelineError, Preprocessing, model_inputs
 
 if TYPE_CHECKING:
-    from dxnode.dataset import Sample
+    from dxnode.training.dataset import Sample
 
-log = logging.getLogger("dxnode.engine")
+log = logging.getLogger("dxnode.inference.engine")
 
 
 def quantize_onnx(
     source: Path, out: Path, batches: Iterator[np.ndarray], method: str = "minmax", reduce_range: bool = False
 ) -> dict[str, Any]:
     """Static int8 quantisation (QDQ, uint8 activations, int8 per-channel weights) calibrated on batches."""
+    # start-up time: onnxruntime loads only when this runs
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -111,9 +120,10 @@ def quantize_bundle(
     version: str = "",
 ) -> Manifest:
     """Write an int8 copy of a bundle to out: its ONNX model statically quantised, calibrated on the CSV's images."""
+    # start-up time: loaded only when this runs
     import shutil
 
-    from dxnode.dataset import read_table
+    from dxnode.training.dataset import read_table
 
     require_torch("dxnode model quantize")
     bundle, out = Path(bundle), Path(out)

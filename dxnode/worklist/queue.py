@@ -35,7 +35,7 @@ from dxnode.config import Settings
 from dxnode.states import JobState
 from dxnode.store import Job, Store, Study, audit, utcnow
 
-log = logging.getLogger("dxnode.worklist")
+log = logging.getLogger("dxnode.worklist.queue")
 
 
 class JobBody(Protocol):

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dxnode.states import Task
+
 if TYPE_CHECKING:
     from dxnode.config import Settings
-    from dxnode.dataset import Sample
     from dxnode.model import Classifier
+    from dxnode.training.dataset import Sample
 
 BOOTSTRAP = 1000
 # Fewer positives (or negatives) of a label than this in a split and its AUROC, CI and operating
@@ -34,6 +36,7 @@ def _safe(x: float) -> float | None:
 
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
     """AUROC, or nan when only one class is present."""
+    # start-up time: sklearn loads only when this runs
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
@@ -58,6 +61,7 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, n: int = BOOTSTRAP, seed: int = 0
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these scores, placed
     midway between the lowest score called positive and the next lower score."""
+    # start-up time: sklearn loads only when this runs
     from sklearn.metrics import roc_curve
 
     if len(np.unique(y)) < 2:
@@ -87,11 +91,12 @@ def compute_metrics(
     thresholds: list[float],
     seed: int = 0,
     bootstrap: int = BOOTSTRAP,
-    task: str = "multilabel",
+    task: Task = Task.MULTILABEL,
 ) -> dict[str, Any]:
     """Per-label and mean metrics in the metrics.json layout; the operating point is the node's call."""
     out: dict[str, Any] = {"labels": {}}
     aucs = []
+    # start-up time: loaded only when this runs
     from dxnode.model import positive_call
 
     called = positive_call(probs, thresholds, task)
@@ -156,9 +161,11 @@ def table(metrics: dict[str, Any]) -> str:
 
 def roc_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: Path, title: str) -> None:
     """ROC curve per label in one PNG."""
+    # start-up time: matplotlib loads only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # start-up time: matplotlib loads only when this runs
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
@@ -178,9 +185,11 @@ def roc_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: Pat
 
 def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: Path) -> None:
     """Reliability diagram per label (10 quantile bins)."""
+    # start-up time: matplotlib loads only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # start-up time: matplotlib loads only when this runs
     import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
 
@@ -203,8 +212,9 @@ def calibration_plot(y_true: np.ndarray, probs: np.ndarray, labels: list[str], p
 def predict_samples(
     classifier: Classifier, samples: list[Sample], settings: Settings
 ) -> tuple[np.ndarray, list[Sample]]:
-    """Probabilities of each sample as the node computes them (dxnode.predict.predict_file); failures left out."""
-    from dxnode.predict import predict_file
+    """Probabilities of each sample as the node computes them (dxnode.analysis.predict.predict_file); failures left out."""
+    # start-up time: loaded only when this runs
+    from dxnode.analysis.predict import predict_file
 
     labels = classifier.manifest.labels
     rows, kept = [], []
@@ -276,8 +286,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a bundle on a labelled CSV (optionally one split of the bundle's splits.csv), and
     optionally a second bundle on the same images (metrics["compare"]: its AUROC and the difference)."""
-    from dxnode.dataset import read_table
+    # start-up time: loaded only when this runs
     from dxnode.model import load_classifier
+    from dxnode.training.dataset import read_table
 
     classifier = load_classifier(settings.model, bundle, settings.data_dir)
     table_ = read_table(data, images)

@@ -3,7 +3,7 @@
 A manifest may declare ``"intended_use": {"modalities": [...], "body_parts": [...],
 "sop_classes": [...], "photometric": [...], "min_rows": N, "min_columns": N}``; every key is
 optional and an empty one restricts nothing. A bundle without ``intended_use`` (older bundles,
-ImageNet) declares nothing: it takes any image. Routing (dxnode/routing.py) applies the
+ImageNet) declares nothing: it takes any image. Routing (dxnode/worklist/routing.py) applies the
 declaration wherever the admin's own filters ([pipeline], a [[models]] entry) are empty.
 """
 

@@ -2,7 +2,7 @@
 
 Start from torchvision's ImageNet weights file when it is on disk (``--imagenet-weights`` or
 ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth``; never downloaded), else from scratch with
-a warning. The data is split by patient (dxnode.dataset), images go through the inference
+a warning. The data is split by patient (dxnode.training.dataset), images go through the inference
 pipeline (no train/serve skew), the loss is BCE with per-label pos_weight or focal loss, the
 optimiser AdamW/Adam with a cosine schedule; the checkpoint kept is the one with the lowest
 validation loss, and training stops early when that stops improving. Every epoch is checkpointed (``--resume`` continues). Per-label thresholds
@@ -26,12 +26,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dxnode.states import Task
+
 if TYPE_CHECKING:
     from dxnode.config import Settings
-    from dxnode.dataset import Sample
-    from dxnode.intended import IntendedUse
+    from dxnode.inference.intended import IntendedUse
+    from dxnode.training.dataset import Sample
 
-log = logging.getLogger("dxnode.train")
+log = logging.getLogger("dxnode.training.train")
 
 
 # Defaults that depend on where training starts (docs/training.md says why).
@@ -156,10 +158,11 @@ def intended_use_of(
     """What a model trained on these samples is for: the Modality and BodyPartExamined values of the
     DICOM files among them (ChestX-ray14 PNGs: DX/CR CHEST), each replaced by its flag where given
     (a comma-separated list, "" = any). Returns the declaration (None: any image) and where it came from."""
+    # start-up time: loaded only when this runs
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from dxnode.intended import IntendedUse, split_list
+    from dxnode.inference.intended import IntendedUse, split_list
     from dxnode.pipeline import is_image_file
 
     found: tuple[set[str], set[str]] = (set(), set())
@@ -211,6 +214,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch RNGs, and deterministic kernels where torch has them."""
+    # start-up time: loaded only when this runs
     import numpy as np
     import torch
 
@@ -222,6 +226,7 @@ def seed_everything(seed: int) -> None:
 
 def focal_loss(logits: Any, target: Any, gamma: float = 2.0) -> Any:
     """Binary focal loss (Lin et al. 2017), mean over labels and images."""
+    # start-up time, and torch is the optional dxnode[train] extra
     import torch.nn.functional as F
 
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -231,9 +236,10 @@ def focal_loss(logits: Any, target: Any, gamma: float = 2.0) -> Any:
 
 def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     """ResNet-18 with fc for the labels, from the ImageNet file when there is one."""
+    # start-up time, and torch is the optional dxnode[train] extra
     import torch
 
-    from dxnode.bundle import resnet18
+    from dxnode.inference.bundle import resnet18
 
     net = resnet18(num_labels)
     if weights is None or not weights.is_file():
@@ -260,17 +266,18 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
 
 def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PLR0912, PLR0915  the training loop, to split into stages with the training folder (issue 20)
     """Train and write the bundle; returns its folder."""
+    # start-up time: loaded only when this runs
     import numpy as np
     import torch
     from tqdm import tqdm
 
-    from dxnode.bundle import imagenet_weights_path, write_bundle
-    from dxnode.dataset import Augment, TorchDataset, collate, read_table, split_by_patient
     from dxnode.durable import durable_path
-    from dxnode.engine import choose_device
-    from dxnode.evaluate import compute_metrics, roc_plot, sensitivity_threshold, youden_threshold
+    from dxnode.inference.bundle import imagenet_weights_path, write_bundle
+    from dxnode.inference.engine import choose_device
     from dxnode.model import probabilities
     from dxnode.pipeline import Preprocessing
+    from dxnode.training.dataset import Augment, TorchDataset, collate, read_table, split_by_patient
+    from dxnode.training.evaluate import compute_metrics, roc_plot, sensitivity_threshold, youden_threshold
 
     seed_everything(opts.seed)
     out: Path = opts.out
@@ -310,7 +317,7 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
         np.clip((len(y_train) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device
     )
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    if task == "multiclass":
+    if task == Task.MULTICLASS:
 
         def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
@@ -450,7 +457,7 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
 
     net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True))
     y_val, p_val, _ = validate()
-    if task == "multiclass":
+    if task == Task.MULTICLASS:
         thresholds = [0.0] * len(labels)
     elif opts.threshold_rule == "sensitivity":
         thresholds = [
@@ -471,7 +478,7 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
             "split_sizes": {k: len(v) for k, v in splits.items()},
             "best_epoch": state["best_epoch"] + 1,
             "history": state["history"],
-            "threshold_rule": opts.threshold_rule if task == "multilabel" else "argmax",
+            "threshold_rule": opts.threshold_rule if task == Task.MULTILABEL else "argmax",
         },
         "validation": {"mean_auroc": metrics["mean_auroc"]},
     }
@@ -488,7 +495,8 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
         extra=extra,
         intended_use=intended_use,
     )
-    from dxnode.engine import export_bundle
+    # start-up time: loaded only when this runs
+    from dxnode.inference.engine import export_bundle
 
     export_bundle(out)  # model.onnx for the ONNX Runtime engine
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -499,9 +507,11 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
 
 def curves_plot(history: list[dict[str, float]], path: Path) -> None:
     """Training loss and validation AUROC per epoch."""
+    # start-up time: matplotlib loads only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # start-up time: matplotlib loads only when this runs
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]

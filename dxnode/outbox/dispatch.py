@@ -56,12 +56,13 @@ from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Destination, Settings
+from dxnode.outbox.dicomweb import StowClient
 from dxnode.schemas import OutboxChange
 from dxnode.states import DeliveryState
 from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
-from dxnode.worklist import process_gone, worker_id
+from dxnode.worklist.queue import process_gone, worker_id
 
-log = logging.getLogger("dxnode.dispatch")
+log = logging.getLogger("dxnode.outbox.dispatch")
 
 # Key of the PostgreSQL advisory lock that serialises claims between nodes ("dxnode" in ASCII).
 _CLAIM_LOCK = 0x6478_6E6F_6465
@@ -421,7 +422,6 @@ def _send_batch(store: Store, settings: Settings, batch: list[_Leased]) -> int:
 
 def _send_batch_dicomweb(store: Store, settings: Settings, batch: list[_Leased], dest: Destination) -> int:
     """STOW-RS the claimed rows one by one, in order; a row that will be retried holds back those behind it."""
-    from dxnode.dicomweb import StowClient
 
     sent = 0
     with StowClient(dest, settings.dispatch.timeout_seconds) as client:

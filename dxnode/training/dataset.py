@@ -35,6 +35,7 @@ from dxnode.pipeline import (
     read_dataset,
     skip_reason,
 )
+from dxnode.states import Task
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -65,7 +66,7 @@ class Table:
 
     samples: list[Sample]
     labels: list[str]
-    task: str  # "multilabel" or "multiclass"
+    task: Task
     format: str
     sha256: str  # of the CSV file: recorded in the bundle
     unreadable: list[str]  # one line per image left out
@@ -96,7 +97,7 @@ def read_table(csv_path: Path, images: Path | None = None) -> Table:
         raise ValueError(f"{csv_path}: no rows")
     cols = list(rows[0])
     if {"Image Index", "Finding Labels", "Patient ID"} <= set(cols):
-        fmt, task = "chestxray14", "multilabel"
+        fmt, task = "chestxray14", Task.MULTILABEL
         labels = sorted({x for r in rows for x in r["Finding Labels"].split("|") if x and x != "No Finding"})
         items = [
             (
@@ -108,7 +109,7 @@ def read_table(csv_path: Path, images: Path | None = None) -> Table:
             for r in rows
         ]
     elif cols[0].lower() in ("image", "image_name", "image_id") and "path" not in cols:
-        fmt, task = "isic", "multiclass"
+        fmt, task = "isic", Task.MULTICLASS
         patient_col = next((c for c in ("patient_id", "lesion_id") if c in cols), None)
         labels = [c for c in cols[1:] if c not in ("patient_id", "lesion_id", "split")]
         items = [
@@ -123,7 +124,7 @@ def read_table(csv_path: Path, images: Path | None = None) -> Table:
     elif "path" in cols and "patient_id" in cols:
         fmt = "generic"
         if "labels" in cols:
-            task = "multilabel"
+            task = Task.MULTILABEL
             labels = sorted({x for r in rows for x in r["labels"].split("|") if x})
             items = [
                 (
@@ -135,14 +136,14 @@ def read_table(csv_path: Path, images: Path | None = None) -> Table:
                 for r in rows
             ]
         elif "label" in cols:
-            task = "multiclass"
+            task = Task.MULTICLASS
             labels = sorted({r["label"] for r in rows})
             items = [
                 (r["path"], r["patient_id"], tuple(float(r["label"] == lab) for lab in labels), r.get("split", ""))
                 for r in rows
             ]
         else:
-            task = "multilabel"
+            task = Task.MULTILABEL
             labels = [c for c in cols if c not in ("path", "patient_id", "split")]
             items = [
                 (r["path"], r["patient_id"], tuple(_binary(r[c]) for c in labels), r.get("split", "")) for r in rows
@@ -171,6 +172,7 @@ def check_image(path: Path) -> str | None:
         return "no such file"
     try:
         if is_image_file(path):
+            # start-up time: PIL loads only when this runs
             from PIL import Image
 
             with Image.open(path) as img:

@@ -17,15 +17,20 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 
 from dxnode import metrics
+from dxnode.analysis.streaming import analyze_study
 from dxnode.config import Settings
+from dxnode.model import load_classifier
+from dxnode.outbox.dispatch import enqueue
+from dxnode.outputs.report import write_outputs
 from dxnode.results import StudyResult
 from dxnode.states import InstanceState, JobState, OutputKind
 from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit, utcnow
+from dxnode.worklist.routing import resolve_job
 
 if TYPE_CHECKING:
     from dxnode.model import ModelRegistry
 
-log = logging.getLogger("dxnode.analysis")
+log = logging.getLogger("dxnode.jobs.body")
 
 
 class NothingToAnalyze(Exception):
@@ -48,9 +53,6 @@ def run_job(
     node stops). The seconds spent per stage are stored on the job (Job.timings, the source of
     dxnode_stage_seconds), also for an attempt that failed (as far as it got). registry: the job process's
     models and decoding threads (without one, this job loads its own)."""
-    from dxnode.model import load_classifier
-    from dxnode.routing import resolve_job
-    from dxnode.streaming import analyze_study
 
     beat = heartbeat or (lambda stage: None)
     beat("load")
@@ -63,7 +65,7 @@ def run_job(
             job.log = "study is marked ignored: not analysed"
             return JobState.SKIPPED
         study_uid, calling_aet, queued_at = study.study_instance_uid, study.calling_aet, job.created_at
-        decision = resolve_job(session, settings, job_id)  # which model, which series (dxnode/routing.py)
+        decision = resolve_job(session, settings, job_id)  # which model, which series (dxnode/worklist/routing.py)
         if decision.entry is None:
             job.log = "\n".join(decision.lines)
             return JobState.SKIPPED
@@ -228,8 +230,6 @@ def _write_outputs(
     timings: dict[str, float] | None = None,
 ) -> list[_Written]:
     """Write SR and SC files, record them, and queue their deliveries (all idempotent)."""
-    from dxnode.dispatch import enqueue
-    from dxnode.report import write_outputs
 
     used = {o.sop_instance_uid for o in result.instances if o.state == InstanceState.DONE}
     written = write_outputs(

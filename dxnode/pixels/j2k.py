@@ -79,6 +79,7 @@ def _candidates() -> list[str]:
     names = [found] if found else []
     names.append("libopenjp2.so.7")
     try:
+        # start-up time: PIL loads only when this runs
         import PIL
 
         names += sorted(glob.glob(str(Path(PIL.__file__).parent.parent / "pillow.libs" / "libopenjp2*")))
