@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from dxnode.web.server import WebServer
 
 log = logging.getLogger("dxnode.daemon")
+JOB_PROCESS_MAIN = "dxnode.jobs.process:job_process_main"  # what each job process runs
 Readiness = Callable[[], dict[str, bool]]
 
 
@@ -255,12 +256,12 @@ def _exit_by(deadline: float) -> None:
 def _start_jobs(settings: Settings, store: Store, log_level: str) -> Any:
     """The supervised job processes, when this node runs jobs."""
     # start-up time: loaded only when this part of the node starts
-    from dxnode.jobs.process import job_process_main
     from dxnode.worklist.supervisor import Supervisor
 
     if not settings.worklist.run_jobs:
         return None
-    supervisor = Supervisor(settings, store, settings.worklist.workers, job_process_main, log_level)
+    # Named, not imported: the job stack (model, outputs, outbox) loads in the job processes only.
+    supervisor = Supervisor(settings, store, settings.worklist.workers, JOB_PROCESS_MAIN, log_level)
     supervisor.start()
     return supervisor
 

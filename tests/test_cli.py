@@ -252,7 +252,7 @@ def test_list_tables_show_fields_of_their_response_models() -> None:
 def test_train_options_hold_every_train_option() -> None:
     import dataclasses
 
-    from dxnode.training.train import TrainOptions
+    from dxnode.training.options import TrainOptions
 
     args = build_parser().parse_args(["train", "--data", "d.csv", "--out", "b", "--loss", "focal"])
     opts = TrainOptions.from_args(args)

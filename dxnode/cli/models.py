@@ -246,7 +246,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Fine-tune ResNet-18 on a labelled CSV and write a bundle."""
     # start-up time: only this command loads it (`dxnode --help` stays quick)
     from dxnode.extras import require_train_extra
-    from dxnode.training.train import TrainOptions, run_train
+    from dxnode.training.options import TrainOptions
+    from dxnode.training.train import run_train
 
     require_train_extra()
     try:

@@ -21,64 +21,21 @@ import json
 import logging
 import random
 import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dxnode.states import Task
+from dxnode.training.options import IMAGENET, SCRATCH, TrainOptions
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
     from dxnode.inference.intended import IntendedUse
-    from dxnode.training.dataset import Sample
+    from dxnode.pipeline import Preprocessing
+    from dxnode.training.dataset import Sample, Table
+    from dxnode.training.loop import Trainer
 
 log = logging.getLogger("dxnode.training.train")
-
-
-# Defaults that depend on where training starts (docs/training.md says why).
-SCRATCH: dict[str, Any] = {"lr": 1e-3, "batch_size": 16}
-IMAGENET: dict[str, Any] = {"lr": 3e-4, "batch_size": 32}
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """What `dxnode train` was asked to do (its options; add_train_arguments documents each).
-    batch_size and lr of None take the default of where training starts (SCRATCH or IMAGENET)."""
-
-    data: Path
-    out: Path
-    images: Path | None = None
-    name: str = ""
-    version: str = "1.0.0"
-    epochs: int = 20
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    loss: str = "bce"
-    input_size: int = 224
-    resize: str = "letterbox"
-    freeze_epochs: int = 0
-    patience: int = 5
-    threshold_rule: str = "youden"
-    target_sensitivity: float = 0.9
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    hflip: bool = False
-    no_augment: bool = False
-    imagenet_weights: Path | None = None
-    seed: int = 0
-    workers: int = 0
-    device: str = ""
-    resume: bool = False
-    intended_modalities: str | None = None
-    intended_body_parts: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainOptions:
-        """The options of a parsed `dxnode train` command line."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -224,16 +181,6 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def focal_loss(logits: Any, target: Any, gamma: float = 2.0) -> Any:
-    """Binary focal loss (Lin et al. 2017), mean over labels and images."""
-    # start-up time, and torch is the optional dxnode[train] extra
-    import torch.nn.functional as F
-
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = (-bce).exp()
-    return ((1 - p_t) ** gamma * bce).mean()
-
-
 def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     """ResNet-18 with fc for the labels, from the ImageNet file when there is one."""
     # start-up time, and torch is the optional dxnode[train] extra
@@ -264,25 +211,18 @@ def initial_network(num_labels: int, weights: Path | None) -> tuple[Any, str]:
     return net, f"imagenet:{weights.name}"
 
 
-def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PLR0912, PLR0915  the training loop, to split into stages with the training folder (issue 20)
+def run_train(opts: TrainOptions, settings: Settings) -> Path:
     """Train and write the bundle; returns its folder."""
-    # start-up time: loaded only when this runs
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from dxnode.durable import durable_path
-    from dxnode.inference.bundle import imagenet_weights_path, write_bundle
+    # start-up time, and torch is the optional dxnode[train] extra
+    from dxnode.inference.bundle import imagenet_weights_path
     from dxnode.inference.engine import choose_device
-    from dxnode.model import probabilities
     from dxnode.pipeline import Preprocessing
-    from dxnode.training.dataset import Augment, TorchDataset, collate, read_table, split_by_patient
-    from dxnode.training.evaluate import compute_metrics, roc_plot, sensitivity_threshold, youden_threshold
+    from dxnode.training.dataset import read_table, split_by_patient
+    from dxnode.training.loop import Trainer
 
     seed_everything(opts.seed)
     out: Path = opts.out
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     table = read_table(opts.data, opts.images)
     for line in table.unreadable:
         print(f"left out {line}", file=sys.stderr)
@@ -291,180 +231,70 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
     )
     if not splits["train"] or not splits["val"]:
         raise ValueError(f"not enough patients to split: train {len(splits['train'])}, val {len(splits['val'])} images")
-    with open(out / "splits.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "patient_id", "split"])
-        for name, items in splits.items():
-            w.writerows([str(s.path.resolve()), s.patient_id, name] for s in items)
-    labels, task = table.labels, table.task
+    write_splits(splits, out / "splits.csv")
     intended_use, said = intended_use_of(
         table.samples, opts.intended_modalities, opts.intended_body_parts, table.format
     )
     print(said, file=sys.stderr)
     prep = Preprocessing(input_size=opts.input_size, resize=opts.resize)  # ImageNet mean/std, as the backbone expects
     device = choose_device(opts.device or settings.model.device)
-    weights_file = opts.imagenet_weights or imagenet_weights_path(settings.model)
-    net, start = initial_network(len(labels), weights_file)
-    net.to(device)
+    net, start = initial_network(len(table.labels), opts.imagenet_weights or imagenet_weights_path(settings.model))
     defaults = SCRATCH if start == "scratch" else IMAGENET
-    lr: float = defaults["lr"] if opts.lr is None else opts.lr
-    batch_size: int = defaults["batch_size"] if opts.batch_size is None else opts.batch_size
-    opts = replace(opts, lr=lr, batch_size=batch_size)  # the manifest records the values used
-
-    y_train = np.asarray([s.labels for s in splits["train"]], dtype=np.float64)
-    pos = y_train.sum(axis=0)
-    pos_weight = torch.tensor(
-        np.clip((len(y_train) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device
+    opts = replace(  # the manifest records the values used
+        opts,
+        lr=defaults["lr"] if opts.lr is None else opts.lr,
+        batch_size=defaults["batch_size"] if opts.batch_size is None else opts.batch_size,
     )
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    if task == Task.MULTICLASS:
-
-        def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(logits, y.argmax(dim=1))
-    elif opts.loss == "focal":
-        loss_fn = focal_loss
-    else:
-        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-
-    augment = None if opts.no_augment else Augment(hflip=opts.hflip)
-    train_ds = TorchDataset(splits["train"], settings.pipeline, prep, augment, opts.seed)
-    val_ds = TorchDataset(splits["val"], settings.pipeline, prep, None, opts.seed)
-    gen = torch.Generator().manual_seed(opts.seed)
-    train_dl = torch.utils.data.DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=opts.workers,
-        collate_fn=collate,
-        generator=gen,
-        # A last batch of one or two images gives BatchNorm statistics of a couple of values.
-        drop_last=len(train_ds) > batch_size,
-    )
-    val_dl = torch.utils.data.DataLoader(
-        val_ds, batch_size=batch_size, shuffle=False, num_workers=opts.workers, collate_fn=collate
-    )
-    opt_cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(net.parameters(), lr=lr, weight_decay=opts.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, opts.epochs))
-    state: dict[str, Any] = {
-        "epoch": -1,
-        "best_loss": float("inf"),
-        "best_auroc": -1.0,
-        "best_epoch": -1,
-        "history": [],
-        "stale": 0,
-    }
-    last = ckpt_dir / "last.pt"
+    trainer = Trainer(net, opts, settings.pipeline, prep, splits, table.labels, table.task, device)
     if opts.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        state = ck["state"]
-        gen.set_state(ck["generator"])
-        print(f"resuming after epoch {state['epoch'] + 1}", file=sys.stderr)
+        trainer.resume()
+    trainer.fit()
+    y_val, p_val = trainer.best()
+    thresholds = choose_thresholds(table.task, opts, y_val, p_val)
+    write_trained_bundle(opts, table, splits, start, trainer, thresholds, prep, intended_use)
+    return out
 
-    reported: set[str] = set()
 
-    def report(failed: list[str]) -> None:
-        """One line per image that failed to load (the header looked fine), the first time only."""
-        for line in failed:
-            if line not in reported:
-                reported.add(line)
-                tqdm.write(f"left out {line}", file=sys.stderr)
+def write_splits(splits: dict[str, list[Sample]], path: Path) -> None:
+    """splits.csv: each image's path, patient and split, so an evaluation can take the test split."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient_id", "split"])
+        for name, items in splits.items():
+            w.writerows([str(s.path.resolve()), s.patient_id, name] for s in items)
 
-    def validate() -> tuple[np.ndarray, np.ndarray, float]:
-        """Labels, probabilities and the mean training loss on the validation split."""
-        net.eval()
-        ps, ys = [], []
-        loss_sum = 0.0
-        with torch.inference_mode():
-            for batch in val_dl:
-                report(batch.failed)
-                if batch.x is None:
-                    continue
-                x, y = batch.x, batch.y
-                logits = net(x.to(device))
-                loss_sum += float(loss_fn(logits, y.to(device))) * len(x)
-                ps.append(probabilities(logits, task).float().cpu().numpy())
-                ys.append(y.numpy())
-        if not ys:
-            raise ValueError(f"none of the {len(val_ds)} validation images could be loaded (see the 'left out' lines)")
-        y_all = np.concatenate(ys)
-        return y_all, np.concatenate(ps), loss_sum / len(y_all)
 
-    for epoch in range(state["epoch"] + 1, opts.epochs):
-        train_ds.epoch = epoch
-        frozen = epoch < opts.freeze_epochs
-        for name, p in net.named_parameters():
-            p.requires_grad = (not frozen) or name.startswith("fc.")
-        net.train()
-        total, count = 0.0, 0
-        bar = tqdm(
-            train_dl,
-            desc=f"epoch {epoch + 1}/{opts.epochs}" + (" (fc only)" if frozen else ""),
-            file=sys.stderr,
-            leave=False,
-        )
-        for batch in bar:
-            report(batch.failed)
-            if batch.x is None:
-                continue
-            x, y = batch.x, batch.y
-            opt.zero_grad()
-            loss = loss_fn(net(x.to(device)), y.to(device))
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(x), count + len(x)
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        sched.step()
-        y_val, p_val, val_loss = validate()
-        m = compute_metrics(y_val, p_val, labels, [0.5] * len(labels), bootstrap=0)
-        mean_auc = m["mean_auroc"] if m["mean_auroc"] is not None else 0.0
-        state["history"].append(
-            {"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss, "val_mean_auroc": mean_auc}
-        )
-        print(
-            f"epoch {epoch + 1}/{opts.epochs}  loss {total / max(count, 1):.4f}  val loss {val_loss:.4f}"
-            f"  val mean AUROC {mean_auc:.4f}",
-            file=sys.stderr,
-        )
-        # The checkpoint with the lowest validation loss: on a small validation split the AUROC
-        # saturates (often at 1.0) within a few epochs and would keep the first, undertrained one.
-        if val_loss < state.get("best_loss", float("inf")):
-            state.update(best_loss=val_loss, best_auroc=mean_auc, best_epoch=epoch, stale=0)
-            with durable_path(ckpt_dir / "best.pt") as tmp:
-                torch.save(net.state_dict(), tmp)
-        else:
-            state["stale"] += 1
-        state["epoch"] = epoch
-        with durable_path(last) as tmp:  # a crash while saving must not destroy the previous checkpoint
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "state": state,
-                    "generator": gen.get_state(),
-                },
-                tmp,
-            )
-        if state["stale"] >= opts.patience:
-            print(f"early stop: no lower validation loss for {opts.patience} epochs", file=sys.stderr)
-            break
+def choose_thresholds(task: Task, opts: TrainOptions, y_val: Any, p_val: Any) -> list[float]:
+    """Per-label thresholds on the validation split: Youden's J or a target sensitivity (argmax: none)."""
+    # start-up time: loaded only when this runs
+    from dxnode.training.evaluate import sensitivity_threshold, youden_threshold
 
-    net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True))
-    y_val, p_val, _ = validate()
+    n = y_val.shape[1]
     if task == Task.MULTICLASS:
-        thresholds = [0.0] * len(labels)
-    elif opts.threshold_rule == "sensitivity":
-        thresholds = [
-            sensitivity_threshold(y_val[:, j], p_val[:, j], opts.target_sensitivity) for j in range(len(labels))
-        ]
-    else:
-        thresholds = [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(len(labels))]
+        return [0.0] * n
+    if opts.threshold_rule == "sensitivity":
+        return [sensitivity_threshold(y_val[:, j], p_val[:, j], opts.target_sensitivity) for j in range(n)]
+    return [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(n)]
+
+
+def write_trained_bundle(
+    opts: TrainOptions,
+    table: Table,
+    splits: dict[str, list[Sample]],
+    start: str,
+    trainer: Trainer,
+    thresholds: list[float],
+    prep: Preprocessing,
+    intended_use: IntendedUse | None,
+) -> None:
+    """The bundle (weights, manifest, model.onnx) with metrics.json, roc.png and curves.png beside it."""
+    # start-up time: loaded only when this runs
+    from dxnode.inference.bundle import write_bundle
+    from dxnode.inference.engine import export_bundle
+    from dxnode.training.evaluate import compute_metrics, roc_plot
+
+    out, labels, task = opts.out, table.labels, table.task
+    y_val, p_val = trainer.y_val, trainer.p_val
     metrics = compute_metrics(y_val, p_val, labels, thresholds, opts.seed, task=task)
     metrics["split"] = "val"
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
@@ -476,15 +306,15 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
             "start": start,
             "parameters": params,
             "split_sizes": {k: len(v) for k, v in splits.items()},
-            "best_epoch": state["best_epoch"] + 1,
-            "history": state["history"],
+            "best_epoch": trainer.state["best_epoch"] + 1,
+            "history": trainer.state["history"],
             "threshold_rule": opts.threshold_rule if task == Task.MULTILABEL else "argmax",
         },
         "validation": {"mean_auroc": metrics["mean_auroc"]},
     }
     write_bundle(
         out,
-        net.cpu().state_dict(),
+        trainer.net.cpu().state_dict(),
         name=opts.name or out.name,
         version=opts.version,
         labels=labels,
@@ -495,14 +325,10 @@ def run_train(opts: TrainOptions, settings: Settings) -> Path:  # noqa: C901, PL
         extra=extra,
         intended_use=intended_use,
     )
-    # start-up time: loaded only when this runs
-    from dxnode.inference.engine import export_bundle
-
     export_bundle(out)  # model.onnx for the ONNX Runtime engine
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     roc_plot(y_val, p_val, labels, out / "roc.png", f"{opts.name or out.name} {opts.version} (validation)")
-    curves_plot(state["history"], out / "curves.png")
-    return out
+    curves_plot(trainer.state["history"], out / "curves.png")
 
 
 def curves_plot(history: list[dict[str, float]], path: Path) -> None:

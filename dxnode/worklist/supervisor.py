@@ -12,6 +12,7 @@ heartbeat went stale (hung), with that reason recorded on the job.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import logging
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
 
@@ -32,11 +33,13 @@ from dxnode.worklist import queue
 log = logging.getLogger("dxnode.worklist.supervisor")
 
 
-class JobProcessMain(Protocol):
-    """A job process's target (dxnode.jobs.process.job_process_main): settings, log level, the parent's
-    pid, an Event to set once ready, and a queue for the one-line reason it cannot start."""
+def run_named(main: str, *args: Any) -> None:
+    """A job process's target: import ``module:function`` in the child and run it with args.
 
-    def __call__(self, settings: Settings, log_level: str, parent: int, ready: Any, problems: Any, /) -> None: ...
+    The parent names the function instead of importing it, so the job stack (model, outputs, outbox)
+    loads in the job processes only, never in the receiver."""
+    module, _, function = main.partition(":")
+    getattr(importlib.import_module(module), function)(*args)
 
 
 # Exit status of a job process that cannot load its model: a configuration error, not a crash.
@@ -90,11 +93,11 @@ START_TRIES = 3
 
 
 class Supervisor:
-    """Keeps ``count`` job processes running and hands back the jobs of those that die."""
+    """Keeps ``count`` job processes running and hands back the jobs of those that die.
 
-    def __init__(
-        self, settings: Settings, store: Store, count: int, main: JobProcessMain, log_level: str = "INFO"
-    ) -> None:
+    main names what each job process runs, as ``module:function`` (dxnode.daemon.JOB_PROCESS_MAIN)."""
+
+    def __init__(self, settings: Settings, store: Store, count: int, main: str, log_level: str = "INFO") -> None:
         self.settings, self.store, self.main, self.log_level = settings, store, main, log_level
         self.slots = [_Slot(i) for i in range(count)]
         self._stop = threading.Event()
@@ -123,8 +126,8 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         ready = self._ctx.Event()
         proc = self._ctx.Process(
-            target=self.main,
-            args=(self.settings, self.log_level, os.getpid(), ready, self._problems),
+            target=run_named,
+            args=(self.main, self.settings, self.log_level, os.getpid(), ready, self._problems),
             name=f"dxnode-job-{slot.index}",
         )
         proc.start()
