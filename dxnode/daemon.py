@@ -42,7 +42,6 @@ from sqlalchemy.engine import make_url
 from dxnode.config import Settings
 from dxnode.listen import EXIT_PART_DIED, EXIT_START, StartError, check_addresses
 from dxnode.store import Store, open_store
-from dxnode.worklist.routing import warn_beyond_declaration
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -53,6 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dxnode.daemon")
 JOB_PROCESS_MAIN = "dxnode.jobs.process:job_process_main"  # what each job process runs
+# This module imports no stage at its top: share_metrics() must set PROMETHEUS_MULTIPROC_DIR before
+# anything imports prometheus_client (dxnode.metrics, which most stages import). Each function
+# below imports the stages it starts after that.
 Readiness = Callable[[], dict[str, bool]]
 
 
@@ -306,17 +308,17 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
     except StartError as exc:
         return _refused("serve", exc, EXIT_START)
-    # start-up time: loaded only when this part of the node starts
+    # after share_metrics: these import prometheus_client (see the note at the top)
     from dxnode.receive.ingest import Ingest
     from dxnode.scp import StorageSCP
-    from dxnode.worklist import queue
+    from dxnode.worklist import queue, routing
 
     store = scp = scheduler = supervisor = server = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         queue.recover(store, settings)
-        warn_beyond_declaration(settings)
+        routing.warn_beyond_declaration(settings)
         # start-up time: loaded only when this part of the node starts
         from dxnode.model import ModelRegistry
 
@@ -387,15 +389,15 @@ def work(settings: Settings, log_level: str = "INFO") -> int:
         metrics_dir = share_metrics(settings)  # before anything imports prometheus_client
     except StartError as exc:
         return _refused("worker", exc, EXIT_START)
-    # start-up time: loaded only when this part of the node starts
-    from dxnode.worklist import queue
+    # after share_metrics: these import prometheus_client (see the note at the top)
+    from dxnode.worklist import queue, routing
 
     store = scheduler = supervisor = server = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         queue.recover(store, settings)
-        warn_beyond_declaration(settings)
+        routing.warn_beyond_declaration(settings)
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, None, supervisor, sweep=False)
         ready_store, ready_jobs = store, supervisor
