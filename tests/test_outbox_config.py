@@ -4,6 +4,7 @@ destination orphans its rows, and `dxnode outbox cancel|retry` act on a delivery
 from __future__ import annotations
 
 import datetime as dt
+import importlib.resources
 import json
 import shutil
 from collections.abc import Iterator
@@ -347,7 +348,7 @@ def downgrade(url: str, revision: str) -> None:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(dispatch.__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(importlib.resources.files("dxnode.migrations")))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
     command.downgrade(cfg, revision)
