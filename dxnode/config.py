@@ -419,12 +419,15 @@ class WebSettings(Section):
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, values: list[str]) -> list[str]:
+        proxies = []
         for v in values:
             try:
-                ipaddress.ip_network(v.strip(), strict=False)
+                proxies.append(
+                    str(ipaddress.ip_network(v.strip(), strict=False) if "/" in v else ipaddress.ip_address(v.strip()))
+                )
             except ValueError:
                 raise ValueError(f"{v!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
-        return [v.strip() for v in values]
+        return proxies
 
 
 class LoggingSettings(Section):

@@ -425,6 +425,9 @@ def health_routes(app: FastAPI) -> None:
         return Response(metrics_text(svc.store, svc.metrics_dir), media_type=CONTENT_TYPE_LATEST)
 
 
+SMALL_BODY = BodyRule(64 * 1024, "body larger than 64 KiB")  # forms, and routes that take no body
+
+
 def trust_proxies(app: FastAPI, proxies: list[str]) -> None:
     """Outermost: X-Forwarded-For and -Proto set the client address and scheme, from these proxies only."""
     if proxies:
@@ -450,6 +453,7 @@ def create_metrics_app(
     """What a `dxnode worker` serves: /healthz, /readyz and /metrics only (same tokens as the node)."""
     svc = WebServices(settings, store, LoginThrottle.from_settings(settings.web), readiness, metrics_dir)
     app = _base_app(svc, "dxnode worker")
+    app.add_middleware(BodyGuard, router=app.router, gates=(require_read,), rules={}, default=SMALL_BODY)
     app.add_middleware(SecurityHeaders)
     trust_proxies(app, settings.web.trusted_proxies)
     health_routes(app)
@@ -483,7 +487,6 @@ def create_app(
     )
     app = _base_app(svc, "dxnode")
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    form = BodyRule(64 * 1024, "body larger than 64 KiB")
     upload = BodyRule(
         int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
         f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}",
@@ -494,7 +497,7 @@ def create_app(
     )
     rules = {"/api/predict": upload, "/dicomweb/studies": stow, "/dicomweb/studies/{study}": stow}
     gates = (require_admin, require_store, require_read)
-    app.add_middleware(BodyGuard, router=app.router, gates=gates, rules=rules, default=form)
+    app.add_middleware(BodyGuard, router=app.router, gates=gates, rules=rules, default=SMALL_BODY)
     app.add_middleware(CsrfGuard, trusted_origins=settings.web.trusted_origins)
     app.add_middleware(
         SessionMiddleware,

@@ -56,20 +56,13 @@ def _boundary(content_type: str) -> str:
     return values["boundary"]
 
 
-async def _spool_body(request: Request, limit: int, folder: Path) -> BinaryIO:
+async def _spool_body(request: Request, folder: Path) -> BinaryIO:
     """The request body in an unnamed temporary file in folder (gone when closed, or if the node
-    dies), refused with 413 as soon as it passes the limit: memory holds one chunk at a time."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body larger than {limit} bytes")
+    dies): memory holds one chunk at a time. BodyGuard refuses it with 413 past stow_max_body_mb."""
     folder.mkdir(parents=True, exist_ok=True)
     spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (returned open; the caller closes it)
     try:
-        size = 0
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"body larger than {limit} bytes")
             spool.write(chunk)
         spool.flush()
         return spool
@@ -172,7 +165,7 @@ def stow_router() -> APIRouter:
         boundary = _boundary(request.headers.get("content-type", ""))
         settings = services(request).settings
         incoming = settings.data_dir / "incoming"
-        with await _spool_body(request, int(settings.web.stow_max_body_mb * 1024 * 1024), incoming) as spool:
+        with await _spool_body(request, incoming) as spool:
             outcome = await run_in_threadpool(_store_all, request, spool, boundary, study, who)
         stored, failed = outcome["stored"], outcome["failed"]
         code = 200 if not failed else 202 if stored else 409
