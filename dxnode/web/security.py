@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -129,6 +129,17 @@ def route_gate(route: BaseRoute, gates: Sequence[Gate]) -> Gate | None:
     return next((gate for gate in gates if gate in found), None)
 
 
+def flat_routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, those of included routers too (FastAPI 0.16x keeps an included router whole, as
+    an object with original_router, where older versions copied its routes into the app's list)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from flat_routes(inner.routes)
+        else:
+            yield route
+
+
 def _has_body(headers: Headers) -> bool:
     length = headers.get("content-length", "")
     return "chunked" in headers.get("transfer-encoding", "").lower() or (length != "" and length != "0")
@@ -152,7 +163,7 @@ class BodyGuard:
 
     def _route(self, scope: Scope) -> tuple[BodyRule, Gate | None]:
         """The matching route's body rule and gate (the default and none for a path no route takes)."""
-        for route in self.router.routes:
+        for route in flat_routes(self.router.routes):
             if route.matches(scope)[0] == Match.FULL:
                 return self.rules.get(getattr(route, "path", ""), self.default), route_gate(route, self.gates)
         return self.default, None
