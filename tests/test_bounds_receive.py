@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -168,7 +169,7 @@ def test_a_broken_deflate_stream_cannot_be_understood(tmp_path: Path, broken: st
 
 # --- a real `dxnode serve` under a memory cgroup ----------------------------------------------
 
-BOMB_MB = 200  # each inflates to 200 MB, under max_instance_mb = 256: accepted, and must not cost that in memory
+BOMB_MB = 100  # each inflates to 100 MB, under max_instance_mb = 128: accepted, and must not cost that in memory
 SENDERS = 3
 CGROUP_LIMIT_MB = 3072  # the whole node (receiver and any job process) in a cgroup v1 memory child
 GROWTH_LIMIT_MB = 120  # the receiver's peak RSS over its resting RSS; inflating whole cost 2x the inflated size each
@@ -213,11 +214,11 @@ def _status_kb(pid: int, field: str) -> int:
 
 @pytest.mark.slow
 def test_three_senders_per_transport_keep_the_receiver_memory_bounded(tmp_path: Path) -> None:
-    """3 concurrent C-STORE associations, then 3 concurrent STOW-RS requests, of 200 MB Deflate bombs."""
+    """3 concurrent C-STORE associations, then 3 concurrent STOW-RS requests, of 100 MB Deflate bombs."""
     with memory_cgroup(CGROUP_LIMIT_MB) as cgroup:
         cfg = node_config(
             tmp_path,
-            node={"max_instance_mb": 256},
+            node={"max_instance_mb": 128},
             pipeline={"modalities": ["DX"]},  # the CT bombs get no job: this measures the receive path
             web={
                 "enabled": True,
@@ -231,6 +232,7 @@ def test_three_senders_per_transport_keep_the_receiver_memory_bounded(tmp_path: 
             (cgroup / "cgroup.procs").write_text(str(node.proc.pid))
             web = node.wait_for(r"dxnode web: (http://\S+)").group(1).rstrip("/")
             assert str(cgroup.name) in Path(f"/proc/{node.proc.pid}/cgroup").read_text()
+            t0 = time.monotonic()
             bombs = Bombs(BOMB_MB)
             study = generate_uid()
             files = [bombs.file(study) for _ in range(2 * SENDERS)]
@@ -239,11 +241,13 @@ def test_three_senders_per_transport_keep_the_receiver_memory_bounded(tmp_path: 
             with ThreadPoolExecutor(SENDERS) as pool:
                 statuses = list(pool.map(lambda f: c_store(node.port, f[0]), files[:SENDERS]))
             assert statuses == [(0, "")] * SENDERS
+            print(f"bombs made and sent by C-STORE in {time.monotonic() - t0:.1f} s")
             with httpx.Client(timeout=120) as client, ThreadPoolExecutor(SENDERS) as pool:
                 answers = list(pool.map(lambda f: stow(client, web, [f[0]]), files[SENDERS:]))
             assert [a.status_code for a in answers] == [200] * SENDERS, [a.text[:300] for a in answers]
             assert node.proc.poll() is None, "\n".join(node.lines[-40:])
             growth_mb = (_status_kb(node.proc.pid, "VmHWM") - resting) / 1024
+            print(f"receiver: resting {resting / 1024:.0f} MB, peak +{growth_mb:.1f} MB (cgroup {CGROUP_LIMIT_MB} MB)")
             engine = create_engine(f"sqlite:///{tmp_path / 'var' / 'dxnode.db'}")
             with engine.connect() as conn:
                 stored = set(conn.execute(text("SELECT sop_instance_uid FROM instance")).scalars())
