@@ -106,15 +106,6 @@ class NodeSettings(Section):
     def _aets(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
 
-    @model_validator(mode="after")
-    def _inflight(self) -> NodeSettings:
-        if self.max_inflight_mb < self.max_instance_mb:
-            raise ValueError(
-                f"max_inflight_mb ({self.max_inflight_mb:g}) is less than max_instance_mb ({self.max_instance_mb:g}):"
-                " an instance of that size would always be refused"
-            )
-        return self
-
 
 class DatabaseSettings(Section):
     """[database]: SQLAlchemy URL; SQLite (WAL) by default, postgresql+psycopg:// for several nodes."""

@@ -138,7 +138,8 @@ _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double F
 
 class InflightBudget:
     """Bytes of received datasets being checked, parsed and stored at once in one process, C-STORE and
-    STOW-RS together: past [node] max_inflight_mb a further instance is refused with 0xA700."""
+    STOW-RS together: past [node] max_inflight_mb a further instance is refused with 0xA700. One
+    instance alone is always let in (max_instance_mb bounds it), however large the budget."""
 
     def __init__(self, max_inflight_mb: float) -> None:
         self.max_inflight_mb = max_inflight_mb
@@ -150,7 +151,7 @@ class InflightBudget:
     def hold(self, nbytes: int) -> Iterator[None]:
         """Count nbytes while the block runs; StoreRefused(0xA700) at once if they do not fit."""
         with self._lock:
-            if self.used + nbytes > self.limit:
+            if self.used and self.used + nbytes > self.limit:
                 raise StoreRefused(OUT_OF_RESOURCES, f"node busy: over [node] max_inflight_mb {self.max_inflight_mb:g}")
             self.used += nbytes
         try:
