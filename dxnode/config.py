@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import ipaddress
 import json
 import os
 import re
@@ -95,6 +96,8 @@ class NodeSettings(Section):
     tls_require_client_cert: bool = False
     # SIGTERM: stop listening and claiming, re-queue unfinished jobs, and exit within this many seconds.
     stop_timeout_seconds: float = Field(20, gt=0)
+    # Received datasets (C-STORE and STOW-RS together) held and handled at once in serve; past this 0xA700.
+    max_inflight_mb: float = Field(1024, gt=0)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 
@@ -399,8 +402,23 @@ class WebSettings(Section):
     login_free_attempts: int = Field(10, ge=1)  # failed token guesses per client address per hour before delays
     login_delay_s: float = Field(1, gt=0)  # the first delay after those; it doubles with each further failure
     login_max_delay_s: float = Field(900, gt=0)
+    # Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    trusted_proxies: list[str] = []
 
     _secret = field_validator("session_secret")(lambda cls, v: _not_the_mask(v, "session secret"))
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, values: list[str]) -> list[str]:
+        proxies = []
+        for v in values:
+            try:
+                proxies.append(
+                    str(ipaddress.ip_network(v.strip(), strict=False) if "/" in v else ipaddress.ip_address(v.strip()))
+                )
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return proxies
 
 
 class LoggingSettings(Section):

@@ -57,15 +57,7 @@ from dxnode.config import Settings
 from dxnode.listen import StartError, bind_error
 from dxnode.listen import address as host_port
 from dxnode.receive.ingest import Ingest
-from dxnode.receive.parse import (
-    CANNOT_UNDERSTAND,
-    OUT_OF_RESOURCES,
-    SUCCESS,
-    Received,
-    StoreRefused,
-    check_size,
-    parse_dataset,
-)
+from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StoreRefused, read_received
 from dxnode.receive.part10 import file_header
 
 log = logging.getLogger("dxnode.scp")
@@ -110,30 +102,6 @@ class NoDelayServer(ThreadedAssociationServer):
         AE's private list of servers that AE.start_server made, where a server from make_server is not.)"""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
-
-
-def check_received_size(event: Any, max_instance_mb: float) -> None:
-    """StoreRefused(0xA700) if a C-STORE's dataset is, or inflates to, more than max_instance_mb.
-
-    Runs before pynetdicom decodes the dataset (it would inflate a Deflated one whole in memory)."""
-    raw = event.request.DataSet
-    if raw is None or not hasattr(raw, "getbuffer"):
-        return
-    raw.seek(0)
-    check_size(raw, raw.getbuffer().nbytes, event.context.transfer_syntax.is_deflated, max_instance_mb)
-
-
-def parse_received(event: Event) -> Received:
-    """Read and validate what the store needs from a C-STORE; StoreRefused(0xC000) if it cannot be understood."""
-    req = event.request
-    if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
-        raise TypeError(f"not a C-STORE request: {type(req).__name__}")
-    sop_class_uid, sop_instance_uid = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
-    try:
-        ds = event.dataset
-    except Exception as exc:  # pydicom raises many kinds on a corrupt stream
-        raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
-    return parse_dataset(ds, sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax))
 
 
 class StorageSCP:
@@ -298,16 +266,24 @@ class StorageSCP:
         return status
 
     def store_instance(self, event: Event, calling_aet: str) -> int:
-        """Parse, write and record one instance; raise StoreRefused with the status to send."""
-        check_received_size(event, self.settings.node.max_instance_mb)
-        rec = parse_received(event)
+        """Check, parse, write and record one instance; raise StoreRefused with the status to send.
+
+        The dataset is never decoded whole (read_received reads what comes before Pixel Data, a
+        Deflated one inflated in steps to a spool file), and the bytes it holds count against the
+        node's [node] max_inflight_mb while it is handled."""
+        req = event.request
+        if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
+            raise TypeError(f"not a C-STORE request: {type(req).__name__}")
+        received = req.DataSet
+        if not isinstance(received, BytesIO):
+            raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
+        uids = (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
         # The file is the preamble and file meta, then the dataset as received: written and hashed
         # from pynetdicom's own buffer, without joining them into one more copy.
-        head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
-        received = event.request.DataSet if isinstance(event.request, C_STORE) else None
-        if not isinstance(received, BytesIO):  # parse_received checked the request; this is for the type
-            raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
-        with received.getbuffer() as body:
+        with received.getbuffer() as body, self.ingest.inflight.hold(body.nbytes):
+            received.seek(0)
+            rec = read_received(received, body.nbytes, uids, self.settings.node.max_instance_mb, self.ingest.incoming)
+            head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
             self.ingest.store_received(
                 rec, (head, body), calling_aet, str(event.assoc.requestor.address), id(event.assoc)
             )

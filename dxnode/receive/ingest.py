@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.durable import publish, temporary_name, write_new_file
-from dxnode.receive.parse import OUT_OF_RESOURCES, Received, StoreRefused
+from dxnode.receive.parse import OUT_OF_RESOURCES, InflightBudget, Received, StoreRefused
 from dxnode.store import Instance, Series, Store, Study, audit_core, utcnow
 
 log = logging.getLogger("dxnode.receive.ingest")
@@ -97,6 +97,8 @@ class Ingest:
         self._sweep: threading.Timer | None = None
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
         self.activity = Activity()
+        # The bytes of instances being handled now, by every transport that stores through this ingest.
+        self.inflight = InflightBudget(settings.node.max_inflight_mb)
 
     def open(self) -> None:
         """Make incoming/ and sweep the temporary files a killed receiver left (once now, once later)."""

@@ -2,16 +2,29 @@
 
 The bounds (size, inflated size) and the UID rules are the same for C-STORE and STOW-RS: UIDs from the
 network name files and folders only once they are valid (PS3.5 9.1, at most 64 characters).
+
+Memory: only the attributes before Pixel Data are decoded (``read_header``), values over 64 KB are
+skipped, and a Deflated dataset is inflated in 64 KB steps into an unnamed spool file, never whole in
+memory; ``InflightBudget`` bounds the bytes of received datasets being handled at once in a process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+import threading
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
-from dxnode.bounds import MB, inflated_size_exceeds
+from dxnode.bounds import MB
 from dxnode.uids import is_valid_uid
 
 SUCCESS = 0x0000
@@ -61,25 +74,6 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
-
-
-def check_size(raw: BinaryIO, size: int, deflated: bool, max_instance_mb: float) -> None:
-    """StoreRefused(0xA700) if an encoded dataset of size bytes is, or inflates to, more than max_instance_mb.
-
-    Runs before the dataset is decoded: pydicom inflates a Deflated dataset whole in memory, so that
-    one is first inflated here in bounded chunks, the output thrown away. raw is read from its
-    current position and left there."""
-    limit = int(max_instance_mb * MB)
-    if size > limit:
-        raise StoreRefused(OUT_OF_RESOURCES, f"dataset over [node] max_instance_mb {max_instance_mb:g}")
-    if deflated:
-        start = raw.tell()
-        try:
-            too_big = inflated_size_exceeds(raw, limit)
-        finally:
-            raw.seek(start)
-        if too_big:
-            raise StoreRefused(OUT_OF_RESOURCES, f"inflates over [node] max_instance_mb {max_instance_mb:g}")
 
 
 def _check_uid_elements(ds: Dataset) -> None:
@@ -134,3 +128,145 @@ def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
     if str(ds.get("SOPInstanceUID", rec.sop_instance_uid)) != rec.sop_instance_uid:
         raise StoreRefused(CANNOT_UNDERSTAND, "SOPInstanceUID differs from request")
     return rec
+
+
+_CHUNK = 64 * 1024
+# Header values longer than this are skipped, not read: none that parse_dataset reads comes near it.
+_DEFER = 64 * 1024
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
+
+
+class InflightBudget:
+    """Bytes of received datasets being checked, parsed and stored at once in one process, C-STORE and
+    STOW-RS together: past [node] max_inflight_mb a further instance is refused with 0xA700. One
+    instance alone is always let in (max_instance_mb bounds it), however large the budget."""
+
+    def __init__(self, max_inflight_mb: float) -> None:
+        self.max_inflight_mb = max_inflight_mb
+        self.limit = int(max_inflight_mb * MB)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        """Count nbytes while the block runs; StoreRefused(0xA700) at once if they do not fit."""
+        with self._lock:
+            if self.used and self.used + nbytes > self.limit:
+                raise StoreRefused(OUT_OF_RESOURCES, f"node busy: over [node] max_inflight_mb {self.max_inflight_mb:g}")
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= nbytes
+
+
+def _over(max_instance_mb: float, what: str) -> StoreRefused:
+    return StoreRefused(OUT_OF_RESOURCES, f"{what} over [node] max_instance_mb {max_instance_mb:g}")
+
+
+def _inflate_to(raw: BinaryIO, out: BinaryIO, max_instance_mb: float) -> None:
+    """Inflate the raw Deflate stream (no zlib header) read from raw into out, 64 KB at a time.
+
+    StoreRefused(0xA700) as soon as the output passes max_instance_mb, 0xC000 if it is corrupt or cut short."""
+    limit = int(max_instance_mb * MB)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, pending = 0, b""
+    try:
+        while not inflater.eof:
+            ended = False
+            if not pending:
+                pending = raw.read(_CHUNK)
+                ended = not pending
+            data = inflater.decompress(pending, _CHUNK)
+            pending = inflater.unconsumed_tail
+            if ended and not data:
+                raise StoreRefused(CANNOT_UNDERSTAND, "Deflate stream cut short")
+            total += len(data)
+            if total > limit:
+                raise _over(max_instance_mb, "inflates")
+            out.write(data)
+    except zlib.error as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, "corrupt Deflate stream") from exc
+
+
+def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def read_header(raw: BinaryIO, size: int, transfer_syntax_uid: str, max_instance_mb: float, spool_dir: Path) -> Dataset:
+    """The attributes before Pixel Data of an encoded dataset: size bytes of raw from its position.
+
+    StoreRefused(0xA700) if it is, or inflates to, more than max_instance_mb; 0xC000 if it cannot be
+    read. Memory stays small whatever the dataset declares: a Deflated one is inflated in steps into
+    an unnamed file in spool_dir (gone when closed), values over 64 KB are skipped, not read."""
+    if size > int(max_instance_mb * MB):
+        raise _over(max_instance_mb, "dataset")
+    try:
+        syntax = UID(transfer_syntax_uid)
+        implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    except ValueError:
+        raise StoreRefused(CANNOT_UNDERSTAND, "unknown transfer syntax") from None
+    with contextlib.ExitStack() as stack:
+        if syntax.is_deflated:
+            spool = stack.enter_context(tempfile.TemporaryFile(dir=spool_dir))
+            _inflate_to(raw, spool, max_instance_mb)
+            spool.seek(0)
+            raw = spool
+        try:
+            return read_dataset(raw, implicit, little, stop_when=_at_pixels, defer_size=_DEFER)
+        except Exception as exc:  # pydicom raises many kinds on a corrupt stream
+            raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
+
+
+def read_received(
+    raw: BinaryIO,
+    size: int,
+    uids: tuple[str, str, str],
+    max_instance_mb: float,
+    spool_dir: Path,
+) -> Received:
+    """A received encoded dataset (C-STORE) checked and parsed: uids are the (SOP Class, SOP Instance,
+    transfer syntax) it came with. See read_header for the bounds; StoreRefused with the status to send."""
+    sop_class_uid, sop_instance_uid, syntax = uids
+    ds = read_header(raw, size, syntax, max_instance_mb, spool_dir)
+    return parse_dataset(ds, sop_class_uid, sop_instance_uid, syntax)
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a Part 10 file's meta group says of its dataset."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+def read_file_meta(f: BinaryIO) -> FileMeta:
+    """The File Meta group of a Part 10 file, leaving f at the dataset; StoreRefused(0xC000) without one."""
+    try:
+        f.seek(0)
+        read_preamble(f, False)
+        meta = read_dataset(f, False, True, stop_when=lambda tag, vr, length: tag.group != 2, defer_size=_DEFER)
+        return FileMeta(
+            str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
+        )
+    except Exception as exc:  # pydicom raises many kinds on a broken header
+        raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {type(exc).__name__}") from exc
+
+
+def read_part10(f: BinaryIO, meta: FileMeta, max_instance_mb: float, spool_dir: Path) -> Received:
+    """A received Part 10 file (STOW-RS part) checked and parsed under the same bounds as a C-STORE.
+
+    f is positioned at the dataset (read_file_meta leaves it there)."""
+    start = f.tell()
+    size = f.seek(0, 2) - start
+    f.seek(start)
+    ds = read_header(f, size, meta.transfer_syntax_uid, max_instance_mb, spool_dir)
+    try:
+        sop_class = str(ds.get("SOPClassUID", meta.sop_class_uid))
+    except Exception as exc:  # a value too long to have been read
+        raise StoreRefused(CANNOT_UNDERSTAND, f"cannot read SOPClassUID: {type(exc).__name__}") from exc
+    if sop_class != meta.sop_class_uid:
+        raise StoreRefused(CANNOT_UNDERSTAND, "SOPClassUID differs from the file meta")
+    return parse_dataset(ds, meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from dxnode.config import Settings
 from dxnode.metrics import exposition
@@ -58,10 +59,10 @@ from dxnode.schemas import (
 )
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Store, audit
-from dxnode.web.auth import Principal, principal, require_admin, require_read
+from dxnode.web.auth import Principal, require_admin, require_read, require_store
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
-from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
+from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecureCookies, SecurityHeaders
 from dxnode.web.services import Readiness, Svc, WebServices, attach, given_receiver, own_receiver
 from dxnode.web.stow import stow_router
 from dxnode.web.throttle import LoginThrottle
@@ -424,6 +425,15 @@ def health_routes(app: FastAPI) -> None:
         return Response(metrics_text(svc.store, svc.metrics_dir), media_type=CONTENT_TYPE_LATEST)
 
 
+SMALL_BODY = BodyRule(64 * 1024, "body larger than 64 KiB")  # forms, and routes that take no body
+
+
+def trust_proxies(app: FastAPI, proxies: list[str]) -> None:
+    """Outermost: X-Forwarded-For and -Proto set the client address and scheme, from these proxies only."""
+    if proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=proxies)
+
+
 def _base_app(svc: WebServices, title: str) -> FastAPI:
     app = FastAPI(
         title=title,
@@ -443,7 +453,9 @@ def create_metrics_app(
     """What a `dxnode worker` serves: /healthz, /readyz and /metrics only (same tokens as the node)."""
     svc = WebServices(settings, store, LoginThrottle.from_settings(settings.web), readiness, metrics_dir)
     app = _base_app(svc, "dxnode worker")
+    app.add_middleware(BodyGuard, router=app.router, gates=(require_read,), rules={}, default=SMALL_BODY)
     app.add_middleware(SecurityHeaders)
+    trust_proxies(app, settings.web.trusted_proxies)
     health_routes(app)
     return app
 
@@ -475,15 +487,17 @@ def create_app(
     )
     app = _base_app(svc, "dxnode")
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    form = BodyRule(64 * 1024, "form larger than 64 KiB")
     upload = BodyRule(
         int(settings.web.max_upload_mb * 1024 * 1024) + 64 * 1024,  # room for the multipart envelope
         f"file larger than [web] max_upload_mb = {settings.web.max_upload_mb}",
-        authenticate=True,
     )
-    app.add_middleware(
-        BodyGuard, rules={"/api/predict": upload, "/login": form, "/logout": form}, authenticate=principal
+    stow = BodyRule(
+        int(settings.web.stow_max_body_mb * 1024 * 1024),
+        f"body larger than [web] stow_max_body_mb = {settings.web.stow_max_body_mb}",
     )
+    rules = {"/api/predict": upload, "/dicomweb/studies": stow, "/dicomweb/studies/{study}": stow}
+    gates = (require_admin, require_store, require_read)
+    app.add_middleware(BodyGuard, router=app.router, gates=gates, rules=rules, default=SMALL_BODY)
     app.add_middleware(CsrfGuard, trusted_origins=settings.web.trusted_origins)
     app.add_middleware(
         SessionMiddleware,
@@ -493,7 +507,9 @@ def create_app(
         https_only=False,
         max_age=round(settings.web.session_hours * 3600),
     )
-    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the guards' refusals included
+    app.add_middleware(SecureCookies)
+    app.add_middleware(SecurityHeaders)  # on every answer, the guards' refusals included
+    trust_proxies(app, settings.web.trusted_proxies)
 
     health_routes(app)
     app.include_router(api_router())

@@ -4,7 +4,8 @@ Every endpoint but /healthz needs a token: missing or wrong gives 401, a "read" 
 admin action gives 403. The web pages log in with the same token; the signed session cookie
 carries a random key whose hash is a `web_session` row, so logging out revokes it server-side
 and it expires after [web] session_hours. Tokens are compared in constant time, and wrong ones
-are throttled per client address (LoginThrottle).
+are throttled per client address (LoginThrottle), valid ones never. The client address is the
+connection's, or the one a proxy of [web] trusted_proxies forwards (X-Forwarded-For).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def client_address(request: Request) -> str:
 
 
 def check_token(request: Request, presented: str, actor: str, throttled: str, failed: str) -> WebToken | None:
-    """The configured token presented by the caller, or None (audited as `failed`); raises 429 (audited
-    as `throttled`) while the caller's address must wait after too many wrong tokens."""
+    """The configured token presented by the caller, or None (audited as `failed`); a wrong one raises 429
+    (audited as `throttled`) while the caller's address must wait after too many wrong tokens."""
     address = client_address(request)
     svc = services(request)
     tokens = svc.settings.web.tokens
@@ -74,8 +75,22 @@ def principal(request: Request) -> Principal | None:
     """The caller from the Authorization header or the session cookie, or None.
 
     A wrong bearer token counts as a failed attempt of its address; while that address is throttled
-    any bearer token gets 429 without being looked at.
+    a wrong one gets 429 (a valid one is never throttled). Worked out once per request: BodyGuard
+    asks before the body is read, the route's dependency again.
     """
+    if _PRINCIPAL in request.scope:
+        cached: Principal | None = request.scope[_PRINCIPAL]
+        return cached
+    who = _find_principal(request)
+    request.scope[_PRINCIPAL] = who
+    return who
+
+
+_PRINCIPAL = "dxnode.principal"  # the scope key principal() keeps its answer under
+
+
+def _find_principal(request: Request) -> Principal | None:
+    """principal()'s work: the bearer token, else the session cookie."""
     svc = services(request)
     tokens = svc.settings.web.tokens
     address = client_address(request)
@@ -143,6 +158,18 @@ def require_read(request: Request) -> Principal:
         )
     if who.role == "store":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "a 'store' token may only send studies by STOW-RS")
+    return who
+
+
+def require_store(request: Request) -> Principal:
+    """Dependency: a token whose role may store instances by STOW-RS, "store" or "admin" (401, else 403)."""
+    who = principal(request)
+    if who is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if who.role not in ("store", "admin"):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "STOW-RS needs a token with role 'store' or 'admin'")
     return who
 
 

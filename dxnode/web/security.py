@@ -4,13 +4,14 @@
   and no caching of anything but the static files.
 - CsrfGuard: a state-changing request that does not carry a bearer token must come from this
   site's own pages (Origin, else Referer); bearer-token API calls are not affected.
-- BodyGuard: bounded request bodies, counted while they stream (chunked bodies included), and
-  for uploads the caller is authenticated before a byte of the body is read.
+- BodyGuard: every route's body bounded, counted while it streams (chunked bodies included), the
+  caller authenticated before a byte of it is read, and the connection closed rather than drained.
+- SecureCookies: cookies marked Secure on requests that came over https.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CSP = (
@@ -99,64 +101,135 @@ class CsrfGuard:
             if not headers.get("authorization", "").lower().startswith("bearer "):
                 reason = self.refusal(headers)
                 if reason is not None:
-                    response = JSONResponse({"detail": f"CSRF check failed: {reason}"}, status_code=403)
-                    await response(scope, receive, send)
+                    await _refuse(HTTPException(403, f"CSRF check failed: {reason}"), scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
 
 @dataclass(frozen=True)
 class BodyRule:
-    """How much body a path may send, and whether the caller must be authenticated first."""
+    """How much body a route may send, and the 413's detail."""
 
     max_bytes: int
-    too_large: str  # the 413's detail
-    authenticate: bool = False
+    too_large: str
+
+
+Gate = Callable[[Request], object]  # raises HTTPException (401, 403, 429) to refuse the caller
+
+
+def route_gate(route: BaseRoute, gates: Sequence[Gate]) -> Gate | None:
+    """The first of gates (e.g. require_admin, require_read) among the route's dependencies, at any depth."""
+    found: set[object] = set()
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is not None:
+            found.add(dependant.call)
+            pending.extend(dependant.dependencies)
+    return next((gate for gate in gates if gate in found), None)
+
+
+def flat_routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, those of included routers too (FastAPI 0.16x keeps an included router whole, as
+    an object with original_router, where older versions copied its routes into the app's list)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from flat_routes(inner.routes)
+        else:
+            yield route
+
+
+def _has_body(headers: Headers) -> bool:
+    length = headers.get("content-length", "")
+    return "chunked" in headers.get("transfer-encoding", "").lower() or (length != "" and length != "0")
 
 
 class BodyGuard:
-    """Bound request bodies of some paths while they stream; authenticate uploads before reading them.
+    """Every request body read only as far as needed, for every route of the app (one mechanism).
 
-    A declared Content-Length over the limit is refused at once; a chunked body is counted as it
-    arrives and cut off with 413 when it passes the limit (Starlette's multipart parser then closes
-    and deletes its spooled file). Without authentication an upload gets 401 before any of it is read.
+    For a request with a body to a route that declares an access dependency (one of gates:
+    require_admin, require_store, require_read) the caller is checked first: 401, 403 or 429 is
+    answered before a byte of the body is read. A body is bounded by its route's rule (else the
+    default): a declared Content-Length over it is refused at once, a chunked body is counted as it
+    arrives and cut off with 413 when it passes. Any answer sent before the body was read to its end
+    says "Connection: close", so the server closes instead of reading (draining) the rest.
     """
 
     def __init__(
-        self, app: ASGIApp, rules: dict[str, BodyRule], authenticate: Callable[[Request], object | None]
+        self, app: ASGIApp, router: Router, gates: Sequence[Gate], rules: dict[str, BodyRule], default: BodyRule
     ) -> None:
-        self.app, self.rules, self.authenticate = app, rules, authenticate
+        self.app, self.router, self.gates, self.rules, self.default = app, router, gates, rules, default
+
+    def _route(self, scope: Scope) -> tuple[BodyRule, Gate | None]:
+        """The matching route's body rule and gate (the default and none for a path no route takes)."""
+        for route in flat_routes(self.router.routes):
+            if route.matches(scope)[0] == Match.FULL:
+                return self.rules.get(getattr(route, "path", ""), self.default), route_gate(route, self.gates)
+        return self.default, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rule = self.rules.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if rule is None:
+        if scope["type"] != "http" or not _has_body(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        if rule.authenticate:
+        rule, gate = self._route(scope)
+        if gate is not None and scope["method"] not in SAFE_METHODS:
             try:
-                who = await run_in_threadpool(self.authenticate, Request(scope))
-            except HTTPException as exc:  # throttled
-                who, refusal = None, exc
-            else:
-                refusal = HTTPException(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
-            if who is None:
-                headers = {**(refusal.headers or {}), "Connection": "close"}
-                await JSONResponse({"detail": refusal.detail}, refusal.status_code, headers)(scope, receive, send)
+                await run_in_threadpool(gate, Request(scope))
+            except HTTPException as refusal:
+                await _refuse(refusal, scope, receive, send)
                 return
-        too_large = HTTPException(413, rule.too_large, headers={"Connection": "close"})
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > rule.max_bytes:
-            await JSONResponse({"detail": too_large.detail}, 413, too_large.headers)(scope, receive, send)
+            await _refuse(HTTPException(413, rule.too_large), scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
 
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, complete
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > rule.max_bytes:
-                    raise too_large  # FastAPI re-raises HTTPExceptions from body reading; answered as 413
+                    # FastAPI re-raises HTTPExceptions from body reading; answered as 413 (and closed below)
+                    raise HTTPException(413, rule.too_large)
             return message
 
-        await self.app(scope, counted, send)
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                MutableHeaders(scope=message)["Connection"] = "close"
+            await send(message)
+
+        await self.app(scope, counted, closing)
+
+
+async def _refuse(refusal: HTTPException, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer with the refusal and close the connection: the body stays unread."""
+    headers = {**(refusal.headers or {}), "Connection": "close"}
+    await JSONResponse({"detail": refusal.detail}, refusal.status_code, headers)(scope, receive, send)
+
+
+class SecureCookies:
+    """Mark every cookie Secure on a request that came over https: TLS here, or a trusted proxy's
+    X-Forwarded-Proto (uvicorn's ProxyHeadersMiddleware, outside this one, sets the scheme from it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("scheme") != "https":
+            await self.app(scope, receive, send)
+            return
+
+        async def secure(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    (name, value + b"; secure")
+                    if name.lower() == b"set-cookie" and b"; secure" not in value.lower()
+                    else (name, value)
+                    for name, value in message.get("headers", [])
+                ]
+            await send(message)
+
+        await self.app(scope, receive, secure)

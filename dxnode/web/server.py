@@ -21,7 +21,11 @@ class WebServer:
     """
 
     def __init__(self, app: FastAPI, host: str, port: int, part: str = "web") -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1; the app trusts only
+        # [web] trusted_proxies (dxnode.web.app.trust_proxies).
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", proxy_headers=False
+        )
         self.server = uvicorn.Server(config)
         self.host, self.port, self.part = host, port, part
         self._thread: threading.Thread | None = None

@@ -7,9 +7,11 @@ before the response lists it as stored, so the contract is the one C-STORE sende
 study then joins the worklist like any other. The response (DICOM JSON) lists stored instances
 and failed ones with a Failure Reason: 200 all stored, 202 some, 409 none. A body over
 ``[web] stow_max_body_mb`` is refused with 413 while it is read; a part over
-``stow_max_part_mb`` fails alone. The body is spooled to an unnamed temporary file beside the
-received files, not held in memory: a request costs one part's worth of memory at a time. Needs a
-token with role "store" or "admin".
+``stow_max_part_mb`` fails alone, and every part is held to C-STORE's bounds (``[node]
+max_instance_mb``, inflated size included, and ``max_inflight_mb``). The body is spooled to an
+unnamed temporary file beside the received files, not held in memory: a request costs one part's
+worth of memory at a time. Needs a token with role "store" or "admin", checked before a byte of
+the body is read (dxnode.web.security.BodyGuard).
 """
 
 from __future__ import annotations
@@ -20,35 +22,22 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
-from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 
 from dxnode.outbox.dicomweb import DICOM_JSON, FileBuffer, part_spans, response_body
 from dxnode.receive.ingest import Ingest
-from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused, parse_dataset
+from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused, read_file_meta, read_part10
 from dxnode.store import audit
 from dxnode.uids import is_valid_uid
-from dxnode.web.auth import Principal, principal
+from dxnode.web.auth import Principal, require_store
 from dxnode.web.services import services
 
 log = logging.getLogger("dxnode.stow")
 
 # Failure Reason for an instance of another study than the one in the request path.
 STUDY_MISMATCH = 0xC409
-
-
-def require_store(request: Request) -> Principal:
-    """A token whose role may store instances: "store" or "admin" (401 without one, 403 otherwise)."""
-    who = principal(request)
-    if who is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"}
-        )
-    if who.role not in ("store", "admin"):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "STOW-RS needs a token with role 'store' or 'admin'")
-    return who
 
 
 def _boundary(content_type: str) -> str:
@@ -67,20 +56,13 @@ def _boundary(content_type: str) -> str:
     return values["boundary"]
 
 
-async def _spool_body(request: Request, limit: int, folder: Path) -> BinaryIO:
+async def _spool_body(request: Request, folder: Path) -> BinaryIO:
     """The request body in an unnamed temporary file in folder (gone when closed, or if the node
-    dies), refused with 413 as soon as it passes the limit: memory holds one chunk at a time."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body larger than {limit} bytes")
+    dies): memory holds one chunk at a time. BodyGuard refuses it with 413 past stow_max_body_mb."""
     folder.mkdir(parents=True, exist_ok=True)
     spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (returned open; the caller closes it)
     try:
-        size = 0
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"body larger than {limit} bytes")
             spool.write(chunk)
         spool.flush()
         return spool
@@ -92,24 +74,21 @@ async def _spool_body(request: Request, limit: int, folder: Path) -> BinaryIO:
 def _store_part(
     ingest: Ingest, data: bytes, study: str | None, who: Principal, request_key: int
 ) -> tuple[str, str, int, str]:
-    """Parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment).
+    """Check, parse and store one Part 10 file: (SOP class, SOP instance, Failure Reason or 0, comment).
 
-    The request is the sender, as an association is for C-STORE (see Ingest.store_received)."""
+    The bounds are C-STORE's (read_part10: size and inflated size, a Deflated part inflated in steps
+    to a spool file, never whole in memory), and the part counts against [node] max_inflight_mb while
+    it is handled. The request is the sender, as an association is for C-STORE (see Ingest.store_received)."""
     cls = inst = ""
     try:
-        try:
-            ds = dcmread(BytesIO(data), stop_before_pixels=True)
-            meta = ds.file_meta
-            cls, inst = str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
-            syntax = str(meta.TransferSyntaxUID)
-        except Exception as exc:
-            raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {type(exc).__name__}") from exc
-        if str(ds.get("SOPClassUID", cls)) != cls:
-            raise StoreRefused(CANNOT_UNDERSTAND, "SOPClassUID differs from the file meta")
-        rec = parse_dataset(ds, cls, inst, syntax)
-        if study is not None and rec.study_instance_uid != study:
-            return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
-        ingest.store_received(rec, (data,), "", who.address, request_key, actor=f"stow:{who.name}")
+        with ingest.inflight.hold(len(data)):
+            part = BytesIO(data)
+            meta = read_file_meta(part)
+            cls, inst = meta.sop_class_uid, meta.sop_instance_uid
+            rec = read_part10(part, meta, ingest.settings.node.max_instance_mb, ingest.incoming)
+            if study is not None and rec.study_instance_uid != study:
+                return cls, inst, STUDY_MISMATCH, "Study Instance UID differs from the request path"
+            ingest.store_received(rec, (data,), "", who.address, request_key, actor=f"stow:{who.name}")
         return cls, inst, 0, ""
     except StoreRefused as exc:
         # A hostile UID is never echoed back.
@@ -180,25 +159,24 @@ def stow_router() -> APIRouter:
     """The STOW-RS endpoints (outside the OpenAPI schema: PS3.18 defines them)."""
     router = APIRouter()
 
-    async def stow(request: Request, study: str | None) -> Response:
-        who = require_store(request)
+    async def stow(request: Request, study: str | None, who: Principal) -> Response:
         if study is not None and not is_valid_uid(study):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "the study in the path is not a valid UID")
         boundary = _boundary(request.headers.get("content-type", ""))
         settings = services(request).settings
         incoming = settings.data_dir / "incoming"
-        with await _spool_body(request, int(settings.web.stow_max_body_mb * 1024 * 1024), incoming) as spool:
+        with await _spool_body(request, incoming) as spool:
             outcome = await run_in_threadpool(_store_all, request, spool, boundary, study, who)
         stored, failed = outcome["stored"], outcome["failed"]
         code = 200 if not failed else 202 if stored else 409
         return JSONResponse(response_body(stored, failed), status_code=code, media_type=DICOM_JSON)
 
     @router.post("/dicomweb/studies", include_in_schema=False)
-    async def stow_any(request: Request) -> Response:
-        return await stow(request, None)
+    async def stow_any(request: Request, who: Principal = Depends(require_store)) -> Response:
+        return await stow(request, None, who)
 
     @router.post("/dicomweb/studies/{study}", include_in_schema=False)
-    async def stow_study(request: Request, study: str) -> Response:
-        return await stow(request, study)
+    async def stow_study(request: Request, study: str, who: Principal = Depends(require_store)) -> Response:
+        return await stow(request, study, who)
 
     return router

@@ -1,4 +1,10 @@
-"""Login throttling: wrong token guesses per client address, with a delay that doubles."""
+"""Login throttling: wrong token guesses per client address, with a delay that doubles.
+
+Only wrong guesses are throttled: a valid token is always let in, so an attacker guessing from the
+admin's address (or behind the same proxy) cannot lock the admin out. Tokens are at least 20
+characters (config.MIN_TOKEN_LENGTH), so guessing one is not what the delay protects against; it
+keeps a guesser from flooding the audit log and the token checks.
+"""
 
 from __future__ import annotations
 
@@ -42,21 +48,24 @@ class LoginThrottle:
         return max(0.0, q[-1] + min(self.delay_s * 2 ** min(len(q) - self.free, 60), self.max_delay_s) - now)
 
     def attempt(self, address: str, verify: Callable[[], T | None]) -> tuple[T | None, float]:
-        """verify() unless the address must wait; a None result counts as a failure. Returns the result
-        and the wait. Check, verification and count happen under one lock, so parallel guesses get no more."""
+        """verify(), and its result with the wait: a valid result (not None) is never made to wait. A None
+        result counts as a failure, unless the address is already waiting (then it is answered with the
+        wait, and not counted). Check, verification and count happen under one lock, so parallel
+        guesses get no more."""
         with self._lock:
             now = self.clock()
+            result = verify()
+            if result is not None:
+                return result, 0.0
             wait = self._wait(address, now)
             if wait > 0:
                 return None, wait
-            result = verify()
-            if result is None:
-                if address not in self._failures and len(self._failures) >= self.max_addresses:
-                    for stale in [a for a, q in self._failures.items() if not q or q[-1] < now - THROTTLE_WINDOW_S]:
-                        del self._failures[stale]
-                    while len(self._failures) >= self.max_addresses:  # all recent: forget the oldest address
-                        del self._failures[next(iter(self._failures))]
-                q = self._recent(address, now)
-                q.append(now)
-                self._failures[address] = q
-            return result, 0.0
+            if address not in self._failures and len(self._failures) >= self.max_addresses:
+                for stale in [a for a, q in self._failures.items() if not q or q[-1] < now - THROTTLE_WINDOW_S]:
+                    del self._failures[stale]
+                while len(self._failures) >= self.max_addresses:  # all recent: forget the oldest address
+                    del self._failures[next(iter(self._failures))]
+            q = self._recent(address, now)
+            q.append(now)
+            self._failures[address] = q
+            return None, 0.0
