@@ -59,8 +59,8 @@ from dxnode.config import Destination, Settings
 from dxnode.outbox.dicomweb import StowClient
 from dxnode.schemas import OutboxChange
 from dxnode.states import DeliveryState
-from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
-from dxnode.worklist.queue import process_gone, worker_id
+from dxnode.store import Delivery, Job, Output, Store, Study, audit, utcnow
+from dxnode.worklist.queue import process_gone, rank_of, worker_id
 
 log = logging.getLogger("dxnode.outbox.dispatch")
 
@@ -180,9 +180,9 @@ def _orphan_unconfigured(s: Session, settings: Settings) -> None:
 
 
 def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Leased]]:
-    """Lease the pending rows of every configured destination whose oldest pending row is due, in
-    creation order (a batch: at most BATCH oldest rows of one destination); orphan the rows of
-    destinations no longer configured."""
+    """Lease the pending rows of every configured destination whose oldest pending row is due, the
+    outputs of the most urgent jobs first, then in creation order (a batch: at most BATCH rows of one
+    destination); orphan the rows of destinations no longer configured."""
     me = worker_id()
     with store.session() as s:
         if store.dialect == "postgresql":
@@ -205,8 +205,9 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Lea
             q = (
                 select(Delivery, Output)
                 .join(Output, Output.id == Delivery.output_id)
+                .outerjoin(Job, Job.id == Output.job_id)
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.destination == head.destination)
-                .order_by(Delivery.id)
+                .order_by(rank_of(Job.priority), Delivery.id)
                 .limit(BATCH)
             )
             if store.dialect == "postgresql":

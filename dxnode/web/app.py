@@ -1,8 +1,8 @@
 """The REST API, health and metrics endpoints; pages are added from dxnode.web.pages.
 
 Stable paths for scripts: /healthz, /readyz, /metrics, /api/studies, /api/jobs, /api/results,
-/api/outbox, /api/model, /api/predict (multipart field ``file``). Lists are JSON arrays with
-``limit``/``offset`` paging. Every read of patient data and every admin action is audited
+/api/outbox, /api/model, /api/predict (multipart field ``file``), /api/requests (dxnode.web.requests).
+Lists are JSON arrays with ``limit``/``offset`` paging. Every read of patient data and every admin action is audited
 (token name, action, client address).
 """
 
@@ -61,6 +61,7 @@ from dxnode.store import Store, audit
 from dxnode.web.auth import Principal, principal, require_admin, require_read
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
+from dxnode.web.requests import requests_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecurityHeaders
 from dxnode.web.services import Readiness, Svc, WebServices, attach, given_receiver, own_receiver
 from dxnode.web.stow import stow_router
@@ -497,6 +498,7 @@ def create_app(
 
     health_routes(app)
     app.include_router(api_router())
+    app.include_router(requests_router())
     app.include_router(stow_router())
     app.include_router(pages_router())
     # Starlette types handlers as taking any Exception; this one only ever gets LoginRequired
