@@ -198,6 +198,8 @@ class Job(Base):
     priority: Mapped[Priority] = mapped_column(
         state_column(Priority, 8), default=Priority.MEDIUM, server_default="MEDIUM"
     )
+    # [[destinations]] names its outputs go to (a fetch request's); [] = as configured (outbox.dispatch.enqueue)
+    destinations: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")

@@ -72,8 +72,11 @@ BATCH = 100
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-def destinations_for(settings: Settings, calling_aet: str) -> list[Destination]:
-    """Every destination not marked return_only, plus the sender's own entry when return_to_sender is on."""
+def destinations_for(settings: Settings, calling_aet: str, only: list[str] | None = None) -> list[Destination]:
+    """Every destination not marked return_only, plus the sender's own entry when return_to_sender is on;
+    with only (a fetch request's destinations), those configured destinations alone."""
+    if only:
+        return [d for d in settings.destinations if d.name in only]
     chosen = [d for d in settings.destinations if not d.return_only]
     if settings.dispatch.return_to_sender and calling_aet:
         chosen += [d for d in settings.destinations if d.ae_title == calling_aet and d not in chosen]
@@ -91,10 +94,12 @@ def not_configured(name: str) -> str:
 
 
 def enqueue(session: Session, output: Output, settings: Settings, calling_aet: str = "") -> list[Delivery]:
-    """A pending delivery per destination, by name; rows that already exist are kept as they are."""
+    """A pending delivery per destination (those its job names, if any), by name; rows that already exist are
+    kept as they are."""
     existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
+    only = session.scalar(select(Job.destinations).where(Job.id == output.job_id)) if output.job_id else None
     rows = []
-    for dest in destinations_for(settings, calling_aet):
+    for dest in destinations_for(settings, calling_aet, list(only or [])):
         row = existing.get(dest.name)
         if row is None:
             row = Delivery(

@@ -212,7 +212,7 @@ def run_request(store: Store, settings: Settings, ingest: Ingest, request_id: in
     with store.session() as s:
         row = s.get(FetchRequest, request_id)
         assert row is not None
-        name, ids, model = row.source, Identifiers(**row.identifiers), row.model
+        name, ids, model, destinations = row.source, Identifiers(**row.identifiers), row.model, list(row.destinations)
         priority, wait_until = Priority(row.priority), row.wait_until
     source = configured_source(settings, name)
     if source is None:
@@ -247,7 +247,9 @@ def run_request(store: Store, settings: Settings, ingest: Ingest, request_id: in
             done, spent = done + f.instances, spent + seen[0]
             with store.session() as s:
                 try:
-                    job_id = queue_retrieved(s, f.study_instance_uid, f"request:{request_id}", priority, model)
+                    job_id = queue_retrieved(
+                        s, f.study_instance_uid, f"request:{request_id}", priority, model, destinations
+                    )
                 except LookupError:
                     raise FetchError(f"the retrieve of study {f.study_instance_uid} stored no instance") from None
             jobs.append(job_id)

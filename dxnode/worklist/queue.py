@@ -184,9 +184,15 @@ def queued_job(session: Session, study_id: int, routed_model: str = "", priority
 
 
 def queue_retrieved(
-    session: Session, study_instance_uid: str, actor: str, priority: Priority, routed_model: str = "", source: str = ""
+    session: Session,
+    study_instance_uid: str,
+    actor: str,
+    priority: Priority,
+    routed_model: str = "",
+    destinations: list[str] | None = None,
 ) -> int:
     """Queue a study a fetch has just retrieved, at once (no quiet time); returns the job id.
+    destinations: the only [[destinations]] its outputs go to (None or []: as configured).
 
     A study with no instance since its newest job (the same study fetched again) gets no new job:
     that job's id comes back (its priority raised while it waits), so nothing is analysed or sent twice."""
@@ -208,7 +214,11 @@ def queue_retrieved(
     study.ignored = False
     study.queued_through = study.last_received_at
     job_id = queued_job(session, study.id, routed_model, priority)
-    audit(session, actor, "job.queued", target=f"job:{job_id}", source=source, study_id=study.id, priority=priority)
+    if destinations:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.destinations = sorted(set(job.destinations or []) | set(destinations))
+    audit(session, actor, "job.queued", target=f"job:{job_id}", study_id=study.id, priority=priority)
     return job_id
 
 

@@ -1,4 +1,4 @@
-"""requests and priorities: the request table (fetches from [[sources]]) and job.priority
+"""requests and priorities: the request table (fetches from [[sources]]), job.priority and job.destinations
 
 Step 7 of the chain (the file's mNN prefix).
 Revision ID: 0010
@@ -19,6 +19,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("job", schema=None) as batch_op:
         batch_op.add_column(sa.Column("priority", sa.String(length=8), nullable=False, server_default="MEDIUM"))
+        batch_op.add_column(sa.Column("destinations", sa.JSON(), nullable=False, server_default="[]"))
     op.create_table(
         "request",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -50,4 +51,5 @@ def downgrade() -> None:
     op.drop_index("ix_request_state_source", table_name="request")
     op.drop_table("request")
     with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_column("destinations")
         batch_op.drop_column("priority")
