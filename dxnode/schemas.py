@@ -68,6 +68,7 @@ class JobOut(TableRow):
         "id",
         "study_instance_uid",
         "state",
+        "priority",
         "attempts",
         "routed_model",
         "model_name",
@@ -92,6 +93,7 @@ class JobOut(TableRow):
     started_at: str | None
     finished_at: str | None
     timings: dict[str, float] = {}  # seconds per stage of the last attempt (decode, model, ..., queued_to_done)
+    priority: Priority = Priority.MEDIUM  # STAT, HIGH, MEDIUM or LOW: claimed most urgent first
 
 
 class JobWithLog(JobOut):

@@ -1,0 +1,145 @@
+"""Fetch requests in the store (real SQLite and PostgreSQL): checks on what is asked, the claim order per source,
+retries with backoff, and the state a reader sees once the jobs end."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import update
+
+from dxnode.config import Settings
+from dxnode.schemas import Identifiers
+from dxnode.sources import fetch
+from dxnode.sources.found import FetchError
+from dxnode.states import JobState, Priority, RequestState
+from dxnode.store import FetchRequest, Store, Study, utcnow
+from dxnode.worklist import queue
+
+PACS = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+
+
+def settings_for(url: str) -> Settings:
+    return Settings(
+        database={"url": url},
+        sources=[{**PACS, "max_attempts": 2, "retry_backoff_seconds": 30}, {**PACS, "name": "other"}],
+        destinations=[{"name": "archive", "ae_title": "ARCH", "host": "127.0.0.1", "port": 105}],
+        models=[{"name": "chest", "bundle": "demo"}],
+    )
+
+
+def ask(store: Store, settings: Settings, source: str = "pacs", priority: Priority = Priority.MEDIUM) -> int:
+    return fetch.request_fetch(store, settings, source, Identifiers(accession_number="A1"), priority, actor="test")
+
+
+def test_what_is_asked_is_checked_against_the_configuration(store: Store) -> None:
+    settings = settings_for(store.url)
+    with pytest.raises(ValueError, match="no \\[\\[sources\\]\\] entry named 'nope' \\(pacs, other\\)"):
+        ask(store, settings, "nope")
+    ids = Identifiers(study_instance_uid="1.2.3")
+    with pytest.raises(ValueError, match="\\[\\[models\\]\\] entry named 'lungs'"):
+        fetch.request_fetch(store, settings, "pacs", ids, model="lungs")
+    with pytest.raises(ValueError, match="\\[\\[destinations\\]\\] entry named 'pacs'"):
+        fetch.request_fetch(store, settings, "pacs", ids, destinations=["archive", "pacs"])
+    for bad in (
+        {},
+        {"accession_number": "A1", "patient_id": "P"},
+        {"accession_number": "A*"},
+        {"study_instance_uid": "1.02"},
+    ):
+        with pytest.raises(ValidationError):
+            Identifiers(**bad)
+    with pytest.raises(ValidationError, match="narrow a patient_id only"):
+        Identifiers(accession_number="A1", modality="CR")
+    assert Identifiers(patient_id="P", since="2026-01-31").since == "20260131"
+
+
+def test_each_source_claims_its_own_requests_most_urgent_first(store: Store) -> None:
+    settings = settings_for(store.url)
+    routine, other, stat = (
+        ask(store, settings),
+        ask(store, settings, "other"),
+        ask(store, settings, priority=Priority.STAT),
+    )
+    assert fetch.claim_request(store, "pacs", "w:1") == stat
+    assert fetch.claim_request(store, "pacs", "w:1") == routine
+    assert fetch.claim_request(store, "pacs", "w:1") is None
+    assert fetch.claim_request(store, "other", "w:1") == other
+
+
+def test_a_failure_is_retried_after_a_backoff_then_the_request_fails_with_the_reason(store: Store) -> None:
+    settings = settings_for(store.url)
+    source = fetch.configured_source(settings, "pacs")
+    request_id = ask(store, settings)
+    assert fetch.claim_request(store, "pacs", "w:1") == request_id
+    assert fetch._failed(store, request_id, source, FetchError("C-MOVE failed: status 0xA702")) == RequestState.PENDING
+    assert fetch.claim_request(store, "pacs", "w:1") is None  # backing off
+    later = utcnow() + dt.timedelta(seconds=31)
+    assert fetch.claim_request(store, "pacs", "w:1", now=later) == request_id
+    assert fetch._failed(store, request_id, source, FetchError("warning 0xB000, 1 sub-operation(s) failed")) == "failed"
+    with store.session() as s:
+        out = fetch.request_out(s, request_id)
+    assert out is not None and out.state == RequestState.FAILED and out.attempts == 2
+    assert out.error == "warning 0xB000, 1 sub-operation(s) failed" and out.progress.startswith("failed: warning")
+    refused = ask(store, settings)
+    fetch.claim_request(store, "pacs", "w:1")
+    assert fetch._failed(store, refused, source, FetchError("refused: over max_instances", permanent=True)) == "failed"
+
+
+def test_a_queued_request_reads_done_once_its_jobs_end_and_failed_when_one_fails(store: Store) -> None:
+    settings = settings_for(store.url)
+    with store.session() as s:
+        s.add(Study(study_instance_uid="1.2.40", last_received_at=utcnow(), first_received_at=utcnow()))
+        s.add(Study(study_instance_uid="1.2.41", last_received_at=utcnow(), first_received_at=utcnow()))
+    request_id = ask(store, settings, priority=Priority.HIGH)
+    with store.session() as s:
+        jobs = [
+            queue.queue_retrieved(s, uid, "request:1", Priority.HIGH, destinations=["archive"])
+            for uid in ("1.2.40", "1.2.41")
+        ]
+        row = s.get(FetchRequest, request_id)
+        assert row is not None
+        row.state, row.job_ids, row.studies, row.total, row.retrieved = (
+            RequestState.QUEUED,
+            jobs,
+            ["1.2.40", "1.2.41"],
+            2,
+            2,
+        )
+    with store.session() as s:
+        out = fetch.request_out(s, request_id)
+    assert out is not None and out.state == RequestState.QUEUED and out.progress == "queued 2 job(s)"
+    assert [j.priority for j in out.jobs] == [Priority.HIGH, Priority.HIGH]
+    for _ in jobs:
+        job_id = queue.claim(store, "w:1")
+        assert job_id is not None
+        queue.finish(store, settings, job_id, JobState.DONE)
+    with store.session() as s:
+        out = fetch.request_out(s, request_id)
+    assert out is not None and out.state == RequestState.DONE
+    assert out.jobs[1].links == {"study": "/api/studies/1.2.41", "results": "/api/results?study_instance_uid=1.2.41"}
+    with store.session() as s:
+        failed = s.get(FetchRequest, request_id)
+        assert failed is not None
+        s.execute(
+            update(Study)
+            .where(Study.study_instance_uid == "1.2.41")
+            .values(last_received_at=utcnow() + dt.timedelta(seconds=1))
+        )
+        again = queue.queue_retrieved(s, "1.2.41", "request:1", Priority.HIGH)
+        failed.job_ids = [jobs[0], again]
+    job_id = queue.claim(store, "w:1")
+    assert job_id == again
+    queue.finish(store, settings, again, None, error="ValueError: no instance could be analysed", permanent=True)
+    with store.session() as s:
+        out = fetch.request_out(s, request_id)
+    assert out is not None and out.state == RequestState.FAILED and "no instance could be analysed" in out.error
+
+
+def test_requests_a_stopped_node_left_running_are_retried(store: Store) -> None:
+    settings = settings_for(store.url)
+    request_id = ask(store, settings)
+    fetch.claim_request(store, "pacs", "w:1")
+    assert fetch.recover_requests(store) == 1
+    assert fetch.claim_request(store, "pacs", "w:2") == request_id
