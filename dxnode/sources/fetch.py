@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from dxnode.worklist.queue import queue_retrieved, rank_of, rowcount, worker_id
 log = logging.getLogger("dxnode.sources.fetch")
 
 ENDED = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
+PROGRESS_EVERY = 1.0  # seconds between writes of a retrieve's progress
 
 
 def configured_source(settings: Settings, name: str) -> Source | None:
@@ -232,10 +234,13 @@ def run_request(store: Store, settings: Settings, ingest: Ingest, request_id: in
         done = spent = 0
         limit = int(source.max_mb * 2**20)
         for f in found:
-            base, before, seen = done, spent, [0]
+            base, before, seen, last = done, spent, [0], [0.0]
 
-            def progress(n: int, m: int, base: int = base) -> None:
-                _set(store, request_id, retrieved=base + min(n, m))
+            def progress(n: int, m: int, base: int = base, last: list[float] = last) -> None:
+                now = time.monotonic()
+                if n >= m or now - last[0] >= PROGRESS_EVERY:  # at most a write a second, and the last one
+                    last[0] = now
+                    _set(store, request_id, retrieved=base + min(n, m))
 
             def over(size: int, before: int = before, seen: list[int] = seen) -> str:
                 seen[0] = size
