@@ -409,11 +409,14 @@ class Identifiers(BaseModel):
         v = v.strip()
         if not v:
             return v
+        digits = v.replace("-", "")
         try:
-            day = dt.datetime.strptime(v.replace("-", ""), "%Y%m%d").date()
+            if not re.fullmatch(r"\d{8}", digits):
+                raise ValueError(digits)
+            day = dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
         except ValueError:
             raise ValueError("since must be a date, YYYYMMDD or YYYY-MM-DD") from None
-        return day.strftime("%Y%m%d")
+        return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
     @model_validator(mode="after")
     def _one_key(self) -> Identifiers:
@@ -434,16 +437,52 @@ class Identifiers(BaseModel):
         return f"patient {self.patient_id}{extra}"
 
 
+# What an exact identifier may hold: no wildcards, backslashes or control characters, no outer spaces.
+_EXACT = r"^[^*?\\\x00-\x1f ]([^*?\\\x00-\x1f]*[^*?\\\x00-\x1f ])?$"
+
+
+class StudyRef(BaseModel):
+    """One study, by its Study Instance UID."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str = Field(min_length=1, max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class AccessionRef(BaseModel):
+    """The studies of an accession number."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accession_number: str = Field(min_length=1, max_length=16, pattern=_EXACT)
+
+
+class PatientRef(BaseModel):
+    """A patient's studies: optionally only those with a modality, and on or after a day."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str = Field(min_length=1, max_length=64, pattern=_EXACT)
+    modality: str = Field("", max_length=16, pattern=r"^[A-Za-z0-9_]*$")
+    since: dt.date | None = None
+
+
 class RequestIn(BaseModel):
-    """POST /api/requests: fetch studies from a source and analyse them."""
+    """POST /api/requests: fetch studies from a source and analyse them (the identifiers: one of three shapes)."""
 
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(min_length=1, max_length=64)  # a [[sources]] name
-    identifiers: Identifiers
+    identifiers: StudyRef | AccessionRef | PatientRef
     model: str = Field("", max_length=64)  # a [[models]] name; empty: routed as usual
     destinations: list[str] = []  # [[destinations]] names; empty: as configured
     priority: Priority = Priority.MEDIUM
+
+    def fetch_identifiers(self) -> Identifiers:
+        """The identifiers as the request table keeps them."""
+        data: dict[str, Any] = self.identifiers.model_dump()
+        since = data.pop("since", None)
+        return Identifiers(**data, since=f"{since.year:04d}{since.month:02d}{since.day:02d}" if since else "")
 
 
 class RequestCreated(BaseModel):

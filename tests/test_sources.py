@@ -126,7 +126,7 @@ def test_orthanc_by_c_move_c_get_and_dicomweb_each_study_gets_one_sr(tmp_path: P
         unknown = httpx.post(
             api, json={**body, "source": "nope"}, headers={"Authorization": f"Bearer {REQUESTER}"}, timeout=30
         )
-        assert unknown.status_code == 422 and "nope" in unknown.text
+        assert unknown.status_code == 404 and "nope" in unknown.text
         wait_outbox_idle(node)
         assert [len(srs_for(pacs, uid)) for uid in (a_uid, b_uid, c_uid)] == [1, 1, 1]
     finally:

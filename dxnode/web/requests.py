@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi import Path as PathParam
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from dxnode.schemas import RequestCreated, RequestIn, RequestOut
@@ -28,25 +29,29 @@ def requests_router() -> APIRouter:
         summary="Fetch studies from a source and analyse them (an admin or a 'request' token)",
         responses={
             403: {"description": "Needs an admin or a 'request' token"},
-            422: {"description": "Unknown source, model or destination"},
+            404: {"description": "No such source, model or destination in the configuration"},
         },
     )
     async def create(svc: Svc, body: RequestIn, who: Principal = Depends(require_requester)) -> RequestCreated:
+        try:
+            ids = body.fetch_identifiers()
+        except ValidationError as exc:
+            raise HTTPException(422, str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
         try:
             request_id = await run_in_threadpool(
                 request_fetch,
                 svc.store,
                 svc.settings,
                 body.source,
-                body.identifiers,
+                ids,
                 body.priority,
                 body.model,
                 body.destinations,
                 who.name,
                 who.address,
             )
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
+        except ValueError as exc:  # it names a source, model or destination that is not configured
+            raise HTTPException(404, str(exc)) from None
         return RequestCreated(id=request_id, state=RequestState.PENDING, url=f"/api/requests/{request_id}")
 
     @r.get(
