@@ -60,6 +60,7 @@ def test_orthanc_by_c_move_c_get_and_dicomweb_each_study_gets_one_sr(tmp_path: P
                 dimse_source("orthanc-get", orthanc.dicom, retrieve="get"),
                 {"name": "orthanc-web", "kind": "dicomweb", "url": web},
                 dimse_source("orthanc-small", orthanc.dicom, max_instances=1),
+                dimse_source("orthanc-tiny", orthanc.dicom, retrieve="get", max_mb=0.01),
                 dimse_source(
                     "orthanc-badmove",
                     orthanc.dicom,
@@ -102,6 +103,9 @@ def test_orthanc_by_c_move_c_get_and_dicomweb_each_study_gets_one_sr(tmp_path: P
         rc, small = fetch(node, "--source", "orthanc-small", "--study", a_uid)
         assert rc == 1 and small["state"] == "failed" and "max_instances 1" in small["error"], small
         assert small["attempts"] == 1 and small["retrieved"] == 0
+        rc, tiny = fetch(node, "--source", "orthanc-tiny", "--study", c_uid)  # stopped at its first instance
+        assert rc == 1 and tiny["state"] == "failed" and "max_mb 0.01 (stopped)" in tiny["error"], tiny
+        assert tiny["attempts"] == 1 and tiny["jobs"] == []
 
         # A C-MOVE the source cannot carry out: recorded, retried, then failed with the status.
         rc, bad = fetch(node, "--source", "orthanc-badmove", "--study", b_uid)

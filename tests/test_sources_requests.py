@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from dxnode.config import Settings
 from dxnode.schemas import Identifiers
-from dxnode.sources import fetch
+from dxnode.sources import dimse, fetch
 from dxnode.sources.found import FetchError
 from dxnode.states import JobState, Priority, RequestState
 from dxnode.store import FetchRequest, Store, Study, utcnow
@@ -143,3 +143,17 @@ def test_requests_a_stopped_node_left_running_are_retried(store: Store) -> None:
     fetch.claim_request(store, "pacs", "w:1")
     assert fetch.recover_requests(store) == 1
     assert fetch.claim_request(store, "pacs", "w:2") == request_id
+
+
+def test_a_retrieve_with_failed_sub_operations_or_no_answer_is_a_failure_to_retry() -> None:
+    source = settings_for("sqlite://").sources[0]
+    dimse._check_final(0x0000, 0, "C-MOVE", source)
+    for code, failed, words in [
+        (0xB000, 2, "warning 0xB000, 2 sub-operation(s) failed"),
+        (0x0000, 1, "warning 0x0000, 1 sub-operation(s) failed"),
+        (0xA702, 0, "failed: status 0xA702"),
+        (None, 0, "no answer within 60 s"),
+    ]:
+        with pytest.raises(FetchError, match=words.replace("(", "\\(").replace(")", "\\)")) as caught:
+            dimse._check_final(code, failed, "C-MOVE", source)
+        assert not caught.value.permanent
