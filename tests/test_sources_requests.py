@@ -14,7 +14,7 @@ from dxnode.schemas import Identifiers
 from dxnode.sources import dimse, fetch
 from dxnode.sources.found import FetchError
 from dxnode.states import JobState, Priority, RequestState
-from dxnode.store import FetchRequest, Store, Study, utcnow
+from dxnode.store import FetchRequest, Job, Store, Study, utcnow
 from dxnode.worklist import queue
 
 PACS = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
@@ -157,3 +157,68 @@ def test_a_retrieve_with_failed_sub_operations_or_no_answer_is_a_failure_to_retr
         with pytest.raises(FetchError, match=words.replace("(", "\\(").replace(")", "\\)")) as caught:
             dimse._check_final(code, failed, "C-MOVE", source)
         assert not caught.value.permanent
+
+
+def test_a_request_waiting_for_its_study_looks_again_without_using_attempts(store: Store) -> None:
+    settings = settings_for(store.url)
+    source = fetch.configured_source(settings, "pacs")
+    ids = Identifiers(accession_number="ORDERED")
+    request_id = fetch.request_fetch(store, settings, "pacs", ids, wait_seconds=600)
+    for _ in range(3):  # more than max_attempts (2) looks
+        assert fetch.claim_request(store, "pacs", "w:1", now=utcnow() + dt.timedelta(days=1)) == request_id
+        state = fetch._failed(store, request_id, source, fetch._NotYet("no study for accession ORDERED yet"))
+        assert state == RequestState.PENDING
+    with store.session() as s:
+        row = s.get(FetchRequest, request_id)
+        assert row is not None and row.attempts == 0 and row.wait_until is not None
+
+
+def test_a_dicomweb_source_without_its_secret_says_which_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dxnode.sources import web
+
+    monkeypatch.delenv("PACS_WEB_TOKEN", raising=False)
+    settings = Settings(
+        sources=[
+            {
+                "name": "web",
+                "kind": "dicomweb",
+                "url": "https://pacs.example.org/dicom-web",
+                "auth": "bearer",
+                "secret_env": "PACS_WEB_TOKEN",
+            }
+        ]
+    )
+    with pytest.raises(FetchError, match="PACS_WEB_TOKEN \\(secret of source web\\) is not set"):
+        web._client(settings.sources[0])
+
+
+def test_a_requests_destinations_are_the_only_ones_its_outputs_go_to(store: Store) -> None:
+    from dxnode.outbox.dispatch import enqueue
+    from dxnode.states import OutputKind
+    from dxnode.store import Output
+
+    settings = settings_for(store.url)
+    settings.destinations.append(settings.destinations[0].model_copy(update={"name": "pacs"}))
+    with store.session() as s:
+        for uid in ("1.2.50", "1.2.51"):
+            s.add(Study(study_instance_uid=uid, last_received_at=utcnow(), first_received_at=utcnow()))
+    with store.session() as s:
+        only = queue.queue_retrieved(s, "1.2.50", "request:1", Priority.MEDIUM, destinations=["archive"])
+        every = queue.queue_retrieved(s, "1.2.51", "request:2", Priority.MEDIUM)
+        sent = {}
+        for n, job_id in enumerate((only, every)):
+            job = s.get(Job, job_id)
+            assert job is not None
+            out = Output(
+                job_id=job_id,
+                study_id=job.study_id,
+                kind=OutputKind.SR,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+                sop_instance_uid=f"2.25.7{n}",
+                series_instance_uid=f"2.25.8{n}",
+                file_path="outputs/x.dcm",
+            )
+            s.add(out)
+            s.flush()
+            sent[job_id] = sorted(d.destination for d in enqueue(s, out, settings))
+    assert sent == {only: ["archive"], every: ["archive", "pacs"]}
