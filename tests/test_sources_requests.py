@@ -4,6 +4,8 @@ retries with backoff, and the state a reader sees once the jobs end."""
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -137,12 +139,17 @@ def test_a_queued_request_reads_done_once_its_jobs_end_and_failed_when_one_fails
     assert out is not None and out.state == RequestState.FAILED and "no instance could be analysed" in out.error
 
 
-def test_requests_a_stopped_node_left_running_are_retried(store: Store) -> None:
+def test_requests_a_stopped_fetcher_left_running_are_retried(store: Store) -> None:
     settings = settings_for(store.url)
-    request_id = ask(store, settings)
-    fetch.claim_request(store, "pacs", "w:1")
+    dead, elsewhere = ask(store, settings), ask(store, settings)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    fetch.claim_request(store, "pacs", queue.worker_id(gone.pid))  # a process of this host that has ended
+    fetch.claim_request(store, "pacs", "another-host:4242")  # alive, as far as anyone here knows
     assert fetch.recover_requests(store) == 1
-    assert fetch.claim_request(store, "pacs", "w:2") == request_id
+    assert fetch.claim_request(store, "pacs", "w:2") == dead
+    assert fetch.recover_requests(store, now=utcnow() + dt.timedelta(hours=2)) == 2  # untouched for too long
+    assert {fetch.claim_request(store, "pacs", "w:3"), fetch.claim_request(store, "pacs", "w:3")} == {dead, elsewhere}
 
 
 def test_a_retrieve_with_failed_sub_operations_or_no_answer_is_a_failure_to_retry() -> None:

@@ -28,12 +28,13 @@ from dxnode.sources import dimse, web
 from dxnode.sources.found import FetchError, Found
 from dxnode.states import JobState, Priority, RequestState
 from dxnode.store import FetchRequest, Instance, Job, Store, Study, audit, utcnow
-from dxnode.worklist.queue import queue_retrieved, rank_of, rowcount, worker_id
+from dxnode.worklist.queue import process_gone, queue_retrieved, rank_of, rowcount, worker_id
 
 log = logging.getLogger("dxnode.sources.fetch")
 
 ENDED = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
 PROGRESS_EVERY = 1.0  # seconds between writes of a retrieve's progress
+STALE_AFTER = dt.timedelta(hours=1)  # a request of another host untouched this long lost its fetcher
 
 
 def configured_source(settings: Settings, name: str) -> Source | None:
@@ -274,6 +275,7 @@ def run_request(store: Store, settings: Settings, ingest: Ingest, request_id: in
 def run_due(store: Store, settings: Settings, ingest: Ingest, source: str, limit: int = 100) -> int:
     """Carry out a source's due requests one after the other; returns how many ran."""
     worker = worker_id()
+    recover_requests(store)
     ran = 0
     while ran < limit:
         request_id = claim_request(store, source, worker)
@@ -284,17 +286,32 @@ def run_due(store: Store, settings: Settings, ingest: Ingest, source: str, limit
     return ran
 
 
-def recover_requests(store: Store) -> int:
-    """Put requests a stopped node left querying or retrieving back to pending (at start)."""
+def recover_requests(store: Store, now: dt.datetime | None = None) -> int:
+    """Put back to pending the requests a stopped fetcher left querying or retrieving: those of a process
+    of this host that is gone at once, any host's once untouched for STALE_AFTER; returns how many."""
+    stale_before = (now or utcnow()) - STALE_AFTER
     with store.session() as s:
-        return rowcount(
-            s.execute(
-                update(FetchRequest)
-                .where(FetchRequest.state.in_([RequestState.QUERYING, RequestState.RETRIEVING]))
-                .values(state=RequestState.PENDING, error="interrupted: the node stopped during the fetch; retried")
-                .execution_options(synchronize_session=False)
+        running = s.execute(
+            select(FetchRequest.id, FetchRequest.worker, FetchRequest.updated_at).where(
+                FetchRequest.state.in_([RequestState.QUERYING, RequestState.RETRIEVING])
             )
-        )
+        ).all()
+        handed = 0
+        for request_id, worker, updated in running:
+            if not (process_gone(worker) or updated < stale_before):
+                continue
+            handed += rowcount(
+                s.execute(
+                    update(FetchRequest)
+                    .where(FetchRequest.id == request_id, FetchRequest.worker == worker)
+                    .where(FetchRequest.state.in_([RequestState.QUERYING, RequestState.RETRIEVING]))
+                    .values(
+                        state=RequestState.PENDING, error="interrupted: its fetcher stopped during the fetch; retried"
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            )
+    return handed
 
 
 def _iso(value: dt.datetime | None) -> str | None:
