@@ -35,7 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dxnode.states import HeatmapFor
+from dxnode.states import HeatmapFor, Priority
 from dxnode.uids import is_valid_ae_title
 
 
@@ -146,6 +146,11 @@ class WorklistSettings(Section):
     # Delay before a failed attempt (transient error, lost worker) is retried: doubled per attempt, capped.
     retry_backoff_seconds: float = Field(10, ge=0)
     retry_backoff_max_seconds: float = Field(600, ge=0)
+    # Priority rules for pushed studies (a fetch request or an order sets its own): by calling AE
+    # title, and by the Requested Procedure Priority (0040,1003) in the images; the most urgent wins.
+    priority_by_aet: dict[str, Priority] = {}
+    priority_from_dataset: bool = True
+    fetch_interval_seconds: float = Field(2, gt=0)  # how often each source's fetcher looks for requests
 
 
 class Destination(Section):
@@ -370,7 +375,8 @@ class WebToken(Section):
 
     name: str
     token: str
-    role: Literal["admin", "read", "store"] = "read"  # store: STOW-RS only (a PACS sending studies)
+    # store: STOW-RS only (a PACS sending studies); request: read, and fetch requests (POST /api/requests)
+    role: Literal["admin", "read", "store", "request"] = "read"
 
     @field_validator("token")
     @classmethod
@@ -427,6 +433,50 @@ class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class Source(Section):
+    """[[sources]]: a PACS the node fetches studies from: C-FIND, then C-MOVE to this node or C-GET
+    (dimse), or QIDO-RS then WADO-RS (dicomweb, auth as for destinations)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""  # dimse
+    host: str = ""  # dimse
+    port: int = Field(0, ge=0, le=65535)  # dimse
+    tls: bool = False  # dimse: DICOM TLS as for destinations
+    retrieve: Literal["move", "get"] = "move"  # dimse: C-MOVE to move_destination, or C-GET
+    move_destination: str = ""  # the AE title the source knows this node by (empty: [node] ae_title)
+    url: str = ""  # dicomweb: the QIDO-RS/WADO-RS service base
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str = ""
+    secret_env: str = ""
+    ca_file: Path | None = None
+    max_instances: int = Field(5000, ge=1)  # a retrieve of more instances is refused, with the reason
+    max_mb: float = Field(4096, gt=0)  # a retrieve past this many MB is stopped and refused
+    timeout_seconds: float = Field(60, gt=0)  # association, DIMSE and HTTP timeout
+    max_attempts: int = Field(5, ge=1)  # a failing request is retried this many times, then failed
+    retry_backoff_seconds: float = Field(30, ge=0)  # doubled per attempt
+    retry_backoff_max_seconds: float = Field(900, ge=0)
+
+    @field_validator("ae_title", "move_destination")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v) if v else v
+
+    @model_validator(mode="after")
+    def _complete(self) -> Source:
+        if self.kind == "dimse" and (not self.ae_title or not self.host or not self.port):
+            raise ValueError(f"source {self.name!r}: a dimse source needs ae_title, host and port")
+        if self.kind == "dicomweb":
+            as_destination = {k: getattr(self, k) for k in ("url", "auth", "username", "secret_env", "ca_file")}
+            try:
+                Destination(name=self.name, kind="dicomweb", **as_destination)
+            except ValidationError as exc:
+                raise ValueError(
+                    str(exc.errors()[0]["msg"]).removeprefix("Value error, ").replace("destination", "source")
+                ) from None
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of a node."""
 
@@ -443,6 +493,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = DispatchSettings()
     web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
+    sources: list[Source] = []
     source: str = ""  # the file this configuration was read from (set by load_settings)
 
     @classmethod
@@ -465,6 +516,14 @@ class Settings(BaseSettings):
             raise ValueError("every [[models]] entry needs a name")
         if len(set(names)) != len(names):
             raise ValueError(f"[[models]] names must be unique: {names}")
+        return values
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, values: list[Source]) -> list[Source]:
+        names = [v.name for v in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[sources]] names must be unique: {names}")
         return values
 
     @property

@@ -79,9 +79,15 @@ def _load_model(settings: Settings, registry: ModelRegistry) -> Classifier:
 
 
 def _start_scheduler(
-    settings: Settings, store: Store, activity: Any = None, supervisor: Any = None, sweep: bool = True
+    settings: Settings,
+    store: Store,
+    activity: Any = None,
+    supervisor: Any = None,
+    sweep: bool = True,
+    ingest: Ingest | None = None,
 ) -> BackgroundScheduler:
-    """The background jobs: sweep for stable studies, hand back jobs of stopped workers, send the outbox."""
+    """The background jobs: sweep for stable studies, hand back jobs of stopped workers, send the
+    outbox; with the receiver's ingest, one fetcher per [[sources]] entry."""
     # start-up time: apscheduler loads only when this runs
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -110,6 +116,11 @@ def _start_scheduler(
         from dxnode.outbox import dispatch
 
         dispatch.schedule(scheduler, store, settings)
+    if ingest is not None and settings.sources:
+        # start-up time: loaded only when this part of the node starts
+        from dxnode.sources import fetch
+
+        fetch.schedule(scheduler, store, settings, ingest)
     scheduler.start()
     return scheduler
 
@@ -333,7 +344,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
             flush=True,
         )
         supervisor = _start_jobs(settings, store, log_level)
-        scheduler = _start_scheduler(settings, store, ingest.activity, supervisor)
+        scheduler = _start_scheduler(settings, store, ingest.activity, supervisor, ingest=ingest)
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
 
         def readiness() -> dict[str, bool]:

@@ -31,7 +31,7 @@ from dxnode.schemas import (
     StudyDetail,
     StudyOut,
 )
-from dxnode.states import DeliveryState, JobState
+from dxnode.states import DeliveryState, JobState, Priority
 from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Study, utcnow
 
 
@@ -132,6 +132,7 @@ def job_out(job: Job, study_uid: str) -> JobOut:
         started_at=iso(job.started_at),
         finished_at=iso(job.finished_at),
         timings=dict(job.timings or {}),
+        priority=Priority(job.priority),
     )
 
 

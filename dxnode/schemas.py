@@ -8,11 +8,14 @@ Times are ISO 8601 UTC text ("...Z").
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dxnode.states import DeliveryState, JobState, Task
+from dxnode.states import DeliveryState, JobState, Priority, RequestState, Task
+from dxnode.uids import is_valid_uid
 
 
 class TableRow(BaseModel):
@@ -65,6 +68,7 @@ class JobOut(TableRow):
         "id",
         "study_instance_uid",
         "state",
+        "priority",
         "attempts",
         "routed_model",
         "model_name",
@@ -89,6 +93,7 @@ class JobOut(TableRow):
     started_at: str | None
     finished_at: str | None
     timings: dict[str, float] = {}  # seconds per stage of the last attempt (decode, model, ..., queued_to_done)
+    priority: Priority = Priority.MEDIUM  # STAT, HIGH, MEDIUM or LOW: claimed most urgent first
 
 
 class JobWithLog(JobOut):
@@ -348,3 +353,174 @@ class DashboardCounters(BaseModel):
     failed: int
     outbox_backlog: int
     outbox_failed: int
+
+
+_MATCHING = re.compile(r"[*?\\\x00-\x1f]")  # wildcards, a value separator, control characters
+
+
+def _exact(value: str, what: str, limit: int) -> str:
+    """value stripped; ValueError when it is too long or would match more than itself at the source."""
+    value = value.strip()
+    if len(value) > limit:
+        raise ValueError(f"{what} has more than {limit} characters")
+    if _MATCHING.search(value):
+        raise ValueError(f"{what} may not hold wildcards (* ?), backslashes or control characters")
+    return value
+
+
+class Identifiers(BaseModel):
+    """What a fetch looks for at its source: one study, the studies of an accession number, or a
+    patient's studies (those only: optionally of one modality, and on or after a date)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str = ""
+    accession_number: str = ""
+    patient_id: str = ""
+    modality: str = ""  # with patient_id: studies with a series of this modality
+    since: str = ""  # with patient_id: Study Date on or after this day (YYYYMMDD or YYYY-MM-DD)
+
+    @field_validator("study_instance_uid")
+    @classmethod
+    def _uid(cls, v: str) -> str:
+        v = v.strip()
+        if v and not is_valid_uid(v):
+            raise ValueError("not a valid DICOM UID")
+        return v
+
+    @field_validator("accession_number")
+    @classmethod
+    def _accession(cls, v: str) -> str:
+        return _exact(v, "accession_number", 16)
+
+    @field_validator("patient_id")
+    @classmethod
+    def _patient(cls, v: str) -> str:
+        return _exact(v, "patient_id", 64)
+
+    @field_validator("modality")
+    @classmethod
+    def _modality(cls, v: str) -> str:
+        return _exact(v, "modality", 16).upper()
+
+    @field_validator("since")
+    @classmethod
+    def _since(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return v
+        digits = v.replace("-", "")
+        try:
+            if not re.fullmatch(r"\d{8}", digits):
+                raise ValueError(digits)
+            day = dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+        except ValueError:
+            raise ValueError("since must be a date, YYYYMMDD or YYYY-MM-DD") from None
+        return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Identifiers:
+        keys = [k for k in ("study_instance_uid", "accession_number", "patient_id") if getattr(self, k)]
+        if len(keys) != 1:
+            raise ValueError("give exactly one of study_instance_uid, accession_number or patient_id")
+        if (self.modality or self.since) and not self.patient_id:
+            raise ValueError("modality and since narrow a patient_id only")
+        return self
+
+    def describe(self) -> str:
+        """The identifiers in words, e.g. 'accession A123' (logs, errors)."""
+        if self.study_instance_uid:
+            return f"study {self.study_instance_uid}"
+        if self.accession_number:
+            return f"accession {self.accession_number}"
+        extra = (f" modality {self.modality}" if self.modality else "") + (f" since {self.since}" if self.since else "")
+        return f"patient {self.patient_id}{extra}"
+
+
+# What an exact identifier may hold: no wildcards, backslashes or control characters, no outer spaces.
+_EXACT = r"^[^*?\\\x00-\x1f ]([^*?\\\x00-\x1f]*[^*?\\\x00-\x1f ])?$"
+
+
+class StudyRef(BaseModel):
+    """One study, by its Study Instance UID."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str = Field(min_length=1, max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class AccessionRef(BaseModel):
+    """The studies of an accession number."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accession_number: str = Field(min_length=1, max_length=16, pattern=_EXACT)
+
+
+class PatientRef(BaseModel):
+    """A patient's studies: optionally only those with a modality, and on or after a day."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str = Field(min_length=1, max_length=64, pattern=_EXACT)
+    modality: str = Field("", max_length=16, pattern=r"^[A-Za-z0-9_]*$")
+    since: dt.date | None = None
+
+
+class RequestIn(BaseModel):
+    """POST /api/requests: fetch studies from a source and analyse them (the identifiers: one of three shapes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=64)  # a [[sources]] name
+    identifiers: StudyRef | AccessionRef | PatientRef
+    model: str = Field("", max_length=64)  # a [[models]] name; empty: routed as usual
+    destinations: list[str] = []  # [[destinations]] names; empty: as configured
+    priority: Priority = Priority.MEDIUM
+
+    def fetch_identifiers(self) -> Identifiers:
+        """The identifiers as the request table keeps them."""
+        data: dict[str, Any] = self.identifiers.model_dump()
+        since = data.pop("since", None)
+        return Identifiers(**data, since=f"{since.year:04d}{since.month:02d}{since.day:02d}" if since else "")
+
+
+class RequestCreated(BaseModel):
+    """A request was recorded: its id and where to follow it."""
+
+    id: int
+    state: RequestState
+    url: str  # GET it for the state
+
+
+class RequestJob(BaseModel):
+    """A job a request queued, with links to its study and results."""
+
+    id: int
+    study_instance_uid: str
+    state: JobState
+    priority: Priority
+    links: dict[str, str]  # study: the study with its findings and outputs; results: its findings
+
+
+class RequestOut(BaseModel):
+    """A fetch request and how far it got."""
+
+    id: int
+    source: str
+    identifiers: Identifiers
+    model: str
+    destinations: list[str]
+    priority: Priority
+    state: RequestState  # done once every job it queued has ended
+    progress: str  # e.g. "retrieving 3 of 12", "queued 1 job(s)", "failed: ..."
+    retrieved: int
+    total: int
+    studies: list[str]
+    jobs: list[RequestJob]
+    attempts: int
+    error: str
+    actor: str
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None

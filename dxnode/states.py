@@ -54,3 +54,44 @@ class HeatmapFor(StrEnum):
     POSITIVE = "positive"  # each finding at or above its threshold
     TOP1 = "top1"  # the most probable finding, positive or not
     ALL = "all"  # every label
+
+
+class Priority(StrEnum):
+    """How urgent a job is (``job.priority``): job processes and the outbox take STAT first, then the oldest.
+
+    The names of DICOM's Requested Procedure Priority and UPS Scheduled Procedure Step Priority."""
+
+    STAT = "STAT"
+    HIGH = "HIGH"
+    MEDIUM = "MEDIUM"  # the default; a DICOM ROUTINE is MEDIUM
+    LOW = "LOW"
+
+    @property
+    def rank(self) -> int:
+        """0 for STAT up to 3 for LOW: the order claims take."""
+        return PRIORITY_ORDER.index(self)
+
+    @classmethod
+    def parse(cls, text: str) -> Priority:
+        """A priority from its name in any case, ROUTINE as MEDIUM; ValueError naming the choices."""
+        name = text.strip().upper()
+        if name == "ROUTINE":
+            return cls.MEDIUM
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a priority (STAT, HIGH, MEDIUM or LOW)") from None
+
+
+PRIORITY_ORDER = (Priority.STAT, Priority.HIGH, Priority.MEDIUM, Priority.LOW)
+
+
+class RequestState(StrEnum):
+    """The states of a fetch request (``request.state``); ``done`` is shown once its jobs have ended."""
+
+    PENDING = "pending"  # recorded, waiting for its source's fetcher (or for a retry after a failure)
+    QUERYING = "querying"  # C-FIND or QIDO-RS at the source
+    RETRIEVING = "retrieving"  # C-MOVE, C-GET or WADO-RS: n of m instances
+    QUEUED = "queued"  # every study retrieved and queued as a job
+    DONE = "done"  # its jobs have ended (shown by the read, never stored)
+    FAILED = "failed"  # refused (a bound), not found, or out of attempts: error says why

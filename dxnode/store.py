@@ -45,7 +45,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from dxnode.states import DeliveryState, InstanceState, JobState, OutputKind
+from dxnode.states import DeliveryState, InstanceState, JobState, OutputKind, Priority, RequestState
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
@@ -194,6 +194,12 @@ class Job(Base):
     not_before: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # retry backoff: not claimed before
     lost: Mapped[int] = mapped_column(Integer, default=0)  # times its worker stopped while running it
     supervisor: Mapped[str] = mapped_column(String(128), default="")  # host:pid that started its worker
+    # STAT first, then the oldest (worklist.queue.claim); the outbox sends a STAT job's outputs first too.
+    priority: Mapped[Priority] = mapped_column(
+        state_column(Priority, 8), default=Priority.MEDIUM, server_default="MEDIUM"
+    )
+    # [[destinations]] names its outputs go to (a fetch request's); [] = as configured (outbox.dispatch.enqueue)
+    destinations: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -293,6 +299,38 @@ class Delivery(Base):
     lease_heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class FetchRequest(Base):
+    """A request to fetch studies from a [[sources]] entry and analyse them (table ``request``).
+
+    Made by `dxnode fetch`, POST /api/requests or an order; carried out by its source's fetcher
+    (dxnode/sources/requests.py), retried after a backoff, and linked to the jobs it queued."""
+
+    __tablename__ = "request"
+    __table_args__ = (Index("ix_request_state_source", "state", "source"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))  # the [[sources]] name
+    # study_instance_uid, accession_number, patient_id, modality, since (schemas.Identifiers)
+    identifiers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model: Mapped[str] = mapped_column(String(64), default="")  # a [[models]] name; "" routes as usual
+    destinations: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[destinations]] names; [] = as usual
+    priority: Mapped[Priority] = mapped_column(state_column(Priority, 8), default=Priority.MEDIUM)
+    state: Mapped[RequestState] = mapped_column(state_column(RequestState, 16), default=RequestState.PENDING)
+    total: Mapped[int] = mapped_column(Integer, default=0)  # instances the source reported
+    retrieved: Mapped[int] = mapped_column(Integer, default=0)  # instances retrieved so far
+    studies: Mapped[list[Any]] = mapped_column(JSON, default=list)  # Study Instance UIDs found
+    job_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the jobs it queued
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # retry backoff
+    wait_until: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # keep looking for the study until then
+    error: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(128), default="")  # token name, "cli", an order's sender
+    worker: Mapped[str] = mapped_column(String(128), default="")  # host:pid carrying it out
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 
 
 class Audit(Base):

@@ -59,8 +59,8 @@ from dxnode.config import Destination, Settings
 from dxnode.outbox.dicomweb import StowClient
 from dxnode.schemas import OutboxChange
 from dxnode.states import DeliveryState
-from dxnode.store import Delivery, Output, Store, Study, audit, utcnow
-from dxnode.worklist.queue import process_gone, worker_id
+from dxnode.store import Delivery, Job, Output, Store, Study, audit, utcnow
+from dxnode.worklist.queue import process_gone, rank_of, worker_id
 
 log = logging.getLogger("dxnode.outbox.dispatch")
 
@@ -72,8 +72,11 @@ BATCH = 100
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-def destinations_for(settings: Settings, calling_aet: str) -> list[Destination]:
-    """Every destination not marked return_only, plus the sender's own entry when return_to_sender is on."""
+def destinations_for(settings: Settings, calling_aet: str, only: list[str] | None = None) -> list[Destination]:
+    """Every destination not marked return_only, plus the sender's own entry when return_to_sender is on;
+    with only (a fetch request's destinations), those configured destinations alone."""
+    if only:
+        return [d for d in settings.destinations if d.name in only]
     chosen = [d for d in settings.destinations if not d.return_only]
     if settings.dispatch.return_to_sender and calling_aet:
         chosen += [d for d in settings.destinations if d.ae_title == calling_aet and d not in chosen]
@@ -91,10 +94,12 @@ def not_configured(name: str) -> str:
 
 
 def enqueue(session: Session, output: Output, settings: Settings, calling_aet: str = "") -> list[Delivery]:
-    """A pending delivery per destination, by name; rows that already exist are kept as they are."""
+    """A pending delivery per destination (those its job names, if any), by name; rows that already exist are
+    kept as they are."""
     existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
+    only = session.scalar(select(Job.destinations).where(Job.id == output.job_id)) if output.job_id else None
     rows = []
-    for dest in destinations_for(settings, calling_aet):
+    for dest in destinations_for(settings, calling_aet, list(only or [])):
         row = existing.get(dest.name)
         if row is None:
             row = Delivery(
@@ -180,9 +185,9 @@ def _orphan_unconfigured(s: Session, settings: Settings) -> None:
 
 
 def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Leased]]:
-    """Lease the pending rows of every configured destination whose oldest pending row is due, in
-    creation order (a batch: at most BATCH oldest rows of one destination); orphan the rows of
-    destinations no longer configured."""
+    """Lease the pending rows of every configured destination whose oldest pending row is due, the
+    outputs of the most urgent jobs first, then in creation order (a batch: at most BATCH rows of one
+    destination); orphan the rows of destinations no longer configured."""
     me = worker_id()
     with store.session() as s:
         if store.dialect == "postgresql":
@@ -205,8 +210,9 @@ def _claim(store: Store, settings: Settings, now: dt.datetime) -> list[list[_Lea
             q = (
                 select(Delivery, Output)
                 .join(Output, Output.id == Delivery.output_id)
+                .outerjoin(Job, Job.id == Output.job_id)
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.destination == head.destination)
-                .order_by(Delivery.id)
+                .order_by(rank_of(Job.priority), Delivery.id)
                 .limit(BATCH)
             )
             if store.dialect == "postgresql":

@@ -1,8 +1,8 @@
 """The REST API, health and metrics endpoints; pages are added from dxnode.web.pages.
 
 Stable paths for scripts: /healthz, /readyz, /metrics, /api/studies, /api/jobs, /api/results,
-/api/outbox, /api/model, /api/predict (multipart field ``file``). Lists are JSON arrays with
-``limit``/``offset`` paging. Every read of patient data and every admin action is audited
+/api/outbox, /api/model, /api/predict (multipart field ``file``), /api/requests (dxnode.web.requests).
+Lists are JSON arrays with ``limit``/``offset`` paging. Every read of patient data and every admin action is audited
 (token name, action, client address).
 """
 
@@ -59,9 +59,10 @@ from dxnode.schemas import (
 )
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Store, audit
-from dxnode.web.auth import Principal, require_admin, require_read, require_store
+from dxnode.web.auth import Principal, require_admin, require_read, require_requester, require_store
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
+from dxnode.web.requests import requests_router
 from dxnode.web.security import SESSION_COOKIE, BodyGuard, BodyRule, CsrfGuard, SecureCookies, SecurityHeaders
 from dxnode.web.services import Readiness, Svc, WebServices, attach, given_receiver, own_receiver
 from dxnode.web.stow import stow_router
@@ -496,7 +497,7 @@ def create_app(
         f"body larger than [web] stow_max_body_mb = {settings.web.stow_max_body_mb}",
     )
     rules = {"/api/predict": upload, "/dicomweb/studies": stow, "/dicomweb/studies/{study}": stow}
-    gates = (require_admin, require_store, require_read)
+    gates = (require_admin, require_store, require_requester, require_read)
     app.add_middleware(BodyGuard, router=app.router, gates=gates, rules=rules, default=SMALL_BODY)
     app.add_middleware(CsrfGuard, trusted_origins=settings.web.trusted_origins)
     app.add_middleware(
@@ -513,6 +514,7 @@ def create_app(
 
     health_routes(app)
     app.include_router(api_router())
+    app.include_router(requests_router())
     app.include_router(stow_router())
     app.include_router(pages_router())
     # Starlette types handlers as taking any Exception; this one only ever gets LoginRequired

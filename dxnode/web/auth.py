@@ -1,7 +1,8 @@
 """Access control: bearer tokens from [[web.tokens]] with a role, or a login session.
 
 Every endpoint but /healthz needs a token: missing or wrong gives 401, a "read" token on an
-admin action gives 403. The web pages log in with the same token; the signed session cookie
+admin action gives 403. A "request" token reads like a "read" one and may also ask for fetches
+(POST /api/requests); a "store" token may only send studies by STOW-RS. The web pages log in with the same token; the signed session cookie
 carries a random key whose hash is a `web_session` row, so logging out revokes it server-side
 and it expires after [web] session_hours. Tokens are compared in constant time, and wrong ones
 are throttled per client address (LoginThrottle), valid ones never. The client address is the
@@ -178,4 +179,12 @@ def require_admin(request: Request) -> Principal:
     who = require_read(request)
     if not who.is_admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this action needs an admin token")
+    return who
+
+
+def require_requester(request: Request) -> Principal:
+    """Dependency: an admin or a "request" token, which may ask for fetches (401/403 otherwise)."""
+    who = require_read(request)
+    if who.role not in ("admin", "request"):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "making requests needs an admin or a 'request' token")
     return who

@@ -27,13 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import CursorResult, Result, or_, select, update
+from sqlalchemy import CursorResult, Result, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.states import JobState
+from dxnode.states import PRIORITY_ORDER, JobState, Priority
 from dxnode.store import Job, Store, Study, audit, utcnow
+from dxnode.worklist.priority import rule_priority
 
 log = logging.getLogger("dxnode.worklist.queue")
 
@@ -133,7 +134,9 @@ def rowcount(result: Result[Any]) -> int:
     return result.rowcount
 
 
-def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action: str) -> int | None:
+def _queue(
+    session: Session, settings: Settings, study: Study, seen: dt.datetime, actor: str, action: str
+) -> int | None:
     """Mark the study queued through ``seen`` and add a job unless one is already waiting."""
     claimed = rowcount(
         session.execute(
@@ -151,26 +154,77 @@ def _queue(session: Session, study: Study, seen: dt.datetime, actor: str, action
     )
     if waiting is not None:
         return waiting  # the queued job will read every instance (and route) when it runs
-    job_id = queued_job(session, study.id)
+    job_id = queued_job(session, study.id, priority=rule_priority(settings, session, study))
     audit(session, actor, action, target=f"job:{job_id}", study_id=study.id)
     return job_id
 
 
-def queued_job(session: Session, study_id: int, routed_model: str = "") -> int:
+def queued_job(session: Session, study_id: int, routed_model: str = "", priority: Priority | None = None) -> int:
     """The study's waiting job for routed_model, or a new queued one: every job is made here.
 
     A queued job reads every instance when it runs. "" is an unrouted job, which routes the study
     when it runs (the receiver and the sweep queue only those: a job queued for one model would miss
-    the others); routing queues one per further [[models]] entry the study matches."""
+    the others); routing queues one per further [[models]] entry the study matches. priority None:
+    that of the study's newest job (so routed jobs keep their study's), else MEDIUM; a waiting job
+    is only ever raised."""
+    if priority is None:
+        newest = session.scalar(select(Job.priority).where(Job.study_id == study_id).order_by(Job.id.desc()).limit(1))
+        priority = Priority(newest) if newest is not None else Priority.MEDIUM
     waiting = session.scalar(
-        select(Job.id).where(Job.study_id == study_id, Job.state == JobState.QUEUED, Job.routed_model == routed_model)
+        select(Job).where(Job.study_id == study_id, Job.state == JobState.QUEUED, Job.routed_model == routed_model)
     )
     if waiting is not None:
-        return int(waiting)
-    job = Job(study_id=study_id, state=JobState.QUEUED, routed_model=routed_model)
+        if priority.rank < Priority(waiting.priority).rank:
+            waiting.priority = priority
+        return int(waiting.id)
+    job = Job(study_id=study_id, state=JobState.QUEUED, routed_model=routed_model, priority=priority)
     session.add(job)
     session.flush()
     return job.id
+
+
+def queue_retrieved(
+    session: Session,
+    study_instance_uid: str,
+    actor: str,
+    priority: Priority,
+    routed_model: str = "",
+    destinations: list[str] | None = None,
+) -> int:
+    """Queue a study a fetch has just retrieved, at once (no quiet time); returns the job id.
+    destinations: the only [[destinations]] its outputs go to (None or []: as configured).
+
+    A study with no instance since its newest job (the same study fetched again) gets no new job:
+    that job's id comes back (its priority raised while it waits), so nothing is analysed or sent twice."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        raise LookupError(f"no study with Study Instance UID {study_instance_uid!r}")
+    covered = study.queued_through is not None and study.queued_through >= study.last_received_at
+    if covered and not study.ignored:
+        newest = session.scalar(
+            select(Job)
+            .where(Job.study_id == study.id, Job.routed_model == routed_model, Job.state != JobState.FAILED)
+            .order_by(Job.id.desc())
+            .limit(1)
+        )
+        if newest is not None:
+            if newest.state == JobState.QUEUED and priority.rank < Priority(newest.priority).rank:
+                newest.priority = priority
+            return int(newest.id)
+    study.ignored = False
+    study.queued_through = study.last_received_at
+    job_id = queued_job(session, study.id, routed_model, priority)
+    if destinations:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.destinations = sorted(set(job.destinations or []) | set(destinations))
+    audit(session, actor, "job.queued", target=f"job:{job_id}", study_id=study.id, priority=priority)
+    return job_id
+
+
+def rank_of(column: Any) -> Any:
+    """SQL for a priority column's rank (0 = STAT): claims order by it, then by age."""
+    return case({p.value: p.rank for p in PRIORITY_ORDER}, value=column, else_=Priority.MEDIUM.rank)
 
 
 def sweep(
@@ -202,7 +256,7 @@ def sweep(
             study = session.get(Study, study_id)
             if study is None:
                 continue
-            job_id = _queue(session, study, last, "system", "job.queued")
+            job_id = _queue(session, settings, study, last, "system", "job.queued")
         if job_id is not None:
             queued.append(job_id)
     if queued:
@@ -251,7 +305,8 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
 
 
 def claim(store: Store, worker: str | None = None, now: dt.datetime | None = None, supervisor: str = "") -> int | None:
-    """Atomically take the oldest due queued job for this worker (counting the attempt); None if none.
+    """Atomically take the most urgent, then oldest, due queued job for this worker (counting the
+    attempt); None if none.
 
     supervisor: the worker id of the process that started this worker, if any (see recover)."""
     worker = worker or worker_id()
@@ -260,7 +315,7 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
         q = (
             select(Job.id)
             .where(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now))
-            .order_by(Job.id)
+            .order_by(rank_of(Job.priority), Job.id)
             .limit(1)
         )
         if store.dialect == "postgresql":
