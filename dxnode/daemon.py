@@ -107,6 +107,10 @@ def _start_scheduler(
         from dxnode.outbox import dispatch
 
         dispatch.schedule(scheduler, store, settings)
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.hl7 import results as hl7_results
+
+    hl7_results.schedule(scheduler, store, settings, results=settings.worklist.run_jobs, orders=sweep)
     scheduler.start()
     return scheduler
 
@@ -159,6 +163,8 @@ def listen_addresses(settings: Settings, web: bool, dicom: bool = True) -> list[
             parts.append(("dicom-tls", node.host, node.tls_port))
     if web:
         parts.append(("web", settings.web.host, settings.web.port))
+    if dicom and settings.hl7.enabled:
+        parts.append(("hl7", settings.hl7.host, settings.hl7.port))
     return parts
 
 
@@ -226,10 +232,12 @@ def _scheduler_failure(scheduler: BackgroundScheduler) -> tuple[str, str] | None
     return None
 
 
-def _part_checks(scp: Any, scheduler: Any, supervisor: Any, server: Any) -> list[Check]:
+def _part_checks(scp: Any, scheduler: Any, supervisor: Any, server: Any, hl7: Any = None) -> list[Check]:
     checks: list[Check] = []
     if scp is not None:
         checks.append(scp.failure)
+    if hl7 is not None:
+        checks.append(hl7.failure)
     if scheduler is not None:
         checks.append(lambda: _scheduler_failure(scheduler))
     if supervisor is not None:
@@ -266,13 +274,22 @@ def _start_jobs(settings: Settings, store: Store, log_level: str) -> Any:
 
 
 def _stop(
-    settings: Settings, started: float, scp: Any, scheduler: Any, supervisor: Any, server: Any, store: Store | None
+    settings: Settings,
+    started: float,
+    scp: Any,
+    scheduler: Any,
+    supervisor: Any,
+    server: Any,
+    store: Store | None,
+    hl7: Any = None,
 ) -> None:
-    """Stop in order within stop_timeout_seconds of started: listener, scheduler, jobs, web (each if started)."""
+    """Stop in order within stop_timeout_seconds of started: listeners, scheduler, jobs, web (each if started)."""
     deadline = started + settings.node.stop_timeout_seconds
     _exit_by(deadline - 0.3)
     if scp is not None:
         scp.stop()
+    if hl7 is not None:
+        hl7.stop()
     if scheduler is not None and scheduler.running:
         scheduler.shutdown(wait=False)
     if supervisor is not None:
@@ -310,7 +327,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     from dxnode.scp import StorageSCP
     from dxnode.worklist import queue
 
-    store = scp = scheduler = supervisor = server = None
+    store = scp = scheduler = supervisor = server = hl7 = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
@@ -329,6 +346,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
             + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
             flush=True,
         )
+        hl7 = _start_hl7(settings, store)
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, ingest.activity, supervisor)
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
@@ -341,20 +359,33 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
 
         server = _start_web(settings, store, readiness, ingest, metrics_dir, registry=models) if web_on else None
     except StartError as exc:
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
         return _refused("serve", exc, EXIT_START)
     except BaseException:  # an unforeseen error (or Ctrl-C) while starting: nothing may keep running
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
         raise
     try:
-        failed = _watch(_part_checks(scp, scheduler, supervisor, server))
+        failed = _watch(_part_checks(scp, scheduler, supervisor, server, hl7))
     finally:
         log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
     if failed is not None:
         return _refused("serve", failed, EXIT_PART_DIED)
     _forget(metrics_dir)
     return 0
+
+
+def _start_hl7(settings: Settings, store: Store) -> Any:
+    """The [hl7] MLLP listener, started, when it is enabled (StartError naming "hl7" when it cannot bind)."""
+    if not settings.hl7.enabled:
+        return None
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.hl7.inbound import make_listener
+
+    listener = make_listener(store, settings)
+    listener.start()
+    print(f"dxnode HL7: MLLP listening on {settings.hl7.host}:{listener.port}", flush=True)
+    return listener
 
 
 def _model(settings: Settings, registry: ModelRegistry) -> Classifier:

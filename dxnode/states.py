@@ -54,3 +54,27 @@ class HeatmapFor(StrEnum):
     POSITIVE = "positive"  # each finding at or above its threshold
     TOP1 = "top1"  # the most probable finding, positive or not
     ALL = "all"  # every label
+
+
+class Priority(StrEnum):
+    """How urgent a piece of work is (an HL7 order's ORC-7/TQ1-9, a rule's choice), highest first."""
+
+    STAT = "stat"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+class OrderState(StrEnum):
+    """The states of an HL7 order (``hl7_order.state``); see dxnode/hl7/orders.py."""
+
+    PENDING = "pending"  # recorded; not yet handed to the fetch stage (dxnode.sources)
+    REQUESTED = "requested"  # handed to the fetch stage, which polls the source for the study
+    CANCELLED = "cancelled"  # the placer cancelled it (ORC-1 CA, OC, DC)
+
+
+class Hl7ResultKind(StrEnum):
+    """How a result goes to an [[hl7.destinations]] entry (``hl7_result.kind``)."""
+
+    ORU = "oru"  # an HL7 v2 ORU^R01 over MLLP
+    FHIR = "fhir"  # a FHIR transaction Bundle: a DiagnosticReport and its Observations
