@@ -1,15 +1,16 @@
 """`dxnode serve` and `dxnode worker`: start the stages of the data path and stop them cleanly.
 
-serve: the SCP receives on its own threads (pynetdicom); one APScheduler BackgroundScheduler runs
-the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
-thread; jobs run in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
+serve: the SCP receives on its own threads (pynetdicom), and so does the HL7 MLLP listener with
+[hl7] enabled (dxnode/hl7/); one APScheduler BackgroundScheduler runs the stable-study sweep, the
+recovery sweep and the outboxes (DICOM, HL7); uvicorn serves the web stage on a thread; jobs run
+in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
 and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
 
 Every process of a node counts into one prometheus_client multiprocess folder,
 data_dir/metrics/HOSTNAME-PID (share_metrics), so /metrics shows the job processes' counters too.
 
-The node starts whole or exits: every listen address (DICOM, DICOM TLS, web) is bound once before
+The node starts whole or exits: every listen address (DICOM, DICOM TLS, HL7, web) is bound once before
 the database opens and the model loads, and a part that cannot start stops the parts already
 started; the process then exits with status 2 (EXIT_START) after one line on stderr naming the part
 and the cause, e.g. ``dxnode serve: web: 127.0.0.1:8080 is in use (another dxnode?)``. While it
