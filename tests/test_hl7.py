@@ -200,6 +200,14 @@ def test_latin1_declared_in_msh18_is_read(node: tuple[MllpListener, Store, Setti
     assert orders(store)[0].accession_number == "ACC1"
 
 
+def test_segments_ended_by_lf_or_crlf_are_read(node: tuple[MllpListener, Store, Settings]) -> None:
+    listener, store, _ = node
+    with MLLPClient("127.0.0.1", listener.port) as client:
+        assert msa(answer(client, orm().replace("\r", "\n")))[0] == "AA"
+        assert msa(answer(client, omi().replace("\r", "\r\n")))[0] == "AA"
+    assert [o.accession_number for o in orders(store)] == ["ACC1", "ACC2"]
+
+
 def test_a_frame_cut_short_by_the_next_one_is_answered_and_the_next_is_read(
     node: tuple[MllpListener, Store, Settings],
 ) -> None:

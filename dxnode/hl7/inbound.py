@@ -42,6 +42,11 @@ def _charset(name: str) -> str:
     raise Refusal("AR", 102, f"MSH-18 character set {name[:20]!r} is not supported (UNICODE UTF-8, 8859/n, ASCII)")
 
 
+def first_segment(data: bytes) -> str:
+    """The first segment of a message (up to its CR or LF), as Latin-1 text: enough to read its header."""
+    return data.lstrip().split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+
+
 def _segments(text: str) -> list[str]:
     """The segments of a message, whatever line ends the sender used (CR, LF or CRLF), blank ones dropped."""
     return [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s.strip()]
@@ -61,7 +66,7 @@ def _check_structure(segments: list[str], max_field: int) -> None:
 
 def check(data: bytes, settings: Settings) -> tuple[Header, hl7.Message]:
     """The header and parsed message of a frame's content; Refusal (AE or AR, with the reason) when it cannot be used."""
-    first = data.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1").lstrip()
+    first = first_segment(data)
     header = read_header(first)
     if not first.startswith("MSH"):
         raise Refusal("AR", 100, "not an HL7 message: it does not start with an MSH segment")
@@ -112,7 +117,7 @@ def _act(store: Store, settings: Settings, header: Header, msg: hl7.Message) -> 
 
 def answer(store: Store, settings: Settings, got: Frame, peer: str = "") -> bytes:
     """The ACK of one frame (the listener's handler): never raises, whatever the frame holds."""
-    header = read_header(got.data.split(b"\r", 1)[0].decode("latin-1", "replace").lstrip())
+    header = read_header(first_segment(got.data))
     code: AckCode = "AA"
     error: int | None = None
     location = ""
