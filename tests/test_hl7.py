@@ -93,9 +93,9 @@ def answer(client: MLLPClient, message: str | bytes) -> hl7.Message:
 
 
 def msa(ack: hl7.Message) -> tuple[str, str, str]:
-    """MSA-1 (code), MSA-2 (the message's control id), MSA-3 (the reason)."""
+    """MSA-1 (code), MSA-2 (the message's control id), MSA-3 (the reason, unescaped)."""
     seg = ack.segment("MSA")
-    return str(seg(1)), str(seg(2)), str(seg(3))
+    return str(seg(1)), str(seg(2)), ack.unescape(str(seg(3)))
 
 
 def error_code(ack: hl7.Message) -> str:
