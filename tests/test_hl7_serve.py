@@ -19,7 +19,7 @@ ORDER = "\r".join(
         "MSH|^~\\&|RIS|HOSP|DXNODE|AI|20260101120000||ORM^O01|ORD1|P|2.3",
         "PID|1||PAT-E2E^^^HOSP||Test^Patient",
         "ORC|NW|PL1|FI1||||^^^^^S",
-        "OBR|1|PL1|FI1|CTCHEST^CT chest^L|||||||||||||ACC123||||||CT",
+        "|".join(["OBR", "1", "PL1", "FI1", "CTCHEST^CT chest^L", *[""] * 13, "ACC123", *[""] * 5, "CT"]),
     ]
 )
 
@@ -54,10 +54,13 @@ def test_an_ordered_study_comes_back_as_an_oru(tmp_path: Path) -> None:
         node.wait_for(rf"dxnode HL7: MLLP listening on 127.0.0.1:{hl7_port}")
         with MLLPClient("127.0.0.1", hl7_port) as client:
             ack = hl7.parse(client.send_message(ORDER).strip(SB + EB + CR).decode())
-        assert str(ack.segment("MSA")(1)) == "AA", str(ack)
+        assert str(ack.segment("MSA")(1)) == "AA" and "order 1 to fetch from pacs" in str(ack), str(ack)
         _, files = make_study(tmp_path / "study", n=2)  # accession number ACC123, as ordered
         storescu(node.port, files)
-        wait_until(lambda: receiver.messages, timeout=120, what="an ORU^R01 at the HL7 receiver")
+        try:
+            wait_until(lambda: receiver.messages, timeout=120, what="an ORU^R01 at the HL7 receiver")
+        except AssertionError:
+            raise AssertionError("no ORU^R01; node output:\n" + "\n".join(node.lines[-60:])) from None
     finally:
         node.stop()
         receiver.stop()
