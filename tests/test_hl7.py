@@ -4,6 +4,7 @@ malformed ones included, and a bad message never costs the next one on the same 
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import types
@@ -16,7 +17,7 @@ import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import select
 
-from dxnode.config import Settings
+from dxnode.config import ConfigError, Settings, load_settings
 from dxnode.hl7.inbound import make_listener
 from dxnode.hl7.mllp import CR, EB, SB, MllpListener
 from dxnode.hl7.orders import NO_FETCH_STAGE
@@ -257,3 +258,37 @@ def test_a_database_failure_answers_ae_so_the_sender_retries(node: tuple[MllpLis
         assert (msa(ack)[0], error_code(ack)) == ("AE", "207")
         assert "send it again" in msa(ack)[2]
         assert msa(answer(client, orm(code="MRKNEE")))[0] == "AA"  # the listener goes on
+
+
+def test_hl7_settings_refuse_what_cannot_work(tmp_path: Path) -> None:
+    cfg = tmp_path / "dxnode.toml"
+    for body, words in [
+        ('[[hl7.rules]]\nsource = "pacs"', "give procedure_codes or modalities"),
+        ('[[hl7.destinations]]\nname = "ris"\nhost = "ris"', "needs host and port"),
+        ('[[hl7.destinations]]\nname = "f"\nkind = "fhir"\nurl = "ftp://x"', "url must be an http(s) URL"),
+        (
+            '[[hl7.destinations]]\nname = "f"\nkind = "fhir"\nurl = "http://fhir.example/r4"\nsecret_env = "T"',
+            "plain http",
+        ),
+    ]:
+        cfg.write_text(body + "\n")
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_settings(cfg)
+
+
+def test_connections_over_max_connections_are_closed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'dxnode.db'}"
+    upgrade(url)
+    settings = Settings(database={"url": url}, hl7={"host": "127.0.0.1", "port": 0, "max_connections": 1})
+    store = Store(url)
+    listener = make_listener(store, settings)
+    listener.start()
+    try:
+        with MLLPClient("127.0.0.1", listener.port) as first:
+            assert msa(answer(first, orm(code="MRKNEE")))[0] == "AA"
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as second:
+                assert second.recv(10) == b""  # closed at once
+            assert msa(answer(first, orm(code="MRKNEE", control="M2")))[0] == "AA"
+    finally:
+        listener.stop()
+        store.dispose()
