@@ -214,3 +214,40 @@ def test_a_fhir_server_refusing_the_bundle_fails_it_for_good(store: Store, tmp_p
     finally:
         server.stop()
     assert row.attempts == 1 and row.http_status == 422 and "HTTP 422" in row.last_error
+
+
+def test_a_study_analysed_again_goes_out_as_a_correction(store: Store, tmp_path: Path) -> None:
+    receiver = Hl7Receiver(["AA"])
+    try:
+        settings = settings_for(store, tmp_path, {"name": "ris", "host": "127.0.0.1", "port": receiver.port})
+        first = done_job(store)
+        results.enqueue(store, settings, first)
+        send_until(store, settings, DeliveryState.SENT)
+        with store.session() as s:
+            old = s.get(Job, first)
+            assert old is not None
+            again = Job(study_id=old.study_id, state=JobState.DONE, model_name="demo", model_version="1")
+            s.add(again)
+            s.flush()
+            s.add(
+                FindingRow(
+                    job_id=again.id,
+                    study_id=old.study_id,
+                    label="Effusion",
+                    probability=0.2,
+                    threshold=0.5,
+                    positive=False,
+                    model_name="demo",
+                    model_version="1",
+                )
+            )
+            second = again.id
+        results.enqueue(store, settings, second)
+        wait = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
+        while len(receiver.messages) < 2 and dt.datetime.now(dt.UTC) < wait:
+            results.send_due(store, settings)
+    finally:
+        receiver.stop()
+    first_oru, second_oru = receiver.messages
+    assert first_oru["OBR.F25"] == "F" and second_oru["OBR.F25"] == "C"
+    assert [str(seg(11)) for seg in second_oru.segments("OBX")] == ["C", "C"]

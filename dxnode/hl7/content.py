@@ -5,8 +5,10 @@ number in OBR-18), an NTE saying the result is AI-generated (and from an untrain
 is), one OBX per finding and one with the Study Instance UID (113014, DCM). A finding's OBX: value type
 NM, OBX-3 the label (coding system 99DXNODE), OBX-5 the probability, OBX-6 unit "1" (UCUM), OBX-7 the
 reference range ``<threshold``, OBX-8 ``A`` when at or above the threshold (positive) else ``N``,
-OBX-11 ``F``, OBX-17 the AI-generated flag ``AIAST`` (HL7 v3 ObservationValue "Artificial Intelligence
-asserted", the code FHIR puts in meta.security) and OBX-18 the model's name and version.
+OBX-11 ``F`` (``C`` here and in OBR-25 when an earlier job's result for the study went to the same
+destination: the study was analysed again), OBX-17 the AI-generated flag ``AIAST`` (HL7 v3
+ObservationValue "Artificial Intelligence asserted", the code FHIR puts in meta.security) and
+OBX-18 the model's name and version.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from dxnode.config import Hl7Destination, Settings
 from dxnode.hl7.v2 import escape, msh, timestamp
-from dxnode.store import FindingRow, Hl7Order, Job, Study
+from dxnode.states import DeliveryState
+from dxnode.store import FindingRow, Hl7Order, Hl7Result, Job, Study
 
 LABEL_SYSTEM = "99DXNODE"  # the coding system of the labels: local to the model (HL7 "99zzz")
 AI_FLAG = "AIAST^Artificial Intelligence asserted^v3-ObservationValue"
@@ -55,6 +58,12 @@ class Report:
     filler_order: str = ""
     procedure_code: str = ""
     procedure_text: str = ""
+    corrected: bool = False  # an earlier job's result for this study already went to this destination
+
+    @property
+    def status(self) -> str:
+        """OBR-25 and OBX-11: F (final), or C (corrected) for a study analysed again."""
+        return "C" if self.corrected else "F"
 
     @property
     def disclaimer(self) -> str:
@@ -65,8 +74,9 @@ class Report:
         return text
 
 
-def load_report(session: Session, job_id: int, order_id: int | None) -> Report | None:
-    """The report of a job (None when the job or its study is gone)."""
+def load_report(session: Session, job_id: int, order_id: int | None, destination: str = "") -> Report | None:
+    """The report of a job (None when the job or its study is gone); corrected when an earlier job's
+    result for the same study was sent to destination."""
     job = session.get(Job, job_id)
     study = session.get(Study, job.study_id) if job is not None else None
     if job is None or study is None:
@@ -74,6 +84,17 @@ def load_report(session: Session, job_id: int, order_id: int | None) -> Report |
     rows = session.scalars(select(FindingRow).where(FindingRow.job_id == job_id).order_by(FindingRow.rank)).all()
     order = session.get(Hl7Order, order_id) if order_id is not None else None
     first = rows[0] if rows else None
+    earlier = session.scalar(
+        select(Hl7Result.id)
+        .join(Job, Job.id == Hl7Result.job_id)
+        .where(
+            Job.study_id == study.id,
+            Hl7Result.job_id != job_id,
+            Hl7Result.destination == destination,
+            Hl7Result.state == DeliveryState.SENT,
+        )
+        .limit(1)
+    )
     return Report(
         job_id=job_id,
         study_instance_uid=study.study_instance_uid,
@@ -90,6 +111,7 @@ def load_report(session: Session, job_id: int, order_id: int | None) -> Report |
         filler_order=order.filler_order if order else "",
         procedure_code=order.procedure_code if order else "",
         procedure_text=order.procedure_text if order else "",
+        corrected=earlier is not None,
     )
 
 
@@ -108,7 +130,7 @@ def to_oru(report: Report, settings: Settings, dest: Hl7Destination, control: st
     placer, filler = escape(report.placer_order), escape(report.filler_order or report.accession_number)
     modality = escape(report.modalities.split("\\")[0])
     obr = ["OBR", "1", placer, filler, service, "", "", when] + [""] * 10 + [escape(report.accession_number)]
-    obr += ["", "", "", when, "", modality, "F"]  # OBR-22 report time, OBR-24 modality, OBR-25 final
+    obr += ["", "", "", when, "", modality, report.status]  # OBR-22 report time, OBR-24 modality, OBR-25
     segments = [
         msh(
             h.sending_application,
@@ -129,8 +151,8 @@ def to_oru(report: Report, settings: Settings, dest: Hl7Destination, control: st
         label = escape(f.label)
         segments.append(
             f"OBX|{n}|NM|{label}^{label}^{LABEL_SYSTEM}|{n}|{_number(f.probability)}|1^^UCUM|<{_number(f.threshold)}"
-            f"|{'A' if f.positive else 'N'}|||F|||{when}|||{AI_FLAG}|{equipment}"
+            f"|{'A' if f.positive else 'N'}|||{report.status}|||{when}|||{AI_FLAG}|{equipment}"
         )
     n = len(report.findings) + 1
-    segments.append(f"OBX|{n}|ST|{STUDY_UID_CODE}||{escape(report.study_instance_uid)}||||||F")
+    segments.append(f"OBX|{n}|ST|{STUDY_UID_CODE}||{escape(report.study_instance_uid)}||||||{report.status}")
     return "\r".join(segments) + "\r"

@@ -49,7 +49,7 @@ def _observation(report: Report, label: str, probability: float, threshold: floa
     return {
         "resourceType": "Observation",
         "meta": {"security": [AI_FLAG]},
-        "status": "final",
+        "status": "corrected" if report.corrected else "final",
         "category": [
             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging"}]}
         ],
@@ -87,7 +87,7 @@ def _report(report: Report, results: list[str]) -> dict[str, Any]:
         "resourceType": "DiagnosticReport",
         "meta": {"security": [AI_FLAG]},
         "identifier": identifiers,
-        "status": "final",
+        "status": "corrected" if report.corrected else "final",
         "category": [_CATEGORY],
         "code": code,
         "subject": _subject(report),

@@ -165,7 +165,7 @@ def _attempt(store: Store, settings: Settings, row_id: int) -> Outcome:
         if row is None:
             return Outcome(False, "the row is gone", permanent=True)
         dest = next((d for d in settings.hl7.destinations if d.name == row.destination), None)
-        report = load_report(s, row.job_id, row.order_id)
+        report = load_report(s, row.job_id, row.order_id, row.destination)
         control = row.control_id
     if dest is None or report is None:
         return Outcome(False, "its destination or its job is gone", permanent=True)
