@@ -477,6 +477,85 @@ class Source(Section):
         return self
 
 
+# HL7 versions whose ORM^O01 and OMI^O23 the listener reads (MSH-12); others get AR (HL7 error 203).
+HL7_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9")
+
+
+class Hl7Rule(Section):
+    """[[hl7.rules]]: an order whose procedure code (OBR-4) or modality (IPC-5, OBR-24) is listed triggers a
+    fetch by accession number from the [[sources]] entry named source."""
+
+    name: str = ""
+    procedure_codes: list[str] = []  # OBR-4.1 (Universal Service Identifier) values
+    modalities: list[str] = []  # IPC-5 (OMI^O23) or OBR-24 (Diagnostic Service Section) values
+    source: str = Field(min_length=1, max_length=64)
+    priority: Literal["", "stat", "high", "medium", "low"] = ""  # "": the order's own (ORC-7.6 / TQ1-9), else medium
+    wait_minutes: float | None = Field(None, gt=0)  # None: [hl7] wait_minutes
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> Hl7Rule:
+        if not self.procedure_codes and not self.modalities:
+            raise ValueError(f"rule {self.name or self.source!r}: give procedure_codes or modalities (or both)")
+        return self
+
+
+class Hl7Destination(Section):
+    """[[hl7.destinations]]: where results go as an ORU^R01 over MLLP, or as a FHIR DiagnosticReport."""
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["mllp", "fhir"] = "mllp"
+    host: str = ""  # mllp
+    port: int = Field(0, ge=0, le=65535)  # mllp
+    receiving_application: str = ""  # mllp: MSH-5
+    receiving_facility: str = ""  # mllp: MSH-6
+    # fhir: the base URL the transaction Bundle is POSTed to; the bearer token is read from the
+    # environment variable named by secret_env at send time and never logged.
+    url: str = ""
+    secret_env: str = ""
+    # ordered: results of studies an HL7 order asked for (same accession number); all: every result.
+    studies: Literal["ordered", "all"] = "ordered"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Hl7Destination:
+        if self.kind == "mllp" and (not self.host or not self.port):
+            raise ValueError(f"hl7 destination {self.name!r}: an mllp destination needs host and port")
+        if self.kind == "fhir":
+            url = urlsplit(self.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"hl7 destination {self.name!r}: url must be an http(s) URL, got {self.url!r}")
+            loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+            if self.secret_env and url.scheme == "http" and not loopback:
+                raise ValueError(f"hl7 destination {self.name!r}: a token over plain http; use an https url")
+        return self
+
+
+class Hl7Settings(Section):
+    """[hl7]: HL7 v2 orders in over MLLP (ORM^O01, OMI^O23), results out (ORU^R01, FHIR)."""
+
+    enabled: bool = False  # run the MLLP listener in `dxnode serve`
+    host: str = "0.0.0.0"
+    port: int = Field(2575, ge=0, le=65535)
+    sending_application: str = "DXNODE"  # MSH-3 of the node's ACKs and ORUs
+    sending_facility: str = ""  # MSH-4
+    allowed_sending_applications: list[str] = []  # MSH-3.1 values; empty = any
+    allowed_sending_facilities: list[str] = []  # MSH-4.1 values; empty = any
+    max_message_kb: int = Field(1024, ge=1)  # a larger message gets AR, and the next one is read
+    max_field_chars: int = Field(16384, ge=64)  # a message with a longer field gets AE
+    max_connections: int = Field(10, ge=1)
+    idle_timeout_seconds: float = Field(300, gt=0)  # a connection silent this long is closed
+    wait_minutes: float = Field(60, gt=0)  # how long the fetch stage polls the source for an ordered study
+    rules: list[Hl7Rule] = []
+    destinations: list[Hl7Destination] = []
+
+    @field_validator("destinations")
+    @classmethod
+    def _names(cls, values: list[Hl7Destination]) -> list[Hl7Destination]:
+        names = [d.name for d in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[hl7.destinations]] names must be unique: {names}")
+        return values
+
+
 class Settings(BaseSettings):
     """The whole configuration of a node."""
 
@@ -494,6 +573,8 @@ class Settings(BaseSettings):
     web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
     sources: list[Source] = []
+
+    hl7: Hl7Settings = Hl7Settings()
     source: str = ""  # the file this configuration was read from (set by load_settings)
 
     @classmethod

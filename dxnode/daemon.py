@@ -1,15 +1,16 @@
 """`dxnode serve` and `dxnode worker`: start the stages of the data path and stop them cleanly.
 
-serve: the SCP receives on its own threads (pynetdicom); one APScheduler BackgroundScheduler runs
-the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
-thread; jobs run in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
+serve: the SCP receives on its own threads (pynetdicom), and so does the HL7 MLLP listener with
+[hl7] enabled (dxnode/hl7/); one APScheduler BackgroundScheduler runs the stable-study sweep, the
+recovery sweep and the outboxes (DICOM, HL7); uvicorn serves the web stage on a thread; jobs run
+in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
 and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
 
 Every process of a node counts into one prometheus_client multiprocess folder,
 data_dir/metrics/HOSTNAME-PID (share_metrics), so /metrics shows the job processes' counters too.
 
-The node starts whole or exits: every listen address (DICOM, DICOM TLS, web) is bound once before
+The node starts whole or exits: every listen address (DICOM, DICOM TLS, HL7, web) is bound once before
 the database opens and the model loads, and a part that cannot start stops the parts already
 started; the process then exits with status 2 (EXIT_START) after one line on stderr naming the part
 and the cause, e.g. ``dxnode serve: web: 127.0.0.1:8080 is in use (another dxnode?)``. While it
@@ -121,6 +122,10 @@ def _start_scheduler(
         from dxnode.sources import fetch
 
         fetch.schedule(scheduler, store, settings, ingest)
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.hl7 import results as hl7_results
+
+    hl7_results.schedule(scheduler, store, settings, results=settings.worklist.run_jobs, orders=sweep)
     scheduler.start()
     return scheduler
 
@@ -173,6 +178,8 @@ def listen_addresses(settings: Settings, web: bool, dicom: bool = True) -> list[
             parts.append(("dicom-tls", node.host, node.tls_port))
     if web:
         parts.append(("web", settings.web.host, settings.web.port))
+    if dicom and settings.hl7.enabled:
+        parts.append(("hl7", settings.hl7.host, settings.hl7.port))
     return parts
 
 
@@ -240,10 +247,12 @@ def _scheduler_failure(scheduler: BackgroundScheduler) -> tuple[str, str] | None
     return None
 
 
-def _part_checks(scp: Any, scheduler: Any, supervisor: Any, server: Any) -> list[Check]:
+def _part_checks(scp: Any, scheduler: Any, supervisor: Any, server: Any, hl7: Any = None) -> list[Check]:
     checks: list[Check] = []
     if scp is not None:
         checks.append(scp.failure)
+    if hl7 is not None:
+        checks.append(hl7.failure)
     if scheduler is not None:
         checks.append(lambda: _scheduler_failure(scheduler))
     if supervisor is not None:
@@ -280,13 +289,22 @@ def _start_jobs(settings: Settings, store: Store, log_level: str) -> Any:
 
 
 def _stop(
-    settings: Settings, started: float, scp: Any, scheduler: Any, supervisor: Any, server: Any, store: Store | None
+    settings: Settings,
+    started: float,
+    scp: Any,
+    scheduler: Any,
+    supervisor: Any,
+    server: Any,
+    store: Store | None,
+    hl7: Any = None,
 ) -> None:
-    """Stop in order within stop_timeout_seconds of started: listener, scheduler, jobs, web (each if started)."""
+    """Stop in order within stop_timeout_seconds of started: listeners, scheduler, jobs, web (each if started)."""
     deadline = started + settings.node.stop_timeout_seconds
     _exit_by(deadline - 0.3)
     if scp is not None:
         scp.stop()
+    if hl7 is not None:
+        hl7.stop()
     if scheduler is not None and scheduler.running:
         scheduler.shutdown(wait=False)
     if supervisor is not None:
@@ -324,7 +342,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     from dxnode.scp import StorageSCP
     from dxnode.worklist import queue, routing
 
-    store = scp = scheduler = supervisor = server = None
+    store = scp = scheduler = supervisor = server = hl7 = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
@@ -343,6 +361,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
             + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
             flush=True,
         )
+        hl7 = _start_hl7(settings, store)
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, ingest.activity, supervisor, ingest=ingest)
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
@@ -355,20 +374,33 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
 
         server = _start_web(settings, store, readiness, ingest, metrics_dir, registry=models) if web_on else None
     except StartError as exc:
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
         return _refused("serve", exc, EXIT_START)
     except BaseException:  # an unforeseen error (or Ctrl-C) while starting: nothing may keep running
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
         raise
     try:
-        failed = _watch(_part_checks(scp, scheduler, supervisor, server))
+        failed = _watch(_part_checks(scp, scheduler, supervisor, server, hl7))
     finally:
         log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
     if failed is not None:
         return _refused("serve", failed, EXIT_PART_DIED)
     _forget(metrics_dir)
     return 0
+
+
+def _start_hl7(settings: Settings, store: Store) -> Any:
+    """The [hl7] MLLP listener, started, when it is enabled (StartError naming "hl7" when it cannot bind)."""
+    if not settings.hl7.enabled:
+        return None
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.hl7.inbound import make_listener
+
+    listener = make_listener(store, settings)
+    listener.start()
+    print(f"dxnode HL7: MLLP listening on {settings.hl7.host}:{listener.port}", flush=True)
+    return listener
 
 
 def _model(settings: Settings, registry: ModelRegistry) -> Classifier:

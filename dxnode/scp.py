@@ -57,8 +57,7 @@ from dxnode.config import Settings
 from dxnode.listen import StartError, bind_error
 from dxnode.listen import address as host_port
 from dxnode.receive.ingest import Ingest
-from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StoreRefused, read_received
-from dxnode.receive.part10 import file_header
+from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StoreRefused
 
 log = logging.getLogger("dxnode.scp")
 
@@ -278,15 +277,7 @@ class StorageSCP:
         if not isinstance(received, BytesIO):
             raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
         uids = (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
-        # The file is the preamble and file meta, then the dataset as received: written and hashed
-        # from pynetdicom's own buffer, without joining them into one more copy.
-        with received.getbuffer() as body, self.ingest.inflight.hold(body.nbytes):
-            received.seek(0)
-            rec = read_received(received, body.nbytes, uids, self.settings.node.max_instance_mb, self.ingest.incoming)
-            head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
-            self.ingest.store_received(
-                rec, (head, body), calling_aet, str(event.assoc.requestor.address), id(event.assoc)
-            )
+        self.ingest.store_dataset(received, uids, calling_aet, str(event.assoc.requestor.address), id(event.assoc))
         return SUCCESS
 
 

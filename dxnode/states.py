@@ -95,3 +95,18 @@ class RequestState(StrEnum):
     QUEUED = "queued"  # every study retrieved and queued as a job
     DONE = "done"  # its jobs have ended (shown by the read, never stored)
     FAILED = "failed"  # refused (a bound), not found, or out of attempts: error says why
+
+
+class OrderState(StrEnum):
+    """The states of an HL7 order (``hl7_order.state``); see dxnode/hl7/orders.py."""
+
+    PENDING = "pending"  # recorded; not yet handed to the fetch stage (dxnode.sources)
+    REQUESTED = "requested"  # handed to the fetch stage, which polls the source for the study
+    CANCELLED = "cancelled"  # the placer cancelled it (ORC-1 CA, OC, DC)
+
+
+class Hl7ResultKind(StrEnum):
+    """How a result goes to an [[hl7.destinations]] entry (``hl7_result.kind``)."""
+
+    ORU = "oru"  # an HL7 v2 ORU^R01 over MLLP
+    FHIR = "fhir"  # a FHIR transaction Bundle: a DiagnosticReport and its Observations

@@ -45,7 +45,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from dxnode.states import DeliveryState, InstanceState, JobState, OutputKind, Priority, RequestState
+from dxnode.states import (
+    DeliveryState,
+    Hl7ResultKind,
+    InstanceState,
+    JobState,
+    OrderState,
+    OutputKind,
+    Priority,
+    RequestState,
+)
 
 if TYPE_CHECKING:
     from dxnode.config import Settings
@@ -359,6 +368,59 @@ class WebSession(Base):
     source: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class Hl7Order(Base):
+    """An HL7 order (ORM^O01, OMI^O23) a [[hl7.rules]] entry matched: a fetch by accession number."""
+
+    __tablename__ = "hl7_order"
+    __table_args__ = (UniqueConstraint("source", "accession_number", name="uq_hl7_order_source_accession"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))  # the [[sources]] name
+    accession_number: Mapped[str] = mapped_column(String(64), index=True)
+    priority: Mapped[Priority] = mapped_column(state_column(Priority, 8), default=Priority.MEDIUM)
+    wait_minutes: Mapped[float] = mapped_column(Float)
+    state: Mapped[OrderState] = mapped_column(state_column(OrderState, 16), default=OrderState.PENDING)
+    rule: Mapped[str] = mapped_column(String(64), default="")
+    placer_order: Mapped[str] = mapped_column(String(64), default="")  # ORC-2
+    filler_order: Mapped[str] = mapped_column(String(64), default="")  # ORC-3
+    procedure_code: Mapped[str] = mapped_column(String(64), default="")  # OBR-4.1
+    procedure_text: Mapped[str] = mapped_column(String(128), default="")  # OBR-4.2
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")  # PID-3.1
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")  # IPC-3, when the order has one
+    sender: Mapped[str] = mapped_column(String(128), default="")  # MSH-3^MSH-4
+    control_id: Mapped[str] = mapped_column(String(64), default="")  # MSH-10 of the last message about it
+    detail: Mapped[str] = mapped_column(Text, default="")  # why it is still pending, or what the fetch stage said
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Hl7Result(Base):
+    """An HL7 outbox row: one job's findings to one [[hl7.destinations]] entry (ORU^R01 or FHIR), with retries."""
+
+    __tablename__ = "hl7_result"
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", name="uq_hl7_result_job_destination"),
+        Index("ix_hl7_result_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    order_id: Mapped[int | None] = mapped_column(ForeignKey("hl7_order.id", ondelete="SET NULL"), nullable=True)
+    destination: Mapped[str] = mapped_column(String(64))  # the [[hl7.destinations]] name
+    kind: Mapped[Hl7ResultKind] = mapped_column(state_column(Hl7ResultKind, 8))
+    state: Mapped[DeliveryState] = mapped_column(state_column(DeliveryState, 16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    control_id: Mapped[str] = mapped_column(String(64), default="")  # MSH-10 of the ORU (the same on every try)
+    ack_code: Mapped[str] = mapped_column(String(2), default="")  # MSA-1 of the last answer (mllp)
+    http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of the last POST (fhir)
+    leased_by: Mapped[str] = mapped_column(String(128), default="")  # the process sending it now
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 
 
 def audit_values(actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy import delete, select
 from dxnode import metrics
 from dxnode.analysis.streaming import analyze_study
 from dxnode.config import Settings
+from dxnode.hl7.results import enqueue as enqueue_hl7
 from dxnode.model import load_classifier
 from dxnode.outbox.dispatch import enqueue
 from dxnode.outputs.report import write_outputs
@@ -105,6 +106,7 @@ def run_job(
             return state
         beat("outputs")
         outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
+        hl7_rows = enqueue_hl7(store, settings, job_id)  # ORU^R01 / FHIR to [[hl7.destinations]]
         with store.session() as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -112,6 +114,8 @@ def run_job(
                 f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
                 for o in outputs
             )
+            if hl7_rows:
+                job.log += f"\nHL7 result -> {hl7_rows} destination(s)"
             notes = sorted({n for o in outputs for n in o.notes})
             if notes:  # values changed when copying source attributes into the SR/SC (never the values)
                 job.log += "\n" + "\n".join(f"note: {n}" for n in notes)

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,16 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.durable import publish, temporary_name, write_new_file
-from dxnode.receive.parse import OUT_OF_RESOURCES, InflightBudget, Received, StoreRefused
+from dxnode.receive.parse import (
+    OUT_OF_RESOURCES,
+    InflightBudget,
+    Received,
+    StoreRefused,
+    read_file_meta,
+    read_part10,
+    read_received,
+)
+from dxnode.receive.part10 import file_header
 from dxnode.store import Instance, Series, Store, Study, audit_core, utcnow
 
 log = logging.getLogger("dxnode.receive.ingest")
@@ -133,6 +143,35 @@ class Ingest:
         if removed:
             log.warning("removed %d temporary file(s) left by an interrupted receive", removed)
         return removed
+
+    def store_dataset(
+        self,
+        received: BytesIO,
+        uids: tuple[str, str, str],
+        calling_aet: str,
+        address: str,
+        sender: int,
+        actor: str | None = None,
+    ) -> Received:
+        """An encoded dataset as a C-STORE or C-GET carries it, uids its (SOP Class, SOP Instance, transfer
+        syntax): bounded and parsed (read_received) within the in-flight budget, then stored after its
+        Part 10 header, written and hashed from the transport's own buffer. StoreRefused with the status."""
+        with received.getbuffer() as body, self.inflight.hold(body.nbytes):
+            received.seek(0)
+            rec = read_received(received, body.nbytes, uids, self.settings.node.max_instance_mb, self.incoming)
+            head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
+            self.store_received(rec, (head, body), calling_aet, address, sender, actor)
+        return rec
+
+    def store_part10(
+        self, data: bytes, calling_aet: str, address: str, sender: int, actor: str | None = None
+    ) -> Received:
+        """A whole Part 10 file (WADO-RS): a STOW-RS part's bounds (read_part10), then stored as received."""
+        with self.inflight.hold(len(data)):
+            part = BytesIO(data)
+            rec = read_part10(part, read_file_meta(part), self.settings.node.max_instance_mb, self.incoming)
+            self.store_received(rec, (data,), calling_aet, address, sender, actor)
+        return rec
 
     def store_received(
         self,

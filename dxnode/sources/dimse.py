@@ -30,9 +30,8 @@ from dxnode.config import Settings, Source
 from dxnode.outbox.dispatch import tls_client_context
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
-from dxnode.receive.part10 import file_header
 from dxnode.schemas import Identifiers
-from dxnode.scp import TRANSFER_SYNTAXES, check_received_size, parse_received
+from dxnode.scp import TRANSFER_SYNTAXES
 from dxnode.sources.found import FetchError, Found, Progress
 from dxnode.states import Priority
 
@@ -205,23 +204,21 @@ class _GetStore:
 
     def __call__(self, event: Any) -> int | Dataset:
         try:
-            check_received_size(event, self.settings.node.max_instance_mb)
-            rec = parse_received(event)
-            head = file_header(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax_uid)
-            received = event.request.DataSet
+            req = event.request
+            received = req.DataSet
             if not isinstance(received, BytesIO):
                 raise StoreRefused(OUT_OF_RESOURCES, "no dataset")
-            with received.getbuffer() as body:
-                self.ingest.store_received(
-                    rec,
-                    (head, body),
-                    self.source.ae_title,
-                    f"{self.source.host}:{self.source.port}",
-                    id(event.assoc),
-                    actor=f"source:{self.source.name}",
-                )
-                with self.lock:
-                    self.bytes += len(head) + len(body)
+            uids = (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
+            self.ingest.store_dataset(
+                received,
+                uids,
+                self.source.ae_title,
+                f"{self.source.host}:{self.source.port}",
+                id(event.assoc),
+                actor=f"source:{self.source.name}",
+            )
+            with received.getbuffer() as body, self.lock:
+                self.bytes += body.nbytes
         except StoreRefused as exc:
             log.error("C-GET from %s: instance refused (0x%04X): %s", self.source.name, exc.status, exc.comment)
             reply = Dataset()

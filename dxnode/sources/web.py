@@ -23,7 +23,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from dxnode.config import Settings, Source
 from dxnode.receive.ingest import Ingest
-from dxnode.receive.parse import StoreRefused, check_size, parse_dataset
+from dxnode.receive.parse import StoreRefused
 from dxnode.schemas import Identifiers
 from dxnode.sources.found import FetchError, Found, Progress
 
@@ -107,16 +107,7 @@ def get_study(
             pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
             data = buffer.getvalue()
             try:
-                check_size(
-                    BytesIO(data), len(data), ds.file_meta.TransferSyntaxUID.is_deflated, settings.node.max_instance_mb
-                )
-                rec = parse_dataset(
-                    ds,
-                    str(ds.get("SOPClassUID", "")),
-                    str(ds.get("SOPInstanceUID", "")),
-                    str(ds.file_meta.TransferSyntaxUID),
-                )
-                ingest.store_received(rec, (data,), "", source.url, sender, actor=f"source:{source.name}")
+                ingest.store_part10(data, "", source.url, sender, actor=f"source:{source.name}")
             except StoreRefused as exc:
                 refused += 1
                 log.error("WADO-RS from %s: instance refused (0x%04X): %s", source.name, exc.status, exc.comment)
