@@ -1,7 +1,7 @@
 """`dxnode serve` and `dxnode worker`: start the stages of the data path and stop them cleanly.
 
 serve: the SCP receives on its own threads (pynetdicom); one APScheduler BackgroundScheduler runs
-the stable-study sweep, the recovery sweep and the outbox; uvicorn serves the web stage on a
+the stable-study sweep, the recovery sweep, the outbox and the retention purge (dxnode/lifecycle/); uvicorn serves the web stage on a
 thread; jobs run in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
 and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
@@ -47,6 +47,7 @@ from dxnode.worklist.routing import warn_beyond_declaration
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from dxnode.lifecycle.service import Retention
     from dxnode.model import Classifier, ModelRegistry
     from dxnode.receive.ingest import Ingest
     from dxnode.web.server import WebServer
@@ -315,6 +316,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         queue.recover(store, settings)
+        retention = _retention(settings, store)
         warn_beyond_declaration(settings)
         # start-up time: loaded only when this part of the node starts
         from dxnode.model import ModelRegistry
@@ -331,6 +333,8 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         )
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, ingest.activity, supervisor)
+        retention.activity = ingest.activity
+        retention.schedule(scheduler)
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
 
         def readiness() -> dict[str, bool]:
@@ -355,6 +359,17 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         return _refused("serve", failed, EXIT_PART_DIED)
     _forget(metrics_dir)
     return 0
+
+
+def _retention(settings: Settings, store: Store) -> Retention:
+    """The node's retention ([retention]), after finishing the purges a stop interrupted."""
+    # start-up time: loaded only when this part of the node starts (it imports prometheus_client)
+    from dxnode.lifecycle.service import Retention
+
+    retention = Retention(store, settings)
+    if settings.retention.reconcile_at_start:
+        retention.finish_interrupted()
+    return retention
 
 
 def _model(settings: Settings, registry: ModelRegistry) -> Classifier:
