@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from conftest import need_tool
@@ -24,11 +25,20 @@ from dxnode.store import Audit, FindingRow, Instance, Job, Store, Study
 STUDIES = 1000
 QUOTA_MB = 2
 CHUNK = 100  # studies per storescu association
+READ = "prometheus-read-token-0123456789"
 
 
 def role(i: int) -> str:
     """Most studies finish; one in 50 keeps a queued job, one in 50 an undelivered result."""
     return "queued" if i % 50 == 7 else "pending" if i % 50 == 31 else "done"
+
+
+def scrape(base: str) -> dict[str, float]:
+    """GET /metrics with a read token: {'name{labels}': value} of the dxnode_ samples."""
+    request = urllib.request.Request(base + "metrics", headers={"Authorization": f"Bearer {READ}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        lines = answer.read().decode().splitlines()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in lines if line.startswith("dxnode_"))}
 
 
 def disk_use(incoming: Path) -> int:
@@ -42,6 +52,68 @@ def disk_use(incoming: Path) -> int:
     return total
 
 
+class Around:
+    """Beside the node: a sampler of the received files' disk use, and the job processes and the
+    outbox as far as this test needs them (jobs settled through the store as each study's role says)."""
+
+    def __init__(self, store: Store, data_dir: Path, roles: dict[str, str]) -> None:
+        self.store, self.data_dir, self.roles = store, data_dir, roles
+        self.stop = threading.Event()
+        self.samples: list[int] = []
+        self.settled: set[int] = set()
+        self.threads = [
+            threading.Thread(target=self._sample, daemon=True),
+            threading.Thread(target=self._jobs, daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.05):
+            self.samples.append(disk_use(self.data_dir / "incoming"))
+
+    def _jobs(self) -> None:
+        while not self.stop.wait(0.1):
+            with self.store.session() as s:
+                for job in s.scalars(select(Job).where(Job.state == JobState.QUEUED, Job.id.not_in(self.settled))):
+                    self.settled.add(job.id)
+                    study = s.get(Study, job.study_id)
+                    assert study is not None
+                    if self.roles[study.study_instance_uid] != "queued":
+                        settle(s, self.data_dir, study, self.roles[study.study_instance_uid])
+
+    def quiet(self, quota: int) -> bool:
+        """Every study queued and settled, and the quota's purge done."""
+        with self.store.session() as s:
+            jobs = s.scalar(select(func.count(Job.id)))
+            stored = s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)))
+        return jobs == STUDIES and len(self.settled) == STUDIES and stored <= quota * 0.75
+
+    def end(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def check_rows(store: Store, roles: dict[str, str]) -> set[str]:
+    """Nothing in flight purged, every result row kept, every purge audited; returns the purged studies."""
+    with store.session() as s:
+        rows = dict(
+            s.execute(select(Study.study_instance_uid, func.count(Instance.id)).outerjoin(Instance).group_by(Study.id))
+            .tuples()
+            .all()
+        )
+        purged = set(s.scalars(select(Study.study_instance_uid).where(Study.purged_at.is_not(None))))
+        findings = s.scalar(select(func.count(FindingRow.id)))
+        audited = s.scalar(select(func.count(Audit.id)).where(Audit.action == "study.purged"))
+    in_flight = {u for u, r in roles.items() if r != "done"}
+    assert len(rows) == STUDIES
+    assert all(rows[u] == 2 for u in in_flight) and not purged & in_flight  # nothing in flight purged
+    assert len(purged) >= STUDIES // 2 and audited == len(purged)  # the quota recycled most of them
+    assert findings == sum(r != "queued" for r in roles.values())  # every result row kept
+    return purged
+
+
 def test_a_thousand_studies_through_a_quota_that_holds_a_fraction(tmp_path: Path) -> None:
     need_tool("storescu")
     uids, files = tiny_studies(tmp_path / "send", STUDIES, rows=32, columns=32)
@@ -52,6 +124,7 @@ def test_a_thousand_studies_through_a_quota_that_holds_a_fraction(tmp_path: Path
     config = node_config(
         tmp_path,
         worklist={"stable_seconds": 0.5, "sweep_interval_seconds": 0.2, "run_jobs": False},
+        web={"enabled": True, "host": "127.0.0.1", "port": 0, "tokens": [{"name": "p", "token": READ, "role": "read"}]},
         retention={
             "max_storage_mb": QUOTA_MB,
             "high_water_percent": 75,
@@ -61,68 +134,28 @@ def test_a_thousand_studies_through_a_quota_that_holds_a_fraction(tmp_path: Path
         },
     )
     node = Node(config)
+    base = node.wait_for(r"dxnode web: (http://\S+/)").group(1)
     data_dir = tmp_path / "var"
     store = Store(f"sqlite:///{data_dir / 'dxnode.db'}")
-    stop = threading.Event()
-    samples: list[int] = []
-    settled: set[int] = set()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            samples.append(disk_use(data_dir / "incoming"))
-
-    def finish_jobs() -> None:
-        """The job processes and the outbox, as far as this test needs them."""
-        while not stop.wait(0.1):
-            with store.session() as s:
-                for job in s.scalars(select(Job).where(Job.state == JobState.QUEUED, Job.id.not_in(settled))):
-                    settled.add(job.id)
-                    study = s.get(Study, job.study_id)
-                    assert study is not None
-                    if roles[study.study_instance_uid] != "queued":
-                        settle(s, data_dir, study, roles[study.study_instance_uid])
-
-    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=finish_jobs, daemon=True)]
-    for t in threads:
-        t.start()
+    around = Around(store, data_dir, roles)
     started = time.monotonic()
     try:
         for i in range(0, len(files), 2 * CHUNK):
             storescu(node.port, files[i : i + 2 * CHUNK])
-
-        def quiet() -> bool:
-            with store.session() as s:
-                jobs = s.scalar(select(func.count(Job.id)))
-                stored = s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)))
-            return jobs == STUDIES and len(settled) == STUDIES and stored <= quota * 0.75
-
-        wait_until(quiet, timeout=120, what="every study queued, settled and the quota met")
+        wait_until(lambda: around.quiet(quota), timeout=120, what="every study queued, settled and the quota met")
         elapsed = time.monotonic() - started
-        stop.set()
-        for t in threads:
-            t.join(10)
-        assert samples and max(samples) <= quota, f"disk use peaked at {max(samples)} bytes over a {quota}-byte quota"
-        with store.session() as s:
-            rows = dict(
-                s.execute(
-                    select(Study.study_instance_uid, func.count(Instance.id)).outerjoin(Instance).group_by(Study.id)
-                )
-                .tuples()
-                .all()
-            )
-            purged = set(s.scalars(select(Study.study_instance_uid).where(Study.purged_at.is_not(None))))
-            findings = s.scalar(select(func.count(FindingRow.id)))
-            audited = s.scalar(select(func.count(Audit.id)).where(Audit.action == "study.purged"))
-        in_flight = {u for u, r in roles.items() if r != "done"}
-        assert len(rows) == STUDIES
-        assert all(rows[u] == 2 for u in in_flight) and not purged & in_flight  # nothing in flight purged
-        assert len(purged) >= STUDIES // 2 and audited == len(purged)  # the quota recycled most of them
-        assert findings == sum(r != "queued" for r in roles.values())  # every result row kept
+        around.end()
+        peak = max(around.samples)
+        assert peak <= quota, f"disk use peaked at {peak} bytes over a {quota}-byte quota"
+        purged = check_rows(store, roles)
         assert apart(store, data_dir) == (set(), set(), set())
+        metrics = scrape(base)
+        assert metrics['dxnode_studies_purged_total{reason="quota"}'] == len(purged)
+        assert metrics["dxnode_stored_bytes"] == disk_use(data_dir / "incoming") <= quota * 0.75
         check = node.cli("purge", "--reconcile", "--min-age", "0")
         assert check.returncode == 0, check.stdout + check.stderr
-        print(f"{STUDIES} studies ({total} bytes) in {elapsed:.1f} s; disk use peaked at {max(samples)} of {quota}")
+        print(f"{STUDIES} studies ({total} bytes) in {elapsed:.1f} s; disk use peaked at {peak} of {quota}")
     finally:
-        stop.set()
+        around.end()
         node.stop()
         store.dispose()

@@ -23,6 +23,7 @@ from dxnode.config import Settings
 from dxnode.lifecycle.candidates import Candidate, finished_studies, stored_bytes
 from dxnode.lifecycle.files import remove_durably
 from dxnode.store import Audit, Instance, Output, Store, Study, audit, utcnow
+from dxnode.worklist.queue import rowcount
 
 log = logging.getLogger("dxnode.lifecycle.purge")
 
@@ -63,7 +64,8 @@ def mark(store: Store, settings: Settings, study_ids: Collection[int], busy: Col
     """Mark the instance rows of those studies that are still finished purging (one transaction);
     returns their ids."""
     with store.session() as s:
-        still = [c.study_id for c in finished_studies(s, settings, utcnow(), busy, study_ids=study_ids, lock=True)]
+        found = finished_studies(s, settings, utcnow(), busy, study_ids=study_ids, lock=True)
+        still = [c.study_id for c in found if c.instances]  # another purge may have taken some meanwhile
         if still:
             s.execute(
                 update(Instance)
@@ -226,10 +228,10 @@ def purge(
 def _expire_audit(store: Store, before: dt.datetime, actor: str) -> int:
     """Delete audit rows older than before; the deletion itself is audited (a new row)."""
     with store.session() as s:
-        n = s.execute(delete(Audit).where(Audit.at < before)).rowcount  # type: ignore[attr-defined]
+        n = rowcount(s.execute(delete(Audit).where(Audit.at < before)))
         if n:
             audit(s, actor, "audit.expired", rows=n, before=before.isoformat())
-    return int(n or 0)
+    return n
 
 
 def needs_purge(store: Store, settings: Settings) -> bool:

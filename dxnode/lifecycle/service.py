@@ -75,7 +75,11 @@ class Retention:
 
     def finish_interrupted(self) -> Reconciled:
         """Complete the purges a crash interrupted (at start, before the receiver opens)."""
-        out = finish_interrupted(self.store, self.settings, "system")
+        try:
+            out = finish_interrupted(self.store, self.settings, "system")
+        except OSError as exc:  # a file that cannot be removed must not keep the node from receiving
+            log.error("could not finish the interrupted purges: %s (run `dxnode purge --reconcile`)", exc)
+            return Reconciled()
         if out.finished or out.expired:
             log.warning(
                 "finished %d purge(s) and %d results removal(s) a stop had interrupted", len(out.finished), out.expired
