@@ -145,7 +145,7 @@ def test_purge_command_dry_run_then_purge_and_the_reconcile_reports_files_and_ro
     node: InProcessNode, tmp_path: Path
 ) -> None:
     roles = receive(node, tmp_path, ["done", "queued", "done"])
-    off = cli(cli_config(node, tmp_path))
+    off = cli(cli_config(node, tmp_path), "purge")
     assert off.returncode == 0 and "retention is off" in off.stdout
     config = cli_config(node, tmp_path, keep_days=1e-9)
     before = apart(node.store, node.settings.data_dir)
@@ -191,14 +191,15 @@ def test_sigkill_during_purge_leaves_no_file_without_its_row_and_the_reconcile_f
     db = Path(node.settings.database.url.removeprefix("sqlite:///"))
     seed = int(os.environ.get("DXNODE_TEST_SEED", time.time_ns() % 100000))
     rng = random.Random(seed)
-    interrupted = 0
+    interrupted, left = 0, apart(node.store, node.settings.data_dir)[2]
     for round_ in range(5):
+        before = marked(db)
         proc = subprocess.Popen([DXNODE, "--config", str(config), "purge"], stdout=subprocess.DEVNULL)
         try:
             if round_ == 0:
                 time.sleep(rng.uniform(0.0, 0.5))  # while it starts, or in its first transaction
             else:  # once a batch is marked: while its files go, or in the transaction deleting their rows
-                wait_until(lambda p=proc: p.poll() is not None or marked(db) > 0, timeout=60, what="a purge to start")
+                wait_until(lambda p=proc, n=before: p.poll() is not None or marked(db) != n, timeout=60, what="a purge")
                 time.sleep(rng.uniform(0.0, 0.2))
         finally:
             proc.kill()
@@ -206,7 +207,8 @@ def test_sigkill_during_purge_leaves_no_file_without_its_row_and_the_reconcile_f
         without_rows, without_files, marked_rows = apart(node.store, node.settings.data_dir)
         assert without_rows == set(), f"seed {seed}: files without rows after a kill"
         assert without_files == set(), f"seed {seed}: live rows without files after a kill"
-        interrupted += bool(marked_rows)
+        interrupted += marked_rows != left  # this kill left a batch half done
+        left = marked_rows
     assert interrupted, f"seed {seed}: no kill landed inside a purge"
     out = cli(config, "purge", "--reconcile", "--min-age", "0")
     assert out.returncode == 0, out.stdout + out.stderr
