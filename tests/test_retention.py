@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import need_tool
-from nodeproc import DXNODE, InProcessNode, storescu, wait_until, write_config
+from nodeproc import DXNODE, InProcessNode, storescu, write_config
 from retention_kit import apart, settle, tiny_studies
 from sqlalchemy import func, select
 
@@ -199,7 +199,9 @@ def test_sigkill_during_purge_leaves_no_file_without_its_row_and_the_reconcile_f
             if round_ == 0:
                 time.sleep(rng.uniform(0.0, 0.5))  # while it starts, or in its first transaction
             else:  # once a batch is marked: while its files go, or in the transaction deleting their rows
-                wait_until(lambda p=proc, n=before: p.poll() is not None or marked(db) != n, timeout=60, what="a purge")
+                deadline = time.monotonic() + 60
+                while proc.poll() is None and marked(db) == before and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.2))
         finally:
             proc.kill()
