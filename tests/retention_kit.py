@@ -123,7 +123,7 @@ def incoming_files(data_dir: Path) -> set[str]:
 def apart(store: Store, data_dir: Path) -> tuple[set[str], set[str], set[str]]:
     """(files without a row, rows not being purged without a file, rows being purged) of incoming/."""
     with store.session() as s:
-        rows = dict(s.execute(select(Instance.file_path, Instance.purging)).tuples().all())
+        rows = dict(s.execute(select(Instance.file_path, Instance.purging)).all())
     files = incoming_files(data_dir)
     live = {p for p, purging in rows.items() if not purging}
     return files - set(rows), {p for p in live if p not in files}, set(rows) - live

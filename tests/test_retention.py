@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from conftest import need_tool
-from nodeproc import DXNODE, InProcessNode, storescu, write_config
+from nodeproc import DXNODE, InProcessNode, Node, node_config, storescu, write_config
 from retention_kit import apart, settle, tiny_studies
 from sqlalchemy import func, select
 
 from dxnode.config import Settings
 from dxnode.lifecycle.candidates import Candidate
-from dxnode.lifecycle.purge import MB, _plan, purge
+from dxnode.lifecycle.purge import MB, _plan, mark, purge
 from dxnode.metrics import store_families
 from dxnode.store import Audit, FindingRow, Instance, Output, Study, utcnow
 
@@ -49,9 +49,9 @@ def settings_for(node: InProcessNode, **retention: Any) -> Settings:
     )
 
 
-def receive(node: InProcessNode, tmp: Path, roles: list[str]) -> dict[str, str]:
+def receive(node: InProcessNode, tmp: Path, roles: list[str], per_study: int = 2) -> dict[str, str]:
     """One tiny study per role, sent by storescu and settled as the role says; returns uid -> role."""
-    uids, files = tiny_studies(tmp / "send", len(roles))
+    uids, files = tiny_studies(tmp / "send", len(roles), per_study)
     storescu(node.port, files)
     with node.store.session() as s:
         for uid, role in zip(uids, roles, strict=True):
@@ -70,12 +70,12 @@ def test_only_finished_studies_lose_their_instances_and_their_results_stay(node:
     assert all(p.reason == "age" and p.instances == 2 and p.bytes > 4096 for p in run.purged)
     with node.store.session() as s:
         kept = dict(
-            s.execute(select(Study.study_instance_uid, func.count(Instance.id)).outerjoin(Instance).group_by(Study.id))
-            .tuples()
-            .all()
+            s.execute(
+                select(Study.study_instance_uid, func.count(Instance.id)).outerjoin(Instance).group_by(Study.id)
+            ).all()
         )
         assert {uid: n for uid, n in kept.items()} == {uid: 0 if r in FINISHED else 2 for uid, r in roles.items()}
-        purged_at = dict(s.execute(select(Study.study_instance_uid, Study.purged_at)).tuples().all())
+        purged_at = dict(s.execute(select(Study.study_instance_uid, Study.purged_at)).all())
         assert {u for u, t in purged_at.items() if t is not None} == {u for u, r in roles.items() if r in FINISHED}
         results = {r for (r,) in s.execute(select(Study.study_instance_uid).join(FindingRow)).all()}
         assert {roles[u] for u in results} == {"done", "committed", "cancelled", "pending", "busy"}  # all kept
@@ -186,13 +186,13 @@ def test_sigkill_during_purge_leaves_no_file_without_its_row_and_the_reconcile_f
 ) -> None:
     """`dxnode purge` killed at random points: after each kill every file has its row and every
     live row its file (only marked rows may have lost theirs); --reconcile then finishes them."""
-    roles = receive(node, tmp_path, ["done"] * 400)
+    roles = receive(node, tmp_path, ["done"] * 300, per_study=1)
     config = cli_config(node, tmp_path, keep_days=1e-9)
     db = Path(node.settings.database.url.removeprefix("sqlite:///"))
     seed = int(os.environ.get("DXNODE_TEST_SEED", time.time_ns() % 100000))
     rng = random.Random(seed)
     interrupted, left = 0, apart(node.store, node.settings.data_dir)[2]
-    for round_ in range(5):
+    for round_ in range(4):
         before = marked(db)
         proc = subprocess.Popen([DXNODE, "--config", str(config), "purge"], stdout=subprocess.DEVNULL)
         try:
@@ -202,7 +202,7 @@ def test_sigkill_during_purge_leaves_no_file_without_its_row_and_the_reconcile_f
                 deadline = time.monotonic() + 60
                 while proc.poll() is None and marked(db) == before and time.monotonic() < deadline:
                     time.sleep(0.005)
-                time.sleep(rng.uniform(0.0, 0.2))
+                time.sleep(rng.uniform(0.0, 1.0))
         finally:
             proc.kill()
             proc.wait()
@@ -223,3 +223,34 @@ def test_sigkill_during_purge_leaves_no_file_without_its_row_and_the_reconcile_f
         purged = s.scalar(select(func.count(Study.id)).where(Study.purged_at.is_not(None)))
         assert purged == len(roles)
     assert apart(node.store, node.settings.data_dir) == (set(), set(), set())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_serve_finishes_a_purge_a_kill_interrupted_before_it_receives(node: InProcessNode, tmp_path: Path) -> None:
+    roles = receive(node, tmp_path, ["done", "done", "queued"])
+    settings = settings_for(node, keep_days=1e-9)
+    with node.store.session() as s:
+        ids = dict(s.execute(select(Study.study_instance_uid, Study.id)).all())
+    first = next(u for u, r in roles.items() if r == "done")
+    assert mark(node.store, settings, [ids[first]]) == [ids[first]]
+    with node.store.session() as s:
+        half = s.scalars(select(Instance.file_path).where(Instance.study_id == ids[first])).first()
+    assert half is not None
+    (settings.data_dir / half).unlink()  # killed after removing one of its two files
+    assert apart(node.store, settings.data_dir)[:2] == (set(), set())
+    config = node_config(
+        tmp_path,
+        node={"data_dir": str(settings.data_dir)},
+        database={"url": node.settings.database.url},
+        worklist={"run_jobs": False},
+    )
+    serve = Node(config)
+    try:
+        serve.wait_for(r"finished 1 purge\(s\) and 0 results removal\(s\) a stop had interrupted")
+        serve.wait_for(r"reconcile: every received and written file has its row")
+        assert apart(node.store, settings.data_dir) == (set(), set(), set())
+        with node.store.session() as s:
+            reasons = list(s.scalars(select(Audit.detail).where(Audit.action == "study.purged")))
+        assert len(reasons) == 1 and '"reason": "reconcile"' in reasons[0]
+    finally:
+        serve.stop()

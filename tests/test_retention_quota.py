@@ -24,6 +24,7 @@ from dxnode.store import Audit, FindingRow, Instance, Job, Store, Study
 
 STUDIES = 1000
 QUOTA_MB = 2
+PER_STUDY = 1  # instances of about 5 KB each
 CHUNK = 100  # studies per storescu association
 READ = "prometheus-read-token-0123456789"
 
@@ -99,16 +100,16 @@ def check_rows(store: Store, roles: dict[str, str]) -> set[str]:
     """Nothing in flight purged, every result row kept, every purge audited; returns the purged studies."""
     with store.session() as s:
         rows = dict(
-            s.execute(select(Study.study_instance_uid, func.count(Instance.id)).outerjoin(Instance).group_by(Study.id))
-            .tuples()
-            .all()
+            s.execute(
+                select(Study.study_instance_uid, func.count(Instance.id)).outerjoin(Instance).group_by(Study.id)
+            ).all()
         )
         purged = set(s.scalars(select(Study.study_instance_uid).where(Study.purged_at.is_not(None))))
         findings = s.scalar(select(func.count(FindingRow.id)))
         audited = s.scalar(select(func.count(Audit.id)).where(Audit.action == "study.purged"))
     in_flight = {u for u, r in roles.items() if r != "done"}
     assert len(rows) == STUDIES
-    assert all(rows[u] == 2 for u in in_flight) and not purged & in_flight  # nothing in flight purged
+    assert all(rows[u] == PER_STUDY for u in in_flight) and not purged & in_flight  # nothing in flight purged
     assert len(purged) >= STUDIES // 2 and audited == len(purged)  # the quota recycled most of them
     assert findings == sum(r != "queued" for r in roles.values())  # every result row kept
     return purged
@@ -116,7 +117,7 @@ def check_rows(store: Store, roles: dict[str, str]) -> set[str]:
 
 def test_a_thousand_studies_through_a_quota_that_holds_a_fraction(tmp_path: Path) -> None:
     need_tool("storescu")
-    uids, files = tiny_studies(tmp_path / "send", STUDIES, rows=32, columns=32)
+    uids, files = tiny_studies(tmp_path / "send", STUDIES, PER_STUDY, rows=48, columns=48)
     roles = {uid: role(i) for i, uid in enumerate(uids)}
     total = sum(p.stat().st_size for p in files)
     quota = QUOTA_MB * 1024 * 1024
@@ -140,8 +141,8 @@ def test_a_thousand_studies_through_a_quota_that_holds_a_fraction(tmp_path: Path
     around = Around(store, data_dir, roles)
     started = time.monotonic()
     try:
-        for i in range(0, len(files), 2 * CHUNK):
-            storescu(node.port, files[i : i + 2 * CHUNK])
+        for i in range(0, len(files), PER_STUDY * CHUNK):
+            storescu(node.port, files[i : i + PER_STUDY * CHUNK])
         wait_until(lambda: around.quiet(quota), timeout=120, what="every study queued, settled and the quota met")
         elapsed = time.monotonic() - started
         around.end()

@@ -81,7 +81,7 @@ def finish(store: Store, settings: Settings, reasons: dict[int, str], actor: str
     a purge's second half, and what the reconcile runs for a purge a crash interrupted."""
     ids = list(reasons)
     with store.session() as s:
-        uids = dict(s.execute(select(Study.id, Study.study_instance_uid).where(Study.id.in_(ids))).tuples().all())
+        uids = dict(s.execute(select(Study.id, Study.study_instance_uid).where(Study.id.in_(ids))).all())
         rows = s.execute(
             select(Instance.id, Instance.study_id, Instance.file_path, Instance.size_bytes).where(
                 Instance.study_id.in_(ids), Instance.purging.is_(True)
