@@ -20,19 +20,20 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Plain ADD COLUMN and DROP COLUMN, never a batch copy of the table: on SQLite a copy drops the old
+# study table, and its ON DELETE CASCADE foreign keys would take every job, finding and output with it.
+# A constant server default keeps ADD COLUMN plain (SQLite stores 0 for false).
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("instance", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("purging", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch_op.create_index(batch_op.f("ix_instance_purging"), ["purging"], unique=False)
-    with op.batch_alter_table("study", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("purged_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("expiring", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("instance", sa.Column("purging", sa.Boolean(), nullable=False, server_default="0"))
+    op.create_index("ix_instance_purging", "instance", ["purging"], unique=False)
+    op.add_column("study", sa.Column("purged_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("study", sa.Column("expiring", sa.Boolean(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("study", schema=None) as batch_op:
-        batch_op.drop_column("expiring")
-        batch_op.drop_column("purged_at")
-    with op.batch_alter_table("instance", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_instance_purging"))
-        batch_op.drop_column("purging")
+    op.drop_column("study", "expiring")  # SQLite 3.35 and later drop a column in place
+    op.drop_column("study", "purged_at")
+    op.drop_index("ix_instance_purging", table_name="instance")
+    op.drop_column("instance", "purging")
