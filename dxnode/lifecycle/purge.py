@@ -102,7 +102,7 @@ def finish(store: Store, settings: Settings, reasons: dict[int, str], actor: str
             audit(s, actor, "study.purged", target=p.study_uid, reason=p.reason, instances=p.instances, bytes=p.bytes)
     for p in done:
         metrics.STUDIES_PURGED.labels(reason=p.reason).inc()
-        log.info("purged study %s (%s): %d instance(s), %d bytes", p.study_uid, p.reason, p.instances, p.bytes)
+        log.debug("purged study %s (%s): %d instance(s), %d bytes", p.study_uid, p.reason, p.instances, p.bytes)
     return done
 
 
@@ -144,7 +144,7 @@ def finish_expiry(store: Store, settings: Settings, study_id: int, actor: str) -
     with store.session() as s:
         s.execute(delete(Study).where(Study.id == study_id, Study.expiring.is_(True)))
         audit(s, actor, "study.results_expired", target=uid or f"study:{study_id}", outputs=len(paths))
-    log.info("removed the results of study %s (%d output file(s))", uid, len(paths))
+    log.debug("removed the results of study %s (%d output file(s))", uid, len(paths))
 
 
 def disk_free(settings: Settings) -> int:

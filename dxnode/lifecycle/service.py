@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dxnode.lifecycle")
 
-SHOWN = 10  # paths named in the log per kind of inconsistency
-
 
 class Retention:
     """The node's purges: scheduled by age, on demand when the quota or the free space calls for it."""
@@ -93,16 +91,14 @@ class Retention:
             ("file(s) without a row", out.files_without_rows),
             ("row(s) without a file", out.rows_without_files),
         ):
-            if paths:
-                more = f" (and {len(paths) - SHOWN} more)" if len(paths) > SHOWN else ""
+            if paths:  # the paths carry study and instance UIDs: named at DEBUG only
                 log.warning(
-                    "reconcile: %d %s under %s: %s%s",
+                    "reconcile: %d %s under %s (`dxnode purge --reconcile` lists them)",
                     len(paths),
                     what,
                     self.settings.data_dir,
-                    ", ".join(paths[:SHOWN]),
-                    more,
                 )
+                log.debug("reconcile: %s: %s", what, ", ".join(paths))
         if out.consistent:
             log.info("reconcile: every received and written file has its row, and every row its file")
         return out
