@@ -556,6 +556,26 @@ class Hl7Settings(Section):
         return values
 
 
+class RetentionSettings(Section):
+    """[retention]: when received pixel data and results are removed (docs/operations.md). Off by default."""
+
+    keep_days: float = Field(0, ge=0)  # purge a finished study's received instances this long after; 0 = keep
+    max_storage_mb: int = Field(0, ge=0)  # quota on received instances, oldest finished studies first; 0 = none
+    high_water_percent: float = Field(90, gt=0, le=100)  # of the quota: a purge starts above this ...
+    low_water_percent: float = Field(80, gt=0, le=100)  # ... and frees finished studies down to this
+    free_headroom_mb: int = Field(1024, ge=0)  # with a quota: purge when free disk < [node] min_free_mb + this
+    results_keep_days: float = Field(0, ge=0)  # findings, outputs, audit kept this long after; 0 = forever
+    interval_seconds: float = Field(600, gt=0)  # how often serve purges by age (keep_days, results_keep_days)
+    quota_check_seconds: float = Field(10, gt=0)  # how often serve checks the quota and the free space
+    reconcile_at_start: bool = True  # serve finishes interrupted purges and looks for files and rows apart
+
+    @model_validator(mode="after")
+    def _water_marks(self) -> RetentionSettings:
+        if self.low_water_percent > self.high_water_percent:
+            raise ValueError("low_water_percent must not be above high_water_percent")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of a node."""
 
@@ -575,6 +595,8 @@ class Settings(BaseSettings):
     sources: list[Source] = []
 
     hl7: Hl7Settings = Hl7Settings()
+
+    retention: RetentionSettings = RetentionSettings()
     source: str = ""  # the file this configuration was read from (set by load_settings)
 
     @classmethod

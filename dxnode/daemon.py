@@ -2,8 +2,9 @@
 
 serve: the SCP receives on its own threads (pynetdicom), and so does the HL7 MLLP listener with
 [hl7] enabled (dxnode/hl7/); one APScheduler BackgroundScheduler runs the stable-study sweep, the
-recovery sweep and the outboxes (DICOM, HL7); uvicorn serves the web stage on a thread; jobs run
-in supervised job processes (dxnode/worklist/supervisor.py), never in this one.
+recovery sweep, the outboxes (DICOM, HL7), the fetches from [[sources]] and the retention purge
+(dxnode/lifecycle/); uvicorn serves the web stage on a thread; jobs run in supervised job processes
+(dxnode/worklist/supervisor.py), never in this one.
 worker: the job processes, the recovery sweep and the outbox only, for scale-out on one PostgreSQL
 and one shared data dir; with [web] enabled it serves its own /healthz, /readyz and /metrics.
 
@@ -47,6 +48,7 @@ from dxnode.store import Store, open_store
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from dxnode.lifecycle.service import Retention
     from dxnode.model import Classifier, ModelRegistry
     from dxnode.receive.ingest import Ingest
     from dxnode.web.server import WebServer
@@ -347,6 +349,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
         queue.recover(store, settings)
+        retention = _retention(settings, store)
         routing.warn_beyond_declaration(settings)
         # start-up time: loaded only when this part of the node starts
         from dxnode.model import ModelRegistry
@@ -364,6 +367,8 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         hl7 = _start_hl7(settings, store)
         supervisor = _start_jobs(settings, store, log_level)
         scheduler = _start_scheduler(settings, store, ingest.activity, supervisor, ingest=ingest)
+        retention.activity = ingest.activity
+        retention.schedule(scheduler)
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
 
         def readiness() -> dict[str, bool]:
@@ -401,6 +406,17 @@ def _start_hl7(settings: Settings, store: Store) -> Any:
     listener.start()
     print(f"dxnode HL7: MLLP listening on {settings.hl7.host}:{listener.port}", flush=True)
     return listener
+
+
+def _retention(settings: Settings, store: Store) -> Retention:
+    """The node's retention ([retention]), after finishing the purges a stop interrupted."""
+    # start-up time: loaded only when this part of the node starts (it imports prometheus_client)
+    from dxnode.lifecycle.service import Retention
+
+    retention = Retention(store, settings)
+    if settings.retention.reconcile_at_start:
+        retention.finish_interrupted()
+    return retention
 
 
 def _model(settings: Settings, registry: ModelRegistry) -> Classifier:

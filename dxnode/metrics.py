@@ -21,7 +21,7 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
 from dxnode.states import DeliveryState, JobState
-from dxnode.store import Delivery, Job
+from dxnode.store import Delivery, Instance, Job
 
 if TYPE_CHECKING:
     from dxnode.store import Store
@@ -87,11 +87,18 @@ DELIVERIES_FAILED_FOR_GOOD = Counter(
     "Deliveries given up (max_attempts reached or refused for good): the outbox rows that turned failed",
     ["destination"],
 )
+STUDIES_PURGED = Counter(
+    "dxnode_studies_purged_total",
+    "Studies whose received instances were purged by this node's process ([retention]; `dxnode purge` is in the audit)",
+    ["reason"],
+)
 
 # Export the labelled series at zero from the start, so dashboards and alerts see them before the first event.
 ASSOCIATIONS_REJECTED.labels(reason="calling_aet")
 for _state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED):
     JOBS_FINISHED.labels(state=_state)
+for _reason in ("age", "quota", "space", "results", "reconcile"):
+    STUDIES_PURGED.labels(reason=_reason)
 
 
 def store_families(store: Store) -> list[Metric]:
@@ -116,7 +123,13 @@ def store_families(store: Store) -> list[Metric]:
             value=deliveries(DeliveryState.FAILED),
         )
         stages = stage_histogram(s.scalars(select(Job.timings)))
-    return [jobs, backlog, failed, stages]
+        stored = GaugeMetricFamily(
+            "dxnode_stored_bytes",
+            "Bytes of received instances kept on disk (the [retention] quota counts these)",
+            value=s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)).where(Instance.purging.is_(False)))
+            or 0,
+        )
+    return [jobs, backlog, failed, stages, stored]
 
 
 class _Families:

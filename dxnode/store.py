@@ -32,6 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
     insert,
     select,
 )
@@ -127,6 +128,9 @@ class Study(Base):
     # last_received_at of the instances covered by the newest job; a later instance re-queues.
     queued_through: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     ignored: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Retention (dxnode/lifecycle/): when its received instances were purged; results being removed.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    expiring: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete-orphan")
@@ -167,6 +171,8 @@ class Instance(Base):
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)  # later sends of the same UID
+    # Set in the transaction that starts its purge; the row goes only after its file (dxnode/lifecycle/).
+    purging: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

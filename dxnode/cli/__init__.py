@@ -1,6 +1,6 @@
 """The ``dxnode`` command: run the node, query the store, predict, train and evaluate models.
 
-One module per command group (node, db, config, reads, admin, models, fetch); this one assembles the
+One module per command group (node, db, config, reads, admin, models, fetch, purge); this one assembles the
 parser and runs a command, turning every error into one line and an exit status.
 """
 
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from dxnode import __version__
-from dxnode.cli import admin, config, db, fetch, models, node, reads
+from dxnode.cli import admin, config, db, fetch, models, node, purge, reads
 from dxnode.cli.common import HelpFormatter, Parser
 from dxnode.config import ConfigError, Settings, load_settings
 from dxnode.logs import setup_logging
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parsers(sub)
     models.add_parsers(sub)
     fetch.add_parsers(sub)
+    purge.add_parsers(sub)
     return p
 
 
