@@ -24,6 +24,7 @@ from dicom_checks import dciodvfy_errors, pixelmed_sr_check
 from nodeproc import DXNODE
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import Collection
 
 from dxnode.analysis.streaming import analyze_study
 from dxnode.config import ModelSettings, Settings
@@ -168,19 +169,23 @@ def test_procedure_reported_is_the_studys_else_the_modalitys() -> None:
     assert (procedure_reported(ds).value, procedure_reported(ds).scheme_designator) == ("RPID16", "RADLEX")
     ds.ProcedureCodeSequence = [code("24627-2", "LN", "CT Chest")]
     assert procedure_reported(ds).meaning == "CT Chest"  # the performed procedure before the requested one
+    cid100 = {(c.value, c.scheme_designator) for c in Collection("CID100").concepts.values()}
     generic = {}
-    for modality in ("CR", "DX", "MR", "US", "MG", "PT", "NM", "XC"):
+    for modality in ("CR", "DX", "MR", "US", "MG", "PT", "NM", "XA", "XC"):
         plain = Dataset()
         plain.Modality = modality
-        generic[modality] = procedure_reported(plain).value
+        concept = procedure_reported(plain)
+        assert (concept.value, concept.scheme_designator) in cid100, modality  # the current standard's CID 100
+        generic[modality] = concept.value
     assert generic["CR"] == generic["DX"] == "43468-8"  # LOINC "XR unspecified body region"
-    assert generic["MR"] == "25056-3" and generic["XC"] == "363679005"  # XC has no generic one: "Imaging procedure"
-    assert len(set(generic.values())) == 7  # not one code for every study
+    assert generic["MR"] == "25056-3" and generic["XA"] == "77343006"
+    assert generic["US"] == generic["XC"] == "363679005"  # no generic one in CID 100: "Imaging procedure"
+    assert len(set(generic.values())) == 6  # not one code for every study
 
 
 def test_sr_reports_the_source_procedure_end_to_end(tmp_path: Path) -> None:
     ds = pydicom.dcmread(CT)
-    ds.ProcedureCodeSequence = [code("24627-2", "LN", "CT Chest")]
+    ds.ProcedureCodeSequence = [code("39142-5", "LN", "CT perfusion head with contrast IV")]
     source = tmp_path / "ct-with-procedure.dcm"
     ds.save_as(source, enforce_file_format=True)
     _, written = run(source, tmp_path / "out")
@@ -190,7 +195,7 @@ def test_sr_reports_the_source_procedure_end_to_end(tmp_path: Path) -> None:
     assert root.startswith("TID_1500") and errors == []
     procedure = [i for i in walk(pydicom.dcmread(sr_path)) if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert [(p.ConceptCodeSequence[0].CodeValue, p.ConceptCodeSequence[0].CodeMeaning) for p in procedure] == [
-        ("24627-2", "CT Chest")
+        ("39142-5", "CT perfusion head with contrast IV")
     ]
     _, plain = run(CR, tmp_path / "cr")
     procedure = [i for i in walk(pydicom.dcmread(the_sr(plain))) if i.ConceptNameCodeSequence[0].CodeValue == "121058"]

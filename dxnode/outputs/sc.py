@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import highdicom as hd
@@ -14,6 +15,8 @@ from dxnode.outputs.result_uids import derived_uid, result_key
 from dxnode.pixels.colormap import OVERLAY_FLOOR, OVERLAY_MAX_ALPHA, jet, overlay_opacity
 from dxnode.results import Finding, Heatmap, StudyResult
 
+# Patient module attributes saying the source is de-identified, and how: the SC says it too.
+DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
 SCALE_GREY = 128.0  # the untinted part of the caption's colour scale
 # Spacing attributes a heatmap SC must not carry: its pixels are resampled and captioned.
 SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
@@ -215,6 +218,9 @@ def build_sc(
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         ref.ReferencedFrameNumber = h.frame + 1
     sc.SourceImageSequence = [ref]
+    for keyword in DEIDENTIFICATION:  # highdicom copies only some Patient module attributes into an SC
+        if keyword in source and keyword not in sc:
+            sc[keyword] = copy.deepcopy(source[keyword])
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         if source.get(keyword) and keyword not in sc:  # an empty one means unknown, handled below
             setattr(sc, keyword, source[keyword].value)
