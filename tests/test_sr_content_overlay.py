@@ -35,7 +35,7 @@ def test_no_tint_below_the_floor_and_rising_opacity_above_it() -> None:
     assert below.any() and np.array_equal(rgb[below], display[below])  # the anatomy as the viewer shows it
     change = np.abs(rgb.astype(int) - display.astype(int)).sum(axis=-1)[0]  # along the ramp
     above = change[~below[0]]
-    assert above[-1] > 150  # the peak is clearly coloured
+    assert above[-1] > 100 and above[0] < above[-1]  # the peak is clearly coloured, the floor barely
     alpha = overlay_opacity(cam[0])
     assert alpha[0] == 0 and alpha[-1] == OVERLAY_MAX_ALPHA and np.all(np.diff(alpha) >= 0)
     # the colour at the peak is the map's colour at its opacity over the image
