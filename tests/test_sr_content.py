@@ -120,6 +120,7 @@ def test_demo_findings_carry_snomed_codes_and_no_private_code_warning(tmp_path: 
     codes = finding_codes(sr)
     assert set(codes.values()) == set(CHEST_CODES.values())
     assert codes["Pleural effusion"] == ("60046008", "SCT", "Pleural effusion")  # "Effusion" says which
+    assert "CodingSchemeIdentificationSequence" not in sr  # no private scheme to describe
     assert not [
         i
         for i in walk(sr)
@@ -153,6 +154,8 @@ def test_each_finding_states_the_threshold_that_decided_it(tmp_path: Path) -> No
     codes = finding_codes(pydicom.dcmread(sr_path))
     assert codes["Pleural effusion"][1] == "SCT" and codes["Nodule"][1] == "SCT"
     assert codes["Pneumothorax"][1] == PRIVATE_SCHEME  # no standard code in the manifest: the private one
+    declared = pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence  # and the SR says what 99DXNODE is
+    assert [i.CodingSchemeDesignator for i in declared] == [PRIVATE_SCHEME]
 
 
 def code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -348,4 +348,15 @@ def build_sr(
     # highdicom types this as list[ContributingEquipment], whose class accepts only the purpose codes it lists
     # and so refuses IHE's "Processing Algorithm" (99IHE Newcode1): the item is a plain pydicom Dataset.
     sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device)]  # type: ignore[list-item]
+    if any(label_code(f.label, m.codes)[1] == PRIVATE_SCHEME for f in result.findings):
+        sr.CodingSchemeIdentificationSequence = [_private_scheme(settings)]
     return sr, summary
+
+
+def _private_scheme(settings: Settings) -> Dataset:
+    """The Coding Scheme Identification item describing 99DXNODE, which labels without a standard code use."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "dxnode model labels without a standard code"
+    item.CodingSchemeResponsibleOrganization = settings.report.manufacturer[:64]
+    return item
