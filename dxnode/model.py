@@ -13,7 +13,6 @@ the map is ``relu(sum_c w[l, c] * A_c)``, computed here in the forward pass, wit
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from dxnode.inference.engine import (
     torch_export,
 )
 from dxnode.pipeline import Frame, Preprocessing, geometry, map_to_source, resize_planes
-from dxnode.pixels.colormap import jet_table
+from dxnode.pixels.colormap import overlay_tables
 from dxnode.results import Finding, ModelIdentity
 from dxnode.states import Task
 
@@ -105,7 +104,12 @@ class Classifier:
         self.engine: Engine = engine
         self.engine_reason = engine_reason or "PyTorch"
         self.identity = ModelIdentity(
-            manifest.name, manifest.version, manifest.weights_sha256, manifest.demo, manifest.task
+            manifest.name,
+            manifest.version,
+            manifest.weights_sha256,
+            manifest.demo,
+            manifest.task,
+            tuple((label, *code) for label, code in manifest.codes.items()),
         )
         self._lock = threading.Lock()
 
@@ -170,25 +174,22 @@ def cam_to_source(raw: np.ndarray, frame: Frame, prep: Preprocessing) -> np.ndar
     return normalise_cam(map_to_source(on_input, geometry(*frame.image_shape, prep), (h, w)))
 
 
-def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing, alpha: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+def overlay(frame: Frame, cam: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 overlay, CAM in [0, 1]), both at the frame's display size, with matplotlib's 'jet' map.
 
+    Low activations fade out (dxnode.pixels.colormap.overlay_opacity): no tint below a floor, then
+    an opacity rising with the map, so the anatomy under a weak map stays as the viewer shows it.
     The map's 256 colours are looked up the way matplotlib quantises a float in [0, 1], and the
     blend runs in float32 in place: a radiograph-sized overlay costs a fraction of a second.
     """
     source_cam = cam if cam.shape == frame.display.shape[:2] else cam_to_source(cam, frame, prep)
     index = np.minimum((source_cam * 256).astype(np.intp), 255)
+    tint, keep = overlay_tables()
     blended = frame.display.astype(np.float32)
-    blended *= 1 - alpha
-    blended += _jet_lut(alpha)[index]
+    blended *= keep[index][..., np.newaxis]
+    blended += tint[index]
     np.clip(blended, 0, 255, out=blended)
     return np.rint(blended).astype(np.uint8), source_cam
-
-
-@functools.cache
-def _jet_lut(alpha: float) -> np.ndarray:
-    """matplotlib's 'jet' colours as 256 x 3 float32 in 0-255, scaled by alpha."""
-    return (jet_table() * 255 * alpha).astype(np.float32)
 
 
 # --- loading ----------------------------------------------------------------------------------

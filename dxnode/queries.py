@@ -171,7 +171,13 @@ RESULT_COLUMNS = list(ResultOut.model_fields)
 
 def list_results(session: Session, f: ResultFilter) -> list[ResultOut]:
     """Findings matching the filter, newest first; by default only each study's newest done job counts."""
-    q = select(FindingRow, Study).join(Study, Study.id == FindingRow.study_id)
+    q = (
+        select(FindingRow, Study, Series.modality, Series.body_part_examined)
+        .join(Study, Study.id == FindingRow.study_id)
+        # the series of the image that drove the finding (none when it is gone or was not named)
+        .outerjoin(Instance, Instance.sop_instance_uid == FindingRow.source_sop_instance_uid)
+        .outerjoin(Series, Series.id == Instance.series_id)
+    )
     if not f.include_superseded:
         newest = (
             select(func.max(Job.id))
@@ -210,8 +216,10 @@ def list_results(session: Session, f: ResultFilter) -> list[ResultOut]:
             model_demo=r.model_demo,
             job_id=r.job_id,
             created_at=iso(r.created_at),
+            modality=modality or study.modalities,
+            body_part_examined=body_part or "",
         )
-        for r, study in session.execute(q)
+        for r, study, modality, body_part in session.execute(q)
     ]
 
 

@@ -18,6 +18,8 @@ class ModelIdentity:
     sha256: str  # of the weights file
     demo: bool  # True for the untrained demo model: every output says so
     task: Task
+    # Standard codes of labels, (label, code value, scheme, meaning): dxnode.inference.codes; others get 99DXNODE.
+    codes: tuple[tuple[str, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)

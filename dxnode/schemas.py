@@ -129,6 +129,8 @@ class ResultOut(TableRow):
     model_demo: bool
     job_id: int
     created_at: str | None
+    modality: str = ""  # of the series of the image that drove the finding (the study's modalities if unknown)
+    body_part_examined: str = ""  # of that series
 
 
 class DeliveryOut(TableRow):

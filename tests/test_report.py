@@ -18,7 +18,7 @@ from dxnode.config import ModelSettings, Settings
 from dxnode.inference.bundle import write_bundle
 from dxnode.model import load_classifier
 from dxnode.outputs.report import write_outputs
-from dxnode.outputs.sr import summary_line
+from dxnode.outputs.sr import PROBABILITY, summary_line
 from dxnode.pipeline import Preprocessing
 from dxnode.results import StudyResult
 
@@ -177,7 +177,7 @@ def test_attention_roi_is_a_tid1410_group_on_the_source_image(tmp_path: Path, na
         assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
         if name == "enhanced":
             assert ref.ReferencedFrameNumber >= 1
-        prob = g.get_measurements(name=hd.sr.CodedConcept("PROB", "99DXNODE", "AI model probability"))[0]
+        prob = g.get_measurements(name=PROBABILITY)[0]
         assert prob.value == pytest.approx(
             next(f.probability for f in result.findings if f.label in g.tracking_identifier), abs=1e-5
         )

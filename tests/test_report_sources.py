@@ -195,12 +195,18 @@ def test_sr_names_the_node_the_algorithm_and_each_evaluation(tmp_path: Path) -> 
         if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99DXNODE"
     }
     assert evaluations == {f.label: ("Present" if f.positive else "Absent") for f in result.findings}
-    measured = sorted(
-        float(i.MeasuredValueSequence[0].NumericValue)
-        for i in items
-        if i.ValueType == "NUM" and i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
-    )
-    assert measured == sorted(f.probability for f in result.findings)
+    measured = {
+        name: sorted(
+            float(i.MeasuredValueSequence[0].NumericValue)
+            for i in items
+            if i.ValueType == "NUM"
+            and i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+            and i.ConceptNameCodeSequence[0].CodeMeaning == name
+        )
+        for name in ("Probability", "Threshold Value")
+    }
+    assert measured["Probability"] == sorted(f.probability for f in result.findings)
+    assert measured["Threshold Value"] == sorted(f.threshold for f in result.findings)
     assert sr.SeriesDescription == settings.report.sr_series_description and sr.Manufacturer == "Test Hospital AI"
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from dxnode.cli.common import HelpFormatter, add_command, print_json
 from dxnode.config import Settings
+from dxnode.inference.codes import PRIVATE_SCHEME, uncoded
 
 if TYPE_CHECKING:
     from dxnode.model import Classifier
@@ -147,6 +148,15 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     info["weights_check"] = "built-in demo weights" if classifier.manifest.demo else "sha256 matches"
     info["engine"] = classifier.engine.name
     info["engine_reason"] = classifier.engine_reason
+    private = uncoded(classifier.manifest.labels, classifier.manifest.codes)
+    if private:
+        info["uncoded_labels"] = private if len(private) <= 20 else [*private[:10], f"... {len(private) - 10} more"]
+        shown = ", ".join(private[:5]) + (f" and {len(private) - 5} more" if len(private) > 5 else "")
+        print(
+            f'dxnode: warning: {len(private)} label(s) have no standard code in the manifest\'s "codes"'
+            f" (SNOMED CT, RadLex) and get a private {PRIVATE_SCHEME} code in the SR: {shown}",
+            file=sys.stderr,
+        )
     if args.json:
         print_json(info)
     else:

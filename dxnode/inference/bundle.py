@@ -2,7 +2,7 @@
 
 A bundle is a folder: ``weights.pt`` (a torchvision resnet18 state dict with fc sized to the
 labels) and ``manifest.json`` (name, version, labels, task, thresholds, preprocessing, sha256 of
-the weights, checked at load), and ``model.onnx`` with its sha256 for the ONNX Runtime engine
+the weights, checked at load; optional standard codes of the labels, dxnode.inference.codes), and ``model.onnx`` with its sha256 for the ONNX Runtime engine
 (dxnode.inference.engine). Nothing is ever downloaded: with no bundle configured, dxnode serves
 torchvision's ImageNet classifier if ``resnet18-f37072fd.pth`` is on disk (and PyTorch is
 installed), else an untrained demo model that says so in every output (its weights come from a
@@ -30,6 +30,7 @@ import numpy as np
 from dxnode.config import ModelSettings
 from dxnode.durable import durable_path, write_durably
 from dxnode.extras import TRAIN_EXTRA, has_torch
+from dxnode.inference.codes import CHEST_CODES, CodeError, LabelCode, parse_codes
 from dxnode.inference.intended import DEMO_NAME, DEMO_USE, IntendedUse
 from dxnode.pipeline import Preprocessing
 from dxnode.states import Task
@@ -71,6 +72,7 @@ class Manifest:
     intended_use: IntendedUse | None = (
         None  # what the model is for (dxnode.inference.intended); None: not declared, any image
     )
+    codes: dict[str, LabelCode] = field(default_factory=dict)  # label -> (value, scheme, meaning); others: 99DXNODE
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -90,6 +92,7 @@ class Manifest:
             "onnx_sha256": self.onnx_sha256,
             "quantization": self.quantization,
             **({"intended_use": self.intended_use.to_dict()} if self.intended_use else {}),
+            **({"codes": {label: list(code) for label, code in self.codes.items()}} if self.codes else {}),
         }
 
 
@@ -109,6 +112,10 @@ def _validate(m: Manifest, where: str) -> None:
         raise BundleError(
             f"{where}: needs labels and one threshold per label ({len(m.labels)} labels, {len(m.thresholds)} thresholds)"
         )
+    try:
+        parse_codes(m.codes, m.labels)
+    except CodeError as exc:
+        raise BundleError(f"{where}: {exc}") from None
 
 
 def write_bundle(
@@ -125,6 +132,7 @@ def write_bundle(
     description: str = "",
     extra: dict[str, Any] | None = None,
     intended_use: IntendedUse | None = None,
+    codes: dict[str, LabelCode] | None = None,
 ) -> Manifest:
     """Write weights.pt and manifest.json (with the weights' sha256) into the folder path."""
     import torch  # weights.pt is written by torch.save: dxnode[train] (training, init-imagenet)
@@ -147,6 +155,7 @@ def write_bundle(
         description,
         dict(extra or {}),
         intended_use=intended_use,
+        codes=dict(codes or {}),
     )
     save_manifest(path, manifest)
     return manifest
@@ -173,10 +182,11 @@ def load_manifest(path: Path) -> Manifest:
             onnx_sha256=d.get("onnx_sha256", ""),
             quantization=dict(d.get("quantization") or {}),
             intended_use=IntendedUse.from_dict(d["intended_use"]) if d.get("intended_use") is not None else None,
+            codes=parse_codes(d.get("codes"), d["labels"]),
         )
     except FileNotFoundError:
         raise BundleError(f"model bundle {path}: no manifest.json") from None
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:  # a CodeError is a ValueError
         raise BundleError(f"model bundle {path}: manifest.json is invalid: {exc}") from None
     _validate(m, str(file))
     return m
@@ -325,6 +335,7 @@ def demo_manifest(weights: dict[str, np.ndarray]) -> Manifest:
         weights_sha256=h.hexdigest(),
         demo=True,
         intended_use=DEMO_USE,
+        codes=dict(CHEST_CODES),
         description="UNTRAINED DEMO MODEL: random weights with a fixed seed. Its findings are meaningless; configure [model] bundle.",
     )
 

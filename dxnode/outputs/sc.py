@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import highdicom as hd
@@ -11,9 +12,12 @@ from pydicom import Dataset
 
 from dxnode.config import MIN_SC_SIDE, Settings
 from dxnode.outputs.result_uids import derived_uid, result_key
-from dxnode.pixels.colormap import jet
+from dxnode.pixels.colormap import OVERLAY_FLOOR, OVERLAY_MAX_ALPHA, jet, overlay_opacity
 from dxnode.results import Finding, Heatmap, StudyResult
 
+# Patient module attributes saying the source is de-identified, and how: the SC says it too.
+DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
+SCALE_GREY = 128.0  # the untinted part of the caption's colour scale
 # Spacing attributes a heatmap SC must not carry: its pixels are resampled and captioned.
 SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 # Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
@@ -59,7 +63,7 @@ def caption_lines(h: Heatmap, f: Finding, result: StudyResult) -> list[str]:
     m = result.model
     lines = [
         f"AI GENERATED - {f.label}: probability {f.probability:.3f} ({'POSITIVE' if f.positive else 'negative'}, threshold {f.threshold:.2f})",
-        f"Grad-CAM heatmap, model {m.name} {m.version}",
+        f"Grad-CAM heatmap (untinted below {OVERLAY_FLOOR:.0%} of its peak), model {m.name} {m.version}",
     ]
     if m.demo:
         lines.append("UNTRAINED DEMO MODEL - NOT A DIAGNOSIS")
@@ -82,6 +86,15 @@ def _panel_height(size: int, n_lines: int) -> int:
     """Height of the caption panel: the lines, then the colour scale."""
     line_h = int(size * 1.35)
     return line_h * n_lines + max(10, size // 2) + 3 * line_h // 2
+
+
+def colour_scale(width: int) -> np.ndarray:
+    """The caption's low-high scale, 1 x width x 3 uint8: the map's colours faded in as the overlay fades them
+    (grey, i.e. untinted, below the floor; full colour at the peak)."""
+    values = np.linspace(0, 1, width)
+    weight = (overlay_opacity(values) / OVERLAY_MAX_ALPHA)[:, np.newaxis]
+    rgb = jet(values) * 255 * weight + SCALE_GREY * (1 - weight)
+    return np.rint(rgb).astype(np.uint8)[np.newaxis]
 
 
 def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
@@ -115,8 +128,8 @@ def render_caption(overlay: np.ndarray, lines: list[str], max_side: int = 0) -> 
         y += line_h
     label_w = int(draw.textlength("high", font=font)) + size
     bar_w = max(64, min(canvas.width // 3, canvas.width - 2 * label_w - size))
-    ramp = (jet(np.linspace(0, 1, bar_w)) * 255).astype(np.uint8)
-    canvas.paste(Image.fromarray(np.repeat(ramp[np.newaxis], bar_h, axis=0)), (label_w, y + (line_h - bar_h) // 2))
+    ramp = colour_scale(bar_w)
+    canvas.paste(Image.fromarray(np.repeat(ramp, bar_h, axis=0)), (label_w, y + (line_h - bar_h) // 2))
     draw.text((size // 2, y), "low", fill=(255, 255, 255), font=font)
     draw.text((label_w + bar_w + size // 2, y), "high", fill=(255, 255, 255), font=font)
     return np.asarray(canvas), (img.height, img.width)
@@ -205,6 +218,9 @@ def build_sc(
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         ref.ReferencedFrameNumber = h.frame + 1
     sc.SourceImageSequence = [ref]
+    for keyword in DEIDENTIFICATION:  # highdicom copies only some Patient module attributes into an SC
+        if keyword in source and keyword not in sc:
+            sc[keyword] = copy.deepcopy(source[keyword])
     for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
         if source.get(keyword) and keyword not in sc:  # an empty one means unknown, handled below
             setattr(sc, keyword, source[keyword].value)

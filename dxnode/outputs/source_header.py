@@ -145,4 +145,19 @@ def reference_header(source: Dataset) -> tuple[Dataset, list[str]]:
     _fit_all(ds, notes)
     if isinstance(ds.PatientName, PersonName) and not str(ds.PatientName):
         ds.PatientName = ""
+    _deidentification_method(ds, notes)
     return ds, notes
+
+
+# De-identification Method when a de-identified source states none (Type 1C: needed once identity is removed).
+UNSTATED_DEIDENTIFICATION = "Not stated by the source (its Patient Identity Removed is YES)"
+
+
+def _deidentification_method(ds: Dataset, notes: list[str]) -> None:
+    """A de-identified source's method, which the written objects carry: its own, else a statement that it has none."""
+    if str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() != "YES":
+        return
+    if str(ds.get("DeidentificationMethod", "") or "").strip() or ds.get("DeidentificationMethodCodeSequence"):
+        return
+    ds.DeidentificationMethod = UNSTATED_DEIDENTIFICATION
+    notes.append("DeidentificationMethod added: the source has Patient Identity Removed YES but states no method")

@@ -2,15 +2,19 @@
 
 A device observer (this node), the algorithm (TID 4019: model name, version, weights sha256),
 one measurement group per label (TID 1501) holding the finding as a qualitative evaluation
-(present/absent by the bundle's threshold) and the model probability (UCUM "1"), the TID 1410
-attention regions of positive findings, the source images, an image library, a plain-text
-summary, and an IHE "Processing Algorithm" Contributing Equipment item. What it references is
-explained in dxnode/outputs/report.py.
+(present/absent by the bundle's threshold), the model probability and that threshold (UCUM "1"),
+the TID 1410 attention regions of positive findings, the source images, an image library, a
+plain-text summary, and an IHE "Processing Algorithm" Contributing Equipment item. What it
+references is explained in dxnode/outputs/report.py.
+
+Findings are coded as the bundle's manifest says (SNOMED CT, RadLex: dxnode.inference.codes),
+with a private 99DXNODE code only for a label it leaves uncoded. Procedure Reported is the
+study's own procedure code when the source carries one, else the generic imaging procedure of its
+modality. The device UID is derived from the model's name, version and weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import highdicom as hd
@@ -35,15 +39,33 @@ from pydicom.sr.codedict import codes
 
 from dxnode import __version__
 from dxnode.config import Settings
-from dxnode.outputs.attention import attention_outline
+from dxnode.inference.codes import PRIVATE_SCHEME, label_code
+from dxnode.outputs.attention import ATTENTION_LEVEL, attention_outline
 from dxnode.outputs.result_uids import derived_uid, result_key
-from dxnode.results import Finding, StudyResult
+from dxnode.results import Finding, ModelIdentity, StudyResult
+from dxnode.states import Task
 
-SCHEME = "99DXNODE"  # private coding scheme for model labels
-PROBABILITY = CodedConcept("PROB", SCHEME, "AI model probability")
-# Measurement method of a TID 1410 attention region: where the model looked, not a lesion outline.
-ATTENTION_METHOD = CodedConcept("GRADCAM50", SCHEME, "Grad-CAM attention region (map >= 50% of peak)")
-HEATMAP = CodedConcept("HEATMAP", SCHEME, "Grad-CAM heatmap image")
+SCHEME = PRIVATE_SCHEME  # private coding scheme, for model labels with no standard code
+PROBABILITY = CodedConcept("C0033204", "UMLS", "Probability")
+THRESHOLD = CodedConcept("122411", "DCM", "Threshold Value")  # the bundle's decision threshold of the label
+UNITLESS = CodedConcept("1", "UCUM", "no units")
+# Measurement method of a TID 1410 attention region (where the model looked, not a lesion outline), and
+# the concept of the IMAGE items pointing at the heatmaps.
+GRAD_CAM = CodedConcept("130403", "DCM", "Gradient-weighted class activation")
+ATTENTION_METHOD = GRAD_CAM
+HEATMAP = GRAD_CAM
+# Procedure Reported when the source names none: the generic imaging procedure of its modality from CID 100
+# (Quantitative Diagnostic Imaging Procedures); "Imaging procedure" for a modality CID 100 has none for.
+IMAGING_PROCEDURE = ("363679005", "SCT", "Imaging procedure")
+_XR = ("43468-8", "LN", "XR unspecified body region")
+PROCEDURE_OF_MODALITY = {
+    "CT": ("25045-6", "LN", "CT unspecified body region"),
+    "MR": ("25056-3", "LN", "MRI unspecified body region"),
+    "NM": ("49118-3", "LN", "NM unspecified body region"),
+    "PT": ("44136-0", "LN", "PET unspecified body region"),
+    "XA": ("77343006", "SCT", "Angiography"),
+    **dict.fromkeys(("CR", "DX", "RG", "RF", "IO", "PX"), _XR),
+}
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 
@@ -99,25 +121,41 @@ def summary_line(result: StudyResult) -> str:
     return f"AI-generated result ({who}): {found}; top: {top}. Not reviewed by a physician."
 
 
-def _label_concept(label: str) -> CodedConcept:
-    """The private code of a model label: the label itself when it fits a code value, else a digest.
-
-    Code values are at most 16 characters; labels that differ only past that or in punctuation
-    must still get different codes.
-    """
-    code = "".join(c if c.isalnum() else "_" for c in label.upper())
-    if not code or code != label.upper() or len(code) > 16:
-        code = f"{code[:7]}_{hashlib.sha256(label.encode()).hexdigest()[:8]}".lstrip("_")
-    return CodedConcept(code, SCHEME, label[:64])
+def _label_concept(label: str, model: ModelIdentity) -> CodedConcept:
+    """The code of a model label: the bundle's standard one, else a private 99DXNODE code (dxnode.inference.codes)."""
+    return CodedConcept(*label_code(label, model.codes))
 
 
-def _contributing_equipment(settings: Settings, m_name: str, m_version: str, device_uid: str) -> Dataset:
+def procedure_reported(ds: Dataset) -> CodedConcept:
+    """The study's procedure (Procedure Code Sequence, else Requested Procedure Code Sequence) of a source
+    header, else the generic imaging procedure of its modality."""
+    for keyword in ("ProcedureCodeSequence", "RequestedProcedureCodeSequence"):
+        for item in ds.get(keyword) or []:
+            value, scheme, meaning = (str(item.get(k, "") or "").strip() for k in _CODE_KEYWORDS)
+            if value and scheme and meaning:
+                try:
+                    return CodedConcept(value, scheme, meaning)
+                except (TypeError, ValueError):  # a malformed code in the source: the generic one instead
+                    continue
+    return CodedConcept(*PROCEDURE_OF_MODALITY.get(str(ds.get("Modality", "") or ""), IMAGING_PROCEDURE))
+
+
+_CODE_KEYWORDS = ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+
+
+def device_uid(model: ModelIdentity) -> str:
+    """The AI device's UID (Contributing Equipment, device observer): new whenever the model's name, version
+    or weights change (IHE AIR 6.5.3.1), the same for the same model."""
+    return derived_uid("dxnode-device", model.name, model.version, model.sha256)
+
+
+def _contributing_equipment(settings: Settings, m_name: str, m_version: str, device: str) -> Dataset:
     """IHE AIR Contributing Equipment item, purpose 'Processing Algorithm' (added with pydicom)."""
     item = Dataset()
     item.Manufacturer = settings.report.manufacturer
     item.ManufacturerModelName = f"dxnode / {m_name}"[:64]
     item.SoftwareVersions = [f"dxnode {__version__}", f"{m_name} {m_version}"[:64]]
-    item.DeviceUID = device_uid
+    item.DeviceUID = device
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = PROCESSING_ALGORITHM
     item.PurposeOfReferenceCodeSequence = [purpose]
@@ -127,19 +165,19 @@ def _contributing_equipment(settings: Settings, m_name: str, m_version: str, dev
 
 def _probability(f: Finding, algo: AlgorithmIdentification) -> Measurement:
     """The finding's probability as a TID 300 measurement (UCUM "1", no units)."""
-    return Measurement(
-        name=PROBABILITY,
-        value=round(float(f.probability), 6),
-        unit=CodedConcept("1", "UCUM", "no units"),
-        algorithm_id=algo,
-    )
+    return Measurement(name=PROBABILITY, value=round(float(f.probability), 6), unit=UNITLESS, algorithm_id=algo)
+
+
+def _threshold(f: Finding, algo: AlgorithmIdentification) -> Measurement:
+    """The decision threshold that made the finding present or absent, as a TID 300 measurement."""
+    return Measurement(name=THRESHOLD, value=round(float(f.threshold), 6), unit=UNITLESS, algorithm_id=algo)
 
 
 def _group(
-    f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str
+    f: Finding, sources: dict[str, Dataset], algo: AlgorithmIdentification, key: str, model: ModelIdentity
 ) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group of one label: present/absent and probability, with its source image."""
-    concept = _label_concept(f.label)
+    """TID 1501 group of one label: present/absent, probability and threshold, with its source image."""
+    concept = _label_concept(f.label, model)
     images = []
     if f.source_sop_instance_uid and f.source_sop_instance_uid in sources:
         src = sources[f.source_sop_instance_uid]
@@ -154,7 +192,7 @@ def _group(
         finding_type=concept,
         algorithm_id=algo,
         qualitative_evaluations=[QualitativeEvaluation(concept, codes.SCT.Present if f.positive else codes.SCT.Absent)],
-        measurements=[_probability(f, algo)],
+        measurements=[_probability(f, algo), _threshold(f, algo)],
         source_images=images or None,
     )
 
@@ -176,7 +214,7 @@ def attention_groups(
         # Both shapes, for viewers that draw only one kind (and Pixelmed's validator misreads a report
         # holding exactly one TID 1410 group).
         for shape, points in (("outline", outline), ("box", box)):
-            groups.append(_attention_group(f, src, h.frame, shape, points, algo, key))
+            groups.append(_attention_group(f, src, h.frame, shape, points, algo, key, result.model))
     return groups
 
 
@@ -188,6 +226,7 @@ def _attention_group(
     points: np.ndarray,
     algo: AlgorithmIdentification,
     key: str,
+    model: ModelIdentity,
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """One TID 1410 group: a closed polyline on the source image (and frame), the probability as its measurement."""
     frames = [frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
@@ -204,7 +243,7 @@ def _attention_group(
             identifier=f"AI attention {shape}, not a lesion boundary: {f.label}"[:64],
         ),
         referenced_region=region,
-        finding_type=_label_concept(f.label),
+        finding_type=_label_concept(f.label, model),
         method=ATTENTION_METHOD,
         algorithm_id=algo,
         measurements=[_probability(f, algo)],
@@ -253,12 +292,12 @@ def build_sr(
     """The Comprehensive SR dataset of a result and its summary line; it references the given heatmap SCs."""
     m = result.model
     key = result_key(result)
-    device_uid = derived_uid("dxnode-device", settings.node.ae_title)
+    device = device_uid(m)
     algo = AlgorithmIdentification(name=m.name[:64], version=m.version[:64], parameters=[f"weights sha256 {m.sha256}"])
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
+            uid=device,
             name=settings.node.ae_title,
             manufacturer_name=settings.report.manufacturer,
             model_name=f"dxnode {__version__}",
@@ -269,10 +308,10 @@ def build_sr(
     evidence = [sources[uid] for uid in named] or [sources[uid] for uid in sorted(sources)[:1]]
     # TID 1500 lists planar ROI groups (TID 1410) before the whole-image ones (TID 1501); Pixelmed's validator wants that order.
     groups: list[Any] = attention_groups(result, sources, algo, key) if settings.report.attention_roi else []
-    groups += [_group(f, sources, algo, key) for f in result.findings]
+    groups += [_group(f, sources, algo, key, m) for f in result.findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=CodedConcept("363679005", "SCT", "Imaging procedure"),
+        procedure_reported=procedure_reported(evidence[0]),
         imaging_measurements=groups,
         referenced_images=[library_view(ds) for ds in evidence],
     )
@@ -281,7 +320,15 @@ def build_sr(
         summary,
         "This content was generated by an AI model"
         + (" that is an UNTRAINED DEMO: its findings are meaningless." if m.demo else "."),
+        "Each finding is present when its probability is at or above its threshold"
+        + (" and it is the most probable label" if m.task == Task.MULTICLASS else "")
+        + " (both numbers are in its group).",
     ]
+    if any(isinstance(g, PlanarROIMeasurementsAndQualitativeEvaluations) for g in groups):
+        lines.append(
+            f"Attention regions enclose where the Grad-CAM map is at least {ATTENTION_LEVEL:.0%} of its peak:"
+            " where the model looked, not a lesion boundary."
+        )
     comments = _comments_container(lines)
     comments.ContentSequence.extend(heatmap_image_items(list(heatmaps or [])))
     report[0].ContentSequence.append(comments)
@@ -300,5 +347,16 @@ def build_sr(
     sr.SeriesDescription = settings.report.sr_series_description[:64]
     # highdicom types this as list[ContributingEquipment], whose class accepts only the purpose codes it lists
     # and so refuses IHE's "Processing Algorithm" (99IHE Newcode1): the item is a plain pydicom Dataset.
-    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device_uid)]  # type: ignore[list-item]
+    sr.ContributingEquipmentSequence = [_contributing_equipment(settings, m.name, m.version, device)]  # type: ignore[list-item]
+    if any(label_code(f.label, m.codes)[1] == PRIVATE_SCHEME for f in result.findings):
+        sr.CodingSchemeIdentificationSequence = [_private_scheme(settings)]
     return sr, summary
+
+
+def _private_scheme(settings: Settings) -> Dataset:
+    """The Coding Scheme Identification item describing 99DXNODE, which labels without a standard code use."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "dxnode model labels without a standard code"
+    item.CodingSchemeResponsibleOrganization = settings.report.manufacturer[:64]
+    return item

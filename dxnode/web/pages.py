@@ -33,7 +33,31 @@ def person_name(value: str) -> str:
     return f"{names[0]} ({' / '.join(names[1:])})" if len(names) > 1 else "".join(names)
 
 
+def dicom_date(value: str | None) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    text = (value or "").strip()
+    try:
+        return dt.datetime.strptime(text, "%Y%m%d").date().isoformat() if len(text) == 8 else text
+    except ValueError:
+        return text
+
+
+def timestamp(value: str | None) -> str:
+    """ISO 8601 text (UTC when it names no zone) as 'YYYY-MM-DD HH:MM' in the node's local time with its zone."""
+    if not value:
+        return ""
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
 TEMPLATES.env.filters["pn"] = person_name
+TEMPLATES.env.filters["da"] = dicom_date
+TEMPLATES.env.filters["when"] = timestamp
 
 
 class LoginRequired(Exception):
@@ -63,7 +87,12 @@ def dashboard_data(store: Store) -> dict[str, Any]:
         for st in list_studies(s, StudyFilter(limit=25)):
             top = list_results(s, ResultFilter(study_instance_uid=st.study_instance_uid, limit=3))
             studies.append(
-                st.model_dump() | {"top": [r.model_dump(include={"label", "probability", "positive"}) for r in top]}
+                st.model_dump()
+                | {
+                    "top": [r.model_dump(include={"label", "probability", "positive"}) for r in top],
+                    "study_date_shown": dicom_date(st.study_date),  # what the page shows; the JSON keeps the values
+                    "last_received_shown": timestamp(st.last_received_at),
+                }
             )
     return {"counters": counters.model_dump(), "studies": studies}
 
