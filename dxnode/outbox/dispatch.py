@@ -91,10 +91,12 @@ def not_configured(name: str) -> str:
 
 
 def enqueue(session: Session, output: Output, settings: Settings, calling_aet: str = "") -> list[Delivery]:
-    """A pending delivery per destination, by name; rows that already exist are kept as they are."""
+    """A pending delivery per destination that wants the output's kind, by name; rows that already exist are kept."""
     existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
     rows = []
     for dest in destinations_for(settings, calling_aet):
+        if output.kind not in dest.outputs:
+            continue
         row = existing.get(dest.name)
         if row is None:
             row = Delivery(

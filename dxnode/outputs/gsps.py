@@ -1,0 +1,87 @@
+"""Grayscale Softcopy Presentation States: the attention outlines on the original images.
+
+One GSPS per source series with a positive finding: for each positive finding, its attention
+outline (the same closed polyline as the SR's TID 1410 group, dxnode/outputs/attention.py) and a
+text "Nodule 0.64 (AI, threshold 0.50)" at the outline's top-left corner, in an "AI" graphic
+layer. The modality LUT and VOI are the source's own (highdicom copies them from the referenced
+images), so a GSPS-capable viewer shows the region on the original image as the PACS would show
+it, with no burned-in copy.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom import Dataset
+
+from dxnode.config import Settings
+from dxnode.outputs.attention import attention_outline
+from dxnode.outputs.result_uids import derived_uid, result_key
+from dxnode.outputs.seg import Region, by_series, equipment, positive_regions
+from dxnode.results import StudyResult
+
+GSPS_SERIES_NUMBER = 9905
+GSPS_SERIES_DESCRIPTION = "AI Attention Outlines"
+LAYER = hd.pr.GraphicLayer(layer_name="AI", order=1, description="AI attention regions (not lesion boundaries)")
+
+
+def region_text(r: Region) -> str:
+    """The text shown beside a finding's outline."""
+    f = r.finding
+    return f"{f.label} {f.probability:.2f} (AI, threshold {f.threshold:.2f})"
+
+
+def build_gsps(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> list[Dataset]:
+    """One GSPS per source series holding a positive finding's region."""
+    key = result_key(result)
+    states = []
+    for number, group in enumerate(by_series(positive_regions(result, sources)), start=1):
+        images: dict[str, Dataset] = {}
+        for r in group:
+            images.setdefault(r.heatmap.sop_instance_uid, r.source)
+        series = str(group[0].source.SeriesInstanceUID)
+        gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+            referenced_images=list(images.values()),
+            series_instance_uid=derived_uid(key, "gsps-series"),
+            series_number=GSPS_SERIES_NUMBER,
+            sop_instance_uid=derived_uid(key, "gsps", series),
+            instance_number=number,
+            content_label="AI_ATTENTION",
+            content_description=f"AI attention outlines, {result.model.name} {result.model.version}"[:64],
+            graphic_layers=[LAYER],
+            graphic_annotations=[_annotation(r, key) for r in group],
+            institution_name=settings.report.institution_name or None,
+            **equipment(result, settings),  # type: ignore[arg-type]
+        )
+        gsps.SeriesDescription = GSPS_SERIES_DESCRIPTION
+        states.append(gsps)
+    return states
+
+
+def _annotation(r: Region, key: str) -> hd.pr.GraphicAnnotation:
+    """The outline and text of one finding on its image (and frame)."""
+    outline = attention_outline(r.heatmap.cam, int(r.source.Rows), int(r.source.Columns))
+    x0, y0 = (float(v) for v in outline.min(axis=0))
+    uid = derived_uid(key, "gsps-outline", r.finding.label)
+    return hd.pr.GraphicAnnotation(
+        referenced_images=[r.source],
+        graphic_layer=LAYER,
+        referenced_frame_number=r.frame_number,
+        graphic_objects=[
+            hd.pr.GraphicObject(
+                graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline,
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                tracking_id=f"AI attention {r.finding.label}"[:64],
+                tracking_uid=uid,
+            )
+        ],
+        text_objects=[
+            hd.pr.TextObject(
+                text_value=region_text(r),
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                anchor_point=(x0, y0),
+                anchor_point_visible=False,
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+            )
+        ],
+    )
