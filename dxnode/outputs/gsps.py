@@ -16,7 +16,7 @@ from pydicom import Dataset
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_outline
 from dxnode.outputs.result_uids import derived_uid, result_key
-from dxnode.outputs.seg import Region, by_series, equipment, positive_regions
+from dxnode.outputs.seg import Region, by_series, copy_body_part, equipment, positive_regions
 from dxnode.results import StudyResult
 
 GSPS_SERIES_NUMBER = 9905
@@ -53,6 +53,7 @@ def build_gsps(result: StudyResult, sources: dict[str, Dataset], settings: Setti
             **equipment(result, settings),  # type: ignore[arg-type]
         )
         gsps.SeriesDescription = GSPS_SERIES_DESCRIPTION
+        copy_body_part(gsps, group[0].source)
         states.append(gsps)
     return states
 

@@ -9,6 +9,8 @@ geometry are the source's.
 
 from __future__ import annotations
 
+import logging
+
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
@@ -16,8 +18,10 @@ from pydicom import Dataset
 from dxnode.config import Settings
 from dxnode.outputs.attention import to_source_grid
 from dxnode.outputs.result_uids import derived_uid, result_key
-from dxnode.outputs.seg import Region, equipment, is_multiframe, positive_regions
+from dxnode.outputs.seg import Region, copy_body_part, equipment, is_multiframe, positive_regions
 from dxnode.results import StudyResult
+
+log = logging.getLogger("dxnode.outputs.pmap")
 
 PMAP_SERIES_NUMBER = 9904
 PMAP_SERIES_DESCRIPTION = "AI Attention Maps"
@@ -28,13 +32,19 @@ ATTENTION_QUANTITY = hd.sr.CodedConcept("GRADCAM", "99DXNODE", "AI attention (Gr
 def build_pmaps(
     result: StudyResult, sources: dict[str, Dataset], settings: Settings
 ) -> tuple[list[tuple[Dataset, str]], list[str]]:
-    """(Parametric Map, finding label) per positive finding on a single-frame source, and notes on the others."""
+    """(Parametric Map, finding label) per positive finding on a single-frame source with a Frame of
+    Reference (most radiographs have none), and notes on the others."""
     maps, notes = [], []
     for i, r in enumerate(positive_regions(result, sources)):
         if is_multiframe(r.source):  # highdicom needs the whole frame stack of a multi-frame source
             notes.append(f"no Parametric Map for {r.finding.label}: its source is multi-frame (not supported yet)")
             continue
+        if "FrameOfReferenceUID" not in r.source:  # the IOD's Frame of Reference module is mandatory
+            notes.append(f"no Parametric Map for {r.finding.label}: its source has no Frame of Reference")
+            continue
         maps.append((_parametric_map(result, r, settings, i + 1), r.finding.label))
+    for note in notes:
+        log.warning("%s", note)
     return maps, notes
 
 
@@ -73,4 +83,5 @@ def _parametric_map(result: StudyResult, r: Region, settings: Settings, number: 
         **equipment(result, settings),  # type: ignore[arg-type]
     )
     pm.SeriesDescription = PMAP_SERIES_DESCRIPTION
+    copy_body_part(pm, r.source)
     return pm

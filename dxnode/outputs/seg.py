@@ -25,6 +25,7 @@ from dxnode import __version__
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
 from dxnode.outputs.result_uids import derived_uid, result_key
+from dxnode.outputs.sc import PAIRED_BODY_PARTS, patient_orientation
 from dxnode.outputs.sr import _label_concept
 from dxnode.results import Finding, Heatmap, StudyResult
 
@@ -55,6 +56,15 @@ def is_multiframe(ds: Dataset) -> bool:
     return int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
+def copy_body_part(ds: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality from the source; an empty Laterality (unknown) where General Series needs one."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if source.get(keyword) and keyword not in ds:
+            setattr(ds, keyword, source[keyword].value)
+    if "Laterality" not in ds and str(ds.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}:
+        ds.Laterality = ""  # Type 2C for a paired (or unknown) body part: empty = unknown
+
+
 def label_code(label: str) -> hd.sr.CodedConcept:
     """The finding's code, the same the SR's groups use."""
     return _label_concept(label)
@@ -79,13 +89,13 @@ def by_series(regions: list[Region]) -> list[list[Region]]:
     return list(groups.values())
 
 
-def equipment(result: StudyResult, settings: Settings) -> dict[str, str | tuple[str, ...]]:
+def equipment(result: StudyResult, settings: Settings) -> dict[str, str | list[str]]:
     """The General Equipment arguments highdicom's image and presentation-state classes take."""
     m = result.model
     return {
         "manufacturer": settings.report.manufacturer,
         "manufacturer_model_name": f"dxnode / {m.name}"[:64],
-        "software_versions": (f"dxnode {__version__}", f"{m.name} {m.version}"[:64]),
+        "software_versions": [f"dxnode {__version__}", f"{m.name} {m.version}"[:64]],
         "device_serial_number": settings.node.ae_title,
     }
 
@@ -174,5 +184,8 @@ def _segmentation(result: StudyResult, group: list[Region], settings: Settings, 
         omit_empty_frames=True,
         **equipment(result, settings),  # type: ignore[arg-type]
     )
-    seg.SeriesDescription = SEG_SERIES_DESCRIPTION
+    seg.SeriesDescription = SEG_SERIES_DESCRIPTION  # no Laterality: dciodvfy wants none on a SEG
+    if "FrameOfReferenceUID" not in seg:  # no patient coordinates (a radiograph): General Image's Type 2C orientation
+        orientation = patient_orientation(group[0].source)
+        seg.PatientOrientation = list(orientation) if orientation else []
     return seg
