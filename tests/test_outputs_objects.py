@@ -173,16 +173,18 @@ def test_seg_and_parametric_map_read_back_with_the_sources_geometry_and_referenc
             if f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == h.sop_instance_uid
             and f.SegmentIdentificationSequence[0].ReferencedSegmentNumber == number
         )
-        assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == [
-            float(v) for v in src.ImagePositionPatient
-        ]
+        assert np.allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in src.ImagePositionPatient],
+            atol=1e-4,
+        )
     ct = pydicom.dcmread(CT, stop_before_pixels=True)
     assert seg.FrameOfReferenceUID == ct.FrameOfReferenceUID
     shared = seg.SharedFunctionalGroupsSequence[0]
-    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [float(v) for v in ct.PixelSpacing]
-    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
-        float(v) for v in ct.ImageOrientationPatient
-    ]
+    assert np.allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], ct.PixelSpacing)
+    assert np.allclose(
+        [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient], ct.ImageOrientationPatient
+    )
 
     assert len(kinds["pmap"]) == 3
     for w in kinds["pmap"]:

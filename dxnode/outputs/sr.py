@@ -217,19 +217,27 @@ def _attention_group(
 
 
 def segment_groups(
-    result: StudyResult, segs: list[Dataset], algo: AlgorithmIdentification
+    result: StudyResult, sources: dict[str, Dataset], segs: list[Dataset], algo: AlgorithmIdentification
 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """A TID 1411 group per segment of the SEGs the SR comes with: the finding's attention region as a segment."""
     by_code = {_label_concept(f.label).value: f for f in result.positive}
+    heatmaps = {h.label: h for h in result.heatmaps}
     groups = []
     for seg in segs:
         for segment in seg.SegmentSequence:
             f = by_code.get(segment.SegmentedPropertyTypeCodeSequence[0].CodeValue)
-            if f is None:
+            if f is None or f.label not in heatmaps:
                 continue
+            src = sources[heatmaps[f.label].sop_instance_uid]  # the image the segment's frame lies on
+            referenced = hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg.SOPClassUID),
+                sop_instance_uid=str(seg.SOPInstanceUID),
+                segment_number=int(segment.SegmentNumber),
+                source_images=[hd.sr.SourceImageForSegmentation(str(src.SOPClassUID), str(src.SOPInstanceUID))],
+            )
             group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
-                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, int(segment.SegmentNumber)),
+                referenced_segment=referenced,
                 finding_type=_label_concept(f.label),
                 method=ATTENTION_METHOD,
                 algorithm_id=algo,
@@ -304,7 +312,7 @@ def build_sr(
     evidence = [sources[uid] for uid in named] or [sources[uid] for uid in sorted(sources)[:1]]
     # TID 1500 lists planar ROI groups (TID 1410) before the whole-image ones (TID 1501); Pixelmed's validator wants that order.
     groups: list[Any] = attention_groups(result, sources, algo, key) if settings.report.attention_roi else []
-    groups += segment_groups(result, [c for c in companions if c.SOPClassUID == SEG_SOP_CLASS], algo)
+    groups += segment_groups(result, sources, [c for c in companions if c.SOPClassUID == SEG_SOP_CLASS], algo)
     groups += [_group(f, sources, algo, key) for f in result.findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
