@@ -318,3 +318,18 @@ def test_the_kinds_written_are_those_some_destination_wants() -> None:
     assert wanted_kinds(settings) == {OutputKind.SR, OutputKind.SC, OutputKind.SEG, OutputKind.GSPS}
     with pytest.raises(ValueError, match="outputs"):
         Settings(destinations=[{"name": "c", **dest, "outputs": ["sr", "png"]}])
+
+
+@pytest.mark.parametrize("centres", [((40, 50), (90, 80)), ((60, 60), (64, 66))], ids=["apart", "overlapping"])
+def test_two_regions_on_one_image_read_back_as_their_own_segments(tmp_path: Path, centres: tuple) -> None:
+    result, sources = synthetic([CT], {"Nodule": (0, centres[0]), "Mass": (0, centres[1])})
+    (seg_out,) = write_outputs(result, sources, Settings(), tmp_path, kinds=[OutputKind.SEG])
+    assert dciodvfy_errors(seg_out.path) == []
+    seg = hd.seg.segread(seg_out.path)
+    masks = {h.label: to_source_grid(attention_region(h.cam), 128, 128) for h in result.heatmaps}
+    assert (masks["Nodule"] & masks["Mass"]).any() == (centres[1][0] - centres[0][0] < 10)
+    for number in seg.segment_numbers:
+        label = seg.get_segment_description(number).segment_label.removeprefix("AI attention ")
+        uid = result.heatmaps[0].sop_instance_uid
+        got = seg.get_pixels_by_source_instance([uid], segment_numbers=[number], skip_overlap_checks=True)
+        assert np.array_equal(got[0, :, :, 0].astype(bool), masks[label])

@@ -136,6 +136,34 @@ def build_segs(result: StudyResult, sources: dict[str, Dataset], settings: Setti
     return segs, notes
 
 
+def _plane(r: Region, fractional: bool, rows: int, columns: int) -> np.ndarray:
+    """A region's frame on its source's grid: the map (fractional) or the attention region."""
+    cam = np.clip(np.asarray(r.heatmap.cam, dtype=np.float32), 0, 1)
+    return to_source_grid(cam if fractional else attention_region(cam), rows, columns)
+
+
+def _pixel_array(planes: list[tuple[int, np.ndarray]], images: int, fractional: bool) -> np.ndarray:
+    """highdicom's pixel array: a label map (image x rows x columns, value = segment number) when the
+    binary regions of each image do not overlap, else stacked segments (image x rows x columns x segment).
+
+    The label map keeps the cost at one plane per image that holds a region, whatever the number of
+    segments (stacked, 12 findings on 12 slices of 512 x 512 take 144 planes, 38 MB).
+    """
+    rows, columns = planes[0][1].shape
+    if not fractional:
+        labels = np.zeros((images, rows, columns), dtype=np.uint8 if len(planes) < 256 else np.uint16)
+        for s, (i, plane) in enumerate(planes):
+            if labels[i][plane].any():  # overlaps an earlier segment on this image
+                break
+            labels[i][plane] = s + 1
+        else:
+            return labels
+    stacked = np.zeros((images, rows, columns, len(planes)), dtype=np.float32 if fractional else np.uint8)
+    for s, (i, plane) in enumerate(planes):
+        stacked[i, :, :, s] = plane
+    return stacked
+
+
 def _segmentation(result: StudyResult, group: list[Region], settings: Settings, number: int) -> Dataset:
     """One Segmentation over the images of one series that hold a region."""
     fractional = settings.report.seg_type == "fractional"
@@ -144,12 +172,7 @@ def _segmentation(result: StudyResult, group: list[Region], settings: Settings, 
         images.setdefault(r.heatmap.sop_instance_uid, r.source)
     index = {uid: i for i, uid in enumerate(images)}
     rows, columns = int(group[0].source.Rows), int(group[0].source.Columns)
-    # Frames x rows x columns x segments: only the images that hold a region, one plane per segment.
-    pixels = np.zeros((len(images), rows, columns, len(group)), dtype=np.float32 if fractional else np.uint8)
-    for s, r in enumerate(group):
-        cam = np.clip(np.asarray(r.heatmap.cam, dtype=np.float32), 0, 1)
-        plane = cam if fractional else attention_region(cam)
-        pixels[index[r.heatmap.sop_instance_uid], :, :, s] = to_source_grid(plane, rows, columns)
+    planes = [(index[r.heatmap.sop_instance_uid], _plane(r, fractional, rows, columns)) for r in group]
     algo = algorithm(result)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -168,7 +191,7 @@ def _segmentation(result: StudyResult, group: list[Region], settings: Settings, 
     series = str(group[0].source.SeriesInstanceUID)
     seg = hd.seg.Segmentation(
         source_images=list(images.values()),
-        pixel_array=pixels,
+        pixel_array=_pixel_array(planes, len(images), fractional),
         segmentation_type="FRACTIONAL" if fractional else "BINARY",
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(key, "seg-series", settings.report.seg_type),
