@@ -33,7 +33,7 @@ def region_text(r: Region) -> str:
 def build_gsps(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> list[Dataset]:
     """One GSPS per source series holding a positive finding's region."""
     key = result_key(result)
-    states = []
+    states: list[Dataset] = []
     for number, group in enumerate(by_series(positive_regions(result, sources)), start=1):
         images: dict[str, Dataset] = {}
         for r in group:

@@ -119,7 +119,8 @@ def segment_uid(result: StudyResult, label: str) -> str:
 
 def build_segs(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> tuple[list[Dataset], list[str]]:
     """The Segmentations of a result (one per source series with a region), and notes on what was left out."""
-    segs, notes = [], []
+    segs: list[Dataset] = []
+    notes: list[str] = []
     for group in by_series(positive_regions(result, sources)):
         multi = [r for r in group if is_multiframe(r.source)]
         if multi:  # highdicom needs the whole frame stack of a multi-frame source: not done here
