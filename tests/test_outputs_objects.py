@@ -125,6 +125,8 @@ def test_every_kind_passes_dciodvfy_and_gsps_passes_dcmpschk(tmp_path: Path, nam
     written = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=ALL)
     kinds = by_kind(written)
     maps = 0 if name == "cr" else 2  # a Parametric Map needs a Frame of Reference, which the CR lacks
+    left_out = [n for n in written[0].notes if n.startswith("no Parametric Map")]  # the job log shows them
+    assert written[0].kind == "sr" and len(left_out) == (2 if name == "cr" else 0), written[0].notes
     assert {k: len(v) for k, v in kinds.items()} == {"sr": 1, "sc": 2, "seg": 1, "pmap": maps, "gsps": 1, "kos": 1}
     for w in written:
         assert dciodvfy_errors(w.path) == [], (w.kind, w.path)

@@ -30,6 +30,7 @@ dxnode/outputs/sc.py, the UIDs in dxnode/outputs/result_uids.py, attention outli
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -122,13 +123,16 @@ def write_outputs(
             for i, h in enumerate(result.heatmaps):
                 sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
                 built.append(_Built(sc, OutputKind.SC, h.label, caption, tuple(notes[h.sop_instance_uid])))
-    built += _companions(result, headers, settings, wanted, stopwatch, first_notes)
+    skipped: list[str] = []  # findings a kind had to leave out (multi-frame source, no Frame of Reference)
+    built += _companions(result, headers, settings, wanted, stopwatch, first_notes, skipped)
     if OutputKind.SR in wanted:
         with stopwatch("sr"):
             scs = [b.ds for b in built if b.kind == OutputKind.SC]
             others = [b.ds for b in built if b.kind != OutputKind.SC]
             sr, summary = build_sr(result, headers, settings, scs, others)
         built.insert(0, _Built(sr, OutputKind.SR, "", summary, first_notes))
+    if skipped and built:  # the job log shows each output's notes
+        built[0] = dataclasses.replace(built[0], notes=built[0].notes + tuple(skipped))
     folder = Path(out_dir) / result.study_instance_uid
     with stopwatch("write"):
         return [_save(b.ds, folder, b.kind, b.label, b.summary, b.notes) for b in built]
@@ -152,19 +156,23 @@ def _companions(
     wanted: frozenset[OutputKind],
     stopwatch: _Stopwatch,
     notes: tuple[str, ...],
+    skipped: list[str],
 ) -> list[_Built]:
-    """The SEG, Parametric Map, GSPS and KOS objects wanted (each kind timed under its name)."""
+    """The SEG, Parametric Map, GSPS and KOS objects wanted (each kind timed under its name); what a
+    kind left out is added to skipped."""
     built: list[_Built] = []
     if OutputKind.SEG in wanted:
         with stopwatch("seg"):
-            segs, _ = build_segs(result, headers, settings)
+            segs, left_out = build_segs(result, headers, settings)
+        skipped += left_out
         labels = [", ".join(str(s.SegmentLabel) for s in seg.SegmentSequence) for seg in segs]
         built += [
             _Built(seg, OutputKind.SEG, "", f"SEG: {text}", notes) for seg, text in zip(segs, labels, strict=True)
         ]
     if OutputKind.PMAP in wanted:
         with stopwatch("pmap"):
-            maps, _ = build_pmaps(result, headers, settings)
+            maps, left_out = build_pmaps(result, headers, settings)
+        skipped += left_out
         built += [
             _Built(pm, OutputKind.PMAP, label, f"Parametric Map: AI attention {label}", notes) for pm, label in maps
         ]
