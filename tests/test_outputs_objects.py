@@ -3,6 +3,7 @@ highdicom with the source's geometry and references, one outline everywhere, ide
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -335,3 +336,20 @@ def test_two_regions_on_one_image_read_back_as_their_own_segments(tmp_path: Path
         uid = result.heatmaps[0].sop_instance_uid
         got = seg.get_pixels_by_source_instance([uid], segment_numbers=[number], skip_overlap_checks=True)
         assert np.array_equal(got[0, :, :, 0].astype(bool), masks[label])
+
+
+def test_a_multi_frame_source_gets_its_gsps_on_the_frame_and_notes_for_seg_and_map(tmp_path: Path) -> None:
+    path = Path(get_testdata_file("emri_small.dcm"))  # 10 frames, no functional groups (a legacy-like header)
+    result, sources = synthetic([path], {"Nodule": (0, (30, 20))})
+    result.heatmaps[0] = dataclasses.replace(result.heatmaps[0], frame=3)
+    written = write_outputs(result, sources, Settings(), tmp_path, kinds=ALL)
+    kinds = by_kind(written)
+    assert {k for k, v in kinds.items() if v} == {"sr", "sc", "gsps", "kos"}
+    assert any(n.startswith("no SEG") for n in kinds["sr"][0].notes)
+    assert any(n.startswith("no Parametric Map") for n in kinds["sr"][0].notes)
+    for w in written:
+        assert dciodvfy_errors(w.path) == [], w.kind
+    check = dcmpschk(kinds["gsps"][0].path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    annotation = pydicom.dcmread(kinds["gsps"][0].path).GraphicAnnotationSequence[0]
+    assert annotation.ReferencedImageSequence[0].ReferencedFrameNumber == 4

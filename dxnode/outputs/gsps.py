@@ -10,8 +10,11 @@ it, with no burned-in copy.
 
 from __future__ import annotations
 
+from typing import Any
+
 import highdicom as hd
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_outline
@@ -41,6 +44,7 @@ def build_gsps(result: StudyResult, sources: dict[str, Dataset], settings: Setti
         series = str(group[0].source.SeriesInstanceUID)
         gsps = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=list(images.values()),
+            **_legacy_multiframe_luts(list(images.values())),  # type: ignore[arg-type]
             series_instance_uid=derived_uid(key, "gsps-series"),
             series_number=GSPS_SERIES_NUMBER,
             sop_instance_uid=derived_uid(key, "gsps", series),
@@ -56,6 +60,43 @@ def build_gsps(result: StudyResult, sources: dict[str, Dataset], settings: Setti
         copy_body_part(gsps, group[0].source)
         states.append(gsps)
     return states
+
+
+def _legacy_multiframe_luts(images: list[Dataset]) -> dict[str, object]:
+    """The source's modality LUT and VOI as arguments, for images highdicom cannot read them from.
+
+    highdicom 0.28 reads them from the functional groups of any image of a multi-frame IOD, which
+    a legacy multi-frame image (US, XA, NM, RF, older MR) does not have: it raises. For those the
+    top-level Rescale and Window attributes are passed instead: identity rescale when there is
+    none, and the stored range as the window when the source names none.
+    """
+    if not any("NumberOfFrames" in ds and "SharedFunctionalGroupsSequence" not in ds for ds in images):
+        return {}
+    first = images[0]
+    rescale = hd.ModalityLUTTransformation(
+        rescale_intercept=float(first.get("RescaleIntercept", 0) or 0),
+        rescale_slope=float(first.get("RescaleSlope", 1) or 1),
+        rescale_type=str(first.get("RescaleType") or ("HU" if first.get("Modality") == "CT" else "US")),
+    )
+    windows = []
+    for ds in images:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            bits, signed = int(ds.get("BitsStored", 8) or 8), int(ds.get("PixelRepresentation", 0) or 0)
+            center, width = (0.0 if signed else 2.0 ** (bits - 1)), 2.0**bits
+        windows.append(
+            hd.pr.SoftcopyVOILUTTransformation(
+                window_center=_first(center),
+                window_width=_first(width),
+                referenced_images=hd.ReferencedImageSequence(referenced_images=[ds]) if len(images) > 1 else None,
+            )
+        )
+    return {"modality_lut_transformation": rescale, "voi_lut_transformations": windows}
+
+
+def _first(value: Any) -> float:
+    """The first value of a possibly multi-valued DS."""
+    return float(value[0]) if isinstance(value, MultiValue | list | tuple) else float(value)
 
 
 def _annotation(r: Region, key: str) -> hd.pr.GraphicAnnotation:
