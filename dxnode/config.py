@@ -35,7 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dxnode.states import HeatmapFor, Priority
+from dxnode.states import HeatmapFor, OutputKind, Priority
 from dxnode.uids import is_valid_ae_title
 
 
@@ -174,6 +174,8 @@ class Destination(Section):
     username: str = ""
     secret_env: str = ""
     ca_file: Path | None = None
+    # Which result objects this destination gets (dxnode/outputs/report.py writes the kinds some destination wants).
+    outputs: list[OutputKind] = Field(default_factory=lambda: [OutputKind.SR, OutputKind.SC], min_length=1)
 
     @field_validator("ae_title")
     @classmethod
@@ -341,6 +343,9 @@ class ReportSettings(Section):
     attention_roi: bool = True
     manufacturer: str = "dxnode"
     institution_name: str = ""
+    # The SEG output kind: "binary" (the attention regions, the one most viewers show) or
+    # "fractional" (the Grad-CAM map itself, 0..1, on the frames holding a region).
+    seg_type: Literal["binary", "fractional"] = "binary"
 
     _sc_max_side = field_validator("sc_max_side")(lambda cls, v: _check_sc_max_side(v))
 

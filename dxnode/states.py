@@ -39,6 +39,10 @@ class OutputKind(StrEnum):
 
     SR = "sr"  # the Comprehensive SR report
     SC = "sc"  # a heatmap Secondary Capture
+    SEG = "seg"  # a Segmentation of the attention regions (binary, or fractional: the map)
+    PMAP = "pmap"  # a Parametric Map of one finding's Grad-CAM (0..1, AI attention)
+    GSPS = "gsps"  # a Grayscale Softcopy Presentation State per source series: outlines and text
+    KOS = "kos"  # a Key Object Selection naming the images with positive findings
 
 
 class Task(StrEnum):

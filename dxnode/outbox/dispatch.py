@@ -94,12 +94,14 @@ def not_configured(name: str) -> str:
 
 
 def enqueue(session: Session, output: Output, settings: Settings, calling_aet: str = "") -> list[Delivery]:
-    """A pending delivery per destination (those its job names, if any), by name; rows that already exist are
-    kept as they are."""
+    """A pending delivery per destination that wants the output's kind (of those its job names, if any), by
+    name; rows that already exist are kept as they are."""
     existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
     only = session.scalar(select(Job.destinations).where(Job.id == output.job_id)) if output.job_id else None
     rows = []
     for dest in destinations_for(settings, calling_aet, list(only or [])):
+        if output.kind not in dest.outputs:
+            continue
         row = existing.get(dest.name)
         if row is None:
             row = Delivery(

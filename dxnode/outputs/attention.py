@@ -41,6 +41,23 @@ def connected_region(mask: np.ndarray, seed: tuple[Any, ...]) -> np.ndarray:
     return out
 
 
+def attention_region(cam: np.ndarray) -> np.ndarray:
+    """The attention region at the map's size: the connected part >= ATTENTION_LEVEL x peak holding the peak."""
+    cam = np.asarray(cam, dtype=np.float32)
+    peak = float(cam.max()) if cam.size else 0.0
+    if peak <= 0:
+        return np.zeros(cam.shape, dtype=bool)
+    return connected_region(cam >= ATTENTION_LEVEL * peak, np.unravel_index(int(np.argmax(cam)), cam.shape))
+
+
+def to_source_grid(values: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """A map at display size resampled to Rows x Columns by nearest pixel centre (edge to edge, as the outline)."""
+    h, w = values.shape
+    r = np.minimum(((np.arange(rows) + 0.5) * h / rows).astype(np.intp), h - 1)
+    c = np.minimum(((np.arange(columns) + 0.5) * w / columns).astype(np.intp), w - 1)
+    return values[np.ix_(r, c)]
+
+
 def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """Closed outline (column, row pairs, source pixel coordinates) of the map's region >= half its peak.
 
@@ -57,7 +74,7 @@ def attention_outline(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     sx, sy = columns / cam.shape[1], rows / cam.shape[0]
     if peak <= 0:
         return np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float32)
-    mask = connected_region(cam >= ATTENTION_LEVEL * peak, np.unravel_index(int(np.argmax(cam)), cam.shape))
+    mask = attention_region(cam)
     padded = np.pad(mask.astype(np.float32), 1)  # a zero border makes every contour closed
     lines: list[np.ndarray] = list(contour_generator(z=padded).lines(0.5))  # type: ignore[arg-type]
     line: np.ndarray = max(lines, key=len) if lines else np.empty((0, 2))

@@ -1,4 +1,6 @@
-"""Results as DICOM for the PACS: a TID 1500 Comprehensive SR and Grad-CAM Secondary Captures.
+"""Results as DICOM for the PACS: a TID 1500 Comprehensive SR, Grad-CAM Secondary Captures, and
+the Segmentation, Parametric Map, GSPS and KOS objects (the kinds some destination's `outputs`
+names: dxnode/outputs/seg.py, pmap.py, gsps.py, kos.py; the SR references each one written).
 
 The SR follows the IHE AI Results (AIR) profile's use of TID 1500: a device observer (this
 node), the algorithm (TID 4019: model name, version, weights sha256), one measurement group per
@@ -28,10 +30,11 @@ dxnode/outputs/sc.py, the UIDs in dxnode/outputs/result_uids.py, attention outli
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -42,20 +45,27 @@ from pydicom import Dataset
 
 from dxnode.config import Settings
 from dxnode.durable import write_durably
+from dxnode.outputs.gsps import build_gsps
+from dxnode.outputs.kos import build_kos
+from dxnode.outputs.pmap import build_pmaps
 from dxnode.outputs.sc import build_sc
+from dxnode.outputs.seg import build_segs
 from dxnode.outputs.source_header import reference_header
 from dxnode.outputs.sr import build_sr
 from dxnode.results import StudyResult
+from dxnode.states import OutputKind
 
 log = logging.getLogger("dxnode.outputs.report")
+
+DEFAULT_KINDS = frozenset({OutputKind.SR, OutputKind.SC})
 
 
 @dataclass(frozen=True)
 class WrittenOutput:
     """A DICOM object written for the PACS."""
 
-    kind: str  # "sr" or "sc"
-    label: str  # finding of an SC, "" for the SR
+    kind: str  # an OutputKind value: "sr", "sc", "seg", "pmap", "gsps" or "kos"
+    label: str  # finding of an SC or Parametric Map, "" for the others
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
@@ -64,19 +74,29 @@ class WrittenOutput:
     notes: tuple[str, ...] = ()  # what was changed in copying source attributes (never the values)
 
 
+def wanted_kinds(settings: Settings) -> frozenset[OutputKind]:
+    """The kinds some destination wants (every destination's `outputs`); sr and sc when none is configured."""
+    if not settings.destinations:
+        return DEFAULT_KINDS
+    return frozenset(k for d in settings.destinations for k in d.outputs)
+
+
 def write_outputs(
     result: StudyResult,
     sources: dict[str, Path],
     settings: Settings,
     out_dir: Path,
     timings: dict[str, float] | None = None,
+    kinds: Collection[OutputKind] | None = None,
 ) -> list[WrittenOutput]:
-    """Write the SR and one SC per heatmap under out_dir/<study>/, atomically; return what was written.
+    """Write the result objects of the given kinds (else those some destination wants) under out_dir/<study>/.
 
     sources maps the analysed instances to their files; only those the findings and heatmaps
     reference are read. Every object is built before any is written: a result that cannot be
-    encoded leaves no file. timings gets the seconds of the sr, sc and write steps added.
+    encoded leaves no file. The SR, built last, references every other object written with it.
+    timings gets the seconds of each kind's step and of the write step added.
     """
+    wanted = frozenset(kinds) if kinds is not None else wanted_kinds(settings)
     by_label = {f.label: f for f in result.findings}
     for h in result.heatmaps:
         if h.label not in by_label:
@@ -94,20 +114,77 @@ def write_outputs(
         for uid in sorted(referenced):
             headers[uid], notes[uid] = reference_header(pydicom.dcmread(sources[uid], stop_before_pixels=True))
             for note in notes[uid]:  # UIDs only at DEBUG, like other patient data; the job log keeps the notes
-                log.warning("source header copied into SR/SC with a change: %s", note)
+                log.warning("source header copied into the result objects with a change: %s", note)
                 log.debug("that change was on study %s, instance %s", result.study_instance_uid, uid)
-    scs = []  # before the SR, which references them
-    with stopwatch("sc"):
-        for i, h in enumerate(result.heatmaps):
-            sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
-            scs.append((sc, "sc", h.label, caption, tuple(notes[h.sop_instance_uid])))
-    with stopwatch("sr"):
-        sr, summary = build_sr(result, headers, settings, [sc for sc, *_ in scs])
-    sr_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first evidence
-    built = [(sr, "sr", "", summary, sr_notes), *scs]
+    first_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first source
+    built: list[_Built] = []  # before the SR, which references them
+    if OutputKind.SC in wanted:
+        with stopwatch("sc"):
+            for i, h in enumerate(result.heatmaps):
+                sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
+                built.append(_Built(sc, OutputKind.SC, h.label, caption, tuple(notes[h.sop_instance_uid])))
+    skipped: list[str] = []  # findings a kind had to leave out (multi-frame source, no Frame of Reference)
+    built += _companions(result, headers, settings, wanted, stopwatch, first_notes, skipped)
+    if OutputKind.SR in wanted:
+        with stopwatch("sr"):
+            scs = [b.ds for b in built if b.kind == OutputKind.SC]
+            others = [b.ds for b in built if b.kind != OutputKind.SC]
+            sr, summary = build_sr(result, headers, settings, scs, others)
+        built.insert(0, _Built(sr, OutputKind.SR, "", summary, first_notes))
+    if skipped and built:  # the job log shows each output's notes
+        built[0] = dataclasses.replace(built[0], notes=built[0].notes + tuple(skipped))
     folder = Path(out_dir) / result.study_instance_uid
     with stopwatch("write"):
-        return [_save(ds, folder, kind, label, text, n) for ds, kind, label, text, n in built]
+        return [_save(b.ds, folder, b.kind, b.label, b.summary, b.notes) for b in built]
+
+
+@dataclass(frozen=True)
+class _Built:
+    """An object built and not yet written."""
+
+    ds: Dataset
+    kind: OutputKind
+    label: str
+    summary: str
+    notes: tuple[str, ...]
+
+
+def _companions(
+    result: StudyResult,
+    headers: dict[str, Dataset],
+    settings: Settings,
+    wanted: frozenset[OutputKind],
+    stopwatch: _Stopwatch,
+    notes: tuple[str, ...],
+    skipped: list[str],
+) -> list[_Built]:
+    """The SEG, Parametric Map, GSPS and KOS objects wanted (each kind timed under its name); what a
+    kind left out is added to skipped."""
+    built: list[_Built] = []
+    if OutputKind.SEG in wanted:
+        with stopwatch("seg"):
+            segs, left_out = build_segs(result, headers, settings)
+        skipped += left_out
+        labels = [", ".join(str(s.SegmentLabel) for s in seg.SegmentSequence) for seg in segs]
+        built += [
+            _Built(seg, OutputKind.SEG, "", f"SEG: {text}", notes) for seg, text in zip(segs, labels, strict=True)
+        ]
+    if OutputKind.PMAP in wanted:
+        with stopwatch("pmap"):
+            maps, left_out = build_pmaps(result, headers, settings)
+        skipped += left_out
+        built += [
+            _Built(pm, OutputKind.PMAP, label, f"Parametric Map: AI attention {label}", notes) for pm, label in maps
+        ]
+    if OutputKind.GSPS in wanted:
+        with stopwatch("gsps"):
+            states = build_gsps(result, headers, settings)
+        built += [_Built(ps, OutputKind.GSPS, "", "GSPS: AI attention outlines", notes) for ps in states]
+    if OutputKind.KOS in wanted:
+        with stopwatch("kos"):
+            selections = build_kos(result, headers, settings)
+        built += [_Built(ko, OutputKind.KOS, "", "KOS: images with positive findings", notes) for ko in selections]
+    return built
 
 
 class _Stopwatch:

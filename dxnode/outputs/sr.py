@@ -68,6 +68,7 @@ PROCEDURE_OF_MODALITY = {
 }
 PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation
 
 
 # Modalities for which highdicom 0.28 adds the TID 1604 (cross-sectional) or TID 1603 (projection)
@@ -254,6 +255,40 @@ def _attention_group(
     return group
 
 
+def segment_groups(
+    result: StudyResult, sources: dict[str, Dataset], segs: list[Dataset], algo: AlgorithmIdentification
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """A TID 1411 group per segment of the SEGs the SR comes with: the finding's attention region as a segment."""
+    by_code = {_label_concept(f.label, result.model).value: f for f in result.positive}
+    heatmaps = {h.label: h for h in result.heatmaps}
+    groups = []
+    for seg in segs:
+        for segment in seg.SegmentSequence:
+            f = by_code.get(segment.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+            if f is None or f.label not in heatmaps:
+                continue
+            src = sources[heatmaps[f.label].sop_instance_uid]  # the image the segment's frame lies on
+            referenced = hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg.SOPClassUID),
+                sop_instance_uid=str(seg.SOPInstanceUID),
+                segment_number=int(segment.SegmentNumber),
+                source_images=[hd.sr.SourceImageForSegmentation(str(src.SOPClassUID), str(src.SOPInstanceUID))],
+            )
+            group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
+                referenced_segment=referenced,
+                finding_type=_label_concept(f.label, result.model),
+                method=ATTENTION_METHOD,
+                algorithm_id=algo,
+                measurements=[_probability(f, algo), _threshold(f, algo)],
+            )
+            for item in group[0].ContentSequence:  # TID 1419 row 5, as in _attention_group
+                if item.ConceptNameCodeSequence[0].CodeValue == "370129005":
+                    item.RelationshipType = "HAS CONCEPT MOD"
+            groups.append(group)
+    return groups
+
+
 def heatmap_image_items(heatmaps: list[Dataset]) -> list[hd.sr.ImageContentItem]:
     """IMAGE content items pointing at the heatmap SCs the SR comes with (as AI Results samples do)."""
     return [
@@ -287,9 +322,17 @@ def _comments_container(lines: list[str]) -> hd.sr.ContainerContentItem:
 
 
 def build_sr(
-    result: StudyResult, sources: dict[str, Dataset], settings: Settings, heatmaps: list[Dataset] | None = None
+    result: StudyResult,
+    sources: dict[str, Dataset],
+    settings: Settings,
+    heatmaps: list[Dataset] | None = None,
+    companions: list[Dataset] | None = None,
 ) -> tuple[Dataset, str]:
-    """The Comprehensive SR dataset of a result and its summary line; it references the given heatmap SCs."""
+    """The Comprehensive SR dataset of a result and its summary line.
+
+    It references the given heatmap SCs and companions (SEG, Parametric Map, GSPS, KOS written
+    with it) as evidence; each SEG segment gets a TID 1411 group."""
+    companions = list(companions or [])
     m = result.model
     key = result_key(result)
     device = device_uid(m)
@@ -308,6 +351,7 @@ def build_sr(
     evidence = [sources[uid] for uid in named] or [sources[uid] for uid in sorted(sources)[:1]]
     # TID 1500 lists planar ROI groups (TID 1410) before the whole-image ones (TID 1501); Pixelmed's validator wants that order.
     groups: list[Any] = attention_groups(result, sources, algo, key) if settings.report.attention_roi else []
+    groups += segment_groups(result, sources, [c for c in companions if c.SOPClassUID == SEG_SOP_CLASS], algo)
     groups += [_group(f, sources, algo, key, m) for f in result.findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
@@ -333,7 +377,7 @@ def build_sr(
     comments.ContentSequence.extend(heatmap_image_items(list(heatmaps or [])))
     report[0].ContentSequence.append(comments)
     sr = ComprehensiveSR(
-        evidence=evidence + list(heatmaps or []),
+        evidence=evidence + list(heatmaps or []) + companions,
         content=report[0],
         series_instance_uid=derived_uid(key, "sr-series"),
         series_number=settings.report.sr_series_number,

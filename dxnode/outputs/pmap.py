@@ -1,0 +1,87 @@
+"""Parametric Maps of the Grad-CAM (IHE AIR's heat-map primitive), one per positive finding.
+
+The map (0..1 of its peak) on the source image's grid, stored as 16-bit integers with a Real
+World Value Mapping back to 0..1 (unit UCUM "1") labelled as AI attention: where the model
+looked, not a probability of disease. A VOI LUT (the full 0..1 range) lets a viewer show it
+without special handling. It references its source image (and frame); Frame of Reference and
+geometry are the source's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+
+from dxnode.config import Settings
+from dxnode.outputs.attention import to_source_grid
+from dxnode.outputs.result_uids import derived_uid, result_key
+from dxnode.outputs.seg import Region, copy_body_part, equipment, is_multiframe, positive_regions
+from dxnode.results import StudyResult
+
+log = logging.getLogger("dxnode.outputs.pmap")
+
+PMAP_SERIES_NUMBER = 9904
+PMAP_SERIES_DESCRIPTION = "AI Attention Maps"
+STORED_MAX = 65535  # the stored value of attention 1.0
+ATTENTION_QUANTITY = hd.sr.CodedConcept("GRADCAM", "99DXNODE", "AI attention (Grad-CAM), not a probability")
+
+
+def build_pmaps(
+    result: StudyResult, sources: dict[str, Dataset], settings: Settings
+) -> tuple[list[tuple[Dataset, str]], list[str]]:
+    """(Parametric Map, finding label) per positive finding on a single-frame source with a Frame of
+    Reference (most radiographs have none), and notes on the others."""
+    maps, notes = [], []
+    for i, r in enumerate(positive_regions(result, sources)):
+        if is_multiframe(r.source):  # highdicom needs the whole frame stack of a multi-frame source
+            notes.append(f"no Parametric Map for {r.finding.label}: its source is multi-frame (not supported yet)")
+            continue
+        if "FrameOfReferenceUID" not in r.source:  # the IOD's Frame of Reference module is mandatory
+            notes.append(f"no Parametric Map for {r.finding.label}: its source has no Frame of Reference")
+            continue
+        maps.append((_parametric_map(result, r, settings, i + 1), r.finding.label))
+    for note in notes:
+        log.warning("%s", note)
+    return maps, notes
+
+
+def _parametric_map(result: StudyResult, r: Region, settings: Settings, number: int) -> Dataset:
+    """The Grad-CAM of one finding as a Parametric Map on its source image."""
+    m = result.model
+    rows, columns = int(r.source.Rows), int(r.source.Columns)
+    cam = np.clip(np.asarray(r.heatmap.cam, dtype=np.float32), 0, 1)
+    stored = np.round(to_source_grid(cam, rows, columns) * STORED_MAX).astype(np.uint16)
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="AI_ATTENTION",
+        lut_explanation=f"AI attention 0-1 for {r.finding.label}; not a probability"[:64],
+        unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+        value_range=(0, STORED_MAX),
+        slope=1 / STORED_MAX,
+        intercept=0,
+        quantity_definition=ATTENTION_QUANTITY,
+    )
+    key = result_key(result)
+    pm = hd.pm.ParametricMap(
+        source_images=[r.source],
+        pixel_array=stored,
+        series_instance_uid=derived_uid(key, "pmap-series"),
+        series_number=PMAP_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(key, "pmap", r.finding.label),
+        instance_number=number,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(
+                window_center=STORED_MAX / 2, window_width=STORED_MAX + 1, window_explanation="AI attention 0-1"
+            )
+        ],
+        content_label="AI_ATTENTION",
+        content_description=f"Grad-CAM of {m.name} {m.version} for {r.finding.label}: AI attention"[:64],
+        **equipment(result, settings),  # type: ignore[arg-type]
+    )
+    pm.SeriesDescription = PMAP_SERIES_DESCRIPTION
+    copy_body_part(pm, r.source)
+    return pm

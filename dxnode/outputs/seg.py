@@ -1,0 +1,215 @@
+"""DICOM Segmentation of the attention regions (IHE AIR's region primitive).
+
+One Segmentation per study, model and source series (highdicom, like the SEG IOD's frame
+references, takes source images of one series, or one multi-frame image): one segment per
+positive finding with a heatmap, its region traced as for the SR's TID 1410 outline (the
+Grad-CAM's connected part >= half its peak, dxnode/outputs/attention.py), resampled to the
+source's Rows x Columns. Frames exist only where a region does, each referencing its source
+image, with the source's geometry and Frame of Reference. Only the source images holding a
+region are handed to highdicom (their headers): the cost grows with the frames that hold a
+region, not with the series. With [report] seg_type = "fractional" the frames carry the map
+itself (0..1 in 255 steps) instead of the region.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dxnode import __version__
+from dxnode.config import Settings
+from dxnode.outputs.attention import attention_region, to_source_grid
+from dxnode.outputs.result_uids import derived_uid, result_key
+from dxnode.outputs.sc import PAIRED_BODY_PARTS, patient_orientation
+from dxnode.outputs.sr import _label_concept
+from dxnode.results import Finding, Heatmap, ModelIdentity, StudyResult
+
+log = logging.getLogger("dxnode.outputs.seg")
+
+SEG_SERIES_NUMBER = 9903
+SEG_SERIES_DESCRIPTION = "AI Attention Regions"
+# The segment's category: where the model looked for that finding (its type is the finding's code).
+CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
+
+
+@dataclass(frozen=True)
+class Region:
+    """A positive finding's heatmap on its source image (the reference header)."""
+
+    finding: Finding
+    heatmap: Heatmap
+    source: Dataset
+
+    @property
+    def frame_number(self) -> int | None:
+        """1-based frame of a multi-frame source, None for a single-frame one."""
+        return self.heatmap.frame + 1 if is_multiframe(self.source) else None
+
+
+def is_multiframe(ds: Dataset) -> bool:
+    """Whether the header declares more than one frame."""
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def copy_body_part(ds: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality from the source; an empty Laterality (unknown) where General Series needs one."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if source.get(keyword) and keyword not in ds:
+            setattr(ds, keyword, source[keyword].value)
+    if "Laterality" not in ds and str(ds.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}:
+        ds.Laterality = ""  # Type 2C for a paired (or unknown) body part: empty = unknown
+
+
+def label_code(label: str, model: ModelIdentity) -> hd.sr.CodedConcept:
+    """The finding's code, the same the SR's groups use."""
+    return _label_concept(label, model)
+
+
+def positive_regions(result: StudyResult, sources: dict[str, Dataset]) -> list[Region]:
+    """Each positive finding with a non-empty heatmap on one of the given sources, most probable first."""
+    heatmaps = {h.label: h for h in result.heatmaps}
+    regions = []
+    for f in result.positive:
+        h = heatmaps.get(f.label)
+        if h is not None and h.sop_instance_uid in sources and float(np.max(h.cam, initial=0.0)) > 0:
+            regions.append(Region(f, h, sources[h.sop_instance_uid]))
+    return regions
+
+
+def by_series(regions: list[Region]) -> list[list[Region]]:
+    """Regions grouped by their source series, in first-seen order."""
+    groups: dict[str, list[Region]] = {}
+    for r in regions:
+        groups.setdefault(str(r.source.SeriesInstanceUID), []).append(r)
+    return list(groups.values())
+
+
+def equipment(result: StudyResult, settings: Settings) -> dict[str, str | list[str]]:
+    """The General Equipment arguments highdicom's image and presentation-state classes take."""
+    m = result.model
+    return {
+        "manufacturer": settings.report.manufacturer,
+        "manufacturer_model_name": f"dxnode / {m.name}"[:64],
+        "software_versions": [f"dxnode {__version__}", f"{m.name} {m.version}"[:64]],
+        "device_serial_number": settings.node.ae_title,
+    }
+
+
+def algorithm(result: StudyResult) -> hd.AlgorithmIdentificationSequence:
+    """The model as a SEG/Parametric Map Algorithm Identification (family: artificial intelligence)."""
+    m = result.model
+    return hd.AlgorithmIdentificationSequence(
+        name=m.name[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=m.version[:64],
+        source="dxnode",
+        parameters={"weights sha256": m.sha256, "region": "Grad-CAM >= 50% of peak, connected to it"},
+    )
+
+
+def segment_uid(result: StudyResult, label: str) -> str:
+    """The Tracking UID of a finding's segment (the SR's TID 1411 group carries it too)."""
+    return derived_uid(result_key(result), "seg-segment", label)
+
+
+def build_segs(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> tuple[list[Dataset], list[str]]:
+    """The Segmentations of a result (one per source series with a region), and notes on what was left out."""
+    segs: list[Dataset] = []
+    notes: list[str] = []
+    for group in by_series(positive_regions(result, sources)):
+        multi = [r for r in group if is_multiframe(r.source)]
+        if multi:  # highdicom needs the whole frame stack of a multi-frame source: not done here
+            notes.append(f"no SEG for {len(multi)} finding(s) on multi-frame sources (not supported yet)")
+            group = [r for r in group if not is_multiframe(r.source)]
+        sizes = {(int(r.source.Rows), int(r.source.Columns)) for r in group}
+        if len(sizes) > 1:
+            notes.append("no SEG for a series whose images differ in size")
+            continue
+        if group:
+            segs.append(_segmentation(result, group, settings, len(segs) + 1))
+    for note in notes:
+        log.warning("%s", note)
+    return segs, notes
+
+
+def _plane(r: Region, fractional: bool, rows: int, columns: int) -> np.ndarray:
+    """A region's frame on its source's grid: the map (fractional) or the attention region."""
+    cam = np.clip(np.asarray(r.heatmap.cam, dtype=np.float32), 0, 1)
+    return to_source_grid(cam if fractional else attention_region(cam), rows, columns)
+
+
+def _pixel_array(planes: list[tuple[int, np.ndarray]], images: int, fractional: bool) -> np.ndarray:
+    """highdicom's pixel array: a label map (image x rows x columns, value = segment number) when the
+    binary regions of each image do not overlap, else stacked segments (image x rows x columns x segment).
+
+    The label map keeps the cost at one plane per image that holds a region, whatever the number of
+    segments (stacked, 12 findings on 12 slices of 512 x 512 take 144 planes, 38 MB).
+    """
+    rows, columns = planes[0][1].shape
+    if not fractional:
+        labels = np.zeros((images, rows, columns), dtype=np.uint8 if len(planes) < 256 else np.uint16)
+        for s, (i, plane) in enumerate(planes):
+            if labels[i][plane].any():  # overlaps an earlier segment on this image
+                break
+            labels[i][plane] = s + 1
+        else:
+            return labels
+    stacked = np.zeros((images, rows, columns, len(planes)), dtype=np.float32 if fractional else np.uint8)
+    for s, (i, plane) in enumerate(planes):
+        stacked[i, :, :, s] = plane
+    return stacked
+
+
+def _segmentation(result: StudyResult, group: list[Region], settings: Settings, number: int) -> Dataset:
+    """One Segmentation over the images of one series that hold a region."""
+    fractional = settings.report.seg_type == "fractional"
+    images: dict[str, Dataset] = {}
+    for r in group:
+        images.setdefault(r.heatmap.sop_instance_uid, r.source)
+    index = {uid: i for i, uid in enumerate(images)}
+    rows, columns = int(group[0].source.Rows), int(group[0].source.Columns)
+    planes = [(index[r.heatmap.sop_instance_uid], _plane(r, fractional, rows, columns)) for r in group]
+    algo = algorithm(result)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=s + 1,
+            segment_label=f"AI attention {r.finding.label}"[:64],
+            segmented_property_category=CATEGORY,
+            segmented_property_type=label_code(r.finding.label, result.model),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_uid=segment_uid(result, r.finding.label),
+            tracking_id=f"AI attention, not a lesion boundary: {r.finding.label}"[:64],
+        )
+        for s, r in enumerate(group)
+    ]
+    key = result_key(result)
+    series = str(group[0].source.SeriesInstanceUID)
+    seg = hd.seg.Segmentation(
+        source_images=list(images.values()),
+        pixel_array=_pixel_array(planes, len(images), fractional),
+        segmentation_type="FRACTIONAL" if fractional else "BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=derived_uid(key, "seg-series", settings.report.seg_type),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(key, "seg", settings.report.seg_type, series),
+        instance_number=number,
+        fractional_type="PROBABILITY",
+        content_label="AI_ATTENTION",
+        content_description=(
+            f"Grad-CAM {'map' if fractional else 'regions'} of {result.model.name} {result.model.version}: "
+            "AI attention, not a lesion boundary"
+        )[:64],
+        omit_empty_frames=True,
+        **equipment(result, settings),  # type: ignore[arg-type]
+    )
+    seg.SeriesDescription = SEG_SERIES_DESCRIPTION  # no Laterality: dciodvfy wants none on a SEG
+    if "FrameOfReferenceUID" not in seg:  # no patient coordinates (a radiograph): General Image's Type 2C orientation
+        orientation = patient_orientation(group[0].source)
+        seg.PatientOrientation = list(orientation) if orientation else []
+    return seg
