@@ -306,6 +306,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     except StartError as exc:
         return _refused("serve", exc, EXIT_START)
     # start-up time: loaded only when this part of the node starts
+    from dxnode.outbox.commitment import report_handler
     from dxnode.receive.ingest import Ingest
     from dxnode.scp import StorageSCP
     from dxnode.worklist import queue
@@ -322,7 +323,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         models = ModelRegistry()  # the web app's (/api/predict); each job process has its own
         classifier = _model(settings, models) if web_on else None
         ingest = Ingest(settings, store)  # one durable receive path for C-STORE and STOW-RS
-        scp = StorageSCP(settings, ingest)
+        scp = StorageSCP(settings, ingest, report_handler(store))  # Storage Commitment reports go to the outbox
         scp.start()
         print(
             f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
