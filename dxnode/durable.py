@@ -3,6 +3,7 @@ rename, fsync of the folder), for received instances, outputs, bundles, exports 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,26 @@ def publish(tmp: Path, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def publish_all(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each written temporary file to its final name, then fsync each folder once (group commit:
+    one folder fsync makes every rename in it durable). On an error the renames done so far stay."""
+    for tmp, path in pairs:
+        os.replace(tmp, path)
+    for folder in dict.fromkeys(path.parent for _, path in pairs):
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def withdraw(path: Path, inode: int) -> None:
+    """Remove a published file whose record did not commit, unless another writer has replaced it since."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -162,3 +162,8 @@ COMMITMENT_TIMEOUTS = Counter(
     "Storage Commitment requests with no report within commitment_timeout (alert: asked again)",
     ["destination"],
 )
+RECEIVE_COMMIT_BATCH = Histogram(
+    "dxnode_receive_commit_batch",
+    "Received instances made durable by one database commit and one folder fsync per folder (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
