@@ -8,6 +8,7 @@ others queue behind it; releasing the lock lets the queued ones commit as one ba
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sqlite3
 import threading
@@ -95,7 +96,7 @@ def test_a_batch_that_cannot_commit_together_is_committed_one_by_one(node: InPro
     other = small_ct(study, series, 2)
     # Two copies of one new instance in one batch: the second insert fails the unique key, the batch
     # rolls back, and each instance is committed on its own (one new, one duplicate).
-    _send_while_locked(node, small_ct(study, series, 3), [twice, twice, other])
+    _send_while_locked(node, small_ct(study, series, 3), [twice, copy.deepcopy(twice), other])
     assert list(node.ingest._group.batches)[-2:] == [1, 3]
     rows = node.instances()
     assert len(rows) == 4 and rows[twice.SOPInstanceUID].duplicates == 1
