@@ -347,7 +347,7 @@ def downgrade(url: str, revision: str) -> None:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(dispatch.__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(Path(dispatch.__file__).parents[1] / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
     command.downgrade(cfg, revision)
