@@ -5,14 +5,15 @@ Each storing thread hands its instance (temporary file being written and fsynced
 statements of its rows) to one committer thread and waits. The committer takes everything queued:
 one instance alone goes the per-instance way (its own transaction, with the retries of
 Ingest._commit); several wait for their files' fsync, run their statements in one transaction,
-rename every file into place, fsync each folder once, and commit once. Only then is each
+rename every file into place, fsync each folder once (the folders in parallel), and commit once. Only then is each
 instance's waiter released, so the contract stays per instance: no success status before that
 instance's file, folder entry and row are durable.
 
 A batch whose statements fail (a unique key lost to a race, two copies of one instance) is rolled
 back and each instance then goes the per-instance way, with its own outcome. A failed rename,
 folder fsync or commit fails every instance of the batch (renamed files are withdrawn): the
-senders get 0xA700 and retry. A failed file write fails that instance only.
+senders get 0xA700 and retry. A failed file write rolls the batch back too, and then fails that
+instance only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,9 @@ class Pending:
 class GroupCommit:
     """The committer thread of one Ingest (started on first use)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, pool: Executor) -> None:
         self._engine = engine
+        self._pool = pool  # fsyncs the folders of a batch in parallel
         self._queue: queue.SimpleQueue[Pending] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -89,32 +91,30 @@ class GroupCommit:
 
     def _commit(self, batch: list[Pending]) -> None:
         """One transaction, one rename pass and one fsync per folder for the instances of batch."""
-        concurrent.futures.wait([item.written for item in batch])
-        ready = []
-        for item in batch:
-            error = item.written.exception()
-            if error is not None:
-                item.done.set_exception(error)
-            else:
-                ready.append(item)
         results: list[Any] = []
         publishing = False
         try:
             with self._engine.begin() as conn:
-                results = [item.rows(conn) for item in ready]
+                results = [item.rows(conn) for item in batch]  # while the files are still being fsynced
+                concurrent.futures.wait([item.written for item in batch])
+                for item in batch:
+                    item.written.result()  # a failed write: rolled back, and each instance on its own below
                 publishing = True
-                publish_all([(item.tmp, item.path) for item, r in zip(ready, results, strict=True) if r is not None])
+                publish_all(
+                    [(item.tmp, item.path) for item, r in zip(batch, results, strict=True) if r is not None],
+                    self._pool,
+                )
         except Exception as exc:
             if not publishing:  # rolled back before any rename: each instance on its own
-                for item in ready:
+                for item in batch:
                     _alone(item)
                 return
-            for item, r in zip(ready, results, strict=True):
+            for item, r in zip(batch, results, strict=True):
                 if r is not None:
                     withdraw(item.path, item.written.result())  # no row: the sender gets a failure and retries
                 item.done.set_exception(exc)
             return
-        for item, r in zip(ready, results, strict=True):
+        for item, r in zip(batch, results, strict=True):
             if r is not None:
                 item.committed(r)
             item.done.set_result(r is not None)

@@ -97,7 +97,7 @@ class Ingest:
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
-        self._group = GroupCommit(store.engine)
+        self._group = GroupCommit(store.engine, self._writer)
         self.activity = Activity()
 
     def open(self) -> None:
