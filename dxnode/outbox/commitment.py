@@ -164,12 +164,15 @@ def _request(store: Store, settings: Settings, dest: Destination, associate: Ass
     uid, refs = _claim(store, settings, dest)
     if not refs:
         return 0
-    assoc, error = associate(settings, dest, {PUSH_MODEL: set()})
+    try:
+        assoc, error = associate(settings, dest, {PUSH_MODEL: set()})
+    except Exception as exc:  # never leave the rows claimed by a request that was not made
+        assoc, error = None, f"cannot associate: {exc}"
     if assoc is None:
         _unclaim(store, uid)
         log.warning("storage commitment request to %s not sent (asked again later): %s", dest.name, error)
         return 0
-    reported = _awaited.setdefault(uid, threading.Event())
+    reported = _awaited.setdefault(uid, threading.Event())  # also set by a report on the listener
     try:
         if PUSH_MODEL not in {cx.abstract_syntax for cx in assoc.accepted_contexts}:
             error = f"{dest.ae_title} accepted no Storage Commitment Push Model context (is it a commitment SCP?)"
@@ -182,6 +185,8 @@ def _request(store: Store, settings: Settings, dest: Destination, associate: Ass
                 reported.wait(min(SAME_ASSOCIATION_WAIT, dest.commitment_timeout))
                 return len(refs)
             error = "no N-ACTION response" if code is None else f"N-ACTION status 0x{code:04X}"
+    except Exception as exc:  # pynetdicom raises on an association that ends mid-request
+        error = f"N-ACTION failed: {exc}"
     finally:
         _awaited.pop(uid, None)
         if assoc.is_established:

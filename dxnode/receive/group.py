@@ -77,9 +77,9 @@ class GroupCommit:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self.batches.append(len(batch))
-            metrics.RECEIVE_COMMIT_BATCH.observe(len(batch))
             try:
+                self.batches.append(len(batch))
+                metrics.RECEIVE_COMMIT_BATCH.observe(len(batch))
                 if len(batch) == 1:
                     _alone(batch[0])
                 else:
