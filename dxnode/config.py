@@ -176,6 +176,11 @@ class Destination(Section):
     ca_file: Path | None = None
     # Which result objects this destination gets (dxnode/outputs/report.py writes the kinds some destination wants).
     outputs: list[OutputKind] = Field(default_factory=lambda: [OutputKind.SR, OutputKind.SC], min_length=1)
+    # Storage Commitment (Push Model, dimse only): after the outputs are stored, ask the destination
+    # to commit them (N-ACTION); a delivery is "committed" once its report says so. No report within
+    # commitment_timeout seconds: an alert (log, metric) and a new request.
+    commitment: bool = False
+    commitment_timeout: float = Field(600, gt=0)
 
     @field_validator("ae_title")
     @classmethod
@@ -206,6 +211,8 @@ class Destination(Section):
                 raise ValueError(f"destination {self.name!r}: auth = {self.auth!r} needs secret_env")
             if self.auth == "basic" and not self.username:
                 raise ValueError(f"destination {self.name!r}: auth = 'basic' needs username")
+        if self.commitment and self.kind != "dimse":
+            raise ValueError(f"destination {self.name!r}: commitment (Storage Commitment) needs a dimse destination")
         return self
 
 

@@ -340,6 +340,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     except StartError as exc:
         return _refused("serve", exc, EXIT_START)
     # after share_metrics: these import prometheus_client (see the note at the top)
+    from dxnode.outbox.commitment import report_handler
     from dxnode.receive.ingest import Ingest
     from dxnode.scp import StorageSCP
     from dxnode.worklist import queue, routing
@@ -357,7 +358,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         models = ModelRegistry()  # the web app's (/api/predict); each job process has its own
         classifier = _model(settings, models) if web_on else None
         ingest = Ingest(settings, store)  # one durable receive path for C-STORE and STOW-RS
-        scp = StorageSCP(settings, ingest)
+        scp = StorageSCP(settings, ingest, report_handler(store))  # Storage Commitment reports go to the outbox
         scp.start()
         print(
             f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"

@@ -3,9 +3,11 @@ rename, fsync of the folder), for received instances, outputs, bundles, exports 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,6 +47,36 @@ def publish(tmp: Path, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def publish_all(pairs: Sequence[tuple[Path, Path]], pool: Executor | None = None) -> None:
+    """Rename each written temporary file to its final name, then fsync each folder once (group commit:
+    one folder fsync makes every rename in it durable), the folders in parallel on pool: concurrent
+    fsyncs share the disk's flush, where one after another each waits for its own. On an error the
+    renames done so far stay."""
+    for tmp, path in pairs:
+        os.replace(tmp, path)
+    folders = list(dict.fromkeys(path.parent for _, path in pairs))
+    if pool is not None and len(folders) > 1:
+        list(pool.map(_fsync_folder, folders))
+    else:
+        for folder in folders:
+            _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def withdraw(path: Path, inode: int) -> None:
+    """Remove a published file whose record did not commit, unless another writer has replaced it since."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -157,3 +157,26 @@ def exposition(store: Store | None, multiproc_dir: Path | None) -> bytes:
         registry.register(_Families(store_families(store)))
         text += generate_latest(registry)
     return text
+
+
+# Storage Commitment (destinations with commitment = true; dxnode/outbox/commitment.py).
+DELIVERIES_COMMITTED = Counter(
+    "dxnode_deliveries_committed_total",
+    "Deliveries a destination's Storage Commitment report confirmed it keeps",
+    ["destination"],
+)
+COMMITMENT_FAILED_REFERENCES = Counter(
+    "dxnode_commitment_failed_references_total",
+    "Objects a destination reported it could not commit (each is sent again)",
+    ["destination"],
+)
+COMMITMENT_TIMEOUTS = Counter(
+    "dxnode_commitment_timeouts_total",
+    "Storage Commitment requests with no report within commitment_timeout (alert: asked again)",
+    ["destination"],
+)
+RECEIVE_COMMIT_BATCH = Histogram(
+    "dxnode_receive_commit_batch",
+    "Received instances made durable by one database commit and one folder fsync per folder (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)

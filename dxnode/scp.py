@@ -23,7 +23,7 @@ import socket
 import socketserver
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any
 
@@ -49,7 +49,10 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time from a table
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dxnode import metrics
@@ -103,12 +106,20 @@ class NoDelayServer(ThreadedAssociationServer):
         self.server_close()
 
 
-class StorageSCP:
-    """The node's DICOM listener(s): plain, and optionally DICOM TLS."""
+# Answers a Storage Commitment N-EVENT-REPORT: (status, Event Reply or None); outbox/commitment.py's report_handler.
+CommitmentReport = Callable[[Event], tuple[int, Dataset | None]]
 
-    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+
+class StorageSCP:
+    """The node's DICOM listener(s): plain, and optionally DICOM TLS.
+
+    With commitment_report, it also takes Storage Commitment reports (N-EVENT-REPORT) that a
+    destination sends on an association it opens to the node, proposing the SCP role for itself."""
+
+    def __init__(self, settings: Settings, ingest: Ingest, commitment_report: CommitmentReport | None = None) -> None:
         self.settings = settings
         self.ingest = ingest
+        self.commitment_report = commitment_report
         self._servers: list[NoDelayServer] = []
         self._threads: list[tuple[str, threading.Thread]] = []  # (part, thread serving it)
         self._stopping = False
@@ -132,10 +143,16 @@ class StorageSCP:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:  # always set in pynetdicom's own list
                 ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if self.commitment_report is not None:
+            # The reporting destination is the requestor and the Storage Commitment SCP: accept the
+            # roles it proposes (SCP/SCU Role Selection), or the default ones if it proposes none.
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
     def _handlers(self) -> list[EventHandlerType]:
+        report = self.commitment_report
         return [
+            *([(evt.EVT_N_EVENT_REPORT, report)] if report is not None else []),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),

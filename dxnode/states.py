@@ -24,6 +24,9 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"  # `dxnode outbox cancel`: never sent; `outbox retry` queues it again
     ORPHANED = "orphaned"  # its destination is no longer configured: not tried; `outbox retry` once it is again
+    COMMITTED = (
+        "committed"  # sent, and the destination's Storage Commitment report says it keeps it (commitment = true)
+    )
 
 
 class InstanceState(StrEnum):

@@ -300,7 +300,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("output.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))  # the [[destinations]] name
-    # pending, sent, failed, cancelled or orphaned; last_error says why
+    # pending, sent, committed, failed, cancelled or orphaned; last_error says why
     state: Mapped[DeliveryState] = mapped_column(state_column(DeliveryState, 16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -312,6 +312,11 @@ class Delivery(Base):
     # The process (worklist.worker_id) holding the lease, refreshed while it sends; "" when not leased.
     leased_by: Mapped[str] = mapped_column(String(128), default="")
     lease_heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # Storage Commitment (destination commitment = true, see outbox/commitment.py): the Transaction UID
+    # of the request awaiting its report ("" when none), when it was asked, when the report committed it.
+    commitment_uid: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
+    commitment_requested_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    committed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
 

@@ -12,6 +12,8 @@ already queued as soon as the node runs with it. The states of a row:
 
 - ``pending``: to be sent (or being sent: leased, see below).
 - ``sent``: the destination stored it.
+- ``committed``: sent, and the destination's Storage Commitment report says it keeps it (only
+  destinations with ``commitment = true``; see dxnode/outbox/commitment.py).
 - ``failed``: the destination refused it for good, or ``max_attempts`` tries failed.
 - ``cancelled``: ``dxnode outbox cancel``; never sent (a row already on the wire when it is
   cancelled may still arrive, and is then recorded as sent).
@@ -56,6 +58,7 @@ from sqlalchemy.orm import Session
 
 from dxnode import metrics
 from dxnode.config import Destination, Settings
+from dxnode.outbox import commitment
 from dxnode.outbox.dicomweb import StowClient
 from dxnode.schemas import OutboxChange
 from dxnode.states import DeliveryState
@@ -496,8 +499,11 @@ def _tcp_error(host: str, port: int, timeout: float) -> str:
 
 
 def send_due(store: Store, settings: Settings, now: dt.datetime | None = None) -> int:
-    """Send the due deliveries of every destination; return how many were delivered."""
-    return sum(_send_batch(store, settings, batch) for batch in _claim(store, settings, now or utcnow()))
+    """Send the due deliveries of every destination, then ask commitment destinations to commit what
+    was sent; return how many were delivered."""
+    sent = sum(_send_batch(store, settings, batch) for batch in _claim(store, settings, now or utcnow()))
+    commitment.request_due(store, settings, _associate)
+    return sent
 
 
 def resend(session: Session, target: str, actor: str = "cli", source: str = "") -> int:
@@ -523,6 +529,7 @@ def _requeue(row: Delivery) -> None:
     row.state, row.attempts, row.last_error, row.next_attempt_at = DeliveryState.PENDING, 0, "", utcnow()
     row.dimse_status = row.http_status = None
     row.leased_by, row.lease_heartbeat_at = "", None
+    row.commitment_uid, row.commitment_requested_at, row.committed_at = "", None, None
 
 
 @dataclass(frozen=True)
@@ -577,7 +584,7 @@ def cancel(session: Session, sel: Selection, actor: str, source: str = "", user:
     changed: list[int] = []
     skipped: dict[str, list[int]] = {}
     for row in rows:
-        if row.state in (DeliveryState.SENT, DeliveryState.CANCELLED):
+        if row.state in (DeliveryState.SENT, DeliveryState.COMMITTED, DeliveryState.CANCELLED):
             skipped.setdefault(f"already {row.state}", []).append(row.id)
             continue
         was = f"was {row.state}" + (f": {row.last_error}" if row.last_error else "")
@@ -602,8 +609,8 @@ def retry(
     changed: list[int] = []
     skipped: dict[str, list[int]] = {}
     for row in rows:
-        if row.state == DeliveryState.SENT:
-            reason = "already sent (dxnode resend sends it again)"
+        if row.state in (DeliveryState.SENT, DeliveryState.COMMITTED):
+            reason = f"already {row.state} (dxnode resend sends it again)"
         elif configured(settings, row.destination) is None:
             reason = not_configured(row.destination)
         elif row.state == DeliveryState.PENDING and row.leased_by:

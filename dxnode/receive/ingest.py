@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime as dt
 import hashlib
 import logging
 import shutil
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +29,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.durable import publish, temporary_name, write_new_file
+from dxnode.durable import publish, temporary_name, withdraw, write_new_file
+from dxnode.receive.activity import Activity
+from dxnode.receive.group import GroupCommit, Pending
 from dxnode.receive.parse import (
     OUT_OF_RESOURCES,
     InflightBudget,
@@ -47,52 +47,6 @@ from dxnode.store import Instance, Series, Store, Study, audit_core, utcnow
 log = logging.getLogger("dxnode.receive.ingest")
 
 
-class Activity:
-    """Studies still arriving, for the stable-study sweep (worklist.StudyActivity).
-
-    A study is busy while one of its instances is being stored or an association that sent to
-    it is open; its quiet time then counts from that association's release. The database cannot
-    tell: under write contention an instance may wait for the lock longer than stable_seconds."""
-
-    KEEP = dt.timedelta(hours=1)  # how long a release time is remembered
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._in_flight: Counter[str] = Counter()
-        self._by_association: dict[int, set[str]] = {}
-        self._released: dict[str, dt.datetime] = {}
-
-    def begin(self, association: int, study_uid: str) -> None:
-        """An instance of the study arrived on the association (storing starts)."""
-        with self._lock:
-            self._in_flight[study_uid] += 1
-            self._by_association.setdefault(association, set()).add(study_uid)
-
-    def end(self, study_uid: str) -> None:
-        """Storing the instance ended (committed or refused)."""
-        with self._lock:
-            self._in_flight[study_uid] -= 1
-            if self._in_flight[study_uid] <= 0:
-                del self._in_flight[study_uid]
-
-    def closed(self, association: int) -> None:
-        """The association ended (released, aborted or dropped)."""
-        now = utcnow()
-        with self._lock:
-            for uid in self._by_association.pop(association, set()):
-                self._released[uid] = now
-            if len(self._released) > 10000:
-                self._released = {u: t for u, t in self._released.items() if now - t < self.KEEP}
-
-    def busy_studies(self) -> set[str]:
-        with self._lock:
-            return set(self._in_flight).union(*self._by_association.values())
-
-    def released_at(self) -> dict[str, dt.datetime]:
-        with self._lock:
-            return dict(self._released)
-
-
 class Ingest:
     """The durable store of received instances under data_dir/incoming, shared by every transport."""
 
@@ -106,6 +60,7 @@ class Ingest:
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
+        self._group = GroupCommit(store.engine, self._writer)
         self.activity = Activity()
         # The bytes of instances being handled now, by every transport that stores through this ingest.
         self.inflight = InflightBudget(settings.node.max_inflight_mb)
@@ -217,7 +172,18 @@ class Ingest:
             digest = hashlib.sha256()
             for part in parts:
                 digest.update(part)
-            new = self._commit(rec, tmp, written, path, rel, size, digest.hexdigest(), calling_aet, address, actor)
+            sha256 = digest.hexdigest()
+            # Concurrent associations share the commit and the folder fsync (group.py); each waits for its own.
+            new = self._group.commit(
+                Pending(
+                    tmp,
+                    path,
+                    written,
+                    rows=lambda conn: self._rows(conn, rec, rel, size, sha256, calling_aet, address, actor),
+                    alone=lambda: self._commit(rec, tmp, written, path, rel, size, sha256, calling_aet, address, actor),
+                    committed=lambda seen: self._remember(rec, seen),
+                )
+            )
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
@@ -246,90 +212,104 @@ class Ingest:
         address: str,
         actor: str | None = None,
     ) -> bool:
-        """One transaction: a repeat is counted; for a new instance the rows are written, the file is
-        renamed into place and the rows committed. Returns False for a duplicate. Core statements keep this cheap.
+        """One instance in its own transaction (group.py's way for an instance committed alone, or
+        whose batch failed): a repeat is counted; for a new instance the rows are written, the file is
+        renamed into place and the rows committed. Returns False for a duplicate.
 
         The rename comes after the instance row is inserted: while that row is uncommitted no other
         writer can insert the same SOP Instance UID (PostgreSQL makes it wait on the unique key), so no
         other writer renames onto this path, and a lost race on a unique key (two senders starting the
         same study) happens before the rename, with the temporary file still there for the retry.
         written is the write and fsync of tmp (its inode), still running when this starts."""
-        actor = actor or calling_aet
         for attempt in range(3):
             renamed = False
             try:
                 with self.store.engine.begin() as conn:
-                    # The common case, one more instance of a series seen before that adds nothing to
-                    # the study row: bump the study and insert, without reading anything first (a
-                    # duplicate then fails the insert's unique key and the next attempt counts it).
-                    seen = self._seen.get(rec.series_instance_uid) if attempt == 0 else None
-                    if seen is not None and seen.covers(rec):
-                        bumped = conn.execute(
-                            _BUMP_STUDY, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()}
-                        ).rowcount
-                        if bumped != 1:  # the study is gone: the full path below recreates it
-                            seen = None
-                    else:
-                        seen = None
-                    existing = (
-                        None
-                        if seen is not None
-                        else conn.execute(
-                            select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-                        ).scalar()
-                    )
-                    if existing is not None:
-                        conn.execute(
-                            update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1)
-                        )
-                        audit_core(conn, actor, "instance.duplicate", f"instance:{existing}", address)
-                        return False
+                    seen = self._rows(conn, rec, rel, size, sha256, calling_aet, address, actor, attempt)
                     if seen is None:
-                        study_id, filled, modalities = self._upsert_study(conn, rec, calling_aet)
-                        seen = _SeenSeries(study_id, self._upsert_series(conn, study_id, rec), filled, modalities)
-                    instance_id = conn.execute(
-                        _INSERT_INSTANCE,
-                        {
-                            "series_id": seen.series_id,
-                            "study_id": seen.study_id,
-                            "sop_class_uid": rec.sop_class_uid,
-                            "sop_instance_uid": rec.sop_instance_uid,
-                            "transfer_syntax_uid": rec.transfer_syntax_uid,
-                            "instance_number": rec.instance_number,
-                            "file_path": str(rel),
-                            "size_bytes": size,
-                            "sha256": sha256,
-                            "calling_aet": calling_aet,
-                            "received_at": utcnow(),
-                            "duplicates": 0,
-                        },
-                    ).scalar_one()
-                    audit_core(
-                        conn,
-                        actor,
-                        "instance.received",
-                        f"instance:{instance_id}",
-                        address,
-                        study_id=seen.study_id,
-                        bytes=size,
-                    )
+                        return False
                     inode = written.result()  # the bytes are durable (or its OSError ends the transaction)
                     publish(tmp, path)  # durable under its final name before the rows commit
                     renamed = True
-                if len(self._seen) >= _SEEN_MAX:
-                    self._seen.clear()
-                self._seen[rec.series_instance_uid] = seen  # only what a commit made true
+                self._remember(rec, seen)
                 return True
             except IntegrityError:
                 if renamed:
-                    _withdraw(path, inode)
+                    withdraw(path, inode)
                 if renamed or attempt == 2:
                     raise
             except BaseException:
                 if renamed:
-                    _withdraw(path, inode)  # no row: the sender gets a failure and retries
+                    withdraw(path, inode)  # no row: the sender gets a failure and retries
                 raise
         return False
+
+    def _rows(
+        self,
+        conn: Connection,
+        rec: Received,
+        rel: Path,
+        size: int,
+        sha256: str,
+        calling_aet: str,
+        address: str,
+        actor: str | None,
+        attempt: int = 0,
+    ) -> _SeenSeries | None:
+        """The statements of one instance, in the caller's transaction; None for a duplicate (counted).
+        Core statements keep this cheap."""
+        actor = actor or calling_aet
+        # The common case, one more instance of a series seen before that adds nothing to the study
+        # row: bump the study and insert, without reading anything first (a duplicate then fails the
+        # insert's unique key and the next attempt counts it).
+        seen = self._seen.get(rec.series_instance_uid) if attempt == 0 else None
+        if seen is not None and seen.covers(rec):
+            bumped = conn.execute(
+                _BUMP_STUDY, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()}
+            ).rowcount
+            if bumped != 1:  # the study is gone: the full path below recreates it
+                seen = None
+        else:
+            seen = None
+        existing = (
+            None
+            if seen is not None
+            else conn.execute(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)).scalar()
+        )
+        if existing is not None:
+            conn.execute(update(Instance).where(Instance.id == existing).values(duplicates=Instance.duplicates + 1))
+            audit_core(conn, actor, "instance.duplicate", f"instance:{existing}", address)
+            return None
+        if seen is None:
+            study_id, filled, modalities = self._upsert_study(conn, rec, calling_aet)
+            seen = _SeenSeries(study_id, self._upsert_series(conn, study_id, rec), filled, modalities)
+        instance_id = conn.execute(
+            _INSERT_INSTANCE,
+            {
+                "series_id": seen.series_id,
+                "study_id": seen.study_id,
+                "sop_class_uid": rec.sop_class_uid,
+                "sop_instance_uid": rec.sop_instance_uid,
+                "transfer_syntax_uid": rec.transfer_syntax_uid,
+                "instance_number": rec.instance_number,
+                "file_path": str(rel),
+                "size_bytes": size,
+                "sha256": sha256,
+                "calling_aet": calling_aet,
+                "received_at": utcnow(),
+                "duplicates": 0,
+            },
+        ).scalar_one()
+        audit_core(
+            conn, actor, "instance.received", f"instance:{instance_id}", address, study_id=seen.study_id, bytes=size
+        )
+        return seen
+
+    def _remember(self, rec: Received, seen: _SeenSeries) -> None:
+        """Keep the study and series rows a commit made true (read by the committer thread only)."""
+        if len(self._seen) >= _SEEN_MAX:
+            self._seen.clear()
+        self._seen[rec.series_instance_uid] = seen
 
     @staticmethod
     def _upsert_study(conn: Connection, rec: Received, calling_aet: str) -> tuple[int, frozenset[str], frozenset[str]]:
@@ -428,10 +408,3 @@ class _SeenSeries:
         return (not rec.modality or rec.modality in self.modalities) and all(
             attr in self.filled or not getattr(rec, attr) for attr in _STUDY_TEXT
         )
-
-
-def _withdraw(path: Path, inode: int) -> None:
-    """Remove a renamed file whose rows did not commit, unless another writer has replaced it since."""
-    with contextlib.suppress(OSError):
-        if path.stat().st_ino == inode:
-            path.unlink()

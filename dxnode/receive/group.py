@@ -1,0 +1,128 @@
+"""Group commit for received instances: concurrent associations share one database commit and one
+fsync per folder.
+
+Each storing thread hands its instance (temporary file being written and fsynced, final path, the
+statements of its rows) to one committer thread and waits. The committer takes everything queued:
+one instance alone goes the per-instance way (its own transaction, with the retries of
+Ingest._commit); several wait for their files' fsync, run their statements in one transaction,
+rename every file into place, fsync each folder once (the folders in parallel), and commit once. Only then is each
+instance's waiter released, so the contract stays per instance: no success status before that
+instance's file, folder entry and row are durable.
+
+A batch whose statements fail (a unique key lost to a race, two copies of one instance) is rolled
+back and each instance then goes the per-instance way, with its own outcome. A failed rename,
+folder fsync or commit fails every instance of the batch (renamed files are withdrawn): the
+senders get 0xA700 and retry. A failed file write rolls the batch back too, and then fails that
+instance only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from dxnode import metrics
+from dxnode.durable import publish_all, withdraw
+
+MAX_BATCH = 64  # instances per commit
+
+
+@dataclass
+class Pending:
+    """One instance waiting for its commit; done gets True (new), False (a duplicate) or the error."""
+
+    tmp: Path  # being written and fsynced by written
+    path: Path
+    written: Future[int]  # the inode of tmp once durable
+    rows: Callable[[Connection], Any]  # runs its statements; None for a duplicate (nothing to rename)
+    alone: Callable[[], bool]  # the per-instance way: own transaction, retries, rename, commit
+    committed: Callable[[Any], None]  # after the commit, with what rows returned
+    done: Future[bool] = field(default_factory=Future)
+
+
+class GroupCommit:
+    """The committer thread of one Ingest (started on first use)."""
+
+    def __init__(self, engine: Engine, pool: Executor) -> None:
+        self._engine = engine
+        self._pool = pool  # fsyncs the folders of a batch in parallel
+        self._queue: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches, for tests and debugging
+
+    def commit(self, item: Pending) -> bool:
+        """Queue the instance and wait for its commit; True if new, False for a duplicate; raises its error."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dxnode-commit", daemon=True)
+                self._thread.start()
+        self._queue.put(item)
+        return item.done.result()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.batches.append(len(batch))
+                metrics.RECEIVE_COMMIT_BATCH.observe(len(batch))
+                if len(batch) == 1:
+                    _alone(batch[0])
+                else:
+                    self._commit(batch)
+            except BaseException as exc:  # never leave a sender waiting
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+
+    def _commit(self, batch: list[Pending]) -> None:
+        """One transaction, one rename pass and one fsync per folder for the instances of batch."""
+        results: list[Any] = []
+        publishing = False
+        try:
+            with self._engine.begin() as conn:
+                results = [item.rows(conn) for item in batch]  # while the files are still being fsynced
+                concurrent.futures.wait([item.written for item in batch])
+                for item in batch:
+                    item.written.result()  # a failed write: rolled back, and each instance on its own below
+                publishing = True
+                publish_all(
+                    [(item.tmp, item.path) for item, r in zip(batch, results, strict=True) if r is not None],
+                    self._pool,
+                )
+        except Exception as exc:
+            if not publishing:  # rolled back before any rename: each instance on its own
+                for item in batch:
+                    _alone(item)
+                return
+            for item, r in zip(batch, results, strict=True):
+                if r is not None:
+                    withdraw(item.path, item.written.result())  # no row: the sender gets a failure and retries
+                item.done.set_exception(exc)
+            return
+        for item, r in zip(batch, results, strict=True):
+            if r is not None:
+                item.committed(r)
+            item.done.set_result(r is not None)
+
+
+def _alone(item: Pending) -> None:
+    """Commit one instance the per-instance way and settle its waiter."""
+    try:
+        item.done.set_result(item.alone())
+    except BaseException as exc:
+        item.done.set_exception(exc)
