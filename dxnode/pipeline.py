@@ -140,7 +140,17 @@ class Frame:
 
 
 def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
-    """Why this instance does not go to the model (None: it does). Looks at the header only."""
+    """Why this instance does not go to the model (None: it does). Looks at the header only.
+
+    PipelineError when the header values it reads cannot be read (pydicom converts them on access)."""
+    try:
+        return _skip_reason(ds, settings)
+    except Exception as exc:
+        raise PipelineError(f"header not readable: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def _skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
+    """skip_reason's checks, in order."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in NON_IMAGE_SOP_CLASSES:
         return f"not an image: {NON_IMAGE_SOP_CLASSES[sop_class]}"
@@ -470,12 +480,13 @@ def read_dataset(path: str | Path, max_inflated_mb: float | None = None) -> Data
                 except DeclaredSizeError as exc:
                     raise PipelineError(str(exc)) from exc
                 f.seek(0)
-            try:
-                return pydicom.dcmread(f, defer_size="64 KB")
-            except Exception as exc:
-                raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
+            return pydicom.dcmread(f, defer_size="64 KB")
+    except PipelineError:
+        raise
     except OSError as exc:
         raise PipelineError(f"cannot read file: {exc.strerror or exc}") from exc
+    except Exception as exc:  # pydicom and zlib raise many kinds on a corrupt stream
+        raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
 
 
 def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
@@ -488,6 +499,8 @@ def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
         check_codestreams(ds, indices, n_frames)
     except DeclaredSizeError as exc:
         raise PipelineError(str(exc)) from exc
+    except Exception as exc:  # a header value pydicom cannot convert
+        raise PipelineError(f"pixel attributes not readable: {type(exc).__name__}: {exc}"[:300]) from exc
     notes = []
     if "WindowCenter" in ds and "WindowWidth" in ds and dataset_window(ds) is None:
         notes.append("Window Center/Width not usable (not finite, not positive or out of range): not used")
