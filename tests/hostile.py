@@ -172,6 +172,9 @@ def modality_lut_garbage(ds: Dataset) -> None:
 # Decoders fill a JPEG scan that ends early (as viewers do): an image, analysed without complaint, is fine.
 TOLERATED = {"jpeg_truncated"}
 
+# A Korean name whose Hangul sits between SO and SI (0x0e, 0x0f), as a malformed IR 149 writer sends it.
+IR149_SO_SI_NAME = b"Hong^Gildong=\x1b$)C\x0e\xc8\xab\x0f^\x0e\xb1\xe6\xb5\xbf\x0f"
+
 TYPE2 = ("PatientBirthDate", "PatientSex", "StudyID", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
 
 # (name, group, source, mutate, benign)
@@ -273,6 +276,25 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         "long",
         "native",
         raws(StudyDate=("DA", b"notadate"), StudyTime=("TM", b"99:99"), PatientSex=("CS", b"X ")),
+        True,
+    ),
+    # issue 24: a date not in the calendar failed the job; a 68-character PN group and SO/SI bytes failed dciodvfy
+    (
+        "dates_not_in_calendar",
+        "calendar",
+        "native",
+        raws(PatientBirthDate=("DA", b"20251399"), StudyDate=("DA", b"20241331"), StudyTime=("TM", b"256100")),
+        True,
+    ),
+    ("pn_group_68_characters", "calendar", "native", raws(ReferringPhysicianName=("PN", b"R" * 68 + b"^Given")), True),
+    (
+        "iso2022_ir149_so_si",
+        "cs-ir149",
+        "native",
+        lambda ds: (
+            setattr(ds, "SpecificCharacterSet", ["", "ISO 2022 IR 149"]),
+            raw(ds, "PatientName", "PN", IR149_SO_SI_NAME),
+        ),
         True,
     ),
     # wrong VRs and missing UIDs (refused at receive)
