@@ -44,7 +44,8 @@ class OneLineLibraryErrors(logging.Filter):
             text = what if not text or text == _first_line(str(exc)) else f"{text} ({what})"
         record.msg, record.args = f"{text} (traceback at DEBUG)", None
         record.exc_info, record.exc_text, record.stack_info = None, None, None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if record.levelno > logging.WARNING:  # a library's ERROR about one input is not the node's error
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

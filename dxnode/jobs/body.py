@@ -112,8 +112,9 @@ def run_job(
         beat("findings")
         lines = decision.lines + _describe(result)
         with _stage("findings", "cannot record the findings"):
-            state = _record_findings(store, job_id, result, lines)
-        if state == JobState.SKIPPED:
+            recorded = _record_findings(store, job_id, result, lines)
+        if recorded == JobState.SKIPPED:
+            state = recorded
             return state
         beat("outputs")
         with _stage("outputs", "cannot write or queue the SR/SC"):

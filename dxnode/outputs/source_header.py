@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import re
 import warnings
 
 from pydicom import Dataset
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
 # Type 2 attributes of the Patient and General Study modules that highdicom reads unconditionally.
@@ -60,10 +63,26 @@ _DT = re.compile(r"^(\d{4})((\d{2})((\d{2})((\d{2})((\d{2})((\d{2})(\.\d{1,6})?)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
 _TEXT_VRS = frozenset({"LT", "ST", "UT"})
-_CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+# Text VRs whose characters are cleaned; numbers (DS, IS) and UIDs are only truncated, as before.
+_CHARACTER_VRS = frozenset({"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 PN_GROUPS, PN_COMPONENTS = 3, 5  # alphabetic, ideographic, phonetic; family^given^middle^prefix^suffix
 _CS = re.compile(r"^[A-Z0-9_ ]*$")
-PATIENT_SEX = {"M", "F", "O", ""}
+# Enumerated values the SR/SC builders check (highdicom raises on others); empty means unknown.
+ENUMERATED = {
+    "PatientSex": frozenset({"M", "F", "O", ""}),
+    "Laterality": frozenset({"R", "L", ""}),
+    "ImageLaterality": frozenset({"R", "L", "U", "B", ""}),
+}
+_ORIENTATION = re.compile(r"^[APRLHF]{1,3}$")
+# Geometry the SR's image library and the SC read as numbers: how many values each must have.
+GEOMETRY = {
+    "ImageOrientationPatient": 6,
+    "ImagePositionPatient": 3,
+    "PixelSpacing": 2,
+    "ImagerPixelSpacing": 2,
+    "SliceThickness": 1,
+}
+_SIGNED_GEOMETRY = frozenset({"ImageOrientationPatient", "ImagePositionPatient"})
 UTF8 = "ISO_IR 192"
 
 
@@ -102,8 +121,8 @@ def _allowed(text: str, vr: str) -> str:
 
 def _fit_element(elem: DataElement, where: str, notes: list[str]) -> None:
     """Remove the characters a text element's VR does not allow and truncate each value to its VR's maximum, noting it."""
-    if (elem.VR not in MAX_LENGTH and elem.VR not in _CHARACTER_VRS) or elem.VR in ("DS", "IS", "UI"):
-        return  # numbers and UIDs are never rewritten: a changed UID would reference another object
+    if elem.VR not in MAX_LENGTH and elem.VR not in _CHARACTER_VRS:
+        return
     if elem.value is None or elem.value == "":
         return
     values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
@@ -176,9 +195,51 @@ def _valid_or_empty(ds: Dataset, notes: list[str]) -> None:
             continue
         elem.value = ""
         notes.append(f"{elem.keyword or elem.tag} emptied: not a valid CS value")
-    if str(ds.get("PatientSex", "") or "") not in PATIENT_SEX:
-        ds.PatientSex = ""
-        notes.append("PatientSex emptied: not M, F or O")
+    for keyword, allowed in ENUMERATED.items():
+        if keyword in ds and str(ds[keyword].value or "") not in allowed:
+            ds[keyword].value = ""
+            notes.append(f"{keyword} emptied: not {', '.join(sorted(allowed - {''}))}")
+    orientation = ds.get("PatientOrientation")
+    if orientation not in (None, "") and not all(_ORIENTATION.match(str(v)) for v in _values(ds["PatientOrientation"])):
+        ds.PatientOrientation = ""
+        notes.append("PatientOrientation emptied: not patient direction letters (A, P, R, L, H, F)")
+    for keyword, count in GEOMETRY.items():
+        if keyword in ds and not _finite_numbers(ds[keyword], count, positive=keyword not in _SIGNED_GEOMETRY):
+            del ds[keyword]
+            notes.append(f"{keyword} left out: not {count} finite number{'s' if count > 1 else ''}")
+
+
+def _values(elem: DataElement) -> list[object]:
+    """An element's values as a list (one value, or each of a multi-valued one)."""
+    return list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+
+
+def _finite_numbers(elem: DataElement, count: int, positive: bool) -> bool:
+    """Whether an element holds exactly count finite numbers (positive ones, if asked)."""
+    try:
+        numbers = [float(str(v)) for v in _values(elem)]
+    except (TypeError, ValueError):
+        return False
+    return len(numbers) == count and all(math.isfinite(x) and (x > 0 or not positive) for x in numbers)
+
+
+def _readable(ds: Dataset, notes: list[str], where: str = "") -> None:
+    """Leave out the elements (in sequences too) whose value pydicom cannot read as their VR."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+            items = list(elem.value or []) if elem.VR == "SQ" else []
+        except Exception:  # pydicom raises many kinds on a value that does not fit its VR
+            del ds[tag]
+            notes.append(f"{where}{ds_keyword(tag)} left out: its value cannot be read as its VR")
+            continue
+        for i, item in enumerate(items):
+            _readable(item, notes, f"{where}{elem.keyword}[{i}].")
+
+
+def ds_keyword(tag: BaseTag) -> str:
+    """The keyword of a tag, or the tag itself."""
+    return keyword_for_tag(tag) or str(tag)
 
 
 def _decode_to_utf8(ds: Dataset, notes: list[str]) -> None:
@@ -209,6 +270,7 @@ def reference_header(source: Dataset) -> tuple[Dataset, list[str]]:
         if keyword in ds:
             del ds[keyword]
     notes: list[str] = []
+    _readable(ds, notes)
     _decode_to_utf8(ds, notes)
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:
