@@ -106,6 +106,8 @@ PIXEL_INTS = ["Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "Samp
 PIXEL_INTS += ["PixelRepresentation", "PlanarConfiguration"]
 RETYPED = ["Rows", "Columns", "PatientName", "StudyDate", "Modality", "WindowCenter", "NumberOfFrames"]
 RETYPED += ["StudyInstanceUID", "PatientSex", "BitsAllocated", "SpecificCharacterSet"]
+GEOMETRY = ["ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "PatientOrientation"]
+GEOMETRY += ["Laterality", "ImageLaterality", "PatientSex"]
 VRS = ["UN", "OB", "LO", "SH", "US", "SS", "UL", "FL", "DS", "IS", "CS", "PN", "UI", "DA", "LT"]
 CHARSETS: list[str | list[str]] = ["ISO_IR 100", "ISO_IR 192", "GB18030", "ISO 2022 IR 149", ["", "ISO 2022 IR 149"]]
 CHARSETS += [["", "ISO 2022 IR 87"], "ISO_IR 999", "ISO_IR 13", "ISO_IR 144", "ISO_IR 6", ""]
@@ -162,6 +164,11 @@ mutation = st.one_of(
         st.sampled_from(["NaN", "inf", "-inf", "1e308", "0", "-400", "abc", "", "1\\2"]),
     ),
     st.tuples(st.just("pixeldata"), st.just("PixelData"), st.floats(0.0, 1.5)),
+    st.tuples(
+        st.just("geometry"),
+        st.sampled_from(GEOMETRY),
+        st.sampled_from(["abc", "NaN\\1\\0\\0\\1\\0", "1\\0\\0\\0\\1\\0", "0\\0", "-1\\2", "X\\Y", "A\\F", ""]),
+    ),
 )
 
 
@@ -203,6 +210,7 @@ APPLY: dict[str, Callable[[Dataset, str, Any], None]] = {
     "frames": lambda ds, k, v: _raw(ds, k, "IS", _pad(v)),
     "lut": lambda ds, k, v: _raw(ds, k, "DS", _pad(v)),
     "pixeldata": lambda ds, k, fraction: _pixel_data(ds, fraction),
+    "geometry": lambda ds, k, v: _raw(ds, k, dictionary_VR(k), _pad(v)),
 }
 
 _seed_bytes: dict[str, bytes] = {}
