@@ -247,7 +247,12 @@ def _decode_to_utf8(ds: Dataset, notes: list[str]) -> None:
     declared = ds.get("SpecificCharacterSet")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds.decode()
+        try:
+            ds.decode()
+        except Exception:  # not a character set value at all (a number, a wrong VR): pydicom's default
+            ds.pop(0x00080005, None)  # Specific Character Set
+            ds.decode()
+            notes.append("Specific Character Set not usable; decoded as the default repertoire")
     if any("charset" in str(w.message).lower() or "encoding" in str(w.message).lower() for w in caught):
         notes.append(f"Specific Character Set {declared!r} is not fully known; decoded with pydicom's fallback")
     ds.SpecificCharacterSet = UTF8
