@@ -292,6 +292,16 @@ def _note_full_size_fallback(exc: BaseException) -> None:
         log.warning("reduced JPEG 2000 decode fell back to full size: %s", reason)
 
 
+def _check_decoded_shape(frame: np.ndarray, ds: Dataset, samples: int) -> None:
+    """PipelineError unless a decoded frame is Rows x Columns (x Samples per Pixel) as the header says."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    expected = (rows, columns) if samples == 1 else (rows, columns, samples)
+    if tuple(frame.shape) != expected:
+        raise PipelineError(
+            f"decoded pixel data is {' x '.join(map(str, frame.shape))}, the header says {' x '.join(map(str, expected))}"
+        )
+
+
 def modality_values(
     ds: Dataset, max_frames: int, indices: list[int] | None = None, reduce: J2KReduce | None = None
 ) -> list[tuple[int, np.ndarray]]:
@@ -310,7 +320,10 @@ def modality_values(
     except J2K_HEADER_ERRORS as exc:  # malformed encapsulation or header: pydicom's decoder gives the reason below
         _note_full_size_fallback(exc)
         reduced = None
-    for i, frame in (reduced or decode_frames(ds, chosen, n_frames)).items():
+    decoded = reduced or decode_frames(ds, chosen, n_frames)
+    for i, frame in decoded.items():
+        if reduced is None:
+            _check_decoded_shape(frame, ds, samples)
         if photometric == "PALETTE COLOR":
             rgb = apply_color_lut(frame, ds)
             out.append((i, rgb.astype(np.float32) / (255.0 if rgb.max() <= 255 else 65535.0)))

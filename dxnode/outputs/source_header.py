@@ -19,7 +19,7 @@ import re
 import warnings
 
 from pydicom import Dataset
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VM, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
@@ -119,6 +119,14 @@ def _allowed(text: str, vr: str) -> str:
     return (_CONTROL_IN_TEXT if vr in _TEXT_VRS else _CONTROL).sub("", text)
 
 
+def _single_valued(elem: DataElement) -> bool:
+    """Whether the data dictionary allows the element one value only (VM 1)."""
+    try:
+        return bool(dictionary_VM(elem.tag) == "1")
+    except KeyError:  # private or unknown: no rule to apply
+        return False
+
+
 def _fit_element(elem: DataElement, where: str, notes: list[str]) -> None:
     """Remove the characters a text element's VR does not allow and truncate each value to its VR's maximum, noting it."""
     if elem.VR not in MAX_LENGTH and elem.VR not in _CHARACTER_VRS:
@@ -126,10 +134,14 @@ def _fit_element(elem: DataElement, where: str, notes: list[str]) -> None:
     if elem.value is None or elem.value == "":
         return
     values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+    name = f"{where}{elem.keyword or elem.tag}"
+    if len(values) > 1 and _single_valued(elem):  # a backslash in a one-value attribute: the first value kept
+        notes.append(f"{name}: {len(values)} values where one is allowed; the first kept")
+        values = values[:1]
+        elem.value = values[0]
     texts = [str(v) for v in values]
     allowed = [_allowed(t, elem.VR) for t in texts]
     fitted = [_fit_value(t, elem.VR) for t in allowed]
-    name = f"{where}{elem.keyword or elem.tag}"
     if allowed != texts:
         notes.append(f"{name}: characters not allowed in {elem.VR} removed (control characters)")
     if fitted != allowed:
