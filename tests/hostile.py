@@ -195,6 +195,7 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
     ("photometric_unknown", "pixel", "native", setattrs(PhotometricInterpretation="FOO"), False),
     ("rows_wrong_vr", "pixel", "native", raws(Rows=("LO", b"abc ")), False),
     ("no_pixel_data", "pixel", "native", no_pixels, False),
+    ("rows_fewer_than_pixel_data", "pixel", "MR_small.dcm", setattrs(Rows=15), False),  # fuzz: to_tensor failed
     # RLE
     ("rle_dimension_bomb", "rle", "rle", setattrs(Rows=65535, Columns=65535), False),
     ("rle_frames_bomb", "rle", "rle", raws(NumberOfFrames=("IS", b"65535")), False),
@@ -297,6 +298,8 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         ),
         True,
     ),
+    ("accession_two_values", "long", "native", raws(AccessionNumber=("SH", b"ACC1\\ACC2 ")), True),  # fuzz: VM 2
+    ("laterality_not_r_or_l", "long", "native", raws(Laterality=("CS", b"LEFT")), True),  # fuzz: SC lost Laterality
     # wrong VRs and missing UIDs (refused at receive)
     ("study_uid_vr_ul", "vr", "native", raws(StudyInstanceUID=("UL", 7)), False),
     ("no_sop_instance_uid", "vr", "native", drop("SOPInstanceUID"), False),

@@ -211,7 +211,9 @@ def build_sc(
     if (
         "Laterality" not in sc
         and "ImageLaterality" not in sc
-        and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}
+        and ("Laterality" in source or str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""})
     ):
-        sc.Laterality = ""  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
+        # Type 2C in General Series for a paired (or unknown) body part, or one the source said has a
+        # laterality (its value emptied as unknown, see source_header): empty = unknown
+        sc.Laterality = ""
     return sc, lines[0]
