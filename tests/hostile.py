@@ -300,6 +300,20 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
     ),
     ("accession_two_values", "long", "native", raws(AccessionNumber=("SH", b"ACC1\\ACC2 ")), True),  # fuzz: VM 2
     ("laterality_not_r_or_l", "long", "native", raws(Laterality=("CS", b"LEFT")), True),  # fuzz: SC lost Laterality
+    (  # fuzz: a standard attribute under another VR reached highdicom (DA) and dciodvfy (PN)
+        "standard_attributes_wrong_vr",
+        "wrong-vr",
+        "native",
+        raws(StudyDate=("SH", b"\xf4\xfe\x8f\xaf"), PatientName=("LO", b"\xc8\xb0"), StudyTime=("TM", b"235960")),
+        True,
+    ),
+    (  # fuzz: frames of a single-frame SOP class were referenced by number (dciodvfy)
+        "frames_of_a_single_frame_class",
+        "wrong-vr",
+        "MR_small.dcm",
+        raws(Rows=("US", 32), NumberOfFrames=("IS", b"2 ")),
+        True,
+    ),
     # wrong VRs and missing UIDs (refused at receive)
     ("study_uid_vr_ul", "vr", "native", raws(StudyInstanceUID=("UL", 7)), False),
     ("no_sop_instance_uid", "vr", "native", drop("SOPInstanceUID"), False),

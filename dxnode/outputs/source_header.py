@@ -19,7 +19,7 @@ import re
 import warnings
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VM, keyword_for_tag
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
@@ -82,6 +82,11 @@ GEOMETRY = {
     "ImagerPixelSpacing": 2,
     "SliceThickness": 1,
 }
+# Single-frame image SOP classes (PS3.4 B.5): a reference to them names no frame (dciodvfy).
+SINGLE_FRAME_SOP_CLASSES = frozenset(
+    "1.2.840.10008.5.1.4.1.1." + suffix
+    for suffix in ("1", "1.1", "1.1.1", "1.2", "1.2.1", "1.3", "1.3.1", "2", "4", "6.1", "7", "128")
+)
 _SIGNED_GEOMETRY = frozenset({"ImageOrientationPatient", "ImagePositionPatient"})
 UTF8 = "ISO_IR 192"
 
@@ -161,8 +166,8 @@ def _calendar(year: str, month: str | None, day: str | None) -> bool:
 
 
 def _clock(hour: str | None, minute: str | None, second: str | None) -> bool:
-    """Whether hour, minute and second (optional) are on the clock (a leap second 60 allowed)."""
-    return int(hour or 0) <= 23 and int(minute or 0) <= 59 and int(second or 0) <= 60
+    """Whether hour, minute and second (optional) are on the clock (no leap second 60: dciodvfy refuses it)."""
+    return int(hour or 0) <= 23 and int(minute or 0) <= 59 and int(second or 0) <= 59
 
 
 def valid_date_time(vr: str, value: str) -> bool:
@@ -245,8 +250,30 @@ def _readable(ds: Dataset, notes: list[str], where: str = "") -> None:
             del ds[tag]
             notes.append(f"{where}{ds_keyword(tag)} left out: its value cannot be read as its VR")
             continue
+        expected = dictionary_vrs(elem.tag)
+        if expected and elem.VR not in expected:  # highdicom and dciodvfy take a standard attribute by its VR
+            del ds[tag]
+            notes.append(f"{where}{ds_keyword(tag)} left out: VR {elem.VR}, the dictionary says {'/'.join(expected)}")
+            continue
         for i, item in enumerate(items):
             _readable(item, notes, f"{where}{elem.keyword}[{i}].")
+
+
+def dictionary_vrs(tag: BaseTag) -> tuple[str, ...]:
+    """The VRs the data dictionary allows a standard attribute ("US or SS": both); () for a private or unknown one."""
+    if tag.is_private:
+        return ()
+    try:
+        return tuple(dictionary_VR(tag).split(" or "))
+    except KeyError:
+        return ()
+
+
+def _single_frame(ds: Dataset, notes: list[str]) -> None:
+    """Leave out Number of Frames of an instance whose SOP class is single-frame (the SR/SC then reference no frame)."""
+    if str(ds.get("SOPClassUID", "")) in SINGLE_FRAME_SOP_CLASSES and "NumberOfFrames" in ds:
+        del ds.NumberOfFrames
+        notes.append("NumberOfFrames left out: the SOP class is single-frame")
 
 
 def ds_keyword(tag: BaseTag) -> str:
@@ -294,6 +321,7 @@ def reference_header(source: Dataset) -> tuple[Dataset, list[str]]:
             setattr(ds, keyword, "")
     _valid_or_empty(ds, notes)
     _fit_all(ds, notes)
+    _single_frame(ds, notes)
     if not str(ds.get("Modality", "") or "").strip():  # Type 1: highdicom's image library reads it
         ds.Modality = "OT"
         notes.append("Modality missing: OT (other) used for the SR's image library entry")
