@@ -16,9 +16,21 @@ from dxnode.results import Finding, Heatmap, StudyResult
 
 # Spacing attributes a heatmap SC must not carry: its pixels are resampled and captioned.
 SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
-# Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
+# Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown
+# (dciodvfy's list: EXTREMITY and the face's paired parts too).
 PAIRED_BODY_PARTS = frozenset(
     {
+        "BRONCHUS",
+        "BUTTOCK",
+        "CAROTID",
+        "CHEEK",
+        "CORNEA",
+        "EXTREMITY",
+        "EYELID",
+        "PAROTID",
+        "SCLERA",
+        "SUBMANDIBULAR",
+        "ZYGOMA",
         "ANKLE",
         "ARM",
         "BREAST",
@@ -211,9 +223,7 @@ def build_sc(
     if (
         "Laterality" not in sc
         and "ImageLaterality" not in sc
-        and ("Laterality" in source or str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""})
+        and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}
     ):
-        # Type 2C in General Series for a paired (or unknown) body part, or one the source said has a
-        # laterality (its value emptied as unknown, see source_header): empty = unknown
-        sc.Laterality = ""
+        sc.Laterality = ""  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
     return sc, lines[0]
