@@ -288,6 +288,13 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         True,
     ),
     ("pn_group_68_characters", "calendar", "native", raws(ReferringPhysicianName=("PN", b"R" * 68 + b"^Given")), True),
+    (  # fuzz: groups within 64 bytes each, 160 in all: dciodvfy reads a UTF-8 PN whole
+        "pn_groups_160_bytes",
+        "calendar",
+        "native",
+        raws(PatientName=("PN", b"X" * 30 + b"=" + b"Y" * 64 + b"=" + b"Z" * 64)),
+        True,
+    ),
     (
         "iso2022_ir149_so_si",
         "cs-ir149",

@@ -133,7 +133,7 @@ def test_impossible_dates_long_pn_control_bytes_and_no_modality_reach_the_pacs_v
         "note: PatientBirthDate emptied: not a valid DA value",
         "note: StudyDate emptied: not a valid DA value",
         "note: StudyTime emptied: not a valid TM value",
-        "note: ReferringPhysicianName truncated to 64 bytes per component group (PN)",
+        "note: ReferringPhysicianName truncated to 64 bytes per component group and in all (PN)",
         "note: PatientName: characters not allowed in PN removed (control characters)",
         "note: Modality missing",
     ):

@@ -100,13 +100,17 @@ def truncate_bytes(text: str, limit: int) -> str:
 
 
 def _fit_person_name(text: str) -> str:
-    """A PN value with at most three component groups of at most five components, each group within 64 bytes."""
+    """A PN value of at most three component groups of at most five components, each group and the whole
+    value within 64 bytes: dciodvfy reads a UTF-8 PN's length whole, so the phonetic and then the
+    ideographic group are left out when the value would be longer."""
     groups = []
     for group in text.split("=")[:PN_GROUPS]:
         components = group.split("^")
         if len(components) > PN_COMPONENTS:  # the surplus joins the last (suffix) component
             components = [*components[: PN_COMPONENTS - 1], " ".join(components[PN_COMPONENTS - 1 :])]
         groups.append(truncate_bytes("^".join(components), MAX_LENGTH["PN"]))
+    while len(groups) > 1 and len("=".join(groups).encode("utf-8")) > MAX_LENGTH["PN"]:
+        groups.pop()
     return "=".join(groups)
 
 
@@ -150,7 +154,7 @@ def _fit_element(elem: DataElement, where: str, notes: list[str]) -> None:
     if allowed != texts:
         notes.append(f"{name}: characters not allowed in {elem.VR} removed (control characters)")
     if fitted != allowed:
-        limit = f"{MAX_LENGTH[elem.VR]} bytes" + (" per component group" if elem.VR == "PN" else "")
+        limit = f"{MAX_LENGTH[elem.VR]} bytes" + (" per component group and in all" if elem.VR == "PN" else "")
         notes.append(f"{name} truncated to {limit} ({elem.VR})")
     if fitted != texts:
         elem.value = fitted if len(fitted) > 1 else fitted[0]
