@@ -321,6 +321,7 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         raws(Rows=("US", 32), NumberOfFrames=("IS", b"2 ")),
         True,
     ),
+    ("body_part_unknown", "long", "native", raws(BodyPartExamined=("CS", b"L" * 16)), True),  # fuzz: no Laterality
     # wrong VRs and missing UIDs (refused at receive)
     ("study_uid_vr_ul", "vr", "native", raws(StudyInstanceUID=("UL", 7)), False),
     ("no_sop_instance_uid", "vr", "native", drop("SOPInstanceUID"), False),
