@@ -27,7 +27,7 @@ from dxnode.inference.bundle import write_bundle
 from dxnode.jobs.body import run_job
 from dxnode.pipeline import Preprocessing
 from dxnode.states import JobState
-from dxnode.store import Instance, InstanceResult, Job, Output, Series, Store, Study, utcnow
+from dxnode.store import Instance, InstanceResult, Job, Output, Series, Store, Study, upgrade, utcnow
 from dxnode.worklist import queue
 
 Mutate = Callable[[Dataset], None]
@@ -77,6 +77,11 @@ def receive(store: Store, settings: Settings, sources: list[tuple[str, Mutate]])
 @pytest.fixture
 def any_modality(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """A node whose model declares no intended modality, so an instance without Modality is analysed."""
+    return any_modality_settings(db_url, tmp_path, monkeypatch)
+
+
+def any_modality_settings(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings of the any_modality fixture, for a database of the test's own."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     torch.manual_seed(24)
     write_bundle(
@@ -206,10 +211,12 @@ queue.drain(store, settings, run_job)
 
 
 def test_corrupt_rle_and_j2k_log_one_line_per_instance_and_no_traceback(
-    store: Store, any_modality: Settings, db_url: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not db_url.startswith("sqlite"):
-        pytest.skip("the log policy does not depend on the database")
+    url = f"sqlite:///{tmp_path / 'logs.db'}"  # the log policy does not depend on the database
+    upgrade(url)
+    store = Store(url)
+    any_modality = any_modality_settings(url, tmp_path, monkeypatch)
     # Headers that pass the bounds, data the decoders fail on: pydicom logs each plugin's failure with a traceback.
     receive(store, any_modality, [("MR_small_RLE.dcm", rle_truncated), ("MR_small_jp2klossless.dcm", truncated_frame)])
     receive(store, any_modality, [("CT_small.dcm", lambda ds: None)])  # a second study that succeeds
@@ -235,5 +242,6 @@ def test_corrupt_rle_and_j2k_log_one_line_per_instance_and_no_traceback(
     with store.session() as s:
         reasons = [r.reason for r in s.scalars(select(InstanceResult)) if r.state == "failed"]
         states = sorted(j.state for j in s.scalars(select(Job)))
+    store.dispose()
     assert len(reasons) == 2 and all(reasons), reasons
     assert states == ["done", "failed"], states
