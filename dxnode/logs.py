@@ -1,4 +1,9 @@
-"""Logging policy: the node's log format and level, and the one place that sets every library's logger."""
+"""Logging policy: the node's log format and level, and the one place that sets every library's logger.
+
+Tracebacks appear at DEBUG only: a library record that carries one (pydicom's decoders log every
+plugin's failure with ``LOGGER.exception``) is written as one WARNING line, the exception's type
+and first line, unless the node logs at DEBUG. The node's own records say what failed where.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +24,43 @@ NOISY_LOGGERS = (
 )
 
 
+OWN_LOGGERS = ("dxnode", "__main__")
+
+
+class OneLineLibraryErrors(logging.Filter):
+    """A handler filter: a library record with a traceback becomes one WARNING line (the traceback at DEBUG only)."""
+
+    def __init__(self, level: str) -> None:
+        super().__init__()
+        self.debug = logging.getLevelName(level) == logging.DEBUG
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.debug or not (record.exc_info or record.stack_info) or record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        text = _first_line(record.getMessage())
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            what = f"{type(exc).__name__}: {_first_line(str(exc))}".rstrip(": ")
+            text = what if not text or text == _first_line(str(exc)) else f"{text} ({what})"
+        record.msg, record.args = f"{text} (traceback at DEBUG)", None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if record.levelno > logging.WARNING:  # a library's ERROR about one input is not the node's error
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _first_line(text: str) -> str:
+    """The first non-empty line of text, stripped."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def setup_logging(level: str) -> None:
     """Log lines with time, level and stage name to stderr, and set the libraries' switches."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, OneLineLibraryErrors)]:
+            handler.removeFilter(old)
+        handler.addFilter(OneLineLibraryErrors(level))
     library_switches(level)
 
 

@@ -140,7 +140,17 @@ class Frame:
 
 
 def skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
-    """Why this instance does not go to the model (None: it does). Looks at the header only."""
+    """Why this instance does not go to the model (None: it does). Looks at the header only.
+
+    PipelineError when the header values it reads cannot be read (pydicom converts them on access)."""
+    try:
+        return _skip_reason(ds, settings)
+    except Exception as exc:
+        raise PipelineError(f"header not readable: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def _skip_reason(ds: Dataset, settings: PipelineSettings) -> str | None:
+    """skip_reason's checks, in order."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in NON_IMAGE_SOP_CLASSES:
         return f"not an image: {NON_IMAGE_SOP_CLASSES[sop_class]}"
@@ -282,6 +292,16 @@ def _note_full_size_fallback(exc: BaseException) -> None:
         log.warning("reduced JPEG 2000 decode fell back to full size: %s", reason)
 
 
+def _check_decoded_shape(frame: np.ndarray, ds: Dataset, samples: int) -> None:
+    """PipelineError unless a decoded frame is Rows x Columns (x Samples per Pixel) as the header says."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    expected = (rows, columns) if samples == 1 else (rows, columns, samples)
+    if tuple(frame.shape) != expected:
+        raise PipelineError(
+            f"decoded pixel data is {' x '.join(map(str, frame.shape))}, the header says {' x '.join(map(str, expected))}"
+        )
+
+
 def modality_values(
     ds: Dataset, max_frames: int, indices: list[int] | None = None, reduce: J2KReduce | None = None
 ) -> list[tuple[int, np.ndarray]]:
@@ -300,7 +320,10 @@ def modality_values(
     except J2K_HEADER_ERRORS as exc:  # malformed encapsulation or header: pydicom's decoder gives the reason below
         _note_full_size_fallback(exc)
         reduced = None
-    for i, frame in (reduced or decode_frames(ds, chosen, n_frames)).items():
+    decoded = reduced or decode_frames(ds, chosen, n_frames)
+    for i, frame in decoded.items():
+        if reduced is None:
+            _check_decoded_shape(frame, ds, samples)
         if photometric == "PALETTE COLOR":
             rgb = apply_color_lut(frame, ds)
             out.append((i, rgb.astype(np.float32) / (255.0 if rgb.max() <= 255 else 65535.0)))
@@ -470,12 +493,13 @@ def read_dataset(path: str | Path, max_inflated_mb: float | None = None) -> Data
                 except DeclaredSizeError as exc:
                     raise PipelineError(str(exc)) from exc
                 f.seek(0)
-            try:
-                return pydicom.dcmread(f, defer_size="64 KB")
-            except Exception as exc:
-                raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
+            return pydicom.dcmread(f, defer_size="64 KB")
+    except PipelineError:
+        raise
     except OSError as exc:
         raise PipelineError(f"cannot read file: {exc.strerror or exc}") from exc
+    except Exception as exc:  # pydicom and zlib raise many kinds on a corrupt stream
+        raise PipelineError(f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:300]) from exc
 
 
 def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
@@ -488,6 +512,8 @@ def check_before_decoding(ds: Dataset, settings: PipelineSettings) -> list[str]:
         check_codestreams(ds, indices, n_frames)
     except DeclaredSizeError as exc:
         raise PipelineError(str(exc)) from exc
+    except Exception as exc:  # a header value pydicom cannot convert
+        raise PipelineError(f"pixel attributes not readable: {type(exc).__name__}: {exc}"[:300]) from exc
     notes = []
     if "WindowCenter" in ds and "WindowWidth" in ds and dataset_window(ds) is None:
         notes.append("Window Center/Width not usable (not finite, not positive or out of range): not used")

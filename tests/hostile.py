@@ -172,6 +172,9 @@ def modality_lut_garbage(ds: Dataset) -> None:
 # Decoders fill a JPEG scan that ends early (as viewers do): an image, analysed without complaint, is fine.
 TOLERATED = {"jpeg_truncated"}
 
+# A Korean name whose Hangul sits between SO and SI (0x0e, 0x0f), as a malformed IR 149 writer sends it.
+IR149_SO_SI_NAME = b"Hong^Gildong=\x1b$)C\x0e\xc8\xab\x0f^\x0e\xb1\xe6\xb5\xbf\x0f"
+
 TYPE2 = ("PatientBirthDate", "PatientSex", "StudyID", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
 
 # (name, group, source, mutate, benign)
@@ -192,6 +195,7 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
     ("photometric_unknown", "pixel", "native", setattrs(PhotometricInterpretation="FOO"), False),
     ("rows_wrong_vr", "pixel", "native", raws(Rows=("LO", b"abc ")), False),
     ("no_pixel_data", "pixel", "native", no_pixels, False),
+    ("rows_fewer_than_pixel_data", "pixel", "MR_small.dcm", setattrs(Rows=15), False),  # fuzz: to_tensor failed
     # RLE
     ("rle_dimension_bomb", "rle", "rle", setattrs(Rows=65535, Columns=65535), False),
     ("rle_frames_bomb", "rle", "rle", raws(NumberOfFrames=("IS", b"65535")), False),
@@ -275,6 +279,49 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         raws(StudyDate=("DA", b"notadate"), StudyTime=("TM", b"99:99"), PatientSex=("CS", b"X ")),
         True,
     ),
+    # issue 24: a date not in the calendar failed the job; a 68-character PN group and SO/SI bytes failed dciodvfy
+    (
+        "dates_not_in_calendar",
+        "calendar",
+        "native",
+        raws(PatientBirthDate=("DA", b"20251399"), StudyDate=("DA", b"20241331"), StudyTime=("TM", b"256100")),
+        True,
+    ),
+    ("pn_group_68_characters", "calendar", "native", raws(ReferringPhysicianName=("PN", b"R" * 68 + b"^Given")), True),
+    (  # fuzz: groups within 64 bytes each, 160 in all: dciodvfy reads a UTF-8 PN whole
+        "pn_groups_160_bytes",
+        "calendar",
+        "native",
+        raws(PatientName=("PN", b"X" * 30 + b"=" + b"Y" * 64 + b"=" + b"Z" * 64)),
+        True,
+    ),
+    (
+        "iso2022_ir149_so_si",
+        "cs-ir149",
+        "native",
+        lambda ds: (
+            setattr(ds, "SpecificCharacterSet", ["", "ISO 2022 IR 149"]),
+            raw(ds, "PatientName", "PN", IR149_SO_SI_NAME),
+        ),
+        True,
+    ),
+    ("accession_two_values", "long", "native", raws(AccessionNumber=("SH", b"ACC1\\ACC2 ")), True),  # fuzz: VM 2
+    ("laterality_not_r_or_l", "long", "native", raws(Laterality=("CS", b"LEFT")), True),  # fuzz: SC lost Laterality
+    (  # fuzz: a standard attribute under another VR reached highdicom (DA) and dciodvfy (PN)
+        "standard_attributes_wrong_vr",
+        "wrong-vr",
+        "native",
+        raws(StudyDate=("SH", b"\xf4\xfe\x8f\xaf"), PatientName=("LO", b"\xc8\xb0"), StudyTime=("TM", b"235960")),
+        True,
+    ),
+    (  # fuzz: frames of a single-frame SOP class were referenced by number (dciodvfy)
+        "frames_of_a_single_frame_class",
+        "wrong-vr",
+        "MR_small.dcm",
+        raws(Rows=("US", 32), NumberOfFrames=("IS", b"2 ")),
+        True,
+    ),
+    ("body_part_unknown", "long", "native", raws(BodyPartExamined=("CS", b"L" * 16)), True),  # fuzz: no Laterality
     # wrong VRs and missing UIDs (refused at receive)
     ("study_uid_vr_ul", "vr", "native", raws(StudyInstanceUID=("UL", 7)), False),
     ("no_sop_instance_uid", "vr", "native", drop("SOPInstanceUID"), False),

@@ -16,7 +16,7 @@ from dxnode.analysis.streaming import analyze_study
 from dxnode.config import ModelSettings, Settings
 from dxnode.model import load_classifier
 from dxnode.outputs.report import WrittenOutput, write_outputs
-from dxnode.outputs.source_header import TYPE2_PATIENT_STUDY, reference_header
+from dxnode.outputs.source_header import TYPE2_PATIENT_STUDY, reference_header, valid_date_time
 
 CHARACTER_SETS = {
     "latin1": ("ISO_IR 100", "Müller^Jürgen"),
@@ -101,3 +101,59 @@ def test_reference_header_leaves_the_source_alone() -> None:
     ds.PatientName = "X" * 100
     copy, notes = reference_header(ds)
     assert str(ds.PatientName) == "X" * 100 and str(copy.PatientName) == "X" * 64 and notes
+
+
+@pytest.mark.parametrize(
+    ("vr", "value", "valid"),
+    [
+        ("DA", "20240229", True),
+        ("DA", "20230229", False),
+        ("DA", "20251399", False),
+        ("DA", "20241331", False),
+        ("DA", "2024-01-01", False),
+        ("TM", "235959.123456", True),
+        ("TM", "235960", False),
+        ("TM", "2359", True),
+        ("TM", "256100", False),
+        ("TM", "12:30", False),
+        ("DT", "20240101123000.5+0100", True),
+        ("DT", "2024", True),
+        ("DT", "20241331", False),
+        ("DT", "2024010125", False),
+        ("DT", "20240101+1500", False),
+    ],
+)
+def test_dates_and_times_are_valid_in_form_and_in_the_calendar(vr: str, value: str, valid: bool) -> None:
+    assert valid_date_time(vr, value) is valid
+
+
+def test_values_a_vr_does_not_allow_are_emptied_cleaned_or_cut_and_noted() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    ds.PatientBirthDate, ds.StudyDate, ds.AcquisitionDateTime = "20251399", "20241331", "20240230120000"
+    ds.PatientName = "Kim\x0e^Min\x0fsu=" + "Z" * 70
+    ds.StudyDescription = "line\x1bone"
+    ds.ImageComments = "first\r\nsecond\x00"
+    ds.ReferringPhysicianName = "a^b^c^d^e^f^g=h=i=j"
+    ds.Laterality, ds.PatientOrientation = "X", ["Q", "F"]
+    ds.ImageOrientationPatient = ["nan", 0, 0, 0, 1, 0]
+    del ds.Modality
+    out, notes = reference_header(ds)
+    assert out.PatientBirthDate == "" and out.StudyDate == "" and out.AcquisitionDateTime == ""
+    assert str(out.PatientName) == "Kim^Minsu"  # the second group, cut to 64 bytes, made the whole too long
+    assert out.StudyDescription == "lineone" and out.ImageComments == "first\r\nsecond"
+    assert str(out.ReferringPhysicianName) == "a^b^c^d^e f g=h=i"
+    assert out.Laterality == "" and not out.PatientOrientation and "ImageOrientationPatient" not in out
+    assert out.Modality == "OT"
+    for expected in (
+        "PatientBirthDate emptied: not a valid DA value",
+        "AcquisitionDateTime emptied: not a valid DT value",
+        "PatientName: characters not allowed in PN removed (control characters)",
+        "PatientName truncated to 64 bytes per component group and in all (PN)",
+        "StudyDescription: characters not allowed in LO removed (control characters)",
+        "Laterality emptied: not L, R",
+        "PatientOrientation emptied: not patient direction letters (A, P, R, L, H, F)",
+        "ImageOrientationPatient left out: not 6 finite numbers",
+        "Modality missing: OT (other) used for the SR's image library entry",
+    ):
+        assert expected in notes, notes
+    assert not any("Kim" in n or "ZZZ" in n for n in notes)

@@ -3,14 +3,16 @@
 Each step commits what it produced before the next one starts, so a crash anywhere is resumed
 by running the job again: findings of an attempt replace those of earlier attempts of the same
 job, and outputs have deterministic UIDs, so a re-run writes the same objects and queues no
-second delivery for an object already in the outbox.
+second delivery for an object already in the outbox. A failure is classified where its stage ends
+(``_stage``): the job records one line naming the stage, and bad input is not retried.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ from dxnode.outputs.report import write_outputs
 from dxnode.results import StudyResult
 from dxnode.states import InstanceState, JobState, OutputKind
 from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit, utcnow
+from dxnode.worklist.queue import JobFailure, classify
 from dxnode.worklist.routing import resolve_job
 
 if TYPE_CHECKING:
@@ -34,10 +37,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("dxnode.jobs.body")
 
 
-class NothingToAnalyze(Exception):
-    """Every instance of the study failed in the pipeline; the message lists why."""
+@contextmanager
+def _stage(name: str, what: str) -> Iterator[None]:
+    """Run one stage of the job: an exception leaving it becomes a classified JobFailure naming it.
 
-    permanent = True  # a retry reads the same files: the job fails at once
+    Stopping and TakenOver (BaseExceptions) pass through: they are not failures."""
+    try:
+        yield
+    except Exception as exc:
+        raise classify(exc, name, what) from exc
 
 
 def run_job(
@@ -57,7 +65,7 @@ def run_job(
 
     beat = heartbeat or (lambda stage: None)
     beat("load")
-    with store.session() as session:
+    with _stage("route", "cannot route the study"), store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None, f"job {job_id} vanished"
         study = session.get(Study, job.study_id)
@@ -82,49 +90,74 @@ def run_job(
     timings: dict[str, float] = {}
     state = JobState.FAILED
     try:
-        load = registry.get if registry is not None else load_classifier
-        classifier = load(settings.model, data_dir=settings.data_dir)
+        with _stage("load", "cannot load the model"):
+            load = registry.get if registry is not None else load_classifier
+            classifier = load(settings.model, data_dir=settings.data_dir)
         beat("analyze")
         started = time.perf_counter()
-        result = analyze_study(
-            study_uid,
-            instances,
-            classifier,
-            settings,
-            heatmap_for=settings.report.heatmap_for,
-            progress=beat,
-            timings=timings,
-            pool=registry.decode_pool(settings.model.decode_threads) if registry is not None else None,
-        )
+        with _stage("analyze", "cannot analyse the study"):
+            result = analyze_study(
+                study_uid,
+                instances,
+                classifier,
+                settings,
+                heatmap_for=settings.report.heatmap_for,
+                progress=beat,
+                timings=timings,
+                pool=registry.decode_pool(settings.model.decode_threads) if registry is not None else None,
+            )
         result.route = decision.entry.name
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        _log_failed_instances(job_id, result, [uid for uid, _ in instances])
 
         beat("findings")
         lines = decision.lines + _describe(result)
-        state = _record_findings(store, job_id, result, lines)
-        if state == JobState.SKIPPED:
+        with _stage("findings", "cannot record the findings"):
+            recorded = _record_findings(store, job_id, result, lines)
+        if recorded == JobState.SKIPPED:
+            state = recorded
             return state
         beat("outputs")
-        outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
-        hl7_rows = enqueue_hl7(store, settings, job_id)  # ORU^R01 / FHIR to [[hl7.destinations]]
-        with store.session() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            job.log += "\n" + "\n".join(
-                f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
-                for o in outputs
-            )
-            if hl7_rows:
+        with _stage("outputs", "cannot write or queue the SR/SC"):
+            outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
+            _log_outputs(store, job_id, outputs)
+        with _stage("hl7", "cannot queue the HL7 results"):
+            hl7_rows = enqueue_hl7(store, settings, job_id)  # ORU^R01 / FHIR to [[hl7.destinations]]
+        if hl7_rows:
+            with store.session() as session:
+                job = session.get(Job, job_id)
+                assert job is not None
                 job.log += f"\nHL7 result -> {hl7_rows} destination(s)"
-            notes = sorted({n for o in outputs for n in o.notes})
-            if notes:  # values changed when copying source attributes into the SR/SC (never the values)
-                job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
         state = JobState.DONE
         return state
     finally:
         if state != JobState.FAILED:
             timings["queued_to_done"] = (utcnow() - queued_at).total_seconds()
         _record_timings(store, job_id, timings)
+
+
+def _log_failed_instances(job_id: int, result: StudyResult, order: list[str]) -> None:
+    """One WARNING line per instance that failed in the pipeline, naming it by its place in the job (UIDs at DEBUG)."""
+    place = {uid: i + 1 for i, uid in enumerate(order)}
+    for outcome in result.instances:
+        if outcome.state == InstanceState.FAILED:
+            where = place.get(outcome.sop_instance_uid, 0)
+            log.warning("job %d: instance %d of %d failed: %s", job_id, where, len(order), outcome.reason)
+            log.debug("job %d: instance %d is %s", job_id, where, outcome.sop_instance_uid)
+
+
+def _log_outputs(store: Store, job_id: int, outputs: list[_Written]) -> None:
+    """Add a line per output, and the notes on values changed in copying source attributes, to the job log."""
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.log += "\n" + "\n".join(
+            f"output {o.kind.upper()} {o.label or ''} -> {o.deliveries} destination(s)".replace("  ", " ")
+            for o in outputs
+        )
+        notes = sorted({n for o in outputs for n in o.notes})
+        if notes:  # values changed when copying source attributes into the SR/SC (never the values)
+            job.log += "\n" + "\n".join(f"note: {n}" for n in notes)
 
 
 def _record_timings(store: Store, job_id: int, timings: dict[str, float]) -> None:
@@ -182,7 +215,10 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
             job.log += "\nno instance matched the pipeline rules: nothing to report"
             return JobState.SKIPPED
     if not done:  # raised after the commit, so the per-instance reasons stay recorded
-        raise NothingToAnalyze("no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed}))[:2000])
+        # a retry reads the same files: the job fails at once
+        raise JobFailure(
+            "analyze", "no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed})), True
+        )
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None

@@ -20,40 +20,42 @@ DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod", "Deident
 SCALE_GREY = 128.0  # the untinted part of the caption's colour scale
 # Spacing attributes a heatmap SC must not carry: its pixels are resampled and captioned.
 SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
-# Paired Body Part Examined values (CID 4031) whose series need a Laterality, empty when unknown.
-PAIRED_BODY_PARTS = frozenset(
+# Body Part Examined values (CID 4031) of unpaired regions: their series need no Laterality. Any other
+# value, a paired one (KNEE, EXTREMITY, ...) or one dciodvfy does not know, gets an empty one (unknown).
+UNPAIRED_BODY_PARTS = frozenset(
     {
-        "ANKLE",
-        "ARM",
-        "BREAST",
-        "CALCANEUS",
-        "CALF",
-        "CLAVICLE",
-        "EAR",
-        "ELBOW",
-        "EYE",
-        "FEMUR",
-        "FIBULA",
-        "FINGER",
-        "FOOT",
-        "FOREARM",
-        "HAND",
-        "HIP",
-        "HUMERUS",
-        "KIDNEY",
-        "KNEE",
-        "LEG",
-        "ORBIT",
-        "PATELLA",
-        "RADIUS",
-        "SCAPULA",
-        "SHOULDER",
-        "THIGH",
-        "THUMB",
-        "TIBIA",
-        "TOE",
-        "ULNA",
-        "WRIST",
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "AORTA",
+        "BLADDER",
+        "BRAIN",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "COCCYX",
+        "COLON",
+        "CSPINE",
+        "ESOPHAGUS",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "LIVER",
+        "LSPINE",
+        "NECK",
+        "PANCREAS",
+        "PELVIS",
+        "PROSTATE",
+        "SACRUM",
+        "SKULL",
+        "SPINE",
+        "SSPINE",
+        "STERNUM",
+        "STOMACH",
+        "THORAX",
+        "TRACHEA",
+        "TSPINE",
+        "UTERUS",
+        "WHOLEBODY",
     }
 )
 
@@ -227,7 +229,7 @@ def build_sc(
     if (
         "Laterality" not in sc
         and "ImageLaterality" not in sc
-        and str(sc.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}
+        and str(sc.get("BodyPartExamined", "")).upper() not in UNPAIRED_BODY_PARTS
     ):
         sc.Laterality = ""  # type 2C in General Series for a paired (or unknown) body part: empty = unknown
     return sc, lines[0]

@@ -25,7 +25,7 @@ from dxnode import __version__
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
 from dxnode.outputs.result_uids import derived_uid, result_key
-from dxnode.outputs.sc import PAIRED_BODY_PARTS, patient_orientation
+from dxnode.outputs.sc import UNPAIRED_BODY_PARTS, patient_orientation
 from dxnode.outputs.sr import _label_concept
 from dxnode.results import Finding, Heatmap, ModelIdentity, StudyResult
 
@@ -61,7 +61,7 @@ def copy_body_part(ds: Dataset, source: Dataset) -> None:
     for keyword in ("BodyPartExamined", "Laterality"):
         if source.get(keyword) and keyword not in ds:
             setattr(ds, keyword, source[keyword].value)
-    if "Laterality" not in ds and str(ds.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS | {""}:
+    if "Laterality" not in ds and str(ds.get("BodyPartExamined", "")).upper() not in UNPAIRED_BODY_PARTS:
         ds.Laterality = ""  # Type 2C for a paired (or unknown) body part: empty = unknown
 
 

@@ -11,7 +11,9 @@ A running job's heartbeat is refreshed between stages and batches. Every node's 
 ``recover`` re-queues jobs of a dead process of its own host at once (pid gone) and those of any
 host whose heartbeat is older than ``running_timeout_seconds``. Attempts count at claim time, so a
 job whose worker dies ``max_attempts`` times ends ``failed``; failed attempts are retried after a
-backoff, and permanent failures (an exception with ``permanent = True``) end the job at once.
+backoff, and permanent failures end the job at once: an exception with ``permanent = True``, or
+one that the same input raises again (``classify``: bad data or a bug, e.g. a ValueError from a
+dataset). A job's recorded reason is one line naming the stage, never a raw exception.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import CursorResult, Result, case, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dxnode import metrics
@@ -57,6 +60,54 @@ class Stopping(BaseException):
 
 class TakenOver(BaseException):
     """Raised by a heartbeat when the job is no longer this worker's (re-queued by a sweep)."""
+
+
+class JobFailure(Exception):
+    """A failed attempt, classified at the stage boundary: its message is the job's recorded reason.
+
+    permanent: the same input fails again (bad data, a bug), so the job is not retried."""
+
+    def __init__(self, stage: str, reason: str, permanent: bool) -> None:
+        super().__init__(f"{stage}: {one_line(reason)}")
+        self.stage, self.permanent = stage, permanent
+
+
+# What a retry reads the same input into again: bad input data (pydicom, highdicom and NumPy raise
+# ValueError, TypeError, KeyError, ...) or a bug. Everything else (disk, database, network, memory,
+# a library's RuntimeError) may pass and is retried after a backoff.
+DETERMINISTIC: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    LookupError,
+    ArithmeticError,
+    AssertionError,
+    NotImplementedError,
+)
+TRANSIENT: tuple[type[BaseException], ...] = (OSError, MemoryError, SQLAlchemyError)
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """The first line of a message, whitespace collapsed, at most limit characters."""
+    lines = str(text).strip().splitlines()
+    return " ".join(lines[0].split())[:limit] if lines else ""
+
+
+def classify(exc: Exception, stage: str, what: str = "") -> JobFailure:
+    """The failure an exception raised at stage stands for; what says what the stage was doing.
+
+    A failure that says itself whether it is permanent (a ``permanent`` attribute) keeps its message;
+    any other is named by its type and classified by DETERMINISTIC and TRANSIENT."""
+    if isinstance(exc, JobFailure):
+        return exc
+    declared = getattr(exc, "permanent", None)
+    text = one_line(str(exc))
+    if declared is not None:
+        message, permanent = text, bool(declared)
+    else:
+        message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        permanent = isinstance(exc, DETERMINISTIC) and not isinstance(exc, TRANSIENT)
+    return JobFailure(stage, f"{what}: {message}" if what else message, permanent)
 
 
 class StudyActivity(Protocol):
@@ -443,8 +494,9 @@ def run_one(
     job_id = claim(store, worker, supervisor=supervisor)
     if job_id is None:
         return None
+    heartbeat = Heartbeat(store, job_id, worker, stop)
     try:
-        state = JobState(body(store, settings, job_id, heartbeat=Heartbeat(store, job_id, worker, stop)))
+        state = JobState(body(store, settings, job_id, heartbeat=heartbeat))
     except Stopping as exc:
         release(store, job_id, worker, f"the node stopped during stage {exc}")
         return job_id
@@ -452,12 +504,10 @@ def run_one(
         log.warning("%s", exc)
         return job_id
     except Exception as exc:  # a job failure must never stop the runner
-        permanent = bool(getattr(exc, "permanent", False))
-        log.error("job %d failed%s: %s", job_id, " (permanent)" if permanent else "", exc)
+        failure = classify(exc, heartbeat.stage)  # a body that did not classify: the last stage it reported
+        log.error("job %d failed%s: %s", job_id, " (permanent)" if failure.permanent else "", failure)
         log.debug("job %d traceback:\n%s", job_id, traceback.format_exc())
-        final = finish(
-            store, settings, job_id, None, error=f"{type(exc).__name__}: {exc}", permanent=permanent, worker=worker
-        )
+        final = finish(store, settings, job_id, None, error=str(failure), permanent=failure.permanent, worker=worker)
         log.info("job %d -> %s", job_id, final)
         return job_id
     finish(store, settings, job_id, state, worker=worker)
