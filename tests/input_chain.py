@@ -8,6 +8,7 @@ anything else escapes as a failure of the test. The outputs are built from a han
 
 from __future__ import annotations
 
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -21,12 +22,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from dxnode.bounds import file_meta_end
 from dxnode.config import Settings
 from dxnode.model import overlay
 from dxnode.outputs.report import WrittenOutput, write_outputs
 from dxnode.pipeline import Frame, PipelineError, Preprocessing, read_frames, to_tensor
-from dxnode.receive.parse import CANNOT_UNDERSTAND, StoreRefused, check_size, parse_dataset
+from dxnode.receive.parse import StoreRefused, read_file_meta, read_part10
 from dxnode.results import Finding, Heatmap, InstanceOutcome, ModelIdentity, StudyResult
 from dxnode.states import Task
 
@@ -67,23 +67,10 @@ def encode(ds: Dataset, encoding: str, declared: str, meta: FileMetaDataset | No
 
 
 def receive(data: bytes, settings: Settings) -> None:
-    """What every transport checks before it stores a file: StoreRefused, or nothing (accepted)."""
-    found = file_meta_end(BytesIO(data))
-    if found is None:
-        raise StoreRefused(CANNOT_UNDERSTAND, "not a DICOM Part 10 file")
-    offset, syntax = found
-    try:
-        deflated = UID(syntax).is_deflated
-    except ValueError:
-        deflated = False
-    check_size(BytesIO(data[offset:]), len(data) - offset, deflated, settings.node.max_instance_mb)
-    try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-        cls, inst = str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.MediaStorageSOPInstanceUID)
-        syntax = str(ds.file_meta.TransferSyntaxUID)
-    except Exception as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {type(exc).__name__}") from exc
-    parse_dataset(ds, cls, inst, syntax)
+    """What every transport checks before it stores a file (dxnode/receive/parse.py, as STOW-RS and WADO-RS
+    run it: file meta, size and inflated size, the header before Pixel Data, UIDs): StoreRefused, or nothing."""
+    part = BytesIO(data)
+    read_part10(part, read_file_meta(part), settings.node.max_instance_mb, Path(tempfile.gettempdir()))
 
 
 def blob(h: int, w: int) -> np.ndarray:
