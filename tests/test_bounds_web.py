@@ -20,7 +20,7 @@ from webnode import ADMIN, READER, make_store, node_settings
 from dxnode.config import Settings, WebToken
 from dxnode.store import Audit, Store
 from dxnode.web.app import create_app
-from dxnode.web.auth import require_admin, require_read, require_store
+from dxnode.web.auth import require_admin, require_read, require_requester, require_store
 from dxnode.web.security import flat_routes, route_gate
 from dxnode.web.server import WebServer
 
@@ -104,11 +104,11 @@ def body_routes(app: object) -> list[tuple[str, object]]:
     for route in flat_routes(app.routes):  # type: ignore[attr-defined]
         if isinstance(route, APIRoute) and route.methods & BODY_METHODS:
             path = re.sub(r"\{[^}]+\}", "1", route.path)  # "1": a valid row id and a valid UID
-            found.append((path, route_gate(route, (require_admin, require_store, require_read))))
+            found.append((path, route_gate(route, (require_admin, require_store, require_requester, require_read))))
     return found
 
 
-LOW_ROLE = {require_admin: READER, require_read: STORER, require_store: READER}
+LOW_ROLE = {require_admin: READER, require_read: STORER, require_store: READER, require_requester: READER}
 
 
 def test_every_body_route_answers_before_reading_2_gb(served: tuple[WebServer, Settings, Store]) -> None:
