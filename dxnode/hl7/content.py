@@ -30,8 +30,8 @@ STUDY_UID_CODE = "113014^DICOM Study^DCM"
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One label's study-level result."""
+class StoredFinding:
+    """One label's study-level result as the store keeps it (a finding row), for the ORU and FHIR content."""
 
     label: str
     probability: float
@@ -53,7 +53,7 @@ class Report:
     model_version: str
     model_demo: bool
     finished_at: dt.datetime
-    findings: tuple[Finding, ...]
+    findings: tuple[StoredFinding, ...]
     placer_order: str = ""
     filler_order: str = ""
     procedure_code: str = ""
@@ -106,7 +106,7 @@ def load_report(session: Session, job_id: int, order_id: int | None, destination
         model_version=first.model_version if first else job.model_version,
         model_demo=first.model_demo if first else False,
         finished_at=job.finished_at or job.updated_at,
-        findings=tuple(Finding(r.label, r.probability, r.threshold, r.positive) for r in rows),
+        findings=tuple(StoredFinding(r.label, r.probability, r.threshold, r.positive) for r in rows),
         placer_order=order.placer_order if order else "",
         filler_order=order.filler_order if order else "",
         procedure_code=order.procedure_code if order else "",
