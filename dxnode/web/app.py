@@ -60,6 +60,7 @@ from dxnode.schemas import (
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Store, audit
 from dxnode.web.auth import Principal, require_admin, require_read, require_requester, require_store
+from dxnode.web.errors import ERRORS
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
 from dxnode.web.requests import requests_router
@@ -73,15 +74,6 @@ if TYPE_CHECKING:
     from dxnode.receive.ingest import Ingest
 
 log = logging.getLogger("dxnode.web")
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request (e.g. a broken multipart body)"},
-    401: {"description": "Missing or invalid token"},
-    403: {"description": "Needs an admin token"},
-    404: {"description": "Not found"},
-    422: {"description": "Invalid parameters"},
-    429: {"description": "Too many wrong tokens from this address (see Retry-After)"},
-}
 
 
 def _audit(svc: WebServices, who: Principal, action: str, target: str = "", **detail: Any) -> None:

@@ -14,6 +14,7 @@ from dxnode.sources.fetch import request_fetch, request_out
 from dxnode.states import RequestState
 from dxnode.store import audit
 from dxnode.web.auth import Principal, require_read, require_requester
+from dxnode.web.errors import ERRORS
 from dxnode.web.services import Svc
 
 RequestId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="request id")]
@@ -21,7 +22,7 @@ RequestId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="request id
 
 def requests_router() -> APIRouter:
     """The /api/requests routes."""
-    r = APIRouter(prefix="/api", responses={401: {"description": "Missing or invalid token"}})
+    r = APIRouter(prefix="/api", responses=ERRORS)
 
     @r.post(
         "/requests",
