@@ -199,10 +199,13 @@ def test_destination_down_then_up_gets_everything_once_in_order(
 ) -> None:
     need_tool("storescp")
     port = free_port()
-    settings = settings_for(store, tmp_path, port, max_attempts=50)
+    # A backoff of 30-60 s, so that "still backing off" below does not depend on how fast this machine is;
+    # each send looks 100 s ahead, past any such backoff.
+    settings = settings_for(store, tmp_path, port, max_attempts=50, backoff_initial_seconds=30, backoff_max_seconds=60)
+    ahead = dt.timedelta(seconds=100)
     enqueue_all(store, settings, outputs)
     for _ in range(3):
-        assert dispatch.send_due(store, settings, now=utcnow() + dt.timedelta(seconds=10)) == 0
+        assert dispatch.send_due(store, settings, now=utcnow() + ahead) == 0
     rows = deliveries(store)
     assert all(d.state == "pending" and d.attempts == 3 and "Connection refused" in d.last_error for d in rows)
     assert all(d.next_attempt_at > utcnow() for d in rows)  # backing off
@@ -215,7 +218,7 @@ def test_destination_down_then_up_gets_everything_once_in_order(
     assert deliveries(store)[-1].attempts == 0
     pacs = StoreSCP(tmp_path / "pacs", port)
     try:
-        assert dispatch.send_due(store, settings, now=utcnow() + dt.timedelta(seconds=10)) == 3
+        assert dispatch.send_due(store, settings, now=utcnow() + ahead) == 3
         rows = deliveries(store)
         assert [d.state for d in rows] == ["sent"] * 3
         times = [d.sent_at for d in rows]
