@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from conftest import need
 from fastapi.testclient import TestClient
 from nodeproc import InProcessNode, Node, node_config
 from pydicom import Dataset
@@ -194,8 +195,8 @@ def _cgroup_root() -> Path | None:
 @contextlib.contextmanager
 def memory_cgroup(limit_mb: int) -> Iterator[Path]:
     root = _cgroup_root()
-    if root is None:
-        pytest.skip("the cgroup v1 memory controller is not writable here (/sys/fs/cgroup/memory)")
+    need(root is not None, "a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
+    assert root is not None
     folder = root / f"dxnode-bounds-{generate_uid()[-12:]}"
     folder.mkdir()
     try:

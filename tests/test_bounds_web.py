@@ -20,7 +20,7 @@ from webnode import ADMIN, READER, make_store, node_settings
 from dxnode.config import Settings, WebToken
 from dxnode.store import Audit, Store
 from dxnode.web.app import create_app
-from dxnode.web.auth import require_admin, require_read, require_requester, require_store
+from dxnode.web.auth import ACCESS_GATES, require_admin, require_read, require_requester, require_store
 from dxnode.web.security import flat_routes, route_gate
 from dxnode.web.server import WebServer
 
@@ -104,7 +104,7 @@ def body_routes(app: object) -> list[tuple[str, object]]:
     for route in flat_routes(app.routes):  # type: ignore[attr-defined]
         if isinstance(route, APIRoute) and route.methods & BODY_METHODS:
             path = re.sub(r"\{[^}]+\}", "1", route.path)  # "1": a valid row id and a valid UID
-            found.append((path, route_gate(route, (require_admin, require_store, require_requester, require_read))))
+            found.append((path, route_gate(route, ACCESS_GATES)))
     return found
 
 

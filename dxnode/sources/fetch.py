@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dxnode.config import Settings, Source
@@ -28,7 +28,7 @@ from dxnode.sources import dimse, web
 from dxnode.sources.found import FetchError, Found
 from dxnode.states import JobState, Priority, RequestState
 from dxnode.store import FetchRequest, Instance, Job, Store, Study, audit, utcnow
-from dxnode.worklist.queue import process_gone, queue_retrieved, rank_of, rowcount, worker_id
+from dxnode.worklist.queue import process_gone, queue_retrieved, rowcount, take_due, worker_id
 
 log = logging.getLogger("dxnode.sources.fetch")
 
@@ -99,28 +99,14 @@ def request_fetch(
 def claim_request(store: Store, source: str, worker: str, now: dt.datetime | None = None) -> int | None:
     """Atomically take the most urgent, then oldest, due pending request of a source (counting the attempt)."""
     now = now or utcnow()
+    values = {
+        "state": RequestState.QUERYING,
+        "attempts": FetchRequest.attempts + 1,
+        "worker": worker,
+        "updated_at": now,
+    }
     with store.session() as s:
-        q = (
-            select(FetchRequest.id)
-            .where(FetchRequest.state == RequestState.PENDING, FetchRequest.source == source)
-            .where(or_(FetchRequest.not_before.is_(None), FetchRequest.not_before <= now))
-            .order_by(rank_of(FetchRequest.priority), FetchRequest.id)
-            .limit(1)
-        )
-        if store.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        request_id = s.scalar(q)
-        if request_id is None:
-            return None
-        taken = rowcount(
-            s.execute(
-                update(FetchRequest)
-                .where(FetchRequest.id == request_id, FetchRequest.state == RequestState.PENDING)
-                .values(state=RequestState.QUERYING, attempts=FetchRequest.attempts + 1, worker=worker, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-        )
-        return int(request_id) if taken == 1 else None
+        return take_due(s, store.dialect, FetchRequest, RequestState.PENDING, values, FetchRequest.source == source)
 
 
 def _set(store: Store, request_id: int, **values: Any) -> None:

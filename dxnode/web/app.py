@@ -59,7 +59,7 @@ from dxnode.schemas import (
 )
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Store, audit
-from dxnode.web.auth import Principal, require_admin, require_read, require_requester, require_store
+from dxnode.web.auth import ACCESS_GATES, Principal, require_admin, require_read
 from dxnode.web.errors import ERRORS
 from dxnode.web.images import output_png, png_bytes
 from dxnode.web.pages import LoginRequired, login_redirect, pages_router
@@ -489,8 +489,7 @@ def create_app(
         f"body larger than [web] stow_max_body_mb = {settings.web.stow_max_body_mb}",
     )
     rules = {"/api/predict": upload, "/dicomweb/studies": stow, "/dicomweb/studies/{study}": stow}
-    gates = (require_admin, require_store, require_requester, require_read)
-    app.add_middleware(BodyGuard, router=app.router, gates=gates, rules=rules, default=SMALL_BODY)
+    app.add_middleware(BodyGuard, router=app.router, gates=ACCESS_GATES, rules=rules, default=SMALL_BODY)
     app.add_middleware(CsrfGuard, trusted_origins=settings.web.trusted_origins)
     app.add_middleware(
         SessionMiddleware,

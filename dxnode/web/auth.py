@@ -188,3 +188,8 @@ def require_requester(request: Request) -> Principal:
     if who.role not in ("admin", "request"):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "making requests needs an admin or a 'request' token")
     return who
+
+
+# The access dependencies a route may declare, most particular first: the body guard
+# (web/security.py BodyGuard) finds a route's own among them and answers before reading its body.
+ACCESS_GATES = (require_admin, require_store, require_requester, require_read)

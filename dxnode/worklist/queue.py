@@ -355,6 +355,35 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
     return job_id
 
 
+def take_due(
+    session: Session, dialect: str, table: Any, waiting: Any, values: dict[str, Any], *where: Any
+) -> int | None:
+    """Atomically move the most urgent, then oldest, due row of table (Job, FetchRequest) out of state
+    waiting, setting values; its id, or None. The one claim protocol: SKIP LOCKED on PostgreSQL, and a
+    conditional UPDATE that only one claimant wins everywhere."""
+    now = values["updated_at"]
+    q = (
+        select(table.id)
+        .where(table.state == waiting, or_(table.not_before.is_(None), table.not_before <= now), *where)
+        .order_by(rank_of(table.priority), table.id)
+        .limit(1)
+    )
+    if dialect == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    row_id = session.scalar(q)
+    if row_id is None:
+        return None
+    taken = rowcount(
+        session.execute(
+            update(table)
+            .where(table.id == row_id, table.state == waiting)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    return int(row_id) if taken == 1 else None
+
+
 def claim(store: Store, worker: str | None = None, now: dt.datetime | None = None, supervisor: str = "") -> int | None:
     """Atomically take the most urgent, then oldest, due queued job for this worker (counting the
     attempt); None if none.
@@ -363,36 +392,19 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
     worker = worker or worker_id()
     now = now or utcnow()
     with store.session() as session:
-        q = (
-            select(Job.id)
-            .where(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now))
-            .order_by(rank_of(Job.priority), Job.id)
-            .limit(1)
-        )
-        if store.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        job_id = session.scalar(q)
+        values = {
+            "state": JobState.RUNNING,
+            "attempts": Job.attempts + 1,
+            "worker": worker,
+            "started_at": now,
+            "updated_at": now,
+            "heartbeat_at": now,
+            "stage": "claimed",
+            "not_before": None,
+            "supervisor": supervisor,
+        }
+        job_id = take_due(session, store.dialect, Job, JobState.QUEUED, values)
         if job_id is None:
-            return None
-        taken = rowcount(
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(
-                    state=JobState.RUNNING,
-                    attempts=Job.attempts + 1,
-                    worker=worker,
-                    started_at=now,
-                    updated_at=now,
-                    heartbeat_at=now,
-                    stage="claimed",
-                    not_before=None,
-                    supervisor=supervisor,
-                )
-                .execution_options(synchronize_session=False)
-            )
-        )
-        if taken != 1:
             return None
         audit(session, worker, "job.state", target=f"job:{job_id}", state=JobState.RUNNING)
         return job_id
