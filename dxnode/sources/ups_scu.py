@@ -146,7 +146,9 @@ def n_set(assoc: Association, entry: UpsEntry, uid: str, changes: Dataset) -> in
 
 def state_of(assoc: Association, entry: UpsEntry, uid: str) -> tuple[int, str]:
     """N-GET of a workitem's Procedure Step State: (status, state; "" when not answered with one)."""
-    rsp, ds = assoc.send_n_get([Tag(0x0074, 0x1000)], UnifiedProcedureStepPush, uid)
+    # Two tags: pynetdicom reads a list of one back as a single tag, which some of its SCPs trip on.
+    tags = [Tag(0x0074, 0x1000), Tag(0x0074, 0x1002)]  # Procedure Step State, Progress Information
+    rsp, ds = assoc.send_n_get(tags, UnifiedProcedureStepPush, uid)
     status = _answered(_status(rsp), f"N-GET of {uid}", entry)
     return status, str(getattr(ds, "ProcedureStepState", "") or "") if ds is not None else ""
 
