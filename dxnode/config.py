@@ -665,18 +665,19 @@ class Settings(BaseSettings):
             raise ValueError(f"[[sources]] names must be unique: {names}")
         return values
 
-    @model_validator(mode="after")
-    def _ups_sources(self) -> Settings:
-        names = [u.name for u in self.ups]
+    @field_validator("ups")
+    @classmethod
+    def _ups_sources(cls, values: list[UpsEntry], info: ValidationInfo) -> list[UpsEntry]:
+        names = [u.name for u in values]
         if len(set(names)) != len(names):
             raise ValueError(f"[[ups]] names must be unique: {names}")
-        known = {s.name for s in self.sources}
-        for u in self.ups:
+        known = [s.name for s in info.data.get("sources", [])]
+        for u in values:
             if u.source not in known:
                 raise ValueError(
                     f"[[ups]] {u.name!r}: source {u.source!r} is no [[sources]] name ({', '.join(known) or 'none'})"
                 )
-        return self
+        return values
 
     @property
     def data_dir(self) -> Path:

@@ -29,7 +29,7 @@ from ups_provider import (
     workitem,
 )
 
-from dxnode.config import Settings
+from dxnode.config import ConfigError, Settings, load_settings
 from dxnode.sources import ups, ups_scu
 from dxnode.states import Priority, UpsState
 from dxnode.store import FetchRequest, Store, UpsWorkitem
@@ -51,6 +51,26 @@ def rows(store: Store) -> dict[str, UpsWorkitem]:
         found = s.scalars(select(UpsWorkitem)).all()
         s.expunge_all()
     return {r.workitem_uid: r for r in found}
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ('source = "pac"', "ups: [[ups]] 'tm': source 'pac' is no [[sources]] name (pacs)"),
+        ('source = "pacs"\npoll_second = 3', "ups[0].poll_second: unknown key (did you mean poll_seconds?)"),
+        ('source = "pacs"\nae_title = "A VERY LONG AE TITLE"', "ups[0].ae_title"),
+    ],
+)
+def test_a_wrong_ups_section_is_one_clear_line(tmp_path: Path, extra: str, error: str) -> None:
+    path = tmp_path / "dxnode.toml"
+    path.write_text(
+        '[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+        f'[[ups]]\nname = "tm"\nhost = "h"\nport = 11112\n{extra}\n'
+        + ("" if "ae_title" in extra else 'ae_title = "TM"\n')
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert error in str(caught.value) and "\n" not in str(caught.value)
 
 
 @pytest.fixture
