@@ -277,7 +277,11 @@ def _advance(store: Store, settings: Settings, entry: UpsEntry, assoc: Associati
         _cancel(store, settings, entry, assoc, row, "cancel requested by the Task Manager")
         return
     if not row.request_ids:
-        _request_inputs(store, settings, row)
+        try:
+            _request_inputs(store, settings, row)
+        except ValueError as exc:  # its source left the configuration since the claim
+            _cancel(store, settings, entry, assoc, row, f"cannot fetch its inputs: {exc}")
+            return
     _report(store, settings, entry, assoc, row)
 
 

@@ -18,7 +18,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from sqlalchemy import select
 
-from dxnode.config import Settings
+from dxnode.config import Destination, Settings
 from dxnode.sources.fetch import request_out
 from dxnode.states import DeliveryState, JobState, RequestState
 from dxnode.store import Delivery, Job, Output, Store, Study, UpsWorkitem
@@ -141,21 +141,22 @@ def output_items(store: Store, settings: Settings, job_ids: list[int]) -> list[D
             ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
             refs.append(ref)
         item.ReferencedSOPSequence = DicomSequence(refs)
-        retrieval = Dataset()
-        aets = sorted(
-            destinations[d].ae_title
-            for d in where[(study_uid, series_uid)]
-            if d in destinations and destinations[d].ae_title
-        )
-        urls = sorted(
-            destinations[d].url for d in where[(study_uid, series_uid)] if d in destinations and destinations[d].url
-        )
-        retrieval.RetrieveAETitle = aets or ""
-        if urls:
-            retrieval.RetrieveURL = urls[0]
-        item.DICOMRetrievalSequence = DicomSequence([retrieval])
+        _access(item, [destinations[d] for d in sorted(where[(study_uid, series_uid)]) if d in destinations])
         items.append(item)
     return items
+
+
+def _access(item: Dataset, held_by: list[Destination]) -> None:
+    """Where the outputs can be retrieved (Referenced Instances and Access Macro): the Retrieve AE Title
+    of the DIMSE destinations that hold them, the Retrieve URL of the DICOMweb ones."""
+    retrieval = Dataset()
+    retrieval.RetrieveAETitle = [d.ae_title for d in held_by if d.kind != "dicomweb" and d.ae_title] or ""
+    item.DICOMRetrievalSequence = DicomSequence([retrieval])
+    urls = [d.url for d in held_by if d.kind == "dicomweb" and d.url]
+    if urls:
+        wado = Dataset()
+        wado.RetrieveURL = urls[0]
+        item.WADORSRetrievalSequence = DicomSequence([wado])
 
 
 def _performed(settings: Settings, row: UpsWorkitem, ended: dt.datetime) -> Dataset:
