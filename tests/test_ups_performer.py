@@ -73,6 +73,14 @@ def test_a_wrong_ups_section_is_one_clear_line(tmp_path: Path, extra: str, error
     assert error in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.fixture(autouse=True)
+def fresh_managers() -> Any:
+    """What serve keeps in memory per Task Manager (backoff, subscription) starts empty in each test."""
+    ups._managers.clear()
+    yield
+    ups._managers.clear()
+
+
 @pytest.fixture
 def provider() -> Any:
     p = UpsProvider({})
@@ -147,6 +155,30 @@ def test_a_workitem_that_disappears_is_recorded_and_the_node_goes_on(store: Stor
         assert request is not None and request.state == "failed" and "cancelled" in request.error
 
 
+def test_a_claim_interrupted_by_a_stop_is_sent_again_with_the_stored_transaction_uid(
+    store: Store, provider: UpsProvider
+) -> None:
+    settings = settings_for(store.url, provider.port, subscribe=False)
+    uid = provider.create(workitem(generate_uid()))
+    kept = generate_uid()
+    # The node stored its Transaction UID and its claim went through, then it stopped before recording it.
+    assert change_state_over(provider.port, UnifiedProcedureStepPull, uid, "IN PROGRESS", kept, aet="DXNODE") == 0
+    with store.session() as s:
+        s.add(
+            UpsWorkitem(
+                ups="tm",
+                workitem_uid=uid,
+                transaction_uid=kept,
+                state=UpsState.CLAIMING,
+                inputs=[[generate_uid(), "pacs"]],
+            )
+        )
+    ups.poll(store, settings, settings.ups[0])
+    row = rows(store)[uid]
+    assert row.state == UpsState.IN_PROGRESS and row.transaction_uid == kept and row.request_ids
+    assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, 0xB304]
+
+
 def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store) -> None:
     port = free_port()  # nobody listens
     settings = settings_for(store.url, port, poll_seconds=5, retry_backoff_max_seconds=20)
@@ -159,7 +191,6 @@ def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store
     manager.next_round = 0
     ups.tick(store, settings, "tm")
     assert manager.failures == 2
-    ups._managers.clear()
 
 
 def test_a_cancel_request_event_reaches_the_listener_and_the_workitem_is_canceled(
@@ -183,7 +214,6 @@ def test_a_cancel_request_event_reaches_the_listener_and_the_workitem_is_cancele
         ups.poll(store, settings, entry)
     finally:
         server.shutdown()
-        ups._managers.clear()
     row = rows(store)[uid]
     assert row.state == UpsState.CANCELED and provider.state(uid) == "CANCELED"
     item = provider.item(uid)
@@ -244,6 +274,7 @@ def test_serve_performs_workitems_from_push_to_completed_with_the_sr_named(tmp_p
         qr.stop()
         pacs.stop()
     assert node.proc.returncode == 0, "\n".join(node.lines[-40:])
+    assert not [line for line in node.lines if "round failed" in line or "Traceback" in line]
     item = provider.item(done)
     [performed] = item.UnifiedProcedureStepPerformedProcedureSequence
     outputs = {

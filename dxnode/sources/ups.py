@@ -189,7 +189,13 @@ def _send_claim(store: Store, entry: UpsEntry, assoc: Association, row: UpsWorki
     if status not in (0x0000, ALREADY_OURS):
         _end(store, row, UpsState.REFUSED, f"claim refused: {describe(status)}", status)
         return False
-    _set(store, row.id, state=UpsState.IN_PROGRESS, started_at=utcnow())
+    with store.session() as s:
+        s.execute(
+            update(UpsWorkitem)
+            .where(UpsWorkitem.id == row.id)
+            .values(state=UpsState.IN_PROGRESS, started_at=utcnow(), updated_at=utcnow())
+        )
+        audit(s, "system", "ups.claimed", target=f"ups:{row.ups}:{row.workitem_uid}", transaction=row.transaction_uid)
     row.state = UpsState.IN_PROGRESS
     metrics.UPS_WORKITEMS.labels(ups=row.ups, outcome="claimed").inc()
     log.info(
