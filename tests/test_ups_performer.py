@@ -122,6 +122,7 @@ def test_claims_match_rules_and_a_refused_claim_is_recorded_and_skipped(store: S
     raced = provider.create(workitem(generate_uid()))
     assert change_state_over(provider.port, UnifiedProcedureStepPull, raced, "IN PROGRESS", generate_uid()) == 0
     provider.stale_find.add(raced)  # the C-FIND still shows it SCHEDULED: the node's claim comes second
+    provider.bare_find = True  # the inputs are then read by N-GET
 
     ups.poll(store, settings, entry)
     ups.poll(store, settings, entry)

@@ -79,7 +79,8 @@ class UpsProvider:
         self.subscribers: dict[str, tuple[str, int]] = subscribers  # AE title -> address
         self.subscribed: set[str] = set()
         self.stale_find: set[str] = set()  # reported SCHEDULED by C-FIND whatever their state (a race)
-        self.on_claim: dict[str, str] = {}  # uid -> "delete" or "cancel": what happens once it is claimed
+        self.on_claim: dict[str, str] = {}
+        self.bare_find = False  # leave the Input Information Sequence out of C-FIND answers (some do)  # uid -> "delete" or "cancel": what happens once it is claimed
         self.lock = threading.RLock()
         ae = AE(ae_title)
         for cx in (UnifiedProcedureStepPush, UnifiedProcedureStepPull, UnifiedProcedureStepWatch):
@@ -143,6 +144,8 @@ class UpsProvider:
         for ds in found:
             answer = Dataset()
             for elem in query:
+                if self.bare_find and elem.keyword == "InputInformationSequence":
+                    continue
                 if elem.keyword in ds:
                     answer[elem.tag] = ds[elem.tag]
                 else:

@@ -55,6 +55,7 @@ from dxnode.sources.ups_scu import (
     change_state,
     describe,
     find_scheduled,
+    n_get,
     n_set,
     pull,
     state_of,
@@ -153,6 +154,10 @@ def _end(store: Store, row: UpsWorkitem, state: UpsState, detail: str, status: i
 def _claim(store: Store, settings: Settings, entry: UpsEntry, assoc: Association, ds: Dataset) -> None:
     """Record a new workitem with a fresh Transaction UID, then ask for IN PROGRESS."""
     uid = str(ds.SOPInstanceUID)
+    if not ds.get("InputInformationSequence", None):  # some Task Managers leave sequences out of C-FIND answers
+        status, got = n_get(assoc, entry, uid, ["InputInformationSequence", "ProcedureStepState"])
+        if status == 0 and "InputInformationSequence" in got:
+            ds.InputInformationSequence = got.InputInformationSequence
     inputs = inputs_of(settings, entry, ds)
     code = next(iter(ds.get("ScheduledWorkitemCodeSequence", None) or []), None)
     with store.session() as s:

@@ -144,13 +144,18 @@ def n_set(assoc: Association, entry: UpsEntry, uid: str, changes: Dataset) -> in
     return _answered(_status(rsp), f"N-SET of {uid}", entry)
 
 
+def n_get(assoc: Association, entry: UpsEntry, uid: str, keywords: list[str]) -> tuple[int, Dataset]:
+    """N-GET of some of a workitem's attributes: (status, what came back; empty when nothing)."""
+    tags = [Tag(k) for k in keywords]  # pydicom reads a keyword as its tag
+    rsp, ds = assoc.send_n_get(tags, UnifiedProcedureStepPush, uid)
+    return _answered(_status(rsp), f"N-GET of {uid}", entry), ds if ds is not None else Dataset()
+
+
 def state_of(assoc: Association, entry: UpsEntry, uid: str) -> tuple[int, str]:
     """N-GET of a workitem's Procedure Step State: (status, state; "" when not answered with one)."""
     # Two tags: pynetdicom reads a list of one back as a single tag, which some of its SCPs trip on.
-    tags = [Tag(0x0074, 0x1000), Tag(0x0074, 0x1002)]  # Procedure Step State, Progress Information
-    rsp, ds = assoc.send_n_get(tags, UnifiedProcedureStepPush, uid)
-    status = _answered(_status(rsp), f"N-GET of {uid}", entry)
-    return status, str(getattr(ds, "ProcedureStepState", "") or "") if ds is not None else ""
+    status, ds = n_get(assoc, entry, uid, ["ProcedureStepState", "ProcedureStepProgressInformationSequence"])
+    return status, str(ds.get("ProcedureStepState", "") or "")
 
 
 def subscribe(settings: Settings, entry: UpsEntry) -> int:
