@@ -588,6 +588,29 @@ class RetentionSettings(Section):
         return self
 
 
+class UpsEntry(Section):
+    """[[ups]]: a Task Manager's UPS service the node performs AI tasks for (IHE AIW-I): it subscribes
+    to its events, polls it for SCHEDULED workitems that match, claims them, and reports back."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str = Field(min_length=1)  # the Task Manager's UPS SCP
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False  # DICOM TLS as for destinations
+    source: str = Field(min_length=1, max_length=64)  # [[sources]] name for inputs that name no known AE
+    workitem_codes: list[str] = []  # Scheduled Workitem Code Sequence code values to take; empty = any
+    station_names: list[str] = []  # Scheduled Station Name Code Sequence code values; empty = any
+    poll_seconds: float = Field(30, gt=0)  # C-FIND for SCHEDULED workitems, and a look at the claimed ones
+    subscribe: bool = True  # N-ACTION subscribe (global), events to the node's own DICOM listener
+    timeout_seconds: float = Field(30, gt=0)  # association and DIMSE timeout
+    retry_backoff_max_seconds: float = Field(300, gt=0)  # a Task Manager that is down: doubled up to this
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
 class Settings(BaseSettings):
     """The whole configuration of a node."""
 
@@ -609,6 +632,7 @@ class Settings(BaseSettings):
     hl7: Hl7Settings = Hl7Settings()
 
     retention: RetentionSettings = RetentionSettings()
+    ups: list[UpsEntry] = []
     source: str = ""  # the file this configuration was read from (set by load_settings)
 
     @classmethod
@@ -639,6 +663,20 @@ class Settings(BaseSettings):
         names = [v.name for v in values]
         if len(set(names)) != len(names):
             raise ValueError(f"[[sources]] names must be unique: {names}")
+        return values
+
+    @field_validator("ups")
+    @classmethod
+    def _ups_sources(cls, values: list[UpsEntry], info: ValidationInfo) -> list[UpsEntry]:
+        names = [u.name for u in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[ups]] names must be unique: {names}")
+        known = [s.name for s in info.data.get("sources", [])]
+        for u in values:
+            if u.source not in known:
+                raise ValueError(
+                    f"[[ups]] {u.name!r}: source {u.source!r} is no [[sources]] name ({', '.join(known) or 'none'})"
+                )
         return values
 
     @property

@@ -124,6 +124,11 @@ def _start_scheduler(
         from dxnode.sources import fetch
 
         fetch.schedule(scheduler, store, settings, ingest)
+        if settings.ups:
+            # start-up time: loaded only when this part of the node starts
+            from dxnode.sources import ups
+
+            ups.schedule(scheduler, store, settings)
     # start-up time: loaded only when this part of the node starts
     from dxnode.hl7 import results as hl7_results
 
@@ -359,6 +364,12 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         classifier = _model(settings, models) if web_on else None
         ingest = Ingest(settings, store)  # one durable receive path for C-STORE and STOW-RS
         scp = StorageSCP(settings, ingest, report_handler(store))  # Storage Commitment reports go to the outbox
+        if settings.ups:
+            # start-up time: loaded only when this part of the node starts
+            from dxnode.sources import ups
+
+            # UPS Event reports of [[ups]] Task Managers come to the same listener (sources/ups.py)
+            scp.commitment_report = ups.listen_for_events(scp.ae, store, report_handler(store))
         scp.start()
         print(
             f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"

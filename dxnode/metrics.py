@@ -92,6 +92,14 @@ STUDIES_PURGED = Counter(
     "Studies whose received instances were purged by this node's process ([retention]; `dxnode purge` is in the audit)",
     ["reason"],
 )
+UPS_WORKITEMS = Counter(
+    "dxnode_ups_workitems_total",
+    "UPS workitems of a [[ups]] Task Manager by what the node did: claimed, refused, completed, canceled, gone",
+    ["ups", "outcome"],
+)
+UPS_UNREACHABLE = Counter(
+    "dxnode_ups_unreachable_total", "Rounds a [[ups]] Task Manager could not be reached (retried with backoff)", ["ups"]
+)
 
 # Export the labelled series at zero from the start, so dashboards and alerts see them before the first event.
 ASSOCIATIONS_REJECTED.labels(reason="calling_aet")

@@ -117,3 +117,14 @@ class Hl7ResultKind(StrEnum):
 
     ORU = "oru"  # an HL7 v2 ORU^R01 over MLLP
     FHIR = "fhir"  # a FHIR transaction Bundle: a DiagnosticReport and its Observations
+
+
+class UpsState(StrEnum):
+    """The node's side of a Task Manager's workitem (``ups_workitem.state``); see dxnode/sources/ups.py."""
+
+    CLAIMING = "claiming"  # its Transaction UID recorded, the N-ACTION to IN PROGRESS sent or about to be
+    IN_PROGRESS = "in_progress"  # claimed: its inputs are fetched, its job runs, progress is reported
+    COMPLETED = "completed"  # Output Information set and the workitem put to COMPLETED
+    CANCELED = "canceled"  # failed, or cancelled on request: put to CANCELED with the reason
+    REFUSED = "refused"  # the claim was refused (another performer, wrong Transaction UID): skipped
+    GONE = "gone"  # the Task Manager no longer has it (0xC307) or ended it itself: nothing more sent

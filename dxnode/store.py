@@ -55,6 +55,7 @@ from dxnode.states import (
     OutputKind,
     Priority,
     RequestState,
+    UpsState,
 )
 
 if TYPE_CHECKING:
@@ -432,6 +433,33 @@ class Hl7Result(Base):
     leased_by: Mapped[str] = mapped_column(String(128), default="")  # the process sending it now
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+class UpsWorkitem(Base):
+    """A Task Manager's UPS workitem the node claimed, or tried to ([[ups]], dxnode/sources/ups.py).
+
+    The Transaction UID is kept here before the claim is sent, so a restarted node goes on as its owner."""
+
+    __tablename__ = "ups_workitem"
+    __table_args__ = (UniqueConstraint("ups", "workitem_uid", name="uq_ups_workitem_ups_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ups: Mapped[str] = mapped_column(String(64))  # the [[ups]] name
+    workitem_uid: Mapped[str] = mapped_column(String(64))  # its SOP Instance UID
+    transaction_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[UpsState] = mapped_column(state_column(UpsState, 16), default=UpsState.CLAIMING, index=True)
+    priority: Mapped[Priority] = mapped_column(state_column(Priority, 8), default=Priority.MEDIUM)
+    label: Mapped[str] = mapped_column(String(128), default="")  # Procedure Step Label
+    # [[study UID, [[sources]] name], ...] read from the Input Information Sequence
+    inputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    workitem_code: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [value, scheme, meaning] scheduled
+    request_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the fetch requests made for its inputs
+    progress: Mapped[int] = mapped_column(Integer, default=0)  # the last Procedure Step Progress reported
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)  # a UPS Cancel Requested event came
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the last refusing DIMSE status
+    detail: Mapped[str] = mapped_column(Text, default="")  # why it was refused, cancelled or is gone
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 def audit_values(actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> dict[str, Any]:

@@ -1,0 +1,304 @@
+"""The IHE AIW-I task performer against a real UPS provider (tests/ups_provider.py, over loopback):
+the provider's rules (Transaction UID, Pull for Change State), refused claims, events on a real
+listener, a Task Manager that is down, and the whole chain with `dxnode serve`, dcmqrscp as the
+source and a storescp PACS."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from nodeproc import Node, StoreSCP, node_config, wait_port, wait_until
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    UnifiedProcedureStepPull,
+    UnifiedProcedureStepPush,
+)
+from sources_peers import Dcmqrscp, study_files, wait_sr
+from sqlalchemy import select
+from ups_provider import (
+    ALREADY_IN_PROGRESS,
+    NO_SUCH_ACTION,
+    WRONG_TRANSACTION,
+    UpsProvider,
+    change_state_over,
+    workitem,
+)
+
+from dxnode.config import ConfigError, Settings, load_settings
+from dxnode.sources import ups, ups_scu
+from dxnode.states import Priority, UpsState
+from dxnode.store import FetchRequest, Store, UpsWorkitem
+
+PULL, PUSH = str(UnifiedProcedureStepPull), str(UnifiedProcedureStepPush)
+
+
+def settings_for(url: str, port: int, **entry: Any) -> Settings:
+    return Settings(
+        database={"url": url},
+        node={"ae_title": "DXNODE"},
+        sources=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+        ups=[{"name": "tm", "ae_title": "TASKMGR", "host": "127.0.0.1", "port": port, "source": "pacs", **entry}],
+    )
+
+
+def rows(store: Store) -> dict[str, UpsWorkitem]:
+    with store.session() as s:
+        found = s.scalars(select(UpsWorkitem)).all()
+        s.expunge_all()
+    return {r.workitem_uid: r for r in found}
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ('source = "pac"', "ups: [[ups]] 'tm': source 'pac' is no [[sources]] name (pacs)"),
+        ('source = "pacs"\npoll_second = 3', "ups[0].poll_second: unknown key (did you mean poll_seconds?)"),
+        ('source = "pacs"\nae_title = "A VERY LONG AE TITLE"', "ups[0].ae_title"),
+    ],
+)
+def test_a_wrong_ups_section_is_one_clear_line(tmp_path: Path, extra: str, error: str) -> None:
+    path = tmp_path / "dxnode.toml"
+    path.write_text(
+        '[[sources]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+        f'[[ups]]\nname = "tm"\nhost = "h"\nport = 11112\n{extra}\n'
+        + ("" if "ae_title" in extra else 'ae_title = "TM"\n')
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert error in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.fixture(autouse=True)
+def fresh_managers() -> Any:
+    """What serve keeps in memory per Task Manager (backoff, subscription) starts empty in each test."""
+    ups._managers.clear()
+    yield
+    ups._managers.clear()
+
+
+@pytest.fixture
+def provider() -> Any:
+    p = UpsProvider({})
+    yield p
+    p.stop()
+
+
+def test_the_provider_keeps_the_transaction_uid_and_pull_rules(provider: UpsProvider) -> None:
+    settings = settings_for("sqlite://", provider.port)
+    entry = settings.ups[0]
+    uid = provider.create(workitem(generate_uid()))
+    mine = generate_uid()
+    # Change State over UPS Push is no action of that SOP Class: a performer must use Pull.
+    assert change_state_over(provider.port, UnifiedProcedureStepPush, uid, "IN PROGRESS", mine) == NO_SUCH_ACTION
+    assert provider.state(uid) == "SCHEDULED"
+    with ups_scu.pull(settings, entry) as assoc:
+        assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == 0
+        assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == 0xB304  # ours already
+        assert ups_scu.state_of(assoc, entry, uid) == (0, "IN PROGRESS")
+        # The node's own calls with a wrong Transaction UID are refused, and change nothing.
+        wrong = generate_uid()
+        assert ups_scu.n_set(assoc, entry, uid, ups.ups_report.progress(wrong, 10, "x")) == WRONG_TRANSACTION
+        assert ups_scu.change_state(assoc, entry, uid, "CANCELED", wrong) == WRONG_TRANSACTION
+        assert ups_scu.n_set(assoc, entry, uid, ups.ups_report.progress(mine, 10, "ten")) == 0
+        assert ups_scu.change_state(assoc, entry, uid, "COMPLETED", mine) == 0xC304  # final state not met
+    assert change_state_over(provider.port, UnifiedProcedureStepPull, uid, "IN PROGRESS", generate_uid()) == (
+        ALREADY_IN_PROGRESS
+    )
+    assert provider.state(uid) == "IN PROGRESS"
+    assert provider.item(uid).ProcedureStepProgressInformationSequence[0].ProcedureStepProgress == 10
+    assert {op.context for op in provider.ops("N-ACTION 1") if op.calling == "DXNODE"} == {PULL}
+
+
+def test_claims_match_rules_and_a_refused_claim_is_recorded_and_skipped(store: Store, provider: UpsProvider) -> None:
+    settings = settings_for(store.url, provider.port, workitem_codes=["AI-CXR"], subscribe=False)
+    entry = settings.ups[0]
+    high = provider.create(workitem(generate_uid(), priority="HIGH"))
+    other_code = provider.create(workitem(generate_uid(), code="NOT-OURS"))
+    raced = provider.create(workitem(generate_uid()))
+    assert change_state_over(provider.port, UnifiedProcedureStepPull, raced, "IN PROGRESS", generate_uid()) == 0
+    provider.stale_find.add(raced)  # the C-FIND still shows it SCHEDULED: the node's claim comes second
+    provider.bare_find = True  # the inputs are then read by N-GET
+
+    ups.poll(store, settings, entry)
+    ups.poll(store, settings, entry)
+    got = rows(store)
+    assert set(got) == {high, raced}  # the other code is never claimed
+    assert got[high].state == UpsState.IN_PROGRESS and got[high].priority == Priority.HIGH
+    assert provider.item(high).TransactionUID == got[high].transaction_uid
+    assert got[raced].state == UpsState.REFUSED and got[raced].status == ALREADY_IN_PROGRESS
+    assert "0xC302" in got[raced].detail
+    assert len([op for op in provider.ops("N-ACTION 1", raced) if op.calling == "DXNODE"]) == 1  # never retried
+    assert provider.state(other_code) == "SCHEDULED"
+    with store.session() as s:
+        [request] = s.scalars(select(FetchRequest)).all()
+        assert request.priority == Priority.HIGH and request.actor == "ups:tm"
+        assert request.identifiers["study_instance_uid"] == got[high].inputs[0][0]
+
+
+def test_a_workitem_that_disappears_is_recorded_and_the_node_goes_on(store: Store, provider: UpsProvider) -> None:
+    settings = settings_for(store.url, provider.port, subscribe=False)
+    entry = settings.ups[0]
+    gone = provider.create(workitem(generate_uid()))
+    ups.poll(store, settings, entry)
+    provider.delete(gone)
+    later = provider.create(workitem(generate_uid()))
+    ups.poll(store, settings, entry)
+    got = rows(store)
+    assert got[gone].state == UpsState.GONE and "0xC307" in got[gone].detail
+    assert got[later].state == UpsState.IN_PROGRESS
+    with store.session() as s:
+        request = s.get(FetchRequest, got[gone].request_ids[0])
+        assert request is not None and request.state == "failed" and "cancelled" in request.error
+
+
+def test_a_claim_interrupted_by_a_stop_is_sent_again_with_the_stored_transaction_uid(
+    store: Store, provider: UpsProvider
+) -> None:
+    settings = settings_for(store.url, provider.port, subscribe=False)
+    uid = provider.create(workitem(generate_uid()))
+    kept = generate_uid()
+    # The node stored its Transaction UID and its claim went through, then it stopped before recording it.
+    assert change_state_over(provider.port, UnifiedProcedureStepPull, uid, "IN PROGRESS", kept, aet="DXNODE") == 0
+    with store.session() as s:
+        s.add(
+            UpsWorkitem(
+                ups="tm",
+                workitem_uid=uid,
+                transaction_uid=kept,
+                state=UpsState.CLAIMING,
+                inputs=[[generate_uid(), "pacs"]],
+            )
+        )
+    ups.poll(store, settings, settings.ups[0])
+    row = rows(store)[uid]
+    assert row.state == UpsState.IN_PROGRESS and row.transaction_uid == kept and row.request_ids
+    assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, 0xB304]
+
+
+def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store) -> None:
+    port = free_port()  # nobody listens
+    settings = settings_for(store.url, port, poll_seconds=5, retry_backoff_max_seconds=20)
+    ups.tick(store, settings, "tm")
+    manager = ups._manager("tm")
+    assert manager.failures == 1 and not manager.subscribed
+    first = manager.next_round
+    ups.tick(store, settings, "tm")  # not due: no second try
+    assert manager.failures == 1 and manager.next_round == first
+    manager.next_round = 0
+    ups.tick(store, settings, "tm")
+    assert manager.failures == 2
+
+
+def test_a_cancel_request_event_reaches_the_listener_and_the_workitem_is_canceled(
+    store: Store, provider: UpsProvider
+) -> None:
+    """The node's listener as serve wires it (daemon: ups.listen_for_events on the SCP's AE)."""
+    settings = settings_for(store.url, provider.port)
+    entry = settings.ups[0]
+    listener = AE("DXNODE")
+    handler = ups.listen_for_events(listener, store, lambda event: (0x0110, None))
+    port = free_port()
+    server = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, handler)])
+    provider.subscribers["DXNODE"] = ("127.0.0.1", port)
+    try:
+        uid = provider.create(workitem(generate_uid()))
+        ups.poll(store, settings, entry)  # subscribes, claims
+        assert provider.subscribed == {"DXNODE"} and rows(store)[uid].state == UpsState.IN_PROGRESS
+        assert provider.request_cancel(uid) == 0
+        wait_until(lambda: rows(store)[uid].cancel_requested, timeout=20, what="the cancel request recorded")
+        assert ups._manager("tm").wake.is_set()
+        ups.poll(store, settings, entry)
+    finally:
+        server.shutdown()
+    row = rows(store)[uid]
+    assert row.state == UpsState.CANCELED and provider.state(uid) == "CANCELED"
+    item = provider.item(uid)
+    reason = item.ProcedureStepProgressInformationSequence[0]
+    assert reason.ReasonForCancellation == "cancel requested by the Task Manager"
+    assert reason.ProcedureStepDiscontinuationReasonCodeSequence[0].CodeValue == "110513"
+    assert not any(op.detail == "COMPLETED" for op in provider.ops("N-ACTION 1", uid))
+
+
+@pytest.mark.slow
+def test_serve_performs_workitems_from_push_to_completed_with_the_sr_named(tmp_path: Path) -> None:
+    node_port, pacs_port = free_port(), free_port()
+    pacs = StoreSCP(tmp_path / "pacs", pacs_port)
+    qr = Dcmqrscp(tmp_path / "qr", "DXNODE", node_port)
+    provider = UpsProvider({"DXNODE": ("127.0.0.1", node_port)})
+    node = None
+    try:
+        a_uid, a_files = study_files(tmp_path / "a", 1, "ACC-UA", "PAT-UA")
+        b_uid, b_files = study_files(tmp_path / "b", 1, "ACC-UB", "PAT-UB")
+        qr.upload(a_files + b_files)
+        done = provider.create(workitem(a_uid, priority="HIGH", retrieve_ae="QRSCP"))
+        cancel = provider.create(workitem(b_uid, retrieve_ae="QRSCP"))
+        provider.on_claim[cancel] = "cancel"  # a user of the Task Manager asks to cancel once it is claimed
+        gone = provider.create(workitem(generate_uid()))
+        provider.on_claim[gone] = "delete"
+        cfg = node_config(
+            tmp_path,
+            node={"port": node_port},
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+            worklist={"fetch_interval_seconds": 0.5, "stable_seconds": 1},
+            sources=[
+                {"name": "elsewhere", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": free_port()},
+                {"name": "qr", "ae_title": "QRSCP", "host": "127.0.0.1", "port": qr.port},
+            ],
+            ups=[
+                {
+                    "name": "tm",
+                    "ae_title": "TASKMGR",
+                    "host": "127.0.0.1",
+                    "port": provider.port,
+                    "source": "elsewhere",  # the inputs name QRSCP: that source is used instead
+                    "poll_seconds": 1,
+                }
+            ],
+        )
+        node = Node(cfg)
+        wait_port(node_port)
+        try:
+            wait_until(lambda: provider.state(done) == "COMPLETED", timeout=180, what="the workitem COMPLETED")
+            wait_until(lambda: provider.state(cancel) == "CANCELED", timeout=60, what="the cancelled one CANCELED")
+        except AssertionError:
+            raise AssertionError("node output:\n" + "\n".join(node.lines[-60:])) from None
+        [sr] = wait_sr(pacs, a_uid)
+    finally:
+        if node is not None:
+            node.stop()
+        provider.stop()
+        qr.stop()
+        pacs.stop()
+    assert node.proc.returncode == 0, "\n".join(node.lines[-40:])
+    assert not [line for line in node.lines if "round failed" in line or "Traceback" in line]
+    item = provider.item(done)
+    [performed] = item.UnifiedProcedureStepPerformedProcedureSequence
+    outputs = {
+        ref.ReferencedSOPInstanceUID: (out.StudyInstanceUID, out.DICOMRetrievalSequence[0].RetrieveAETitle)
+        for out in performed.OutputInformationSequence
+        for ref in out.ReferencedSOPSequence
+    }
+    assert outputs[sr.SOPInstanceUID] == (a_uid, "PACS")
+    assert performed.PerformedProcedureStepEndDateTime and performed.PerformedWorkitemCodeSequence[0].CodeValue
+    progress = [op.detail for op in provider.ops("N-SET", done) if op.calling == "DXNODE"]
+    assert progress.count("TransactionUID,ProcedureStepProgressInformationSequence") == 3  # 30, 50, 90 %
+    # Every Change State of the node came over UPS Pull, though the workitems were made with UPS Push.
+    assert provider.ops("N-CREATE") and all(op.context == PUSH for op in provider.ops("N-CREATE"))
+    assert {op.context for op in provider.ops("N-ACTION 1") if op.calling == "DXNODE"} == {PULL}
+    # The cancelled one: CANCELED with the reason, never completed; the deleted one recorded as gone.
+    assert not any(op.detail == "COMPLETED" for op in provider.ops("N-ACTION 1", cancel))
+    [ended] = provider.item(cancel).UnifiedProcedureStepPerformedProcedureSequence
+    assert not ended.get("OutputInformationSequence")
+    db = sqlite3.connect(tmp_path / "var" / "dxnode.db")
+    states = dict(db.execute("SELECT workitem_uid, state FROM ups_workitem").fetchall())
+    assert states == {done: "completed", cancel: "canceled", gone: "gone"}
+    [(priority,)] = db.execute(
+        "SELECT job.priority FROM job JOIN study ON study.id = job.study_id WHERE study.study_instance_uid = ?",
+        (a_uid,),
+    ).fetchall()
+    assert priority == "HIGH"
