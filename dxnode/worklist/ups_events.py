@@ -230,7 +230,8 @@ class UpsWatch:
     def on_get(self, event: Event) -> tuple[int | Dataset, Dataset | None]:
         """N-GET: the workitem's attributes (those asked for, or all); 0xC307 for an unknown UID."""
         uid = _requested(event)
-        wanted = list(getattr(event.request, "AttributeIdentifierList", None) or [])
+        asked = getattr(event.request, "AttributeIdentifierList", None) or []
+        wanted = [asked] if isinstance(asked, int) else list(asked)  # one tag comes as a tag, not a list
         with self.store.session() as session:
             found = load(session, uid)
             if found is None:
