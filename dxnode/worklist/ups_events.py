@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event, EventHandlerType
@@ -231,7 +232,7 @@ class UpsWatch:
         """N-GET: the workitem's attributes (those asked for, or all); 0xC307 for an unknown UID."""
         uid = _requested(event)
         asked = getattr(event.request, "AttributeIdentifierList", None) or []
-        wanted = [asked] if isinstance(asked, int) else list(asked)  # one tag comes as a tag, not a list
+        wanted = [Tag(t) for t in ([asked] if isinstance(asked, int) else asked)]  # one tag comes alone, not listed
         with self.store.session() as session:
             found = load(session, uid)
             if found is None:
