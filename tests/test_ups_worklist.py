@@ -157,7 +157,7 @@ def test_jobs_are_workitems_found_got_and_reported_to_subscribers(
         assert ris.subscribe("SUBA") == 0x0000
         assert ris.subscribe("SUBB") == 0x0000  # its listener is down until the end
         assert ris.subscribe("SUBC") == 0x0000
-        assert ris.subscribe("SUBC", action_type=4) == 0x0000  # unsubscribed again: it gets nothing
+        assert ris.subscribe("SUBC", action_type=4) == 0x0000  # unsubscribed again: nothing of these studies
         refused = ris.action(GLOBAL, 3, _receiving("ROGUE"))
         assert refused.Status == 0xC308 and "ROGUE" in refused.ErrorComment
 
@@ -184,6 +184,10 @@ def test_jobs_are_workitems_found_got_and_reported_to_subscribers(
         assert got.ProcedureStepLabel and "InputInformationSequence" not in got
         _check_with_dciodvfy(ris.get(uid)[1], tmp_path / "workitem.dcm")
         assert ris.get(uid[:-1] + ("1" if uid[-1] != "1" else "2"), "ProcedureStepState")[0] == 0xC307
+        # A subscription to one workitem starts with a report of its current state; an unknown one is 0xC307.
+        assert ris.subscribe("SUBC", uid) == 0x0000
+        wait_until(lambda: subc.states(uid) == ["COMPLETED"], timeout=30, what="SUBC told the current state")
+        assert ris.subscribe("SUBC", workitem_uid("1.2.3", 99, dt.datetime.now(dt.UTC))) == 0xC307
         # Nobody else changes the node's jobs.
         assert ris.action(uid, 1, _state("IN PROGRESS")).Status == 0xC300
         assert ris.action(uid, 2).Status == 0xC311
@@ -204,7 +208,7 @@ def test_jobs_are_workitems_found_got_and_reported_to_subscribers(
         subb.start()
         wait_until(lambda: "CANCELED" in subb.states(canceled.SOPInstanceUID), timeout=30, what="SUBB caught up")
         assert subb.states(uid) == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]
-        assert subc.events == []
+        assert [u for u, _ in subc.events] == [uid]  # globally unsubscribed: nothing of the failed study
     finally:
         ris.close()
         node.stop()
