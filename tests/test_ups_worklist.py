@@ -27,8 +27,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
     UnifiedProcedureStepPush,
     UnifiedProcedureStepWatch,
 )
+from sqlalchemy import select
 
+from dxnode.config import Settings
 from dxnode.states import JobState, Priority
+from dxnode.store import Job, Store, Study, UpsEvent
+from dxnode.worklist import queue, ups_events
 from dxnode.worklist.ups_view import _date_range, job_id_of, ups_priority, ups_state, workitem_uid
 
 GLOBAL = "1.2.840.10008.5.1.4.34.5"
@@ -298,3 +302,45 @@ def test_a_bad_date_range_is_refused_and_a_month_ends_on_its_last_day() -> None:
     bounds = [c.right.value for c in cond.clauses]
     assert bounds[0] == dt.datetime(2026, 2, 1, tzinfo=dt.UTC)
     assert bounds[1] == dt.datetime(2026, 2, 28, 23, 59, 59, 999999, tzinfo=dt.UTC)
+
+
+def _owed(store: Store, ae_title: str) -> list[tuple[int, str]]:
+    with store.session() as s:
+        rows = s.execute(
+            select(UpsEvent.job_id, UpsEvent.ups_state).where(UpsEvent.ae_title == ae_title).order_by(UpsEvent.id)
+        )
+        return [(job, state) for job, state in rows]
+
+
+def _new_job(store: Store, uid: str) -> int:
+    with store.session() as s:
+        study = Study(study_instance_uid=uid, calling_aet="MODALITY", num_instances=1)
+        s.add(study)
+        s.flush()
+        return queue.queued_job(s, study.id)
+
+
+def test_changes_are_owed_once_per_state_and_suspend_keeps_the_workitems_already_told(store: Store) -> None:
+    """On the real database (SQLite and PostgreSQL): transitions recorded where queue.py makes them."""
+    settings = Settings(database={"url": store.url}, worklist={"max_attempts": 3, "retry_backoff_seconds": 0})
+    first = _new_job(store, "1.2.77.1")
+    with store.session() as s:
+        assert ups_events._subscribe(s, ups_events.GLOBAL, "RIS", None) == 0x0000
+    assert _owed(store, "RIS") == [(first, "SCHEDULED")]  # the current state, on subscribing
+    assert queue.claim(store, "w:1") == first
+    queue.finish(store, settings, first, None, error="model: RuntimeError", worker="w:1")  # a retry: still IN PROGRESS
+    assert queue.claim(store, "w:1") == first
+    with store.session() as s:
+        assert ups_events._unsubscribe(s, ups_events.GLOBAL, "RIS", suspend=True) == 0x0000
+    second = _new_job(store, "1.2.77.2")  # after the suspend: not told
+    queue.finish(store, settings, first, JobState.DONE, worker="w:1")
+    assert _owed(store, "RIS") == [(first, "SCHEDULED"), (first, "IN PROGRESS"), (first, "COMPLETED")]
+    with store.session() as s:
+        job = s.get(Job, second)
+        assert job is not None
+        uid = workitem_uid("1.2.77.2", second, job.created_at)
+        assert ups_events._subscribe(s, uid, "PACS", None) == 0x0000
+        assert ups_events._unsubscribe(s, uid, "PACS", suspend=False) == 0x0000
+        assert ups_events._unsubscribe(s, uid, "PACS", suspend=True).Status == 0xC314
+    assert queue.claim(store, "w:2") == second
+    assert _owed(store, "PACS") == [(second, "SCHEDULED")]  # unsubscribed before it ran
