@@ -344,3 +344,26 @@ def test_changes_are_owed_once_per_state_and_suspend_keeps_the_workitems_already
         assert ups_events._unsubscribe(s, uid, "PACS", suspend=True).Status == 0xC314
     assert queue.claim(store, "w:2") == second
     assert _owed(store, "PACS") == [(second, "SCHEDULED")]  # unsubscribed before it ran
+
+
+def test_a_listed_ae_cancels_a_job_not_yet_started_and_no_other(store: Store) -> None:
+    running, scheduled = _new_job(store, "1.2.78.1"), _new_job(store, "1.2.78.2")
+    with store.session() as s:
+        pairs = s.execute(select(Job, Study).join(Study)).all()
+        uids = {j.id: workitem_uid(st.study_instance_uid, j.id, j.created_at) for j, st in pairs}
+        assert ups_events._subscribe(s, uids[scheduled], "PACS", None) == 0x0000
+    assert queue.claim(store, "w:1") == running
+    info = Dataset()
+    info.ReasonForCancellation = "ordered by mistake"
+    with store.session() as s:
+        assert ups_events._cancel(s, uids[scheduled], "ROGUE", False, info).Status == 0x0124
+        assert ups_events._cancel(s, uids[running], "RIS", True, info).Status == 0xC313
+        assert ups_events._cancel(s, uids[scheduled], "RIS", True, info) == 0x0000
+        assert ups_events._cancel(s, uids[scheduled], "RIS", True, info).Status == 0xB304
+    with store.session() as s:
+        job = s.get(Job, scheduled)
+        assert job is not None and job.state == JobState.FAILED
+        assert job.error == "canceled at the request of RIS: ordered by mistake"
+        last = s.scalars(select(UpsEvent).where(UpsEvent.job_id == scheduled).order_by(UpsEvent.id.desc())).first()
+        assert last is not None and (last.ups_state, last.reason) == ("CANCELED", job.error)
+    assert queue.claim(store, "w:2") is None  # nothing left to run

@@ -38,7 +38,7 @@ from dxnode.config import Settings
 from dxnode.states import PRIORITY_ORDER, JobState, Priority
 from dxnode.store import Job, Store, Study, audit, utcnow
 from dxnode.worklist.priority import rule_priority
-from dxnode.worklist.ups_events import record_change
+from dxnode.worklist.ups_view import record_change
 
 log = logging.getLogger("dxnode.worklist.queue")
 
@@ -356,6 +356,24 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
     record_change(session, job_id)
     audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source)
     return job_id
+
+
+def cancel_queued(session: Session, job_id: int, actor: str, reason: str, source: str = "") -> bool:
+    """End a job that is still waiting (queued) as failed with reason, audited; False once it has started or ended."""
+    now = utcnow()
+    taken = rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.FAILED, error=one_line(reason), finished_at=now, updated_at=now, not_before=None)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if taken != 1:
+        return False
+    record_change(session, job_id)
+    audit(session, actor, "job.cancel", target=f"job:{job_id}", source=source, reason=one_line(reason))
+    return True
 
 
 def take_due(

@@ -9,15 +9,18 @@ any other), and their reports go to the host and port given there. Subscriptions
 (the node deletes no job while it runs; retention may remove finished ones).
 
 Every change of a job's Procedure Step State is recorded, in the transaction that changes the job
-(``record_change``, called by worklist.queue), as one ``ups_event`` row per subscriber; a
+(``ups_view.record_change``, called by worklist.queue), as one ``ups_event`` row per subscriber; a
 subscribe adds one with the current state. ``send_due`` (a scheduler job of serve) sends them in
 order per subscriber as N-EVENT-REPORTs (UPS State Report, Event Type 1) at least once: a
 subscriber that cannot be reached is tried again after a backoff, the others go on.
 
 Nobody else changes the node's jobs: N-ACTION Change State and N-SET are refused (0xC300 for a
 workitem that ended, 0xC301 for one in progress: the node holds its Transaction UID and never
-gives it out, 0x0124 for a scheduled one), and Request Cancel is answered 0xC313, "performer
-chooses not to cancel" (0xC311 when completed, 0xB304 when already canceled).
+gives it out, 0x0124 for a scheduled one). Request Cancel (Action Type 2) from an AE listed in
+[[ups_watch.subscribers]] cancels a job that has not started (it ends failed, the workitem
+CANCELED with the reason given); once it runs the answer is 0xC313, "performer chooses not to
+cancel" (the job ends within seconds), 0xC311 when completed, 0xB304 when already canceled, and
+0x0124 for an AE not listed.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event, EventHandlerType
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from dxnode.config import Settings, UpsSubscriber
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Job, Store, Study, UpsEvent, UpsSubscription, audit, utcnow
+from dxnode.worklist.queue import cancel_queued
 from dxnode.worklist.ups_view import (
     CANCELED,
     COMPLETED,
     IN_PROGRESS,
+    SCHEDULED,
     UPS_EVENT,
     UPS_PULL,
     UPS_PUSH,
@@ -49,6 +54,7 @@ from dxnode.worklist.ups_view import (
     find,
     load,
     only,
+    owe_current,
     ups_state,
     workitem,
     workitem_uid,
@@ -79,46 +85,6 @@ def status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-# --- what is owed to whom ------------------------------------------------------------------------
-
-
-def _owe(session: Session, job_id: int, ae_title: str, state: str, reason: str) -> None:
-    """Add a report of state for ae_title unless the last one recorded for that job already said it."""
-    last = session.scalar(
-        select(UpsEvent.ups_state)
-        .where(UpsEvent.job_id == job_id, UpsEvent.ae_title == ae_title)
-        .order_by(UpsEvent.id.desc())
-        .limit(1)
-    )
-    if last != state:
-        session.add(UpsEvent(job_id=job_id, ae_title=ae_title, ups_state=state, reason=reason[:1024]))
-
-
-def record_change(session: Session, job_id: int) -> None:
-    """Record, in the caller's transaction, the report each subscriber of job_id is owed for its current state.
-
-    Called by worklist.queue wherever a job is made or changes state; costs one query when nobody subscribed."""
-    subscribers = session.scalars(
-        select(UpsSubscription.ae_title)
-        .where(or_(UpsSubscription.job_id.is_(None), UpsSubscription.job_id == job_id))
-        .distinct()
-    ).all()
-    if not subscribers:
-        return
-    row = session.execute(select(Job.state, Job.attempts, Job.error).where(Job.id == job_id)).one_or_none()
-    if row is None:
-        return
-    state = ups_state(row.state, row.attempts)
-    for ae_title in subscribers:
-        _owe(session, job_id, ae_title, state, row.error if state == CANCELED else "")
-
-
-def _owe_current(session: Session, ae_title: str, jobs: list[Job]) -> None:
-    for job in jobs:
-        state = ups_state(job.state, job.attempts)
-        _owe(session, job.id, ae_title, state, job.error if state == CANCELED else "")
-
-
 # --- N-ACTION: subscriptions ---------------------------------------------------------------------
 
 
@@ -131,7 +97,7 @@ def _subscribe(session: Session, uid: str, ae_title: str, info: Dataset | None) 
             delete(UpsSubscription).where(UpsSubscription.ae_title == ae_title, UpsSubscription.job_id.is_(None))
         )
         session.add(UpsSubscription(ae_title=ae_title, job_id=None, deletion_lock=lock))
-        _owe_current(session, ae_title, list(session.scalars(select(Job).where(Job.state.in_(LIVE)))))
+        owe_current(session, ae_title, list(session.scalars(select(Job).where(Job.state.in_(LIVE)))))
         return SUCCESS
     found = load(session, uid)
     if found is None:
@@ -141,7 +107,7 @@ def _subscribe(session: Session, uid: str, ae_title: str, info: Dataset | None) 
         delete(UpsSubscription).where(UpsSubscription.ae_title == ae_title, UpsSubscription.job_id == job.id)
     )
     session.add(UpsSubscription(ae_title=ae_title, job_id=job.id, deletion_lock=lock))
-    _owe_current(session, ae_title, [job])
+    owe_current(session, ae_title, [job])
     return SUCCESS
 
 
@@ -165,18 +131,32 @@ def _unsubscribe(session: Session, uid: str, ae_title: str, suspend: bool) -> Da
     return SUCCESS
 
 
-def _refuse_change(session: Session, uid: str, action: int) -> Dataset:
-    """The answer to a state change, N-SET or cancel request from outside (the node performs its own jobs)."""
+def _cancel(session: Session, uid: str, calling: str, known: bool, info: Dataset | None) -> Dataset | int:
+    """Request Cancel: a job not yet started is canceled; otherwise the status that says why not."""
     found = load(session, uid)
     if found is None:
         return status(NO_SUCH_WORKITEM, "no such workitem on this node")
     state = ups_state(found[0].state, found[0].attempts)
-    if action == REQUEST_CANCEL:
-        if state == CANCELED:
-            return status(ALREADY_CANCELED)
-        if state == COMPLETED:
-            return status(ALREADY_COMPLETED, "the workitem is already COMPLETED")
-        return status(WILL_NOT_CANCEL, "dxnode does not cancel its jobs on request")
+    if state == CANCELED:
+        return status(ALREADY_CANCELED)
+    if state == COMPLETED:
+        return status(ALREADY_COMPLETED, "the workitem is already COMPLETED")
+    if not known:
+        return status(NOT_AUTHORISED, f"{calling} is not in [[ups_watch.subscribers]]")
+    why = str(getattr(info, "ReasonForCancellation", "") or "").strip()
+    reason = f"canceled at the request of {calling}" + (f": {why}" if why else "")
+    if state == SCHEDULED and cancel_queued(session, found[0].id, calling, reason):
+        log.info("job %d canceled at the request of %s", found[0].id, calling)
+        return SUCCESS
+    return status(WILL_NOT_CANCEL, "the job is running; it ends within seconds")
+
+
+def _refuse_change(session: Session, uid: str) -> Dataset:
+    """The answer to a state change or N-SET from outside (the node performs its own jobs)."""
+    found = load(session, uid)
+    if found is None:
+        return status(NO_SUCH_WORKITEM, "no such workitem on this node")
+    state = ups_state(found[0].state, found[0].attempts)
     if state in (COMPLETED, CANCELED):
         return status(NO_LONGER_UPDATED, f"the workitem is {state}")
     if state == IN_PROGRESS:
@@ -246,7 +226,7 @@ class UpsWatch:
         action = int(event.action_type or 0)
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            info = event.action_information if action in (SUBSCRIBE, UNSUBSCRIBE, SUSPEND) else None
+            info = event.action_information if action != CHANGE_STATE else None
             with self.store.session() as session:
                 answer = self._act(session, uid, action, calling, info)
         except Exception as exc:  # never let one request take the listener down
@@ -255,8 +235,10 @@ class UpsWatch:
         return answer, None
 
     def _act(self, session: Session, uid: str, action: int, calling: str, info: Dataset | None) -> Dataset | int:
-        if action in (CHANGE_STATE, REQUEST_CANCEL):
-            return _refuse_change(session, uid, action)
+        if action == CHANGE_STATE:
+            return _refuse_change(session, uid)
+        if action == REQUEST_CANCEL:
+            return _cancel(session, uid, calling, calling in self.subscribers, info)
         if action not in (SUBSCRIBE, UNSUBSCRIBE, SUSPEND):
             return status(NO_SUCH_ACTION, f"action type {action} is not a UPS action")
         receiving = str(getattr(info, "ReceivingAE", "") or calling).strip()
@@ -275,7 +257,7 @@ class UpsWatch:
     def on_set(self, event: Event) -> tuple[int | Dataset, Dataset | None]:
         """N-SET: refused, the node performs its own jobs."""
         with self.store.session() as session:
-            return _refuse_change(session, _requested(event), CHANGE_STATE), None
+            return _refuse_change(session, _requested(event)), None
 
 
 # --- sending the reports -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from dxnode.config import Settings
 from dxnode.states import DeliveryState, JobState, Priority
-from dxnode.store import Delivery, Instance, Job, Output, Series, Study
+from dxnode.store import Delivery, Instance, Job, Output, Series, Study, UpsEvent, UpsSubscription
 
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"  # the SOP Class of every UPS instance
 UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"
@@ -348,3 +348,47 @@ def find(session: Session, settings: Settings, identifier: Dataset) -> list[Data
             continue
         answers.append(only(ds, tags))
     return answers
+
+
+# --- what subscribers are owed (ups_events sends it) ---------------------------------------------
+
+
+# --- what is owed to whom ------------------------------------------------------------------------
+
+
+def _owe(session: Session, job_id: int, ae_title: str, state: str, reason: str) -> None:
+    """Add a report of state for ae_title unless the last one recorded for that job already said it."""
+    last = session.scalar(
+        select(UpsEvent.ups_state)
+        .where(UpsEvent.job_id == job_id, UpsEvent.ae_title == ae_title)
+        .order_by(UpsEvent.id.desc())
+        .limit(1)
+    )
+    if last != state:
+        session.add(UpsEvent(job_id=job_id, ae_title=ae_title, ups_state=state, reason=reason[:1024]))
+
+
+def record_change(session: Session, job_id: int) -> None:
+    """Record, in the caller's transaction, the report each subscriber of job_id is owed for its current state.
+
+    Called by worklist.queue wherever a job is made or changes state; costs one query when nobody subscribed."""
+    subscribers = session.scalars(
+        select(UpsSubscription.ae_title)
+        .where(or_(UpsSubscription.job_id.is_(None), UpsSubscription.job_id == job_id))
+        .distinct()
+    ).all()
+    if not subscribers:
+        return
+    row = session.execute(select(Job.state, Job.attempts, Job.error).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        return
+    state = ups_state(row.state, row.attempts)
+    for ae_title in subscribers:
+        _owe(session, job_id, ae_title, state, row.error if state == CANCELED else "")
+
+
+def owe_current(session: Session, ae_title: str, jobs: list[Job]) -> None:
+    """Record the report of each job's current state for a new subscriber (unless the last one said it)."""
+    for job in jobs:
+        state = ups_state(job.state, job.attempts)
+        _owe(session, job.id, ae_title, state, job.error if state == CANCELED else "")
