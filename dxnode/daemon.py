@@ -371,8 +371,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         scheduler = _start_scheduler(settings, store, ingest.activity, supervisor, ingest=ingest)
         retention.activity = ingest.activity
         retention.schedule(scheduler)
-        if settings.ups_watch.enabled:
-            ups_events.schedule(scheduler, store, settings)
+        ups_events.schedule(scheduler, store, settings)  # the UPS event reports ([ups_watch])
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
 
         def readiness() -> dict[str, bool]:

@@ -31,7 +31,7 @@ from sqlalchemy import select
 
 from dxnode.config import Settings
 from dxnode.states import JobState, Priority
-from dxnode.store import Job, Store, Study, UpsEvent
+from dxnode.store import Job, Store, Study, UpsEvent, UpsSubscription
 from dxnode.worklist import queue, ups_events
 from dxnode.worklist.ups_view import _date_range, job_id_of, ups_priority, ups_state, workitem_uid
 
@@ -344,6 +344,14 @@ def test_changes_are_owed_once_per_state_and_suspend_keeps_the_workitems_already
         assert ups_events._unsubscribe(s, uid, "PACS", suspend=True).Status == 0xC314
     assert queue.claim(store, "w:2") == second
     assert _owed(store, "PACS") == [(second, "SCHEDULED")]  # unsubscribed before it ran
+    # A node started with [ups_watch] off drops what is left: nothing would ever send it.
+    with store.session() as s:
+        ups_events._subscribe(s, ups_events.GLOBAL, "RIS", None)
+        assert s.scalars(select(UpsEvent).where(UpsEvent.state == "pending")).all()
+    assert ups_events.send_due(store, settings) == 0
+    with store.session() as s:
+        assert s.scalars(select(UpsSubscription)).all() == []
+        assert s.scalars(select(UpsEvent).where(UpsEvent.state == "pending")).all() == []
 
 
 def test_a_listed_ae_cancels_a_job_not_yet_started_and_no_other(store: Store) -> None:

@@ -337,28 +337,37 @@ def _send_to(store: Store, settings: Settings, sub: UpsSubscriber, now: dt.datet
     return sent
 
 
+def _drop_unlisted(session: Session, listed: set[str]) -> set[str]:
+    """Drop the subscriptions and pending reports of AEs not listed; return the AEs still owed reports."""
+    owed = set(session.scalars(select(UpsEvent.ae_title).where(UpsEvent.state == DeliveryState.PENDING)))
+    subscribed = set(session.scalars(select(UpsSubscription.ae_title)))
+    gone = sorted((owed | subscribed) - listed)
+    if gone:
+        why = "no longer in [[ups_watch.subscribers]]" if listed else "[ups_watch] is off"
+        session.execute(
+            update(UpsEvent)
+            .where(UpsEvent.state == DeliveryState.PENDING, UpsEvent.ae_title.in_(gone))
+            .values(state=DeliveryState.FAILED, last_error=why)
+        )
+        session.execute(delete(UpsSubscription).where(UpsSubscription.ae_title.in_(gone)))
+        log.warning("UPS subscriptions of %s dropped: %s", ", ".join(gone), why)
+    return owed & listed
+
+
 def send_due(store: Store, settings: Settings) -> int:
     """Send every subscriber the reports it is owed (each in its own order); return how many went.
 
-    Reports for an AE no longer in [[ups_watch.subscribers]] are dropped (failed) with its subscriptions."""
+    Subscriptions and reports of an AE no longer in [[ups_watch.subscribers]] (of every AE while
+    [ups_watch] is off) are dropped: the reports are marked failed."""
     now = utcnow()
-    subscribers = {s.ae_title: s for s in settings.ups_watch.subscribers}
+    subscribers = {s.ae_title: s for s in settings.ups_watch.subscribers} if settings.ups_watch.enabled else {}
     with store.session() as session:
-        owed = set(session.scalars(select(UpsEvent.ae_title).where(UpsEvent.state == DeliveryState.PENDING)))
-        gone = sorted(owed - set(subscribers))
-        if gone:
-            session.execute(
-                update(UpsEvent)
-                .where(UpsEvent.state == DeliveryState.PENDING, UpsEvent.ae_title.in_(gone))
-                .values(state=DeliveryState.FAILED, last_error="no longer in [[ups_watch.subscribers]]")
-            )
-            session.execute(delete(UpsSubscription).where(UpsSubscription.ae_title.in_(gone)))
-            log.warning("UPS subscriptions of %s dropped: no longer in [[ups_watch.subscribers]]", ", ".join(gone))
+        owed = _drop_unlisted(session, set(subscribers))
         session.execute(
             delete(UpsEvent).where(UpsEvent.state != DeliveryState.PENDING, UpsEvent.created_at < now - KEEP_SENT)
         )
     sent = 0
-    for ae_title in sorted(owed & set(subscribers)):
+    for ae_title in sorted(owed):
         try:
             sent += _send_to(store, settings, subscribers[ae_title], now)
         except Exception as exc:  # one subscriber's trouble never stops the others
@@ -367,7 +376,11 @@ def send_due(store: Store, settings: Settings) -> int:
 
 
 def schedule(scheduler: Any, store: Store, settings: Settings) -> None:
-    """Add the event report sender to serve's scheduler."""
+    """Add the event report sender to serve's scheduler; with [ups_watch] off, drop what an earlier run left
+    (no report would ever be sent, and every job change would keep adding some)."""
+    if not settings.ups_watch.enabled:
+        send_due(store, settings)
+        return
     scheduler.add_job(
         send_due, "interval", args=[store, settings], seconds=settings.ups_watch.interval_seconds, id="ups-events"
     )
