@@ -33,7 +33,7 @@ from dxnode.config import Settings
 from dxnode.states import JobState, Priority
 from dxnode.store import Job, Store, Study, UpsEvent, UpsSubscription
 from dxnode.worklist import queue, ups_events
-from dxnode.worklist.ups_view import _date_range, job_id_of, ups_priority, ups_state, workitem_uid
+from dxnode.worklist.ups_view import _date_range, find, job_id_of, ups_priority, ups_state, workitem_uid
 
 GLOBAL = "1.2.840.10008.5.1.4.34.5"
 SR_STORAGE = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.34"}
@@ -360,7 +360,19 @@ def test_a_listed_ae_cancels_a_job_not_yet_started_and_no_other(store: Store) ->
         pairs = s.execute(select(Job, Study).join(Study)).all()
         uids = {j.id: workitem_uid(st.study_instance_uid, j.id, j.created_at) for j, st in pairs}
         assert ups_events._subscribe(s, uids[scheduled], "PACS", None) == 0x0000
+    query = Dataset()
+    query.SOPInstanceUID, query.ProcedureStepState, query.UnifiedProcedureStepPerformedProcedureSequence = "", "", []
+    with store.session() as s:
+        found = find(s, Settings(), query)  # newest first, an empty sequence where a key has no value yet
+    assert [(d.SOPInstanceUID, d.ProcedureStepState) for d in found] == [
+        (uids[scheduled], "SCHEDULED"),
+        (uids[running], "SCHEDULED"),
+    ]
+    assert all(len(d.UnifiedProcedureStepPerformedProcedureSequence) == 0 for d in found)
     assert queue.claim(store, "w:1") == running
+    query.ProcedureStepState = "IN PROGRESS"
+    with store.session() as s:
+        assert [d.SOPInstanceUID for d in find(s, Settings(), query)] == [uids[running]]
     info = Dataset()
     info.ReasonForCancellation = "ordered by mistake"
     with store.session() as s:
