@@ -195,6 +195,14 @@ def test_jobs_are_workitems_found_got_and_reported_to_subscribers(
         # Nobody else changes the node's jobs.
         assert ris.action(uid, 1, _state("IN PROGRESS")).Status == 0xC300
         assert ris.action(uid, 2).Status == 0xC311
+        assert (
+            ris.assoc.send_n_set(_state("CANCELED"), UnifiedProcedureStepPush, uid, meta_uid=UnifiedProcedureStepPull)[
+                0
+            ].Status
+            == 0xC300
+        )
+        created = ris.assoc.send_n_create(_state("SCHEDULED"), UnifiedProcedureStepPush, pydicom.uid.generate_uid())
+        assert created[0].Status == 0x0124
 
         # A job that fails is CANCELED, with its reason.
         bad_uid, bad = make_study(tmp_path / "bad", n=1, patient_id="PAT-BAD")

@@ -16,7 +16,7 @@ subscriber that cannot be reached is tried again after a backoff, the others go 
 
 Nobody else changes the node's jobs: N-ACTION Change State and N-SET are refused (0xC300 for a
 workitem that ended, 0xC301 for one in progress: the node holds its Transaction UID and never
-gives it out, 0x0124 for a scheduled one). Request Cancel (Action Type 2) from an AE listed in
+gives it out, 0x0124 for a scheduled one), and so is N-CREATE (0x0124). Request Cancel (Action Type 2) from an AE listed in
 [[ups_watch.subscribers]] cancels a job that has not started (it ends failed, the workitem
 CANCELED with the reason given); once it runs the answer is 0xC313, "performer chooses not to
 cancel" (the job ends within seconds), 0xC311 when completed, 0xB304 when already canceled, and
@@ -186,6 +186,7 @@ class UpsWatch:
             (evt.EVT_N_GET, self.on_get),
             (evt.EVT_N_ACTION, self.on_action),
             (evt.EVT_N_SET, self.on_set),
+            (evt.EVT_N_CREATE, self.on_create),
         ]
 
     def on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
@@ -253,6 +254,11 @@ class UpsWatch:
             audit(session, calling, f"ups.{verb}", target=uid, receiving_ae=receiving)
             log.info("UPS %s: %s for %s", verb, uid, receiving)
         return answer
+
+    def on_create(self, event: Event) -> tuple[int | Dataset, Dataset | None]:
+        """N-CREATE (UPS Push): refused, the node's workitems are its jobs."""
+        log.warning("UPS N-CREATE from %s refused", event.assoc.requestor.ae_title)
+        return status(NOT_AUTHORISED, "dxnode makes workitems of its own jobs only"), None
 
     def on_set(self, event: Event) -> tuple[int | Dataset, Dataset | None]:
         """N-SET: refused, the node performs its own jobs."""
