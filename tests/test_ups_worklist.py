@@ -352,9 +352,18 @@ def test_changes_are_owed_once_per_state_and_suspend_keeps_the_workitems_already
         assert ups_events._unsubscribe(s, uid, "PACS", suspend=True).Status == 0xC314
     assert queue.claim(store, "w:2") == second
     assert _owed(store, "PACS") == [(second, "SCHEDULED")]  # unsubscribed before it ran
+    # Globally subscribed, a new workitem is subscribed to as it is made, and can be unsubscribed from alone.
+    with store.session() as s:
+        assert ups_events._subscribe(s, ups_events.GLOBAL, "RIS", None) == 0x0000
+    third = _new_job(store, "1.2.77.3")
+    with store.session() as s:
+        job = s.get(Job, third)
+        assert job is not None
+        assert ups_events._unsubscribe(s, workitem_uid("1.2.77.3", third, job.created_at), "RIS", False) == 0x0000
+    assert queue.claim(store, "w:3") == third
+    assert [state for job_id, state in _owed(store, "RIS") if job_id == third] == ["SCHEDULED"]
     # A node started with [ups_watch] off drops what is left: nothing would ever send it.
     with store.session() as s:
-        ups_events._subscribe(s, ups_events.GLOBAL, "RIS", None)
         assert s.scalars(select(UpsEvent).where(UpsEvent.state == "pending")).all()
     assert ups_events.send_due(store, settings) == 0
     with store.session() as s:

@@ -232,7 +232,7 @@ def queued_job(session: Session, study_id: int, routed_model: str = "", priority
     job = Job(study_id=study_id, state=JobState.QUEUED, routed_model=routed_model, priority=priority)
     session.add(job)
     session.flush()
-    record_change(session, job.id)
+    record_change(session, job.id, created=True)
     return job.id
 
 

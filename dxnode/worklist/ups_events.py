@@ -35,7 +35,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event, EventHandlerType
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, true, update
 from sqlalchemy.orm import Session
 
 from dxnode.config import Settings, UpsSubscriber
@@ -92,12 +92,14 @@ def _subscribe(session: Session, uid: str, ae_title: str, info: Dataset | None) 
     lock = str(getattr(info, "DeletionLock", "") or "").strip().upper() == "TRUE"
     if uid == FILTERED_GLOBAL:
         return status(NOT_FOR_INSTANCE, "filtered global subscriptions are not supported")
-    if uid == GLOBAL:
-        session.execute(
-            delete(UpsSubscription).where(UpsSubscription.ae_title == ae_title, UpsSubscription.job_id.is_(None))
-        )
+    if uid == GLOBAL:  # every workitem not finished, and every new one (ups_view.record_change)
+        mine = UpsSubscription.ae_title == ae_title
+        session.execute(delete(UpsSubscription).where(mine, UpsSubscription.job_id.is_(None)))
         session.add(UpsSubscription(ae_title=ae_title, job_id=None, deletion_lock=lock))
-        owe_current(session, ae_title, list(session.scalars(select(Job).where(Job.state.in_(LIVE)))))
+        held = set(session.scalars(select(UpsSubscription.job_id).where(mine, UpsSubscription.job_id.is_not(None))))
+        live = [j for j in session.scalars(select(Job).where(Job.state.in_(LIVE))) if j.id not in held]
+        session.add_all(UpsSubscription(ae_title=ae_title, job_id=j.id, deletion_lock=lock) for j in live)
+        owe_current(session, ae_title, live)
         return SUCCESS
     found = load(session, uid)
     if found is None:
@@ -113,14 +115,9 @@ def _subscribe(session: Session, uid: str, ae_title: str, info: Dataset | None) 
 
 def _unsubscribe(session: Session, uid: str, ae_title: str, suspend: bool) -> Dataset | int:
     mine = UpsSubscription.ae_title == ae_title
-    if uid == GLOBAL:
-        if suspend:  # no new workitems; those it was told about so far stay subscribed
-            live = list(session.scalars(select(Job.id).where(Job.state.in_(LIVE))))
-            held = set(session.scalars(select(UpsSubscription.job_id).where(mine, UpsSubscription.job_id.is_not(None))))
-            session.add_all(UpsSubscription(ae_title=ae_title, job_id=j) for j in live if j not in held)
-            session.execute(delete(UpsSubscription).where(mine, UpsSubscription.job_id.is_(None)))
-        else:
-            session.execute(delete(UpsSubscription).where(mine))
+    if uid == GLOBAL:  # suspend: no new workitems, those subscribed so far stay; unsubscribe: none at all
+        only_global = UpsSubscription.job_id.is_(None) if suspend else true()
+        session.execute(delete(UpsSubscription).where(mine, only_global))
         return SUCCESS
     if suspend:
         return status(NOT_FOR_INSTANCE, "suspend applies to the global subscription only")

@@ -368,14 +368,18 @@ def _owe(session: Session, job_id: int, ae_title: str, state: str, reason: str) 
         session.add(UpsEvent(job_id=job_id, ae_title=ae_title, ups_state=state, reason=reason[:1024]))
 
 
-def record_change(session: Session, job_id: int) -> None:
+def record_change(session: Session, job_id: int, created: bool = False) -> None:
     """Record, in the caller's transaction, the report each subscriber of job_id is owed for its current state.
 
-    Called by worklist.queue wherever a job is made or changes state; costs one query when nobody subscribed."""
+    Called by worklist.queue wherever a job is made (created: every global subscriber is subscribed to
+    it, PS3.4 CC.2.3) or changes state; costs a query or two when nobody subscribed."""
+    if created:
+        holders = session.scalars(select(UpsSubscription).where(UpsSubscription.job_id.is_(None))).all()
+        session.add_all(
+            UpsSubscription(ae_title=h.ae_title, job_id=job_id, deletion_lock=h.deletion_lock) for h in holders
+        )
     subscribers = session.scalars(
-        select(UpsSubscription.ae_title)
-        .where(or_(UpsSubscription.job_id.is_(None), UpsSubscription.job_id == job_id))
-        .distinct()
+        select(UpsSubscription.ae_title).where(UpsSubscription.job_id == job_id).distinct()
     ).all()
     if not subscribers:
         return
