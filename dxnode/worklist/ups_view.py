@@ -15,6 +15,9 @@ Scheduled Procedure Step Priority: STAT and HIGH are HIGH, MEDIUM and LOW themse
 UID is derived from the job (``workitem_uid``): 2.25 form, its low 32 bits the job id, the rest a
 digest of the study, the job id and its creation time, so it is the same on every read, differs
 between nodes, and leads back to its job without a stored column.
+
+``record_change`` (called by worklist.queue at every job transition) records the reports each
+subscriber is owed; worklist/ups_events.py serves the SOP classes and sends the reports.
 """
 
 from __future__ import annotations
