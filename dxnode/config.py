@@ -610,6 +610,39 @@ class UpsEntry(Section):
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
 
+class UpsSubscriber(Section):
+    """[[ups_watch.subscribers]]: an AE allowed to subscribe to the node's workitems, and where its
+    UPS event reports go (PS3.4 leaves a subscriber's address to configuration)."""
+
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
+
+
+class UpsWatchSettings(Section):
+    """[ups_watch]: the node's jobs as UPS workitems on its DICOM listener (C-FIND, N-GET, subscriptions).
+
+    Off by default: the workitems carry patient and study identifiers, and the listener answers any
+    AE that [node] allowed_calling_aets lets in."""
+
+    enabled: bool = False
+    subscribers: list[UpsSubscriber] = []
+    max_matches: int = Field(500, ge=1)  # C-FIND answers at most this many workitems, newest first
+    interval_seconds: float = Field(1, gt=0)  # how often serve sends pending event reports
+    backoff_initial_seconds: float = Field(5, gt=0)  # a subscriber that cannot be reached is tried again after this
+    backoff_max_seconds: float = Field(300, gt=0)  # ... doubled up to this
+    timeout_seconds: float = Field(10, gt=0)  # association and DIMSE timeout when sending a report
+
+    @field_validator("subscribers")
+    @classmethod
+    def _unique(cls, values: list[UpsSubscriber]) -> list[UpsSubscriber]:
+        titles = [v.ae_title for v in values]
+        if len(set(titles)) != len(titles):
+            raise ValueError(f"[[ups_watch.subscribers]] AE titles must be unique: {titles}")
+        return values
+
 
 class Settings(BaseSettings):
     """The whole configuration of a node."""
@@ -633,6 +666,9 @@ class Settings(BaseSettings):
 
     retention: RetentionSettings = RetentionSettings()
     ups: list[UpsEntry] = []
+
+
+    ups_watch: UpsWatchSettings = UpsWatchSettings()
     source: str = ""  # the file this configuration was read from (set by load_settings)
 
     @classmethod

@@ -348,7 +348,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     from dxnode.outbox.commitment import report_handler
     from dxnode.receive.ingest import Ingest
     from dxnode.scp import StorageSCP
-    from dxnode.worklist import queue, routing
+    from dxnode.worklist import queue, routing, ups_events
 
     store = scp = scheduler = supervisor = server = hl7 = None
     try:
@@ -363,7 +363,8 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         models = ModelRegistry()  # the web app's (/api/predict); each job process has its own
         classifier = _model(settings, models) if web_on else None
         ingest = Ingest(settings, store)  # one durable receive path for C-STORE and STOW-RS
-        scp = StorageSCP(settings, ingest, report_handler(store))  # Storage Commitment reports go to the outbox
+        watch = [ups_events.UpsWatch(settings, store)] if settings.ups_watch.enabled else []  # UPS Watch and Pull
+        scp = StorageSCP(settings, ingest, report_handler(store), watch)  # Storage Commitment reports go to the outbox
         if settings.ups:
             # start-up time: loaded only when this part of the node starts
             from dxnode.sources import ups
@@ -381,6 +382,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         scheduler = _start_scheduler(settings, store, ingest.activity, supervisor, ingest=ingest)
         retention.activity = ingest.activity
         retention.schedule(scheduler)
+        ups_events.schedule(scheduler, store, settings)  # the UPS event reports ([ups_watch])
         ready_store, ready_scp, ready_jobs = store, scp, supervisor
 
         def readiness() -> dict[str, bool]:

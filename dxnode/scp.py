@@ -25,7 +25,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -110,16 +110,31 @@ class NoDelayServer(ThreadedAssociationServer):
 CommitmentReport = Callable[[Event], tuple[int, Dataset | None]]
 
 
+class Service(Protocol):
+    """More SOP classes on the listener (worklist/ups_events.py's UpsWatch): their abstract syntaxes, their handlers."""
+
+    def contexts(self) -> list[str]: ...
+
+    def handlers(self) -> list[EventHandlerType]: ...
+
+
 class StorageSCP:
     """The node's DICOM listener(s): plain, and optionally DICOM TLS.
 
     With commitment_report, it also takes Storage Commitment reports (N-EVENT-REPORT) that a
     destination sends on an association it opens to the node, proposing the SCP role for itself."""
 
-    def __init__(self, settings: Settings, ingest: Ingest, commitment_report: CommitmentReport | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        commitment_report: CommitmentReport | None = None,
+        services: Sequence[Service] = (),
+    ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.commitment_report = commitment_report
+        self.services = services
         self._servers: list[NoDelayServer] = []
         self._threads: list[tuple[str, threading.Thread]] = []  # (part, thread serving it)
         self._stopping = False
@@ -147,6 +162,8 @@ class StorageSCP:
             # The reporting destination is the requestor and the Storage Commitment SCP: accept the
             # roles it proposes (SCP/SCU Role Selection), or the default ones if it proposes none.
             ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        for uid in (uid for service in self.services for uid in service.contexts()):
+            ae.add_supported_context(uid)
         return ae
 
     def _handlers(self) -> list[EventHandlerType]:
@@ -158,6 +175,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_CONN_CLOSE, lambda event: self.ingest.activity.closed(id(event.assoc))),
+            *(handler for service in self.services for handler in service.handlers()),
         ]
 
     def start(self) -> None:

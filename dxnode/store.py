@@ -461,6 +461,37 @@ class UpsWorkitem(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
+class UpsSubscription(Base):
+    """An AE subscribed to the UPS event reports of one job's workitem, or of all (job_id NULL: global)."""
+
+    __tablename__ = "ups_subscription"
+    __table_args__ = (Index("ix_ups_subscription_ae_job", "ae_title", "job_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))  # a [[ups_watch.subscribers]] AE title
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), nullable=True, index=True)
+    deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)  # asked for; recorded, never enforced
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class UpsEvent(Base):
+    """A UPS State Report owed to one subscriber: one job's workitem entered ups_state (sent in id order)."""
+
+    __tablename__ = "ups_event"
+    __table_args__ = (Index("ix_ups_event_state_ae", "state", "ae_title"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    ups_state: Mapped[str] = mapped_column(String(16))  # SCHEDULED, IN PROGRESS, COMPLETED, CANCELED
+    reason: Mapped[str] = mapped_column(Text, default="")  # why it was canceled
+    state: Mapped[DeliveryState] = mapped_column(state_column(DeliveryState, 16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
 
 def audit_values(actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> dict[str, Any]:
     """The columns of one audit row (the only place audit rows are shaped)."""

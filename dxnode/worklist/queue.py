@@ -38,6 +38,7 @@ from dxnode.config import Settings
 from dxnode.states import PRIORITY_ORDER, JobState, Priority
 from dxnode.store import Job, Store, Study, audit, utcnow
 from dxnode.worklist.priority import rule_priority
+from dxnode.worklist.ups_view import record_change
 
 log = logging.getLogger("dxnode.worklist.queue")
 
@@ -231,6 +232,7 @@ def queued_job(session: Session, study_id: int, routed_model: str = "", priority
     job = Job(study_id=study_id, state=JobState.QUEUED, routed_model=routed_model, priority=priority)
     session.add(job)
     session.flush()
+    record_change(session, job.id, created=True)
     return job.id
 
 
@@ -351,8 +353,27 @@ def requeue_job(session: Session, job_id: int, actor: str, source: str = "") -> 
         audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source, queued=f"job:{waiting}")
         return waiting
     job.state, job.attempts, job.error, job.lost, job.not_before = JobState.QUEUED, 0, "", 0, None
+    record_change(session, job_id)
     audit(session, actor, "job.requeue", target=f"job:{job_id}", source=source)
     return job_id
+
+
+def cancel_queued(session: Session, job_id: int, actor: str, reason: str, source: str = "") -> bool:
+    """End a job that is still waiting (queued) as failed with reason, audited; False once it has started or ended."""
+    now = utcnow()
+    taken = rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.FAILED, error=one_line(reason), finished_at=now, updated_at=now, not_before=None)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if taken != 1:
+        return False
+    record_change(session, job_id)
+    audit(session, actor, "job.cancel", target=f"job:{job_id}", source=source, reason=one_line(reason))
+    return True
 
 
 def take_due(
@@ -406,6 +427,7 @@ def claim(store: Store, worker: str | None = None, now: dt.datetime | None = Non
         job_id = take_due(session, store.dialect, Job, JobState.QUEUED, values)
         if job_id is None:
             return None
+        record_change(session, job_id)
         audit(session, worker, "job.state", target=f"job:{job_id}", state=JobState.RUNNING)
         return job_id
 
@@ -474,6 +496,7 @@ def finish(
             job.error = error
         job.state = state
         job.finished_at = utcnow() if state != JobState.QUEUED else None
+        record_change(session, job_id)
         audit(session, job.worker or "system", "job.state", target=f"job:{job_id}", state=state, error=error[:500])
     if state != JobState.QUEUED:
         metrics.JOBS_FINISHED.labels(state=state).inc()
@@ -488,6 +511,7 @@ def release(store: Store, job_id: int, worker: str, why: str) -> bool:
             return False
         job.state, job.attempts, job.not_before = JobState.QUEUED, max(0, job.attempts - 1), None
         job.error = f"re-queued at stage {job.stage or 'start'}: {why}"
+        record_change(session, job_id)
         audit(session, worker, "job.state", target=f"job:{job_id}", state=JobState.QUEUED, reason=why)
     log.info("job %d re-queued: %s", job_id, why)
     return True
@@ -575,6 +599,7 @@ def lost(store: Store, settings: Settings, job_id: int, worker: str, why: str, c
         )
         if changed != 1:
             return None
+        record_change(session, job_id)
         audit(session, "system", "job.state", target=f"job:{job_id}", state=values["state"], reason=why)
     log.warning("job %d: worker %s stopped (%s) -> %s", job_id, worker, why, values["state"])
     if values["state"] == JobState.FAILED:
