@@ -610,6 +610,7 @@ class UpsEntry(Section):
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
 
+
 class UpsSubscriber(Section):
     """[[ups_watch.subscribers]]: an AE allowed to subscribe to the node's workitems, and where its
     UPS event reports go (PS3.4 leaves a subscriber's address to configuration)."""
@@ -666,7 +667,6 @@ class Settings(BaseSettings):
 
     retention: RetentionSettings = RetentionSettings()
     ups: list[UpsEntry] = []
-
 
     ups_watch: UpsWatchSettings = UpsWatchSettings()
     source: str = ""  # the file this configuration was read from (set by load_settings)

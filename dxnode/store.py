@@ -461,6 +461,7 @@ class UpsWorkitem(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
+
 class UpsSubscription(Base):
     """An AE subscribed to the UPS event reports of one job's workitem, or of all (job_id NULL: global)."""
 
