@@ -20,7 +20,7 @@ from pydicom import Dataset
 
 from dxnode.config import Settings
 from dxnode.outputs.attention import to_source_grid
-from dxnode.outputs.geometry import frame_position, placed
+from dxnode.outputs.geometry import placed, renumber_frames
 from dxnode.outputs.result_uids import derived_uid, result_key
 from dxnode.outputs.seg import Region, copy_body_part, equipment, positive_regions
 from dxnode.results import StudyResult
@@ -40,12 +40,16 @@ def build_pmaps(
     left out or whose geometry assumed a pixel spacing."""
     maps, notes = [], []
     for i, r in enumerate(positive_regions(result, sources)):
-        header, note = placed(r.source)
+        frames = [r.frame_number] if r.frame_number else None
+        header, note = placed(r.source, frames)  # a multi-frame source's header holding only that frame
         try:
-            maps.append((_parametric_map(result, r, header, settings, i + 1), r.finding.label))
+            pm = _parametric_map(result, r, header, settings, i + 1)
         except ValueError as exc:  # a source geometry highdicom cannot place the frame in (e.g. per-frame orientations)
             notes.append(f"no Parametric Map for {r.finding.label}: {str(exc).splitlines()[0]}")
             continue
+        if frames:  # highdicom numbered the frames of the header it got
+            renumber_frames(pm, str(r.source.SOPInstanceUID), frames)
+        maps.append((pm, r.finding.label))
         if note:
             notes.append(f"Parametric Map of {r.finding.label}: {note}")
     for note in notes:
@@ -69,7 +73,6 @@ def _parametric_map(result: StudyResult, r: Region, header: Dataset, settings: S
         quantity_definition=ATTENTION_QUANTITY,
     )
     key = result_key(result)
-    frame = r.frame_number
     pm = hd.pm.ParametricMap(
         source_images=[header],
         pixel_array=stored,
@@ -86,7 +89,6 @@ def _parametric_map(result: StudyResult, r: Region, header: Dataset, settings: S
         ],
         content_label="AI_ATTENTION",
         content_description=f"Grad-CAM of {m.name} {m.version} for {r.finding.label}: AI attention"[:64],
-        plane_positions=[frame_position(header, frame)] if frame else None,
         **equipment(result, settings),  # type: ignore[arg-type]
     )
     pm.SeriesDescription = PMAP_SERIES_DESCRIPTION

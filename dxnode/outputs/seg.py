@@ -31,7 +31,7 @@ from pydicom.sr.codedict import codes
 from dxnode import __version__
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
-from dxnode.outputs.geometry import frame_position, frames_of, has_geometry, placed
+from dxnode.outputs.geometry import frames_of, has_geometry, placed, renumber_frames
 from dxnode.outputs.result_uids import derived_uid, result_key
 from dxnode.outputs.sc import UNPAIRED_BODY_PARTS, patient_orientation
 from dxnode.outputs.sr import _label_concept
@@ -199,7 +199,7 @@ class _Layout:
     images: list[Dataset]  # the source images highdicom gets (one, for a multi-frame source)
     plane_of: list[int]  # the plane of each region of the group
     planes: int
-    extra: dict[str, object]  # plane positions, for the frames of a multi-frame source
+    frames: list[int]  # the source frames (1-based) of the planes, for a multi-frame source
     note: str | None  # a pixel spacing assumed by an own geometry
 
 
@@ -207,17 +207,15 @@ def _layout(group: list[Region]) -> _Layout:
     """A plane per image holding a region, or per frame holding one of a multi-frame image (placed
     where that frame lies: the source's geometry, or the map's own, dxnode/outputs/geometry.py)."""
     if is_multiframe(group[0].source):
-        header, note = placed(group[0].source)
         frames = sorted({int(r.frame_number or 1) for r in group})
+        header, note = placed(group[0].source, frames)  # holds only those frames, in that order
         index = {f: i for i, f in enumerate(frames)}
-        positions = [frame_position(header, f) for f in frames]
-        plane_of = [index[int(r.frame_number or 1)] for r in group]
-        return _Layout([header], plane_of, len(frames), {"plane_positions": positions}, note)
+        return _Layout([header], [index[int(r.frame_number or 1)] for r in group], len(frames), frames, note)
     images: dict[str, Dataset] = {}
     for r in group:
         images.setdefault(r.heatmap.sop_instance_uid, r.source)
     uids = {uid: i for i, uid in enumerate(images)}
-    return _Layout(list(images.values()), [uids[r.heatmap.sop_instance_uid] for r in group], len(images), {}, None)
+    return _Layout(list(images.values()), [uids[r.heatmap.sop_instance_uid] for r in group], len(images), [], None)
 
 
 def _segmentation(
@@ -262,9 +260,10 @@ def _segmentation(
             "AI attention, not a lesion boundary"
         )[:64],
         omit_empty_frames=True,
-        **layout.extra,  # type: ignore[arg-type]
         **equipment(result, settings),  # type: ignore[arg-type]
     )
+    if layout.frames:  # highdicom numbered the frames of the header it got
+        renumber_frames(seg, str(group[0].source.SOPInstanceUID), layout.frames)
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION  # no Laterality: dciodvfy wants none on a SEG
     if "FrameOfReferenceUID" not in seg:  # no patient coordinates (a radiograph): General Image's Type 2C orientation
         orientation = patient_orientation(group[0].source)
