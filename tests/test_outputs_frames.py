@@ -14,7 +14,7 @@ import pytest
 from dicom_checks import dciodvfy_errors
 from pydicom.data import get_testdata_file
 from pydicom.sequence import Sequence
-from test_outputs_objects import ALL, CR, MODEL, blob, by_kind, ct_series, dcmpschk
+from test_outputs_objects import ALL, CR, MODEL, blob, by_kind, ct_series, dcmpschk, pixelmed_errors
 
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
@@ -168,6 +168,22 @@ def test_seg_and_maps_on_an_enhanced_ct_reference_their_frames_with_the_sources_
         [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
         [float(v) for v in ours.PixelMeasuresSequence[0].PixelSpacing],
     )
+
+    # The SR's TID 1411 groups name the source frame each segment lies on.
+    sr = pydicom.dcmread(kinds["sr"][0].path)
+    segment_sources = set()
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.ConceptNameCodeSequence[0].CodeValue == "121233":  # Source image for segmentation
+                ref = item.ReferencedSOPSequence[0]
+                segment_sources.add((str(ref.ReferencedSOPInstanceUID), ref.get("ReferencedFrameNumber")))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert segment_sources == {(h.sop_instance_uid, h.frame + 1) for h in result.heatmaps}
+    root, errors = pixelmed_errors(kinds["sr"][0].path)
+    assert root.startswith("TID_1500") and errors == []
 
     for w in kinds["pmap"]:
         pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(w.path))
