@@ -219,3 +219,25 @@ def test_a_multi_frame_source_without_per_frame_geometry_gets_seg_and_map_in_the
     assert check.returncode == 0, check.stdout + check.stderr
     annotations = pydicom.dcmread(kinds["gsps"][0].path).GraphicAnnotationSequence
     assert {a.ReferencedImageSequence[0].ReferencedFrameNumber for a in annotations} == {4, 8}
+
+
+def test_an_ultrasound_cine_without_frame_of_reference_gets_seg_and_map_on_its_frame(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm"), stop_before_pixels=True)  # RGB, no Frame of Reference
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame
+    ds.NumberOfFrames, ds.FrameTime = 30, 33.3
+    ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
+    path = tmp_path / "cine.dcm"  # a header (write_outputs reads no source pixels)
+    ds.save_as(path, enforce_file_format=True)
+    result, sources = on_frames(path, {"Nodule": (17, (200, 300))})
+    kinds = by_kind(
+        write_outputs(result, sources, Settings(), tmp_path / "out", kinds=[OutputKind.SEG, OutputKind.PMAP])
+    )
+    for w in kinds["seg"] + kinds["pmap"]:
+        assert dciodvfy_errors(w.path) == [], w.kind
+    seg = hd.seg.segread(kinds["seg"][0].path)
+    (pm_path,) = [w.path for w in kinds["pmap"]]
+    pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(pm_path))
+    for obj in (seg, pm):
+        assert obj.FrameOfReferenceUID == own_frame_of_reference_uid(ds) and obj.NumberOfFrames == 1
+        item = obj.PerFrameFunctionalGroupsSequence[0]
+        assert frame_reference(item) == (str(ds.SOPInstanceUID), 18) and position(item) == [0.0, 0.0, 17.0]
