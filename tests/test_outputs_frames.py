@@ -14,7 +14,7 @@ import pytest
 from dicom_checks import dciodvfy_errors
 from pydicom.data import get_testdata_file
 from pydicom.sequence import Sequence
-from test_outputs_objects import ALL, CR, MODEL, blob, by_kind, ct_series, dcmpschk, pixelmed_errors
+from test_outputs_objects import ALL, CR, MODEL, blob, by_kind, ct_series, dcmpschk, pixelmed_errors, synthetic
 
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
@@ -241,3 +241,20 @@ def test_an_ultrasound_cine_without_frame_of_reference_gets_seg_and_map_on_its_f
         assert obj.FrameOfReferenceUID == own_frame_of_reference_uid(ds) and obj.NumberOfFrames == 1
         item = obj.PerFrameFunctionalGroupsSequence[0]
         assert frame_reference(item) == (str(ds.SOPInstanceUID), 18) and position(item) == [0.0, 0.0, 17.0]
+
+
+def test_two_radiographs_of_one_series_get_a_seg_each(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(CR)
+    paths = []
+    for i in range(2):  # highdicom takes one source image without a Frame of Reference per SEG
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{i + 1}"
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    result, sources = synthetic(paths, {"Nodule": (0, (600, 900)), "Mass": (1, (1200, 700))}, scale=0.25)
+    segs = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=[OutputKind.SEG])
+    assert len({w.sop_instance_uid for w in segs}) == 2
+    for w, h in zip(segs, result.heatmaps, strict=True):
+        assert dciodvfy_errors(w.path) == []
+        seg = hd.seg.segread(w.path)
+        assert seg.number_of_segments == 1 and seg.get_segment_description(1).segment_label.endswith(h.label)
+        assert frame_reference(seg.PerFrameFunctionalGroupsSequence[0]) == (h.sop_instance_uid, None)

@@ -50,8 +50,8 @@ def has_geometry(ds: Dataset) -> bool:
     """
     if "FrameOfReferenceUID" not in ds:
         return False
-    if frames_of(ds) > 1 and "PerFrameFunctionalGroupsSequence" not in ds:
-        return False  # a legacy multi-frame header: one top-level position cannot place every frame
+    if frames_of(ds) > 1 and len(ds.get("PerFrameFunctionalGroupsSequence") or []) != frames_of(ds):
+        return False  # a legacy multi-frame header (one top-level position cannot place every frame), or a broken one
     return get_image_coordinate_system(ds) == hd.CoordinateSystemNames.PATIENT
 
 
