@@ -258,3 +258,19 @@ def test_two_radiographs_of_one_series_get_a_seg_each(tmp_path: Path) -> None:
         seg = hd.seg.segread(w.path)
         assert seg.number_of_segments == 1 and seg.get_segment_description(1).segment_label.endswith(h.label)
         assert frame_reference(seg.PerFrameFunctionalGroupsSequence[0]) == (h.sop_instance_uid, None)
+
+
+def test_a_seg_highdicom_cannot_place_is_left_out_with_a_note(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(enhanced_ct(tmp_path, 8))
+    frames = ds.PerFrameFunctionalGroupsSequence  # frames 3 and 6 at one position (e.g. two time points)
+    frames[5].PlanePositionSequence[0].ImagePositionPatient = frames[2].PlanePositionSequence[0].ImagePositionPatient
+    path = tmp_path / "repeated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result, sources = on_frames(path, {"Nodule": (2, (40, 50)), "Mass": (5, (80, 70))})
+    written = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=ALL)
+    kinds = by_kind(written)
+    assert "seg" not in kinds and len(kinds["pmap"]) == 2  # a map per frame still places
+    (note,) = [n for n in written[0].notes if n.startswith("no SEG")]
+    assert note.startswith("no SEG for Nodule, Mass: ") and "duplicate" in note, note
+    for w in kinds["pmap"]:
+        assert dciodvfy_errors(w.path) == []
