@@ -123,7 +123,7 @@ def write_outputs(
             for i, h in enumerate(result.heatmaps):
                 sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
                 built.append(_Built(sc, OutputKind.SC, h.label, caption, tuple(notes[h.sop_instance_uid])))
-    skipped: list[str] = []  # findings a kind had to leave out (multi-frame source, no Frame of Reference)
+    skipped: list[str] = []  # what a kind left out (a geometry highdicom refuses) or assumed (a pixel spacing)
     built += _companions(result, headers, settings, wanted, stopwatch, first_notes, skipped)
     if OutputKind.SR in wanted:
         with stopwatch("sr"):

@@ -5,10 +5,17 @@ references, takes source images of one series, or one multi-frame image): one se
 positive finding with a heatmap, its region traced as for the SR's TID 1410 outline (the
 Grad-CAM's connected part >= half its peak, dxnode/outputs/attention.py), resampled to the
 source's Rows x Columns. Frames exist only where a region does, each referencing its source
-image, with the source's geometry and Frame of Reference. Only the source images holding a
-region are handed to highdicom (their headers): the cost grows with the frames that hold a
-region, not with the series. With [report] seg_type = "fractional" the frames carry the map
-itself (0..1 in 255 steps) instead of the region.
+image (and frame), with the source's geometry and Frame of Reference. Only the source images
+holding a region are handed to highdicom (their headers): the cost grows with the frames that
+hold a region, not with the series. With [report] seg_type = "fractional" the frames carry the
+map itself (0..1 in 255 steps) instead of the region.
+
+A multi-frame source (enhanced CT/MR, US or XA cine) gets a Segmentation of its own, with a frame
+for each source frame that holds a region (the frame whose Grad-CAM drove the finding), placed
+at that frame's plane position; a multi-frame source without per-frame geometry is placed in a
+geometry of the map's own (dxnode/outputs/geometry.py). A single-frame image without a Frame of
+Reference (most CR/DX) gets a Segmentation of its own without one: the SEG IOD allows that, and
+its frame is the image's plane.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pydicom.sr.codedict import codes
 from dxnode import __version__
 from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
+from dxnode.outputs.geometry import frames_of, has_geometry, placed, renumber_frames
 from dxnode.outputs.result_uids import derived_uid, result_key
 from dxnode.outputs.sc import UNPAIRED_BODY_PARTS, patient_orientation
 from dxnode.outputs.sr import _label_concept
@@ -53,7 +61,7 @@ class Region:
 
 def is_multiframe(ds: Dataset) -> bool:
     """Whether the header declares more than one frame."""
-    return int(ds.get("NumberOfFrames", 1) or 1) > 1
+    return frames_of(ds) > 1
 
 
 def copy_body_part(ds: Dataset, source: Dataset) -> None:
@@ -117,21 +125,40 @@ def segment_uid(result: StudyResult, label: str) -> str:
     return derived_uid(result_key(result), "seg-segment", label)
 
 
+def source_groups(regions: list[Region]) -> list[list[Region]]:
+    """Regions grouped as a Segmentation takes its source images: by series for single-frame images
+    in a patient frame of reference, by instance for a multi-frame image or one without geometry."""
+    groups: dict[str, list[Region]] = {}
+    for r in regions:
+        key = r.source.SeriesInstanceUID if _whole_series(r.source) else r.source.SOPInstanceUID
+        groups.setdefault(str(key), []).append(r)
+    return list(groups.values())
+
+
+def _whole_series(source: Dataset) -> bool:
+    """Whether a source's regions share a Segmentation with the rest of its series (single-frame, placed in a patient frame)."""
+    return not is_multiframe(source) and has_geometry(source)
+
+
 def build_segs(result: StudyResult, sources: dict[str, Dataset], settings: Settings) -> tuple[list[Dataset], list[str]]:
-    """The Segmentations of a result (one per source series with a region), and notes on what was left out."""
+    """The Segmentations of a result (one per source series with a region, one per multi-frame image
+    or image without a Frame of Reference), and notes on what was left out or assumed."""
     segs: list[Dataset] = []
     notes: list[str] = []
-    for group in by_series(positive_regions(result, sources)):
-        multi = [r for r in group if is_multiframe(r.source)]
-        if multi:  # highdicom needs the whole frame stack of a multi-frame source: not done here
-            notes.append(f"no SEG for {len(multi)} finding(s) on multi-frame sources (not supported yet)")
-            group = [r for r in group if not is_multiframe(r.source)]
+    for group in source_groups(positive_regions(result, sources)):
+        labels = ", ".join(r.finding.label for r in group)
         sizes = {(int(r.source.Rows), int(r.source.Columns)) for r in group}
         if len(sizes) > 1:
-            notes.append("no SEG for a series whose images differ in size")
+            notes.append(f"no SEG for {labels}: the images of their series differ in size")
             continue
-        if group:
-            segs.append(_segmentation(result, group, settings, len(segs) + 1))
+        try:
+            seg, note = _segmentation(result, group, settings, len(segs) + 1)
+        except ValueError as exc:  # a source geometry highdicom cannot place frames in (e.g. per-frame orientations)
+            notes.append(f"no SEG for {labels}: {str(exc).splitlines()[0]}")
+            continue
+        segs.append(seg)
+        if note:
+            notes.append(f"SEG of {labels}: {note}")
     for note in notes:
         log.warning("%s", note)
     return segs, notes
@@ -165,15 +192,41 @@ def _pixel_array(planes: list[tuple[int, np.ndarray]], images: int, fractional: 
     return stacked
 
 
-def _segmentation(result: StudyResult, group: list[Region], settings: Settings, number: int) -> Dataset:
-    """One Segmentation over the images of one series that hold a region."""
-    fractional = settings.report.seg_type == "fractional"
+@dataclass(frozen=True)
+class _Layout:
+    """How a group's regions map onto highdicom's planes."""
+
+    images: list[Dataset]  # the source images highdicom gets (one, for a multi-frame source)
+    plane_of: list[int]  # the plane of each region of the group
+    planes: int
+    frames: list[int]  # the source frames (1-based) of the planes, for a multi-frame source
+    note: str | None  # a pixel spacing assumed by an own geometry
+
+
+def _layout(group: list[Region]) -> _Layout:
+    """A plane per image holding a region, or per frame holding one of a multi-frame image (placed
+    where that frame lies: the source's geometry, or the map's own, dxnode/outputs/geometry.py)."""
+    if is_multiframe(group[0].source):
+        frames = sorted({int(r.frame_number or 1) for r in group})
+        header, note = placed(group[0].source, frames)  # holds only those frames, in that order
+        index = {f: i for i, f in enumerate(frames)}
+        return _Layout([header], [index[int(r.frame_number or 1)] for r in group], len(frames), frames, note)
     images: dict[str, Dataset] = {}
     for r in group:
         images.setdefault(r.heatmap.sop_instance_uid, r.source)
-    index = {uid: i for i, uid in enumerate(images)}
+    uids = {uid: i for i, uid in enumerate(images)}
+    return _Layout(list(images.values()), [uids[r.heatmap.sop_instance_uid] for r in group], len(images), [], None)
+
+
+def _segmentation(
+    result: StudyResult, group: list[Region], settings: Settings, number: int
+) -> tuple[Dataset, str | None]:
+    """One Segmentation over the images (or the frames of one multi-frame image) that hold a region,
+    and a note when its geometry had to assume a pixel spacing."""
+    fractional = settings.report.seg_type == "fractional"
+    layout = _layout(group)
     rows, columns = int(group[0].source.Rows), int(group[0].source.Columns)
-    planes = [(index[r.heatmap.sop_instance_uid], _plane(r, fractional, rows, columns)) for r in group]
+    planes = [(i, _plane(r, fractional, rows, columns)) for i, r in zip(layout.plane_of, group, strict=True)]
     algo = algorithm(result)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -190,14 +243,15 @@ def _segmentation(result: StudyResult, group: list[Region], settings: Settings, 
     ]
     key = result_key(result)
     series = str(group[0].source.SeriesInstanceUID)
+    instance = [] if _whole_series(group[0].source) else [str(group[0].source.SOPInstanceUID)]
     seg = hd.seg.Segmentation(
-        source_images=list(images.values()),
-        pixel_array=_pixel_array(planes, len(images), fractional),
+        source_images=layout.images,
+        pixel_array=_pixel_array(planes, layout.planes, fractional),
         segmentation_type="FRACTIONAL" if fractional else "BINARY",
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(key, "seg-series", settings.report.seg_type),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(key, "seg", settings.report.seg_type, series),
+        sop_instance_uid=derived_uid(key, "seg", settings.report.seg_type, series, *instance),
         instance_number=number,
         fractional_type="PROBABILITY",
         content_label="AI_ATTENTION",
@@ -208,8 +262,10 @@ def _segmentation(result: StudyResult, group: list[Region], settings: Settings, 
         omit_empty_frames=True,
         **equipment(result, settings),  # type: ignore[arg-type]
     )
+    if layout.frames:  # highdicom numbered the frames of the header it got
+        renumber_frames(seg, str(group[0].source.SOPInstanceUID), layout.frames)
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION  # no Laterality: dciodvfy wants none on a SEG
     if "FrameOfReferenceUID" not in seg:  # no patient coordinates (a radiograph): General Image's Type 2C orientation
         orientation = patient_orientation(group[0].source)
         seg.PatientOrientation = list(orientation) if orientation else []
-    return seg
+    return seg, layout.note

@@ -267,12 +267,14 @@ def segment_groups(
             f = by_code.get(segment.SegmentedPropertyTypeCodeSequence[0].CodeValue)
             if f is None or f.label not in heatmaps:
                 continue
-            src = sources[heatmaps[f.label].sop_instance_uid]  # the image the segment's frame lies on
+            src = sources[heatmaps[f.label].sop_instance_uid]  # the image (and frame) the segment's frame lies on
+            frame = [heatmaps[f.label].frame + 1] if int(src.get("NumberOfFrames", 1) or 1) > 1 else None
+            image = hd.sr.SourceImageForSegmentation(str(src.SOPClassUID), str(src.SOPInstanceUID), frame)
             referenced = hd.sr.ReferencedSegment(
                 sop_class_uid=str(seg.SOPClassUID),
                 sop_instance_uid=str(seg.SOPInstanceUID),
                 segment_number=int(segment.SegmentNumber),
-                source_images=[hd.sr.SourceImageForSegmentation(str(src.SOPClassUID), str(src.SOPInstanceUID))],
+                source_images=[image],
             )
             group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
