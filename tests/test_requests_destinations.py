@@ -62,8 +62,10 @@ def test_a_second_destination_gets_the_results_once_and_the_first_nothing_again(
         sr = wait_sr(second, uid)
         wait_outbox_idle(node)
         sent = deliveries(node, "second")
-        assert len(sr) == 1 and sr[0].SOPInstanceUID in sent and deliveries(node, "pacs") == sorted(
-            {d.SOPInstanceUID for d in first.datasets()}
+        assert (
+            len(sr) == 1
+            and sr[0].SOPInstanceUID in sent
+            and deliveries(node, "pacs") == sorted({d.SOPInstanceUID for d in first.datasets()})
         )
         second_count = len(second.datasets())
         assert second_count == len(sent)
