@@ -1,5 +1,6 @@
 """A request naming a destination for a study analysed already (`dxnode serve`, DCMTK dcmqrscp as the source,
-two storescp PACSes): the results go to that destination once, nothing goes anywhere twice."""
+two storescp PACSes): the results go to that destination once, nothing goes anywhere twice; another model gets
+a job of its own. Then sources/reuse.py on real databases: rows for a done job, a re-run for a missing kind."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import pytest
 from conftest import free_port
 from nodeproc import Node, StoreSCP, node_config, wait_until
 from sources_peers import Dcmqrscp, srs_for, study_files, wait_outbox_idle, wait_sr
+from sqlalchemy import select
+
+from dxnode.config import Settings
+from dxnode.sources.reuse import deliver_also
+from dxnode.states import DeliveryState, JobState, OutputKind, Priority
+from dxnode.store import Delivery, Job, Output, Store, Study, utcnow
 
 
 def fetch(node: Node, *args: str) -> dict[str, Any]:
@@ -85,32 +92,116 @@ def test_a_second_destination_gets_the_results_once_and_the_first_nothing_again(
 
 
 @pytest.mark.slow
-def test_another_model_gets_a_job_of_its_own(tmp_path: Path) -> None:
+def test_a_model_added_later_gets_a_job_of_its_own_and_the_same_model_none(tmp_path: Path) -> None:
     node_port, pacs_port = free_port(), free_port()
     pacs = StoreSCP(tmp_path / "pacs", pacs_port)
     qr = Dcmqrscp(tmp_path / "dcmqrscp", "DXNODE", node_port)
     node = None
-    try:
-        uid, files = study_files(tmp_path / "study", 1, "MODEL-1", "PAT-MODEL")
-        qr.upload(files)
-        cfg = node_config(
+
+    def config(*models: str) -> Path:
+        return node_config(
             tmp_path,
             node={"port": node_port},
             destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
             worklist={"fetch_interval_seconds": 0.5},
             sources=[{"name": "qr", "retrieve": "get", "ae_title": "QRSCP", "host": "127.0.0.1", "port": qr.port}],
-            models=[{"name": "other", "bundle": "demo"}],
+            models=[{"name": m, "bundle": "demo"} for m in models],
         )
-        node = Node(cfg)
+
+    try:
+        uid, files = study_files(tmp_path / "study", 1, "MODEL-1", "PAT-MODEL")
+        qr.upload(files)
+        node = Node(config("chest"))
         routed = fetch(node, "--source", "qr", "--study", uid)
-        chosen = fetch(node, "--source", "qr", "--study", uid, "--model", "other")
-        assert chosen["jobs"][0]["id"] not in [j["id"] for j in routed["jobs"]], chosen
-        jobs = json.loads(node.cli("jobs", "--json").stdout)
-        ran = {j["id"]: j for j in jobs}
-        assert ran[chosen["jobs"][0]["id"]]["state"] == "done"
-        wait_until(lambda: srs_for(pacs, uid), timeout=60, what="an SR at the PACS")
+        assert len(wait_sr(pacs, uid)) == 1
+        node.stop()
+        node = Node(config("chest", "other"))  # a second model configured after the study was analysed
+        same = fetch(node, "--source", "qr", "--study", uid, "--model", "chest")
+        assert [j["id"] for j in same["jobs"]] == [j["id"] for j in routed["jobs"]], same
+        other = fetch(node, "--source", "qr", "--study", uid, "--model", "other")
+        assert other["jobs"][0]["id"] not in [j["id"] for j in routed["jobs"]], other
+        assert other["jobs"][0]["state"] == "done"
+        wait_until(lambda: len(srs_for(pacs, uid)) == 2, timeout=60, what="the second model's SR at the PACS")
+        again = fetch(node, "--source", "qr", "--study", uid, "--model", "other")
+        assert [j["id"] for j in again["jobs"]] == [j["id"] for j in other["jobs"]], again
+        wait_outbox_idle(node)
+        assert len(srs_for(pacs, uid)) == 2
     finally:
         if node is not None:
             node.stop()
         qr.stop()
         pacs.stop()
+
+
+def _settings(url: str) -> Settings:
+    dest = {"ae_title": "X", "host": "127.0.0.1", "port": 104}
+    return Settings(
+        database={"url": url},
+        destinations=[
+            {"name": "pacs", **dest},
+            {"name": "viewer", **dest, "outputs": ["sr"], "return_only": True},
+            {"name": "ohif", **dest, "outputs": ["sr", "seg"], "return_only": True},
+        ],
+    )
+
+
+def _job(store: Store, uid: str, state: JobState, kinds: list[str]) -> int:
+    """A study with a job in that state and, once done, its SR and SC written and sent to pacs."""
+    with store.session() as s:
+        study = Study(study_instance_uid=uid, last_received_at=utcnow(), first_received_at=utcnow())
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, state=state, kinds=kinds, model_name="m", model_version="1")
+        s.add(job)
+        s.flush()
+        for n, kind in enumerate(kinds):
+            out = Output(
+                job_id=job.id,
+                study_id=study.id,
+                kind=OutputKind(kind),
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+                sop_instance_uid=f"{uid}.{n}",
+                series_instance_uid=f"{uid}.9",
+                model_name="m",
+                model_version="1",
+                file_path="outputs/x.dcm",
+            )
+            s.add(out)
+            s.flush()
+            s.add(Delivery(output_id=out.id, destination="pacs", state=DeliveryState.SENT))
+        return job.id
+
+
+def _rows(store: Store) -> list[tuple[str, str]]:
+    with store.session() as s:
+        q = select(Output.sop_instance_uid, Delivery.destination).join(Output).order_by(Delivery.id)
+        return [(o, d) for o, d in s.execute(q)]
+
+
+def test_a_done_job_gets_rows_for_the_named_destination_once(store: Store) -> None:
+    settings = _settings(store.url)
+    job_id = _job(store, "1.2.70", JobState.DONE, ["sr", "sc"])
+    for _ in range(2):  # the same request twice: one row
+        with store.session() as s:
+            assert deliver_also(s, settings, job_id, ["viewer"], Priority.MEDIUM) == job_id
+    assert _rows(store) == [("1.2.70.0", "pacs"), ("1.2.70.1", "pacs"), ("1.2.70.0", "viewer")]
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.destinations == ["pacs", "viewer"]  # [] stood for pacs
+
+
+def test_a_kind_the_job_was_not_asked_for_runs_it_again_for_every_destination(store: Store) -> None:
+    settings = _settings(store.url)
+    job_id = _job(store, "1.2.71", JobState.DONE, ["sr", "sc"])
+    with store.session() as s:
+        rerun = deliver_also(s, settings, job_id, ["ohif"], Priority.HIGH)
+    assert rerun != job_id
+    with store.session() as s:
+        job = s.get(Job, rerun)
+        assert job is not None and job.state == JobState.QUEUED and job.priority == Priority.HIGH
+        assert job.destinations == ["ohif", "pacs"]
+    assert _rows(store) == [("1.2.71.0", "pacs"), ("1.2.71.1", "pacs")]  # the re-run's outputs make the rows
+    with store.session() as s:  # a waiting job is only widened
+        assert deliver_also(s, settings, rerun, ["viewer"], Priority.MEDIUM) == rerun
+        job = s.get(Job, rerun)
+        assert job is not None and job.destinations == ["ohif", "pacs", "viewer"]
