@@ -1,19 +1,22 @@
-"""The Requests and Orders pages in headless Chromium: a request and an HL7 order are listed, a viewer may read
-both pages but not make a request, an admin makes one with the page's form."""
+"""The Requests and Orders pages in headless Chromium: a request and an HL7 order (sent over MLLP by the `hl7`
+library, with the ACK it got) are listed, a viewer may read both pages but not make a request, an admin makes one
+with the page's form."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import hl7
 import pytest
 from conftest import need
+from hl7.client import MLLPClient
 from sqlalchemy import select
 from test_browser import ARGS, CHROMIUM, SHOTS
 from webnode import ADMIN, READER, make_store, node_settings, processed_study
 
-from dxnode.config import Source
-from dxnode.hl7.orders import FetchOrder, order_received, record_ack
+from dxnode.config import Settings
+from dxnode.hl7.inbound import make_listener
 from dxnode.schemas import Identifiers
 from dxnode.sources.fetch import request_fetch
 from dxnode.states import Priority, RequestState
@@ -21,15 +24,28 @@ from dxnode.store import FetchRequest, Hl7Order, Job, Study
 from dxnode.web.app import create_app
 from dxnode.web.server import WebServer
 
+ORDER = "\r".join(
+    [
+        "MSH|^~\\&|RIS|HOSPITAL|DXNODE|AI|20260101120000||ORM^O01|MSG-1|P|2.3",
+        "PID|1||PAT1^^^HOSP||Doe^Jane",
+        "ORC|NW|PL1|FI1||||^^^^^S",
+        "|".join(["OBR", "1", "PL1", "FI1", "CXR^Chest 2 views^L"] + [""] * 13 + ["ACC-ORD"] + [""] * 5 + ["CR"]),
+    ]
+)
+
 
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, int, int]]:
     """The web stage over a store holding a request whose job is done and an order (with its request and ACK)."""
     need(Path(CHROMIUM).exists(), "chromium")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    settings = node_settings(tmp_path)
-    settings = settings.model_copy(
-        update={"sources": [Source(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=4243)]}
+    rules = [{"name": "chest-cr", "procedure_codes": ["CXR"], "source": "archive"}]
+    settings = Settings.model_validate(
+        node_settings(tmp_path).model_dump()
+        | {
+            "sources": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4243}],
+            "hl7": {"enabled": True, "host": "127.0.0.1", "port": 0, "rules": rules},
+        }
     )
     store = make_store(settings)
     uid = processed_study(store, settings, patient_id="PID-REQ", accession="ACC-REQ")
@@ -41,9 +57,14 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         job_id = s.scalar(select(Job.id).join(Study).where(Study.study_instance_uid == uid))
         assert row is not None and job_id is not None
         row.state, row.total, row.retrieved, row.studies, row.job_ids = RequestState.QUEUED, 1, 1, [uid], [job_id]
-    order = FetchOrder("archive", "ACC-ORD", Priority.STAT, 5, rule="chest-cr", procedure_code="CXR", modality="CR")
-    order_received(store, settings, order, sender="RIS^HOSPITAL", control_id="MSG-1")
-    record_ack(store, "RIS^HOSPITAL", "MSG-1", "AA")
+    listener = make_listener(store, settings)  # the order comes over MLLP from the hl7 library's client
+    listener.start()
+    try:
+        with MLLPClient("127.0.0.1", listener.port) as client:
+            ack = hl7.parse(client.send_message(ORDER))
+        assert str(ack.segment("MSA")[1]) == "AA", str(ack)
+    finally:
+        listener.stop()
     with store.session() as s:
         ordered = s.scalar(select(Hl7Order.request_id).where(Hl7Order.accession_number == "ACC-ORD"))
         assert ordered is not None
