@@ -10,10 +10,11 @@ from pathlib import Path
 import hl7
 import pytest
 from conftest import need
+from fastapi.testclient import TestClient
 from hl7.client import MLLPClient
 from sqlalchemy import select
 from test_browser import ARGS, CHROMIUM, SHOTS
-from webnode import ADMIN, READER, make_store, node_settings, processed_study
+from webnode import ADMIN, BROWSER, READER, make_store, node_settings, processed_study
 
 from dxnode.config import Settings
 from dxnode.hl7.inbound import make_listener
@@ -149,3 +150,29 @@ def test_requests_and_orders_pages_read_by_a_viewer_and_asked_by_an_admin(
         page.screenshot(path=str(SHOTS / "requests.png"), full_page=True)
         browser.close()
     assert not [m for m in console if "Content Security Policy" in m], console
+
+
+def test_the_requests_page_shows_the_newest_fifty_and_pages_on(tmp_path: Path) -> None:
+    """Bounded: 51 requests make two pages, newest first, each linked to the other; anonymous gets the login."""
+    settings = Settings.model_validate(
+        node_settings(tmp_path).model_dump()
+        | {"sources": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4243}]}
+    )
+    store = make_store(settings)
+    try:
+        ids = [
+            request_fetch(store, settings, "archive", Identifiers(accession_number=f"A{n}"), actor="ris")
+            for n in range(51)
+        ]
+        client = TestClient(create_app(settings, store), headers=BROWSER)
+        for path in ("/requests", "/orders"):
+            assert client.get(path, follow_redirects=False).headers["location"] == "/login"
+        assert client.post("/login", data={"token": READER}, follow_redirects=False).status_code == 303
+        first, second = client.get("/requests").text, client.get("/requests", params={"page": 2}).text
+        assert first.count('<tr id="request-') == 50 and f'id="request-{ids[-1]}"' in first
+        assert f'id="request-{ids[0]}"' not in first and 'href="?page=2"' in first and "51 in all" in first
+        assert second.count('<tr id="request-') == 1 and f'id="request-{ids[0]}"' in second
+        assert 'href="?page=1"' in second and 'id="older"' not in second
+        assert "No HL7 order yet." in client.get("/orders").text
+    finally:
+        store.dispose()
