@@ -18,6 +18,7 @@ from dxnode.config import Settings
 from dxnode.sources.reuse import deliver_also
 from dxnode.states import DeliveryState, JobState, OutputKind, Priority
 from dxnode.store import Delivery, Job, Output, Store, Study, utcnow
+from dxnode.worklist import queue
 
 
 def fetch(node: Node, *args: str) -> dict[str, Any]:
@@ -205,3 +206,25 @@ def test_a_kind_the_job_was_not_asked_for_runs_it_again_for_every_destination(st
         assert deliver_also(s, settings, rerun, ["viewer"], Priority.MEDIUM) == rerun
         job = s.get(Job, rerun)
         assert job is not None and job.destinations == ["ohif", "pacs", "viewer"]
+
+
+def test_a_waiting_job_for_every_destination_keeps_them_and_adds_the_named_one(store: Store) -> None:
+    """A study pushed in part waits with [] (as configured); a request that fetches the rest and names a
+    destination adds it to the configured ones rather than putting it in their place."""
+    settings = _settings(store.url)
+    with store.session() as s:
+        study = Study(study_instance_uid="1.2.72", last_received_at=utcnow(), first_received_at=utcnow())
+        s.add(study)
+        s.flush()
+        waiting = queue.queued_job(s, study.id)
+        study.queued_through = study.last_received_at
+    with store.session() as s:  # more instances arrive by the fetch
+        study_row = s.scalar(select(Study).where(Study.study_instance_uid == "1.2.72"))
+        assert study_row is not None
+        study_row.last_received_at = utcnow()
+    with store.session() as s:
+        job_id = queue.queue_retrieved(s, "1.2.72", "request:1", Priority.MEDIUM, destinations=["viewer"])
+        assert job_id == waiting
+        assert deliver_also(s, settings, job_id, ["viewer"], Priority.MEDIUM) == waiting
+        job = s.get(Job, waiting)
+        assert job is not None and job.destinations == ["pacs", "viewer"]
