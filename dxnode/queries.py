@@ -25,6 +25,7 @@ from dxnode.schemas import (
     InstanceResultOut,
     JobOut,
     JobWithLog,
+    OrderOut,
     OutputOut,
     ResultOut,
     SeriesOut,
@@ -32,7 +33,19 @@ from dxnode.schemas import (
     StudyOut,
 )
 from dxnode.states import DeliveryState, JobState, Priority
-from dxnode.store import Delivery, FindingRow, Instance, InstanceResult, Job, Output, Series, Study, utcnow
+from dxnode.store import (
+    Delivery,
+    FetchRequest,
+    FindingRow,
+    Hl7Order,
+    Instance,
+    InstanceResult,
+    Job,
+    Output,
+    Series,
+    Study,
+    utcnow,
+)
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -396,3 +409,39 @@ def heatmap_file(session: Session, output_id: int) -> tuple[str, str] | None:
 def instance_file(session: Session, sop_instance_uid: str) -> str | None:
     """The file path (under the data dir) of a received instance, or None."""
     return session.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def request_ids(session: Session, limit: int, offset: int = 0) -> tuple[list[int], int]:
+    """A page of fetch request ids, newest first, and how many there are (the Requests page)."""
+    total = session.scalar(select(func.count(FetchRequest.id))) or 0
+    ids = session.scalars(select(FetchRequest.id).order_by(FetchRequest.id.desc()).limit(limit).offset(offset))
+    return list(ids), int(total)
+
+
+def list_orders(session: Session, limit: int, offset: int = 0) -> tuple[list[OrderOut], int]:
+    """A page of HL7 orders, newest first, and how many there are (the Orders page)."""
+    total = session.scalar(select(func.count(Hl7Order.id))) or 0
+    rows = session.scalars(select(Hl7Order).order_by(Hl7Order.id.desc()).limit(limit).offset(offset))
+    orders = []
+    for o in rows:
+        app, _, facility = o.sender.partition("^")
+        orders.append(
+            OrderOut(
+                id=o.id,
+                sending_application=app,
+                sending_facility=facility,
+                accession_number=o.accession_number,
+                procedure_code=o.procedure_code,
+                procedure_text=o.procedure_text,
+                modality=o.modality,
+                rule=o.rule,
+                source=o.source,
+                priority=o.priority,
+                state=o.state,
+                ack_code=o.ack_code,
+                request_id=o.request_id,
+                detail=o.detail,
+                received_at=iso(o.received_at),
+            )
+        )
+    return orders, int(total)

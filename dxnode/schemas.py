@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dxnode.states import DeliveryState, JobState, Priority, RequestState, Task
+from dxnode.states import DeliveryState, JobState, OrderState, Priority, RequestState, Task
 from dxnode.uids import is_valid_uid
 
 
@@ -526,3 +526,23 @@ class RequestOut(BaseModel):
     created_at: str | None
     updated_at: str | None
     finished_at: str | None
+
+
+class OrderOut(BaseModel):
+    """An HL7 order as the Orders page shows it: who sent it, what it asks, the ACK it got, the request it made."""
+
+    id: int
+    sending_application: str  # MSH-3
+    sending_facility: str  # MSH-4
+    accession_number: str
+    procedure_code: str
+    procedure_text: str
+    modality: str
+    rule: str  # the [[hl7.rules]] entry that matched
+    source: str
+    priority: Priority
+    state: OrderState
+    ack_code: str  # MSA-1 of the ACK to its last message ("" if not recorded)
+    request_id: int | None  # the fetch request it made
+    detail: str
+    received_at: str | None

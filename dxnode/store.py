@@ -216,6 +216,8 @@ class Job(Base):
     )
     # [[destinations]] names its outputs go to (a fetch request's); [] = as configured (outbox.dispatch.enqueue)
     destinations: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
+    # the output kinds its run was asked to write ([] before it wrote any); see sources/fetch.deliver_also
+    kinds: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -407,6 +409,8 @@ class Hl7Order(Base):
     detail: Mapped[str] = mapped_column(Text, default="")  # why it is still pending, or what the fetch stage said
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    ack_code: Mapped[str] = mapped_column(String(2), default="", server_default="")  # MSA-1 of the last ACK
+    request_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the fetch request it made
 
 
 class Hl7Result(Base):

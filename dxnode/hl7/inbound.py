@@ -23,7 +23,7 @@ import hl7
 
 from dxnode.config import HL7_VERSIONS, Settings
 from dxnode.hl7.mllp import Frame, MllpListener
-from dxnode.hl7.orders import ORDER_TYPES, fetch_orders, order_received
+from dxnode.hl7.orders import ORDER_TYPES, fetch_orders, order_received, record_ack
 from dxnode.hl7.v2 import ENCODING, AckCode, Header, Refusal, ack, is_segment_id, read_header
 from dxnode.store import Store
 
@@ -146,6 +146,7 @@ def answer(store: Store, settings: Settings, got: Frame, peer: str = "") -> byte
         code,
         text,
     )
+    record_ack(store, header.sender, header.control_id, code)
     reply = ack(settings.hl7.sending_application, settings.hl7.sending_facility, header, code, text, error, location)
     try:
         return reply.encode(_charset(header.charset), "replace")

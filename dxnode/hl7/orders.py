@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 import hl7
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from dxnode.config import Hl7Rule, Settings
@@ -262,8 +262,24 @@ def hand_over(store: Store, settings: Settings, order_id: int) -> bool:
         return False
     with store.session() as s:
         if (row := s.get(Hl7Order, order_id)) is not None and row.state == OrderState.PENDING:
-            row.state, row.detail = OrderState.REQUESTED, f"fetch request {reference}"
+            row.state, row.detail, row.request_id = OrderState.REQUESTED, f"fetch request {reference}", reference
     return True
+
+
+def record_ack(store: Store, sender: str, control_id: str, code: str) -> None:
+    """Keep the ACK code answered to a message on the orders it recorded or cancelled (the Orders page shows it)."""
+    if not control_id:
+        return
+    try:
+        with store.session() as s:
+            s.execute(
+                update(Hl7Order)
+                .where(Hl7Order.sender == sender[:128], Hl7Order.control_id == control_id[:64])
+                .values(ack_code=code[:2])
+                .execution_options(synchronize_session=False)
+            )
+    except SQLAlchemyError as exc:  # the ACK still goes out; only the page misses it
+        log.warning("hl7: could not record the ACK of %s: %s", control_id, exc)
 
 
 def hand_pending(store: Store, settings: Settings) -> int:

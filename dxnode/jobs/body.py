@@ -24,7 +24,7 @@ from dxnode.config import Settings
 from dxnode.hl7.results import enqueue as enqueue_hl7
 from dxnode.model import load_classifier
 from dxnode.outbox.dispatch import enqueue
-from dxnode.outputs.report import write_outputs
+from dxnode.outputs.report import wanted_kinds, write_outputs
 from dxnode.results import StudyResult
 from dxnode.states import InstanceState, JobState, OutputKind
 from dxnode.store import FindingRow, Instance, InstanceResult, Job, Output, Series, Store, Study, audit, utcnow
@@ -277,6 +277,9 @@ def _write_outputs(
     )
     report: list[_Written] = []
     with store.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            job.kinds = sorted(wanted_kinds(settings))
         for w in written:
             output = session.scalar(select(Output).where(Output.sop_instance_uid == w.sop_instance_uid))
             if output is None:
@@ -296,6 +299,6 @@ def _write_outputs(
                 session.add(output)
                 session.flush()
                 audit(session, "system", "output.written", target=f"output:{output.id}", kind=w.kind)
-            deliveries = enqueue(session, output, settings, calling_aet)
+            deliveries = enqueue(session, output, settings, calling_aet, job_id)
             report.append(_Written(w.kind, w.label, len(deliveries), w.notes))
     return report

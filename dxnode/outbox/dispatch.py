@@ -96,11 +96,20 @@ def not_configured(name: str) -> str:
     return f"no destination named {name} in [[destinations]]"
 
 
-def enqueue(session: Session, output: Output, settings: Settings, calling_aet: str = "") -> list[Delivery]:
-    """A pending delivery per destination that wants the output's kind (of those its job names, if any), by
-    name; rows that already exist are kept as they are."""
+def enqueue(
+    session: Session,
+    output: Output,
+    settings: Settings,
+    calling_aet: str = "",
+    job_id: int | None = None,
+    names: list[str] | None = None,
+) -> list[Delivery]:
+    """A pending delivery per destination that wants the output's kind, by name; rows that already exist are kept.
+    The destinations: names (a request naming them), else those the job names, if any (job_id: the job writing
+    it now, else the job that first wrote it), else as configured."""
     existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.output_id == output.id))}
-    only = session.scalar(select(Job.destinations).where(Job.id == output.job_id)) if output.job_id else None
+    writer = job_id or output.job_id
+    only = names or (session.scalar(select(Job.destinations).where(Job.id == writer)) if writer else None)
     rows = []
     for dest in destinations_for(settings, calling_aet, list(only or [])):
         if output.kind not in dest.outputs:

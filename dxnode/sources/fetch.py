@@ -7,7 +7,8 @@ claims it, queries the source (state ``querying``), refuses it when the studies 
 ``max_mb`` it stops and refuses), and queues each study as soon as its retrieve completes, with the
 request's priority (``queued``). A failure (no association, a failure or warning status, a timeout)
 is recorded and retried after a backoff until ``max_attempts``; then the request is ``failed``
-with the reason. The same study fetched twice gets no second job (worklist.queue.queue_retrieved).
+with the reason. The same study fetched twice gets no second job (worklist.queue.queue_retrieved); a
+request naming destinations sends that job's results there too (sources/reuse.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dxnode.receive.ingest import Ingest
 from dxnode.schemas import Identifiers, RequestJob, RequestOut
 from dxnode.sources import dimse, web
 from dxnode.sources.found import FetchError, Found
+from dxnode.sources.reuse import deliver_also
 from dxnode.states import JobState, Priority, RequestState
 from dxnode.store import FetchRequest, Instance, Job, Store, Study, audit, utcnow
 from dxnode.worklist.queue import process_gone, queue_retrieved, rowcount, take_due, worker_id
@@ -242,6 +244,7 @@ def run_request(store: Store, settings: Settings, ingest: Ingest, request_id: in
                     job_id = queue_retrieved(
                         s, f.study_instance_uid, f"request:{request_id}", priority, model, destinations
                     )
+                    job_id = deliver_also(s, settings, job_id, destinations, priority)
                 except LookupError:
                     raise FetchError(f"the retrieve of study {f.study_instance_uid} stored no instance") from None
             jobs.append(job_id)

@@ -1,4 +1,4 @@
-"""Server-rendered pages (Jinja2): login, dashboard, study, results search, upload-and-predict."""
+"""Server-rendered pages (Jinja2): login, dashboard, study, results search, requests, orders, upload-and-predict."""
 
 from __future__ import annotations
 
@@ -7,14 +7,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 
-from dxnode.queries import ResultFilter, StudyFilter, dashboard_counters, list_results, list_studies, study_detail
-from dxnode.schemas import ResultOut
+from dxnode.queries import (
+    ResultFilter,
+    StudyFilter,
+    dashboard_counters,
+    list_orders,
+    list_results,
+    list_studies,
+    request_ids,
+    study_detail,
+)
+from dxnode.schemas import Identifiers, ResultOut
+from dxnode.sources.fetch import request_fetch, request_out
+from dxnode.states import PRIORITY_ORDER, Priority
 from dxnode.store import Store, audit
-from dxnode.web.auth import Principal, check_token, end_session, principal, start_session
+from dxnode.web.auth import Principal, check_token, end_session, principal, require_requester, start_session
 from dxnode.web.services import Svc, services
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -124,6 +136,47 @@ def page_result_filter(
     return ResultFilter(
         label or None, p, positive, model_name or None, model_version or None, since, until, limit=500
     ), errors
+
+
+PAGE_ROWS = 50  # rows of the Requests and Orders pages, newest first
+
+
+def _pager(page: int, total: int) -> dict[str, Any]:
+    """The page number, the total and the neighbouring pages (None where there is none)."""
+    pages = max(1, -(-total // PAGE_ROWS))
+    return {
+        "page": page,
+        "pages": pages,
+        "total": total,
+        "newer": page - 1 or None,
+        "older": page + 1 if page < pages else None,
+    }
+
+
+def _requests_response(
+    request: Request, svc: Svc, who: Principal, page: int, error: str = "", status: int = 200, only: int = 0
+) -> Response:
+    """The Requests page: a page of requests (or the one asked for) as GET /api/requests/{id} shows them, and
+    the form for requesters."""
+    with svc.store.session() as s:
+        ids, total = ([only], 1) if only else request_ids(s, PAGE_ROWS, (page - 1) * PAGE_ROWS)
+        rows = [out for i in ids if (out := request_out(s, i)) is not None]
+        total = len(rows) if only else total
+        audit(s, who.name, "web.requests", source=who.address, rows=len(rows))
+    settings = svc.settings
+    form = {
+        "may_ask": who.role in ("admin", "request"),
+        "sources": [x.name for x in settings.sources],
+        "models": [m.name for m in settings.models],
+        "destinations": [d.name for d in settings.destinations],
+        "priorities": list(PRIORITY_ORDER),
+    }
+    return TEMPLATES.TemplateResponse(
+        request,
+        "requests.html",
+        _context(request, who, rows=rows, error=error, form=form, **_pager(page, total)),
+        status_code=status,
+    )
 
 
 def pages_router() -> APIRouter:
@@ -237,7 +290,53 @@ def pages_router() -> APIRouter:
             request, "upload.html", _context(request, who, max_mb=svc.settings.web.max_upload_mb)
         )
 
+    _request_pages(r)
     return r
+
+
+def _request_pages(r: APIRouter) -> None:
+    """The Requests page (with its form for requesters) and the Orders page."""
+
+    @r.get("/requests", response_class=HTMLResponse)
+    def requests_page(
+        request: Request,
+        svc: Svc,
+        who: Principal = Depends(page_user),
+        page: int = Query(1, ge=1, le=1_000_000),
+        id: int = Query(0, ge=0, le=2**31 - 1, description="show this request only"),
+    ) -> Response:
+        return _requests_response(request, svc, who, page, only=id)
+
+    @r.post("/requests", response_class=HTMLResponse)
+    def request_form(
+        request: Request,
+        svc: Svc,
+        who: Principal = Depends(require_requester),
+        source: str = Form(..., max_length=64),
+        what: str = Form(..., pattern="^(study_instance_uid|accession_number|patient_id)$"),
+        value: str = Form(..., max_length=64),
+        priority: Priority = Form(Priority.MEDIUM),
+        model: str = Form("", max_length=64),
+        destinations: list[str] = Form([]),
+    ) -> Response:
+        try:
+            ids = Identifiers(**{what: value})
+            request_fetch(svc.store, svc.settings, source, ids, priority, model, destinations, who.name, who.address)
+        except (ValueError, ValidationError) as exc:  # a pydantic ValidationError is a ValueError too
+            reason = str(exc.errors()[0]["msg"]) if isinstance(exc, ValidationError) else str(exc)
+            return _requests_response(request, svc, who, 1, error=reason.removeprefix("Value error, "), status=422)
+        return RedirectResponse("/requests", status_code=303)
+
+    @r.get("/orders", response_class=HTMLResponse)
+    def orders_page(
+        request: Request, svc: Svc, who: Principal = Depends(page_user), page: int = Query(1, ge=1, le=1_000_000)
+    ) -> Response:
+        with svc.store.session() as s:
+            rows, total = list_orders(s, PAGE_ROWS, (page - 1) * PAGE_ROWS)
+            audit(s, who.name, "web.orders", source=who.address, rows=len(rows))
+        return TEMPLATES.TemplateResponse(
+            request, "orders.html", _context(request, who, rows=rows, **_pager(page, total))
+        )
 
 
 async def login_redirect(request: Request, exc: LoginRequired) -> Response:

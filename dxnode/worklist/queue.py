@@ -266,10 +266,14 @@ def queue_retrieved(
             return int(newest.id)
     study.ignored = False
     study.queued_through = study.last_received_at
+    waiting = session.scalar(
+        select(Job.id).where(Job.study_id == study.id, Job.state == JobState.QUEUED, Job.routed_model == routed_model)
+    )
     job_id = queued_job(session, study.id, routed_model, priority)
-    if destinations:
-        job = session.get(Job, job_id)
-        assert job is not None
+    job = session.get(Job, job_id)
+    assert job is not None
+    if destinations and (job_id != waiting or job.destinations):
+        # a waiting job for every configured destination keeps them (sources/reuse.py adds the named ones)
         job.destinations = sorted(set(job.destinations or []) | set(destinations))
     audit(session, actor, "job.queued", target=f"job:{job_id}", study_id=study.id, priority=priority)
     return job_id
