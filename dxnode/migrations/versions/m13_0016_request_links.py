@@ -4,9 +4,9 @@
 that wants another kind runs the job again). ``hl7_order.ack_code``: the MSA-1 the node answered the
 order's last message with; ``hl7_order.request_id``: the fetch request the order made.
 
-Step 8 of the chain (the file's mNN prefix).
-Revision ID: 0014
-Revises: 0013
+Step 13 of the chain (the file's mNN prefix).
+Revision ID: 0016
+Revises: 0015
 """
 
 from collections.abc import Sequence
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0014"
-down_revision: str | None = "0013"
+revision: str = "0016"
+down_revision: str | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
