@@ -108,7 +108,7 @@ def test_the_provider_keeps_the_transaction_uid_and_pull_rules(provider: UpsProv
     assert provider.state(uid) == "SCHEDULED"
     with ups_scu.pull(settings, entry) as assoc:
         assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == 0
-        assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == 0xB304  # ours already
+        assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == ALREADY_IN_PROGRESS  # even ours
         assert ups_scu.state_of(assoc, entry, uid) == (0, "IN PROGRESS")
         # The node's own calls with a wrong Transaction UID are refused, and change nothing.
         wrong = generate_uid()
@@ -142,6 +142,7 @@ def test_claims_match_rules_and_a_refused_claim_is_recorded_and_skipped(store: S
     assert provider.item(high).TransactionUID == got[high].transaction_uid
     assert got[raced].state == UpsState.REFUSED and got[raced].status == ALREADY_IN_PROGRESS
     assert "0xC302" in got[raced].detail
+    assert [op.status for op in provider.ops("N-SET", raced)] == [WRONG_TRANSACTION]  # asked: not ours
     assert len([op for op in provider.ops("N-ACTION 1", raced) if op.calling == "DXNODE"]) == 1  # never retried
     assert provider.state(other_code) == "SCHEDULED"
     with store.session() as s:
@@ -187,7 +188,9 @@ def test_a_claim_interrupted_by_a_stop_is_sent_again_with_the_stored_transaction
     ups.poll(store, settings, settings.ups[0])
     row = rows(store)[uid]
     assert row.state == UpsState.IN_PROGRESS and row.transaction_uid == kept and row.request_ids
-    assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, 0xB304]
+    assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, ALREADY_IN_PROGRESS]
+    # The second claim's 0xC302 was taken as ours because the provider accepted an N-SET with the stored UID.
+    assert [op.status for op in provider.ops("N-SET", uid)][0] == 0
 
 
 def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store) -> None:

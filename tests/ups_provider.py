@@ -258,7 +258,7 @@ class UpsProvider:
             now = str(item.ProcedureStepState)
             if wanted == "IN PROGRESS":
                 if now == "IN PROGRESS":
-                    return (0xB304 if transaction == item.TransactionUID else ALREADY_IN_PROGRESS), None
+                    return ALREADY_IN_PROGRESS, None  # whoever asks, as dcm4chee-arc (PS3.4 has no other status)
                 if now != "SCHEDULED":
                     return 0xC300, None
                 item.ProcedureStepState, item.TransactionUID = "IN PROGRESS", transaction

@@ -10,7 +10,9 @@ at once when an event of it came (UPS State Report of a new workitem, Cancel Req
 - claims each new one: a Transaction UID is generated and stored (``ups_workitem``) before the
   N-ACTION Change State to IN PROGRESS is sent over UPS Pull. A refusal (0xC301 wrong Transaction
   UID, 0xC302 already IN PROGRESS, 0xC307 no such workitem, ...) is recorded (``refused``) and the
-  workitem skipped for good; 0xB304 (IN PROGRESS with our Transaction UID) is a claim sent before;
+  workitem skipped for good. PS3.4 has no status for "IN PROGRESS with your Transaction UID" (a claim
+  sent again after a stop gets 0xC302, as from dcm4chee-arc), so on 0xC302 an N-SET with the stored
+  Transaction UID asks whether it is ours: accepted, the claim went through before;
 - for each claimed workitem: an N-GET of its state (CANCELED, COMPLETED or gone at the Task Manager:
   ``gone``, nothing more sent), a pending cancel request (put to CANCELED), fetch requests for the
   Input Information Sequence's studies (dxnode.sources.fetch.request_fetch, from the source whose AE
@@ -49,7 +51,7 @@ from dxnode.schemas import Identifiers
 from dxnode.sources import ups_report
 from dxnode.sources.fetch import request_fetch
 from dxnode.sources.ups_scu import (
-    ALREADY_OURS,
+    ALREADY_IN_PROGRESS,
     NO_SUCH_INSTANCE,
     UpsDown,
     change_state,
@@ -191,7 +193,9 @@ def _claim(store: Store, settings: Settings, entry: UpsEntry, assoc: Association
 def _send_claim(store: Store, entry: UpsEntry, assoc: Association, row: UpsWorkitem) -> bool:
     """N-ACTION to IN PROGRESS with the stored Transaction UID; True when the workitem is ours."""
     status = change_state(assoc, entry, row.workitem_uid, "IN PROGRESS", row.transaction_uid)
-    if status not in (0x0000, ALREADY_OURS):
+    if status == ALREADY_IN_PROGRESS and _ours(entry, assoc, row):
+        status = 0x0000
+    if status != 0x0000:
         _end(store, row, UpsState.REFUSED, f"claim refused: {describe(status)}", status)
         return False
     with store.session() as s:
@@ -212,6 +216,13 @@ def _send_claim(store: Store, entry: UpsEntry, assoc: Association, row: UpsWorki
         len(row.inputs),
     )
     return True
+
+
+def _ours(entry: UpsEntry, assoc: Association, row: UpsWorkitem) -> bool:
+    """Whether an IN PROGRESS workitem holds our Transaction UID: only then does the Task Manager accept an
+    N-SET with it (PS3.4 CC.2.6.3; N-GET may not return the Transaction UID)."""
+    probe = ups_report.progress(row.transaction_uid, row.progress, "claimed")
+    return n_set(assoc, entry, row.workitem_uid, probe) == 0x0000
 
 
 def _cancel(
