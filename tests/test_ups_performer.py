@@ -190,7 +190,7 @@ def test_a_claim_interrupted_by_a_stop_is_sent_again_with_the_stored_transaction
     assert row.state == UpsState.IN_PROGRESS and row.transaction_uid == kept and row.request_ids
     assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, ALREADY_IN_PROGRESS]
     # The second claim's 0xC302 was taken as ours because the provider accepted an N-SET with the stored UID.
-    assert [op.status for op in provider.ops("N-SET", uid)][0] == 0
+    assert next(op.status for op in provider.ops("N-SET", uid)) == 0
 
 
 def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store) -> None:
@@ -489,3 +489,20 @@ def test_output_references_name_only_where_outputs_are_and_pass_the_provider(
     old[PERFORMED][0].OutputInformationSequence[1].DICOMRetrievalSequence = [Dataset()]
     old[PERFORMED][0].OutputInformationSequence[1].DICOMRetrievalSequence[0].RetrieveAETitle = ""
     assert type1_missing(old) == f"{PERFORMED} > OutputInformationSequence > DICOMRetrievalSequence item"
+
+
+def test_an_n_set_answered_with_a_warning_counts_as_done(store: Store, provider: UpsProvider) -> None:
+    """0x0001 (optional attributes not supported) and 0xB305 (coerced) mean the N-SET was carried out."""
+    settings, row = _claimed(provider)
+    settings = settings_for(store.url, provider.port)
+    with store.session() as s:
+        s.add(row)
+        s.flush()
+        s.expunge(row)
+    provider.set_answer = 0x0001
+    with ups_scu.pull(settings, settings.ups[0]) as assoc:
+        assert ups._ours(settings.ups[0], assoc, row)
+        ups._cancel(store, settings, settings.ups[0], assoc, row, "the model was withdrawn")
+    assert provider.state(row.workitem_uid) == "CANCELED"
+    ended = rows(store)[row.workitem_uid]
+    assert ended.state == UpsState.CANCELED and ended.detail == "the model was withdrawn"

@@ -123,6 +123,7 @@ class UpsProvider:
         self.stale_find: set[str] = set()  # reported SCHEDULED by C-FIND whatever their state (a race)
         self.on_claim: dict[str, str] = {}
         self.bare_find = False  # leave the Input Information Sequence out of C-FIND answers (some do)  # uid -> "delete" or "cancel": what happens once it is claimed
+        self.set_answer = 0  # the status of an accepted N-SET: 0x0001 or 0xB305 are warnings PS3.4 allows
         self.supplemented: list[tuple[str, str]] = []  # (uid, keyword) the provider had to fill at a final state
         self.lock = threading.RLock()
         ae = AE(ae_title)
@@ -223,7 +224,7 @@ class UpsProvider:
                 if elem.keyword != "TransactionUID":
                     item[elem.tag] = deepcopy(elem)
             item.ScheduledProcedureStepModificationDateTime = _now()
-        return self._record(event, "N-SET", uid, 0, keys), changes
+        return self._record(event, "N-SET", uid, self.set_answer, keys), changes
 
     def _action(self, event: Any) -> tuple[int, Dataset | None]:
         kind, uid = int(event.action_type), str(event.request.RequestedSOPInstanceUID)

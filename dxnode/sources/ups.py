@@ -54,6 +54,7 @@ from dxnode.sources.ups_scu import (
     ALREADY_IN_PROGRESS,
     NO_SUCH_INSTANCE,
     UpsDown,
+    accepted,
     change_state,
     describe,
     find_scheduled,
@@ -222,7 +223,7 @@ def _ours(entry: UpsEntry, assoc: Association, row: UpsWorkitem) -> bool:
     """Whether an IN PROGRESS workitem holds our Transaction UID: only then does the Task Manager accept an
     N-SET with it (PS3.4 CC.2.6.3; N-GET may not return the Transaction UID)."""
     probe = ups_report.progress(row.transaction_uid, row.progress, "claimed")
-    return n_set(assoc, entry, row.workitem_uid, probe) == 0x0000
+    return accepted(n_set(assoc, entry, row.workitem_uid, probe))
 
 
 def _cancel(
@@ -230,9 +231,9 @@ def _cancel(
 ) -> None:
     """Report the reason by N-SET, then Change State to CANCELED."""
     status = n_set(assoc, entry, row.workitem_uid, ups_report.canceled(settings, row, reason, utcnow()))
-    if status == 0:
+    if accepted(status):
         status = change_state(assoc, entry, row.workitem_uid, "CANCELED", row.transaction_uid)
-    detail = reason if status == 0 else f"{reason}; the Task Manager answered {describe(status)}"
+    detail = reason if accepted(status) else f"{reason}; the Task Manager answered {describe(status)}"
     _end(store, row, UpsState.CANCELED, detail, status or None)
 
 
@@ -267,7 +268,7 @@ def _report(store: Store, settings: Settings, entry: UpsEntry, assoc: Associatio
     for (percent, what), done, said in zip(STAGES, reached, words, strict=True):
         if done and row.progress < percent:
             status = n_set(assoc, entry, row.workitem_uid, ups_report.progress(row.transaction_uid, percent, said))
-            if status != 0:
+            if not accepted(status):
                 log.warning("ups %s: progress of %s refused: %s", row.ups, row.workitem_uid, describe(status))
             _set(store, row.id, progress=percent, status=status or None)
             row.progress = percent
@@ -276,9 +277,9 @@ def _report(store: Store, settings: Settings, entry: UpsEntry, assoc: Associatio
         return
     outputs = ups_report.output_items(store, settings, now.job_ids)
     status = n_set(assoc, entry, row.workitem_uid, ups_report.final(settings, row, outputs, utcnow()))
-    if status == 0:
+    if accepted(status):
         status = change_state(assoc, entry, row.workitem_uid, "COMPLETED", row.transaction_uid)
-    if status == 0:
+    if accepted(status):
         _end(store, row, UpsState.COMPLETED, f"completed with {len(outputs)} output series")
     else:
         _cancel(store, settings, entry, assoc, row, f"the Task Manager refused the completion: {describe(status)}")

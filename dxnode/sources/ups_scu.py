@@ -77,6 +77,12 @@ class UpsDown(Exception):
     """The Task Manager could not be reached or did not answer: retried after a backoff."""
 
 
+def accepted(status: int) -> bool:
+    """Success or a warning: the N-SET or Change State was carried out (PS3.4: 0x0001 optional attributes
+    not supported, 0xB305 values coerced, 0xB304/0xB306 already CANCELED/COMPLETED)."""
+    return status in (0x0000, 0x0001) or 0xB000 <= status <= 0xBFFF
+
+
 def describe(status: int | None) -> str:
     """'0xC301 (wrong Transaction UID)' for a status."""
     if status is None:
