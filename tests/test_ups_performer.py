@@ -5,6 +5,7 @@ source and a storescp PACS."""
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 from copy import deepcopy
 from pathlib import Path
@@ -326,10 +327,8 @@ def _claimed(provider: UpsProvider, **row: Any) -> tuple[Settings, UpsWorkitem]:
     uid, mine = provider.create(workitem(generate_uid())), generate_uid()
     with ups_scu.pull(settings, settings.ups[0]) as assoc:
         assert ups_scu.change_state(assoc, settings.ups[0], uid, "IN PROGRESS", mine) == 0
-    values = {"workitem_code": ["AI-CXR", "99TEST", "AI chest"], "progress": 90, **row}
-    return settings, UpsWorkitem(
-        ups="tm", workitem_uid=uid, transaction_uid=mine, state=UpsState.IN_PROGRESS, started_at=utcnow(), **values
-    )
+    values = {"workitem_code": ["AI-CXR", "99TEST", "AI chest"], "progress": 90, "started_at": utcnow(), **row}
+    return settings, UpsWorkitem(ups="tm", workitem_uid=uid, transaction_uid=mine, state=UpsState.IN_PROGRESS, **values)
 
 
 def _send(settings: Settings, uid: str, *calls: tuple[str, Any]) -> list[int]:
@@ -359,7 +358,7 @@ PROGRESS = "ProcedureStepProgressInformationSequence"
 def test_completed_is_refused_without_each_final_state_requirement_and_the_nodes_completion_passes(
     provider: UpsProvider,
 ) -> None:
-    settings, row = _claimed(provider)
+    settings, row = _claimed(provider, started_at=datetime.datetime(2026, 1, 2, 3, 4, 5))  # naive: UTC, as SQLite
     full = ups_report.final(settings, row, [], utcnow())
     done = ("state", ("COMPLETED", row.transaction_uid))
     missing = [
@@ -375,6 +374,7 @@ def test_completed_is_refused_without_each_final_state_requirement_and_the_nodes
     [performed] = full.UnifiedProcedureStepPerformedProcedureSequence
     assert "ActualHumanPerformersSequence" not in performed  # RC "if known": an AI performer has none
     assert performed.OutputInformationSequence == []  # Type 2: present, no items when nothing was made
+    assert performed.PerformedProcedureStepStartDateTime == "20260102030405+0000"  # DT with its offset
     assert _send(settings, row.workitem_uid, ("set", full), done) == [0, 0]
     assert provider.state(row.workitem_uid) == "COMPLETED"
     # Afterwards nothing may change it (PS3.4 CC.2.6.3).

@@ -3,8 +3,9 @@ fetched, analysed and reported back (RAD-80 to RAD-88's performer side).
 
 One scheduler job per [[ups]] entry (``ups:NAME``) polls its Task Manager every ``poll_seconds``, or
 at once when an event of it came (UPS State Report of a new workitem, Cancel Requested). A round:
-- subscribes once (N-ACTION Subscribe on the global subscription instance, over UPS Watch), when
-  ``subscribe``; events come to the node's DICOM listener (``event_handler``);
+- subscribes once (N-ACTION Subscribe on the global subscription instance, over UPS Watch, without
+  Deletion Lock; why global: dxnode.sources.ups_scu.subscribe), when ``subscribe``; events come to
+  the node's DICOM listener (``event_handler``);
 - C-FINDs SCHEDULED workitems over UPS Pull and keeps those whose Scheduled Workitem Code and
   Scheduled Station Name codes match ``workitem_codes`` and ``station_names`` (an empty list: any);
 - claims each new one: a Transaction UID is generated and stored (``ups_workitem``) before the
@@ -313,7 +314,7 @@ def poll(store: Store, settings: Settings, entry: UpsEntry) -> None:
     manager = _manager(entry.name)
     if entry.subscribe and not manager.subscribed:
         status = subscribe(settings, entry)
-        manager.subscribed = status == 0
+        manager.subscribed = accepted(status)  # 0xB301 (Deletion Lock not granted) is a warning
         say = log.info if manager.subscribed else log.warning
         say("ups %s: subscribe to its events: %s", entry.name, "done" if status == 0 else describe(status))
     with pull(settings, entry) as assoc:

@@ -93,7 +93,10 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def _dt(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
+    """A DT in UTC with its offset, so a Task Manager in another time zone reads it right (a naive value
+    is the store's UTC, as SQLite gives it back)."""
+    value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    return value.strftime("%Y%m%d%H%M%S+0000")
 
 
 def progress(transaction_uid: str, percent: int, description: str) -> Dataset:
