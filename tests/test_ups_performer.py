@@ -233,7 +233,7 @@ def test_a_cancel_request_event_reaches_the_listener_and_the_workitem_is_cancele
     assert row.state == UpsState.CANCELED and provider.state(uid) == "CANCELED"
     item = provider.item(uid)
     reason = item.ProcedureStepProgressInformationSequence[0]
-    assert reason.ReasonForCancellation == "cancel requested by the Task Manager"
+    assert reason.ReasonForCancellation == "cancel requested by RIS: asked by a user of the Task Manager"
     assert reason.ProcedureStepDiscontinuationReasonCodeSequence[0].CodeValue == "110513"
     assert not any(op.detail == "COMPLETED" for op in provider.ops("N-ACTION 1", uid))
 

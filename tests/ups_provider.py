@@ -234,7 +234,8 @@ class UpsProvider:
                 self.subscribed.add(str(info.ReceivingAE).strip())
             return self._record(event, "N-ACTION 3", uid, 0), None
         if kind == REQUEST_CANCEL:
-            return self._record(event, "N-ACTION 2", uid, self.request_cancel(uid)), None
+            by, reason = str(event.assoc.requestor.ae_title), str(info.get("ReasonForCancellation", "") or "")
+            return self._record(event, "N-ACTION 2", uid, self.request_cancel(uid, by, reason)), None
         wanted = str(info.get("ProcedureStepState", ""))
         if kind != CHANGE_STATE or event.context.abstract_syntax != UnifiedProcedureStepPull:
             return self._record(event, f"N-ACTION {kind}", uid, NO_SUCH_ACTION, wanted), None
@@ -295,7 +296,7 @@ class UpsProvider:
         with self.lock:
             self.items.pop(uid, None)
 
-    def request_cancel(self, uid: str) -> int:
+    def request_cancel(self, uid: str, by: str = "RIS", reason: str = "asked by a user of the Task Manager") -> int:
         """A user asks to cancel: a SCHEDULED workitem is CANCELED, an IN PROGRESS one's performer told."""
         with self.lock:
             item = self.items.get(uid)
@@ -304,20 +305,21 @@ class UpsProvider:
             if item.ProcedureStepState == "SCHEDULED":
                 item.ProcedureStepState = "CANCELED"
                 return 0
-        self._report(uid, CANCEL_REQUESTED)
+        cancel = Dataset()  # Table CC.2.4-1: Requesting AE, and the reason when the request gave one
+        cancel.RequestingAE = by
+        if reason:
+            cancel.ReasonForCancellation = reason
+        self._report(uid, CANCEL_REQUESTED, cancel)
         return 0
 
-    def _report(self, uid: str, event_type: int) -> None:
+    def _report(self, uid: str, event_type: int, cancel: Dataset | None = None) -> None:
         """N-EVENT-REPORT to each subscriber, on an association of its own (this side proposes the SCP role)."""
         with self.lock:
             item = self.items.get(uid)
             targets = [self.subscribers[a] + (a,) for a in sorted(self.subscribed) if a in self.subscribers]
-        info = Dataset()
+        info = cancel if cancel is not None else Dataset()
         if event_type == STATE_REPORT and item is not None:
             info.ProcedureStepState, info.InputReadinessState = item.ProcedureStepState, "READY"
-        else:
-            info.ProcedureStepState, info.InputReadinessState = "IN PROGRESS", "READY"
-            info.ReasonForCancellation = "asked by a user of the Task Manager"
         for host, port, aet in targets:
             ae = AE(self.ae_title)
             ae.add_requested_context(UnifiedProcedureStepEvent)

@@ -298,7 +298,7 @@ def _advance(store: Store, settings: Settings, entry: UpsEntry, assoc: Associati
         _end(store, row, UpsState.GONE, f"ended as {state} at the Task Manager; nothing reported")
         return
     if row.cancel_requested:
-        _cancel(store, settings, entry, assoc, row, "cancel requested by the Task Manager")
+        _cancel(store, settings, entry, assoc, row, row.detail or "cancel requested by the Task Manager")
         return
     if not row.request_ids:
         try:
@@ -355,10 +355,18 @@ def tick(store: Store, settings: Settings, name: str) -> None:
     manager.next_round = time.monotonic() + entry.poll_seconds
 
 
+def cancel_reason(info: Dataset) -> str:
+    """The reason a UPS Cancel Requested event gives: who asked (Requesting AE) and why, when they said."""
+    by = str(info.get("RequestingAE", "") or "").strip() or "the Task Manager"
+    why = str(info.get("ReasonForCancellation", "") or "").strip()
+    return f"cancel requested by {by}" + (f": {why}" if why else "")
+
+
 def event_handler(store: Store) -> Handler:
     """The EVT_N_EVENT_REPORT handler for UPS Event reports on the node's DICOM listener.
 
-    Cancel Requested marks the workitem (the next round puts it to CANCELED); any report wakes the
+    Cancel Requested marks the workitem and keeps who asked and why (the next round puts it to CANCELED
+    with that reason: PS3.4 CC.2.2.3 leaves using it to the performer); any report wakes the
     performers, so a new SCHEDULED workitem is claimed without waiting for the poll."""
 
     def on_event(event: Any) -> tuple[int, Dataset | None]:
@@ -367,11 +375,12 @@ def event_handler(store: Store) -> Handler:
         info = event.event_information
         state = str(getattr(info, "ProcedureStepState", "") or "") if info is not None else ""
         if kind == CANCEL_REQUESTED or (kind == STATE_REPORT and state == "CANCELED"):
+            said = {"detail": cancel_reason(info)[:2000]} if kind == CANCEL_REQUESTED and info is not None else {}
             with store.session() as s:
                 s.execute(
                     update(UpsWorkitem)
                     .where(UpsWorkitem.workitem_uid == uid, UpsWorkitem.state.in_(ACTIVE))
-                    .values(cancel_requested=True)
+                    .values(cancel_requested=True, **said)
                 )
             log.warning("ups: cancel requested for workitem %s (event %d)", uid, kind)
         with _lock:
