@@ -5,13 +5,16 @@ source and a storescp PACS."""
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port
 from nodeproc import Node, StoreSCP, node_config, wait_port, wait_until
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -22,17 +25,25 @@ from sources_peers import Dcmqrscp, study_files, wait_sr
 from sqlalchemy import select
 from ups_provider import (
     ALREADY_IN_PROGRESS,
+    FINAL_NOT_MET,
+    INVALID_VALUE,
+    MISSING_VALUE,
+    NO_LONGER_UPDATABLE,
     NO_SUCH_ACTION,
+    NO_SUCH_ATTRIBUTE,
+    NOT_IN_PROGRESS,
+    NOT_SETTABLE,
     WRONG_TRANSACTION,
     UpsProvider,
     change_state_over,
+    type1_missing,
     workitem,
 )
 
 from dxnode.config import ConfigError, Settings, load_settings
-from dxnode.sources import ups, ups_scu
-from dxnode.states import Priority, UpsState
-from dxnode.store import FetchRequest, Store, UpsWorkitem
+from dxnode.sources import ups, ups_report, ups_scu
+from dxnode.states import JobState, OutputKind, Priority, UpsState
+from dxnode.store import Delivery, FetchRequest, Job, Output, Store, Study, UpsWorkitem, utcnow
 
 PULL, PUSH = str(UnifiedProcedureStepPull), str(UnifiedProcedureStepPush)
 
@@ -98,7 +109,7 @@ def test_the_provider_keeps_the_transaction_uid_and_pull_rules(provider: UpsProv
     assert provider.state(uid) == "SCHEDULED"
     with ups_scu.pull(settings, entry) as assoc:
         assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == 0
-        assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == 0xB304  # ours already
+        assert ups_scu.change_state(assoc, entry, uid, "IN PROGRESS", mine) == ALREADY_IN_PROGRESS  # even ours
         assert ups_scu.state_of(assoc, entry, uid) == (0, "IN PROGRESS")
         # The node's own calls with a wrong Transaction UID are refused, and change nothing.
         wrong = generate_uid()
@@ -132,6 +143,7 @@ def test_claims_match_rules_and_a_refused_claim_is_recorded_and_skipped(store: S
     assert provider.item(high).TransactionUID == got[high].transaction_uid
     assert got[raced].state == UpsState.REFUSED and got[raced].status == ALREADY_IN_PROGRESS
     assert "0xC302" in got[raced].detail
+    assert [op.status for op in provider.ops("N-SET", raced)] == [WRONG_TRANSACTION]  # asked: not ours
     assert len([op for op in provider.ops("N-ACTION 1", raced) if op.calling == "DXNODE"]) == 1  # never retried
     assert provider.state(other_code) == "SCHEDULED"
     with store.session() as s:
@@ -177,7 +189,9 @@ def test_a_claim_interrupted_by_a_stop_is_sent_again_with_the_stored_transaction
     ups.poll(store, settings, settings.ups[0])
     row = rows(store)[uid]
     assert row.state == UpsState.IN_PROGRESS and row.transaction_uid == kept and row.request_ids
-    assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, 0xB304]
+    assert [op.status for op in provider.ops("N-ACTION 1", uid)] == [0, ALREADY_IN_PROGRESS]
+    # The second claim's 0xC302 was taken as ours because the provider accepted an N-SET with the stored UID.
+    assert next(op.status for op in provider.ops("N-SET", uid)) == 0
 
 
 def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store) -> None:
@@ -219,7 +233,7 @@ def test_a_cancel_request_event_reaches_the_listener_and_the_workitem_is_cancele
     assert row.state == UpsState.CANCELED and provider.state(uid) == "CANCELED"
     item = provider.item(uid)
     reason = item.ProcedureStepProgressInformationSequence[0]
-    assert reason.ReasonForCancellation == "cancel requested by the Task Manager"
+    assert reason.ReasonForCancellation == "cancel requested by RIS: asked by a user of the Task Manager"
     assert reason.ProcedureStepDiscontinuationReasonCodeSequence[0].CodeValue == "110513"
     assert not any(op.detail == "COMPLETED" for op in provider.ops("N-ACTION 1", uid))
 
@@ -302,3 +316,193 @@ def test_serve_performs_workitems_from_push_to_completed_with_the_sr_named(tmp_p
         (a_uid,),
     ).fetchall()
     assert priority == "HIGH"
+
+
+# --- PS3.4 Table CC.2.5-3 and dcm4chee-arc's checks: the provider enforces them, the node's datasets pass ---
+
+
+def _claimed(provider: UpsProvider, **row: Any) -> tuple[Settings, UpsWorkitem]:
+    """A workitem claimed by the node's own N-ACTION, and the ups_workitem row the report functions read."""
+    settings = settings_for("sqlite://", provider.port)
+    uid, mine = provider.create(workitem(generate_uid())), generate_uid()
+    with ups_scu.pull(settings, settings.ups[0]) as assoc:
+        assert ups_scu.change_state(assoc, settings.ups[0], uid, "IN PROGRESS", mine) == 0
+    values = {"workitem_code": ["AI-CXR", "99TEST", "AI chest"], "progress": 90, "started_at": utcnow(), **row}
+    return settings, UpsWorkitem(ups="tm", workitem_uid=uid, transaction_uid=mine, state=UpsState.IN_PROGRESS, **values)
+
+
+def _send(settings: Settings, uid: str, *calls: tuple[str, Any]) -> list[int]:
+    """N-SETs (("set", dataset)) and Change States (("state", (state, transaction))) in order; their statuses."""
+    entry, out = settings.ups[0], []
+    with ups_scu.pull(settings, entry) as assoc:
+        for kind, arg in calls:
+            out.append(
+                ups_scu.n_set(assoc, entry, uid, arg)
+                if kind == "set"
+                else ups_scu.change_state(assoc, entry, uid, *arg)
+            )
+    return out
+
+
+def _without(ds: Dataset, keyword: str, where: str = "") -> Dataset:
+    """A copy of an N-SET dataset with one attribute removed, at the top or in the first item of where."""
+    ds = deepcopy(ds)
+    del (ds[where].value[0] if where else ds)[keyword]
+    return ds
+
+
+PERFORMED = "UnifiedProcedureStepPerformedProcedureSequence"
+PROGRESS = "ProcedureStepProgressInformationSequence"
+
+
+def test_completed_is_refused_without_each_final_state_requirement_and_the_nodes_completion_passes(
+    provider: UpsProvider,
+) -> None:
+    settings, row = _claimed(provider, started_at=datetime.datetime(2026, 1, 2, 3, 4, 5))  # naive: UTC, as SQLite
+    full = ups_report.final(settings, row, [], utcnow())
+    done = ("state", ("COMPLETED", row.transaction_uid))
+    missing = [
+        (PERFORMED, ""),
+        ("PerformedProcedureStepStartDateTime", PERFORMED),
+        ("PerformedProcedureStepEndDateTime", PERFORMED),
+        ("PerformedStationNameCodeSequence", PERFORMED),
+        ("PerformedWorkitemCodeSequence", PERFORMED),
+        ("OutputInformationSequence", PERFORMED),
+    ]
+    refused = {kw: _send(settings, row.workitem_uid, ("set", _without(full, kw, where)), done) for kw, where in missing}
+    assert refused == {kw: [0, FINAL_NOT_MET] for kw, _ in missing}  # each N-SET accepted, COMPLETED refused
+    [performed] = full.UnifiedProcedureStepPerformedProcedureSequence
+    assert "ActualHumanPerformersSequence" not in performed  # RC "if known": an AI performer has none
+    assert performed.OutputInformationSequence == []  # Type 2: present, no items when nothing was made
+    assert performed.PerformedProcedureStepStartDateTime == "20260102030405+0000"  # DT with its offset
+    assert _send(settings, row.workitem_uid, ("set", full), done) == [0, 0]
+    assert provider.state(row.workitem_uid) == "COMPLETED"
+    # Afterwards nothing may change it (PS3.4 CC.2.6.3).
+    assert _send(settings, row.workitem_uid, ("set", full)) == [NO_LONGER_UPDATABLE]
+
+
+def test_canceled_is_refused_without_the_discontinuation_reason_and_the_nodes_cancel_passes(
+    provider: UpsProvider,
+) -> None:
+    settings, row = _claimed(provider)
+    full = ups_report.canceled(settings, row, "fetch of 1.2.3 failed", utcnow())
+    cancel = ("state", ("CANCELED", row.transaction_uid))
+    no_reason = _without(full, "ProcedureStepDiscontinuationReasonCodeSequence", PROGRESS)
+    assert _send(settings, row.workitem_uid, ("set", no_reason), cancel) == [0, FINAL_NOT_MET]
+    assert _send(settings, row.workitem_uid, ("set", full), cancel) == [0, 0]
+    info = provider.item(row.workitem_uid).ProcedureStepProgressInformationSequence[0]
+    assert info.ProcedureStepCancellationDateTime and info.ReasonForCancellation == "fetch of 1.2.3 failed"
+    assert info.ProcedureStepDiscontinuationReasonCodeSequence[0].CodeValue == "110513"
+    assert provider.supplemented == []  # the provider had nothing to fill in
+
+
+def test_n_set_rules_not_allowed_attributes_empty_type_1_values_and_the_transaction_uid(
+    provider: UpsProvider,
+) -> None:
+    settings, row = _claimed(provider, workitem_code=["AI-CXR", "99TEST", ""])  # no meaning: the node's own code
+    uid, mine = row.workitem_uid, row.transaction_uid
+    progress = ups_report.progress(mine, 30, "inputs retrieved")
+    node_sets = [
+        progress,
+        ups_report.final(settings, row, [], utcnow()),
+        ups_report.canceled(settings, row, "x", utcnow()),
+    ]
+    for ds in node_sets:
+        assert not [e.keyword for e in ds if e.keyword in NOT_SETTABLE] and type1_missing(ds) == ""
+    performed = node_sets[1].UnifiedProcedureStepPerformedProcedureSequence[0]
+    assert performed.PerformedWorkitemCodeSequence[0].CodeValue == ups_report.DEFAULT_WORKITEM_CODE[0]
+    patient = deepcopy(progress)
+    patient.PatientName = "Other^Name"
+    no_meaning = deepcopy(node_sets[1])
+    no_meaning[PERFORMED][0].PerformedStationNameCodeSequence[0].CodeMeaning = ""
+    no_transaction = _without(progress, "TransactionUID")
+    statuses = _send(settings, uid, ("set", patient), ("set", no_meaning), ("set", no_transaction), ("set", progress))
+    assert statuses == [NO_SUCH_ATTRIBUTE, MISSING_VALUE, WRONG_TRANSACTION, 0]
+    scheduled = provider.create(workitem(generate_uid()))
+    assert _send(settings, scheduled, ("set", progress)) == [NOT_IN_PROGRESS]  # no Transaction UID before a claim
+
+
+def test_a_non_ascii_reason_is_sent_with_its_character_set(provider: UpsProvider) -> None:
+    settings, row = _claimed(provider)
+    ds = ups_report.canceled(settings, row, "Quelle nicht erreichbar: Gerät aus", utcnow())
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert _send(settings, row.workitem_uid, ("set", _without(ds, "SpecificCharacterSet"))) == [INVALID_VALUE]
+    assert _send(settings, row.workitem_uid, ("set", ds), ("state", ("CANCELED", row.transaction_uid))) == [0, 0]
+    info = provider.item(row.workitem_uid).ProcedureStepProgressInformationSequence[0]
+    assert info.ReasonForCancellation == "Quelle nicht erreichbar: Gerät aus"
+    assert ups_report.progress(row.transaction_uid, 30, "ascii only").get("SpecificCharacterSet") is None
+
+
+def test_output_references_name_only_where_outputs_are_and_pass_the_provider(
+    store: Store, provider: UpsProvider
+) -> None:
+    """A series at a DIMSE destination, one at a DICOMweb one (its series URL, no empty Retrieve AE Title),
+    and one that reached no destination (left out: it has no Type 1 place to name)."""
+    settings = settings_for(store.url, provider.port).model_copy(
+        update={
+            "destinations": Settings(
+                destinations=[
+                    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                    {"name": "web", "kind": "dicomweb", "url": "http://web.example/dicom-web/"},
+                ]
+            ).destinations
+        }
+    )
+    study_uid = generate_uid(prefix=None)  # 2.25.N: room for the series suffix within 64 characters
+    with store.session() as s:
+        study = Study(study_instance_uid=study_uid)
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, state=JobState.DONE)
+        s.add(job)
+        s.flush()
+        for n, (dest, state) in enumerate([("pacs", "sent"), ("web", "sent"), ("pacs", "failed")]):
+            out = Output(
+                job_id=job.id,
+                study_id=study.id,
+                kind=OutputKind.SR,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+                sop_instance_uid=generate_uid(),
+                series_instance_uid=f"{study_uid}.{n}",
+                file_path=f"outputs/{n}.dcm",
+            )
+            s.add(out)
+            s.flush()
+            s.add(Delivery(output_id=out.id, destination=dest, state=state))
+        job_id = job.id
+    items = ups_report.output_items(store, settings, [job_id])
+    by_series = {item.SeriesInstanceUID: item for item in items}
+    assert set(by_series) == {f"{study_uid}.0", f"{study_uid}.1"}
+    dimse, web = by_series[f"{study_uid}.0"], by_series[f"{study_uid}.1"]
+    assert [r.RetrieveAETitle for r in dimse.DICOMRetrievalSequence] == [
+        "PACS"
+    ] and "WADORSRetrievalSequence" not in dimse
+    assert "DICOMRetrievalSequence" not in web
+    assert [r.RetrieveURL for r in web.WADORSRetrievalSequence] == [
+        f"http://web.example/dicom-web/studies/{study_uid}/series/{study_uid}.1"
+    ]
+    _, row = _claimed(provider)
+    final = ups_report.final(settings, row, items, utcnow())
+    assert _send(settings, row.workitem_uid, ("set", final), ("state", ("COMPLETED", row.transaction_uid))) == [0, 0]
+    # What the node sent before this review, an empty Retrieve AE Title for a DICOMweb-only series, is refused.
+    old = deepcopy(final)
+    old[PERFORMED][0].OutputInformationSequence[1].DICOMRetrievalSequence = [Dataset()]
+    old[PERFORMED][0].OutputInformationSequence[1].DICOMRetrievalSequence[0].RetrieveAETitle = ""
+    assert type1_missing(old) == f"{PERFORMED} > OutputInformationSequence > DICOMRetrievalSequence item"
+
+
+def test_an_n_set_answered_with_a_warning_counts_as_done(store: Store, provider: UpsProvider) -> None:
+    """0x0001 (optional attributes not supported) and 0xB305 (coerced) mean the N-SET was carried out."""
+    settings, row = _claimed(provider)
+    settings = settings_for(store.url, provider.port)
+    with store.session() as s:
+        s.add(row)
+        s.flush()
+        s.expunge(row)
+    provider.set_answer = 0x0001
+    with ups_scu.pull(settings, settings.ups[0]) as assoc:
+        assert ups._ours(settings.ups[0], assoc, row)
+        ups._cancel(store, settings, settings.ups[0], assoc, row, "the model was withdrawn")
+    assert provider.state(row.workitem_uid) == "CANCELED"
+    ended = rows(store)[row.workitem_uid]
+    assert ended.state == UpsState.CANCELED and ended.detail == "the model was withdrawn"

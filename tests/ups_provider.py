@@ -2,14 +2,23 @@
 
 No open-source UPS server is packaged, so this one keeps workitems in a dict and enforces what
 PS3.4 CC.2 asks of a provider: the state machine (SCHEDULED -> IN PROGRESS -> COMPLETED or CANCELED),
-the Transaction UID rule (only the performer that claimed a workitem may change it: 0xC301), the
-final state requirements of COMPLETED (0xC304), and that Change State comes over UPS Pull (over UPS
-Push it answers 0x0123, no such action). It records every operation with the SOP Class of the
-context it came over, and sends UPS Event reports (N-EVENT-REPORT) to its subscribers.
+the Transaction UID rule (only the performer that claimed a workitem may change it: 0xC301), and that
+Change State comes over UPS Pull (over UPS Push it answers 0x0123, no such action). Its N-SET and final
+state checks follow PS3.4 Table CC.2.5-3 and dcm4chee-arc-light's UPS service (set-iod.xml,
+UPSServiceEJB.updateUPS / changeUPSState / meetFinalStateRequirementsOfCompleted):
+- N-SET: an attribute N-SET may not change (Not allowed) is refused 0x0105, an empty Type 1 value in a
+  code item or an output reference 0x0121, non-ASCII text without Specific Character Set 0x0106; a
+  Transaction UID on a SCHEDULED workitem 0xC310, a wrong or missing one on IN PROGRESS 0xC301, any
+  N-SET on COMPLETED or CANCELED 0xC300;
+- COMPLETED (codes R and P) and CANCELED (R and X) are refused 0xC304 unless met (final_state_missing);
+  a missing Procedure Step Cancellation DateTime is filled, as PS3.4 asks, and noted in supplemented.
+It records every operation with the SOP Class of the context it came over, and sends UPS Event reports
+(N-EVENT-REPORT) to its subscribers.
 """
 
 from __future__ import annotations
 
+import datetime
 import threading
 from copy import deepcopy
 from dataclasses import dataclass
@@ -30,6 +39,39 @@ CHANGE_STATE, REQUEST_CANCEL, SUBSCRIBE = 1, 2, 3
 STATE_REPORT, CANCEL_REQUESTED = 1, 2
 NO_SUCH_ACTION, WRONG_TRANSACTION, ALREADY_IN_PROGRESS = 0x0123, 0xC301, 0xC302
 FINAL_NOT_MET, NO_SUCH_WORKITEM, NOT_IN_PROGRESS = 0xC304, 0xC307, 0xC310
+NO_LONGER_UPDATABLE, NO_SUCH_ATTRIBUTE, INVALID_VALUE, MISSING_VALUE = 0xC300, 0x0105, 0x0106, 0x0121
+# Table CC.2.5-3, N-SET column "Not allowed" (and "-" for the SCU: the SCP keeps the modification time).
+NOT_SETTABLE = frozenset(
+    [
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "ProcedureStepState",
+        "ScheduledProcedureStepModificationDateTime",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "PatientBirthDate",
+        "PatientSex",
+        "AdmissionID",
+        "IssuerOfAdmissionIDSequence",
+        "AdmittingDiagnosesDescription",
+        "AdmittingDiagnosesCodeSequence",
+        "ReferencedRequestSequence",
+        "ReplacedProcedureStepSequence",
+    ]
+)
+# Final State code R (both final states) of the attributes a workitem is created with.
+FINAL_R = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "ScheduledProcedureStepPriority",
+    "ScheduledProcedureStepModificationDateTime",
+    "ScheduledProcedureStepStartDateTime",
+    "InputReadinessState",
+)
+RETRIEVAL = ("DICOMRetrievalSequence", "DICOMMediaRetrievalSequence", "WADORetrievalSequence")
+RETRIEVAL += ("XDSRetrievalSequence", "WADORSRetrievalSequence")
 
 
 @dataclass(frozen=True)
@@ -81,6 +123,8 @@ class UpsProvider:
         self.stale_find: set[str] = set()  # reported SCHEDULED by C-FIND whatever their state (a race)
         self.on_claim: dict[str, str] = {}
         self.bare_find = False  # leave the Input Information Sequence out of C-FIND answers (some do)  # uid -> "delete" or "cancel": what happens once it is claimed
+        self.set_answer = 0  # the status of an accepted N-SET: 0x0001 or 0xB305 are warnings PS3.4 allows
+        self.supplemented: list[tuple[str, str]] = []  # (uid, keyword) the provider had to fill at a final state
         self.lock = threading.RLock()
         ae = AE(ae_title)
         for cx in (UnifiedProcedureStepPush, UnifiedProcedureStepPull, UnifiedProcedureStepWatch):
@@ -124,6 +168,7 @@ class UpsProvider:
         if ds.get("ProcedureStepState") != "SCHEDULED":
             return self._record(event, "N-CREATE", uid, 0xC309), None
         ds.SOPClassUID, ds.SOPInstanceUID = UnifiedProcedureStepPush, uid
+        ds.ScheduledProcedureStepModificationDateTime = _now()
         with self.lock:
             self.items[uid] = ds
         return self._record(event, "N-CREATE", uid, 0), ds
@@ -172,16 +217,14 @@ class UpsProvider:
         keys = ",".join(e.keyword for e in changes)
         with self.lock:
             item = self.items.get(uid)
-            if item is None:
-                return self._record(event, "N-SET", uid, NO_SUCH_WORKITEM, keys), None
-            if item.ProcedureStepState != "IN PROGRESS":
-                return self._record(event, "N-SET", uid, NOT_IN_PROGRESS, keys), None
-            if changes.get("TransactionUID") != item.TransactionUID:
-                return self._record(event, "N-SET", uid, WRONG_TRANSACTION, keys), None
+            status = NO_SUCH_WORKITEM if item is None else _set_refused(item, changes)
+            if item is None or status:
+                return self._record(event, "N-SET", uid, status, keys), None
             for elem in changes:
                 if elem.keyword != "TransactionUID":
                     item[elem.tag] = deepcopy(elem)
-        return self._record(event, "N-SET", uid, 0, keys), changes
+            item.ScheduledProcedureStepModificationDateTime = _now()
+        return self._record(event, "N-SET", uid, self.set_answer, keys), changes
 
     def _action(self, event: Any) -> tuple[int, Dataset | None]:
         kind, uid = int(event.action_type), str(event.request.RequestedSOPInstanceUID)
@@ -191,7 +234,8 @@ class UpsProvider:
                 self.subscribed.add(str(info.ReceivingAE).strip())
             return self._record(event, "N-ACTION 3", uid, 0), None
         if kind == REQUEST_CANCEL:
-            return self._record(event, "N-ACTION 2", uid, self.request_cancel(uid)), None
+            by, reason = str(event.assoc.requestor.ae_title), str(info.get("ReasonForCancellation", "") or "")
+            return self._record(event, "N-ACTION 2", uid, self.request_cancel(uid, by, reason)), None
         wanted = str(info.get("ProcedureStepState", ""))
         if kind != CHANGE_STATE or event.context.abstract_syntax != UnifiedProcedureStepPull:
             return self._record(event, f"N-ACTION {kind}", uid, NO_SUCH_ACTION, wanted), None
@@ -216,7 +260,7 @@ class UpsProvider:
             now = str(item.ProcedureStepState)
             if wanted == "IN PROGRESS":
                 if now == "IN PROGRESS":
-                    return (0xB304 if transaction == item.TransactionUID else ALREADY_IN_PROGRESS), None
+                    return ALREADY_IN_PROGRESS, None  # whoever asks, as dcm4chee-arc (PS3.4 has no other status)
                 if now != "SCHEDULED":
                     return 0xC300, None
                 item.ProcedureStepState, item.TransactionUID = "IN PROGRESS", transaction
@@ -230,12 +274,21 @@ class UpsProvider:
                 return NOT_IN_PROGRESS, None
             if transaction != item.TransactionUID:
                 return WRONG_TRANSACTION, None
-            if wanted == "COMPLETED" and not _final_met(item):
-                return FINAL_NOT_MET, None
             if wanted not in ("COMPLETED", "CANCELED"):
                 return 0xC303, None
+            if final_state_missing(item, wanted):
+                return FINAL_NOT_MET, None
+            if wanted == "CANCELED":
+                self._fill_cancellation(uid, item)
             item.ProcedureStepState = wanted
             return 0, None
+
+    def _fill_cancellation(self, uid: str, item: Dataset) -> None:
+        """PS3.4: a CANCELED workitem without Procedure Step Cancellation DateTime gets the current time."""
+        info = item.ProcedureStepProgressInformationSequence[0]
+        if not info.get("ProcedureStepCancellationDateTime"):
+            info.ProcedureStepCancellationDateTime = _now()
+            self.supplemented.append((uid, "ProcedureStepCancellationDateTime"))
 
     # --- what the Task Manager's users do --------------------------------------------------------
 
@@ -243,7 +296,7 @@ class UpsProvider:
         with self.lock:
             self.items.pop(uid, None)
 
-    def request_cancel(self, uid: str) -> int:
+    def request_cancel(self, uid: str, by: str = "RIS", reason: str = "asked by a user of the Task Manager") -> int:
         """A user asks to cancel: a SCHEDULED workitem is CANCELED, an IN PROGRESS one's performer told."""
         with self.lock:
             item = self.items.get(uid)
@@ -252,20 +305,21 @@ class UpsProvider:
             if item.ProcedureStepState == "SCHEDULED":
                 item.ProcedureStepState = "CANCELED"
                 return 0
-        self._report(uid, CANCEL_REQUESTED)
+        cancel = Dataset()  # Table CC.2.4-1: Requesting AE, and the reason when the request gave one
+        cancel.RequestingAE = by
+        if reason:
+            cancel.ReasonForCancellation = reason
+        self._report(uid, CANCEL_REQUESTED, cancel)
         return 0
 
-    def _report(self, uid: str, event_type: int) -> None:
+    def _report(self, uid: str, event_type: int, cancel: Dataset | None = None) -> None:
         """N-EVENT-REPORT to each subscriber, on an association of its own (this side proposes the SCP role)."""
         with self.lock:
             item = self.items.get(uid)
             targets = [self.subscribers[a] + (a,) for a in sorted(self.subscribed) if a in self.subscribers]
-        info = Dataset()
+        info = cancel if cancel is not None else Dataset()
         if event_type == STATE_REPORT and item is not None:
             info.ProcedureStepState, info.InputReadinessState = item.ProcedureStepState, "READY"
-        else:
-            info.ProcedureStepState, info.InputReadinessState = "IN PROGRESS", "READY"
-            info.ReasonForCancellation = "asked by a user of the Task Manager"
         for host, port, aet in targets:
             ae = AE(self.ae_title)
             ae.add_requested_context(UnifiedProcedureStepEvent)
@@ -291,12 +345,120 @@ class UpsProvider:
         return uid
 
 
-def _final_met(item: Dataset) -> bool:
-    """PS3.4 Table CC.2.5-3 for COMPLETED: the performed procedure with its start and end."""
-    performed = item.get("UnifiedProcedureStepPerformedProcedureSequence", None) or []
-    return bool(performed) and all(
-        performed[0].get(k) for k in ("PerformedProcedureStepStartDateTime", "PerformedProcedureStepEndDateTime")
-    )
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
+
+
+def _set_refused(item: Dataset, changes: Dataset) -> int:
+    """The status an N-SET is refused with (0: accepted): the state and Transaction UID rules, then the
+    attributes (PS3.4 CC.2.6.3; dcm4chee-arc UPSServiceEJB.updateUPS and set-iod.xml)."""
+    state, transaction = str(item.ProcedureStepState), changes.get("TransactionUID")
+    if state in ("COMPLETED", "CANCELED"):
+        return NO_LONGER_UPDATABLE
+    if state == "SCHEDULED" and transaction is not None:
+        return NOT_IN_PROGRESS
+    if state == "IN PROGRESS" and (not transaction or transaction != item.TransactionUID):
+        return WRONG_TRANSACTION
+    if any(elem.keyword in NOT_SETTABLE for elem in changes):
+        return NO_SUCH_ATTRIBUTE
+    if "SpecificCharacterSet" not in changes and not all(text.isascii() for text in _texts(changes)):
+        return INVALID_VALUE
+    return MISSING_VALUE if type1_missing(changes) else 0
+
+
+def _texts(ds: Dataset) -> list[str]:
+    out: list[str] = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.extend(text for item in elem.value for text in _texts(item))
+        elif isinstance(elem.value, str):
+            out.append(elem.value)
+    return out
+
+
+def code_missing(item: Dataset) -> str:
+    """What an item of a code sequence lacks (UPS Code Sequence Macro, all Type 1 / 1C); "" when complete."""
+    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue")
+    if not value:
+        return "CodeValue"
+    if not item.get("CodingSchemeDesignator") and not item.get("URNCodeValue"):
+        return "CodingSchemeDesignator"
+    return "" if item.get("CodeMeaning") else "CodeMeaning"
+
+
+def reference_missing(item: Dataset) -> str:
+    """What an Output Information Sequence item lacks (Referenced Instances and Access Macro); "" when complete."""
+    refs = item.get("ReferencedSOPSequence", None) or []
+    if not item.get("TypeOfInstances") or not refs:
+        return "TypeOfInstances" if not item.get("TypeOfInstances") else "ReferencedSOPSequence"
+    if item.TypeOfInstances == "DICOM" and not (item.get("StudyInstanceUID") and item.get("SeriesInstanceUID")):
+        return "StudyInstanceUID"
+    if any(not (r.get("ReferencedSOPClassUID") and r.get("ReferencedSOPInstanceUID")) for r in refs):
+        return "ReferencedSOPInstanceUID"
+    where = [seq for seq in RETRIEVAL if item.get(seq, None)]
+    if not where:
+        return "DICOMRetrievalSequence"  # one way to retrieve them at least
+    for seq in where:
+        for sub in item[seq].value:
+            if not any(
+                sub.get(k)
+                for k in (
+                    "RetrieveAETitle",
+                    "RetrieveURL",
+                    "RetrieveURI",
+                    "StorageMediaFileSetUID",
+                    "RepositoryUniqueID",
+                )
+            ):
+                return f"{seq} item"
+    return ""
+
+
+def type1_missing(ds: Dataset) -> str:
+    """The first empty Type 1 value in the code items and output references of an N-SET; "" when none."""
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            missing = (
+                code_missing(item)
+                if elem.keyword.endswith("CodeSequence")
+                else reference_missing(item)
+                if elem.keyword == "OutputInformationSequence"
+                else type1_missing(item)
+            )
+            if missing:
+                return f"{elem.keyword} > {missing}"
+    return ""
+
+
+def final_state_missing(item: Dataset, state: str) -> str:
+    """What keeps a workitem from COMPLETED or CANCELED (Table CC.2.5-3 Final State codes R, P, X); "" when met.
+
+    COMPLETED is checked as dcm4chee-arc does (a Performed Procedure item with start and end and complete
+    Performed Station Name and Performed Workitem codes) plus the Output Information Sequence (P, Type 2:
+    present, possibly with no items); CANCELED needs the Discontinuation Reason Code (X), while the
+    Cancellation DateTime (X) is filled by the provider when absent, as PS3.4 asks of the SCP."""
+    for keyword in FINAL_R:
+        if not item.get(keyword):
+            return keyword
+    if state == "CANCELED":
+        info = (item.get("ProcedureStepProgressInformationSequence", None) or [None])[0]
+        if info is None:
+            return "ProcedureStepProgressInformationSequence"
+        reason = (info.get("ProcedureStepDiscontinuationReasonCodeSequence", None) or [None])[0]
+        return "ProcedureStepDiscontinuationReasonCodeSequence" if reason is None or code_missing(reason) else ""
+    performed = (item.get("UnifiedProcedureStepPerformedProcedureSequence", None) or [None])[0]
+    if performed is None:
+        return "UnifiedProcedureStepPerformedProcedureSequence"
+    for keyword in ("PerformedProcedureStepStartDateTime", "PerformedProcedureStepEndDateTime"):
+        if not performed.get(keyword):
+            return keyword
+    for keyword in ("PerformedStationNameCodeSequence", "PerformedWorkitemCodeSequence"):
+        code = (performed.get(keyword, None) or [None])[0]
+        if code is None or code_missing(code):
+            return keyword
+    return "" if "OutputInformationSequence" in performed else "OutputInformationSequence"
 
 
 def change_state_over(port: int, context: str, uid: str, state: str, transaction: str, aet: str = "OTHER") -> int:

@@ -3,14 +3,17 @@ fetched, analysed and reported back (RAD-80 to RAD-88's performer side).
 
 One scheduler job per [[ups]] entry (``ups:NAME``) polls its Task Manager every ``poll_seconds``, or
 at once when an event of it came (UPS State Report of a new workitem, Cancel Requested). A round:
-- subscribes once (N-ACTION Subscribe on the global subscription instance, over UPS Watch), when
-  ``subscribe``; events come to the node's DICOM listener (``event_handler``);
+- subscribes once (N-ACTION Subscribe on the global subscription instance, over UPS Watch, without
+  Deletion Lock; why global: dxnode.sources.ups_scu.subscribe), when ``subscribe``; events come to
+  the node's DICOM listener (``event_handler``);
 - C-FINDs SCHEDULED workitems over UPS Pull and keeps those whose Scheduled Workitem Code and
   Scheduled Station Name codes match ``workitem_codes`` and ``station_names`` (an empty list: any);
 - claims each new one: a Transaction UID is generated and stored (``ups_workitem``) before the
   N-ACTION Change State to IN PROGRESS is sent over UPS Pull. A refusal (0xC301 wrong Transaction
   UID, 0xC302 already IN PROGRESS, 0xC307 no such workitem, ...) is recorded (``refused``) and the
-  workitem skipped for good; 0xB304 (IN PROGRESS with our Transaction UID) is a claim sent before;
+  workitem skipped for good. PS3.4 has no status for "IN PROGRESS with your Transaction UID" (a claim
+  sent again after a stop gets 0xC302, as from dcm4chee-arc), so on 0xC302 an N-SET with the stored
+  Transaction UID asks whether it is ours: accepted, the claim went through before;
 - for each claimed workitem: an N-GET of its state (CANCELED, COMPLETED or gone at the Task Manager:
   ``gone``, nothing more sent), a pending cancel request (put to CANCELED), fetch requests for the
   Input Information Sequence's studies (dxnode.sources.fetch.request_fetch, from the source whose AE
@@ -49,9 +52,10 @@ from dxnode.schemas import Identifiers
 from dxnode.sources import ups_report
 from dxnode.sources.fetch import request_fetch
 from dxnode.sources.ups_scu import (
-    ALREADY_OURS,
+    ALREADY_IN_PROGRESS,
     NO_SUCH_INSTANCE,
     UpsDown,
+    accepted,
     change_state,
     describe,
     find_scheduled,
@@ -191,7 +195,9 @@ def _claim(store: Store, settings: Settings, entry: UpsEntry, assoc: Association
 def _send_claim(store: Store, entry: UpsEntry, assoc: Association, row: UpsWorkitem) -> bool:
     """N-ACTION to IN PROGRESS with the stored Transaction UID; True when the workitem is ours."""
     status = change_state(assoc, entry, row.workitem_uid, "IN PROGRESS", row.transaction_uid)
-    if status not in (0x0000, ALREADY_OURS):
+    if status == ALREADY_IN_PROGRESS and _ours(entry, assoc, row):
+        status = 0x0000
+    if status != 0x0000:
         _end(store, row, UpsState.REFUSED, f"claim refused: {describe(status)}", status)
         return False
     with store.session() as s:
@@ -214,14 +220,21 @@ def _send_claim(store: Store, entry: UpsEntry, assoc: Association, row: UpsWorki
     return True
 
 
+def _ours(entry: UpsEntry, assoc: Association, row: UpsWorkitem) -> bool:
+    """Whether an IN PROGRESS workitem holds our Transaction UID: only then does the Task Manager accept an
+    N-SET with it (PS3.4 CC.2.6.3; N-GET may not return the Transaction UID)."""
+    probe = ups_report.progress(row.transaction_uid, row.progress, "claimed")
+    return accepted(n_set(assoc, entry, row.workitem_uid, probe))
+
+
 def _cancel(
     store: Store, settings: Settings, entry: UpsEntry, assoc: Association, row: UpsWorkitem, reason: str
 ) -> None:
     """Report the reason by N-SET, then Change State to CANCELED."""
     status = n_set(assoc, entry, row.workitem_uid, ups_report.canceled(settings, row, reason, utcnow()))
-    if status == 0:
+    if accepted(status):
         status = change_state(assoc, entry, row.workitem_uid, "CANCELED", row.transaction_uid)
-    detail = reason if status == 0 else f"{reason}; the Task Manager answered {describe(status)}"
+    detail = reason if accepted(status) else f"{reason}; the Task Manager answered {describe(status)}"
     _end(store, row, UpsState.CANCELED, detail, status or None)
 
 
@@ -256,7 +269,7 @@ def _report(store: Store, settings: Settings, entry: UpsEntry, assoc: Associatio
     for (percent, what), done, said in zip(STAGES, reached, words, strict=True):
         if done and row.progress < percent:
             status = n_set(assoc, entry, row.workitem_uid, ups_report.progress(row.transaction_uid, percent, said))
-            if status != 0:
+            if not accepted(status):
                 log.warning("ups %s: progress of %s refused: %s", row.ups, row.workitem_uid, describe(status))
             _set(store, row.id, progress=percent, status=status or None)
             row.progress = percent
@@ -265,9 +278,9 @@ def _report(store: Store, settings: Settings, entry: UpsEntry, assoc: Associatio
         return
     outputs = ups_report.output_items(store, settings, now.job_ids)
     status = n_set(assoc, entry, row.workitem_uid, ups_report.final(settings, row, outputs, utcnow()))
-    if status == 0:
+    if accepted(status):
         status = change_state(assoc, entry, row.workitem_uid, "COMPLETED", row.transaction_uid)
-    if status == 0:
+    if accepted(status):
         _end(store, row, UpsState.COMPLETED, f"completed with {len(outputs)} output series")
     else:
         _cancel(store, settings, entry, assoc, row, f"the Task Manager refused the completion: {describe(status)}")
@@ -285,7 +298,7 @@ def _advance(store: Store, settings: Settings, entry: UpsEntry, assoc: Associati
         _end(store, row, UpsState.GONE, f"ended as {state} at the Task Manager; nothing reported")
         return
     if row.cancel_requested:
-        _cancel(store, settings, entry, assoc, row, "cancel requested by the Task Manager")
+        _cancel(store, settings, entry, assoc, row, row.detail or "cancel requested by the Task Manager")
         return
     if not row.request_ids:
         try:
@@ -301,7 +314,7 @@ def poll(store: Store, settings: Settings, entry: UpsEntry) -> None:
     manager = _manager(entry.name)
     if entry.subscribe and not manager.subscribed:
         status = subscribe(settings, entry)
-        manager.subscribed = status == 0
+        manager.subscribed = accepted(status)  # 0xB301 (Deletion Lock not granted) is a warning
         say = log.info if manager.subscribed else log.warning
         say("ups %s: subscribe to its events: %s", entry.name, "done" if status == 0 else describe(status))
     with pull(settings, entry) as assoc:
@@ -342,10 +355,18 @@ def tick(store: Store, settings: Settings, name: str) -> None:
     manager.next_round = time.monotonic() + entry.poll_seconds
 
 
+def cancel_reason(info: Dataset) -> str:
+    """The reason a UPS Cancel Requested event gives: who asked (Requesting AE) and why, when they said."""
+    by = str(info.get("RequestingAE", "") or "").strip() or "the Task Manager"
+    why = str(info.get("ReasonForCancellation", "") or "").strip()
+    return f"cancel requested by {by}" + (f": {why}" if why else "")
+
+
 def event_handler(store: Store) -> Handler:
     """The EVT_N_EVENT_REPORT handler for UPS Event reports on the node's DICOM listener.
 
-    Cancel Requested marks the workitem (the next round puts it to CANCELED); any report wakes the
+    Cancel Requested marks the workitem and keeps who asked and why (the next round puts it to CANCELED
+    with that reason: PS3.4 CC.2.2.3 leaves using it to the performer); any report wakes the
     performers, so a new SCHEDULED workitem is claimed without waiting for the poll."""
 
     def on_event(event: Any) -> tuple[int, Dataset | None]:
@@ -354,11 +375,12 @@ def event_handler(store: Store) -> Handler:
         info = event.event_information
         state = str(getattr(info, "ProcedureStepState", "") or "") if info is not None else ""
         if kind == CANCEL_REQUESTED or (kind == STATE_REPORT and state == "CANCELED"):
+            said = {"detail": cancel_reason(info)[:2000]} if kind == CANCEL_REQUESTED and info is not None else {}
             with store.session() as s:
                 s.execute(
                     update(UpsWorkitem)
                     .where(UpsWorkitem.workitem_uid == uid, UpsWorkitem.state.in_(ACTIVE))
-                    .values(cancel_requested=True)
+                    .values(cancel_requested=True, **said)
                 )
             log.warning("ups: cancel requested for workitem %s (event %d)", uid, kind)
         with _lock:

@@ -2,11 +2,18 @@
 final Performed Procedure attributes with the Output Information Sequence), and how a workitem's
 fetch requests, jobs and deliveries stand (read from the store).
 
-PS3.4 Table CC.2.5-3 (final state requirements): COMPLETED needs the Unified Procedure Step Performed
-Procedure Sequence with the Performed Station Name Code Sequence, Performed Procedure Step Start and
-End DateTime, the Performed Workitem Code Sequence and the Output Information Sequence; CANCELED needs
-the Procedure Step Progress Information Sequence with the Procedure Step Cancellation DateTime, the
-Reason For Cancellation and the Procedure Step Discontinuation Reason Code Sequence.
+Checked against PS3.4 CC.2.5 Table CC.2.5-3 (its Final State column) and dcm4chee-arc-light's UPS
+service (UPSServiceEJB.meetFinalStateRequirementsOfCompleted, set-iod.xml); docs/sources.md lists it:
+- COMPLETED (codes R and P): the Unified Procedure Step Performed Procedure Sequence with one item
+  holding Performed Station Name Code Sequence, Performed Procedure Step Start and End DateTime,
+  Performed Workitem Code Sequence (complete codes: value, scheme, meaning) and the Output Information
+  Sequence (Type 2: present, empty when nothing was made);
+- CANCELED (codes X): the Procedure Step Progress Information Sequence with Procedure Step
+  Cancellation DateTime and Procedure Step Discontinuation Reason Code Sequence (the reason in words too);
+- every N-SET carries the Transaction UID, no attribute N-SET may not change, no empty Type 1 value
+  (an output item names only places that hold it: a Retrieve AE Title or a WADO-RS Retrieve URL), whole
+  sequences (PS3.4 CC.2.6.2), and Specific Character Set ISO_IR 192 when a text is not ASCII;
+- no Actual Human Performers Sequence (an AI performer has none: RC "if known").
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dxnode.store import Delivery, Job, Output, Store, Study, UpsWorkitem
 DELIVERED = (DeliveryState.SENT, DeliveryState.COMMITTED)
 NOT_DELIVERED = (DeliveryState.FAILED, DeliveryState.CANCELLED, DeliveryState.ORPHANED)
 STATION_SCHEME = "99DXNODE"  # the coding scheme of the node's own station code (its AE title)
+DEFAULT_WORKITEM_CODE = ("DXNODE-AI", STATION_SCHEME, "AI analysis")
 
 
 @dataclass
@@ -85,7 +93,10 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def _dt(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
+    """A DT in UTC with its offset, so a Task Manager in another time zone reads it right (a naive value
+    is the store's UTC, as SQLite gives it back)."""
+    value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    return value.strftime("%Y%m%d%H%M%S+0000")
 
 
 def progress(transaction_uid: str, percent: int, description: str) -> Dataset:
@@ -96,12 +107,13 @@ def progress(transaction_uid: str, percent: int, description: str) -> Dataset:
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     ds.ProcedureStepProgressInformationSequence = DicomSequence([info])
-    return ds
+    return _charset(ds)
 
 
 def output_items(store: Store, settings: Settings, job_ids: list[int]) -> list[Dataset]:
     """Output Information Sequence items: one per (study, series) of the jobs' outputs, each naming its
-    instances and where they were stored (Retrieve AE Title / Retrieve URL of the destinations)."""
+    instances and where they were stored (Retrieve AE Title / Retrieve URL of the destinations); a
+    series that reached no destination is left out (PS3.4 lets a performer not distribute outputs)."""
     by_series: dict[tuple[str, str], list[tuple[str, str]]] = {}
     where: dict[tuple[str, str], set[str]] = {}
     with store.session() as s:
@@ -141,22 +153,36 @@ def output_items(store: Store, settings: Settings, job_ids: list[int]) -> list[D
             ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
             refs.append(ref)
         item.ReferencedSOPSequence = DicomSequence(refs)
-        _access(item, [destinations[d] for d in sorted(where[(study_uid, series_uid)]) if d in destinations])
-        items.append(item)
+        held_by = [destinations[d] for d in sorted(where[(study_uid, series_uid)]) if d in destinations]
+        if _access(item, study_uid, series_uid, held_by):  # outputs kept nowhere cannot be referenced
+            items.append(item)
     return items
 
 
-def _access(item: Dataset, held_by: list[Destination]) -> None:
-    """Where the outputs can be retrieved (Referenced Instances and Access Macro): the Retrieve AE Title
-    of the DIMSE destinations that hold them, the Retrieve URL of the DICOMweb ones."""
-    retrieval = Dataset()
-    retrieval.RetrieveAETitle = [d.ae_title for d in held_by if d.kind != "dicomweb" and d.ae_title] or ""
-    item.DICOMRetrievalSequence = DicomSequence([retrieval])
-    urls = [d.url for d in held_by if d.kind == "dicomweb" and d.url]
+def _access(item: Dataset, study_uid: str, series_uid: str, held_by: list[Destination]) -> bool:
+    """Where the outputs can be retrieved (Referenced Instances and Access Macro): a DICOM Retrieval
+    Sequence item per DIMSE destination that holds them, a WADO-RS Retrieval Sequence item per DICOMweb
+    one (the series' URL). False when none holds them: Retrieve AE Title and Retrieve URL are Type 1."""
+    aets = sorted({d.ae_title for d in held_by if d.kind != "dicomweb" and d.ae_title})
+    urls = sorted(
+        {
+            f"{d.url.rstrip('/')}/studies/{study_uid}/series/{series_uid}"
+            for d in held_by
+            if d.kind == "dicomweb" and d.url
+        }
+    )
+    if aets:
+        item.DICOMRetrievalSequence = DicomSequence([_item(RetrieveAETitle=a) for a in aets])
     if urls:
-        wado = Dataset()
-        wado.RetrieveURL = urls[0]
-        item.WADORSRetrievalSequence = DicomSequence([wado])
+        item.WADORSRetrievalSequence = DicomSequence([_item(RetrieveURL=u) for u in urls])
+    return bool(aets or urls)
+
+
+def _item(**values: str) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
 
 
 def _performed(settings: Settings, row: UpsWorkitem, ended: dt.datetime) -> Dataset:
@@ -164,12 +190,20 @@ def _performed(settings: Settings, row: UpsWorkitem, ended: dt.datetime) -> Data
     performed.PerformedStationNameCodeSequence = DicomSequence(
         [_code(settings.node.ae_title, STATION_SCHEME, f"dxnode {settings.node.ae_title}")]
     )
-    performed.PerformedProcedureStepStartDateTime = _dt(row.started_at)
+    performed.PerformedProcedureStepStartDateTime = _dt(row.started_at or ended)
     performed.PerformedProcedureStepEndDateTime = _dt(ended)
-    code = list(row.workitem_code) or ["DXNODE-AI", STATION_SCHEME, "AI analysis"]
-    performed.PerformedWorkitemCodeSequence = DicomSequence([_code(*code)])
+    performed.PerformedWorkitemCodeSequence = DicomSequence([_code(*performed_code(row))])
     performed.OutputInformationSequence = DicomSequence()
     return performed
+
+
+def performed_code(row: UpsWorkitem) -> tuple[str, str, str]:
+    """The Performed Workitem Code: the scheduled one when it was a complete short code, else the node's own
+    (a Long or URN Code Value, or a missing meaning, would be an empty Type 1 value here)."""
+    code = [str(v or "").strip() for v in row.workitem_code or []]
+    if len(code) == 3 and all(code) and len(code[0]) <= 16:
+        return code[0], code[1], code[2]
+    return DEFAULT_WORKITEM_CODE
 
 
 def final(settings: Settings, row: UpsWorkitem, outputs: list[Dataset], ended: dt.datetime) -> Dataset:
@@ -183,13 +217,15 @@ def final(settings: Settings, row: UpsWorkitem, outputs: list[Dataset], ended: d
     info.ProcedureStepProgress = 100
     info.ProcedureStepProgressDescription = "completed"
     ds.ProcedureStepProgressInformationSequence = DicomSequence([info])
-    return ds
+    return _charset(ds)
 
 
 def canceled(settings: Settings, row: UpsWorkitem, reason: str, ended: dt.datetime) -> Dataset:
-    """The N-SET before Change State to CANCELED: the reason, in words and as a code."""
+    """The N-SET before Change State to CANCELED: the reason, in words and as a code, and what was performed
+    (its Output Information Sequence empty: nothing of a canceled workitem is offered as its result)."""
     info = Dataset()
     info.ProcedureStepProgress = row.progress
+    info.ProcedureStepProgressDescription = "canceled"
     info.ProcedureStepCancellationDateTime = _dt(ended)
     info.ReasonForCancellation = reason[:1024]
     info.ProcedureStepDiscontinuationReasonCodeSequence = DicomSequence(
@@ -199,4 +235,21 @@ def canceled(settings: Settings, row: UpsWorkitem, reason: str, ended: dt.dateti
     ds.TransactionUID = row.transaction_uid
     ds.ProcedureStepProgressInformationSequence = DicomSequence([info])
     ds.UnifiedProcedureStepPerformedProcedureSequence = DicomSequence([_performed(settings, row, ended)])
+    return _charset(ds)
+
+
+def _texts(ds: Dataset) -> list[str]:
+    out: list[str] = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.extend(t for item in elem.value for t in _texts(item))
+        elif isinstance(elem.value, str):
+            out.append(elem.value)
+    return out
+
+
+def _charset(ds: Dataset) -> Dataset:
+    """Specific Character Set ISO_IR 192 (UTF-8) when a text is not ASCII (Table CC.2.5-3: RC)."""
+    if not all(t.isascii() for t in _texts(ds)):
+        ds.SpecificCharacterSet = "ISO_IR 192"
     return ds

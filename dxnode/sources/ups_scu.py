@@ -32,20 +32,32 @@ log = logging.getLogger("dxnode.sources.ups")
 
 CHANGE_STATE, SUBSCRIBE = 1, 3  # N-ACTION Action Type IDs (PS3.4 CC.2.1, CC.2.2)
 PENDING = (0xFF00, 0xFF01)
-ALREADY_OURS = 0xB304  # already IN PROGRESS with this Transaction UID: the claim went through before
+ALREADY_IN_PROGRESS = 0xC302  # also the answer to a claim sent again with the same Transaction UID
 NO_SUCH_INSTANCE = 0xC307
-# Failure statuses of Change State and N-SET (PS3.4 CC.2.1.4, CC.2.2.4), for the log and the table.
+# Statuses of Change State, Request Cancel, N-SET and Subscribe (PS3.4 Tables CC.2.1-2, CC.2.2-2,
+# CC.2.3-3, CC.2.6-1), for the log and the table.
 STATUS_TEXT = {
+    0x0001: "optional attributes not supported",
+    0xB301: "deletion lock not granted",
+    0xB304: "already CANCELED",
+    0xB305: "coerced invalid values to valid values",
+    0xB306: "already COMPLETED",
     0xC300: "the workitem may no longer be updated",
     0xC301: "wrong Transaction UID",
     0xC302: "already IN PROGRESS",
-    0xC303: "may only become SCHEDULED",
+    0xC303: "may only become SCHEDULED by N-CREATE",
     0xC304: "final state requirements not met",
     0xC307: "no such workitem",
-    0xC309: "already COMPLETED",
+    0xC308: "Receiving AE unknown to the Task Manager",
     0xC310: "not IN PROGRESS",
-    0xC311: "already CANCELED",
-    0xC312: "already COMPLETED",
+    0xC311: "already COMPLETED",
+    0xC312: "the performer cannot be contacted",
+    0xC313: "the performer chooses not to cancel",
+    0xC314: "action not appropriate for this instance",
+    0xC315: "the Task Manager does not support event reports",
+    0x0105: "no such attribute (not allowed in N-SET)",
+    0x0106: "invalid attribute value",
+    0x0121: "missing attribute value",
     0x0123: "no such action (over this SOP Class)",
     0x0110: "processing failure",
 }
@@ -63,6 +75,12 @@ FIND_KEYS = (
 
 class UpsDown(Exception):
     """The Task Manager could not be reached or did not answer: retried after a backoff."""
+
+
+def accepted(status: int) -> bool:
+    """Success or a warning: the N-SET or Change State was carried out (PS3.4: 0x0001 optional attributes
+    not supported, 0xB305 values coerced, 0xB304/0xB306 already CANCELED/COMPLETED)."""
+    return status in (0x0000, 0x0001) or 0xB000 <= status <= 0xBFFF
 
 
 def describe(status: int | None) -> str:
@@ -162,7 +180,17 @@ def subscribe(settings: Settings, entry: UpsEntry) -> int:
     """N-ACTION Subscribe (Action Type 3) to every workitem's events, over UPS Watch; returns the status.
 
     The events come to the node's own AE title, on its DICOM listener (the Task Manager must know its
-    address); Deletion Lock FALSE: the Task Manager need not keep finished workitems for the node."""
+    address). PS3.4 CC.2.3 offers three subscriptions; the node keeps the global one (well-known UID
+    1.2.840.10008.5.1.4.34.5) because:
+    - a per-workitem subscription needs the workitem's UID, so it cannot announce new SCHEDULED
+      workitems, which is what the events are for here (the node's claimed workitems are watched by
+      N-GET each round anyway);
+    - the Filtered Global Subscription (1.2.840.10008.5.1.4.34.5.1) is optional for a Task Manager (one
+      without it answers 0xC307), and the node's match rules (any of several codes) are applied to the
+      C-FIND answers in any case; an event only wakes a round, so unmatched ones cost one C-FIND.
+    Deletion Lock FALSE: a lock asks the Task Manager to keep every COMPLETED or CANCELED workitem until
+    the node releases it, and the node needs nothing from a finished workitem (what it did is in its
+    ups_workitem table); a node that went away would leave the locks behind (PS3.17 GGG.1)."""
     info = Dataset()
     info.ReceivingAE = settings.node.ae_title
     info.DeletionLock = "FALSE"
