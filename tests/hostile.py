@@ -323,6 +323,18 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         True,
     ),
     ("body_part_unknown", "long", "native", raws(BodyPartExamined=("CS", b"L" * 16)), True),  # fuzz: no Laterality
+    (  # fuzz geometry mutations: geometry the SR's image library and the SC read as numbers
+        "geometry_not_numbers",
+        "wrong-vr",
+        "native",
+        raws(
+            ImageOrientationPatient=("DS", b"NaN\\1\\0\\0\\1\\0 "),
+            PixelSpacing=("DS", b"0\\0 "),
+            SliceThickness=("DS", b"-inf"),
+            PatientOrientation=("CS", b"X\\Y "),
+        ),
+        True,
+    ),
     # wrong VRs and missing UIDs (refused at receive)
     ("study_uid_vr_ul", "vr", "native", raws(StudyInstanceUID=("UL", 7)), False),
     ("no_sop_instance_uid", "vr", "native", drop("SOPInstanceUID"), False),
