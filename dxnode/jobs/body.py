@@ -4,7 +4,9 @@ Each step commits what it produced before the next one starts, so a crash anywhe
 by running the job again: findings of an attempt replace those of earlier attempts of the same
 job, and outputs have deterministic UIDs, so a re-run writes the same objects and queues no
 second delivery for an object already in the outbox. A failure is classified where its stage ends
-(``_stage``): the job records one line naming the stage, and bad input is not retried.
+(``_stage``): the job records one line naming the stage, and bad input is not retried. An instance
+whose own data fails deterministically, in the pipeline or at the output stage, is left out and the
+study reported without it (``_Attempt``, dxnode/jobs/isolate.py).
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ class _Attempt:
     timings: dict[str, float]
     analyse: Callable[[dict[str, str]], StudyResult]  # the study without the instances left out
     left_out: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> why its outputs failed
+    logged: set[str] = field(default_factory=set)  # failed instances already logged (an earlier round)
 
     def report(self) -> JobState:
         """Analyse, record and write the outputs, leaving out instances that fail them; DONE or SKIPPED."""
@@ -190,7 +193,7 @@ class _Attempt:
         result = self.analyse(self.left_out)
         result.route = self.route
         order = [uid for uid, _ in self.instances]
-        _log_failed_instances(self.job_id, result, order)
+        _log_failed_instances(self.job_id, result, order, self.logged)
         self.beat("findings")
         lines = self.routing + _describe(result) + _left_out_lines(self.left_out, order)
         with _stage("findings", "cannot record the findings"):
@@ -240,11 +243,12 @@ def _left_out_lines(left_out: dict[str, str], order: list[str]) -> list[str]:
     ]
 
 
-def _log_failed_instances(job_id: int, result: StudyResult, order: list[str]) -> None:
-    """One WARNING line per instance that failed in the pipeline, naming it by its place in the job (UIDs at DEBUG)."""
+def _log_failed_instances(job_id: int, result: StudyResult, order: list[str], logged: set[str]) -> None:
+    """One WARNING line per instance that failed, naming it by its place in the job (UIDs at DEBUG), once."""
     place = {uid: i + 1 for i, uid in enumerate(order)}
     for outcome in result.instances:
-        if outcome.state == InstanceState.FAILED:
+        if outcome.state == InstanceState.FAILED and outcome.sop_instance_uid not in logged:
+            logged.add(outcome.sop_instance_uid)
             where = place.get(outcome.sop_instance_uid, 0)
             log.warning("job %d: instance %d of %d failed: %s", job_id, where, len(order), outcome.reason)
             log.debug("job %d: instance %d is %s", job_id, where, outcome.sop_instance_uid)
