@@ -9,9 +9,9 @@ and the SR and SC outputs.
 
 Properties: a clear refusal (StoreRefused, PipelineError) or a result, never another exception; every
 SR and SC written passes dciodvfy (checked on every 5th example that wrote some); the process's peak
-memory stays within a bound (ru_maxrss in-process; and test_the_fuzz_and_the_corpus_stay_within_a_real_memory_limit
-runs both tests again in a child process under a cgroup v1 memory limit, where the kernel enforces it). CI runs a fixed seed (derandomize) and DXNODE_FUZZ_EXAMPLES examples
-(60 by default). Every failure found becomes a case of the hostile corpus (tests/hostile.py), which
+memory stays within a bound (ru_maxrss here; test_the_fuzz_and_the_corpus_stay_within_a_real_memory_limit runs
+both tests again in a child process under a cgroup v1 memory limit, which the kernel enforces). CI runs a fixed
+seed (derandomize) and DXNODE_FUZZ_EXAMPLES examples (60 by default). Every failure found becomes a case of the hostile corpus (tests/hostile.py), which
 test_every_hostile_case_is_refused_failed_or_reported runs through the same chain.
 """
 
@@ -314,8 +314,11 @@ def test_every_hostile_case_is_refused_failed_or_reported(corpus: list[Case], tm
         else:
             assert outcome.refused or outcome.failed or outcome.written, (case.name, outcome)
     assert outcomes["deflate_bomb"].refused.startswith("0xa700"), outcomes["deflate_bomb"]
+    # pylibjpeg-rle panics (a BaseException) on segments longer than Rows x Columns: a refusal like any other
+    assert outcomes["rle_rows_fewer_than_segments"].failed.startswith("cannot decode pixel data (RLE Lossless): ")
 
 
+@pytest.mark.slow
 def test_the_fuzz_and_the_corpus_stay_within_a_real_memory_limit(tmp_path: Path) -> None:
     """Both tests above in a child process placed in a cgroup v1 memory child limited to CGROUP_LIMIT_MB
     (memory+swap too, where swap is accounted): past the limit the kernel kills the child and this fails."""

@@ -339,6 +339,7 @@ def _study_page(web: str, study_uid: str) -> dict[str, object]:
         return dict(json.loads(r.read()))
 
 
+@pytest.mark.slow
 def test_serve_delivers_the_others_findings_when_one_instance_fails_at_the_output_stage(tmp_path: Path) -> None:
     """storescu -> dxnode serve -> storescp: 3 good CTs and 1 whose NaN window fails the GSPS, sent first."""
     need_tool("storescp", "storescu", "dciodvfy")
