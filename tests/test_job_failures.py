@@ -393,7 +393,9 @@ def test_serve_delivers_the_others_findings_when_one_instance_fails_at_the_outpu
         assert {uid for uid, r in results.items() if r["state"] == "done"} == good
         node.wait_for(r"job \d+: instance 1 of 4 failed: outputs: its results cannot be written: ValueError")
 
-        objs = pacs.datasets()
+        objs = wait_until(
+            lambda: ds if len(ds := pacs.datasets()) >= 3 else None, timeout=30, what="3 objects at the PACS"
+        )
         assert sorted(str(d.Modality) for d in objs) == ["OT", "PR", "SR"], [d.SOPClassUID for d in objs]
         (sr,) = [d for d in objs if d.Modality == "SR"]
         assert sr.StudyInstanceUID == study_uid and sr.SOPClassUID == SR_STORAGE
