@@ -196,6 +196,12 @@ def frame_indices(n_frames: int, max_frames: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, n_frames - 1, max_frames)})
 
 
+def decoder_panic(exc: BaseException) -> bool:
+    """A Rust decoder's panic on this data (pyo3's PanicException, e.g. pylibjpeg-rle on segments longer
+    than Rows x Columns): a BaseException, so ``except Exception`` lets it through, yet bad input like any other."""
+    return type(exc).__name__ == "PanicException"
+
+
 def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, np.ndarray]:
     """The chosen frames, decoded (YBR_* arrives as RGB); only those frames when it is a subset."""
     try:
@@ -208,7 +214,9 @@ def decode_frames(ds: Dataset, indices: list[int], n_frames: int) -> dict[int, n
             frames[i] = ds.pixel_array
         ds.pixel_array_options(index=None)
         return frames
-    except Exception as exc:
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and not decoder_panic(exc):
+            raise
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts)) if ts else "unknown transfer syntax"
         raise PipelineError(f"cannot decode pixel data ({name}): {exc}") from exc

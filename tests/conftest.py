@@ -7,6 +7,7 @@ where a missing peer is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -34,6 +35,43 @@ def need_tool(*names: str) -> None:
     """Require command-line tools on PATH."""
     for name in names:
         need(shutil.which(name) is not None, name)
+
+
+def _cgroup_root() -> Path | None:
+    """The cgroup v1 memory folder this process is in, when a child can be made there."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            root = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            probe = root / f"dxnode-probe-{uuid.uuid4().hex[:8]}"
+            try:
+                probe.mkdir()
+                probe.rmdir()
+            except OSError:
+                return None
+            return root
+    return None
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_mb: int) -> Iterator[Path]:
+    """A child of the cgroup v1 memory controller limited to limit_mb (memory and, with swap, memory+swap).
+
+    Put a process in it by writing its pid to cgroup.procs. Skips without a writable controller, or fails
+    when DXNODE_REQUIRE_PEERS=1 (CI)."""
+    root = _cgroup_root()
+    need(root is not None, "a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
+    assert root is not None
+    folder = root / f"dxnode-test-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    try:
+        (folder / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+        if (folder / "memory.memsw.limit_in_bytes").exists():  # no swapping out of the limit
+            (folder / "memory.memsw.limit_in_bytes").write_text(str(limit_mb << 20))
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def free_port() -> int:

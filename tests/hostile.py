@@ -202,6 +202,7 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
     ("rle_bad_segment_header", "rle", "rle", rle_bad_header, False),
     ("rle_truncated_segments", "rle", "rle", rle_truncated, False),
     ("rle_rows_disagree", "rle", "rle", setattrs(Rows=512, Columns=512), False),
+    ("rle_rows_fewer_than_segments", "rle", "rle", setattrs(Rows=32), False),  # fuzz: the Rust decoder panicked
     # JPEG 2000
     ("j2k_codestream_bomb", "j2k", "j2k", j2k_siz(60000, 60000), False),
     ("j2k_codestream_smaller", "j2k", "j2k", j2k_siz(16, 16), False),
@@ -322,6 +323,18 @@ SPECS: list[tuple[str, str, str, Callable[[Dataset], None], bool]] = [
         True,
     ),
     ("body_part_unknown", "long", "native", raws(BodyPartExamined=("CS", b"L" * 16)), True),  # fuzz: no Laterality
+    (  # fuzz geometry mutations: geometry the SR's image library and the SC read as numbers
+        "geometry_not_numbers",
+        "wrong-vr",
+        "native",
+        raws(
+            ImageOrientationPatient=("DS", b"NaN\\1\\0\\0\\1\\0 "),
+            PixelSpacing=("DS", b"0\\0 "),
+            SliceThickness=("DS", b"-inf"),
+            PatientOrientation=("CS", b"X\\Y "),
+        ),
+        True,
+    ),
     # wrong VRs and missing UIDs (refused at receive)
     ("study_uid_vr_ul", "vr", "native", raws(StudyInstanceUID=("UL", 7)), False),
     ("no_sop_instance_uid", "vr", "native", drop("SOPInstanceUID"), False),

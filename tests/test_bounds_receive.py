@@ -8,7 +8,6 @@ and reads the receiver's peak RSS (VmHWM) after three concurrent senders per tra
 
 from __future__ import annotations
 
-import contextlib
 import re
 import struct
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from conftest import need
+from conftest import memory_cgroup
 from fastapi.testclient import TestClient
 from nodeproc import InProcessNode, Node, node_config
 from pydicom import Dataset
@@ -174,37 +173,6 @@ BOMB_MB = 100  # each inflates to 100 MB, under max_instance_mb = 128: accepted,
 SENDERS = 3
 CGROUP_LIMIT_MB = 3072  # the whole node (receiver and any job process) in a cgroup v1 memory child
 GROWTH_LIMIT_MB = 120  # the receiver's peak RSS over its resting RSS; inflating whole cost 2x the inflated size each
-
-
-def _cgroup_root() -> Path | None:
-    """The cgroup v1 memory folder this process is in, when a child can be made there."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            root = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            probe = root / f"dxnode-probe-{generate_uid()[-8:]}"
-            try:
-                probe.mkdir()
-                probe.rmdir()
-            except OSError:
-                return None
-            return root
-    return None
-
-
-@contextlib.contextmanager
-def memory_cgroup(limit_mb: int) -> Iterator[Path]:
-    root = _cgroup_root()
-    need(root is not None, "a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
-    assert root is not None
-    folder = root / f"dxnode-bounds-{generate_uid()[-12:]}"
-    folder.mkdir()
-    try:
-        (folder / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
-        yield folder
-    finally:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 def _status_kb(pid: int, field: str) -> int:

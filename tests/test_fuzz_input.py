@@ -9,8 +9,9 @@ and the SR and SC outputs.
 
 Properties: a clear refusal (StoreRefused, PipelineError) or a result, never another exception; every
 SR and SC written passes dciodvfy (checked on every 5th example that wrote some); the process's peak
-memory stays within a bound. CI runs a fixed seed (derandomize) and DXNODE_FUZZ_EXAMPLES examples
-(60 by default). Every failure found becomes a case of the hostile corpus (tests/hostile.py), which
+memory stays within a bound (ru_maxrss here; test_the_fuzz_and_the_corpus_stay_within_a_real_memory_limit runs
+both tests again in a child process under a cgroup v1 memory limit, which the kernel enforces). CI runs a fixed
+seed (derandomize) and DXNODE_FUZZ_EXAMPLES examples (60 by default). Every failure found becomes a case of the hostile corpus (tests/hostile.py), which
 test_every_hostile_case_is_refused_failed_or_reported runs through the same chain.
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import itertools
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -28,7 +31,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import need_tool
+from conftest import memory_cgroup, need_tool
 from dicom_checks import dciodvfy_errors
 from hostile import Case, build_corpus
 from hypothesis import HealthCheck, event, given, reject, settings
@@ -55,6 +58,7 @@ EXAMPLES = int(os.environ.get("DXNODE_FUZZ_EXAMPLES", "60"))
 DCIODVFY_EVERY = 5
 MAX_MB = 64  # [node] max_instance_mb and [pipeline] max_decoded_mb of the fuzzed node
 MEMORY_BOUND_MB = 6 * MAX_MB + 256  # peak growth of this process over the whole run
+CGROUP_LIMIT_MB = 1024  # the fuzz and the hostile corpus in a child process, under a cgroup v1 memory limit
 
 SEEDS = {
     "ct": "CT_small.dcm",
@@ -310,3 +314,30 @@ def test_every_hostile_case_is_refused_failed_or_reported(corpus: list[Case], tm
         else:
             assert outcome.refused or outcome.failed or outcome.written, (case.name, outcome)
     assert outcomes["deflate_bomb"].refused.startswith("0xa700"), outcomes["deflate_bomb"]
+    # pylibjpeg-rle panics (a BaseException) on segments longer than Rows x Columns: a refusal like any other
+    assert outcomes["rle_rows_fewer_than_segments"].failed.startswith("cannot decode pixel data (RLE Lossless): ")
+
+
+@pytest.mark.slow
+def test_the_fuzz_and_the_corpus_stay_within_a_real_memory_limit(tmp_path: Path) -> None:
+    """Both tests above in a child process placed in a cgroup v1 memory child limited to CGROUP_LIMIT_MB
+    (memory+swap too, where swap is accounted): past the limit the kernel kills the child and this fails."""
+    need_tool("dciodvfy")
+    with memory_cgroup(CGROUP_LIMIT_MB) as cgroup:
+        # The shell puts itself in the cgroup, then becomes the child: every page it touches is charged there.
+        child = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly"]
+        child += ["-k", "mutated_inputs or every_hostile_case", f"--basetemp={tmp_path / 'child'}"]
+        out = subprocess.run(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *child],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "DXNODE_FUZZ_EXAMPLES": str(EXAMPLES)},
+            cwd=Path(__file__).parent.parent,
+        )
+        peak_mb = int((cgroup / "memory.max_usage_in_bytes").read_text()) >> 20
+    print(f"memory cgroup limit in force: {CGROUP_LIMIT_MB} MB ({cgroup.name}); the child's peak {peak_mb} MB")
+    killed = " (killed: the kernel's OOM killer at the limit)" if out.returncode == -9 else ""
+    assert out.returncode == 0, f"child exit {out.returncode}{killed}, limit {CGROUP_LIMIT_MB} MB\n{out.stdout[-3000:]}"
+    assert "2 passed" in out.stdout, out.stdout[-3000:]
+    assert peak_mb > 100, f"only {peak_mb} MB charged to the cgroup: the child did not run in it"

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import pydicom
 import pytest
 import torch
 import torchvision
+from conftest import free_port, need_tool
 from dicom_checks import dciodvfy_errors
 from hostile import IR149_SO_SI_NAME, raw, rle_truncated, truncated_frame
+from nodeproc import Node, StoreSCP, make_study, node_config, storescu, wait_until
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -83,9 +86,21 @@ def any_modality(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def any_modality_settings(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Settings of the any_modality fixture, for a database of the test's own."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    return Settings(
+        node={"data_dir": tmp_path / "var"},
+        database={"url": db_url},
+        model={"bundle": str(any_net(tmp_path / "bundle"))},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+        report={"heatmap_for": "top1"},
+        worklist={"max_attempts": 3, "retry_backoff_seconds": 0},
+    )
+
+
+def any_net(folder: Path) -> Path:
+    """A bundle of a seeded untrained ResNet-18 with no intended modality; its first label is always positive."""
     torch.manual_seed(24)
     write_bundle(
-        tmp_path / "bundle",
+        folder,
         torchvision.models.resnet18(num_classes=2).state_dict(),
         name="any-net",
         version="1.0",
@@ -94,14 +109,7 @@ def any_modality_settings(db_url: str, tmp_path: Path, monkeypatch: pytest.Monke
         thresholds=[0.0, 0.5],  # nodule always positive: an attention ROI and a heatmap
         preprocessing=Preprocessing(input_size=64),
     )
-    return Settings(
-        node={"data_dir": tmp_path / "var"},
-        database={"url": db_url},
-        model={"bundle": str(tmp_path / "bundle")},
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
-        report={"heatmap_for": "top1"},
-        worklist={"max_attempts": 3, "retry_backoff_seconds": 0},
-    )
+    return folder
 
 
 def issue_24_header(ds: Dataset) -> None:
@@ -245,3 +253,163 @@ def test_corrupt_rle_and_j2k_log_one_line_per_instance_and_no_traceback(
     store.dispose()
     assert len(reasons) == 2 and all(reasons), reasons
     assert states == ["done", "failed"], states
+
+
+# --- one bad instance does not cost the study its results -------------------------------------------------
+
+
+def nan_window(ds: Dataset) -> None:
+    """A window the pixel chain does not use (noted), which highdicom cannot copy into a GSPS: a ValueError."""
+    ds.WindowCenter, ds.WindowWidth = "NaN", "NaN"
+
+
+def with_gsps(settings: Settings) -> Settings:
+    """The destination also wants the attention GSPS (which copies each source's VOI window)."""
+    return settings.model_copy(
+        update={"destinations": [d.model_copy(update={"outputs": ["sr", "sc", "gsps"]}) for d in settings.destinations]}
+    )
+
+
+def test_an_instance_whose_outputs_fail_is_left_out_and_the_others_are_reported(
+    store: Store, any_modality: Settings
+) -> None:
+    """Four copies of one CT: the same probabilities, so the first (the bad one) drives every finding at first."""
+    settings = with_gsps(any_modality)
+    bad, *good = receive(store, settings, [("CT_small.dcm", nan_window)] + [("CT_small.dcm", lambda ds: None)] * 3)
+    queue.sweep(store, settings)
+    assert queue.drain(store, settings, run_job) == 1
+    with store.session() as s:
+        job = s.scalar(select(Job))
+        results = {r.sop_instance_uid: r for r in s.scalars(select(InstanceResult))}
+        outputs = list(s.scalars(select(Output)))
+    assert job.state == JobState.DONE and job.attempts == 1, job.error
+    assert results[bad].state == "failed", results[bad].reason
+    assert results[bad].reason.startswith("outputs: its results cannot be written: ValueError: "), results[bad].reason
+    assert all(results[uid].state == "done" for uid in good), [(r.state, r.reason) for r in results.values()]
+    assert f"left out of the results: instance 1 of 4 ({bad}): outputs: " in job.log, job.log
+    assert sorted(o.kind for o in outputs) == ["gsps", "sc", "sr"]
+    for o in outputs:
+        text = (settings.data_dir / o.file_path).read_bytes()
+        assert bad.encode() not in text, o.kind  # no object references the instance left out
+        assert dciodvfy_errors(settings.data_dir / o.file_path) == [], o.kind
+    sr = pydicom.dcmread(settings.data_dir / next(o.file_path for o in outputs if o.kind == "sr"))
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    }
+    assert bad not in evidence and evidence & set(good), evidence  # the evidence also lists the SC and GSPS
+
+
+def test_a_study_whose_every_instance_fails_its_outputs_fails_with_the_reason(
+    store: Store, any_modality: Settings
+) -> None:
+    settings = with_gsps(any_modality)
+    receive(store, settings, [("CT_small.dcm", nan_window)] * 2)
+    queue.sweep(store, settings)
+    queue.run_one(store, settings, run_job)
+    with store.session() as s:
+        job = s.scalar(select(Job))
+        states = [r.state for r in s.scalars(select(InstanceResult))]
+        outputs = list(s.scalars(select(Output)))
+    assert job.state == "failed" and job.attempts == 1, (job.state, job.error)
+    assert job.error.startswith("outputs: no instance could be analysed and reported: outputs: "), job.error
+    assert "ValueError: " in job.error and "\n" not in job.error, job.error
+    assert states == ["failed", "failed"] and outputs == []
+
+
+def test_a_deterministic_error_decoding_one_instance_fails_it_alone() -> None:
+    from dxnode.jobs.isolate import fails_alone
+
+    assert fails_alone(IndexError("index 4097 is out of bounds")) == (
+        "analyze: cannot analyse this instance: IndexError: index 4097 is out of bounds"
+    )
+    assert fails_alone(OSError(5, "Input/output error")) is None  # the machine, not the data: the job is retried
+    assert fails_alone(MemoryError()) is None
+
+
+READER = "reader-token-0123456789"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+
+
+def _study_page(web: str, study_uid: str) -> dict[str, object]:
+    req = urllib.request.Request(f"{web}/api/studies/{study_uid}", headers={"Authorization": f"Bearer {READER}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return dict(json.loads(r.read()))
+
+
+@pytest.mark.slow
+def test_serve_delivers_the_others_findings_when_one_instance_fails_at_the_output_stage(tmp_path: Path) -> None:
+    """storescu -> dxnode serve -> storescp: 3 good CTs and 1 whose NaN window fails the GSPS, sent first."""
+    need_tool("storescp", "storescu", "dciodvfy")
+    pacs = StoreSCP(tmp_path / "pacs", free_port())
+    cfg = node_config(
+        tmp_path,
+        model={"bundle": str(any_net(tmp_path / "bundle"))},
+        worklist={"max_attempts": 3, "retry_backoff_seconds": 0},
+        web={
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": 0,
+            "tokens": [{"name": "r", "token": READER, "role": "read"}],
+        },
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "outputs": ["sr", "sc", "gsps"],
+            }
+        ],
+    )
+    node = Node(cfg)
+    try:
+        web = node.wait_for(r"dxnode web: (http://\S+)").group(1).rstrip("/")
+        study_uid, files = make_study(tmp_path / "study", n=4)  # InstanceNumber 1..4: the bad one is analysed first
+        ds = pydicom.dcmread(files[0])
+        nan_window(ds)
+        ds.save_as(files[0], enforce_file_format=True)
+        bad = str(ds.SOPInstanceUID)
+        good = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files[1:]}
+        storescu(node.port, files)
+
+        def delivered() -> dict[str, object] | None:
+            page = _study_page(web, study_uid)
+            jobs, deliveries = page["jobs"], page["deliveries"]
+            assert isinstance(jobs, list) and isinstance(deliveries, list)
+            if jobs and jobs[0]["state"] == "failed":
+                raise AssertionError(jobs[0]["error"])
+            sent = deliveries and all(d["state"] == "sent" for d in deliveries)
+            return page if jobs and jobs[0]["state"] == "done" and sent else None
+
+        page = wait_until(delivered, timeout=180, what="the job done and its outputs sent")
+        (job,) = page["jobs"]
+        assert job["attempts"] == 1, job  # a deterministic failure: never retried
+        assert f"left out of the results: instance 1 of 4 ({bad}): outputs: " in job["log"], job["log"]
+        results = {r["sop_instance_uid"]: r for r in page["instance_results"]}
+        assert results[bad]["state"] == "failed" and "ValueError" in results[bad]["reason"], results[bad]
+        assert {uid for uid, r in results.items() if r["state"] == "done"} == good
+        node.wait_for(r"job \d+: instance 1 of 4 failed: outputs: its results cannot be written: ValueError")
+
+        objs = wait_until(
+            lambda: ds if len(ds := pacs.datasets()) >= 3 else None, timeout=30, what="3 objects at the PACS"
+        )
+        assert sorted(str(d.Modality) for d in objs) == ["OT", "PR", "SR"], [d.SOPClassUID for d in objs]
+        (sr,) = [d for d in objs if d.Modality == "SR"]
+        assert sr.StudyInstanceUID == study_uid and sr.SOPClassUID == SR_STORAGE
+        assert "nodule" in str(sr.ContentSequence) and "effusion" in str(sr.ContentSequence)  # the findings
+        evidence = {
+            i.ReferencedSOPInstanceUID
+            for e in sr.CurrentRequestedProcedureEvidenceSequence
+            for se in e.ReferencedSeriesSequence
+            for i in se.ReferencedSOPSequence
+        }
+        assert bad not in evidence and evidence & good, evidence
+        for path in pacs.folder.iterdir():
+            assert bad.encode() not in path.read_bytes(), path.name
+            assert dciodvfy_errors(path) == [], path.name
+    finally:
+        node.stop()
+        pacs.stop()

@@ -71,7 +71,14 @@ class _Pending:
     best: np.ndarray | None = None
 
 
-def _decode_instance(uid: str, path: Path, settings: Settings, prep: Preprocessing) -> _Decoded:
+# Given an exception other than PipelineError raised on one instance's data: the reason it fails that instance
+# alone (the same data raises it again), or None when it must fail the whole attempt (disk, memory: retried).
+FailsAlone = Callable[[Exception], str | None]
+
+
+def _decode_instance(
+    uid: str, path: Path, settings: Settings, prep: Preprocessing, fails_alone: FailsAlone | None = None
+) -> _Decoded:
     """Read one instance into model inputs; only the display image of each frame is kept beside them."""
     start = time.perf_counter()
     try:
@@ -80,21 +87,31 @@ def _decode_instance(uid: str, path: Path, settings: Settings, prep: Preprocessi
         if reason:
             return _Decoded(uid, [], InstanceOutcome(uid, "skipped", reason), time.perf_counter() - start)
         frames = read_frames(ds, settings.pipeline, prep, display_max_side=settings.report.sc_max_side)
+        inputs = [(f.frame_index, to_tensor(f, prep), f.without_image()) for f in frames]
     except PipelineError as exc:
         return _Decoded(uid, [], InstanceOutcome(uid, "failed", str(exc)), time.perf_counter() - start)
-    inputs = [(f.frame_index, to_tensor(f, prep), f.without_image()) for f in frames]
+    except Exception as exc:  # not a refusal the pipeline made: a bug on this data, or the machine
+        alone = fails_alone(exc) if fails_alone is not None else None
+        if alone is None:
+            raise
+        return _Decoded(uid, [], InstanceOutcome(uid, "failed", alone), time.perf_counter() - start)
     notes = "; ".join(dict.fromkeys(n for f in frames for n in f.notes))
     return _Decoded(uid, inputs, None, time.perf_counter() - start, notes)
 
 
 def _prefetched(
-    pool: ThreadPoolExecutor, instances: list[tuple[str, Path]], settings: Settings, prep: Preprocessing, ahead: int
+    pool: ThreadPoolExecutor,
+    instances: list[tuple[str, Path]],
+    settings: Settings,
+    prep: Preprocessing,
+    ahead: int,
+    fails_alone: FailsAlone | None,
 ) -> Generator[Future[_Decoded], None, None]:
     """Decoding futures in study order, at most `ahead` submitted beyond the one being consumed."""
     pending: deque[Future[_Decoded]] = deque()
     try:
         for uid, path in instances:
-            pending.append(pool.submit(_decode_instance, uid, path, settings, prep))
+            pending.append(pool.submit(_decode_instance, uid, path, settings, prep, fails_alone))
             if len(pending) > ahead:
                 yield pending.popleft()
         while pending:
@@ -210,6 +227,7 @@ def analyze_study(
     progress: Callable[[str], None] | None = None,
     timings: dict[str, float] | None = None,
     pool: ThreadPoolExecutor | None = None,
+    fails_alone: FailsAlone | None = None,
 ) -> StudyResult:
     """Run every eligible instance of a study; one bad instance fails alone with its reason.
 
@@ -219,12 +237,14 @@ def analyze_study(
     driver frames: the display images of up to batch_size current drivers are kept (a small
     study needs no second read), the others are re-read. progress(stage) is called between batches and stages;
     timings gets decode, decode_wait, model and cam seconds added. pool: the process's decoding
-    threads (ModelRegistry.decode_pool); without one, threads are started for this study.
+    threads (ModelRegistry.decode_pool); without one, threads are started for this study. fails_alone: which
+    other exceptions decoding one instance fails that instance alone (the job body's classification); without
+    it, only a PipelineError does.
     """
     if pool is None:
         with ThreadPoolExecutor(settings.model.decode_threads, thread_name_prefix="dxnode-decode") as own:
             return analyze_study(
-                study_instance_uid, instances, classifier, settings, heatmap_for, progress, timings, own
+                study_instance_uid, instances, classifier, settings, heatmap_for, progress, timings, own, fails_alone
             )
     spent = timings if timings is not None else {}
     for stage in ("decode", "decode_wait", "model", "cam"):
@@ -232,7 +252,7 @@ def analyze_study(
     run = _StudyRun(classifier, progress or (lambda stage: None), spent, RunningStudy(len(classifier.manifest.labels)))
     run.tick("decode")
     ahead = classifier.batch_size + settings.model.decode_threads
-    futures = _prefetched(pool, instances, settings, classifier.manifest.preprocessing, ahead)
+    futures = _prefetched(pool, instances, settings, classifier.manifest.preprocessing, ahead, fails_alone)
     try:
         for future in futures:
             start = time.perf_counter()

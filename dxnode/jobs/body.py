@@ -4,15 +4,19 @@ Each step commits what it produced before the next one starts, so a crash anywhe
 by running the job again: findings of an attempt replace those of earlier attempts of the same
 job, and outputs have deterministic UIDs, so a re-run writes the same objects and queues no
 second delivery for an object already in the outbox. A failure is classified where its stage ends
-(``_stage``): the job records one line naming the stage, and bad input is not retried.
+(``_stage``): the job records one line naming the stage, and bad input is not retried. An instance
+whose own data fails deterministically, in the pipeline or at the output stage, is left out and the
+study reported without it (``_Attempt``, dxnode/jobs/isolate.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +26,7 @@ from dxnode import metrics
 from dxnode.analysis.streaming import analyze_study
 from dxnode.config import Settings
 from dxnode.hl7.results import enqueue as enqueue_hl7
+from dxnode.jobs.isolate import MAX_LEFT_OUT_ROUNDS, culprits, fails_alone, with_left_out
 from dxnode.model import load_classifier
 from dxnode.outbox.dispatch import enqueue
 from dxnode.outputs.report import wanted_kinds, write_outputs
@@ -32,7 +37,7 @@ from dxnode.worklist.queue import JobFailure, classify
 from dxnode.worklist.routing import resolve_job
 
 if TYPE_CHECKING:
-    from dxnode.model import ModelRegistry
+    from dxnode.model import Classifier, ModelRegistry
 
 log = logging.getLogger("dxnode.jobs.body")
 
@@ -93,34 +98,24 @@ def run_job(
         with _stage("load", "cannot load the model"):
             load = registry.get if registry is not None else load_classifier
             classifier = load(settings.model, data_dir=settings.data_dir)
-        beat("analyze")
-        started = time.perf_counter()
-        with _stage("analyze", "cannot analyse the study"):
-            result = analyze_study(
-                study_uid,
-                instances,
-                classifier,
-                settings,
-                heatmap_for=settings.report.heatmap_for,
-                progress=beat,
-                timings=timings,
-                pool=registry.decode_pool(settings.model.decode_threads) if registry is not None else None,
-            )
-        result.route = decision.entry.name
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-        _log_failed_instances(job_id, result, [uid for uid, _ in instances])
-
-        beat("findings")
-        lines = decision.lines + _describe(result)
-        with _stage("findings", "cannot record the findings"):
-            recorded = _record_findings(store, job_id, result, lines)
+        attempt = _Attempt(
+            store,
+            settings,
+            job_id,
+            study.id,
+            study_uid,
+            calling_aet,
+            instances,
+            decision.entry.name,
+            decision.lines,
+            beat,
+            timings,
+            functools.partial(_analyse, study_uid, instances, classifier, settings, beat, timings, registry),
+        )
+        recorded = attempt.report()
         if recorded == JobState.SKIPPED:
             state = recorded
             return state
-        beat("outputs")
-        with _stage("outputs", "cannot write or queue the SR/SC"):
-            outputs = _write_outputs(store, settings, job_id, study.id, result, dict(instances), calling_aet, timings)
-            _log_outputs(store, job_id, outputs)
         with _stage("hl7", "cannot queue the HL7 results"):
             hl7_rows = enqueue_hl7(store, settings, job_id)  # ORU^R01 / FHIR to [[hl7.destinations]]
         if hl7_rows:
@@ -136,11 +131,124 @@ def run_job(
         _record_timings(store, job_id, timings)
 
 
-def _log_failed_instances(job_id: int, result: StudyResult, order: list[str]) -> None:
-    """One WARNING line per instance that failed in the pipeline, naming it by its place in the job (UIDs at DEBUG)."""
+def _analyse(
+    study_uid: str,
+    instances: list[tuple[str, Path]],
+    classifier: Classifier,
+    settings: Settings,
+    beat: Callable[[str], None],
+    timings: dict[str, float],
+    registry: ModelRegistry | None,
+    left_out: dict[str, str],
+) -> StudyResult:
+    """The study through the model, without the instances left out (a deterministic error fails one instance alone)."""
+    beat("analyze")
+    started = time.perf_counter()
+    with _stage("analyze", "cannot analyse the study"):
+        result = analyze_study(
+            study_uid,
+            [(uid, path) for uid, path in instances if uid not in left_out],
+            classifier,
+            settings,
+            heatmap_for=settings.report.heatmap_for,
+            progress=beat,
+            timings=timings,
+            pool=registry.decode_pool(settings.model.decode_threads) if registry is not None else None,
+            fails_alone=fails_alone,
+        )
+    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    return with_left_out(result, left_out, [uid for uid, _ in instances])
+
+
+@dataclass
+class _Attempt:
+    """One attempt's analysis, findings and outputs; an instance whose outputs fail deterministically on their
+    own is left out and the study analysed again without it (at most MAX_LEFT_OUT_ROUNDS times)."""
+
+    store: Store
+    settings: Settings
+    job_id: int
+    study_id: int
+    study_uid: str
+    calling_aet: str
+    instances: list[tuple[str, Path]]
+    route: str
+    routing: list[str]  # the routing decision's lines, first in the job log
+    beat: Callable[[str], None]
+    timings: dict[str, float]
+    analyse: Callable[[dict[str, str]], StudyResult]  # the study without the instances left out
+    left_out: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> why its outputs failed
+    logged: set[str] = field(default_factory=set)  # failed instances already logged (an earlier round)
+
+    def report(self) -> JobState:
+        """Analyse, record and write the outputs, leaving out instances that fail them; DONE or SKIPPED."""
+        for _ in range(MAX_LEFT_OUT_ROUNDS):
+            try:
+                return self._once(last=False)
+            except _LeaveOut as leave:
+                self.left_out |= leave.culprits
+        return self._once(last=True)
+
+    def _once(self, last: bool) -> JobState:
+        result = self.analyse(self.left_out)
+        result.route = self.route
+        order = [uid for uid, _ in self.instances]
+        _log_failed_instances(self.job_id, result, order, self.logged)
+        self.beat("findings")
+        lines = self.routing + _describe(result) + _left_out_lines(self.left_out, order)
+        with _stage("findings", "cannot record the findings"):
+            recorded = _record_findings(self.store, self.job_id, result, lines, bool(self.left_out))
+        if recorded == JobState.SKIPPED:
+            return recorded
+        self.beat("outputs")
+        sources = dict(self.instances)
+        try:
+            with _stage("outputs", "cannot write or queue the SR/SC"):
+                outputs = _write_outputs(
+                    self.store,
+                    self.settings,
+                    self.job_id,
+                    self.study_id,
+                    result,
+                    sources,
+                    self.calling_aet,
+                    self.timings,
+                )
+        except JobFailure as failure:
+            if not failure.permanent or last:
+                raise
+            bad = culprits(result, sources, self.settings)
+            if not bad:
+                raise
+            raise _LeaveOut(bad) from failure
+        with _stage("outputs", "cannot write or queue the SR/SC"):
+            _log_outputs(self.store, self.job_id, outputs)
+        return JobState.DONE
+
+
+class _LeaveOut(Exception):
+    """The output stage failed deterministically on these instances' data alone: analyse again without them."""
+
+    def __init__(self, culprits: dict[str, str]) -> None:
+        super().__init__(", ".join(culprits))
+        self.culprits = culprits
+
+
+def _left_out_lines(left_out: dict[str, str], order: list[str]) -> list[str]:
+    """Job log lines naming each instance left out of the results (its place, UID and reason)."""
+    place = {uid: i + 1 for i, uid in enumerate(order)}
+    return [
+        f"left out of the results: instance {place.get(uid, 0)} of {len(order)} ({uid}): {reason}"
+        for uid, reason in left_out.items()
+    ]
+
+
+def _log_failed_instances(job_id: int, result: StudyResult, order: list[str], logged: set[str]) -> None:
+    """One WARNING line per instance that failed, naming it by its place in the job (UIDs at DEBUG), once."""
     place = {uid: i + 1 for i, uid in enumerate(order)}
     for outcome in result.instances:
-        if outcome.state == InstanceState.FAILED:
+        if outcome.state == InstanceState.FAILED and outcome.sop_instance_uid not in logged:
+            logged.add(outcome.sop_instance_uid)
             where = place.get(outcome.sop_instance_uid, 0)
             log.warning("job %d: instance %d of %d failed: %s", job_id, where, len(order), outcome.reason)
             log.debug("job %d: instance %d is %s", job_id, where, outcome.sop_instance_uid)
@@ -190,8 +298,12 @@ def _describe(result: StudyResult) -> list[str]:
     return lines
 
 
-def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list[str]) -> JobState:
-    """Replace this job's instance results and findings with the new ones; return the job state."""
+def _record_findings(
+    store: Store, job_id: int, result: StudyResult, lines: list[str], reporting: bool = False
+) -> JobState:
+    """Replace this job's instance results and findings with the new ones; return the job state.
+
+    reporting: some instances were left out at the output stage (the failure, if none is left, names that stage)."""
     done = [o for o in result.instances if o.state == InstanceState.DONE]
     failed = [o for o in result.instances if o.state == InstanceState.FAILED]
     with store.session() as session:
@@ -216,9 +328,9 @@ def _record_findings(store: Store, job_id: int, result: StudyResult, lines: list
             return JobState.SKIPPED
     if not done:  # raised after the commit, so the per-instance reasons stay recorded
         # a retry reads the same files: the job fails at once
-        raise JobFailure(
-            "analyze", "no instance could be analysed: " + "; ".join(sorted({o.reason for o in failed})), True
-        )
+        what = "no instance could be analysed and reported" if reporting else "no instance could be analysed"
+        reasons = "; ".join(sorted({o.reason for o in failed}))
+        raise JobFailure("outputs" if reporting else "analyze", f"{what}: {reasons}", True)
     with store.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
