@@ -404,3 +404,35 @@ def test_a_listed_ae_cancels_a_job_not_yet_started_and_no_other(store: Store) ->
         last = s.scalars(select(UpsEvent).where(UpsEvent.job_id == scheduled).order_by(UpsEvent.id.desc())).first()
         assert last is not None and (last.ups_state, last.reason) == ("CANCELED", job.error)
     assert queue.claim(store, "w:2") is None  # nothing left to run
+
+
+def test_two_nodes_on_one_database_send_each_report_once(store: Store, subscribers: dict[str, Subscriber]) -> None:
+    """Two serve processes' senders racing on one database (SQLite and PostgreSQL): the batch lease lets
+    one of them send; the subscriber gets each state once, in order."""
+    sub = subscribers["SUBA"].start()
+    settings = Settings(
+        database={"url": store.url},
+        ups_watch={"enabled": True, "subscribers": [{"ae_title": "SUBA", "host": "127.0.0.1", "port": sub.port}]},
+    )
+    with store.session() as s:
+        assert ups_events._subscribe(s, ups_events.GLOBAL, "SUBA", None) == 0x0000
+    jobs = [_new_job(store, f"1.2.79.{n}") for n in range(1, 21)]
+    other = Store(store.url)  # the second node's own engine and sessions
+    barrier = threading.Barrier(2)
+    sent: list[int] = []
+
+    def node(st: Store) -> None:
+        barrier.wait()
+        sent.append(ups_events.send_due(st, settings))
+
+    threads = [threading.Thread(target=node, args=(st,)) for st in (store, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(sent) == [0, len(jobs)], sent  # one sender won the batch, the other sent nothing
+    assert len(sub.events) == len(jobs)
+    assert len(set(sub.events)) == len(jobs)  # no report twice
+    with store.session() as s:
+        assert s.scalars(select(UpsEvent).where(UpsEvent.state == "pending")).all() == []
+    other.dispose()

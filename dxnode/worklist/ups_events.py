@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydicom import Dataset
@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from dxnode.config import Settings, UpsSubscriber
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Job, Store, Study, UpsEvent, UpsSubscription, audit, utcnow
-from dxnode.worklist.queue import cancel_queued
+from dxnode.worklist.queue import cancel_queued, rowcount
 from dxnode.worklist.ups_view import (
     CANCELED,
     COMPLETED,
@@ -295,6 +295,33 @@ def _report(row: Any) -> Dataset:
     return info
 
 
+def _lease(store: Store, settings: Settings, rows: Sequence[Any], now: dt.datetime) -> bool:
+    """Take the batch for this process: move its rows' next attempt past the send, on condition that the
+    head row's is still what was read. Two serve nodes on one database then never send a subscriber the
+    same report (the loser's conditional UPDATE matches nothing); a crashed sender's lease runs out."""
+    until = now + dt.timedelta(seconds=2 * settings.ups_watch.timeout_seconds + 30)
+    with store.session() as session:
+        won = session.execute(
+            update(UpsEvent)
+            .where(
+                UpsEvent.id == rows[0].id,
+                UpsEvent.state == DeliveryState.PENDING,
+                UpsEvent.next_attempt_at == rows[0].next_attempt_at,
+            )
+            .values(next_attempt_at=until)
+            .execution_options(synchronize_session=False)
+        )
+        if rowcount(won) != 1:
+            return False  # another sender holds it; the UPDATE changed nothing
+        session.execute(
+            update(UpsEvent)
+            .where(UpsEvent.id.in_([row.id for row in rows[1:]]), UpsEvent.state == DeliveryState.PENDING)
+            .values(next_attempt_at=until)
+            .execution_options(synchronize_session=False)
+        )
+    return True
+
+
 def _send_to(store: Store, settings: Settings, sub: UpsSubscriber, now: dt.datetime) -> int:
     """Send the reports owed to one subscriber, in order, on one association; return how many went."""
     with store.session() as session:
@@ -307,7 +334,7 @@ def _send_to(store: Store, settings: Settings, sub: UpsSubscriber, now: dt.datet
             .order_by(UpsEvent.id)
             .limit(BATCH)
         ).all()
-    if not rows or rows[0].next_attempt_at > now:
+    if not rows or rows[0].next_attempt_at > now or not _lease(store, settings, rows, now):
         return 0
     w = settings.ups_watch
     ae = AE(ae_title=settings.node.ae_title)
