@@ -1,0 +1,121 @@
+"""Presentation states on colour sources (a Color Softcopy Presentation State, not a GSPS), and one
+object kind that cannot be built left out with a note while the study keeps its other objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_checks import dciodvfy_errors
+from pydicom.data import get_testdata_file
+from test_outputs_frames import on_frames
+from test_outputs_objects import ALL, CT, by_kind, dcmpschk, synthetic
+
+from dxnode.config import Settings
+from dxnode.outputs.attention import attention_outline
+from dxnode.outputs.gsps import icc_profile, srgb_profile
+from dxnode.outputs.report import write_outputs
+from dxnode.states import OutputKind
+
+US = Path(get_testdata_file("US1_UNCR.dcm"))  # US, RGB, 480 x 640, no ICC profile, no Frame of Reference
+CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+def colour_us(folder: Path, layout: str) -> Path:
+    """A colour US header: RGB single-frame, YBR_FULL_422 (as a JPEG US is), or an RGB cine of 30 frames."""
+    ds = pydicom.dcmread(US, stop_before_pixels=True)  # write_outputs reads no source pixels
+    if layout == "ybr422":
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+    if layout == "cine":
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame
+        ds.NumberOfFrames, ds.FrameTime = 30, 33.3
+        ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{layout}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def sr_evidence(sr: pydicom.Dataset) -> set[str]:
+    """The instances the SR's evidence sequences name."""
+    return {
+        ref.ReferencedSOPInstanceUID
+        for seq in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence")
+        for study in sr.get(seq, [])
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+
+
+@pytest.mark.parametrize("layout", ["rgb", "ybr422", "cine"])
+def test_a_colour_source_gets_a_color_presentation_state_and_every_other_object(tmp_path: Path, layout: str) -> None:
+    path = colour_us(tmp_path, layout)
+    result, sources = on_frames(path, {"Nodule": (17 if layout == "cine" else 0, (200, 300))})
+    written = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=ALL)
+    kinds = by_kind(written)
+    assert {k: len(v) for k, v in kinds.items()} == {"sr": 1, "sc": 1, "seg": 1, "pmap": 1, "gsps": 1, "kos": 1}
+    assert not any(n.startswith("no ") for n in written[0].notes), written[0].notes
+    for w in written:
+        assert dciodvfy_errors(w.path) == [], (w.kind, w.path)
+    (state,) = kinds["gsps"]
+    assert state.sop_class_uid == CSPS and state.summary.startswith("CSPS")
+    check = dcmpschk(state.path)
+    assert check.returncode == 0 and "Error" not in check.stdout + check.stderr, check.stdout + check.stderr
+    ps = pydicom.dcmread(state.path)
+    assert bytes(ps.ICCProfile) == srgb_profile()  # the source has none
+    (annotation,) = ps.GraphicAnnotationSequence
+    image = annotation.ReferencedImageSequence[0]
+    assert image.ReferencedSOPInstanceUID == result.heatmaps[0].sop_instance_uid
+    assert image.get("ReferencedFrameNumber") == (18 if layout == "cine" else None)
+    outline = np.asarray(annotation.GraphicObjectSequence[0].GraphicData, dtype=np.float32).reshape(-1, 2)
+    assert np.allclose(outline, attention_outline(result.heatmaps[0].cam, 480, 640), atol=0.01)
+    assert annotation.TextObjectSequence[0].UnformattedTextValue == "Nodule 0.64 (AI, threshold 0.50)"
+    assert state.sop_instance_uid in sr_evidence(pydicom.dcmread(kinds["sr"][0].path))
+
+
+def test_a_series_of_grey_and_colour_images_gets_a_gsps_and_a_csps(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(CT, stop_before_pixels=True)
+    grey = colour_us(tmp_path, "rgb")  # the same series as the CT, a grey image of it too
+    us = pydicom.dcmread(grey, stop_before_pixels=True)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = us.StudyInstanceUID, us.SeriesInstanceUID, us.PatientID
+    ds.save_as(tmp_path / "grey.dcm", enforce_file_format=True)
+    result, sources = synthetic([tmp_path / "grey.dcm", grey], {"Nodule": (0, (40, 50)), "Mass": (1, (200, 300))})
+    states = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=[OutputKind.GSPS])
+    assert sorted(w.sop_class_uid for w in states) == [GSPS, CSPS]
+    assert len({w.series_instance_uid for w in states}) == 1
+    for w in states:
+        assert dciodvfy_errors(w.path) == [], w.sop_class_uid
+
+
+def test_a_source_icc_profile_is_kept_and_an_unusable_one_replaced_by_srgb(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(US, stop_before_pixels=True)
+    ds.ICCProfile = srgb_profile()
+    assert icc_profile([ds]) == (srgb_profile(), None)
+    ds.ICCProfile = b"not an ICC profile"
+    profile, note = icc_profile([ds])
+    assert profile == srgb_profile() and note is not None and "sRGB used" in note
+
+
+def test_a_kind_that_cannot_be_built_is_left_out_with_a_note_and_the_rest_written(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(CT)
+    ds.SamplesPerPixel = 2  # retired: neither a GSPS nor a CSPS may reference it
+    ds.save_as(tmp_path / "two.dcm", enforce_file_format=True)
+    result, sources = synthetic([tmp_path / "two.dcm"], {"Nodule": (0, (40, 50))})
+    written = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=ALL)
+    kinds = by_kind(written)
+    assert "gsps" not in kinds and {k: len(v) for k, v in kinds.items() if v} == {
+        "sr": 1,
+        "sc": 1,
+        "seg": 1,
+        "pmap": 1,
+        "kos": 1,
+    }
+    (note,) = [n for n in written[0].notes if n.startswith("no GSPS")]
+    assert "single sample per pixel" in note, note
+    assert {w.sop_instance_uid for w in written if w.kind != "sr"} <= sr_evidence(pydicom.dcmread(kinds["sr"][0].path))
+    # Asked for that kind alone, nothing can be written: the job fails with the reason.
+    with pytest.raises(ValueError, match="no result object could be built: no GSPS: "):
+        write_outputs(result, sources, Settings(), tmp_path / "alone", kinds=[OutputKind.GSPS])
