@@ -74,7 +74,7 @@ def build_gsps(result: StudyResult, sources: dict[str, Dataset], settings: Setti
             notes += [f"CSPS of {', '.join(r.finding.label for r in group)}: {note}"] if note else []
             state: Dataset = hd.pr.ColorSoftcopyPresentationState(icc_profile=profile, **common)
         else:
-            luts = _legacy_multiframe_luts(list(images.values()))
+            luts = _shared_luts(list(images.values())) or _legacy_multiframe_luts(list(images.values()))
             state = hd.pr.GrayscaleSoftcopyPresentationState(**common, **luts)
         state.SeriesDescription = GSPS_SERIES_DESCRIPTION
         copy_body_part(state, group[0].source)
@@ -115,6 +115,35 @@ def icc_profile(images: list[Dataset]) -> tuple[bytes, str | None]:
     if usable[0] not in ("scnr", "spac") or usable[1] != "RGB" or usable[2] not in ("Lab", "XYZ"):
         return srgb_profile(), f"the source's ICC profile ({'/'.join(usable)}) is not one a CSPS may carry: sRGB used"
     return profile, None
+
+
+def _shared_luts(images: list[Dataset]) -> dict[str, Any]:
+    """The modality LUT and VOI of one enhanced multi-frame image whose shared functional groups
+    hold both, as arguments: highdicom would otherwise read every frame's functional groups (to
+    check that none has its own), which costs what the frames cost, not the regions."""
+    if len(images) != 1 or len(images[0].get("SharedFunctionalGroupsSequence") or []) != 1:
+        return {}
+    shared = images[0].SharedFunctionalGroupsSequence[0]
+    if not shared.get("PixelValueTransformationSequence") or not shared.get("FrameVOILUTSequence"):
+        return {}  # per-frame values: highdicom reads each frame's, as it must
+    pixel, voi = shared.PixelValueTransformationSequence[0], shared.FrameVOILUTSequence[0]
+    luts: dict[str, Any] = {
+        "voi_lut_transformations": [
+            hd.pr.SoftcopyVOILUTTransformation(
+                window_center=voi.WindowCenter,
+                window_width=voi.WindowWidth,
+                window_explanation=voi.get("WindowCenterWidthExplanation"),
+                voi_lut_function=voi.get("VOILUTFunction"),
+            )
+        ]
+    }
+    if "RescaleIntercept" in pixel:
+        luts["modality_lut_transformation"] = hd.ModalityLUTTransformation(
+            rescale_intercept=pixel.RescaleIntercept,
+            rescale_slope=pixel.RescaleSlope,
+            rescale_type=pixel.get("RescaleType") or "US",
+        )
+    return luts
 
 
 def _legacy_multiframe_luts(images: list[Dataset]) -> dict[str, Any]:

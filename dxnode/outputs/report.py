@@ -111,8 +111,15 @@ def write_outputs(
     with stopwatch("sr"):
         headers: dict[str, Dataset] = {}
         notes: dict[str, list[str]] = {}
+        frames: dict[str, set[int]] = {uid: set() for uid in referenced}  # the per-frame items the writers read
+        for f in result.findings:
+            if f.source_sop_instance_uid in frames:
+                frames[f.source_sop_instance_uid].add(f.source_frame)
+        for h in result.heatmaps:
+            frames[h.sop_instance_uid].add(h.frame)
         for uid in sorted(referenced):
-            headers[uid], notes[uid] = reference_header(pydicom.dcmread(sources[uid], stop_before_pixels=True))
+            source = pydicom.dcmread(sources[uid], stop_before_pixels=True)
+            headers[uid], notes[uid] = reference_header(source, frames[uid])
             for note in notes[uid]:  # UIDs only at DEBUG, like other patient data; the job log keeps the notes
                 log.warning("source header copied into the result objects with a change: %s", note)
                 log.debug("that change was on study %s, instance %s", result.study_instance_uid, uid)
