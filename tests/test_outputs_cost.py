@@ -72,3 +72,5 @@ def test_a_1000_frame_enhanced_ct_costs_what_its_regions_cost(tmp_path: Path) ->
     # write, the source header's per-frame items included (only those of the 3 frames are copied and cleaned).
     assert big["seg"] + big["pmap"] < 3 * (small["seg"] + small["pmap"]) + 0.3, (big, small)
     assert big["seconds"] < 3 * small["seconds"] + 0.3, (big, small)
+    # The step that reads and copies the headers: about 0.5 s more for 1,000 frames when every item was cleaned.
+    assert big["sr"] < small["sr"] + 0.2, (big, small)
