@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_checks import dciodvfy_errors
+from PIL import ImageCms
 from pydicom.data import get_testdata_file
 from test_outputs_frames import on_frames
 from test_outputs_objects import ALL, CT, by_kind, dcmpschk, synthetic
@@ -91,12 +92,21 @@ def test_a_series_of_grey_and_colour_images_gets_a_gsps_and_a_csps(tmp_path: Pat
 
 
 def test_a_source_icc_profile_is_kept_and_an_unusable_one_replaced_by_srgb(tmp_path: Path) -> None:
+    scanner = srgb_profile()[:12] + b"scnr" + srgb_profile()[16:]  # the device class an input profile has
+    display = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # "mntr": not for a CSPS
     ds = pydicom.dcmread(US, stop_before_pixels=True)
-    ds.ICCProfile = srgb_profile()
-    assert icc_profile([ds]) == (srgb_profile(), None)
-    ds.ICCProfile = b"not an ICC profile"
-    profile, note = icc_profile([ds])
-    assert profile == srgb_profile() and note is not None and "sRGB used" in note
+    for profile, kept, why in [(scanner, True, None), (display, False, "mntr"), (b"not ICC", False, "cannot be read")]:
+        ds.ICCProfile = profile
+        got, note = icc_profile([ds])
+        assert got == (profile if kept else srgb_profile()), why
+        assert (note is None) if kept else (note is not None and why in note and "sRGB used" in note), note
+    ds.ICCProfile = scanner
+    path = tmp_path / "profiled.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result, sources = on_frames(path, {"Nodule": (0, (200, 300))})
+    (w,) = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=[OutputKind.GSPS])
+    assert bytes(pydicom.dcmread(w.path).ICCProfile) == scanner and dciodvfy_errors(w.path) == []
+    assert w.notes == ()
 
 
 def test_a_kind_that_cannot_be_built_is_left_out_with_a_note_and_the_rest_written(tmp_path: Path) -> None:
