@@ -11,18 +11,24 @@ import pytest
 from dicom_checks import dciodvfy_errors
 from PIL import ImageCms
 from pydicom.data import get_testdata_file
+from sqlalchemy import select
+from test_job_failures import any_modality_settings, receive
 from test_outputs_frames import on_frames
 from test_outputs_objects import ALL, CT, by_kind, dcmpschk, synthetic
 
 from dxnode.config import Settings
+from dxnode.jobs.body import run_job
 from dxnode.outputs.attention import attention_outline
 from dxnode.outputs.gsps import icc_profile, srgb_profile
 from dxnode.outputs.report import write_outputs
-from dxnode.states import OutputKind
+from dxnode.states import JobState, OutputKind
+from dxnode.store import Job, Output, Store
+from dxnode.worklist import queue
 
 US = Path(get_testdata_file("US1_UNCR.dcm"))  # US, RGB, 480 x 640, no ICC profile, no Frame of Reference
 CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+SR = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 
 
 def colour_us(folder: Path, layout: str) -> Path:
@@ -129,3 +135,22 @@ def test_a_kind_that_cannot_be_built_is_left_out_with_a_note_and_the_rest_writte
     # Asked for that kind alone, nothing can be written: the job fails with the reason.
     with pytest.raises(ValueError, match="no result object could be built: no GSPS: "):
         write_outputs(result, sources, Settings(), tmp_path / "alone", kinds=[OutputKind.GSPS])
+
+
+def test_a_colour_us_job_is_done_with_a_csps_in_place_of_a_gsps(
+    store: Store, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = any_modality_settings(db_url, tmp_path, monkeypatch)
+    pacs = base.destinations[0].model_copy(update={"outputs": [OutputKind.SR, OutputKind.GSPS]})
+    settings = base.model_copy(update={"destinations": [pacs]})
+    receive(store, settings, [("US1_UNCR.dcm", lambda ds: None)])  # RGB: a GSPS failed the whole job before
+    assert queue.sweep(store, settings)
+    assert queue.drain(store, settings, run_job) == 1
+    with store.session() as s:
+        job = s.scalar(select(Job))
+        outputs = list(s.scalars(select(Output)))
+    assert job is not None and job.state == JobState.DONE, job.error if job else None
+    assert sorted((o.kind, o.sop_class_uid) for o in outputs) == [("gsps", CSPS), ("sr", SR)], job.log
+    assert "output GSPS -> 1 destination(s)" in job.log and "note: no " not in job.log, job.log
+    for o in outputs:
+        assert dciodvfy_errors(settings.data_dir / o.file_path) == [], o.kind
