@@ -332,7 +332,7 @@ def reference_header(source: Dataset, frames: Collection[int] = ()) -> tuple[Dat
     top = Dataset()
     top.update(source)  # the same elements, less the per-frame items and pixels, deep-copied below
     per_frame = source.get("PerFrameFunctionalGroupsSequence")
-    top.pop(0x52009230, None)
+    top.pop(0x52009230, None)  # Per-Frame Functional Groups Sequence: a FrameItems view of it is added last
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in top:
             del top[keyword]
