@@ -5,6 +5,7 @@ references and geometry the source gives, or the map's own where it gives none."
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -20,6 +21,7 @@ from dxnode.config import Settings
 from dxnode.outputs.attention import attention_region, to_source_grid
 from dxnode.outputs.geometry import own_frame_of_reference_uid, own_geometry
 from dxnode.outputs.report import write_outputs
+from dxnode.outputs.source_header import reference_header
 from dxnode.results import Finding, Heatmap, InstanceOutcome, StudyResult
 from dxnode.states import OutputKind
 
@@ -274,3 +276,52 @@ def test_a_seg_highdicom_cannot_place_is_left_out_with_a_note(tmp_path: Path) ->
     assert note.startswith("no SEG for Nodule, Mass: ") and "duplicate" in note, note
     for w in kinds["pmap"]:
         assert dciodvfy_errors(w.path) == []
+
+
+def late(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the reference header logged (the notes of per-frame items made valid after it was made)."""
+    return [r for r in caplog.records if r.name == "dxnode.outputs.source_header"]
+
+
+def test_a_reference_header_makes_the_region_frames_valid_now_and_the_others_when_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = pydicom.dcmread(enhanced_ct(tmp_path, 4), stop_before_pixels=True)
+    for item in source.PerFrameFunctionalGroupsSequence:
+        item.FrameContentSequence[0].FrameLabel = "L" * 80  # LO: 64 at most
+    before = copy.deepcopy(source)
+    header, notes = reference_header(source, frames=[2])
+    assert notes == [
+        "PerFrameFunctionalGroupsSequence[2].FrameContentSequence[0].FrameLabel truncated to 64 bytes (LO)"
+    ]
+    assert not late(caplog)
+    frames = header.PerFrameFunctionalGroupsSequence
+    assert len(frames) == 4 and len(frames[1:3]) == 2
+    with caplog.at_level("WARNING", logger="dxnode.outputs.source_header"):
+        labels = [str(item.FrameContentSequence[0].FrameLabel) for item in frames]  # the others made valid as read
+    assert labels == ["L" * 64] * 4
+    assert sorted(r.getMessage().split(": ")[1].split(".")[0] for r in late(caplog)) == [
+        f"PerFrameFunctionalGroupsSequence[{i}]" for i in (0, 1, 3)
+    ]
+    assert [position(item) for item in frames] == [position(item) for item in source.PerFrameFunctionalGroupsSequence]
+    assert source == before  # the source header is left as it was
+
+
+def test_the_gsps_of_an_enhanced_ct_keeps_its_shared_modality_lut_and_voi(tmp_path: Path) -> None:
+    path = enhanced_ct(tmp_path, 6)
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    result, sources = on_frames(path, {"Nodule": (4, (40, 50))})
+    (w,) = write_outputs(result, sources, Settings(), tmp_path / "out", kinds=[OutputKind.GSPS])
+    assert dciodvfy_errors(w.path) == []
+    check = dcmpschk(w.path)
+    assert check.returncode == 0 and "Error" not in check.stdout + check.stderr, check.stdout + check.stderr
+    ours = pydicom.dcmread(w.path)
+    layer = hd.pr.GraphicLayer(layer_name="AI", order=1)
+    theirs = hd.pr.GrayscaleSoftcopyPresentationState(  # highdicom reading every frame's functional groups
+        [source], "1.2.3", 1, "1.2.3.4", 1, "m", "m", "1", "1", "L", graphic_layers=[layer]
+    )
+    voi = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction")
+    for a, b in zip(ours.SoftcopyVOILUTSequence, theirs.SoftcopyVOILUTSequence, strict=True):
+        assert [a.get(k) for k in voi] == [b.get(k) for k in voi] and "ReferencedImageSequence" not in a
+    for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType"):
+        assert ours.get(keyword) == theirs.get(keyword), keyword

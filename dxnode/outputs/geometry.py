@@ -35,6 +35,7 @@ from dxnode.outputs.result_uids import derived_uid
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 FALLBACK_SPACING = [1.0, 1.0]  # mm, when the source names no spacing at all
+PER_FRAME = 0x52009230  # Per-Frame Functional Groups Sequence
 
 
 def frames_of(ds: Dataset) -> int:
@@ -109,8 +110,7 @@ def own_geometry(source: Dataset, frames: list[int] | None = None) -> tuple[Data
         "SharedFunctionalGroupsSequence": Sequence([shared]),
         "PerFrameFunctionalGroupsSequence": Sequence(per_frame),
     }
-    ds = Dataset()
-    ds.update(source)  # a new mapping of the same elements: replacing one here leaves the source's
+    ds = without_frames(source)  # a new mapping of the same elements: replacing one here leaves the source's
     for keyword, value in values.items():
         if keyword in ds:
             delattr(ds, keyword)
@@ -135,12 +135,18 @@ def only_frames(header: Dataset, frames: list[int]) -> Dataset:
     only the frames that hold a region, it costs what the regions cost. Its references then
     number the frames of this copy: `renumber_frames` maps them back to the source's.
     """
-    ds = Dataset()
-    ds.update(header)  # a new mapping of the same elements (see own_geometry)
-    for keyword in ("NumberOfFrames", "PerFrameFunctionalGroupsSequence"):
-        delattr(ds, keyword)
+    ds = without_frames(header)
+    del ds.NumberOfFrames
     ds.NumberOfFrames = len(frames)
     ds.PerFrameFunctionalGroupsSequence = Sequence([header.PerFrameFunctionalGroupsSequence[f - 1] for f in frames])
+    return ds
+
+
+def without_frames(header: Dataset) -> Dataset:
+    """A new mapping of a header's elements less its per-frame functional groups (added back by the caller):
+    copying that element would read every frame's item (pydicom walks a sequence it is given)."""
+    ds = Dataset()
+    ds.update({tag: elem for tag, elem in header.items() if tag != PER_FRAME})
     return ds
 
 

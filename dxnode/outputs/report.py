@@ -111,26 +111,38 @@ def write_outputs(
     with stopwatch("sr"):
         headers: dict[str, Dataset] = {}
         notes: dict[str, list[str]] = {}
+        frames: dict[str, set[int]] = {uid: set() for uid in referenced}  # the per-frame items the writers read
+        for f in result.findings:
+            if f.source_sop_instance_uid in frames:
+                frames[f.source_sop_instance_uid].add(f.source_frame)
+        for h in result.heatmaps:
+            frames[h.sop_instance_uid].add(h.frame)
         for uid in sorted(referenced):
-            headers[uid], notes[uid] = reference_header(pydicom.dcmread(sources[uid], stop_before_pixels=True))
+            source = pydicom.dcmread(sources[uid], stop_before_pixels=True)
+            headers[uid], notes[uid] = reference_header(source, frames[uid])
             for note in notes[uid]:  # UIDs only at DEBUG, like other patient data; the job log keeps the notes
                 log.warning("source header copied into the result objects with a change: %s", note)
                 log.debug("that change was on study %s, instance %s", result.study_instance_uid, uid)
     first_notes = tuple(notes[min(headers)]) if headers else ()  # highdicom copies from the first source
     built: list[_Built] = []  # before the SR, which references them
+    skipped: list[str] = []  # what a kind left out (a geometry highdicom refuses) or assumed (a pixel spacing)
+    failed: list[str] = []  # the objects whose build raised: left out, the others still written
     if OutputKind.SC in wanted:
         with stopwatch("sc"):
             for i, h in enumerate(result.heatmaps):
-                sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
-                built.append(_Built(sc, OutputKind.SC, h.label, caption, tuple(notes[h.sop_instance_uid])))
-    skipped: list[str] = []  # what a kind left out (a geometry highdicom refuses) or assumed (a pixel spacing)
-    built += _companions(result, headers, settings, wanted, stopwatch, first_notes, skipped)
+                with _or_noted(f"SC for {h.label}", failed):
+                    sc, caption = build_sc(h, by_label[h.label], result, headers[h.sop_instance_uid], settings, i)
+                    built.append(_Built(sc, OutputKind.SC, h.label, caption, tuple(notes[h.sop_instance_uid])))
+    built += _companions(result, headers, settings, wanted, stopwatch, first_notes, skipped, failed)
     if OutputKind.SR in wanted:
-        with stopwatch("sr"):
+        with stopwatch("sr"), _or_noted("SR", failed):
             scs = [b.ds for b in built if b.kind == OutputKind.SC]
             others = [b.ds for b in built if b.kind != OutputKind.SC]
             sr, summary = build_sr(result, headers, settings, scs, others)
-        built.insert(0, _Built(sr, OutputKind.SR, "", summary, first_notes))
+            built.insert(0, _Built(sr, OutputKind.SR, "", summary, first_notes))
+    if failed and not built:
+        raise ValueError("no result object could be built: " + "; ".join(failed))
+    skipped += failed
     if skipped and built:  # the job log shows each output's notes
         built[0] = dataclasses.replace(built[0], notes=built[0].notes + tuple(skipped))
     folder = Path(out_dir) / result.study_instance_uid
@@ -157,34 +169,60 @@ def _companions(
     stopwatch: _Stopwatch,
     notes: tuple[str, ...],
     skipped: list[str],
+    failed: list[str],
 ) -> list[_Built]:
     """The SEG, Parametric Map, GSPS and KOS objects wanted (each kind timed under its name); what a
-    kind left out is added to skipped."""
+    kind left out is added to skipped, a kind whose build raised to failed (`_or_noted`)."""
     built: list[_Built] = []
     if OutputKind.SEG in wanted:
-        with stopwatch("seg"):
+        with stopwatch("seg"), _or_noted("SEG", failed):
             segs, left_out = build_segs(result, headers, settings)
-        skipped += left_out
-        labels = [", ".join(str(s.SegmentLabel) for s in seg.SegmentSequence) for seg in segs]
-        built += [
-            _Built(seg, OutputKind.SEG, "", f"SEG: {text}", notes) for seg, text in zip(segs, labels, strict=True)
-        ]
+            skipped += left_out
+            labels = [", ".join(str(s.SegmentLabel) for s in seg.SegmentSequence) for seg in segs]
+            built += [
+                _Built(seg, OutputKind.SEG, "", f"SEG: {text}", notes) for seg, text in zip(segs, labels, strict=True)
+            ]
     if OutputKind.PMAP in wanted:
-        with stopwatch("pmap"):
+        with stopwatch("pmap"), _or_noted("Parametric Map", failed):
             maps, left_out = build_pmaps(result, headers, settings)
-        skipped += left_out
-        built += [
-            _Built(pm, OutputKind.PMAP, label, f"Parametric Map: AI attention {label}", notes) for pm, label in maps
-        ]
+            skipped += left_out
+            built += [
+                _Built(pm, OutputKind.PMAP, label, f"Parametric Map: AI attention {label}", notes) for pm, label in maps
+            ]
     if OutputKind.GSPS in wanted:
-        with stopwatch("gsps"):
-            states = build_gsps(result, headers, settings)
-        built += [_Built(ps, OutputKind.GSPS, "", "GSPS: AI attention outlines", notes) for ps in states]
+        with stopwatch("gsps"), _or_noted("GSPS", failed):
+            states, left_out = build_gsps(result, headers, settings)
+            skipped += left_out
+            built += [
+                _Built(ps, OutputKind.GSPS, "", f"{_STATE_NAMES[ps.SOPClassUID]}: AI attention outlines", notes)
+                for ps in states
+            ]
     if OutputKind.KOS in wanted:
-        with stopwatch("kos"):
+        with stopwatch("kos"), _or_noted("KOS", failed):
             selections = build_kos(result, headers, settings)
-        built += [_Built(ko, OutputKind.KOS, "", "KOS: images with positive findings", notes) for ko in selections]
+            built += [_Built(ko, OutputKind.KOS, "", "KOS: images with positive findings", notes) for ko in selections]
     return built
+
+
+# What the summary calls a presentation state, by SOP class (Grayscale / Color Softcopy Presentation State).
+_STATE_NAMES = {"1.2.840.10008.5.1.4.1.1.11.1": "GSPS", "1.2.840.10008.5.1.4.1.1.11.2": "CSPS"}
+
+
+@contextmanager
+def _or_noted(what: str, failed: list[str]) -> Iterator[None]:
+    """Build one object (or kind); if it raises, note it in failed and go on, so that one kind that
+    cannot be built never costs the study its other objects. A build only computes on headers
+    already read, so the same result fails the same way on a re-run: a note, not a retry."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as exc:  # highdicom raises ValueError, TypeError, AttributeError... on what it cannot encode
+        text = str(exc).strip()
+        note = f"no {what}: {text.splitlines()[0] if text else type(exc).__name__}"
+        log.warning("%s", note)
+        log.debug("the build of the %s raised", what, exc_info=True)
+        failed.append(note)
 
 
 class _Stopwatch:

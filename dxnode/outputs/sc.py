@@ -141,7 +141,8 @@ def image_orientation(source: Dataset, frame: int = 0) -> list[float] | None:
     """Image Orientation (Patient) of a frame: top level, else the enhanced per-frame or shared functional group."""
     if len(source.get("ImageOrientationPatient") or []) == 6:
         return [float(x) for x in source.ImageOrientationPatient]
-    groups = list(source.get("PerFrameFunctionalGroupsSequence") or [])[frame : frame + 1] + list(
+    # a slice, not a list of the whole sequence: a reference header makes its per-frame items valid as they are read
+    groups = list((source.get("PerFrameFunctionalGroupsSequence") or [])[frame : frame + 1]) + list(
         source.get("SharedFunctionalGroupsSequence") or []
     )
     for group in groups:

@@ -8,22 +8,34 @@ source has none), its text decoded and re-encoded as UTF-8 (ISO_IR 192), every v
 VR (dates and times that are not in the calendar emptied, characters the VR does not allow removed)
 and within its VR's length (PN per component group); what it changed comes back as notes (they name
 attributes, never values). This is the one place where copied values are made valid.
+
+The per-frame functional groups of a multi-frame header (a 1,000-frame Enhanced CT has 1,000
+items) are made valid one item at a time, on first use (`FrameItems`): the frames named (those
+holding a finding or heatmap) at once, with their notes; the rest only if a writer reads them. A
+1,000-frame source so costs what its region frames cost, not about half a second per header.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
+import logging
 import math
 import re
 import warnings
+from collections.abc import Collection, Iterator
+from typing import Any, overload
 
 from pydicom import Dataset
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
+
+log = logging.getLogger("dxnode.outputs.source_header")
 
 # Type 2 attributes of the Patient and General Study modules that highdicom reads unconditionally.
 TYPE2_PATIENT_STUDY = (
@@ -311,12 +323,20 @@ def _fit_all(ds: Dataset, notes: list[str], where: str = "") -> None:
             _fit_element(elem, where, notes)
 
 
-def reference_header(source: Dataset) -> tuple[Dataset, list[str]]:
-    """A copy of a source header that SR and SC builders can copy from, and notes on what changed."""
-    ds = copy.deepcopy(source)
+def reference_header(source: Dataset, frames: Collection[int] = ()) -> tuple[Dataset, list[str]]:
+    """A copy of a source header that SR and SC builders can copy from, and notes on what changed.
+
+    frames: the (0-based) frames of a multi-frame source whose per-frame functional groups are
+    made valid now; the other frames' are made valid when first read (`FrameItems`).
+    """
+    top = Dataset()
+    top.update(source)  # the same elements, less the per-frame items and pixels, deep-copied below
+    per_frame = source.get("PerFrameFunctionalGroupsSequence")
+    top.pop(0x52009230, None)  # Per-Frame Functional Groups Sequence: a FrameItems view of it is added last
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in ds:
-            del ds[keyword]
+        if keyword in top:
+            del top[keyword]
+    ds = copy.deepcopy(top)
     notes: list[str] = []
     _readable(ds, notes)
     _decode_to_utf8(ds, notes)
@@ -332,6 +352,9 @@ def reference_header(source: Dataset) -> tuple[Dataset, list[str]]:
     if isinstance(ds.PatientName, PersonName) and not str(ds.PatientName):
         ds.PatientName = ""
     _deidentification_method(ds, notes)
+    if per_frame is not None:  # last: each pass above would read every item
+        ds.PerFrameFunctionalGroupsSequence = Sequence()  # set as a value: setting the element reads every item
+        ds["PerFrameFunctionalGroupsSequence"].value = FrameItems(per_frame, _encoding(source), frames, notes)
     return ds, notes
 
 
@@ -347,3 +370,66 @@ def _deidentification_method(ds: Dataset, notes: list[str]) -> None:
         return
     ds.DeidentificationMethod = UNSTATED_DEIDENTIFICATION
     notes.append("DeidentificationMethod added: the source has Patient Identity Removed YES but states no method")
+
+
+def _encoding(source: Dataset) -> str | list[str]:
+    """The Python encoding(s) of the source's text values (pydicom's default where its character set is unusable)."""
+    try:
+        return convert_encodings(source.get("SpecificCharacterSet") or "ISO_IR 6")
+    except Exception:  # not a character set value at all: pydicom's default, as _decode_to_utf8 does
+        return convert_encodings("ISO_IR 6")
+
+
+class FrameItems(Sequence):
+    """The per-frame functional groups of a reference header, each copied and made valid on first
+    read (about half a millisecond an item); the frames named at construction at once, their notes
+    into notes. The notes of an item made valid later are logged (the caller has used its notes)."""
+
+    def __init__(self, source: list[Dataset], encoding: str | list[str], frames: Collection[int], notes: list[str]):
+        super().__init__()
+        self._source, self._encoding = source, encoding
+        self._list: list[Dataset | None] = [None] * len(source)  # type: ignore[assignment]
+        for i in sorted({f for f in frames if 0 <= f < len(source)}):
+            self._list[i] = self._valid(i, notes)
+
+    def _valid(self, i: int, notes: list[str]) -> Dataset:
+        """A copy of item i (0-based) made valid as the top level is: readable, UTF-8, dates, lengths."""
+        item = copy.deepcopy(self._source[i])
+        where = f"PerFrameFunctionalGroupsSequence[{i}]."
+        _readable(item, notes, where)
+        item._parent_encoding = self._encoding
+        with warnings.catch_warnings():  # a character set pydicom only partly knows is noted once, at the top level
+            warnings.simplefilter("ignore")
+            item.decode()
+        _valid_dates(item, notes, where)
+        _fit_all(item, notes, where)
+        return item
+
+    def _item(self, i: int) -> Dataset:
+        """Item i (0-based, or from the end), made valid on first read."""
+        i = range(len(self._list))[i]  # IndexError as a list's
+        item = self._list[i]
+        if item is None:
+            late: list[str] = []
+            item = self._list[i] = self._valid(i, late)
+            for note in late:
+                log.warning("source header copied into the result objects with a change: %s", note)
+        return item
+
+    @overload
+    def __getitem__(self, index: int) -> Dataset: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Dataset]: ...
+    def __getitem__(self, index: int | slice) -> Dataset | list[Dataset]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(len(self._list))[index]]
+        return self._item(index)
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return (self._item(i) for i in range(len(self._list)))
+
+    def __eq__(self, other: Any) -> Any:
+        return list(self) == other
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Sequence:
+        return Sequence(copy.deepcopy(item, memo) for item in self)
