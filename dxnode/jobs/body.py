@@ -187,6 +187,11 @@ class _Attempt:
                 return self._once(last=False)
             except _LeaveOut as leave:
                 self.left_out |= leave.culprits
+                if len(self.left_out) >= len(self.instances):
+                    break
+        # Blamed round after round (or every instance): a cause the study shares, not one instance's. All
+        # of them again, and the objects that can be built, with a note for each kind that cannot.
+        self.left_out = {}
         return self._once(last=True)
 
     def _once(self, last: bool) -> JobState:
@@ -202,25 +207,21 @@ class _Attempt:
             return recorded
         self.beat("outputs")
         sources = dict(self.instances)
+        write = functools.partial(
+            _write_outputs, self.store, self.settings, self.job_id, self.study_id, result, sources, self.calling_aet
+        )
         try:
             with _stage("outputs", "cannot write or queue the SR/SC"):
-                outputs = _write_outputs(
-                    self.store,
-                    self.settings,
-                    self.job_id,
-                    self.study_id,
-                    result,
-                    sources,
-                    self.calling_aet,
-                    self.timings,
-                )
+                outputs = write(self.timings, strict=not last)
         except JobFailure as failure:
             if not failure.permanent or last:
                 raise
             bad = culprits(result, sources, self.settings)
-            if not bad:
-                raise
-            raise _LeaveOut(bad) from failure
+            if bad:
+                raise _LeaveOut(bad) from failure
+            # No instance to blame: the objects that can be built, with notes, rather than no result at all.
+            with _stage("outputs", "cannot write or queue the SR/SC"):
+                outputs = write(self.timings, strict=False)
         with _stage("outputs", "cannot write or queue the SR/SC"):
             _log_outputs(self.store, self.job_id, outputs)
         return JobState.DONE
@@ -380,12 +381,19 @@ def _write_outputs(
     sources: dict[str, Path],
     calling_aet: str,
     timings: dict[str, float] | None = None,
+    strict: bool = False,
 ) -> list[_Written]:
-    """Write SR and SC files, record them, and queue their deliveries (all idempotent)."""
+    """Write the result objects, record them, and queue their deliveries (all idempotent); strict: see
+    outputs.report.write_outputs."""
 
     used = {o.sop_instance_uid for o in result.instances if o.state == InstanceState.DONE}
     written = write_outputs(
-        result, {uid: p for uid, p in sources.items() if uid in used}, settings, settings.data_dir / "outputs", timings
+        result,
+        {uid: p for uid, p in sources.items() if uid in used},
+        settings,
+        settings.data_dir / "outputs",
+        timings,
+        strict=strict,
     )
     report: list[_Written] = []
     with store.session() as session:

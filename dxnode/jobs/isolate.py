@@ -18,8 +18,9 @@ from dxnode.results import InstanceOutcome, StudyResult
 from dxnode.states import InstanceState
 from dxnode.worklist.queue import classify
 
-# Rounds of analysis after leaving instances out, before the job fails with the output stage's reason: a
-# value that every instance of the study carries (a study-level attribute) fails each new driver in turn.
+# Rounds of analysis after leaving instances out. A value that every instance of the study carries (a
+# study-level attribute) fails each new driver in turn: after these rounds (or once every instance was
+# blamed) the job body puts them all back and writes what can be built, with notes (jobs/body.py).
 MAX_LEFT_OUT_ROUNDS = 3
 
 
@@ -50,7 +51,7 @@ def culprits(result: StudyResult, sources: dict[str, Path], settings: Settings) 
     for uid in referenced(result, sources):
         with tempfile.TemporaryDirectory(prefix="dxnode-outputs-alone-") as scratch:
             try:
-                write_outputs(alone(result, uid), {uid: sources[uid]}, settings, Path(scratch))
+                write_outputs(alone(result, uid), {uid: sources[uid]}, settings, Path(scratch), strict=True)
             except Exception as exc:  # classified: only a deterministic failure names a culprit
                 failure = classify(exc, "outputs", "its results cannot be written")
                 if failure.permanent:

@@ -88,13 +88,16 @@ def write_outputs(
     out_dir: Path,
     timings: dict[str, float] | None = None,
     kinds: Collection[OutputKind] | None = None,
+    strict: bool = False,
 ) -> list[WrittenOutput]:
     """Write the result objects of the given kinds (else those some destination wants) under out_dir/<study>/.
 
     sources maps the analysed instances to their files; only those the findings and heatmaps
     reference are read. Every object is built before any is written: a result that cannot be
     encoded leaves no file. The SR, built last, references every other object written with it.
-    timings gets the seconds of each kind's step and of the write step added.
+    timings gets the seconds of each kind's step and of the write step added. An object whose build
+    raises is left out with a note, unless strict: then any such failure raises (the job first looks
+    for the instance to blame, jobs/isolate.py, before it settles for the notes).
     """
     wanted = frozenset(kinds) if kinds is not None else wanted_kinds(settings)
     by_label = {f.label: f for f in result.findings}
@@ -142,6 +145,8 @@ def write_outputs(
             built.insert(0, _Built(sr, OutputKind.SR, "", summary, first_notes))
     if failed and not built:
         raise ValueError("no result object could be built: " + "; ".join(failed))
+    if failed and strict:
+        raise ValueError("; ".join(failed))
     skipped += failed
     if skipped and built:  # the job log shows each output's notes
         built[0] = dataclasses.replace(built[0], notes=built[0].notes + tuple(skipped))
