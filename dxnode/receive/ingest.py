@@ -116,7 +116,7 @@ class Ingest:
                 raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
             self.store_dataset(req.DataSet, uids, calling_aet, address, id(event.assoc), actor)
             return len(req.DataSet.getbuffer())
-        with received as (spooled, size):
+        with received as (spooled, size), self.inflight.hold(size):  # on disk, yet handled now: as STOW-RS
             rec = read_received(spooled.file, size, uids, self.settings.node.max_instance_mb, self.incoming)
             self.store_received(rec, spooled, calling_aet, address, id(event.assoc), actor)
         return size
