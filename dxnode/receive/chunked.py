@@ -55,6 +55,9 @@ class SpoolFile:
     def __init__(self, folder: Path, limit: int) -> None:
         self.limit, self.received = limit, 0
         self.error: OSError | None = None
+        # Hashed as written, on pynetdicom's reader thread (hashlib lets go of the GIL), while the bytes are
+        # in the CPU's cache: the handler then need not read the file back.
+        self.digest = hashlib.sha256()
         self._f: Any = None
         self.name = str(folder / f".{uuid.uuid4().hex}.dcm.tmp")  # the stale-temporary sweep's pattern
         try:
@@ -71,6 +74,7 @@ class SpoolFile:
                 self._f.write(data)
             except OSError as exc:
                 self.error = exc
+            self.digest.update(data)
         return len(data)
 
     def flush(self) -> None:
@@ -126,9 +130,12 @@ class Spooled:
 
     path: Path
     file: BufferedReader
+    spool: SpoolFile | None = None  # what wrote it, when it was a SpoolFile
 
     def sha256(self) -> str:
-        """The SHA-256 of the file, read back from the page cache."""
+        """The SHA-256 of the file: as the SpoolFile hashed it while writing, else read back."""
+        if self.spool is not None:
+            return self.spool.digest.hexdigest()
         self.file.seek(0)
         return hashlib.file_digest(self.file, "sha256").hexdigest()
 
@@ -145,7 +152,7 @@ def _opened(path: Path, spool: SpoolFile | None) -> Iterator[tuple[Spooled, int]
         start = 144 + int(struct.unpack("<I", head[140:144])[0])
         f.seek(start)
         end = spool.received if spool is not None else os.fstat(f.fileno()).st_size
-        yield Spooled(path, f), end - start
+        yield Spooled(path, f, spool), end - start
 
 
 def received_file(req: C_STORE) -> contextlib.AbstractContextManager[tuple[Spooled, int]] | None:
