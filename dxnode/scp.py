@@ -58,7 +58,7 @@ from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.listen import StartError, bind_error
 from dxnode.listen import address as host_port
-from dxnode.receive import chunked
+from dxnode.receive import chunked, reactor
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
 
@@ -175,6 +175,7 @@ class StorageSCP:
                 raise StartError("dicom-tls", f"cannot load the TLS certificate or key: {exc}") from None
         self.ingest.open()
         chunked.register(self.ae, self.ingest.incoming, node.max_instance_mb)
+        reactor.install()
         self._serve("dicom", (node.host, node.port), None)
         if node.tls_port is not None:
             self._serve("dicom-tls", (node.host, node.tls_port), tls)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from nodeproc import Node, node_config, wait_until
+from nodeproc import InProcessNode, Node, node_config, wait_until
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -126,3 +126,26 @@ def test_eight_concurrent_60_mb_instances_keep_the_receiver_memory_bounded(tmp_p
             )
         finally:
             node.stop()
+
+
+def test_a_dataset_over_max_instance_mb_is_refused_and_leaves_no_file(tmp_path: Path) -> None:
+    """The spool file stops growing at the limit; the instance gets 0xA700 and nothing stays in incoming/."""
+    node = InProcessNode(tmp_path, max_instance_mb=1)
+    try:
+        big = big_ct(generate_uid(), bytes(4 << 20))  # 4 MB of Pixel Data
+        ae = AE(ae_title="BIG")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DXNODE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(big)
+            small = big_ct(generate_uid(), bytes(512 * 512 * 2))  # one frame: under the limit
+            assert int(assoc.send_c_store(small).Status) == 0
+        finally:
+            assoc.release()
+        assert int(status.Status) == 0xA700 and status.ErrorComment == "dataset over [node] max_instance_mb 1"
+        assert set(node.instances()) == {small.SOPInstanceUID}
+        incoming = node.settings.data_dir / "incoming"
+        assert not list(incoming.rglob(".*.tmp")), "a spool file was left"
+    finally:
+        node.stop()
