@@ -9,6 +9,7 @@ buffering each dataset whole (pynetdicom's default) costs at least SENDERS x SIZ
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,5 +148,20 @@ def test_a_dataset_over_max_instance_mb_is_refused_and_leaves_no_file(tmp_path: 
         assert set(node.instances()) == {small.SOPInstanceUID}
         incoming = node.settings.data_dir / "incoming"
         assert not list(incoming.rglob(".*.tmp")), "a spool file was left"
+    finally:
+        node.stop()
+
+
+def test_spool_files_a_crash_left_are_removed_at_start_and_a_live_one_is_kept(tmp_path: Path) -> None:
+    incoming = tmp_path / "var" / "incoming"
+    incoming.mkdir(parents=True)
+    stale, live = incoming / ".0123abcd.dcm.tmp", incoming / ".4567ef01.dcm.tmp"
+    stale.write_bytes(b"\0" * 132)
+    live.write_bytes(b"\0" * 132)
+    hour_ago = time.time() - 3600  # older than dimse_timeout and network_timeout
+    os.utime(stale, (hour_ago, hour_ago))
+    node = InProcessNode(tmp_path)
+    try:
+        assert not stale.exists() and live.exists()  # a live receiver may still be writing the young one
     finally:
         node.stop()
