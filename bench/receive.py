@@ -11,7 +11,10 @@
                      folder fsync; no database): what the disk alone costs, for scale
 
 Every peer runs with TCP_NODELAY (DCMTK through the TCP_NODELAY=1 environment variable).
-Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3]. Prints instances/s (best of
+Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3] [--baseline DIR] [--only NAME...].
+--baseline adds dxnode run from another source tree (say a main checkout), to compare before and
+after in the same run; --only keeps the receivers named by first word (dxnode, baseline, Orthanc,
+DCMTK, pynetdicom). Prints instances/s (best of
 the rounds) with one sender and with 4 concurrent senders (storescu processes, count/4 instances
 each, their own studies), the receiver's CPU time per instance (user + system, from /proc: less
 sensitive than the rate to other load on the machine), and dxnode's ratio to each reference.
@@ -152,7 +155,8 @@ def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[floa
     return elapsed, cpu_seconds(pid) - before
 
 
-def run_dxnode(folders: list[Path], work: Path) -> tuple[float, float]:
+def run_dxnode(folders: list[Path], work: Path, source: Path | None = None) -> tuple[float, float]:
+    """dxnode serve from this tree, or from the source tree source (PYTHONPATH: a baseline in the same run)."""
     port = free_port()
     cfg = work / "dxnode.toml"
     cfg.write_text(
@@ -171,7 +175,7 @@ def run_dxnode(folders: list[Path], work: Path) -> tuple[float, float]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=ENV,
+        env=ENV if source is None else dict(ENV, PYTHONPATH=str(source)),
     )
     try:
         wait_port(port)
@@ -255,6 +259,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="also run dxnode from this source tree (e.g. a main checkout)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="receivers to run, by first word (dxnode, Orthanc, ...)"
+    )
     args = parser.parse_args()
     if not shutil.which("storescu") or not shutil.which("storescp"):
         print("bench.receive needs DCMTK (apt-get install dcmtk)", file=sys.stderr)
@@ -272,9 +280,14 @@ def main() -> int:
             "pynetdicom write-only SCP": run_pynetdicom,
             "pynetdicom fsync writer": lambda folders, work: run_pynetdicom(folders, work, "durable"),
         }
+        if args.baseline is not None:
+            baseline = args.baseline.resolve()
+            peers["baseline dxnode"] = lambda folders, work: run_dxnode(folders, work, baseline)
         if orthanc_binary() is None:
             print("Orthanc not installed (apt-get install orthanc): left out", file=sys.stderr)
             del peers["Orthanc (SyncStorageArea)"]
+        if args.only is not None:
+            peers = {name: run for name, run in peers.items() if name.split()[0] in args.only}
         best: dict[tuple[str, int], tuple[float, float]] = {}
         for r in range(args.rounds):
             for senders, folders in ((1, one), (4, four)):
@@ -298,6 +311,10 @@ def main() -> int:
                 f" {1e3 * cpu / n:16.2f}"
             )
         for senders in (1, 4):
+            if {"dxnode serve (durable)", "DCMTK storescp", "pynetdicom write-only SCP", "pynetdicom fsync writer"} - {
+                name for name, _ in rate
+            }:
+                break  # some receivers left out (--only): no ratios
             dx = rate["dxnode serve (durable)", senders]
             orthanc = rate.get(("Orthanc (SyncStorageArea)", senders))
             print(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -72,6 +74,18 @@ def _fsync_folder(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def remove_stale(folder: Path, older_than_s: float) -> int:
+    """Remove the temporary files (``.*.tmp``) under folder untouched for older_than_s; returns how many."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for tmp in folder.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def withdraw(path: Path, inode: int) -> None:
     """Remove a published file whose record did not commit, unless another writer has replaced it since."""
     with contextlib.suppress(OSError):
@@ -100,3 +114,22 @@ def durable_path(path: Path) -> Iterator[Path]:
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync_file(src: Path, tmp: Path, folder: Path) -> int:
+    """Make a file written by someone else durable as tmp, to be published into folder (made here):
+    fsynced where it lies when tmp is src (then on folder's file system), else copied to tmp and the
+    copy fsynced. Returns tmp's inode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if src == tmp:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+    with open(src, "rb") as f, open(tmp, "xb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+        return os.fstat(out.fileno()).st_ino

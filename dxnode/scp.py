@@ -24,7 +24,6 @@ import socketserver
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from io import BytesIO
 from typing import Any, Protocol
 
 from pydicom import Dataset
@@ -59,8 +58,9 @@ from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.listen import StartError, bind_error
 from dxnode.listen import address as host_port
+from dxnode.receive import chunked, reactor
 from dxnode.receive.ingest import Ingest
-from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, StoreRefused
+from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
 
 log = logging.getLogger("dxnode.scp")
 
@@ -192,6 +192,8 @@ class StorageSCP:
             except (OSError, ValueError, ssl.SSLError) as exc:
                 raise StartError("dicom-tls", f"cannot load the TLS certificate or key: {exc}") from None
         self.ingest.open()
+        chunked.register(self.ae, self.ingest.incoming, node.max_instance_mb)
+        reactor.install()
         self._serve("dicom", (node.host, node.port), None)
         if node.tls_port is not None:
             self._serve("dicom-tls", (node.host, node.tls_port), tls)
@@ -229,6 +231,7 @@ class StorageSCP:
         """Stop listening and end open associations."""
         self._stopping = True
         self.ingest.close()
+        chunked.unregister(self.ae)
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
@@ -302,17 +305,12 @@ class StorageSCP:
     def store_instance(self, event: Event, calling_aet: str) -> int:
         """Check, parse, write and record one instance; raise StoreRefused with the status to send.
 
-        The dataset is never decoded whole (read_received reads what comes before Pixel Data, a
-        Deflated one inflated in steps to a spool file), and the bytes it holds count against the
-        node's [node] max_inflight_mb while it is handled."""
-        req = event.request
-        if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
-            raise TypeError(f"not a C-STORE request: {type(req).__name__}")
-        received = req.DataSet
-        if not isinstance(received, BytesIO):
-            raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
-        uids = (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
-        self.ingest.store_dataset(received, uids, calling_aet, str(event.assoc.requestor.address), id(event.assoc))
+        pynetdicom has written the dataset, as it arrived, to a file in incoming/ (receive/chunked.py),
+        never holding it whole in memory; that file is checked (read_received reads what comes before
+        Pixel Data, a Deflated one inflated in steps to a spool file), fsynced and renamed into place."""
+        if not isinstance(event.request, C_STORE):  # only bound to EVT_C_STORE
+            raise TypeError(f"not a C-STORE request: {type(event.request).__name__}")
+        self.ingest.store_c_store(event, calling_aet, str(event.assoc.requestor.address))
         return SUCCESS
 
 

@@ -11,12 +11,11 @@ stable-study sweep which studies are still arriving.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,15 +23,20 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.durable import publish, temporary_name, withdraw, write_new_file
+from dxnode.durable import publish, remove_stale, sync_file, temporary_name, withdraw, write_new_file
+from dxnode.receive import chunked
 from dxnode.receive.activity import Activity
+from dxnode.receive.chunked import Spooled
 from dxnode.receive.group import GroupCommit, Pending
 from dxnode.receive.parse import (
+    CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     InflightBudget,
     Received,
@@ -73,7 +77,7 @@ class Ingest:
             self.incoming.mkdir(parents=True, exist_ok=True)
             self.remove_stale_temporaries()
             # Files of a receiver killed just before this start are younger than the cutoff: once more later.
-            self._sweep = threading.Timer(self.settings.node.dimse_timeout + 1, self.remove_stale_temporaries)
+            self._sweep = threading.Timer(self._quiet_s() + 1, self.remove_stale_temporaries)
             self._sweep.daemon = True
             self._sweep.start()
 
@@ -85,19 +89,37 @@ class Ingest:
     def remove_stale_temporaries(self) -> int:
         """Remove temporary files a killed receiver left in incoming/; returns how many.
 
-        Only files older than dimse_timeout go: a live receiver (this node's or another's sharing
-        the data dir) holds its temporary file for the length of one write and commit.
+        Only files untouched for dimse_timeout and network_timeout go: a live receiver (this node's or
+        another's sharing the data dir) writes its file as the fragments arrive, then holds it for the
+        length of one commit. pynetdicom's files of received datasets (chunked.py) are among them.
         """
-        cutoff = time.time() - self.settings.node.dimse_timeout
-        removed = 0
-        for tmp in self.incoming.rglob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
-                    removed += 1
+        removed = remove_stale(self.incoming, self._quiet_s())
         if removed:
             log.warning("removed %d temporary file(s) left by an interrupted receive", removed)
         return removed
+
+    def _quiet_s(self) -> float:
+        """How long a live receiver's temporary file can go untouched."""
+        return max(self.settings.node.dimse_timeout, self.settings.node.network_timeout)
+
+    def store_c_store(self, event: Event, calling_aet: str, address: str, actor: str | None = None) -> int:
+        """The dataset of a C-STORE request (the node's SCP, or a C-GET sub-operation) stored; returns its
+        size. pynetdicom has received it to a file (chunked.py) or, where chunked receive is off in this
+        process, into memory. StoreRefused with the status to send."""
+        req = event.request
+        if not isinstance(req, C_STORE):  # only bound to EVT_C_STORE
+            raise TypeError(f"not a C-STORE request: {type(req).__name__}")
+        uids = (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
+        received = chunked.received_file(req)
+        if received is None:
+            if not isinstance(req.DataSet, BytesIO):
+                raise StoreRefused(CANNOT_UNDERSTAND, "no dataset")
+            self.store_dataset(req.DataSet, uids, calling_aet, address, id(event.assoc), actor)
+            return len(req.DataSet.getbuffer())
+        with received as (spooled, size), self.inflight.hold(size):  # on disk, yet handled now: as STOW-RS
+            rec = read_received(spooled.file, size, uids, self.settings.node.max_instance_mb, self.incoming)
+            self.store_received(rec, spooled, calling_aet, address, id(event.assoc), actor)
+        return size
 
     def store_dataset(
         self,
@@ -108,8 +130,8 @@ class Ingest:
         sender: int,
         actor: str | None = None,
     ) -> Received:
-        """An encoded dataset as a C-STORE or C-GET carries it, uids its (SOP Class, SOP Instance, transfer
-        syntax): bounded and parsed (read_received) within the in-flight budget, then stored after its
+        """An encoded dataset as a C-STORE or C-GET carries it in memory, uids its (SOP Class, SOP Instance,
+        transfer syntax): bounded and parsed (read_received) within the in-flight budget, then stored after its
         Part 10 header, written and hashed from the transport's own buffer. StoreRefused with the status."""
         with received.getbuffer() as body, self.inflight.hold(body.nbytes):
             received.seek(0)
@@ -131,13 +153,14 @@ class Ingest:
     def store_received(
         self,
         rec: Received,
-        parts: Sequence[bytes | memoryview],
+        body: Sequence[bytes | memoryview] | Spooled,
         calling_aet: str,
         address: str,
         sender: int,
         actor: str | None = None,
     ) -> bool:
-        """Write a parsed instance (the file's bytes, in parts) durably and commit its rows; True if new.
+        """Write a parsed instance durably and commit its rows; True if new. body is the file's bytes, in
+        parts, or the whole file as received to disk (then fsynced and renamed into place, not copied).
 
         C-STORE and STOW-RS both store through here. sender identifies the association (or STOW-RS
         request) it came on: while it is stored its study is busy for the stable-study sweep, and
@@ -147,12 +170,17 @@ class Ingest:
         """
         self.activity.begin(sender, rec.study_instance_uid)
         try:
-            return self._store(rec, parts, calling_aet, address, actor)
+            return self._store(rec, body, calling_aet, address, actor)
         finally:
             self.activity.end(rec.study_instance_uid)
 
     def _store(
-        self, rec: Received, parts: Sequence[bytes | memoryview], calling_aet: str, address: str, actor: str | None
+        self,
+        rec: Received,
+        body: Sequence[bytes | memoryview] | Spooled,
+        calling_aet: str,
+        address: str,
+        actor: str | None,
     ) -> bool:
         """store_received's work: free space checked, file written and fsynced, rows committed."""
         try:  # incoming/ is made at start; gone since, nothing can be stored
@@ -163,16 +191,20 @@ class Ingest:
             raise StoreRefused(OUT_OF_RESOURCES, f"disk nearly full: {free // 2**20} MB free")
         rel = Path("incoming") / rec.study_instance_uid / rec.series_instance_uid / f"{rec.sop_instance_uid}.dcm"
         path = self.data_dir / rel
-        size = sum(len(part) for part in parts)
-        # The file is created, written and fsynced on another thread while this one hashes it and runs
-        # the statements; _commit waits for the fsync before the rename, and the rename before the commit.
-        tmp = temporary_name(path)
-        written = self._writer.submit(write_new_file, tmp, parts)
+        # The file is written (or, received to disk, made durable where it lies) and fsynced on another
+        # thread while this one hashes it and runs the statements; _commit waits for the fsync before
+        # the rename, and the rename before the commit.
+        if isinstance(body, Spooled):
+            size = os.fstat(body.file.fileno()).st_size
+            # A file received elsewhere (another file system) is copied beside its final path.
+            tmp = body.path if body.path.parent == self.incoming else temporary_name(path)
+            written = self._writer.submit(sync_file, body.path, tmp, path.parent)
+        else:
+            size = sum(len(part) for part in body)
+            tmp = temporary_name(path)
+            written = self._writer.submit(write_new_file, tmp, body)
         try:
-            digest = hashlib.sha256()
-            for part in parts:
-                digest.update(part)
-            sha256 = digest.hexdigest()
+            sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
             # Concurrent associations share the commit and the folder fsync (group.py); each waits for its own.
             new = self._group.commit(
                 Pending(
@@ -189,7 +221,7 @@ class Ingest:
         except SQLAlchemyError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64]) from exc
         finally:
-            concurrent.futures.wait([written])  # the writer reads parts: they stay valid until it is done
+            concurrent.futures.wait([written])  # the writer reads body: it stays valid until it is done
             tmp.unlink(missing_ok=True)
         if new:
             metrics.INSTANCES_RECEIVED.labels(calling_aet=calling_aet).inc()
@@ -382,6 +414,13 @@ class Ingest:
                 .returning(Series.id)
             ).scalar_one()
         )
+
+
+def _sha256(parts: Sequence[bytes | memoryview]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 _STUDY_TEXT = ("patient_id", "patient_name", "accession_number", "study_date", "study_description")

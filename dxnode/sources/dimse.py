@@ -13,7 +13,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from io import BytesIO
 from typing import Any
 
 from pydicom import Dataset
@@ -204,21 +203,14 @@ class _GetStore:
 
     def __call__(self, event: Any) -> int | Dataset:
         try:
-            req = event.request
-            received = req.DataSet
-            if not isinstance(received, BytesIO):
-                raise StoreRefused(OUT_OF_RESOURCES, "no dataset")
-            uids = (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
-            self.ingest.store_dataset(
-                received,
-                uids,
+            size = self.ingest.store_c_store(
+                event,
                 self.source.ae_title,
                 f"{self.source.host}:{self.source.port}",
-                id(event.assoc),
                 actor=f"source:{self.source.name}",
             )
-            with received.getbuffer() as body, self.lock:
-                self.bytes += body.nbytes
+            with self.lock:
+                self.bytes += size
         except StoreRefused as exc:
             log.error("C-GET from %s: instance refused (0x%04X): %s", self.source.name, exc.status, exc.comment)
             reply = Dataset()
