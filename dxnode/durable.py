@@ -19,9 +19,23 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
+def ensure_folder(folder: Path) -> None:
+    """Create folder and any missing parents, fsyncing the parent of each one created: the fsync of a
+    folder makes its entries durable, not its own entry in its parent (a new study's folder would
+    otherwise be lost with every instance in it on a power cut, though each rename was fsynced)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer made it: its parent is fsynced all the same
+            new.mkdir()
+        _fsync_folder(new.parent)
+
+
 def write_new_file(tmp: Path, data: bytes | Sequence[bytes | memoryview]) -> int:
     """Create tmp (and its folder), write data (or its parts in order), fsync and close it; returns its inode."""
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(tmp.parent)
     with open(tmp, "xb") as f:
         for part in (data,) if isinstance(data, bytes) else data:
             f.write(part)
@@ -103,7 +117,7 @@ def durable_path(path: Path) -> Iterator[Path]:
     """A temporary path beside path for a writer that wants a file name (torch.save, an ONNX export);
     on success its file is fsynced and published under path, on failure removed."""
     tmp = temporary_name(path)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(tmp.parent)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -120,7 +134,7 @@ def sync_file(src: Path, tmp: Path, folder: Path) -> int:
     """Make a file written by someone else durable as tmp, to be published into folder (made here):
     fsynced where it lies when tmp is src (then on folder's file system), else copied to tmp and the
     copy fsynced. Returns tmp's inode."""
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     if src == tmp:
         fd = os.open(src, os.O_RDONLY)
         try:
