@@ -53,6 +53,12 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+def _unique(section: str, what: str, values: list[str]) -> None:
+    """Raise the one-line error for a [[section]] list whose names (or AE titles) repeat."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"[[{section}]] {what} must be unique: {values}")
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
@@ -562,9 +568,7 @@ class Hl7Settings(Section):
     @field_validator("destinations")
     @classmethod
     def _names(cls, values: list[Hl7Destination]) -> list[Hl7Destination]:
-        names = [d.name for d in values]
-        if len(set(names)) != len(names):
-            raise ValueError(f"[[hl7.destinations]] names must be unique: {names}")
+        _unique("hl7.destinations", "names", [d.name for d in values])
         return values
 
 
@@ -638,10 +642,8 @@ class UpsWatchSettings(Section):
 
     @field_validator("subscribers")
     @classmethod
-    def _unique(cls, values: list[UpsSubscriber]) -> list[UpsSubscriber]:
-        titles = [v.ae_title for v in values]
-        if len(set(titles)) != len(titles):
-            raise ValueError(f"[[ups_watch.subscribers]] AE titles must be unique: {titles}")
+    def _titles(cls, values: list[UpsSubscriber]) -> list[UpsSubscriber]:
+        _unique("ups_watch.subscribers", "AE titles", [v.ae_title for v in values])
         return values
 
 
@@ -689,24 +691,19 @@ class Settings(BaseSettings):
         names = [m.name for m in values]
         if any(not n.strip() for n in names):
             raise ValueError("every [[models]] entry needs a name")
-        if len(set(names)) != len(names):
-            raise ValueError(f"[[models]] names must be unique: {names}")
+        _unique("models", "names", names)
         return values
 
     @field_validator("sources")
     @classmethod
     def _source_names(cls, values: list[Source]) -> list[Source]:
-        names = [v.name for v in values]
-        if len(set(names)) != len(names):
-            raise ValueError(f"[[sources]] names must be unique: {names}")
+        _unique("sources", "names", [v.name for v in values])
         return values
 
     @field_validator("ups")
     @classmethod
     def _ups_sources(cls, values: list[UpsEntry], info: ValidationInfo) -> list[UpsEntry]:
-        names = [u.name for u in values]
-        if len(set(names)) != len(names):
-            raise ValueError(f"[[ups]] names must be unique: {names}")
+        _unique("ups", "names", [u.name for u in values])
         known = [s.name for s in info.data.get("sources", [])]
         for u in values:
             if u.source not in known:
