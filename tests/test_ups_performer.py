@@ -40,6 +40,7 @@ from ups_provider import (
     workitem,
 )
 
+from dxnode import metrics
 from dxnode.config import ConfigError, Settings, load_settings
 from dxnode.sources import ups, ups_report, ups_scu
 from dxnode.states import JobState, OutputKind, Priority, UpsState
@@ -134,10 +135,14 @@ def test_claims_match_rules_and_a_refused_claim_is_recorded_and_skipped(store: S
     assert change_state_over(provider.port, UnifiedProcedureStepPull, raced, "IN PROGRESS", generate_uid()) == 0
     provider.stale_find.add(raced)  # the C-FIND still shows it SCHEDULED: the node's claim comes second
     provider.bare_find = True  # the inputs are then read by N-GET
+    claimed, refused = (metrics.UPS_WORKITEMS.labels(ups="tm", outcome=o) for o in ("claimed", "refused"))
+    claimed_before, refused_before = claimed._value.get(), refused._value.get()
 
     ups.poll(store, settings, entry)
     ups.poll(store, settings, entry)
     got = rows(store)
+    # dxnode_ups_workitems_total, watched in docs/operations.md: both claims attempted, one refused
+    assert claimed._value.get() - claimed_before == 1 and refused._value.get() - refused_before == 1
     assert set(got) == {high, raced}  # the other code is never claimed
     assert got[high].state == UpsState.IN_PROGRESS and got[high].priority == Priority.HIGH
     assert provider.item(high).TransactionUID == got[high].transaction_uid
@@ -197,9 +202,12 @@ def test_a_claim_interrupted_by_a_stop_is_sent_again_with_the_stored_transaction
 def test_a_task_manager_that_is_down_backs_off_and_holds_up_nothing(store: Store) -> None:
     port = free_port()  # nobody listens
     settings = settings_for(store.url, port, poll_seconds=5, retry_backoff_max_seconds=20)
+    unreachable = metrics.UPS_UNREACHABLE.labels(ups="tm")
+    before = unreachable._value.get()
     ups.tick(store, settings, "tm")
     manager = ups._manager("tm")
     assert manager.failures == 1 and not manager.subscribed
+    assert unreachable._value.get() - before == 1  # dxnode_ups_unreachable_total, watched in docs/operations.md
     first = manager.next_round
     ups.tick(store, settings, "tm")  # not due: no second try
     assert manager.failures == 1 and manager.next_round == first
