@@ -31,6 +31,18 @@ ARGS = [
 ]
 
 
+def logged_in_page(p: object, url: str, token: str) -> tuple[object, object, list[str]]:
+    """Chromium at 1400x900, logged in with token at url: (browser, page, the console's messages)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)  # type: ignore[attr-defined]
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text))
+    page.goto(url + "login")
+    page.fill("#token", token)
+    page.click("#login-button")
+    return browser, page, console
+
+
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     need(Path(CHROMIUM).exists(), "chromium")

@@ -13,7 +13,7 @@ from conftest import need
 from fastapi.testclient import TestClient
 from hl7.client import MLLPClient
 from sqlalchemy import select
-from test_browser import ARGS, CHROMIUM, SHOTS
+from test_browser import CHROMIUM, SHOTS, logged_in_page
 from webnode import ADMIN, BROWSER, READER, make_store, node_settings, processed_study
 
 from dxnode.config import Settings
@@ -86,13 +86,7 @@ def test_requests_and_orders_pages_read_by_a_viewer_and_asked_by_an_admin(
     url, uid, request_id, ordered = served
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        console: list[str] = []
-        page.on("console", lambda m: console.append(m.text))
-        page.goto(url + "login")
-        page.fill("#token", READER)
-        page.click("#login-button")
+        browser, page, console = logged_in_page(p, url, READER)
         page.click("header >> text=Requests")
         expect(page).to_have_url(url + "requests")
         row = page.locator(f"#request-{request_id}")

@@ -15,7 +15,7 @@ import pytest
 from conftest import need
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
-from test_browser import ARGS, CHROMIUM, SHOTS
+from test_browser import CHROMIUM, SHOTS, logged_in_page
 from webnode import BROWSER, READER, make_store, node_settings, processed_study
 
 from dxnode.config import Settings
@@ -114,13 +114,7 @@ def test_click_enlarges_an_image_with_a_readable_caption_in_chromium(served: tup
     url, uid = served
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        console: list[str] = []
-        page.on("console", lambda m: console.append(m.text))
-        page.goto(url + "login")
-        page.fill("#token", READER)
-        page.click("#login-button")
+        browser, page, console = logged_in_page(p, url, READER)
         expect(page).to_have_url(url)
         page.goto(url + f"studies/{uid}")
         thumb = page.locator("#overlays img.heatmap").first
