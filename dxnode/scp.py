@@ -192,7 +192,7 @@ class StorageSCP:
             except (OSError, ValueError, ssl.SSLError) as exc:
                 raise StartError("dicom-tls", f"cannot load the TLS certificate or key: {exc}") from None
         self.ingest.open()
-        chunked.register(self.ae, self.ingest.incoming, node.max_instance_mb)
+        chunked.register(self.ae, self.ingest.incoming, node.max_instance_mb, self.ingest.writer)
         reactor.install()
         self._serve("dicom", (node.host, node.port), None)
         if node.tls_port is not None:

@@ -2,7 +2,7 @@
 success only once its own file, folder entry and row are durable.
 
 The batches are made deterministic with a real lock: the test holds SQLite's write lock (BEGIN
-IMMEDIATE on the node's database file), so the first instance waits in the committer while the
+IMMEDIATE on the node's database file), so the first instance waits in its commit (leading it) while the
 others queue behind it; releasing the lock lets the queued ones commit as one batch.
 """
 
@@ -51,11 +51,11 @@ def _send_while_locked(node: InProcessNode, first: pydicom.Dataset, queued: list
     before = len(group.batches)
     threads = [threading.Thread(target=send, args=(0, first))]
     threads[0].start()
-    wait_until(lambda: len(group.batches) > before, 30, "the first instance in the committer")
+    wait_until(lambda: len(group.batches) > before, 30, "the first instance leading a commit")
     threads += [threading.Thread(target=send, args=(i + 1, ds)) for i, ds in enumerate(queued)]
     for t in threads[1:]:
         t.start()
-    wait_until(lambda: group._queue.qsize() == len(queued), 30, "the other instances queued")
+    wait_until(lambda: len(group._queue) == len(queued), 30, "the other instances queued")
     released[0] = time.monotonic()
     db.execute("ROLLBACK")
     db.close()

@@ -10,6 +10,8 @@ fsyncs and renames that very file instead of copying it (``Ingest.store_c_store`
 counts what it is given and stops writing past the node's max_instance_mb, and a write error (disk
 full) is kept for the handler to answer 0xA700: nothing raises in pynetdicom's reader thread. The
 file meta group is the receiver's own encoding (part10.file_header, the same bytes as pydicom's).
+Its fsync starts on the node's writer pool as soon as the last fragment is in (``SpoolFile.synced``),
+while the message goes on to the handler and its header is parsed.
 
 These are process-wide switches of pynetdicom: every C-STORE received in the process comes as a
 file while a registered AE exists (an unregistered one gets pynetdicom's own temporary file).
@@ -25,6 +27,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
@@ -36,13 +39,20 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 
 from dxnode.bounds import MB
+from dxnode.durable import ensure_folder, sync_file
 from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused
 from dxnode.receive.part10 import file_header
 
 _lock = threading.Lock()
-_folders: weakref.WeakKeyDictionary[AE, tuple[Path, int]] = weakref.WeakKeyDictionary()  # AE -> (folder, limit)
+# AE -> (folder, limit, the pool that fsyncs a received file)
+_folders: weakref.WeakKeyDictionary[AE, tuple[Path, int, Executor]] = weakref.WeakKeyDictionary()
 _HEADER_ROOM = 1024  # the preamble and file meta group, beyond the dataset's own limit
-_ORIGINAL = (dimse_messages.NamedTemporaryFile, dimse_messages.create_file_meta, dimse_messages.write_file_meta_info)
+_ORIGINAL = (
+    dimse_messages.NamedTemporaryFile,
+    dimse_messages.create_file_meta,
+    dimse_messages.write_file_meta_info,
+    dimse_messages.DIMSEMessage.message_to_primitive,
+)
 
 
 class SpoolFile:
@@ -52,9 +62,11 @@ class SpoolFile:
     Bytes past limit are counted in ``received`` but not written; the first OSError is kept in
     ``error`` and later writes are dropped. The handler checks both before it trusts the file."""
 
-    def __init__(self, folder: Path, limit: int) -> None:
+    def __init__(self, folder: Path, limit: int, pool: Executor | None = None) -> None:
         self.limit, self.received = limit, 0
         self.error: OSError | None = None
+        self._pool = pool
+        self.synced: Future[int] | None = None  # the fsync started by finished(): the file's inode
         # Hashed as written, on pynetdicom's reader thread (hashlib lets go of the GIL), while the bytes are
         # in the CPU's cache: the handler then need not read the file back.
         self.digest = hashlib.sha256()
@@ -84,7 +96,20 @@ class SpoolFile:
             except OSError as exc:
                 self.error = exc
 
+    def finished(self) -> None:
+        """The last fragment is in: start the file's fsync on the pool (unless it cannot be used)."""
+        if self._pool is not None and self.synced is None and self.error is None and not self.over:
+            with contextlib.suppress(RuntimeError):  # the pool shut down (the node stopping): the handler's way
+                self.synced = self._pool.submit(self._sync)
+
+    def _sync(self) -> int:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return os.fstat(self._f.fileno()).st_ino
+
     def close(self) -> None:
+        if self.synced is not None:
+            wait([self.synced])  # never close the descriptor under its fsync
         if self._f is not None:
             with contextlib.suppress(OSError):
                 self._f.close()
@@ -103,6 +128,14 @@ def _spool_file(*args: Any, **kwargs: Any) -> Any:
         if found is not None:
             return SpoolFile(*found)
     return _ORIGINAL[0](*args, **kwargs)
+
+
+def _message_to_primitive(self: dimse_messages.DIMSEMessage) -> Any:
+    """pynetdicom's, called once a message is whole: a dataset received to a SpoolFile starts its fsync."""
+    spool = self._data_set_file
+    if isinstance(spool, SpoolFile):
+        spool.finished()
+    return _ORIGINAL[3](self)
 
 
 def _create_file_meta(*, sop_class_uid: UID, sop_instance_uid: UID, transfer_syntax: UID) -> tuple[str, str, str]:
@@ -131,6 +164,14 @@ class Spooled:
     path: Path
     file: BufferedReader
     spool: SpoolFile | None = None  # what wrote it, when it was a SpoolFile
+
+    def durable(self, tmp: Path, folder: Path, pool: Executor) -> Future[int]:
+        """The file fsynced as tmp, to be renamed into folder (made here): its inode once done. The fsync
+        started with its last fragment where tmp is the file itself, else durable.sync_file's on pool."""
+        if self.spool is not None and self.spool.synced is not None and tmp == self.path:
+            ensure_folder(folder)
+            return self.spool.synced
+        return pool.submit(sync_file, self.path, tmp, folder)
 
     def sha256(self) -> str:
         """The SHA-256 of the file: as the SpoolFile hashed it while writing, else read back."""
@@ -165,10 +206,12 @@ def received_file(req: C_STORE) -> contextlib.AbstractContextManager[tuple[Spool
     return _opened(path, spool if isinstance(spool, SpoolFile) else None)
 
 
-def register(ae: AE, folder: Path, max_instance_mb: float) -> None:
-    """Receive the C-STOREs of ae's associations into folder, at most max_instance_mb each (then dropped)."""
+def register(ae: AE, folder: Path, max_instance_mb: float, pool: Executor) -> None:
+    """Receive the C-STOREs of ae's associations into folder, at most max_instance_mb each (then dropped),
+    each file's fsync started on pool once its last fragment is in."""
     with _lock:
-        _folders[ae] = (folder, int(max_instance_mb * MB) + _HEADER_ROOM)
+        _folders[ae] = (folder, int(max_instance_mb * MB) + _HEADER_ROOM, pool)
+        dimse_messages.DIMSEMessage.message_to_primitive = _message_to_primitive  # type: ignore[method-assign]
         dimse_messages.NamedTemporaryFile = _spool_file
         dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
         dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[assignment]
@@ -185,4 +228,5 @@ def unregister(ae: AE) -> None:
                 dimse_messages.NamedTemporaryFile,
                 dimse_messages.create_file_meta,
                 dimse_messages.write_file_meta_info,
+                dimse_messages.DIMSEMessage.message_to_primitive,  # type: ignore[method-assign]
             ) = _ORIGINAL

@@ -1,13 +1,15 @@
 """Group commit for received instances: concurrent associations share one database commit and one
 fsync per folder.
 
-Each storing thread hands its instance (temporary file being written and fsynced, final path, the
-statements of its rows) to one committer thread and waits. The committer takes everything queued:
-one instance alone goes the per-instance way (its own transaction, with the retries of
-Ingest._commit); several wait for their files' fsync, run their statements in one transaction,
-rename every file into place, fsync each folder once (the folders in parallel), and commit once. Only then is each
-instance's waiter released, so the contract stays per instance: no success status before that
-instance's file, folder entry and row are durable.
+Each storing thread queues its instance (temporary file being written and fsynced, final path, the
+statements of its rows) and waits. The first waiting thread that finds no commit under way leads:
+it takes everything queued (its own instance first among them) and commits it, then hands the lead
+to the next waiter, so no thread hands its instance to another when it would wait alone (leader and
+followers, as databases do group commit). One instance alone goes the per-instance way (its own
+transaction, with the retries of Ingest._commit); several wait for their files' fsync, run their
+statements in one transaction, rename every file into place, fsync each folder once (the folders
+in parallel), and commit once. Only then is each instance's waiter released, so the contract stays
+per instance: no success status before that instance's file, folder entry and row are durable.
 
 A batch whose statements fail (a unique key lost to a race, two copies of one instance) is rolled
 back and each instance then goes the per-instance way, with its own outcome. A failed rename,
@@ -19,7 +21,6 @@ instance only.
 from __future__ import annotations
 
 import concurrent.futures
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -50,44 +51,49 @@ class Pending:
 
 
 class GroupCommit:
-    """The committer thread of one Ingest (started on first use)."""
+    """The commits of one Ingest, led in turn by the threads that wait for them."""
 
     def __init__(self, engine: Engine, pool: Executor) -> None:
         self._engine = engine
         self._pool = pool  # fsyncs the folders of a batch in parallel
-        self._queue: queue.SimpleQueue[Pending] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._queue: deque[Pending] = deque()
+        self._turn = threading.Condition()
+        self._leading = False  # a thread is committing a batch
         self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches, for tests and debugging
 
     def commit(self, item: Pending) -> bool:
-        """Queue the instance and wait for its commit; True if new, False for a duplicate; raises its error."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dxnode-commit", daemon=True)
-                self._thread.start()
-        self._queue.put(item)
+        """Queue the instance and wait for its commit, leading one when none is under way; True if new,
+        False for a duplicate; raises its error."""
+        with self._turn:
+            self._queue.append(item)
+            while not item.done.done():
+                if self._leading:
+                    self._turn.wait()
+                    continue
+                self._leading = True
+                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                self._turn.release()
+                try:
+                    self._settle(batch)
+                finally:
+                    self._turn.acquire()
+                    self._leading = False
+                    self._turn.notify_all()
         return item.done.result()
 
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self.batches.append(len(batch))
-                metrics.RECEIVE_COMMIT_BATCH.observe(len(batch))
-                if len(batch) == 1:
-                    _alone(batch[0])
-                else:
-                    self._commit(batch)
-            except BaseException as exc:  # never leave a sender waiting
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(exc)
+    def _settle(self, batch: list[Pending]) -> None:
+        """Commit batch and settle every waiter in it, whatever happens."""
+        try:
+            self.batches.append(len(batch))
+            metrics.RECEIVE_COMMIT_BATCH.observe(len(batch))
+            if len(batch) == 1:
+                _alone(batch[0])
+            else:
+                self._commit(batch)
+        except BaseException as exc:  # never leave a sender waiting
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(exc)
 
     def _commit(self, batch: list[Pending]) -> None:
         """One transaction, one rename pass and one fsync per folder for the instances of batch."""

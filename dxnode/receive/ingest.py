@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.durable import publish, remove_stale, sync_file, temporary_name, withdraw, write_new_file
+from dxnode.durable import publish, remove_stale, temporary_name, withdraw, write_new_file
 from dxnode.receive import chunked
 from dxnode.receive.activity import Activity
 from dxnode.receive.chunked import Spooled
@@ -60,11 +60,11 @@ class Ingest:
         self.data_dir = settings.data_dir
         self.incoming = self.data_dir / "incoming"
         # Threads that write and fsync received files while the storing thread hashes and records them.
-        self._writer = ThreadPoolExecutor(settings.node.max_associations + 4, thread_name_prefix="dxnode-write")
+        self.writer = ThreadPoolExecutor(settings.node.max_associations + 4, thread_name_prefix="dxnode-write")
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
-        self._group = GroupCommit(store.engine, self._writer)
+        self._group = GroupCommit(store.engine, self.writer)
         self.activity = Activity()
         # The bytes of instances being handled now, by every transport that stores through this ingest.
         self.inflight = InflightBudget(settings.node.max_inflight_mb)
@@ -198,11 +198,11 @@ class Ingest:
             size = os.fstat(body.file.fileno()).st_size
             # A file received elsewhere (another file system) is copied beside its final path.
             tmp = body.path if body.path.parent == self.incoming else temporary_name(path)
-            written = self._writer.submit(sync_file, body.path, tmp, path.parent)
+            written = body.durable(tmp, path.parent, self.writer)
         else:
             size = sum(len(part) for part in body)
             tmp = temporary_name(path)
-            written = self._writer.submit(write_new_file, tmp, body)
+            written = self.writer.submit(write_new_file, tmp, body)
         try:
             sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
             # Concurrent associations share the commit and the folder fsync (group.py); each waits for its own.
@@ -338,7 +338,7 @@ class Ingest:
         return seen
 
     def _remember(self, rec: Received, seen: _SeenSeries) -> None:
-        """Keep the study and series rows a commit made true (read by the committer thread only)."""
+        """Keep the study and series rows a commit made true (only by the thread leading a commit: group.py)."""
         if len(self._seen) >= _SEEN_MAX:
             self._seen.clear()
         self._seen[rec.series_instance_uid] = seen
