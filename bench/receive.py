@@ -9,6 +9,9 @@
   pynetdicom SCP     a minimal pynetdicom receiver that only writes files (no fsync, no database)
   pynetdicom fsync   the same receiver with dxnode's file durability (temporary file, fsync, rename,
                      folder fsync; no database): what the disk alone costs, for scale
+  ... + reactor      that fsync writer on the pynetdicom dxnode runs (receive/reactor.py installed:
+                     reactors that wait instead of polling, large socket reads): what the disk costs
+                     on dxnode's own transport, so dxnode's ratio to it is what dxnode adds
 
 Every peer runs with TCP_NODELAY (DCMTK through the TCP_NODELAY=1 environment variable).
 Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3] [--baseline DIR] [--only NAME...].
@@ -56,7 +59,10 @@ PYNETDICOM_SCP = textwrap.dedent(
 
     out = Path(sys.argv[2])
 
-    durable = sys.argv[3] == "durable"
+    durable = sys.argv[3] != "plain"
+    if sys.argv[3] == "reactor":
+        from dxnode.receive import reactor
+        reactor.install()
 
     def on_store(event):
         path = out / (event.request.AffectedSOPInstanceUID + ".dcm")
@@ -279,6 +285,7 @@ def main() -> int:
             "DCMTK storescp": run_storescp,
             "pynetdicom write-only SCP": run_pynetdicom,
             "pynetdicom fsync writer": lambda folders, work: run_pynetdicom(folders, work, "durable"),
+            "pynetdicom fsync + reactor": lambda folders, work: run_pynetdicom(folders, work, "reactor"),
         }
         if args.baseline is not None:
             baseline = args.baseline.resolve()
@@ -323,6 +330,10 @@ def main() -> int:
                 f" dxnode / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
                 " (target >= 0.8)" + (f", dxnode / Orthanc = {dx / orthanc:.2f} (target >= 1)" if orthanc else "")
             )
+            if ("pynetdicom fsync + reactor", senders) in rate:
+                print(
+                    f"  dxnode / fsync writer on dxnode's reactor = {dx / rate['pynetdicom fsync + reactor', senders]:.2f}"
+                )
     return 0
 
 

@@ -102,28 +102,28 @@ def _wait_dul(provider: dul.DULServiceProvider, wake: _Wake) -> None:
 
 
 class _ReactorTime:
-    """The time module, but for the reactors' 1 ms sleep on their own threads."""
+    """The time module of one pynetdicom module, but for its reactor's 1 ms sleep on the reactor's own
+    thread (dul's for a DUL reader, association's for an acceptor's reactor); any other sleep is real."""
 
-    def __init__(self, real: ModuleType) -> None:
-        self._real = real
+    def __init__(self, real: ModuleType, module: ModuleType) -> None:
+        self._real, self._module = real, module
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     def sleep(self, seconds: float) -> None:
         thread = threading.current_thread()
-        if seconds == _POLL_S and isinstance(thread, dul.DULServiceProvider):
-            wake = _wake(thread)
-            if wake is not None:
-                _wait_dul(thread, wake)
-                return
-        elif seconds == _POLL_S and isinstance(thread, association.Association) and thread.is_acceptor:
+        if seconds != _POLL_S:
+            self._real.sleep(seconds)
+        elif self._module is dul and isinstance(thread, dul.DULServiceProvider) and (wake := _wake(thread)):
+            _wait_dul(thread, wake)
+        elif self._module is association and isinstance(thread, association.Association) and thread.is_acceptor:
             queued = thread.dimse.msg_queue
             with queued.not_empty:  # Queue.put notifies it
                 if not queued.queue:  # (qsize would take the mutex held here)
                     queued.not_empty.wait(WAIT_S)
-            return
-        self._real.sleep(seconds)
+        else:
+            self._real.sleep(seconds)
 
 
 def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
@@ -147,8 +147,8 @@ def install() -> None:
     """Put the waiting reactors and the large reads in pynetdicom's place (once; process-wide)."""
     if isinstance(association.time, _ReactorTime):
         return
-    association.time = _ReactorTime(time)  # type: ignore[assignment]
-    dul.time = _ReactorTime(time)  # type: ignore[assignment]
+    association.time = _ReactorTime(time, association)  # type: ignore[assignment]
+    dul.time = _ReactorTime(time, dul)  # type: ignore[assignment]
     dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
     dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     dul.DULServiceProvider.kill_dul = _kill_dul  # type: ignore[method-assign]
