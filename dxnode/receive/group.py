@@ -48,6 +48,7 @@ class Pending:
     alone: Callable[[], bool]  # the per-instance way: own transaction, retries, rename, commit
     committed: Callable[[Any], None]  # after the commit, with what rows returned
     done: Future[bool] = field(default_factory=Future)
+    woken: threading.Event = field(default_factory=threading.Event)  # done, or its thread's turn to lead
 
 
 class GroupCommit:
@@ -57,29 +58,38 @@ class GroupCommit:
         self._engine = engine
         self._pool = pool  # fsyncs the folders of a batch in parallel
         self._queue: deque[Pending] = deque()
-        self._turn = threading.Condition()
-        self._leading = False  # a thread is committing a batch
+        self._lock = threading.Lock()
+        self._leading = False  # a thread is committing a batch, or has been told to
         self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches, for tests and debugging
 
     def commit(self, item: Pending) -> bool:
-        """Queue the instance and wait for its commit, leading one when none is under way; True if new,
-        False for a duplicate; raises its error."""
-        with self._turn:
+        """Queue the instance and wait for its commit, leading one when none is under way or when its
+        turn comes; True if new, False for a duplicate; raises its error."""
+        with self._lock:
             self._queue.append(item)
-            while not item.done.done():
-                if self._leading:
-                    self._turn.wait()
-                    continue
-                self._leading = True
-                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                self._turn.release()
-                try:
-                    self._settle(batch)
-                finally:
-                    self._turn.acquire()
-                    self._leading = False
-                    self._turn.notify_all()
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            item.woken.wait()
+        if not item.done.done():  # its turn: item is now at the head of the queue
+            self._lead()
         return item.done.result()
+
+    def _lead(self) -> None:
+        """Commit a batch from the head of the queue, then hand the lead to the next instance's thread
+        (each thread is woken once: to lead, or with its instance done)."""
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+        try:
+            self._settle(batch)
+        finally:
+            with self._lock:
+                if self._queue:
+                    self._queue[0].woken.set()
+                else:
+                    self._leading = False
+            for item in batch:
+                item.woken.set()
 
     def _settle(self, batch: list[Pending]) -> None:
         """Commit batch and settle every waiter in it, whatever happens."""
