@@ -1,13 +1,15 @@
-"""pynetdicom's reactors in serve wait for work instead of polling (dxnode/receive/reactor.py).
+"""pynetdicom's reactors in serve wait for work instead of polling (dxnode/receive/reactor.py), and
+its per-association copy of the supported contexts is a cheap one (scp.NoDelayServer).
 
 Counted, not timed where it can be: each wake-up of a thread is a voluntary context switch in
 /proc, so associations that wait show as few switches a second, where pynetdicom's 1 ms polls of
 the socket and of the association's queues make a thousand per thread. A response that waited
-for the reader's timeout instead of its wake-up would make each C-ECHO take WAIT_S.
+for the reader's timeout instead of its wake-up would make each C-ECHO take about WAIT_S.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
@@ -17,10 +19,13 @@ from pathlib import Path
 
 import pytest
 from nodeproc import Node, node_config
+from pydicom.uid import UID
 from pynetdicom import AE, transport
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dxnode.config import Settings
 from dxnode.receive import reactor
+from dxnode.scp import NoDelayServer, StorageSCP
 
 
 @pytest.fixture
@@ -49,16 +54,21 @@ def test_idle_associations_wake_serve_rarely_and_answers_are_not_delayed(serve: 
     try:
         assert all(a.is_established for a in assocs)
         time.sleep(0.5)  # the accept and negotiation settle
-        before, start = switches(serve.proc.pid), time.monotonic()
-        time.sleep(2)
-        rate = (switches(serve.proc.pid) - before) / (time.monotonic() - start)
+        rates = []
+        for _ in range(2):  # the quieter of two seconds: another process's burst can delay serve's threads
+            before, start = switches(serve.proc.pid), time.monotonic()
+            time.sleep(1)
+            rates.append((switches(serve.proc.pid) - before) / (time.monotonic() - start))
         # 8 pynetdicom threads polling every 1 ms: 8,000 a second; waiting up to WAIT_S each: 800 at most.
-        assert rate < 2000, f"{rate:.0f} wake-ups a second in serve with 4 idle associations"
-        start = time.monotonic()
-        for _ in range(100):
-            assert assocs[0].send_c_echo().Status == 0x0000
-        elapsed = time.monotonic() - start
-        assert elapsed < 100 * reactor.WAIT_S, f"100 C-ECHOs took {elapsed:.2f} s: answers waited for a timeout"
+        assert min(rates) < 2000, f"{min(rates):.0f} wake-ups a second in serve with 4 idle associations"
+        # A response that waited for the reader's timeout would take about WAIT_S; each takes ~3 ms.
+        batches = []
+        for _ in range(3):
+            start = time.monotonic()
+            for _ in range(30):
+                assert assocs[0].send_c_echo().Status == 0x0000
+            batches.append(time.monotonic() - start)
+        assert min(batches) < 0.6 * 30 * reactor.WAIT_S, f"30 C-ECHOs took {min(batches):.2f} s at best"
     finally:
         for a in assocs:
             a.release()
@@ -92,4 +102,24 @@ def test_recv_gathers_a_pdu_sent_in_pieces_and_returns_short_at_end_of_stream() 
     finally:
         writer.join()
         peer.close()
-        sock.socket.close()
+        if sock.socket is not None:
+            sock.socket.close()
+
+
+def test_the_contexts_copied_for_an_association_equal_pynetdicoms_deep_copy_and_share_nothing_mutable(
+    tmp_path: Path,
+) -> None:
+    settings = Settings.model_validate({"node": {"host": "127.0.0.1", "port": 0, "data_dir": str(tmp_path)}})
+    scp = StorageSCP(settings, None)  # type: ignore[arg-type]  # nothing is received: no ingest
+    server = scp.ae.make_server(("127.0.0.1", 0), server_class=NoDelayServer)
+    try:
+        contexts = server.contexts
+        assert len(contexts) > 100
+        fast, slow = copy.deepcopy(contexts), copy.deepcopy(list(contexts))  # ours; pynetdicom's own deepcopy
+        assert [vars(cx) for cx in fast] == [vars(cx) for cx in slow]
+        fast[0].transfer_syntax.append(UID("1.2.3.4"))  # what negotiation may do to its copy
+        assert "1.2.3.4" not in contexts[0].transfer_syntax and all(
+            a is not b for a, b in zip(fast, contexts, strict=True)
+        )
+    finally:
+        server.server_close()

@@ -6,8 +6,9 @@ reader (bytes on the socket, a PDU to send). With 4 senders that is 8,000 wake-u
 to a millisecond of added latency per PDU and per response (measured: docs/benchmarks.md).
 ``install`` gives pynetdicom's association and DUL modules a ``time`` whose 1 ms sleep waits instead:
 
-- an acceptor's association reactor, on its message queue (Queue.put notifies it);
-- a DUL reader, on its socket and an eventfd that ``send_pdu`` and ``kill_dul`` signal.
+- an acceptor's association reactor, on its message queue (Queue.put notifies it), nudged too by
+  its reader when a release or abort request comes (to_user_queue) and when the reader ends;
+- a DUL reader, on its socket and an eventfd that ``send_pdu``, ``kill_dul`` and ``stop_dul`` signal.
 
 Each returns as soon as there is something to do, and at the latest after WAIT_S, so a timer (ARTIM,
 the network timeout) or a flag set elsewhere is seen at most WAIT_S later than before. A requestor's
@@ -29,7 +30,12 @@ from pynetdicom import association, dul, transport
 
 _POLL_S = 0.001  # the reactor loops' sleep in pynetdicom (Association._run_reactor, DULServiceProvider.run_reactor)
 WAIT_S = 0.01  # the longest a reactor now waits with nothing to do
-_ORIGINAL = (dul.DULServiceProvider.run_reactor, dul.DULServiceProvider.send_pdu, dul.DULServiceProvider.kill_dul)
+_ORIGINAL = (
+    dul.DULServiceProvider.run_reactor,
+    dul.DULServiceProvider.send_pdu,
+    dul.DULServiceProvider.kill_dul,
+    dul.DULServiceProvider.stop_dul,
+)
 
 
 class _Wake:
@@ -61,13 +67,30 @@ def _wake(provider: dul.DULServiceProvider) -> _Wake | None:
     return provider.__dict__.get("_dxnode_wake")
 
 
+def _nudge(assoc: association.Association) -> None:
+    """Wake assoc's reactor if it waits (a release or abort request for it, or its reader ended)."""
+    waiting = assoc.dimse.msg_queue.not_empty
+    with waiting:
+        assoc._dxnode_nudged = True  # type: ignore[attr-defined]  # (a nudge before its wait is not lost)
+        waiting.notify_all()
+
+
 def _run_reactor(self: dul.DULServiceProvider) -> None:
-    """pynetdicom's DUL loop, with a wake-up fd for the time of the loop."""
+    """pynetdicom's DUL loop, with a wake-up fd for the time of the loop; what it passes up to the
+    association (A-RELEASE, A-ABORT: to_user_queue) nudges the association's reactor."""
     self._dxnode_wake = _Wake()  # type: ignore[attr-defined]
+    user, put = self.to_user_queue, self.to_user_queue.put  # the same queue object: others may wait on it
+
+    def put_and_nudge(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        _nudge(self.assoc)
+
+    user.put = put_and_nudge  # type: ignore[method-assign]
     try:
         _ORIGINAL[0](self)
     finally:
         self._dxnode_wake.close()  # type: ignore[attr-defined]
+        _nudge(self.assoc)
 
 
 def _send_pdu(self: dul.DULServiceProvider, primitive: Any) -> None:
@@ -82,6 +105,16 @@ def _kill_dul(self: dul.DULServiceProvider) -> None:
     wake = _wake(self)
     if wake is not None:
         wake.signal()
+
+
+def _stop_dul(self: dul.DULServiceProvider) -> bool:
+    """pynetdicom's: ends the reader if the association is over (Sta1), now woken to see it at once."""
+    if self.state_machine.current_state == "Sta1":
+        self._kill_thread = True
+        wake = _wake(self)
+        if wake is not None:
+            wake.signal()
+    return bool(_ORIGINAL[3](self))
 
 
 def _wait_dul(provider: dul.DULServiceProvider, wake: _Wake) -> None:
@@ -119,9 +152,10 @@ class _ReactorTime:
             _wait_dul(thread, wake)
         elif self._module is association and isinstance(thread, association.Association) and thread.is_acceptor:
             queued = thread.dimse.msg_queue
-            with queued.not_empty:  # Queue.put notifies it
-                if not queued.queue:  # (qsize would take the mutex held here)
+            with queued.not_empty:  # Queue.put and _nudge notify it
+                if not queued.queue and not thread.__dict__.get("_dxnode_nudged"):  # (qsize takes the mutex held here)
                     queued.not_empty.wait(WAIT_S)
+                thread._dxnode_nudged = False  # type: ignore[attr-defined]
         else:
             self._real.sleep(seconds)
 
@@ -152,4 +186,5 @@ def install() -> None:
     dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
     dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     dul.DULServiceProvider.kill_dul = _kill_dul  # type: ignore[method-assign]
+    dul.DULServiceProvider.stop_dul = _stop_dul  # type: ignore[method-assign]
     transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
