@@ -14,7 +14,8 @@
                      on dxnode's own transport, so dxnode's ratio to it is what dxnode adds
 
 Every peer runs with TCP_NODELAY (DCMTK through the TCP_NODELAY=1 environment variable).
-Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3] [--baseline DIR] [--only NAME...].
+Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3] [--baseline DIR] [--only NAME...]
+[--per-association] (one sender that opens an association per instance, as many modalities do).
 --baseline adds dxnode run from another source tree (say a main checkout), to compare before and
 after in the same run; --only keeps the receivers named by first word (dxnode, baseline, Orthanc,
 DCMTK, pynetdicom). Prints instances/s (best of
@@ -123,8 +124,18 @@ def make_instances(folder: Path, count: int, seed: int = 0) -> None:
         ds.save_as(folder / f"{i:04d}.dcm", enforce_file_format=True)
 
 
+PER_ASSOCIATION = {"on": False}  # --per-association: one storescu, one association, per instance
+
+
 def send(port: int, folders: list[Path], aec: str) -> float:
-    """Seconds for one storescu per folder, all at once, to send every file of its folder in one association."""
+    """Seconds for one storescu per folder, all at once, to send every file of its folder in one association
+    (with --per-association: one storescu after another, each sending one file)."""
+    if PER_ASSOCIATION["on"]:
+        start = time.perf_counter()
+        for folder in folders:
+            for file in sorted(folder.iterdir()):
+                subprocess.run(["storescu", "-aec", aec, "127.0.0.1", str(port), str(file)], check=True, env=ENV)
+        return time.perf_counter() - start
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -269,7 +280,11 @@ def main() -> int:
     parser.add_argument(
         "--only", nargs="*", default=None, help="receivers to run, by first word (dxnode, Orthanc, ...)"
     )
+    parser.add_argument(
+        "--per-association", action="store_true", help="one sender, one association per instance (use --count 50)"
+    )
     args = parser.parse_args()
+    PER_ASSOCIATION["on"] = args.per_association
     if not shutil.which("storescu") or not shutil.which("storescp"):
         print("bench.receive needs DCMTK (apt-get install dcmtk)", file=sys.stderr)
         return 2
@@ -297,7 +312,7 @@ def main() -> int:
             peers = {name: run for name, run in peers.items() if name.split()[0] in args.only}
         best: dict[tuple[str, int], tuple[float, float]] = {}
         for r in range(args.rounds):
-            for senders, folders in ((1, one), (4, four)):
+            for senders, folders in ((1, one),) if args.per_association else ((1, one), (4, four)):
                 for name, runner in peers.items():
                     work = Path(tmp) / f"{r}-{senders}-{name.split()[0]}"
                     work.mkdir()
@@ -317,7 +332,7 @@ def main() -> int:
                 f"{name:<28} {senders:>7} {n / seconds:12.1f} {n / seconds * size_mb / args.count:8.1f}"
                 f" {1e3 * cpu / n:16.2f}"
             )
-        for senders in (1, 4):
+        for senders in (1,) if args.per_association else (1, 4):
             if {"dxnode serve (durable)", "DCMTK storescp", "pynetdicom write-only SCP", "pynetdicom fsync writer"} - {
                 name for name, _ in rate
             }:
