@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import logging
 import socket
 import socketserver
@@ -100,17 +99,6 @@ class NoDelayServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.contexts = _Contexts(self.contexts)
-
-    def service_actions(self) -> None:
-        """What serve_forever runs after each request and poll. pynetdicom's runs a full gc.collect()
-        every 60 calls for its dead associations' reference cycles: 35-40 ms of serve's heap with the
-        GIL held, every association in flight stalled. The young generations hold recent associations;
-        older cycles go with Python's own full collections."""
-        if self._gc[0] == self._gc[1]:
-            gc.collect(1)
-            self._gc[0] = 0
-            return
-        self._gc[0] += 1
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()

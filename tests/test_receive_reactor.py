@@ -1,6 +1,5 @@
 """pynetdicom's reactors in serve wait for work instead of polling (dxnode/receive/reactor.py), and
-its per-association copy of the supported contexts and its periodic garbage collection are cheap
-ones (scp.NoDelayServer).
+its per-association copy of the supported contexts is a cheap one (scp.NoDelayServer).
 
 Counted, not timed where it can be: each wake-up of a thread is a voluntary context switch in
 /proc, so associations that wait show as few switches a second, where pynetdicom's 1 ms polls of
@@ -11,7 +10,6 @@ for the reader's timeout instead of its wake-up would make each C-ECHO take abou
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import socket
 import threading
@@ -125,22 +123,3 @@ def test_the_contexts_copied_for_an_association_equal_pynetdicoms_deep_copy_and_
         )
     finally:
         server.server_close()
-
-
-def test_the_server_never_runs_a_full_garbage_collection_between_requests(tmp_path: Path) -> None:
-    settings = Settings.model_validate({"node": {"host": "127.0.0.1", "port": 0, "data_dir": str(tmp_path)}})
-    server = StorageSCP(settings, None).ae.make_server(("127.0.0.1", 0), server_class=NoDelayServer)  # type: ignore[arg-type]
-    collected: list[int] = []
-
-    def seen(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            collected.append(info["generation"])
-
-    gc.callbacks.append(seen)
-    try:
-        for _ in range(3 * (server._gc[1] + 1)):  # pynetdicom's own collects fully every _gc[1] + 1 calls
-            server.service_actions()
-    finally:
-        gc.callbacks.remove(seen)
-        server.server_close()
-    assert 1 in collected and 2 not in collected  # the young generations, three times; never the whole heap
