@@ -130,6 +130,12 @@ def durable_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def sync_fd(fd: int) -> int:
+    """fsync an open file descriptor; returns its inode."""
+    os.fsync(fd)
+    return os.fstat(fd).st_ino
+
+
 def sync_file(src: Path, tmp: Path, folder: Path) -> int:
     """Make a file written by someone else durable as tmp, to be published into folder (made here):
     fsynced where it lies when tmp is src (then on folder's file system), else copied to tmp and the
@@ -138,12 +144,10 @@ def sync_file(src: Path, tmp: Path, folder: Path) -> int:
     if src == tmp:
         fd = os.open(src, os.O_RDONLY)
         try:
-            os.fsync(fd)
-            return os.fstat(fd).st_ino
+            return sync_fd(fd)
         finally:
             os.close(fd)
     with open(src, "rb") as f, open(tmp, "xb") as out:
         shutil.copyfileobj(f, out, 1 << 20)
         out.flush()
-        os.fsync(out.fileno())
-        return os.fstat(out.fileno()).st_ino
+        return sync_fd(out.fileno())

@@ -39,7 +39,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 
 from dxnode.bounds import MB
-from dxnode.durable import ensure_folder, sync_file
+from dxnode.durable import ensure_folder, sync_fd, sync_file
 from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused
 from dxnode.receive.part10 import file_header
 
@@ -104,8 +104,7 @@ class SpoolFile:
 
     def _sync(self) -> int:
         self._f.flush()
-        os.fsync(self._f.fileno())
-        return os.fstat(self._f.fileno()).st_ino
+        return sync_fd(self._f.fileno())
 
     def close(self) -> None:
         if self.synced is not None:
