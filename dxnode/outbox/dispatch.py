@@ -60,6 +60,7 @@ from dxnode import metrics
 from dxnode.config import Destination, Settings
 from dxnode.outbox import commitment
 from dxnode.outbox.dicomweb import StowClient
+from dxnode.receive import reactor
 from dxnode.schemas import OutboxChange
 from dxnode.states import DeliveryState
 from dxnode.store import Delivery, Job, Output, Store, Study, audit, utcnow
@@ -373,6 +374,7 @@ def _associate(settings: Settings, dest: Destination, syntaxes: dict[str, set[st
         ae.add_requested_context(sop_class, sorted(ts | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     try:
+        reactor.install()  # mends pynetdicom's N-EVENT-REPORT pause race (receive/reactor.py)
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:
         return None, f"cannot associate with {where}: {exc}"
