@@ -1,5 +1,5 @@
-"""pynetdicom's reactors in serve wait for work instead of polling, and its pause flag is cleared
-only by the reactor (dxnode/receive/reactor.py).
+"""pynetdicom's reactors in serve wait for work instead of polling, and a release waits for a report
+being handled (dxnode/receive/reactor.py).
 
 Counted, not timed where it can be: each wake-up of a thread is a voluntary context switch in
 /proc, so associations that wait show as few switches a second, where pynetdicom's 1 ms polls of
@@ -15,13 +15,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nodeproc import Node, node_config
-from pynetdicom import AE, transport
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pydicom import Dataset
+from pynetdicom import AE, evt, transport
+from pynetdicom.sop_class import (
+    StorageCommitmentPushModel,  # type: ignore[attr-defined]
+    Verification,  # type: ignore[attr-defined]
+)
+from test_commitment import CommitPeer
 
+from dxnode.outbox import commitment
 from dxnode.receive import reactor
 
 
@@ -103,22 +109,38 @@ def test_recv_gathers_a_pdu_sent_in_pieces_and_returns_short_at_end_of_stream() 
             sock.socket.close()
 
 
-def test_only_the_reactor_thread_clears_the_pause_flag_that_release_and_send_wait_for() -> None:
-    """pynetdicom serves an N-EVENT-REPORT on a thread of its own that clears _is_paused when its
-    handler ends; were that to land while the reactor waits paused, release() would wait forever."""
+def test_release_waits_for_a_report_being_handled_on_the_association() -> None:
+    """pynetdicom serves an N-EVENT-REPORT on a thread of its own that clears the reactor's pause
+    flag as it ends; a release() begun meanwhile could wait for ever. reactor.release waits for it."""
     reactor.install()
-    assoc = Association(AE(), "requestor")
+    peer = CommitPeer()
+    handling, go, order = threading.Event(), threading.Event(), []
 
-    def on_other_thread(value: bool) -> None:
-        other = threading.Thread(target=setattr, args=(assoc, "_is_paused", value))
-        other.start()
-        other.join()
+    def on_report(event: Any) -> tuple[int, None]:
+        handling.set()
+        go.wait(10)
+        order.append("report handled")
+        return 0x0000, None
 
-    on_other_thread(True)  # kill(), or a report's thread as its handler starts: allowed
-    assert assoc._is_paused
-    on_other_thread(False)  # a report's thread as its handler ends: dropped
-    assert assoc._is_paused
-    assoc._target = lambda: setattr(assoc, "_is_paused", False)  # type: ignore[attr-defined]  # as its reactor
-    assoc.start()
-    assoc.join()
-    assert not assoc._is_paused
+    ae = AE("DXNODE")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", peer.port, ae_title="PACS", evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4"
+        action = Dataset()
+        action.TransactionUID, action.ReferencedSOPSequence = "1.2.3.5", [ref]
+        status, _ = assoc.send_n_action(action, 1, StorageCommitmentPushModel, commitment.PUSH_MODEL_INSTANCE)
+        assert status.Status == 0x0000 and handling.wait(10)
+        releasing = threading.Thread(target=lambda: (reactor.release(assoc, 10), order.append("released")))
+        releasing.start()
+        time.sleep(0.3)
+        assert order == []  # the report is still being handled: no release yet
+        go.set()
+        releasing.join(15)
+        assert order == ["report handled", "released"] and assoc.is_released
+    finally:
+        go.set()
+        if assoc.is_established:
+            assoc.abort()
+        peer.stop()

@@ -36,6 +36,7 @@ from sqlalchemy import select, update
 
 from dxnode import metrics
 from dxnode.config import Destination, Settings
+from dxnode.receive import reactor
 from dxnode.states import DeliveryState
 from dxnode.store import Delivery, Output, Store, audit, utcnow
 
@@ -189,8 +190,8 @@ def _request(store: Store, settings: Settings, dest: Destination, associate: Ass
         error = f"N-ACTION failed: {exc}"
     finally:
         _awaited.pop(uid, None)
-        if assoc.is_established:
-            assoc.release()
+        # A report being handled on the association now: release it after (receive/reactor.py).
+        reactor.release(assoc, settings.dispatch.timeout_seconds)
     _unclaim(store, uid)
     log.warning("storage commitment request to %s failed (asked again later): %s", dest.name, error)
     return 0

@@ -374,7 +374,7 @@ def _associate(settings: Settings, dest: Destination, syntaxes: dict[str, set[st
         ae.add_requested_context(sop_class, sorted(ts | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     try:
-        reactor.install()  # mends pynetdicom's N-EVENT-REPORT pause race (receive/reactor.py)
+        reactor.install()  # counts the report threads that commitment's release waits for (receive/reactor.py)
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:
         return None, f"cannot associate with {where}: {exc}"

@@ -8,19 +8,21 @@ to a millisecond of added latency per PDU and per response (measured: docs/bench
 
 - an acceptor's association reactor, on its message queue (Queue.put notifies it), nudged too by
   its reader when a release or abort request comes (to_user_queue) and when the reader ends;
-- a DUL reader, on its socket and an eventfd that ``send_pdu``, ``kill_dul`` and ``stop_dul`` signal.
+- an acceptor's DUL reader, on its socket and an eventfd that ``send_pdu``, ``kill_dul`` and
+  ``stop_dul`` signal.
 
 Each returns as soon as there is something to do, and at the latest after WAIT_S, so a timer (ARTIM,
 the network timeout) or a flag set elsewhere is seen at most WAIT_S later than before. A requestor's
-association reactor keeps polling: its send_* calls wait for it to pause. ``install`` also reads a
-PDU's bytes with as few recv calls as the socket allows, where pynetdicom asks for 4,096 at a time.
+reactor and reader keep polling: its send_* calls pause the reactor, which can be caught between
+leaving its pause and clearing its flag (a race in pynetdicom), and then takes the response off the
+queue itself if it comes that fast ("Received unexpected C-ECHO service message", seen in a CI run
+with the waiting reader on requestors too). ``install`` also reads a PDU's bytes with as few recv
+calls as the socket allows, where pynetdicom asks for 4,096 at a time.
 
-``install`` also mends a race in pynetdicom (3.0.4) that can hang any association: it serves an
-N-EVENT-REPORT request (a Storage Commitment or UPS report) on a thread of its own (dimse.py), which
-sets the association's ``_is_paused`` flag to False when its handler ends. If the association's
-reactor has meanwhile paused for a ``release()`` or a ``send_*`` on another thread, that thread waits
-for a pause already reached, forever (seen in tests/test_commitment.py). Now only the reactor's own
-thread can clear the flag.
+``install`` also counts the threads pynetdicom (3.0.4) starts to serve an N-EVENT-REPORT request
+(a Storage Commitment report on the outbox's association), for ``release``: such a thread sets the
+association's ``_is_paused`` flag to False when its handler ends, and pynetdicom's ``release()``,
+which waits for the reactor to pause, then waits for ever if the reactor had paused meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pynetdicom import association, dul, transport
 
 _POLL_S = 0.001  # the reactor loops' sleep in pynetdicom (Association._run_reactor, DULServiceProvider.run_reactor)
 WAIT_S = 0.01  # the longest a reactor now waits with nothing to do
+_SERVE = association.Association._serve_request
 _ORIGINAL = (
     dul.DULServiceProvider.run_reactor,
     dul.DULServiceProvider.send_pdu,
@@ -84,7 +87,10 @@ def _nudge(assoc: association.Association) -> None:
 
 def _run_reactor(self: dul.DULServiceProvider) -> None:
     """pynetdicom's DUL loop, with a wake-up fd for the time of the loop; what it passes up to the
-    association (A-RELEASE, A-ABORT: to_user_queue) nudges the association's reactor."""
+    association (A-RELEASE, A-ABORT: to_user_queue) nudges the association's reactor. An acceptor's
+    only: see the module's note on requestors."""
+    if not self.assoc.is_acceptor:
+        return _ORIGINAL[0](self)
     self._dxnode_wake = _Wake()  # type: ignore[attr-defined]
     user, put = self.to_user_queue, self.to_user_queue.put  # the same queue object: others may wait on it
 
@@ -184,22 +190,42 @@ def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
     return data
 
 
-def _get_paused(self: association.Association) -> bool:
-    return bool(self.__dict__.get("_dxnode_paused", False))
+_reports = threading.Condition()  # guards and signals each association's count of report threads
 
 
-def _set_paused(self: association.Association, value: bool) -> None:
-    """pynetdicom's writes of ``_is_paused``, less a False from any thread but the reactor's (see above)."""
-    if value or threading.current_thread() is self:
-        self.__dict__["_dxnode_paused"] = value
+def _serve_request(self: association.Association, msg: Any, context_id: int) -> None:
+    """pynetdicom's; on the thread it starts for an N-EVENT-REPORT (not the reactor's), counted for release()."""
+    if threading.current_thread() is self:
+        return _SERVE(self, msg, context_id)
+    with _reports:
+        self.__dict__["_dxnode_reports"] = self.__dict__.get("_dxnode_reports", 0) + 1
+    try:
+        return _SERVE(self, msg, context_id)
+    finally:
+        with _reports:
+            self.__dict__["_dxnode_reports"] -= 1
+            _reports.notify_all()
+
+
+def release(assoc: association.Association, wait_s: float) -> None:
+    """Release assoc once no N-EVENT-REPORT is being served on it (see above); abort it if one still
+    is after wait_s. For an association that may receive reports (the outbox's Storage Commitment)."""
+    with _reports:
+        idle = _reports.wait_for(lambda: not assoc.__dict__.get("_dxnode_reports"), wait_s)
+    if not assoc.is_established:
+        return
+    if idle:
+        assoc.release()
+    else:
+        assoc.abort()
 
 
 def install() -> None:
-    """Put the waiting reactors, the large reads and the pause flag in pynetdicom's place (once;
-    process-wide). Called wherever the node opens or accepts associations."""
+    """Put the waiting reactors, the large reads and the count of report threads in pynetdicom's place
+    (once; process-wide): by the listener, and by the outbox before it associates."""
     if isinstance(association.time, _ReactorTime):
         return
-    association.Association._is_paused = property(_get_paused, _set_paused)  # type: ignore[assignment]
+    association.Association._serve_request = _serve_request  # type: ignore[method-assign]
     association.time = _ReactorTime(time, association)  # type: ignore[assignment]
     dul.time = _ReactorTime(time, dul)  # type: ignore[assignment]
     dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]

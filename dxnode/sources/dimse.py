@@ -27,7 +27,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
 
 from dxnode.config import Settings, Source
 from dxnode.outbox.dispatch import tls_client_context
-from dxnode.receive import reactor
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from dxnode.schemas import Identifiers
@@ -58,7 +57,6 @@ def _association(settings: Settings, source: Source, ae: AE, **kwargs: Any) -> I
     ae.connection_timeout = source.timeout_seconds
     tls_args = (tls_client_context(settings, source.host), source.host) if source.tls else None
     try:
-        reactor.install()  # mends pynetdicom's N-EVENT-REPORT pause race (receive/reactor.py)
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, tls_args=tls_args, **kwargs)
     except Exception as exc:
         raise FetchError(f"cannot associate with {_where(source)}: {exc}") from None

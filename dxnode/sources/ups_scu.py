@@ -27,7 +27,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
 
 from dxnode.config import Settings, UpsEntry
 from dxnode.outbox.dispatch import tls_client_context
-from dxnode.receive import reactor
 
 log = logging.getLogger("dxnode.sources.ups")
 
@@ -104,7 +103,6 @@ def _association(settings: Settings, entry: UpsEntry, context: str) -> Iterator[
     ae.connection_timeout = entry.timeout_seconds
     tls_args = (tls_client_context(settings, entry.host), entry.host) if entry.tls else None
     try:
-        reactor.install()  # mends pynetdicom's N-EVENT-REPORT pause race (receive/reactor.py)
         assoc = ae.associate(entry.host, entry.port, ae_title=entry.ae_title, tls_args=tls_args)
     except Exception as exc:
         raise UpsDown(f"cannot associate with {_where(entry)}: {exc}") from None

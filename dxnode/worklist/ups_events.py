@@ -39,7 +39,6 @@ from sqlalchemy import delete, select, true, update
 from sqlalchemy.orm import Session
 
 from dxnode.config import Settings, UpsSubscriber
-from dxnode.receive import reactor
 from dxnode.states import DeliveryState, JobState
 from dxnode.store import Job, Store, Study, UpsEvent, UpsSubscription, audit, utcnow
 from dxnode.worklist.queue import cancel_queued, rowcount
@@ -341,7 +340,6 @@ def _send_to(store: Store, settings: Settings, sub: UpsSubscriber, now: dt.datet
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(UPS_EVENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = w.timeout_seconds
-    reactor.install()  # mends pynetdicom's N-EVENT-REPORT pause race (receive/reactor.py)
     assoc = ae.associate(sub.host, sub.port, ae_title=sub.ae_title)
     if not assoc.is_established:
         _failed(store, settings, rows[0].id, rows[0].attempts, f"cannot associate with {sub.host}:{sub.port}")
