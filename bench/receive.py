@@ -161,24 +161,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants (serve's receiving and commit processes)."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        total += sum(tree_cpu_seconds(int(child)) for child in children)
+    return total
+
+
 def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[float, float]:
-    """(seconds, receiver CPU seconds) of one send.
+    """(seconds, receiver CPU seconds, every process of it) of one send.
 
     The page cache is flushed first (sync): otherwise the files an earlier non-durable receiver left
     dirty are written back during this send, and slow down whichever receiver fsyncs."""
     os.sync()
-    before = cpu_seconds(pid)
+    before = tree_cpu_seconds(pid)
     elapsed = send(port, folders, aec)
-    return elapsed, cpu_seconds(pid) - before
+    return elapsed, tree_cpu_seconds(pid) - before
 
 
-def run_dxnode(folders: list[Path], work: Path, source: Path | None = None) -> tuple[float, float]:
-    """dxnode serve from this tree, or from the source tree source (PYTHONPATH: a baseline in the same run)."""
+def run_dxnode(folders: list[Path], work: Path, source: Path | None = None, processes: int = 1) -> tuple[float, float]:
+    """dxnode serve from this tree, or from the source tree source (PYTHONPATH: a baseline in the same run),
+    with processes receiving processes ([node] receive_processes)."""
     port = free_port()
     cfg = work / "dxnode.toml"
     cfg.write_text(
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{work / "var"}"\nmin_free_mb = 100\n'
-        f'[database]\nurl = "sqlite:///{work / "var" / "dxnode.db"}"\n[worklist]\nrun_jobs = false\nstable_seconds = 3600\n[web]\nenabled = false\n'
+        + (f"receive_processes = {processes}\n" if processes > 1 else "")
+        + f'[database]\nurl = "sqlite:///{work / "var" / "dxnode.db"}"\n[worklist]\nrun_jobs = false\nstable_seconds = 3600\n[web]\nenabled = false\n'
     )
     proc = subprocess.Popen(
         [
@@ -190,12 +201,17 @@ def run_dxnode(folders: list[Path], work: Path, source: Path | None = None) -> t
             "serve",
             "--no-web",
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
         env=ENV if source is None else dict(ENV, PYTHONPATH=str(source)),
     )
     try:
-        wait_port(port)
+        assert proc.stdout is not None
+        # serve prints this once every receiving process runs (the port opens before the others start)
+        while "dxnode DICOM:" not in (line := proc.stdout.readline()):
+            if not line:
+                raise RuntimeError("dxnode serve exited before listening")
         return timed_send(proc.pid, port, folders, "DXNODE")
     finally:
         proc.terminate()
@@ -296,6 +312,7 @@ def main() -> int:
             make_instances(folder, args.count if k == 0 else args.count // 4, seed=k)
         peers = {
             "dxnode serve (durable)": run_dxnode,
+            "dxnode serve, 2 processes": lambda folders, work: run_dxnode(folders, work, processes=2),
             "Orthanc (SyncStorageArea)": run_orthanc,
             "DCMTK storescp": run_storescp,
             "pynetdicom write-only SCP": run_pynetdicom,
@@ -337,18 +354,22 @@ def main() -> int:
                 name for name, _ in rate
             }:
                 break  # some receivers left out (--only): no ratios
-            dx = rate["dxnode serve (durable)", senders]
             orthanc = rate.get(("Orthanc (SyncStorageArea)", senders))
-            print(
-                f"{senders} sender(s): dxnode / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
-                f" dxnode / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f},"
-                f" dxnode / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
-                " (target >= 0.8)" + (f", dxnode / Orthanc = {dx / orthanc:.2f} (target >= 1)" if orthanc else "")
-            )
-            if ("pynetdicom fsync + reactor", senders) in rate:
+            for label, name in (("dxnode", "dxnode serve (durable)"), ("dxnode x2", "dxnode serve, 2 processes")):
+                if (name, senders) not in rate:
+                    continue
+                dx = rate[name, senders]
                 print(
-                    f"  dxnode / fsync writer on dxnode's reactor = {dx / rate['pynetdicom fsync + reactor', senders]:.2f}"
+                    f"{senders} sender(s): {label} / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
+                    f" {label} / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f},"
+                    f" {label} / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
+                    " (target >= 0.8)" + (f", {label} / Orthanc = {dx / orthanc:.2f} (target >= 1)" if orthanc else "")
                 )
+                if ("pynetdicom fsync + reactor", senders) in rate:
+                    print(
+                        f"  {label} / fsync writer on dxnode's reactor ="
+                        f" {dx / rate['pynetdicom fsync + reactor', senders]:.2f}"
+                    )
     return 0
 
 

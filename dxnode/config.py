@@ -104,6 +104,9 @@ class NodeSettings(Section):
     stop_timeout_seconds: float = Field(20, gt=0)
     # Received datasets (C-STORE and STOW-RS together) held and handled at once in serve; past this 0xA700.
     max_inflight_mb: float = Field(1024, gt=0)
+    # Processes that receive DICOM on the same port, committing through one more (dxnode/receivers.py):
+    # more instances a second from several concurrent senders. 1: serve alone, as before.
+    receive_processes: int = Field(1, ge=1, le=16)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae_title(v))
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from dxnode.lifecycle.service import Retention
     from dxnode.model import Classifier, ModelRegistry
     from dxnode.receive.ingest import Ingest
+    from dxnode.receivers import Receivers
     from dxnode.web.server import WebServer
 
 log = logging.getLogger("dxnode.daemon")
@@ -254,10 +255,14 @@ def _scheduler_failure(scheduler: BackgroundScheduler) -> tuple[str, str] | None
     return None
 
 
-def _part_checks(scp: Any, scheduler: Any, supervisor: Any, server: Any, hl7: Any = None) -> list[Check]:
+def _part_checks(
+    scp: Any, scheduler: Any, supervisor: Any, server: Any, hl7: Any = None, receivers: Any = None
+) -> list[Check]:
     checks: list[Check] = []
     if scp is not None:
         checks.append(scp.failure)
+    if receivers is not None:
+        checks.append(lambda: ("receive", why) if (why := receivers.failure()) else None)
     if hl7 is not None:
         checks.append(hl7.failure)
     if scheduler is not None:
@@ -304,10 +309,14 @@ def _stop(
     server: Any,
     store: Store | None,
     hl7: Any = None,
+    receivers: Receivers | None = None,
 ) -> None:
-    """Stop in order within stop_timeout_seconds of started: listeners, scheduler, jobs, web (each if started)."""
+    """Stop in order within stop_timeout_seconds of started: listeners (the other receiving processes
+    first), scheduler, jobs, web, the commit process (each if started)."""
     deadline = started + settings.node.stop_timeout_seconds
     _exit_by(deadline - 0.3)
+    if receivers is not None:
+        receivers.stop_receivers()
     if scp is not None:
         scp.stop()
     if hl7 is not None:
@@ -318,6 +327,8 @@ def _stop(
         supervisor.stop(deadline - min(2.0, settings.node.stop_timeout_seconds / 4))
     if server is not None:
         server.stop()
+    if receivers is not None:
+        receivers.stop_commit()
     if store is not None:
         store.dispose()
 
@@ -345,12 +356,11 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
     except StartError as exc:
         return _refused("serve", exc, EXIT_START)
     # after share_metrics: these import prometheus_client (see the note at the top)
-    from dxnode.outbox.commitment import report_handler
     from dxnode.receive.ingest import Ingest
-    from dxnode.scp import StorageSCP
+    from dxnode.receivers import build_listener, shared_out
     from dxnode.worklist import queue, routing, ups_events
 
-    store = scp = scheduler = supervisor = server = hl7 = None
+    store = scp = scheduler = supervisor = server = hl7 = receivers = None
     try:
         store = _open(settings)
         log.info("data dir %s, database %s (%s)", settings.data_dir, safe_url(settings.database.url), store.dialect)
@@ -362,16 +372,15 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
 
         models = ModelRegistry()  # the web app's (/api/predict); each job process has its own
         classifier = _model(settings, models) if web_on else None
-        ingest = Ingest(settings, store)  # one durable receive path for C-STORE and STOW-RS
-        watch = [ups_events.UpsWatch(settings, store)] if settings.ups_watch.enabled else []  # UPS Watch and Pull
-        scp = StorageSCP(settings, ingest, report_handler(store), watch)  # Storage Commitment reports go to the outbox
-        if settings.ups:
-            # start-up time: loaded only when this part of the node starts
-            from dxnode.sources import ups
-
-            # UPS Event reports of [[ups]] Task Managers come to the same listener (sources/ups.py)
-            scp.commitment_report = ups.listen_for_events(scp.ae, store, report_handler(store))
+        ingest = Ingest(shared_out(settings), store)  # one durable receive path for C-STORE and STOW-RS
+        receivers = _start_receivers(settings, ingest, log_level)
+        scp = build_listener(settings, store, ingest)
         scp.start()
+        if receivers is not None:
+            try:
+                receivers.start_receivers(scp.sockets)
+            except RuntimeError as exc:
+                raise StartError("receive", str(exc)) from None
         print(
             f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
             + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
@@ -393,20 +402,37 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
 
         server = _start_web(settings, store, readiness, ingest, metrics_dir, registry=models) if web_on else None
     except StartError as exc:
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7, receivers)
         return _refused("serve", exc, EXIT_START)
     except BaseException:  # an unforeseen error (or Ctrl-C) while starting: nothing may keep running
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7, receivers)
         raise
     try:
-        failed = _watch(_part_checks(scp, scheduler, supervisor, server, hl7))
+        failed = _watch(_part_checks(scp, scheduler, supervisor, server, hl7, receivers))
     finally:
         log.info("stopping (within %g s)", settings.node.stop_timeout_seconds)
-        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7)
+        _stop(settings, time.monotonic(), scp, scheduler, supervisor, server, store, hl7, receivers)
     if failed is not None:
         return _refused("serve", failed, EXIT_PART_DIED)
     _forget(metrics_dir)
     return 0
+
+
+def _start_receivers(settings: Settings, ingest: Ingest, log_level: str) -> Receivers | None:
+    """With [node] receive_processes > 1, the commit process started (the listener's other
+    processes start once it listens: Receivers.start_receivers); StartError naming "receive"."""
+    if settings.node.receive_processes == 1:
+        return None
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.receive.committer import CommitFailed
+    from dxnode.receivers import Receivers
+
+    receivers = Receivers(settings, ingest, log_level)
+    try:
+        receivers.start_commit()
+    except CommitFailed as exc:
+        raise StartError("receive", str(exc)) from None
+    return receivers
 
 
 def _start_hl7(settings: Settings, store: Store) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import socket
 import socketserver
 import ssl
@@ -96,9 +97,34 @@ class NoDelayServer(ThreadedAssociationServer):
     pynetdicom leaves Nagle on; a small C-STORE response then can wait for a delayed ACK.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, listening: socket.socket | None = None, **kwargs: Any) -> None:
+        self._listening = listening  # a listening socket another receiving process bound (receivers.py)
         super().__init__(*args, **kwargs)
         self.contexts = _Contexts(self.contexts)
+
+    def server_bind(self) -> None:
+        if self._listening is None:
+            super().server_bind()
+        else:
+            if self.socket is not None:
+                self.socket.close()
+            self.socket = self._listening
+            self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listen, without blocking in accept: several receiving processes may share the socket, and
+        the one that loses the race for a connection must go back to its loop, not wait in accept."""
+        if self._listening is None:
+            super().server_activate()
+        if self.socket is not None:
+            self.socket.setblocking(False)
+
+    def server_close(self) -> None:
+        """Close the socket; a shared one (listening) without shutdown, which would end it for every process."""
+        if self._listening is None:
+            super().server_close()
+        elif self.socket is not None:
+            self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
@@ -205,8 +231,9 @@ class StorageSCP:
             *(handler for service in self.services for handler in service.handlers()),
         ]
 
-    def start(self) -> None:
-        """Start listening (returns at once; associations run on pynetdicom's threads).
+    def start(self, listening: Sequence[socket.socket] = ()) -> None:
+        """Start listening (returns at once; associations run on pynetdicom's threads), on the sockets
+        of listening (plain, then TLS) where given: those of the first receiving process.
 
         Raises StartError naming the listener ("dicom", "dicom-tls") and the cause when one cannot
         start; the listeners started before it keep running until stop().
@@ -221,15 +248,27 @@ class StorageSCP:
         self.ingest.open()
         chunked.register(self.ae, self.ingest.incoming, node.max_instance_mb, self.ingest.writer)
         reactor.install()
-        self._serve("dicom", (node.host, node.port), None)
+        given: list[socket.socket | None] = [*listening, None, None]
+        self._serve("dicom", (node.host, node.port), None, given[0])
         if node.tls_port is not None:
-            self._serve("dicom-tls", (node.host, node.tls_port), tls)
+            self._serve("dicom-tls", (node.host, node.tls_port), tls, given[1])
 
-    def _serve(self, part: str, address: tuple[str, int], ssl_context: ssl.SSLContext | None) -> None:
-        """Bind one listener and serve it on a daemon thread (what AE.start_server(block=False) does)."""
+    def _serve(
+        self,
+        part: str,
+        address: tuple[str, int],
+        ssl_context: ssl.SSLContext | None,
+        listening: socket.socket | None = None,
+    ) -> None:
+        """Bind one listener (or take listening) and serve it on a daemon thread (what
+        AE.start_server(block=False) does)."""
         try:
             server = self.ae.make_server(
-                address, ssl_context=ssl_context, evt_handlers=self._handlers(), server_class=NoDelayServer
+                address,
+                ssl_context=ssl_context,
+                evt_handlers=self._handlers(),
+                server_class=NoDelayServer,
+                listening=listening,
             )
         except OSError as exc:
             raise bind_error(part, address[0], address[1], exc) from None
@@ -264,6 +303,11 @@ class StorageSCP:
         self._servers.clear()
 
     @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets (plain, then TLS), for the other receiving processes."""
+        return [server.socket for server in self._servers if server.socket is not None]
+
+    @property
     def port(self) -> int:
         """The bound plain port (config port 0 means any free port)."""
         return int(self._servers[0].server_address[1])
@@ -295,7 +339,8 @@ class StorageSCP:
     # --- event handlers ----------------------------------------------------------------------
 
     def _on_established(self, event: Event) -> None:
-        log.info("association from %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        where = f" in process {os.getpid()}" if self.settings.node.receive_processes > 1 else ""
+        log.info("association from %s (%s)%s", event.assoc.requestor.ae_title, event.assoc.requestor.address, where)
 
     def _on_rejected(self, event: Event) -> None:
         calling = str(event.assoc.requestor.ae_title).strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import Counter
+from collections.abc import Hashable
 
 from dxnode.store import utcnow
 
@@ -21,10 +22,10 @@ class Activity:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
-        self._by_association: dict[int, set[str]] = {}
+        self._by_association: dict[Hashable, set[str]] = {}
         self._released: dict[str, dt.datetime] = {}
 
-    def begin(self, association: int, study_uid: str) -> None:
+    def begin(self, association: Hashable, study_uid: str) -> None:
         """An instance of the study arrived on the association (storing starts)."""
         with self._lock:
             self._in_flight[study_uid] += 1
@@ -37,7 +38,7 @@ class Activity:
             if self._in_flight[study_uid] <= 0:
                 del self._in_flight[study_uid]
 
-    def closed(self, association: int) -> None:
+    def closed(self, association: Hashable) -> None:
         """The association ended (released, aborted or dropped)."""
         now = utcnow()
         with self._lock:

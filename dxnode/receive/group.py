@@ -81,7 +81,7 @@ class GroupCommit:
         with self._lock:
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
         try:
-            self._settle(batch)
+            self.settle(batch)
         finally:
             with self._lock:
                 if self._queue:
@@ -91,7 +91,7 @@ class GroupCommit:
             for item in batch:
                 item.woken.set()
 
-    def _settle(self, batch: list[Pending]) -> None:
+    def settle(self, batch: list[Pending]) -> None:
         """Commit batch and settle every waiter in it, whatever happens."""
         try:
             self.batches.append(len(batch))

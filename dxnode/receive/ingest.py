@@ -34,6 +34,7 @@ from dxnode.durable import publish, remove_stale, temporary_name, withdraw, writ
 from dxnode.receive import chunked
 from dxnode.receive.activity import Activity
 from dxnode.receive.chunked import Spooled
+from dxnode.receive.committer import CommitClient, CommitFailed
 from dxnode.receive.group import GroupCommit, Pending
 from dxnode.receive.parse import (
     CANNOT_UNDERSTAND,
@@ -66,6 +67,7 @@ class Ingest:
         self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
         self._group = GroupCommit(store.engine, self.writer)
         self.activity = Activity()
+        self.committer: CommitClient | None = None  # with [node] receive_processes > 1 (committer.py)
         # The bytes of instances being handled now, by every transport that stores through this ingest.
         self.inflight = InflightBudget(settings.node.max_inflight_mb)
 
@@ -205,21 +207,20 @@ class Ingest:
             written = self.writer.submit(write_new_file, tmp, body)
         try:
             sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
-            # Concurrent associations share the commit and the folder fsync (group.py); each waits for its own.
-            new = self._group.commit(
-                Pending(
-                    tmp,
-                    path,
-                    written,
-                    rows=lambda conn: self._rows(conn, rec, rel, size, sha256, calling_aet, address, actor),
-                    alone=lambda: self._commit(rec, tmp, written, path, rel, size, sha256, calling_aet, address, actor),
-                    committed=lambda seen: self._remember(rec, seen),
+            if self.committer is not None:  # the commit process commits it (committer.py), once the file is durable
+                new = self.committer.commit(
+                    tmp, path, written.result(), rec, rel, size, sha256, calling_aet, address, actor
                 )
-            )
+            else:  # concurrent associations share the commit and the folder fsync (group.py); each waits for its own
+                new = self._group.commit(
+                    self.pending(tmp, path, written, rec, rel, size, sha256, calling_aet, address, actor)
+                )
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"[:64]) from exc
+        except CommitFailed as exc:
+            raise StoreRefused(OUT_OF_RESOURCES, str(exc)[:64]) from exc
         finally:
             concurrent.futures.wait([written])  # the writer reads body: it stays valid until it is done
             tmp.unlink(missing_ok=True)
@@ -230,6 +231,37 @@ class Ingest:
             metrics.INSTANCES_DUPLICATE.inc()
         log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, size, actor or calling_aet)
         return new
+
+    def pending(
+        self,
+        tmp: Path,
+        path: Path,
+        written: Future[int] | int,
+        rec: Received,
+        rel: Path,
+        size: int,
+        sha256: str,
+        calling_aet: str,
+        address: str,
+        actor: str | None,
+    ) -> Pending:
+        """An instance for the group commit; written is its file's fsync (its inode when done)."""
+        if isinstance(written, int):
+            inode, written = written, Future()
+            written.set_result(inode)
+        durable = written
+        return Pending(
+            tmp,
+            path,
+            durable,
+            rows=lambda conn: self._rows(conn, rec, rel, size, sha256, calling_aet, address, actor),
+            alone=lambda: self._commit(rec, tmp, durable, path, rel, size, sha256, calling_aet, address, actor),
+            committed=lambda seen: self._remember(rec, seen),
+        )
+
+    def settle(self, items: list[Pending]) -> None:
+        """Commit items as one batch now (the commit process's way: committer.py)."""
+        self._group.settle(items)
 
     def _commit(
         self,

@@ -1,0 +1,256 @@
+"""The commit process: received instances' group commit run in a process of its own ([node] commit_process).
+
+With several senders, serve's one interpreter is shared by every association's reader and reactor
+and by the thread leading the group commit. Each step of a commit (statements, rename, folder
+fsync, commit) gives up the interpreter for a system call and must wait for it back, so a commit
+that takes 0.8 ms with one sender took 3 ms with four (measured: docs/benchmarks.md), and every
+instance waits for it. Here serve's storing thread makes the file durable (fsync) and sends the
+instance's row data to this process; it commits what has arrived as one batch, with the same
+GroupCommit and statements as in serve (ingest.py), and answers. The contract is unchanged: serve
+acknowledges an instance only after its answer says file, folder entry and rows are durable.
+
+If the commit process stops, every waiting and later instance is refused (0xA700) and serve's part
+check stops the node (exit status 1), so systemd starts it again; a killed commit leaves at most a
+renamed file without its row, which the sender sends again (the row's unique key then finds no
+row and inserts it) and the start-up sweep of temporaries cleans any temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from dxnode.config import Settings
+from dxnode.receive.parse import Received
+
+if TYPE_CHECKING:
+    from dxnode.receive.ingest import Ingest
+
+log = logging.getLogger("dxnode.receive.committer")
+START_TIMEOUT_S = 60.0
+MAX_BATCH = 64  # requests committed together (group.MAX_BATCH)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One instance to commit: its file is durable as tmp (inode), to be renamed to path."""
+
+    id: int
+    tmp: Path
+    path: Path
+    inode: int
+    rec: Received
+    rel: Path
+    size: int
+    sha256: str
+    calling_aet: str
+    address: str
+    actor: str | None
+
+
+# An answer: ("ok", new), ("os", errno, strerror), ("sql", exception type name), ("error", text).
+Outcome = tuple[Any, ...]
+
+
+class CommitFailed(Exception):
+    """The commit process could not commit an instance, or is gone; str() is a short reason."""
+
+
+class CommitClient:
+    """One receiving process's side of the commit process: sends it instances, waits for their answers."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Future[Outcome]] = {}
+        self._ids = itertools.count()
+        self._gone = ""
+        self._reader = threading.Thread(target=self._read, name="dxnode-commit-answers", daemon=True)
+        self._reader.start()
+
+    def commit(
+        self,
+        tmp: Path,
+        path: Path,
+        inode: int,
+        rec: Received,
+        rel: Path,
+        size: int,
+        sha256: str,
+        calling_aet: str,
+        address: str,
+        actor: str | None,
+    ) -> bool:
+        """Commit one instance whose file is durable as tmp; True if new, False for a duplicate.
+        OSError as the commit process met it, CommitFailed for anything else or when it is gone."""
+        done: Future[Outcome] = Future()
+        with self._lock:
+            if self._gone:
+                raise CommitFailed(self._gone)
+            rid = next(self._ids)
+            self._waiting[rid] = done
+            try:
+                self._conn.send(Request(rid, tmp, path, inode, rec, rel, size, sha256, calling_aet, address, actor))
+            except OSError:
+                self._waiting.pop(rid, None)
+                raise CommitFailed("the commit process is gone") from None
+        kind, *rest = done.result()
+        if kind == "ok":
+            return bool(rest[0])
+        if kind == "os":
+            raise OSError(rest[0], rest[1])
+        if kind == "sql":
+            raise CommitFailed(f"database error: {rest[0]}")
+        raise CommitFailed(str(rest[0]))
+
+    def _read(self) -> None:
+        """Hand each answer to its waiting thread; when the process is gone, fail every waiter."""
+        try:
+            while True:
+                answers = self._conn.recv()
+                with self._lock:
+                    settled = [(self._waiting.pop(rid), outcome) for rid, outcome in answers]
+                for done, outcome in settled:
+                    done.set_result(outcome)
+        except (EOFError, OSError):
+            pass
+        with self._lock:
+            self._gone = self._gone or "the commit process stopped"
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for done in waiting:
+            done.set_result(("error", self._gone))
+
+    def close(self) -> None:
+        """No more instances from this process (the commit process ends once every client has closed)."""
+        with self._lock:
+            self._gone = "stopped"
+            hang_up(self._conn)
+
+
+def hang_up(conn: Connection) -> None:
+    """Close conn so that both ends see it at once: a close() alone leaves a thread blocked in recv()
+    on it, and the socket open, so the peer would never see the end."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+class CommitProcess:
+    """The commit process, started with one connection per receiving process (clients)."""
+
+    def __init__(self, settings: Settings, clients: int, log_level: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        pairs = [ctx.Pipe() for _ in range(clients)]
+        self.clients: list[Connection] = [ours for ours, _ in pairs]  # one for each receiving process
+        self.process = ctx.Process(
+            target=committer_main,
+            args=(settings, [theirs for _, theirs in pairs], log_level),
+            name="dxnode-commit",
+            daemon=True,
+        )
+        self.process.start()
+        for _, theirs in pairs:
+            theirs.close()
+        first = self.clients[0]
+        ready: Any = ("did not start within", f"{START_TIMEOUT_S:g} s")
+        try:
+            if first.poll(START_TIMEOUT_S):
+                ready = first.recv()
+        except (EOFError, OSError):
+            ready = ("exited", f"status {self.process.exitcode}")
+        if ready != ("ready",):
+            self.stop()
+            raise CommitFailed(f"the commit process could not start: {ready[-1]}")
+
+    def failure(self) -> str | None:
+        """Why the commit process no longer runs; None while it runs."""
+        return None if self.process.is_alive() else f"the commit process exited (status {self.process.exitcode})"
+
+    def stop(self) -> None:
+        """End it once every client has closed its connection (waits a little, then kills)."""
+        for conn in self.clients:
+            hang_up(conn)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+def committer_main(settings: Settings, conns: list[Connection], log_level: str) -> None:
+    """Body of the commit process: commit what has arrived from every receiving process as one batch,
+    answer each, repeat until they have all closed their connections."""
+    from dxnode.logs import setup_logging
+    from dxnode.receive.ingest import Ingest
+    from dxnode.store import Store
+
+    setup_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: serve decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # serve ends it by closing the connections, after the receivers
+    try:
+        store = Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
+        ingest = Ingest(settings, store)
+    except Exception as exc:  # said to serve, which refuses to start
+        conns[0].send(("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        raise SystemExit(1) from None
+    conns[0].send(("ready",))
+    log.info("commit process %d ready for %d receiving process(es)", os.getpid(), len(conns))
+    try:
+        _serve(ingest, conns)
+    finally:
+        store.dispose()
+
+
+def _serve(ingest: Ingest, conns: list[Connection]) -> None:
+    open_conns = list(conns)
+    while open_conns:
+        requests: list[tuple[Connection, Request]] = []
+        for conn in wait(open_conns):
+            assert isinstance(conn, Connection)
+            try:
+                while len(requests) < MAX_BATCH:
+                    requests.append((conn, conn.recv()))
+                    if not conn.poll():
+                        break
+            except (EOFError, OSError):  # that receiving process closed it (stopping) or is gone
+                open_conns.remove(conn)
+        if not requests:
+            continue
+        items = [
+            ingest.pending(r.tmp, r.path, r.inode, r.rec, r.rel, r.size, r.sha256, r.calling_aet, r.address, r.actor)
+            for _, r in requests
+        ]
+        ingest.settle(items)
+        answers: dict[Connection, list[tuple[int, Outcome]]] = {}
+        for (conn, request), item in zip(requests, items, strict=True):
+            answers.setdefault(conn, []).append((request.id, _outcome(item.done)))
+        for conn, batch in answers.items():
+            try:
+                conn.send(batch)
+            except OSError:
+                if conn in open_conns:
+                    open_conns.remove(conn)
+
+
+def _outcome(done: Future[bool]) -> Outcome:
+    exc = done.exception()
+    if exc is None:
+        return ("ok", done.result())
+    if isinstance(exc, OSError):
+        return ("os", exc.errno, exc.strerror or str(exc))
+    if isinstance(exc, SQLAlchemyError):
+        return ("sql", type(exc).__name__)
+    log.error("commit failed: %s", exc)
+    return ("error", f"commit failed: {type(exc).__name__}")

@@ -1,0 +1,238 @@
+"""Several receiving processes on one DICOM port ([node] receive_processes), committing through one.
+
+serve's listener is one Python interpreter: with several senders its associations' readers and
+reactors, the parse of each instance and the group commit all wait for it in turn (measured:
+docs/benchmarks.md). With ``receive_processes = N`` (N > 1) serve starts N - 1 more receiving
+processes and one commit process (receive/committer.py):
+
+- every receiving process serves the same listening sockets (DICOM, DICOM TLS), bound once by serve:
+  each new association goes to whichever process accepts it first; each runs the same listener
+  (``build_listener``: C-ECHO, C-STORE, Storage Commitment and UPS reports, UPS Watch);
+- each receives, checks, hashes and fsyncs its instances itself, and the commit process commits
+  them all (rows, rename, folder fsync, commit) in shared batches, so the processes do not contend
+  for the database's write lock; an instance is acknowledged only once committed, as before;
+- each tells serve which studies it is receiving (``ForwardedActivity``), so the stable-study sweep
+  sees every association wherever it runs;
+- ``[node] max_inflight_mb`` is shared out evenly between them (serve's part also covers STOW-RS);
+  ``max_associations`` holds in each process, so the node admits up to N times as many.
+
+A receiving or commit process that dies stops the node (exit status 1, part "receive"); systemd then
+starts it again. SIGTERM stops the other receiving processes first, the commit process last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from dxnode.config import Settings
+from dxnode.receive.activity import Activity
+from dxnode.receive.committer import CommitClient, CommitProcess
+from dxnode.receive.ingest import Ingest
+from dxnode.scp import StorageSCP
+from dxnode.store import Store
+
+log = logging.getLogger("dxnode.receivers")
+START_TIMEOUT_S = 60.0
+
+
+def build_listener(settings: Settings, store: Store, ingest: Ingest) -> StorageSCP:
+    """The node's DICOM listener with every service it offers, the same in each receiving process."""
+    # start-up time: loaded only when this part of the node starts
+    from dxnode.outbox.commitment import report_handler
+    from dxnode.worklist import ups_events
+
+    watch = [ups_events.UpsWatch(settings, store)] if settings.ups_watch.enabled else []  # UPS Watch and Pull
+    scp = StorageSCP(settings, ingest, report_handler(store), watch)  # Storage Commitment reports go to the outbox
+    if settings.ups:
+        # start-up time: loaded only when this part of the node starts
+        from dxnode.sources import ups
+
+        # UPS Event reports of [[ups]] Task Managers come to the same listener (sources/ups.py)
+        scp.commitment_report = ups.listen_for_events(scp.ae, store, report_handler(store))
+    return scp
+
+
+def shared_out(settings: Settings) -> Settings:
+    """settings with [node] max_inflight_mb shared out between the receiving processes."""
+    n = settings.node.receive_processes
+    if n == 1:
+        return settings
+    node = settings.node.model_copy(update={"max_inflight_mb": settings.node.max_inflight_mb / n})
+    return settings.model_copy(update={"node": node})
+
+
+class ForwardedActivity(Activity):
+    """A receiving process's Activity: each event goes to serve's (apply), keyed by this process."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _send(self, *event: Any) -> None:
+        with self._send_lock, contextlib.suppress(OSError):  # serve gone: this process is stopping anyway
+            self._conn.send(event)
+
+    def begin(self, association: Hashable, study_uid: str) -> None:
+        self._send("begin", (self._pid, association), study_uid)
+
+    def end(self, study_uid: str) -> None:
+        self._send("end", study_uid)
+
+    def closed(self, association: Hashable) -> None:
+        self._send("closed", (self._pid, association))
+
+
+def apply(activity: Activity, event: tuple[Any, ...]) -> None:
+    """One ForwardedActivity event applied to serve's Activity."""
+    kind, *args = event
+    if kind == "begin":
+        activity.begin(args[0], args[1])
+    elif kind == "end":
+        activity.end(args[0])
+    elif kind == "closed":
+        activity.closed(args[0])
+
+
+class Receivers:
+    """serve's side: the commit process and the other receiving processes, started, watched, stopped."""
+
+    def __init__(self, settings: Settings, ingest: Ingest, log_level: str) -> None:
+        self.settings, self.ingest, self.log_level = settings, ingest, log_level
+        self.commit: CommitProcess | None = None
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self._activity: list[Connection] = []
+        self._stopping = False
+
+    def start_commit(self) -> None:
+        """The commit process, and serve's own ingest committing through it (before the listener starts)."""
+        self.commit = CommitProcess(self.settings, self.settings.node.receive_processes, self.log_level)
+        self.ingest.committer = CommitClient(self.commit.clients[0])
+
+    def start_receivers(self, sockets: Sequence[socket.socket]) -> None:
+        """The other receiving processes on serve's listening sockets; RuntimeError if one cannot start."""
+        assert self.commit is not None
+        ctx = multiprocessing.get_context("spawn")
+        for conn in self.commit.clients[1:]:
+            ours, theirs = ctx.Pipe()
+            process = ctx.Process(
+                target=receive_process_main,
+                args=(self.settings, self.log_level, list(sockets), conn, theirs, os.getpid()),
+                name="dxnode-receive",
+                daemon=True,
+            )
+            process.start()
+            theirs.close()
+            conn.close()  # the receiving process has its own copy
+            self.processes.append(process)
+            self._activity.append(ours)
+        for started, conn in zip(self.processes, self._activity, strict=True):
+            ready: Any = ("did not start within", f"{START_TIMEOUT_S:g} s")
+            try:
+                if conn.poll(START_TIMEOUT_S):
+                    ready = conn.recv()
+            except (EOFError, OSError):
+                ready = ("exited", f"status {started.exitcode}")
+            if ready != ("ready",):
+                raise RuntimeError(f"a receiving process could not start: {ready[-1]}")
+        threading.Thread(target=self._forward, name="dxnode-receive-activity", daemon=True).start()
+
+    def _forward(self) -> None:
+        """Apply the receiving processes' activity events to serve's, until they have all gone."""
+        open_conns = list(self._activity)
+        while open_conns:
+            for conn in wait(open_conns):
+                assert isinstance(conn, Connection)
+                try:
+                    while True:
+                        apply(self.ingest.activity, conn.recv())
+                        if not conn.poll():
+                            break
+                except (EOFError, OSError):
+                    open_conns.remove(conn)
+
+    def failure(self) -> str | None:
+        """Why a receiving or the commit process no longer runs, while the node does; None while all run."""
+        if self._stopping:
+            return None
+        for process in self.processes:
+            if not process.is_alive():
+                return f"receiving process {process.pid} exited (status {process.exitcode})"
+        return self.commit.failure() if self.commit is not None else None
+
+    def stop_receivers(self) -> None:
+        """Stop the other receiving processes (SIGTERM: no new association, the open ones finish)."""
+        self._stopping = True
+        for process in self.processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+    def stop_commit(self) -> None:
+        """Stop the commit process, once serve's own instances are committed (after the listener stopped)."""
+        self._stopping = True
+        settle(self.ingest)
+        if self.ingest.committer is not None:
+            self.ingest.committer.close()
+        if self.commit is not None:
+            self.commit.stop()
+
+
+def settle(ingest: Ingest, within_s: float = 5.0) -> None:
+    """Wait (a little) for the instances this process is storing to be answered, before its commits end."""
+    deadline = time.monotonic() + within_s
+    while ingest.inflight.used and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def receive_process_main(
+    settings: Settings,
+    log_level: str,
+    sockets: list[socket.socket],
+    commit: Connection,
+    activity: Connection,
+    parent: int,
+) -> None:
+    """Body of one more receiving process: serve's listener on serve's sockets until SIGTERM or serve goes."""
+    from dxnode.logs import setup_logging
+
+    setup_logging(log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: serve decides
+    try:
+        store = Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
+        ingest = Ingest(shared_out(settings), store)
+        ingest.committer = CommitClient(commit)
+        ingest.activity = ForwardedActivity(activity)
+        scp = build_listener(settings, store, ingest)
+    except Exception as exc:  # said to serve, which refuses to start
+        activity.send(("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        raise SystemExit(1) from None
+    activity.send(("ready",))  # before the first association's events on the same connection
+    scp.start(sockets)
+    log.info("receiving process %d ready", os.getpid())
+    try:
+        while not stop.wait(1.0) and os.getppid() == parent and scp.failure() is None:
+            pass
+    finally:
+        scp.stop()
+        settle(ingest)
+        ingest.committer.close()
+        store.dispose()
+    log.info("receiving process %d stopped", os.getpid())

@@ -1,0 +1,81 @@
+"""Several receiving processes on one port, committing through one commit process
+([node] receive_processes; dxnode/receivers.py, dxnode/receive/committer.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+import signal
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import need_tool
+from nodeproc import Node, make_study, node_config, storescu
+
+from dxnode.receive.activity import Activity
+from dxnode.receivers import ForwardedActivity, apply
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    need_tool("storescu")
+    n = Node(node_config(tmp_path, node={"receive_processes": 2}, worklist={"run_jobs": False}))
+    yield n
+    n.stop()
+
+
+def rows(tmp_path: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(tmp_path / "var" / "dxnode.db") as db:
+        return db.execute("SELECT sop_instance_uid, file_path, sha256 FROM instance").fetchall()
+
+
+def test_both_processes_receive_and_every_instance_is_committed_once(node: Node, tmp_path: Path) -> None:
+    pids = {int(m) for m in re.findall(r"receiving process (\d+) ready", "\n".join(node.lines))}
+    assert len(pids) == 1 and node.proc.pid not in pids
+    studies = [make_study(tmp_path / f"s{k}", n=3) for k in range(12)]
+    senders = [threading.Thread(target=storescu, args=(node.port, files)) for _, files in studies]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(120)
+    stored = rows(tmp_path)
+    assert len(stored) == 36 and len({uid for uid, _, _ in stored}) == 36
+    for _, path, sha256 in stored:  # each file in place, whole, with the digest its row says
+        assert hashlib.sha256((tmp_path / "var" / path).read_bytes()).hexdigest() == sha256
+    served = {int(m) for m in re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(node.lines))}
+    assert served == {node.proc.pid, *pids}, f"associations served by {served}"
+    storescu(node.port, studies[0][1])  # sent again: counted as duplicates, not stored twice
+    assert len(rows(tmp_path)) == 36
+
+
+def test_a_receiving_process_that_dies_stops_the_node_naming_it(node: Node) -> None:
+    child = int(node.wait_for(r"receiving process (\d+) ready").group(1))
+    os.kill(child, signal.SIGKILL)
+    assert node.proc.wait(30) == 1
+    assert any(re.search(rf"receive: receiving process {child} exited", line) for line in node.lines), node.lines[-5:]
+
+
+def test_the_commit_process_dying_stops_the_node_naming_it(node: Node, tmp_path: Path) -> None:
+    commit = int(node.wait_for(r"commit process (\d+) ready").group(1))
+    os.kill(commit, signal.SIGKILL)
+    assert node.proc.wait(30) == 1
+    assert any("receive: the commit process exited" in line for line in node.lines), node.lines[-5:]
+
+
+def test_activity_events_of_a_receiving_process_reach_serves_activity() -> None:
+    ours, theirs = multiprocessing.Pipe()
+    sent, seen = ForwardedActivity(theirs), Activity()
+    sent.begin(7, "1.2.3")
+    apply(seen, ours.recv())
+    assert seen.busy_studies() == {"1.2.3"}
+    sent.end("1.2.3")
+    apply(seen, ours.recv())
+    assert seen.busy_studies() == {"1.2.3"}  # its association is still open
+    sent.closed(7)
+    apply(seen, ours.recv())
+    assert seen.busy_studies() == set() and "1.2.3" in seen.released_at()
