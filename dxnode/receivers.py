@@ -36,13 +36,12 @@ from typing import Any
 
 from dxnode.config import Settings
 from dxnode.receive.activity import Activity
-from dxnode.receive.committer import CommitClient, CommitProcess
+from dxnode.receive.committer import CommitClient, CommitProcess, await_ready
 from dxnode.receive.ingest import Ingest
 from dxnode.scp import StorageSCP
 from dxnode.store import Store
 
 log = logging.getLogger("dxnode.receivers")
-START_TIMEOUT_S = 60.0
 
 
 def build_listener(settings: Settings, store: Store, ingest: Ingest) -> StorageSCP:
@@ -138,14 +137,9 @@ class Receivers:
             self.processes.append(process)
             self._activity.append(ours)
         for started, conn in zip(self.processes, self._activity, strict=True):
-            ready: Any = ("did not start within", f"{START_TIMEOUT_S:g} s")
-            try:
-                if conn.poll(START_TIMEOUT_S):
-                    ready = conn.recv()
-            except (EOFError, OSError):
-                ready = ("exited", f"status {started.exitcode}")
-            if ready != ("ready",):
-                raise RuntimeError(f"a receiving process could not start: {ready[-1]}")
+            why = await_ready(conn, started)
+            if why is not None:
+                raise RuntimeError(f"a receiving process could not start: {why}")
         threading.Thread(target=self._forward, name="dxnode-receive-activity", daemon=True).start()
 
     def _forward(self) -> None:

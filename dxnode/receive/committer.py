@@ -164,16 +164,10 @@ class CommitProcess:
         self.process.start()
         for _, theirs in pairs:
             theirs.close()
-        first = self.clients[0]
-        ready: Any = ("did not start within", f"{START_TIMEOUT_S:g} s")
-        try:
-            if first.poll(START_TIMEOUT_S):
-                ready = first.recv()
-        except (EOFError, OSError):
-            ready = ("exited", f"status {self.process.exitcode}")
-        if ready != ("ready",):
+        why = await_ready(self.clients[0], self.process)
+        if why is not None:
             self.stop()
-            raise CommitFailed(f"the commit process could not start: {ready[-1]}")
+            raise CommitFailed(f"the commit process could not start: {why}")
 
     def failure(self) -> str | None:
         """Why the commit process no longer runs; None while it runs."""
@@ -187,6 +181,17 @@ class CommitProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+
+
+def await_ready(conn: Connection, process: Any) -> str | None:
+    """None once a started process has said ("ready",) on conn; else why not, in words."""
+    try:
+        if not conn.poll(START_TIMEOUT_S):
+            return f"did not start within {START_TIMEOUT_S:g} s"
+        said = conn.recv()
+    except (EOFError, OSError):
+        return f"exited (status {process.exitcode})"
+    return None if said == ("ready",) else str(said[-1])
 
 
 def committer_main(settings: Settings, conns: list[Connection], log_level: str) -> None:
