@@ -56,7 +56,7 @@ PYNETDICOM_SCP = textwrap.dedent(
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     import threading
-    from dxnode.scp import NoDelayServer
+    from dxnode.receive.server import NoDelayServer
 
     out = Path(sys.argv[2])
 

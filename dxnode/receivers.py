@@ -31,17 +31,127 @@ import socket
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from dxnode.config import Settings
+from dxnode.logs import setup_logging
 from dxnode.receive.activity import Activity
-from dxnode.receive.committer import CommitClient, CommitProcess, await_ready
+from dxnode.receive.committer import (
+    MAX_BATCH,
+    CommitClient,
+    CommitFailed,
+    Outcome,
+    Request,
+    await_ready,
+    hang_up,
+)
 from dxnode.receive.ingest import Ingest
 from dxnode.scp import StorageSCP
 from dxnode.store import Store
 
 log = logging.getLogger("dxnode.receivers")
+
+
+class CommitProcess:
+    """The commit process, started with one connection per receiving process (clients)."""
+
+    def __init__(self, settings: Settings, clients: int, log_level: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        pairs = [ctx.Pipe() for _ in range(clients)]
+        self.clients: list[Connection] = [ours for ours, _ in pairs]  # one for each receiving process
+        self.process = ctx.Process(
+            target=committer_main,
+            args=(settings, [theirs for _, theirs in pairs], log_level),
+            name="dxnode-commit",
+            daemon=True,
+        )
+        self.process.start()
+        for _, theirs in pairs:
+            theirs.close()
+        why = await_ready(self.clients[0], self.process)
+        if why is not None:
+            self.stop()
+            raise CommitFailed(f"the commit process could not start: {why}")
+
+    def failure(self) -> str | None:
+        """Why the commit process no longer runs; None while it runs."""
+        return None if self.process.is_alive() else f"the commit process exited (status {self.process.exitcode})"
+
+    def stop(self) -> None:
+        """End it once every client has closed its connection (waits a little, then kills)."""
+        for conn in self.clients:
+            hang_up(conn)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+def committer_main(settings: Settings, conns: list[Connection], log_level: str) -> None:
+    """Body of the commit process: commit what has arrived from every receiving process as one batch,
+    answer each, repeat until they have all closed their connections."""
+    setup_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: serve decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # serve ends it by closing the connections, after the receivers
+    try:
+        store = Store(settings.database.url, settings.database.busy_timeout_s, settings.database.echo)
+        ingest = Ingest(settings, store)
+    except Exception as exc:  # said to serve, which refuses to start
+        conns[0].send(("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        raise SystemExit(1) from None
+    conns[0].send(("ready",))
+    log.info("commit process %d ready for %d receiving process(es)", os.getpid(), len(conns))
+    try:
+        _serve(ingest, conns)
+    finally:
+        store.dispose()
+
+
+def _serve(ingest: Ingest, conns: list[Connection]) -> None:
+    open_conns = list(conns)
+    while open_conns:
+        requests: list[tuple[Connection, Request]] = []
+        for conn in wait(open_conns):
+            assert isinstance(conn, Connection)
+            try:
+                while len(requests) < MAX_BATCH:
+                    requests.append((conn, conn.recv()))
+                    if not conn.poll():
+                        break
+            except (EOFError, OSError):  # that receiving process closed it (stopping) or is gone
+                open_conns.remove(conn)
+        if not requests:
+            continue
+        items = [
+            ingest.pending(r.tmp, r.path, r.inode, r.rec, r.rel, r.size, r.sha256, r.calling_aet, r.address, r.actor)
+            for _, r in requests
+        ]
+        ingest.settle(items)
+        answers: dict[Connection, list[tuple[int, Outcome]]] = {}
+        for (conn, request), item in zip(requests, items, strict=True):
+            answers.setdefault(conn, []).append((request.id, _outcome(item.done)))
+        for conn, batch in answers.items():
+            try:
+                conn.send(batch)
+            except OSError:
+                if conn in open_conns:
+                    open_conns.remove(conn)
+
+
+def _outcome(done: Future[bool]) -> Outcome:
+    exc = done.exception()
+    if exc is None:
+        return ("ok", done.result())
+    if isinstance(exc, OSError):
+        return ("os", exc.errno, exc.strerror or str(exc))
+    if isinstance(exc, SQLAlchemyError):
+        return ("sql", type(exc).__name__)
+    log.error("commit failed: %s", exc)
+    return ("error", f"commit failed: {type(exc).__name__}")
 
 
 def build_listener(settings: Settings, store: Store, ingest: Ingest) -> StorageSCP:
@@ -203,8 +313,6 @@ def receive_process_main(
     parent: int,
 ) -> None:
     """Body of one more receiving process: serve's listener on serve's sockets until SIGTERM or serve goes."""
-    from dxnode.logs import setup_logging
-
     setup_logging(log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -18,11 +18,9 @@ reports it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import socket
-import socketserver
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -50,12 +48,10 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time from a table
     StorageCommitmentPushModel,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dxnode import metrics
 from dxnode.config import Settings
@@ -64,6 +60,7 @@ from dxnode.listen import address as host_port
 from dxnode.receive import chunked, reactor
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
+from dxnode.receive.server import NoDelayServer
 
 log = logging.getLogger("dxnode.scp")
 
@@ -88,75 +85,6 @@ TRANSFER_SYNTAXES = [
 ]
 
 MAX_PDU = 262144  # bytes we accept per P-DATA PDU: fewer, larger PDUs for big images
-
-
-class NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with Nagle's algorithm off on each accepted socket, and its
-    supported contexts copied cheaply for each association.
-
-    pynetdicom leaves Nagle on; a small C-STORE response then can wait for a delayed ACK.
-    """
-
-    def __init__(self, *args: Any, listening: socket.socket | None = None, **kwargs: Any) -> None:
-        self._listening = listening  # a listening socket another receiving process bound (receivers.py)
-        super().__init__(*args, **kwargs)
-        self.contexts = _Contexts(self.contexts)
-
-    def server_bind(self) -> None:
-        if self._listening is None:
-            super().server_bind()
-        else:
-            if self.socket is not None:
-                self.socket.close()
-            self.socket = self._listening
-            self.server_address = self.socket.getsockname()
-
-    def server_activate(self) -> None:
-        """Listen, without blocking in accept: several receiving processes may share the socket, and
-        the one that loses the race for a connection must go back to its loop, not wait in accept."""
-        if self._listening is None:
-            super().server_activate()
-        if self.socket is not None:
-            self.socket.setblocking(False)
-
-    def server_close(self) -> None:
-        """Close the socket; a shared one (listening) without shutdown, which would end it for every process."""
-        if self._listening is None:
-            super().server_close()
-        elif self.socket is not None:
-            self.socket.close()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = super().get_request()
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, address
-
-    def shutdown(self) -> None:
-        """Stop serving and close the socket. (pynetdicom's shutdown also removes the server from the
-        AE's private list of servers that AE.start_server made, where a server from make_server is not.)"""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-
-class _Contexts(list[PresentationContext]):
-    """A server's supported presentation contexts. pynetdicom deep-copies them for every association
-    it accepts, which for the ~160 storage contexts of 16 transfer syntaxes took most of the 30-50 ms
-    an association took to set up; copied here one level down, sharing the UIDs (immutable strings)."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        return [_copy_context(cx) for cx in self]
-
-
-def _copy_context(cx: PresentationContext) -> PresentationContext:
-    """cx copied with its own lists; any attribute not a list or immutable is deep-copied."""
-    new = copy.copy(cx)
-    for name, value in vars(cx).items():
-        if isinstance(value, list):
-            setattr(new, name, list(value))
-        elif not isinstance(value, str | int | float | None):
-            setattr(new, name, copy.deepcopy(value))
-    return new
 
 
 # Answers a Storage Commitment N-EVENT-REPORT: (status, Event Reply or None); outbox/commitment.py's report_handler.

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from nodeproc import Node, make_study, node_config, storescu
+from test_tls import client_context, echo, pki  # noqa: F401  (pki is a fixture)
 
 from dxnode.receive.activity import Activity
 from dxnode.receivers import ForwardedActivity, apply
@@ -51,6 +52,22 @@ def test_both_processes_receive_and_every_instance_is_committed_once(node: Node,
     assert served == {node.proc.pid, *pids}, f"associations served by {served}"
     storescu(node.port, studies[0][1])  # sent again: counted as duplicates, not stored twice
     assert len(rows(tmp_path)) == 36
+
+
+def test_the_tls_port_is_shared_too(tmp_path: Path, pki: Path) -> None:  # noqa: F811
+    tls = {"tls_port": 0, "tls_cert": str(pki / "server.crt"), "tls_key": str(pki / "server.key")}
+    tls |= {"tls_ca": str(pki / "ca.crt"), "tls_require_client_cert": True}
+    node = Node(node_config(tmp_path, node={"receive_processes": 2, **tls}, worklist={"run_jobs": False}))
+    try:
+        port = int(node.wait_for(r"\(TLS on (\d+)\)").group(1))
+        child = int(node.wait_for(r"receiving process (\d+) ready").group(1))
+        for _ in range(12):
+            assert echo(port, client_context(pki, with_cert=True))
+        assert not echo(port, client_context(pki, with_cert=False))
+        served = {int(m) for m in re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(node.lines))}
+        assert served == {node.proc.pid, child}, f"associations served by {served}"
+    finally:
+        node.stop()
 
 
 def test_a_receiving_process_that_dies_stops_the_node_naming_it(node: Node) -> None:

@@ -1,4 +1,4 @@
-"""serve's DICOM server copies its supported contexts cheaply for each association (scp.NoDelayServer)."""
+"""serve's DICOM server copies its supported contexts cheaply for each association (receive/server.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 from pydicom.uid import UID
 
 from dxnode.config import Settings
-from dxnode.scp import NoDelayServer, StorageSCP
+from dxnode.receive.server import NoDelayServer
+from dxnode.scp import StorageSCP
 
 
 def test_the_contexts_copied_for_an_association_equal_pynetdicoms_deep_copy_and_share_nothing_mutable(

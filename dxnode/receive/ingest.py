@@ -18,14 +18,12 @@ import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
@@ -47,7 +45,8 @@ from dxnode.receive.parse import (
     read_received,
 )
 from dxnode.receive.part10 import file_header
-from dxnode.store import Instance, Series, Store, Study, audit_core, utcnow
+from dxnode.receive.rows import BUMP_STUDY, INSERT_INSTANCE, SeenSeries, upsert_series, upsert_study
+from dxnode.store import Instance, Store, audit_core, utcnow
 
 log = logging.getLogger("dxnode.receive.ingest")
 
@@ -64,7 +63,7 @@ class Ingest:
         self.writer = ThreadPoolExecutor(settings.node.max_associations + 4, thread_name_prefix="dxnode-write")
         self._lock = threading.Lock()
         self._sweep: threading.Timer | None = None
-        self._seen: dict[str, _SeenSeries] = {}  # series UID -> rows after the last commit
+        self._seen: dict[str, SeenSeries] = {}  # series UID -> rows after the last commit
         self._group = GroupCommit(store.engine, self.writer)
         self.activity = Activity()
         self.committer: CommitClient | None = None  # with [node] receive_processes > 1 (committer.py)
@@ -319,7 +318,7 @@ class Ingest:
         address: str,
         actor: str | None,
         attempt: int = 0,
-    ) -> _SeenSeries | None:
+    ) -> SeenSeries | None:
         """The statements of one instance, in the caller's transaction; None for a duplicate (counted).
         Core statements keep this cheap."""
         actor = actor or calling_aet
@@ -328,9 +327,7 @@ class Ingest:
         # insert's unique key and the next attempt counts it).
         seen = self._seen.get(rec.series_instance_uid) if attempt == 0 else None
         if seen is not None and seen.covers(rec):
-            bumped = conn.execute(
-                _BUMP_STUDY, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()}
-            ).rowcount
+            bumped = conn.execute(BUMP_STUDY, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()}).rowcount
             if bumped != 1:  # the study is gone: the full path below recreates it
                 seen = None
         else:
@@ -345,10 +342,10 @@ class Ingest:
             audit_core(conn, actor, "instance.duplicate", f"instance:{existing}", address)
             return None
         if seen is None:
-            study_id, filled, modalities = self._upsert_study(conn, rec, calling_aet)
-            seen = _SeenSeries(study_id, self._upsert_series(conn, study_id, rec), filled, modalities)
+            study_id, filled, modalities = upsert_study(conn, rec, calling_aet)
+            seen = SeenSeries(study_id, upsert_series(conn, study_id, rec), filled, modalities)
         instance_id = conn.execute(
-            _INSERT_INSTANCE,
+            INSERT_INSTANCE,
             {
                 "series_id": seen.series_id,
                 "study_id": seen.study_id,
@@ -369,83 +366,11 @@ class Ingest:
         )
         return seen
 
-    def _remember(self, rec: Received, seen: _SeenSeries) -> None:
+    def _remember(self, rec: Received, seen: SeenSeries) -> None:
         """Keep the study and series rows a commit made true (only by the thread leading a commit: group.py)."""
         if len(self._seen) >= _SEEN_MAX:
             self._seen.clear()
         self._seen[rec.series_instance_uid] = seen
-
-    @staticmethod
-    def _upsert_study(conn: Connection, rec: Received, calling_aet: str) -> tuple[int, frozenset[str], frozenset[str]]:
-        """Create or update the study row; returns its id, its non-empty text attributes and modalities."""
-        now = utcnow()
-        row = conn.execute(
-            select(
-                Study.id,
-                Study.modalities,
-                Study.patient_id,
-                Study.patient_name,
-                Study.accession_number,
-                Study.study_date,
-                Study.study_description,
-            ).where(Study.study_instance_uid == rec.study_instance_uid)
-        ).first()
-        values: dict[str, Any] = {"calling_aet": calling_aet, "last_received_at": now}
-        if row is None:
-            filled = frozenset(attr for attr in _STUDY_TEXT if getattr(rec, attr))
-            study_id = int(
-                conn.execute(
-                    insert(Study)
-                    .values(
-                        study_instance_uid=rec.study_instance_uid,
-                        patient_id=rec.patient_id,
-                        patient_name=rec.patient_name,
-                        accession_number=rec.accession_number,
-                        study_date=rec.study_date,
-                        study_description=rec.study_description,
-                        modalities=rec.modality,
-                        first_received_at=now,
-                        num_instances=1,
-                        ignored=False,
-                        **values,
-                    )
-                    .returning(Study.id)
-                ).scalar_one()
-            )
-            return study_id, filled, frozenset(filter(None, [rec.modality]))
-        for attr in _STUDY_TEXT:
-            if getattr(rec, attr) and not getattr(row, attr):
-                values[attr] = getattr(rec, attr)
-        mods = set(filter(None, (row.modalities or "").split("\\")))
-        if rec.modality and rec.modality not in mods:
-            values["modalities"] = "\\".join(sorted(mods | {rec.modality}))[:128]
-            mods = set(filter(None, values["modalities"].split("\\")))
-        conn.execute(update(Study).where(Study.id == row.id).values(num_instances=Study.num_instances + 1, **values))
-        filled = frozenset(attr for attr in _STUDY_TEXT if getattr(row, attr) or attr in values)
-        return int(row.id), filled, frozenset(mods)
-
-    @staticmethod
-    def _upsert_series(conn: Connection, study_id: int, rec: Received) -> int:
-        """The series row's id, created on its first instance."""
-        series_id = conn.execute(
-            select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
-        ).scalar()
-        if series_id is not None:
-            return int(series_id)
-        return int(
-            conn.execute(
-                insert(Series)
-                .values(
-                    study_id=study_id,
-                    series_instance_uid=rec.series_instance_uid,
-                    modality=rec.modality,
-                    body_part_examined=rec.body_part_examined,
-                    series_number=rec.series_number,
-                    series_description=rec.series_description,
-                )
-                .returning(Series.id)
-            ).scalar_one()
-        )
 
 
 def _sha256(parts: Sequence[bytes | memoryview]) -> str:
@@ -455,27 +380,4 @@ def _sha256(parts: Sequence[bytes | memoryview]) -> str:
     return digest.hexdigest()
 
 
-_STUDY_TEXT = ("patient_id", "patient_name", "accession_number", "study_date", "study_description")
 _SEEN_MAX = 4096  # series remembered per process; the map is simply emptied when full
-_BUMP_STUDY = (
-    update(Study)
-    .where(Study.id == bindparam("b_id"))
-    .values(num_instances=Study.num_instances + 1, calling_aet=bindparam("b_aet"), last_received_at=bindparam("b_now"))
-)
-_INSERT_INSTANCE = insert(Instance).returning(Instance.id)
-
-
-@dataclass(frozen=True)
-class _SeenSeries:
-    """Study and series rows as a committed transaction left them (text fields only ever get filled)."""
-
-    study_id: int
-    series_id: int
-    filled: frozenset[str]  # study text attributes that are not empty
-    modalities: frozenset[str]
-
-    def covers(self, rec: Received) -> bool:
-        """True when rec would change nothing in the study row but its counter, sender and time."""
-        return (not rec.modality or rec.modality in self.modalities) and all(
-            attr in self.filled or not getattr(rec, attr) for attr in _STUDY_TEXT
-        )
