@@ -3,7 +3,7 @@
 serve's listener is one Python interpreter: with several senders its associations' readers and
 reactors, the parse of each instance and the group commit all wait for it in turn (measured:
 docs/benchmarks.md). With ``receive_processes = N`` (N > 1) serve starts N - 1 more receiving
-processes and one commit process (receive/committer.py):
+processes and one commit process (committer_main below; the receiving side: receive/committer.py):
 
 - every receiving process serves the same listening sockets (DICOM, DICOM TLS), bound once by serve:
   each new association goes to whichever process accepts it first; each runs the same listener

@@ -66,7 +66,7 @@ class Ingest:
         self._seen: dict[str, SeenSeries] = {}  # series UID -> rows after the last commit
         self._group = GroupCommit(store.engine, self.writer)
         self.activity = Activity()
-        self.committer: CommitClient | None = None  # with [node] receive_processes > 1 (committer.py)
+        self.committer: CommitClient | None = None  # with [node] receive_processes > 1 (receivers.py)
         # The bytes of instances being handled now, by every transport that stores through this ingest.
         self.inflight = InflightBudget(settings.node.max_inflight_mb)
 
@@ -206,7 +206,7 @@ class Ingest:
             written = self.writer.submit(write_new_file, tmp, body)
         try:
             sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
-            if self.committer is not None:  # the commit process commits it (committer.py), once the file is durable
+            if self.committer is not None:  # the commit process commits it (receivers.py), once the file is durable
                 new = self.committer.commit(
                     tmp, path, written.result(), rec, rel, size, sha256, calling_aet, address, actor
                 )
@@ -259,7 +259,7 @@ class Ingest:
         )
 
     def settle(self, items: list[Pending]) -> None:
-        """Commit items as one batch now (the commit process's way: committer.py)."""
+        """Commit items as one batch now (the commit process's way: receivers.committer_main)."""
         self._group.settle(items)
 
     def _commit(
