@@ -383,7 +383,8 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
                 raise StartError("receive", str(exc)) from None
         print(
             f"dxnode DICOM: AE title {settings.node.ae_title} listening on {settings.node.host}:{scp.port}"
-            + (f" (TLS on {scp.tls_port})" if scp.tls_port else ""),
+            + (f" (TLS on {scp.tls_port})" if scp.tls_port else "")
+            + (f", {settings.node.receive_processes} receiving processes" if receivers is not None else ""),
             flush=True,
         )
         hl7 = _start_hl7(settings, store)

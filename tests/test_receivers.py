@@ -36,6 +36,7 @@ def rows(tmp_path: Path) -> list[tuple[str, str, str]]:
 
 
 def test_both_processes_receive_and_every_instance_is_committed_once(node: Node, tmp_path: Path) -> None:
+    assert node.wait_for(r"listening on .*, 2 receiving processes")
     pids = {int(m) for m in re.findall(r"receiving process (\d+) ready", "\n".join(node.lines))}
     assert len(pids) == 1 and node.proc.pid not in pids
     studies = [make_study(tmp_path / f"s{k}", n=3) for k in range(12)]
