@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
@@ -299,9 +298,7 @@ class Receivers:
 
 def settle(ingest: Ingest, within_s: float = 5.0) -> None:
     """Wait (a little) for the instances this process is storing to be answered, before its commits end."""
-    deadline = time.monotonic() + within_s
-    while ingest.inflight.used and time.monotonic() < deadline:
-        time.sleep(0.05)
+    ingest.inflight.wait_idle(within_s)
 
 
 def receive_process_main(

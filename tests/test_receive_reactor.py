@@ -134,7 +134,7 @@ def test_release_waits_for_a_report_being_handled_on_the_association() -> None:
         assert status.Status == 0x0000 and handling.wait(10)
         releasing = threading.Thread(target=lambda: (reactor.release(assoc, 10), order.append("released")))
         releasing.start()
-        time.sleep(0.3)
+        releasing.join(0.3)
         assert order == []  # the report is still being handled: no release yet
         go.set()
         releasing.join(15)

@@ -146,6 +146,7 @@ class InflightBudget:
         self.limit = int(max_inflight_mb * MB)
         self.used = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when nothing is held any more
 
     @contextlib.contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
@@ -159,6 +160,13 @@ class InflightBudget:
         finally:
             with self._lock:
                 self.used -= nbytes
+                if not self.used:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is held (the instances being handled are answered), at most timeout seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self.used, timeout)
 
 
 def _over(max_instance_mb: float, what: str) -> StoreRefused:
