@@ -15,7 +15,9 @@
 
 Every peer runs with TCP_NODELAY (DCMTK through the TCP_NODELAY=1 environment variable).
 Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3] [--baseline DIR] [--only NAME...]
-[--per-association] (one sender that opens an association per instance, as many modalities do).
+[--per-association] (one sender that opens an association per instance, as many modalities do)
+[--work DIR] (where the receivers store: on the file system a data_dir would be on; the run says how
+much CPU a file creation costs there, as every receiver makes one file per instance).
 --baseline adds dxnode run from another source tree (say a main checkout), to compare before and
 after in the same run; --only keeps the receivers named by first word (dxnode, baseline, Orthanc,
 DCMTK, pynetdicom). Prints instances/s (best of
@@ -165,7 +167,10 @@ def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and of its live descendants (serve's receiving and commit processes)."""
     total = cpu_seconds(pid)
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # that thread has ended since the listing
+            continue
         total += sum(tree_cpu_seconds(int(child)) for child in children)
     return total
 
@@ -288,6 +293,45 @@ def run_pynetdicom(folders: list[Path], work: Path, mode: str = "plain") -> tupl
         proc.wait(30)
 
 
+def create_ms(folder: Path, count: int = 200) -> float:
+    """CPU milliseconds to create one empty file in a new subfolder of folder: every receiver creates one
+    per instance, and where a file system's inode allocation is slow it is a large part of their cost
+    (docs/benchmarks.md)."""
+    probe = folder / "create-probe"
+    probe.mkdir()
+    start = time.thread_time()
+    for i in range(count):
+        os.close(os.open(probe / f"{i}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    spent = time.thread_time() - start
+    shutil.rmtree(probe)
+    return 1e3 * spent / count
+
+
+def print_ratios(rate: dict[tuple[str, int], float], counts: tuple[int, ...]) -> None:
+    """dxnode's ratios to each reference, per number of senders (none where --only left a reference out)."""
+    for senders in counts:
+        if {"dxnode serve (durable)", "DCMTK storescp", "pynetdicom write-only SCP", "pynetdicom fsync writer"} - {
+            name for name, _ in rate
+        }:
+            break  # some receivers left out (--only): no ratios
+        orthanc = rate.get(("Orthanc (SyncStorageArea)", senders))
+        for label, name in (("dxnode", "dxnode serve (durable)"), ("dxnode x2", "dxnode serve, 2 processes")):
+            if (name, senders) not in rate:
+                continue
+            dx = rate[name, senders]
+            print(
+                f"{senders} sender(s): {label} / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
+                f" {label} / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f},"
+                f" {label} / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
+                " (target >= 0.8)" + (f", {label} / Orthanc = {dx / orthanc:.2f} (target >= 1)" if orthanc else "")
+            )
+            if ("pynetdicom fsync + reactor", senders) in rate:
+                print(
+                    f"  {label} / fsync writer on dxnode's reactor ="
+                    f" {dx / rate['pynetdicom fsync + reactor', senders]:.2f}"
+                )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
@@ -299,12 +343,22 @@ def main() -> int:
     parser.add_argument(
         "--per-association", action="store_true", help="one sender, one association per instance (use --count 50)"
     )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder to run the receivers in (default: the system's temporary folder); use one on the disk"
+        " and file system a node's data_dir would be on",
+    )
     args = parser.parse_args()
     PER_ASSOCIATION["on"] = args.per_association
     if not shutil.which("storescu") or not shutil.which("storescp"):
         print("bench.receive needs DCMTK (apt-get install dcmtk)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="dxnode-bench-") as tmp:
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dxnode-bench-", dir=args.work) as tmp:
+        print(f"work folder {tmp}: {create_ms(Path(tmp)):.3f} ms of CPU to create a file", file=sys.stderr)
         one = [Path(tmp) / "instances"]
         four = [Path(tmp) / f"sender{k}" for k in range(4)]
         for k, folder in enumerate(one + four):
@@ -349,27 +403,7 @@ def main() -> int:
                 f"{name:<28} {senders:>7} {n / seconds:12.1f} {n / seconds * size_mb / args.count:8.1f}"
                 f" {1e3 * cpu / n:16.2f}"
             )
-        for senders in (1,) if args.per_association else (1, 4):
-            if {"dxnode serve (durable)", "DCMTK storescp", "pynetdicom write-only SCP", "pynetdicom fsync writer"} - {
-                name for name, _ in rate
-            }:
-                break  # some receivers left out (--only): no ratios
-            orthanc = rate.get(("Orthanc (SyncStorageArea)", senders))
-            for label, name in (("dxnode", "dxnode serve (durable)"), ("dxnode x2", "dxnode serve, 2 processes")):
-                if (name, senders) not in rate:
-                    continue
-                dx = rate[name, senders]
-                print(
-                    f"{senders} sender(s): {label} / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
-                    f" {label} / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f},"
-                    f" {label} / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
-                    " (target >= 0.8)" + (f", {label} / Orthanc = {dx / orthanc:.2f} (target >= 1)" if orthanc else "")
-                )
-                if ("pynetdicom fsync + reactor", senders) in rate:
-                    print(
-                        f"  {label} / fsync writer on dxnode's reactor ="
-                        f" {dx / rate['pynetdicom fsync + reactor', senders]:.2f}"
-                    )
+        print_ratios(rate, (1,) if args.per_association else (1, 4))
     return 0
 
 
