@@ -70,6 +70,18 @@ def library_switches(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # While a job runs, APScheduler warns every poll that the runner is still busy: expected, not news.
     logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, logging.getLevelName(level)))
+    logging.captureWarnings(True)  # a library's Python warning: a log line like any other, not raw stderr
+    if logging.getLevelName(level) != logging.DEBUG:
+        # start-up time: pydicom loads only when this runs
+        from pydicom import config as pydicom_config
+
+        # pydicom checks each value it reads against its VR and, by default, logs and warns for each
+        # one that does not conform, quoting it: a received study's dates and names in the log, and a
+        # dozen lines for one hostile instance. The node checks the values it relies on itself
+        # (receive/parse.py) and says what it refused in one line; at DEBUG pydicom's lines come back.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        # pynetdicom's one warning there, a UID it finds nonconforming, quoted: the same reason.
+        logging.getLogger("pynetdicom.utils").setLevel(logging.ERROR)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # start-up time: pynetdicom loads only when this runs
         from pynetdicom import _config

@@ -9,13 +9,15 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import need_tool
-from nodeproc import Node, make_study, node_config, storescu
+from nodeproc import Node, make_study, node_config, storescu, wait_until
 from test_tls import client_context, echo, pki  # noqa: F401  (pki is a fixture)
 
 from dxnode.receive.activity import Activity
@@ -53,6 +55,35 @@ def test_both_processes_receive_and_every_instance_is_committed_once(node: Node,
     assert served == {node.proc.pid, *pids}, f"associations served by {served}"
     storescu(node.port, studies[0][1])  # sent again: counted as duplicates, not stored twice
     assert len(rows(tmp_path)) == 36
+
+
+def test_nonconforming_values_and_hostile_instances_cost_one_log_line_in_every_process(
+    node: Node, tmp_path: Path
+) -> None:
+    """A value pydicom finds nonconforming is stored without a log line quoting it (a study date is
+    patient data), and a refused instance is one ERROR line, in serve and in the receiving process."""
+    sends = []
+    for k in range(6):  # several associations: both processes take some
+        _, files = make_study(tmp_path / f"odd{k}", n=1)
+        ds = pydicom.dcmread(files[0])
+        ds.StudyDate = "Jane^Doe"  # not a DA
+        ds.save_as(files[0], enforce_file_format=True)
+        hostile = pydicom.dcmread(files[0])
+        hostile.SOPInstanceUID = hostile.file_meta.MediaStorageSOPInstanceUID = "../../escape"
+        hostile.save_as(tmp_path / f"odd{k}" / "hostile.dcm", enforce_file_format=True)
+        sends.append([files[0], tmp_path / f"odd{k}" / "hostile.dcm"])
+    for files in sends:
+        out = subprocess.run(
+            ["storescu", "-aec", "DXNODE", "127.0.0.1", str(node.port), *map(str, files)], capture_output=True, text=True
+        )
+        assert out.returncode != 0  # the hostile one refused
+    assert len(rows(tmp_path)) == 6
+    refusal = "refused (0xC000): invalid SOPInstanceUID"
+    wait_until(lambda: sum(refusal in line for line in node.lines) == 6, 30, "six refusals logged")
+    lines = list(node.lines)
+    served = {int(m) for m in re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(lines))}
+    assert len(served) == 2, f"associations served by {served}"
+    assert not [line for line in lines if "Jane" in line or "escape" in line or "Warning" in line], "\n".join(lines)
 
 
 def test_the_tls_port_is_shared_too(tmp_path: Path, pki: Path) -> None:  # noqa: F811

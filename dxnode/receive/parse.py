@@ -77,12 +77,11 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 
 def _check_uid_elements(ds: Dataset) -> None:
-    """The dataset's own UIDs: SOP Class and Instance present, every UID attribute of VR UI."""
-    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+    """The dataset's own UIDs: SOP Class, SOP Instance, Study and Series present, each of VR UI."""
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if keyword not in ds:
             raise StoreRefused(CANNOT_UNDERSTAND, f"missing {keyword}")
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if keyword in ds and ds[keyword].VR != "UI":
+        if ds[keyword].VR != "UI":
             raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} has VR {ds[keyword].VR}, not UI")
 
 
