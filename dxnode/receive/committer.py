@@ -27,10 +27,9 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-from dxnode.receive.parse import Received
+from dxnode.receive.rows import Arrival
 
 log = logging.getLogger("dxnode.receive.committer")
 START_TIMEOUT_S = 60.0
@@ -39,19 +38,11 @@ MAX_BATCH = 64  # requests committed together (group.MAX_BATCH)
 
 @dataclass(frozen=True)
 class Request:
-    """One instance to commit: its file is durable as tmp (inode), to be renamed to path."""
+    """One instance to commit: its file is durable as arrival.tmp (inode)."""
 
     id: int
-    tmp: Path
-    path: Path
+    arrival: Arrival
     inode: int
-    rec: Received
-    rel: Path
-    size: int
-    sha256: str
-    calling_aet: str
-    address: str
-    actor: str | None
 
 
 # An answer: ("ok", new), ("os", errno, strerror), ("sql", exception type name), ("error", text).
@@ -74,20 +65,8 @@ class CommitClient:
         self._reader = threading.Thread(target=self._read, name="dxnode-commit-answers", daemon=True)
         self._reader.start()
 
-    def commit(
-        self,
-        tmp: Path,
-        path: Path,
-        inode: int,
-        rec: Received,
-        rel: Path,
-        size: int,
-        sha256: str,
-        calling_aet: str,
-        address: str,
-        actor: str | None,
-    ) -> bool:
-        """Commit one instance whose file is durable as tmp; True if new, False for a duplicate.
+    def commit(self, arrival: Arrival, inode: int) -> bool:
+        """Commit one instance whose file is durable as arrival.tmp; True if new, False for a duplicate.
         OSError as the commit process met it, CommitFailed for anything else or when it is gone."""
         done: Future[Outcome] = Future()
         with self._lock:
@@ -96,7 +75,7 @@ class CommitClient:
             rid = next(self._ids)
             self._waiting[rid] = done
             try:
-                self._conn.send(Request(rid, tmp, path, inode, rec, rel, size, sha256, calling_aet, address, actor))
+                self._conn.send(Request(rid, arrival, inode))
             except OSError:
                 self._waiting.pop(rid, None)
                 raise CommitFailed("the commit process is gone") from None

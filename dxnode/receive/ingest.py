@@ -45,7 +45,7 @@ from dxnode.receive.parse import (
     read_received,
 )
 from dxnode.receive.part10 import file_header
-from dxnode.receive.rows import BUMP_STUDY, INSERT_INSTANCE, SeenSeries, upsert_series, upsert_study
+from dxnode.receive.rows import BUMP_STUDY, INSERT_INSTANCE, Arrival, SeenSeries, upsert_series, upsert_study
 from dxnode.store import Instance, Store, audit_core, utcnow
 
 log = logging.getLogger("dxnode.receive.ingest")
@@ -206,14 +206,11 @@ class Ingest:
             written = self.writer.submit(write_new_file, tmp, body)
         try:
             sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
+            arrival = Arrival(tmp, path, rec, rel, size, sha256, calling_aet, address, actor)
             if self.committer is not None:  # the commit process commits it (receivers.py), once the file is durable
-                new = self.committer.commit(
-                    tmp, path, written.result(), rec, rel, size, sha256, calling_aet, address, actor
-                )
+                new = self.committer.commit(arrival, written.result())
             else:  # concurrent associations share the commit and the folder fsync (group.py); each waits for its own
-                new = self._group.commit(
-                    self.pending(tmp, path, written, rec, rel, size, sha256, calling_aet, address, actor)
-                )
+                new = self._group.commit(self.pending(arrival, written))
         except OSError as exc:
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"[:64]) from exc
         except SQLAlchemyError as exc:
@@ -231,50 +228,26 @@ class Ingest:
         log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, size, actor or calling_aet)
         return new
 
-    def pending(
-        self,
-        tmp: Path,
-        path: Path,
-        written: Future[int] | int,
-        rec: Received,
-        rel: Path,
-        size: int,
-        sha256: str,
-        calling_aet: str,
-        address: str,
-        actor: str | None,
-    ) -> Pending:
+    def pending(self, arrival: Arrival, written: Future[int] | int) -> Pending:
         """An instance for the group commit; written is its file's fsync (its inode when done)."""
         if isinstance(written, int):
             inode, written = written, Future()
             written.set_result(inode)
         durable = written
         return Pending(
-            tmp,
-            path,
+            arrival.tmp,
+            arrival.path,
             durable,
-            rows=lambda conn: self._rows(conn, rec, rel, size, sha256, calling_aet, address, actor),
-            alone=lambda: self._commit(rec, tmp, durable, path, rel, size, sha256, calling_aet, address, actor),
-            committed=lambda seen: self._remember(rec, seen),
+            rows=lambda conn: self._rows(conn, arrival),
+            alone=lambda: self._commit(arrival, durable),
+            committed=lambda seen: self._remember(arrival.rec, seen),
         )
 
     def settle(self, items: list[Pending]) -> None:
         """Commit items as one batch now (the commit process's way: receivers.committer_main)."""
         self._group.settle(items)
 
-    def _commit(
-        self,
-        rec: Received,
-        tmp: Path,
-        written: Future[int],
-        path: Path,
-        rel: Path,
-        size: int,
-        sha256: str,
-        calling_aet: str,
-        address: str,
-        actor: str | None = None,
-    ) -> bool:
+    def _commit(self, arrival: Arrival, written: Future[int]) -> bool:
         """One instance in its own transaction (group.py's way for an instance committed alone, or
         whose batch failed): a repeat is counted; for a new instance the rows are written, the file is
         renamed into place and the rows committed. Returns False for a duplicate.
@@ -283,45 +256,35 @@ class Ingest:
         writer can insert the same SOP Instance UID (PostgreSQL makes it wait on the unique key), so no
         other writer renames onto this path, and a lost race on a unique key (two senders starting the
         same study) happens before the rename, with the temporary file still there for the retry.
-        written is the write and fsync of tmp (its inode), still running when this starts."""
+        written is the write and fsync of arrival.tmp (its inode), still running when this starts."""
         for attempt in range(3):
             renamed = False
             try:
                 with self.store.engine.begin() as conn:
-                    seen = self._rows(conn, rec, rel, size, sha256, calling_aet, address, actor, attempt)
+                    seen = self._rows(conn, arrival, attempt)
                     if seen is None:
                         return False
                     inode = written.result()  # the bytes are durable (or its OSError ends the transaction)
-                    publish(tmp, path)  # durable under its final name before the rows commit
+                    publish(arrival.tmp, arrival.path)  # durable under its final name before the rows commit
                     renamed = True
-                self._remember(rec, seen)
+                self._remember(arrival.rec, seen)
                 return True
             except IntegrityError:
                 if renamed:
-                    withdraw(path, inode)
+                    withdraw(arrival.path, inode)
                 if renamed or attempt == 2:
                     raise
             except BaseException:
                 if renamed:
-                    withdraw(path, inode)  # no row: the sender gets a failure and retries
+                    withdraw(arrival.path, inode)  # no row: the sender gets a failure and retries
                 raise
         return False
 
-    def _rows(
-        self,
-        conn: Connection,
-        rec: Received,
-        rel: Path,
-        size: int,
-        sha256: str,
-        calling_aet: str,
-        address: str,
-        actor: str | None,
-        attempt: int = 0,
-    ) -> SeenSeries | None:
+    def _rows(self, conn: Connection, arrival: Arrival, attempt: int = 0) -> SeenSeries | None:
         """The statements of one instance, in the caller's transaction; None for a duplicate (counted).
         Core statements keep this cheap."""
-        actor = actor or calling_aet
+        rec, calling_aet, address = arrival.rec, arrival.calling_aet, arrival.address
+        actor = arrival.actor or calling_aet
         # The common case, one more instance of a series seen before that adds nothing to the study
         # row: bump the study and insert, without reading anything first (a duplicate then fails the
         # insert's unique key and the next attempt counts it).
@@ -353,16 +316,22 @@ class Ingest:
                 "sop_instance_uid": rec.sop_instance_uid,
                 "transfer_syntax_uid": rec.transfer_syntax_uid,
                 "instance_number": rec.instance_number,
-                "file_path": str(rel),
-                "size_bytes": size,
-                "sha256": sha256,
+                "file_path": str(arrival.rel),
+                "size_bytes": arrival.size,
+                "sha256": arrival.sha256,
                 "calling_aet": calling_aet,
                 "received_at": utcnow(),
                 "duplicates": 0,
             },
         ).scalar_one()
         audit_core(
-            conn, actor, "instance.received", f"instance:{instance_id}", address, study_id=seen.study_id, bytes=size
+            conn,
+            actor,
+            "instance.received",
+            f"instance:{instance_id}",
+            address,
+            study_id=seen.study_id,
+            bytes=arrival.size,
         )
         return seen
 

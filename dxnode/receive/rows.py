@@ -4,6 +4,7 @@ counted by the next (ingest.py runs them in the commit's transaction)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -18,6 +19,22 @@ BUMP_STUDY = (
     .values(num_instances=Study.num_instances + 1, calling_aet=bindparam("b_aet"), last_received_at=bindparam("b_now"))
 )
 INSERT_INSTANCE = insert(Instance).returning(Instance.id)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A received instance on its way in: its file, written as tmp, to be renamed to path, and what its
+    rows record (ingest.py commits it; with several receiving processes it travels to the commit process)."""
+
+    tmp: Path
+    path: Path
+    rec: Received
+    rel: Path  # path, relative to the data dir: the row's file_path
+    size: int
+    sha256: str
+    calling_aet: str
+    address: str
+    actor: str | None  # who stored it, where not the calling AE (STOW-RS: the token's name)
 
 
 @dataclass(frozen=True)
