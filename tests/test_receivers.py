@@ -74,7 +74,9 @@ def test_nonconforming_values_and_hostile_instances_cost_one_log_line_in_every_p
         sends.append([files[0], tmp_path / f"odd{k}" / "hostile.dcm"])
     for files in sends:
         out = subprocess.run(
-            ["storescu", "-aec", "DXNODE", "127.0.0.1", str(node.port), *map(str, files)], capture_output=True, text=True
+            ["storescu", "-aec", "DXNODE", "127.0.0.1", str(node.port), *map(str, files)],
+            capture_output=True,
+            text=True,
         )
         assert out.returncode != 0  # the hostile one refused
     assert len(rows(tmp_path)) == 6
