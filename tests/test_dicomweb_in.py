@@ -121,6 +121,16 @@ def test_partial_and_total_failures_with_reasons(node: WebNode, tmp_path: Path) 
     assert r.status_code == 409 and failures(r) == [(None, 0xC000)]
 
 
+def test_a_part_cut_short_in_its_pixel_data_fails_alone(node: WebNode, tmp_path: Path) -> None:
+    """A part whose Pixel Data declares more bytes than the part has: 0xC000 for it, the others stored."""
+    _, (good, other) = files(tmp_path / "study", n=2)
+    body, ctype = multipart_body([good.read_bytes(), other.read_bytes()[:-1000]])
+    r = node.post(body, ctype)
+    assert r.status_code == 202
+    assert failures(r) == [(str(pydicom.dcmread(other).SOPInstanceUID), 0xC000)]
+    assert set(node.instances()) == {str(pydicom.dcmread(good).SOPInstanceUID)}
+
+
 def test_a_stow_request_is_activity_for_the_stable_study_sweep(node: WebNode, tmp_path: Path) -> None:
     """Its studies are busy while it stores and their quiet time starts at its end, as for an association."""
     study_uid, paths = files(tmp_path / "study", n=2)

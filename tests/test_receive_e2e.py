@@ -14,8 +14,8 @@ import pytest
 from conftest import need_tool, run
 from nodeproc import InProcessNode as Node
 from prometheus_client import REGISTRY
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 from test_scp import same_content, send_one, small_ct
@@ -267,3 +267,33 @@ def test_dcmtk_echo_and_store_over_tls(tmp_path: Path, pki: Path) -> None:  # no
     finally:
         scp.stop()
         store.dispose()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_dataset_cut_short_in_its_pixel_data_is_refused_not_stored(
+    node: Node, tmp_path: Path, syntax: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pixel Data that declares more bytes than arrived: 0xC000 and nothing kept (the whole one is stored)."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # a file's dataset sent as it is on disk
+    ds = small_ct(generate_uid(), generate_uid(), size=64)
+    ds.file_meta.TransferSyntaxUID = syntax
+    whole = tmp_path / "whole.dcm"
+    ds.save_as(whole, enforce_file_format=True)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DXNODE")
+    assert assoc.is_established
+    try:
+        refused = assoc.send_c_store(cut)
+        stored = assoc.send_c_store(whole)
+    finally:
+        assoc.release()
+    assert refused.Status == 0xC000 and refused.ErrorComment == "Pixel Data cut short: 7192 of 8192 bytes"
+    assert stored.Status == 0x0000
+    assert list(node.instances()) == [ds.SOPInstanceUID]
+    assert (
+        pydicom.dcmread(node.settings.data_dir / node.instances()[ds.SOPInstanceUID].file_path).PixelData
+        == ds.PixelData
+    )

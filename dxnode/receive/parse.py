@@ -11,6 +11,7 @@ memory; ``InflightBudget`` bounds the bytes of received datasets being handled a
 from __future__ import annotations
 
 import contextlib
+import struct
 import tempfile
 import threading
 import zlib
@@ -215,15 +216,44 @@ def read_header(raw: BinaryIO, size: int, transfer_syntax_uid: str, max_instance
     except ValueError:
         raise StoreRefused(CANNOT_UNDERSTAND, "unknown transfer syntax") from None
     with contextlib.ExitStack() as stack:
+        end = raw.tell() + size
         if syntax.is_deflated:
             spool = stack.enter_context(tempfile.TemporaryFile(dir=spool_dir))
             _inflate_to(raw, spool, max_instance_mb)
+            end = spool.tell()
             spool.seek(0)
             raw = spool
         try:
-            return read_dataset(raw, implicit, little, stop_when=_at_pixels, defer_size=_DEFER)
+            ds = read_dataset(raw, implicit, little, stop_when=_at_pixels, defer_size=_DEFER)
         except Exception as exc:  # pydicom raises many kinds on a corrupt stream
             raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}"[:64]) from exc
+        _check_pixels_fit(raw, end, implicit, little)
+        return ds
+
+
+# Explicit VRs whose length has 4 bytes after 2 reserved ones (PS3.5 7.1.2)
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def _check_pixels_fit(raw: BinaryIO, end: int, implicit: bool, little: bool) -> None:
+    """StoreRefused(0xC000) when the Pixel Data element raw is at (read_header stopped there) declares more
+    bytes than the dataset has left: a dataset cut short in transit, not stored as if whole. An encapsulated
+    one (undefined length) has its end checked by its decoder when a job reads it."""
+    at = raw.tell()
+    head = raw.read(12)
+    if not head:  # no Pixel Data: the dataset ended before it
+        return
+    order = "<" if little else ">"
+    if len(head) < 8 or (not implicit and head[4:6] in _LONG_VRS and len(head) < 12):
+        raise StoreRefused(CANNOT_UNDERSTAND, "dataset cut short in its Pixel Data header")
+    if implicit:
+        header, length = 8, struct.unpack(order + "I", head[4:8])[0]
+    elif head[4:6] in _LONG_VRS:
+        header, length = 12, struct.unpack(order + "I", head[8:12])[0]
+    else:
+        header, length = 8, struct.unpack(order + "H", head[6:8])[0]
+    if length != 0xFFFFFFFF and at + header + length > end:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"Pixel Data cut short: {max(0, end - at - header)} of {length} bytes")
 
 
 def read_received(
