@@ -61,8 +61,15 @@ def test_status_detail_and_requests_are_left_to_pynetdicom() -> None:
     assert responses.store_response(request) is None  # a request, not a response
 
 
+@pytest.fixture(params=["none", "standard"])  # pynetdicom's logging handlers bound, or not
+def handlers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """pynetdicom's log handler level while the acceptor starts (its server binds them then)."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
-def acceptor() -> Iterator[tuple[int, list[Dataset | int]]]:
+def acceptor(handlers: str) -> Iterator[tuple[int, list[Dataset | int]]]:
     """A pynetdicom acceptor with responses installed; each C-STORE is answered with the next of answers."""
     answers: list[Dataset | int] = []
 
@@ -88,11 +95,9 @@ def instance() -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize("handlers", ["none", "standard"])  # pynetdicom's logging handlers bound, or not
 def test_a_sender_reads_plain_and_detailed_responses(
     handlers: str, acceptor: tuple[int, list[Dataset | int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", handlers)  # read as each association starts
     port, answers = acceptor
     encoded: list[bool] = []  # per response: encoded here (True) or left to pynetdicom
 
@@ -109,8 +114,8 @@ def test_a_sender_reads_plain_and_detailed_responses(
     ae = AE(ae_title="SEND")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     commands: list[Dataset] = []  # each response's command set as the sender decoded it
-    handlers = [(evt.EVT_DIMSE_RECV, lambda event: commands.append(event.message.command_set))]
-    assoc = ae.associate("127.0.0.1", port, ae_title="ACCEPT", evt_handlers=handlers)
+    recv = [(evt.EVT_DIMSE_RECV, lambda event: commands.append(event.message.command_set))]
+    assoc = ae.associate("127.0.0.1", port, ae_title="ACCEPT", evt_handlers=recv)
     assert assoc.is_established
     try:
         sent = [instance() for _ in range(3)]
