@@ -16,12 +16,22 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import need_tool
+from conftest import free_port, need_tool
 from nodeproc import Node, make_study, node_config, storescu, wait_until
+from pydicom import Dataset
+from pydicom.uid import UID, generate_uid
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from sqlalchemy import select
 from test_tls import client_context, echo, pki  # noqa: F401  (pki is a fixture)
 
+from dxnode.outbox.commitment import PUSH_MODEL_INSTANCE
 from dxnode.receive.activity import Activity
 from dxnode.receivers import ForwardedActivity, apply
+from dxnode.states import DeliveryState, OutputKind
+from dxnode.store import Delivery, Output, Store, Study, utcnow
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 @pytest.fixture
@@ -69,7 +79,7 @@ def test_nonconforming_values_and_hostile_instances_cost_one_log_line_in_every_p
         ds.StudyDate = "Jane^Doe"  # not a DA
         ds.save_as(files[0], enforce_file_format=True)
         hostile = pydicom.dcmread(files[0])
-        hostile.SOPInstanceUID = hostile.file_meta.MediaStorageSOPInstanceUID = "../../escape"
+        hostile.SOPInstanceUID = hostile.file_meta.MediaStorageSOPInstanceUID = UID("../../escape")
         hostile.save_as(tmp_path / f"odd{k}" / "hostile.dcm", enforce_file_format=True)
         sends.append([files[0], tmp_path / f"odd{k}" / "hostile.dcm"])
     for files in sends:
@@ -86,6 +96,65 @@ def test_nonconforming_values_and_hostile_instances_cost_one_log_line_in_every_p
     served = {int(m) for m in re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(lines))}
     assert len(served) == 2, f"associations served by {served}"
     assert not [line for line in lines if "Jane" in line or "escape" in line or "Warning" in line], "\n".join(lines)
+
+
+def test_commitment_reports_on_either_receiving_process_commit_their_rows(tmp_path: Path) -> None:
+    """A PACS's Storage Commitment reports on associations it opens to the node, recorded by whichever
+    receiving process takes each (the listener is the same in every process: receivers.build_listener)."""
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port(), "commitment": True}
+    node = Node(
+        node_config(tmp_path, node={"receive_processes": 2}, worklist={"run_jobs": False}, destinations=[destination])
+    )
+    store = Store(f"sqlite:///{tmp_path / 'var' / 'dxnode.db'}")
+    try:
+        sent: list[tuple[str, str]] = []  # (transaction, SOP Instance UID) of each delivery awaiting its report
+        with store.session() as s:
+            study = Study(study_instance_uid=generate_uid(), patient_id="P-COMMIT")
+            s.add(study)
+            s.flush()
+            for k in range(12):  # both processes take some (the kernel's accept race: 1 in 2,000 that one takes all)
+                out = Output(
+                    study_id=study.id,
+                    kind=OutputKind.SR,
+                    sop_class_uid=COMPREHENSIVE_SR,
+                    sop_instance_uid=generate_uid(),
+                    series_instance_uid=generate_uid(),
+                    file_path=f"outputs/sr{k}.dcm",
+                )
+                s.add(out)
+                s.flush()
+                sent.append((generate_uid(), out.sop_instance_uid))
+                s.add(
+                    Delivery(
+                        output_id=out.id,
+                        destination="pacs",
+                        state=DeliveryState.SENT,
+                        sent_at=utcnow(),
+                        commitment_uid=sent[-1][0],
+                        commitment_requested_at=utcnow(),
+                    )
+                )
+        ae = AE("PACS")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        for transaction, uid in sent:  # one association each: the kernel hands them to both processes
+            report, item = Dataset(), Dataset()
+            report.TransactionUID = transaction
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = COMPREHENSIVE_SR, uid
+            report.ReferencedSOPSequence = [item]
+            role = build_role(StorageCommitmentPushModel, scp_role=True)  # the PACS reports as the SCP
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DXNODE", ext_neg=[role])
+            assert assoc.is_established
+            status, _ = assoc.send_n_event_report(report, 1, StorageCommitmentPushModel, PUSH_MODEL_INSTANCE)
+            assoc.release()
+            assert status.Status == 0x0000
+        with store.session() as s:
+            assert [d.state for d in s.scalars(select(Delivery))] == [DeliveryState.COMMITTED] * 12
+        lines = "\n".join(node.lines)
+        served = {int(m) for m in re.findall(r"association from PACS \([^)]*\) in process (\d+)", lines)}
+        assert len(served) == 2, f"reports taken by {served}"
+    finally:
+        store.dispose()
+        node.stop()
 
 
 def test_the_tls_port_is_shared_too(tmp_path: Path, pki: Path) -> None:  # noqa: F811
