@@ -15,11 +15,15 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 _VERSION = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
 
 
+def even(value: str, pad: bytes) -> bytes:
+    """A text value's bytes padded to even length (PS3.5 7.1.1): NUL for UI, space for other text."""
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
 def _short(element: int, vr: bytes, value: str, pad: bytes) -> bytes:
     """One group 2 element with a 2-byte length (Explicit VR Little Endian), padded to even length."""
-    raw = value.encode("ascii")
-    if len(raw) % 2:
-        raw += pad
+    raw = even(value, pad)
     return struct.pack("<HH2sH", 0x0002, element, vr, len(raw)) + raw
 
 

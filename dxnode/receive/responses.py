@@ -17,6 +17,8 @@ from pynetdicom import dimse, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dxnode.receive.part10 import even
+
 _SEND = dimse.DIMSEServiceProvider.send_msg
 _C_STORE_RSP = 0x8001  # Command Field
 _NO_DATA_SET = 0x0101  # Command Data Set Type
@@ -24,9 +26,7 @@ _NO_DATA_SET = 0x0101  # Command Data Set Type
 
 def _uid(element: int, value: str) -> bytes:
     """A UI element of the command group, Implicit VR Little Endian, padded with NUL to even length."""
-    raw = value.encode("ascii")
-    if len(raw) % 2:
-        raw += b"\x00"
+    raw = even(value, b"\x00")
     return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
 
 
