@@ -374,7 +374,7 @@ def serve(settings: Settings, web: bool = True, log_level: str = "INFO") -> int:
         classifier = _model(settings, models) if web_on else None
         ingest = Ingest(shared_out(settings), store)  # one durable receive path for C-STORE and STOW-RS
         receivers = _start_receivers(settings, ingest, log_level)
-        scp = build_listener(settings, store, ingest)
+        scp = build_listener(settings, store, ingest, receivers.share if receivers is not None else None)
         scp.start()
         if receivers is not None:
             try:

@@ -49,6 +49,7 @@ from dxnode.receive.committer import (
     hang_up,
 )
 from dxnode.receive.ingest import Ingest
+from dxnode.receive.server import AcceptShare
 from dxnode.scp import StorageSCP
 from dxnode.store import Store
 
@@ -150,14 +151,16 @@ def _outcome(done: Future[bool]) -> Outcome:
     return ("error", f"commit failed: {type(exc).__name__}")
 
 
-def build_listener(settings: Settings, store: Store, ingest: Ingest) -> StorageSCP:
-    """The node's DICOM listener with every service it offers, the same in each receiving process."""
+def build_listener(settings: Settings, store: Store, ingest: Ingest, share: AcceptShare | None = None) -> StorageSCP:
+    """The node's DICOM listener with every service it offers, the same in each receiving process
+    (share: this process's slot in the count of open associations, with several)."""
     # start-up time: loaded only when this part of the node starts
     from dxnode.outbox.commitment import report_handler
     from dxnode.worklist import ups_events
 
     watch = [ups_events.UpsWatch(settings, store)] if settings.ups_watch.enabled else []  # UPS Watch and Pull
     scp = StorageSCP(settings, ingest, report_handler(store), watch)  # Storage Commitment reports go to the outbox
+    scp.share = share
     if settings.ups:
         # start-up time: loaded only when this part of the node starts
         from dxnode.sources import ups
@@ -216,6 +219,8 @@ class Receivers:
     def __init__(self, settings: Settings, ingest: Ingest, log_level: str) -> None:
         self.settings, self.ingest, self.log_level = settings, ingest, log_level
         self.commit: CommitProcess | None = None
+        # serve's slot (0) in the open associations of every receiving process (receive/server.py)
+        self.share = AcceptShare.create(multiprocessing.get_context("spawn"), settings.node.receive_processes)
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._activity: list[Connection] = []
         self._stopping = False
@@ -229,11 +234,19 @@ class Receivers:
         """The other receiving processes on serve's listening sockets; RuntimeError if one cannot start."""
         assert self.commit is not None
         ctx = multiprocessing.get_context("spawn")
-        for conn in self.commit.clients[1:]:
+        for index, conn in enumerate(self.commit.clients[1:], start=1):
             ours, theirs = ctx.Pipe()
             process = ctx.Process(
                 target=receive_process_main,
-                args=(self.settings, self.log_level, list(sockets), conn, theirs, os.getpid()),
+                args=(
+                    self.settings,
+                    self.log_level,
+                    list(sockets),
+                    conn,
+                    theirs,
+                    os.getpid(),
+                    (self.share.counts, index),
+                ),
                 name="dxnode-receive",
                 daemon=True,
             )
@@ -305,6 +318,7 @@ def receive_process_main(
     commit: Connection,
     activity: Connection,
     parent: int,
+    share: tuple[Any, int],
 ) -> None:
     """Body of one more receiving process: serve's listener on serve's sockets until SIGTERM or serve goes."""
     setup_logging(log_level)
@@ -316,7 +330,7 @@ def receive_process_main(
         ingest = Ingest(shared_out(settings), store)
         ingest.committer = CommitClient(commit)
         ingest.activity = ForwardedActivity(activity)
-        scp = build_listener(settings, store, ingest)
+        scp = build_listener(settings, store, ingest, AcceptShare(*share))
     except Exception as exc:  # said to serve, which refuses to start
         activity.send(("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         raise SystemExit(1) from None

@@ -60,7 +60,7 @@ from dxnode.listen import address as host_port
 from dxnode.receive import chunked, reactor, responses
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
-from dxnode.receive.server import NoDelayServer
+from dxnode.receive.server import AcceptShare, NoDelayServer
 
 log = logging.getLogger("dxnode.scp")
 
@@ -119,6 +119,7 @@ class StorageSCP:
         self._servers: list[NoDelayServer] = []
         self._threads: list[tuple[str, threading.Thread]] = []  # (part, thread serving it)
         self._stopping = False
+        self.share: AcceptShare | None = None  # with several receiving processes (receivers.py)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -198,6 +199,7 @@ class StorageSCP:
                 evt_handlers=self._handlers(),
                 server_class=NoDelayServer,
                 listening=listening,
+                share=self.share,
             )
         except OSError as exc:
             raise bind_error(part, address[0], address[1], exc) from None

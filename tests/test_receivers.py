@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from test_tls import client_context, echo, pki  # noqa: F401  (pki is a fixture)
 
 from dxnode.outbox.commitment import PUSH_MODEL_INSTANCE
 from dxnode.receive.activity import Activity
+from dxnode.receive.server import AcceptShare, NoDelayServer
 from dxnode.receivers import ForwardedActivity, apply
 from dxnode.states import DeliveryState, OutputKind
 from dxnode.store import Delivery, Output, Store, Study, utcnow
@@ -199,3 +202,64 @@ def test_activity_events_of_a_receiving_process_reach_serves_activity() -> None:
     sent.closed(7)
     apply(seen, ours.recv())
     assert seen.busy_studies() == set() and "1.2.3" in seen.released_at()
+
+
+def _served_by(node: Node, titles: list[str]) -> dict[str, int]:
+    """The process each calling AE title's association was established in (serve's INFO lines)."""
+    found = re.compile(r"association from (\S+) \([^)]*\) in process (\d+)")
+
+    def seen() -> dict[str, int] | None:
+        where = {m[1]: int(m[2]) for line in list(node.lines) if (m := found.search(line))}
+        return where if all(t in where for t in titles) else None
+
+    return wait_until(seen, 30, f"associations of {titles}")
+
+
+def test_a_new_association_goes_to_the_receiving_process_with_fewest_open(node: Node) -> None:
+    """Least connections: both processes wait on the socket, the busier one lets the other accept."""
+    assert node.wait_for(r"listening on .*, 2 receiving processes")
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = {}
+    for k in range(6):  # one at a time: each process idle, so only the counts decide
+        ae.ae_title = f"FIRST{k}"
+        held[f"FIRST{k}"] = ae.associate("127.0.0.1", node.port, ae_title="DXNODE")
+        assert held[f"FIRST{k}"].is_established
+    where = _served_by(node, list(held))
+    assert sorted(collections.Counter(where.values()).values()) == [3, 3], where
+    emptied = where["FIRST0"]
+    for title, assoc in held.items():
+        if where[title] == emptied:
+            assoc.release()
+    time.sleep(0.5)  # the node counts a close when the sender's side has closed: no sign of it outside
+    for k in range(3):  # that process now has none open and the other three: each goes to it
+        ae.ae_title = f"AGAIN{k}"
+        held[f"AGAIN{k}"] = ae.associate("127.0.0.1", node.port, ae_title="DXNODE")
+        assert held[f"AGAIN{k}"].is_established
+    again = _served_by(node, [f"AGAIN{k}" for k in range(3)])
+    assert {again[f"AGAIN{k}"] for k in range(3)} == {emptied}, again
+    for assoc in held.values():
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_a_close_the_count_missed_is_corrected_when_the_server_is_idle() -> None:
+    """The recount, between connections: the slot is set back to the associations that run."""
+    share = AcceptShare.create(multiprocessing.get_context("spawn"), 2)
+    ae = AE(ae_title="DXNODE")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.make_server(("127.0.0.1", 0), server_class=NoDelayServer, share=share)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        peer = AE(ae_title="PROBE")
+        peer.add_requested_context("1.2.840.10008.1.1")
+        assocs = [peer.associate("127.0.0.1", server.server_address[1], ae_title="DXNODE") for _ in range(2)]
+        assert all(a.is_established for a in assocs)
+        assert share.counts[0] == 2 and share.busier()  # slot 1, another process, has none
+        share.counts[0] = 7  # as if two closes had gone unreported
+        wait_until(lambda: share.counts[0] == 2, 5, "the recount")
+        for a in assocs:
+            a.release()
+        wait_until(lambda: share.counts[0] == 0, 5, "both closes counted")
+    finally:
+        server.shutdown()

@@ -1,5 +1,6 @@
 """pynetdicom's threaded association server as serve runs it: Nagle off, a cheap copy of the
-supported contexts per association, and a listening socket several receiving processes can share."""
+supported contexts per association, and a listening socket several receiving processes can share,
+each new association going to the process with the fewest open (AcceptShare)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,87 @@ import contextlib
 import copy
 import socket
 import socketserver
+import threading
+import time
+import weakref
+from multiprocessing.context import SpawnContext
 from typing import Any
 
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
+
+DEFER_S = 0.02  # the longest a busier process leaves a waiting connection to a less busy one
+
+
+class AcceptShare:
+    """The associations open in each receiving process, in memory they share ([node] receive_processes).
+
+    Every process waits on the same listening socket, and the kernel wakes them all for a connection:
+    whichever accepts first would take it, so four senders could land three on one interpreter and one
+    on the other (seen in bench.receive: CPU split 3:1, a fifth fewer instances/s). A process with more
+    open associations than another now leaves it the connection for up to DEFER_S, then takes it
+    itself if it is still waiting (the other may be stuck or stopping): least connections, as a load
+    balancer would do. counts is a multiprocessing RawArray of int, one slot per process; a process
+    writes only its own slot, counting accepts and closes, and recounts its associations when its
+    server loop is idle (a close pynetdicom never reported would otherwise count for ever)."""
+
+    def __init__(self, counts: Any, index: int) -> None:
+        self.counts = counts
+        self.index = index
+        self._lock = threading.Lock()
+        self._servers: list[ThreadedAssociationServer] = []  # this process's (plain, TLS)
+        self._starting = 0  # accepted connections whose association has not started yet
+        self._closed: weakref.WeakSet[Association] = weakref.WeakSet()  # closed, thread still ending
+
+    @classmethod
+    def create(cls, ctx: SpawnContext, processes: int) -> AcceptShare:
+        """serve's share (index 0); the other processes take AcceptShare(share.counts, k)."""
+        return cls(ctx.RawArray("i", processes), 0)
+
+    def attach(self, server: ThreadedAssociationServer) -> None:
+        """Count server's associations in this process's slot."""
+        self._servers.append(server)
+
+    def busier(self) -> bool:
+        """True while another process has fewer associations open than this one."""
+        return bool(self.counts[self.index] > min(self.counts))
+
+    def defer(self) -> None:
+        """Wait, at most DEFER_S, while another process is less busy (it takes the connection meanwhile)."""
+        deadline = time.monotonic() + DEFER_S
+        while self.busier() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def accepted(self) -> None:
+        with self._lock:
+            self._starting += 1
+            self.counts[self.index] += 1
+
+    def started(self, association: bool) -> None:
+        """The accepted connection's request thread is done: an association runs on it, or none came of it."""
+        with self._lock:
+            self._starting -= 1
+            if not association:
+                self.counts[self.index] -= 1
+
+    def closed(self, assoc: Association) -> None:
+        with self._lock:
+            if assoc not in self._closed:
+                self._closed.add(assoc)
+                self.counts[self.index] -= 1
+
+    def recount(self) -> None:
+        """The slot set to the associations running and not closed, unless one is starting."""
+        with self._lock:
+            if self._starting == 0:
+                running = (a for server in self._servers for a in server.active_associations)
+                self.counts[self.index] = sum(1 for a in running if a not in self._closed)
+
+
+_request = threading.local()  # whether this request thread's connection became an association
 
 
 class NoDelayServer(ThreadedAssociationServer):
@@ -20,10 +98,17 @@ class NoDelayServer(ThreadedAssociationServer):
     pynetdicom leaves Nagle on; a small C-STORE response then can wait for a delayed ACK.
     """
 
-    def __init__(self, *args: Any, listening: socket.socket | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, listening: socket.socket | None = None, share: AcceptShare | None = None, **kwargs: Any
+    ) -> None:
         self._listening = listening  # a listening socket another receiving process bound (receivers.py)
+        self._share = share
         super().__init__(*args, **kwargs)
         self.contexts = _Contexts(self.contexts)
+        if share is not None:
+            share.attach(self)
+            self.bind(evt.EVT_CONN_OPEN, _opened)
+            self.bind(evt.EVT_CONN_CLOSE, lambda event: share.closed(event.assoc))
 
     def server_bind(self) -> None:
         if self._listening is None:
@@ -50,16 +135,40 @@ class NoDelayServer(ThreadedAssociationServer):
             self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept, after letting a less busy process take the connection (OSError once one has)."""
+        if self._share is not None:
+            self._share.defer()
         sock, address = super().get_request()
+        if self._share is not None:
+            self._share.accepted()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """pynetdicom's, counting a connection that did not become an association as closed."""
+        _request.opened = False
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self._share is not None:
+                self._share.started(_request.opened)
+
+    def service_actions(self) -> None:
+        """Between connections (at least every poll interval): recount this process's associations."""
+        if self._share is not None:
+            self._share.recount()
 
     def shutdown(self) -> None:
         """Stop serving and close the socket. (pynetdicom's shutdown also removes the server from the
         AE's private list of servers that AE.start_server made, where a server from make_server is not.)"""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def _opened(event: Event) -> None:
+    """EVT_CONN_OPEN, on the request's thread: an association now owns the connection (and closes it)."""
+    _request.opened = True
 
 
 class _Contexts(list[PresentationContext]):
