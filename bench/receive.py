@@ -18,6 +18,11 @@ Run: .venv/bin/python -m bench.receive [--count 200] [--rounds 3] [--baseline DI
 [--per-association] (one sender that opens an association per instance, as many modalities do)
 [--work DIR] (where the receivers store: on the file system a data_dir would be on; the run says how
 much CPU a file creation costs there, as every receiver makes one file per instance).
+Every run's received files stay until the bench ends (about 7 x 2 x rounds x count x 0.5 MB, 4.2 GB
+by default): ext4 without a journal (this VM's) skips, for each new file, every inode freed in the
+last minute, one buffer lookup each. Deleting a run's files just before the next run made the next
+receiver pay for them, and by how much depended on where its folders landed (0.6 ms of CPU per
+instance for dxnode, 0.05 ms for Orthanc in one perf profile: docs/benchmarks.md).
 --baseline adds dxnode run from another source tree (say a main checkout), to compare before and
 after in the same run; --only keeps the receivers named by first word (dxnode, baseline, Orthanc,
 DCMTK, pynetdicom). Prints instances/s (best of
@@ -357,6 +362,14 @@ def main() -> int:
         return 2
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
+    need = (args.rounds * 2 * 8 + 2) * args.count * 525_000  # every run's files, and the senders'
+    free = shutil.disk_usage(args.work or tempfile.gettempdir()).free
+    if free < need:
+        print(
+            f"bench.receive keeps every run's files until it ends: needs {need / 1e9:.1f} GB, has {free / 1e9:.1f}",
+            file=sys.stderr,
+        )
+        return 2
     with tempfile.TemporaryDirectory(prefix="dxnode-bench-", dir=args.work) as tmp:
         print(f"work folder {tmp}: {create_ms(Path(tmp)):.3f} ms of CPU to create a file", file=sys.stderr)
         one = [Path(tmp) / "instances"]
@@ -384,12 +397,11 @@ def main() -> int:
         best: dict[tuple[str, int], tuple[float, float]] = {}
         for r in range(args.rounds):
             for senders, folders in ((1, one),) if args.per_association else ((1, one), (4, four)):
-                for name, runner in peers.items():
-                    work = Path(tmp) / f"{r}-{senders}-{name.split()[0]}"
+                for k, (name, runner) in enumerate(peers.items()):
+                    work = Path(tmp) / f"{r}-{senders}-{k}"
                     work.mkdir()
                     result = runner(folders, work)
                     best[name, senders] = min(best.get((name, senders), result), result)
-                    shutil.rmtree(work)
         size_mb = sum(p.stat().st_size for p in one[0].iterdir()) / 2**20
         print(
             f"{args.count} instances of 512x512x16 bit ({size_mb:.0f} MB), storescu over loopback, best of {args.rounds} rounds"
