@@ -25,9 +25,9 @@ receiver pay for them, and by how much depended on where its folders landed (0.6
 instance for dxnode, 0.05 ms for Orthanc in one perf profile: docs/benchmarks.md).
 --baseline adds dxnode run from another source tree (say a main checkout), to compare before and
 after in the same run; --only keeps the receivers named by first word (dxnode, baseline, Orthanc,
-DCMTK, pynetdicom). Prints instances/s (best of
-the rounds) with one sender and with 4 concurrent senders (storescu processes, count/4 instances
-each, their own studies), the receiver's CPU time per instance (user + system, from /proc: less
+DCMTK, pynetdicom). Prints instances/s (best of the rounds, each after an untimed warm-up) with
+one sender and with 4 concurrent senders (storescu processes, count/4 instances each, their own
+studies), the receiver's CPU time per instance (user + system, from /proc: less
 sensitive than the rate to other load on the machine), and dxnode's ratio to each reference.
 Targets: dxnode at least 0.8 of the pynetdicom fsync writer and at least as fast as Orthanc, with
 1 sender and with 4. Orthanc is skipped (and said so) where it is not installed.
@@ -180,11 +180,20 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+WARM_UP: list[Path] = []  # 4 folders of 2 instances, each its own study (main makes them)
+
+
 def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[float, float]:
     """(seconds, receiver CPU seconds, every process of it) of one send.
 
-    The page cache is flushed first (sync): otherwise the files an earlier non-durable receiver left
-    dirty are written back during this send, and slow down whichever receiver fsyncs."""
+    The receiver is warmed up first, untimed, by 4 concurrent senders of 2 instances each (studies of
+    their own, so the timed send still starts new studies): a node runs for months, and what its
+    first association pays once (in dxnode: each process's first statements compiled, its pools and
+    connections opened) is not its rate. The page cache is then flushed (sync): otherwise the files
+    an earlier non-durable receiver left dirty are written back during this send, and slow down
+    whichever receiver fsyncs."""
+    if WARM_UP:
+        send(port, WARM_UP, aec)
     os.sync()
     before = tree_cpu_seconds(pid)
     elapsed = send(port, folders, aec)
@@ -377,6 +386,10 @@ def main() -> int:
         for k, folder in enumerate(one + four):
             folder.mkdir()
             make_instances(folder, args.count if k == 0 else args.count // 4, seed=k)
+        for k in range(4):
+            WARM_UP.append(Path(tmp) / f"warm-up{k}")
+            WARM_UP[-1].mkdir()
+            make_instances(WARM_UP[-1], 2, seed=10 + k)
         peers = {
             "dxnode serve (durable)": run_dxnode,
             "dxnode serve, 2 processes": lambda folders, work: run_dxnode(folders, work, processes=2),
