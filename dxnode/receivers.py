@@ -6,7 +6,8 @@ docs/benchmarks.md). With ``receive_processes = N`` (N > 1) serve starts N - 1 m
 processes and one commit process (committer_main below; the receiving side: receive/committer.py):
 
 - every receiving process serves the same listening sockets (DICOM, DICOM TLS), bound once by serve:
-  each new association goes to whichever process accepts it first; each runs the same listener
+  each new association goes to the process with the fewest open (receive/server.py, AcceptShare);
+  each runs the same listener
   (``build_listener``: C-ECHO, C-STORE, Storage Commitment and UPS reports, UPS Watch);
 - each receives, checks, hashes and fsyncs its instances itself, and the commit process commits
   them all (rows, rename, folder fsync, commit) in shared batches, so the processes do not contend
