@@ -8,6 +8,7 @@ information model (only worklist, patient, study and PSOnly ones), so every C-FI
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -436,3 +437,60 @@ def test_two_nodes_on_one_database_send_each_report_once(store: Store, subscribe
     with store.session() as s:
         assert s.scalars(select(UpsEvent).where(UpsEvent.state == "pending")).all() == []
     other.dispose()
+
+
+def test_subscriptions_and_queries_on_either_receiving_process_reach_every_subscriber(tmp_path: Path) -> None:
+    """[node] receive_processes = 2: four RIS associations, two on each process (least connections),
+    each subscribes its own listener and queries; every listener is told each state of the job, and
+    a subscription to the workitem alone, made on either process, starts with its current state."""
+    need_tool("storescu")
+    subs = [Subscriber(f"SUB{k}", free_port()).start() for k in range(6)]
+    cfg = node_config(
+        tmp_path,
+        node={"receive_processes": 2},
+        ups_watch={
+            "enabled": True,
+            "interval_seconds": 0.3,
+            "subscribers": [{"ae_title": s.ae_title, "host": "127.0.0.1", "port": s.port} for s in subs],
+        },
+    )
+    node = Node(cfg, "--no-web")
+    ris: list[Ris] = []
+    try:
+        assert node.wait_for(r"listening on .*, 2 receiving processes")
+        ris = [Ris(node.port, f"RIS{k}") for k in range(4)]
+        for r, sub in zip(ris, subs[:4], strict=True):  # the first four subscribe to every workitem
+            assert r.subscribe(sub.ae_title) == 0x0000
+        served = wait_until(lambda: _ris_processes(node), 30, "four RIS associations logged")
+        assert sorted(map(len, served.values())) == [2, 2], served
+
+        study_uid, files = make_study(tmp_path / "study", n=2, patient_id="PAT-UPS2")
+        storescu(node.port, files)
+        done = wait_until(lambda: _workitem(ris[0], study_uid, "COMPLETED"), timeout=120, what="a COMPLETED workitem")
+        uid = done.SOPInstanceUID
+        for r in ris[1:]:  # every process answers the query alike
+            found = _workitem(r, study_uid, "COMPLETED")
+            assert found is not None and found.SOPInstanceUID == uid
+        for sub in subs[:4]:
+            wait_until(lambda sub=sub: "COMPLETED" in sub.states(uid), timeout=30, what=f"{sub.ae_title} told")
+            assert sub.states(uid) == ["SCHEDULED", "IN PROGRESS", "COMPLETED"], sub.ae_title
+        for sub, (first, *_) in zip(subs[4:], served.values(), strict=True):  # one on each process
+            assert ris[first].subscribe(sub.ae_title, uid) == 0x0000
+            wait_until(lambda sub=sub: sub.states(uid) == ["COMPLETED"], 30, f"{sub.ae_title} told the current state")
+    finally:
+        for r in ris:
+            r.close()
+        node.stop()
+        for sub in subs:
+            sub.stop()
+
+
+def _ris_processes(node: Node) -> dict[str, list[int]] | None:
+    """The RIS associations (by number) each process logged, once all four are logged."""
+    found = re.findall(r"association from RIS(\d) \([^)]*\) in process (\d+)", "\n".join(node.lines))
+    if len(found) < 4:
+        return None
+    by_process: dict[str, list[int]] = {}
+    for number, pid in found:
+        by_process.setdefault(pid, []).append(int(number))
+    return by_process
