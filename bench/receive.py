@@ -321,6 +321,14 @@ def create_ms(folder: Path, count: int = 200) -> float:
     return 1e3 * spent / count
 
 
+def free_memory_gb() -> float:
+    """MemFree from /proc/meminfo: memory the page cache has not taken (Linux)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def print_ratios(rate: dict[tuple[str, int], float], counts: tuple[int, ...]) -> None:
     """dxnode's ratios to each reference, per number of senders (none where --only left a reference out)."""
     for senders in counts:
@@ -381,6 +389,10 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="dxnode-bench-", dir=args.work) as tmp:
         print(f"work folder {tmp}: {create_ms(Path(tmp)):.3f} ms of CPU to create a file", file=sys.stderr)
+        print(
+            f"memory free of page cache: {free_memory_gb():.1f} GB (little left: file writes pay reclaim)",
+            file=sys.stderr,
+        )
         one = [Path(tmp) / "instances"]
         four = [Path(tmp) / f"sender{k}" for k in range(4)]
         for k, folder in enumerate(one + four):
