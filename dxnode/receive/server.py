@@ -28,7 +28,7 @@ class AcceptShare:
 
     Every process waits on the same listening socket, and the kernel wakes them all for a connection:
     whichever accepts first would take it, so four senders could land three on one interpreter and one
-    on the other (seen in bench.receive: CPU split 3:1, a fifth fewer instances/s). A process with more
+    on the other (seen in bench.receive: CPU split 3:1, and the slowest runs). A process with more
     open associations than another now leaves it the connection for up to DEFER_S, then takes it
     itself if it is still waiting (the other may be stuck or stopping): least connections, as a load
     balancer would do. counts is a multiprocessing RawArray of int, one slot per process; a process
