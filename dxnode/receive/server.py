@@ -20,7 +20,9 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-DEFER_S = 0.02  # the longest a busier process leaves a waiting connection to a less busy one
+# The longest a busier process leaves a waiting connection to a less busy one: an idle process accepts
+# within a millisecond; the rest is room for a loaded machine, spent only when the other is slow.
+DEFER_S = 0.05
 
 
 class AcceptShare:
