@@ -24,6 +24,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dxnode.bounds import MB
 from dxnode.uids import is_valid_uid
@@ -231,8 +232,8 @@ def read_header(raw: BinaryIO, size: int, transfer_syntax_uid: str, max_instance
         return ds
 
 
-# Explicit VRs whose length has 4 bytes after 2 reserved ones (PS3.5 7.1.2)
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+# Explicit VRs whose length has 4 bytes after 2 reserved ones (PS3.5 7.1.2), as pydicom lists them
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 def _check_pixels_fit(raw: BinaryIO, end: int, implicit: bool, little: bool) -> None:

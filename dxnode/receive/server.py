@@ -61,6 +61,8 @@ class AcceptShare:
     def defer(self) -> None:
         """Wait, at most DEFER_S, while another process is less busy (it takes the connection meanwhile)."""
         deadline = time.monotonic() + DEFER_S
+        # Polled: another process's count lives in shared memory with no wake-up to wait on, and the
+        # connection stays readable here until someone accepts it.
         while self.busier() and time.monotonic() < deadline:
             time.sleep(0.001)
 
