@@ -9,10 +9,10 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,10 +228,14 @@ def test_a_new_association_goes_to_the_receiving_process_with_fewest_open(node: 
     where = _served_by(node, list(held))
     assert sorted(collections.Counter(where.values()).values()) == [3, 3], where
     emptied = where["FIRST0"]
-    for title, assoc in held.items():
-        if where[title] == emptied:
-            assoc.release()
-    time.sleep(0.5)  # the node counts a close when the sender's side has closed: no sign of it outside
+    released = [title for title in held if where[title] == emptied]
+    ports = {held[title].dul.socket.socket.getsockname()[1] for title in released}  # type: ignore[union-attr]
+    for title in released:
+        held[title].release()
+    # The node counts a close on the thread that closes its end, in the same pass of its loop.
+    wait_until(
+        lambda: not _server_ends_open(node.port, ports), 30, "the node's ends of the released associations closed"
+    )
     for k in range(3):  # that process now has none open and the other three: each goes to it
         ae.ae_title = f"AGAIN{k}"
         held[f"AGAIN{k}"] = ae.associate("127.0.0.1", node.port, ae_title="DXNODE")
@@ -241,6 +245,41 @@ def test_a_new_association_goes_to_the_receiving_process_with_fewest_open(node: 
     for assoc in held.values():
         if assoc.is_established:
             assoc.release()
+
+
+def _server_ends_open(port: int, clients: set[int]) -> bool:
+    """True while the node (local port) still holds open a TCP connection from one of the client ports:
+    established, or closed by the client and not yet by the node (CLOSE_WAIT), in /proc/net/tcp."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) in clients and state in ("01", "08"):
+            return True
+    return False
+
+
+def test_connections_that_never_associate_leave_the_balance_even(node: Node) -> None:
+    """A port scan, a health check, garbage bytes: each connection counted and uncounted, so associations
+    opened afterwards still split evenly."""
+    assert node.wait_for(r"listening on .*, 2 receiving processes")
+    for payload in (b"", b"GET / HTTP/1.0\r\n\r\n", b"\x01\x00" + bytes(64)):  # nothing, HTTP, a cut A-ASSOCIATE-RQ
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", node.port)) as probe:
+                probe.sendall(payload)
+                probe.shutdown(socket.SHUT_WR)
+                probe.settimeout(30)
+                while probe.recv(4096):  # the node answers (A-ABORT) or just closes
+                    pass
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = {}
+    for k in range(6):
+        ae.ae_title = f"AFTER{k}"
+        held[f"AFTER{k}"] = ae.associate("127.0.0.1", node.port, ae_title="DXNODE")
+        assert held[f"AFTER{k}"].is_established
+    where = _served_by(node, list(held))
+    assert sorted(collections.Counter(where.values()).values()) == [3, 3], where
+    for assoc in held.values():
+        assoc.release()
 
 
 def test_a_close_the_count_missed_is_corrected_when_the_server_is_idle() -> None:
