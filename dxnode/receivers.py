@@ -6,7 +6,8 @@ docs/benchmarks.md). With ``receive_processes = N`` (N > 1) serve starts N - 1 m
 processes and one commit process (committer_main below; the receiving side: receive/committer.py):
 
 - every receiving process serves the same listening sockets (DICOM, DICOM TLS), bound once by serve:
-  each new association goes to the process with the fewest open (receive/server.py, AcceptShare);
+  each new association goes to the process with the fewest open, round robin between equals
+  (receive/server.py, AcceptShare);
   each runs the same listener
   (``build_listener``: C-ECHO, C-STORE, Storage Commitment and UPS reports, UPS Watch);
 - each receives, checks, hashes and fsyncs its instances itself, and the commit process commits
@@ -246,7 +247,7 @@ class Receivers:
                     conn,
                     theirs,
                     os.getpid(),
-                    (self.share.counts, index),
+                    self.share.part(index),
                 ),
                 name="dxnode-receive",
                 daemon=True,
@@ -319,7 +320,7 @@ def receive_process_main(
     commit: Connection,
     activity: Connection,
     parent: int,
-    share: tuple[Any, int],
+    share: tuple[Any, Any, int],
 ) -> None:
     """Body of one more receiving process: serve's listener on serve's sockets until SIGTERM or serve goes."""
     setup_logging(log_level)

@@ -33,12 +33,17 @@ class AcceptShare:
     on the other (seen in bench.receive: CPU split 3:1, and the slowest runs). A process with more
     open associations than another now leaves it the connection for up to DEFER_S, then takes it
     itself if it is still waiting (the other may be stuck or stopping): least connections, as a load
-    balancer would do. counts is a multiprocessing RawArray of int, one slot per process; a process
-    writes only its own slot, counting accepts and closes, and recounts its associations when its
-    server loop is idle (a close pynetdicom never reported would otherwise count for ever)."""
+    balancer would do. Between processes with as many open, the one whose last accept is oldest takes
+    it (round robin), so associations that come one after another alternate too: without that, the
+    process that won the kernel's race kept winning (six in a row to one, four tries out of four).
+    counts and last are multiprocessing RawArrays, one slot per process; a process writes only its
+    own slots, counting accepts and closes and stamping each accept (CLOCK_MONOTONIC, the same in
+    every process), and recounts its associations when its server loop is idle (a close pynetdicom
+    never reported would otherwise count for ever)."""
 
-    def __init__(self, counts: Any, index: int) -> None:
+    def __init__(self, counts: Any, last: Any, index: int) -> None:
         self.counts = counts
+        self.last = last  # time.monotonic_ns() of each process's last accept
         self.index = index
         self._lock = threading.Lock()
         self._servers: list[ThreadedAssociationServer] = []  # this process's (plain, TLS)
@@ -47,16 +52,21 @@ class AcceptShare:
 
     @classmethod
     def create(cls, ctx: SpawnContext, processes: int) -> AcceptShare:
-        """serve's share (index 0); the other processes take AcceptShare(share.counts, k)."""
-        return cls(ctx.RawArray("i", processes), 0)
+        """serve's share (index 0); process k takes AcceptShare(*share.part(k))."""
+        return cls(ctx.RawArray("i", processes), ctx.RawArray("q", processes), 0)
+
+    def part(self, index: int) -> tuple[Any, Any, int]:
+        """What process index needs to build its AcceptShare (picklable to a spawned process)."""
+        return self.counts, self.last, index
 
     def attach(self, server: ThreadedAssociationServer) -> None:
         """Count server's associations in this process's slot."""
         self._servers.append(server)
 
     def busier(self) -> bool:
-        """True while another process has fewer associations open than this one."""
-        return bool(self.counts[self.index] > min(self.counts))
+        """True while another process has fewer associations open than this one, or as many and an older last accept."""
+        mine = (self.counts[self.index], self.last[self.index])
+        return any((self.counts[k], self.last[k]) < mine for k in range(len(self.counts)) if k != self.index)
 
     def defer(self) -> None:
         """Wait, at most DEFER_S, while another process is less busy (it takes the connection meanwhile)."""
@@ -70,6 +80,7 @@ class AcceptShare:
         with self._lock:
             self._starting += 1
             self.counts[self.index] += 1
+            self.last[self.index] = time.monotonic_ns()
 
     def started(self, association: bool) -> None:
         """The accepted connection's request thread is done: an association runs on it, or none came of it."""
