@@ -361,8 +361,10 @@ _MATCHING = re.compile(r"[*?\\\x00-\x1f]")  # wildcards, a value separator, cont
 
 
 def _exact(value: str, what: str, limit: int) -> str:
-    """value stripped; ValueError when it is too long or would match more than itself at the source."""
-    value = value.strip()
+    """value without its outer spaces (DICOM's padding, 0x20 only: other whitespace, such as a no-break
+    space, is part of the value, as the API's pattern _EXACT allows it); ValueError when it is too long
+    or would match more than itself at the source."""
+    value = value.strip(" ")
     if len(value) > limit:
         raise ValueError(f"{what} has more than {limit} characters")
     if _MATCHING.search(value):

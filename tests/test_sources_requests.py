@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import update
 
 from dxnode.config import Settings
-from dxnode.schemas import Identifiers
+from dxnode.schemas import Identifiers, RequestIn
 from dxnode.sources import dimse, fetch
 from dxnode.sources.found import FetchError
 from dxnode.states import JobState, Priority, RequestState
@@ -55,6 +55,15 @@ def test_what_is_asked_is_checked_against_the_configuration(store: Store) -> Non
     with pytest.raises(ValidationError, match="narrow a patient_id only"):
         Identifiers(accession_number="A1", modality="CR")
     assert Identifiers(patient_id="P", since="2026-01-31").since == "20260131"
+
+
+@pytest.mark.parametrize("value", ["\u00a0", "P\u2003", "\u3000P"])
+def test_an_identifier_the_api_schema_accepts_is_kept_as_given(value: str) -> None:
+    """Only DICOM's padding (spaces) is stripped: a no-break space, which the API's pattern allows, once
+    made a patient ID of one such space empty, and the request was refused (found by schemathesis in CI)."""
+    request = RequestIn(source="pacs", identifiers={"patient_id": value})
+    assert request.fetch_identifiers().patient_id == value
+    assert Identifiers(patient_id=f"  {value} ").patient_id == value
 
 
 def test_each_source_claims_its_own_requests_most_urgent_first(store: Store) -> None:
