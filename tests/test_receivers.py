@@ -302,3 +302,39 @@ def test_a_close_the_count_missed_is_corrected_when_the_server_is_idle() -> None
         wait_until(lambda: share.counts[0] == 0, 5, "both closes counted")
     finally:
         server.shutdown()
+
+
+def test_a_connection_whose_thread_cannot_start_leaves_the_count_and_the_recount_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread left for a connection: socketserver closes it, its count is taken back, and the idle
+    recount (which waits while a connection is starting) still runs afterwards."""
+    share = AcceptShare.create(multiprocessing.get_context("spawn"), 2)
+    ae = AE(ae_title="DXNODE")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.make_server(("127.0.0.1", 0), server_class=NoDelayServer, share=share)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    start = threading.Thread.start
+
+    def no_thread_for_requests(thread: threading.Thread) -> None:
+        if getattr(thread, "_target", None) == server.process_request_thread:
+            raise RuntimeError("can't start new thread")  # as threading says when none are left
+        start(thread)
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", no_thread_for_requests)
+        with socket.create_connection(server.server_address) as probe:
+            probe.settimeout(10)
+            assert probe.recv(1) == b""  # closed by the node
+        monkeypatch.undo()
+        assert share.counts[0] == 0
+        peer = AE(ae_title="PROBE")
+        peer.add_requested_context("1.2.840.10008.1.1")
+        assoc = peer.associate("127.0.0.1", server.server_address[1], ae_title="DXNODE")
+        assert assoc.is_established and share.counts[0] == 1
+        share.counts[0] = 5
+        wait_until(lambda: share.counts[0] == 1, 5, "the recount")
+        assoc.release()
+    finally:
+        monkeypatch.undo()
+        server.shutdown()

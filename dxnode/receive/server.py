@@ -160,6 +160,16 @@ class NoDelayServer(ThreadedAssociationServer):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's request thread; where it cannot start (no threads left), nothing will
+        count its end, and socketserver closes the connection: counted here instead."""
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            if self._share is not None:
+                self._share.started(False)
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """pynetdicom's, counting a connection that did not become an association as closed."""
         _request.opened = False
