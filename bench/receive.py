@@ -389,10 +389,10 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="dxnode-bench-", dir=args.work) as tmp:
         print(f"work folder {tmp}: {create_ms(Path(tmp)):.3f} ms of CPU to create a file", file=sys.stderr)
-        print(
-            f"memory free of page cache: {free_memory_gb():.1f} GB (little left: file writes pay reclaim)",
-            file=sys.stderr,
-        )
+        cache_free = free_memory_gb()
+        # less free than the run writes: its file writes pay for reclaim (docs/benchmarks.md, "The page cache")
+        short = " (less than this run writes: file writes will pay for reclaim)" if cache_free * 2**30 < need else ""
+        print(f"memory free of page cache: {cache_free:.1f} GB{short}", file=sys.stderr)
         one = [Path(tmp) / "instances"]
         four = [Path(tmp) / f"sender{k}" for k in range(4)]
         for k, folder in enumerate(one + four):
