@@ -161,8 +161,7 @@ def build_listener(settings: Settings, store: Store, ingest: Ingest, share: Acce
     from dxnode.worklist import ups_events
 
     watch = [ups_events.UpsWatch(settings, store)] if settings.ups_watch.enabled else []  # UPS Watch and Pull
-    scp = StorageSCP(settings, ingest, report_handler(store), watch)  # Storage Commitment reports go to the outbox
-    scp.share = share
+    scp = StorageSCP(settings, ingest, report_handler(store), watch, share)  # Commitment reports go to the outbox
     if settings.ups:
         # start-up time: loaded only when this part of the node starts
         from dxnode.sources import ups

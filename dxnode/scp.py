@@ -111,6 +111,7 @@ class StorageSCP:
         ingest: Ingest,
         commitment_report: CommitmentReport | None = None,
         services: Sequence[Service] = (),
+        share: AcceptShare | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
@@ -119,7 +120,7 @@ class StorageSCP:
         self._servers: list[NoDelayServer] = []
         self._threads: list[tuple[str, threading.Thread]] = []  # (part, thread serving it)
         self._stopping = False
-        self.share: AcceptShare | None = None  # with several receiving processes (receivers.py)
+        self.share = share  # this process's slot, with several receiving processes (receivers.py)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:

@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -64,7 +64,7 @@ def test_both_processes_receive_and_every_instance_is_committed_once(node: Node,
     assert len(stored) == 36 and len({uid for uid, _, _ in stored}) == 36
     for _, path, sha256 in stored:  # each file in place, whole, with the digest its row says
         assert hashlib.sha256((tmp_path / "var" / path).read_bytes()).hexdigest() == sha256
-    served = {int(m) for m in re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(node.lines))}
+    served = set(_associations_per_process(node.lines))
     assert served == {node.proc.pid, *pids}, f"associations served by {served}"
     storescu(node.port, studies[0][1])  # sent again: counted as duplicates, not stored twice
     assert len(rows(tmp_path)) == 36
@@ -96,7 +96,7 @@ def test_nonconforming_values_and_hostile_instances_cost_one_log_line_in_every_p
     refusal = "refused (0xC000): invalid SOPInstanceUID"
     wait_until(lambda: sum(refusal in line for line in node.lines) == 6, 30, "six refusals logged")
     lines = list(node.lines)
-    served = collections.Counter(re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(lines)))
+    served = _associations_per_process(lines)
     assert sorted(served.values()) == [3, 3], f"associations served by {served}"
     assert not [line for line in lines if "Jane" in line or "escape" in line or "Warning" in line], "\n".join(lines)
 
@@ -152,8 +152,7 @@ def test_commitment_reports_on_either_receiving_process_commit_their_rows(tmp_pa
             assert status.Status == 0x0000
         with store.session() as s:
             assert [d.state for d in s.scalars(select(Delivery))] == [DeliveryState.COMMITTED] * 12
-        lines = "\n".join(node.lines)
-        served = collections.Counter(re.findall(r"association from PACS \([^)]*\) in process (\d+)", lines))
+        served = _associations_per_process(node.lines, "PACS")
         assert sorted(served.values()) == [6, 6], f"reports taken by {served}"
     finally:
         store.dispose()
@@ -170,7 +169,7 @@ def test_the_tls_port_is_shared_too(tmp_path: Path, pki: Path) -> None:  # noqa:
         for _ in range(12):
             assert echo(port, client_context(pki, with_cert=True))
         assert not echo(port, client_context(pki, with_cert=False))
-        served = {int(m) for m in re.findall(r"association from \S+ \([^)]*\) in process (\d+)", "\n".join(node.lines))}
+        served = set(_associations_per_process(node.lines))
         assert served == {node.proc.pid, child}, f"associations served by {served}"
     finally:
         node.stop()
@@ -204,12 +203,21 @@ def test_activity_events_of_a_receiving_process_reach_serves_activity() -> None:
     assert seen.busy_studies() == set() and "1.2.3" in seen.released_at()
 
 
+_SERVED = re.compile(r"association from (\S+) \([^)]*\) in process (\d+)")  # serve's INFO line per association
+
+
+def _associations_per_process(lines: Iterable[str], title: str | None = None) -> collections.Counter[int]:
+    """How many associations (from the calling AE title, or any) each process logged."""
+    return collections.Counter(
+        int(m[2]) for line in list(lines) if (m := _SERVED.search(line)) and title in (None, m[1])
+    )
+
+
 def _served_by(node: Node, titles: list[str]) -> dict[str, int]:
     """The process each calling AE title's association was established in (serve's INFO lines)."""
-    found = re.compile(r"association from (\S+) \([^)]*\) in process (\d+)")
 
     def seen() -> dict[str, int] | None:
-        where = {m[1]: int(m[2]) for line in list(node.lines) if (m := found.search(line))}
+        where = {m[1]: int(m[2]) for line in list(node.lines) if (m := _SERVED.search(line))}
         return where if all(t in where for t in titles) else None
 
     return wait_until(seen, 30, f"associations of {titles}")
