@@ -57,7 +57,7 @@ from dxnode import metrics
 from dxnode.config import Settings
 from dxnode.listen import StartError, bind_error
 from dxnode.listen import address as host_port
-from dxnode.receive import chunked, reactor, responses
+from dxnode.receive import chunked, inline, reactor, responses
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.parse import OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from dxnode.receive.server import AcceptShare, NoDelayServer
@@ -179,6 +179,7 @@ class StorageSCP:
         chunked.register(self.ae, self.ingest.incoming, node.max_instance_mb, self.ingest.writer)
         reactor.install()
         responses.install()
+        inline.install()
         given: list[socket.socket | None] = [*listening, None, None]
         self._serve("dicom", (node.host, node.port), None, given[0])
         if node.tls_port is not None:

@@ -40,6 +40,7 @@ from pynetdicom.dul import DULServiceProvider
 
 from dxnode.bounds import MB
 from dxnode.durable import ensure_folder, sync_fd, sync_file
+from dxnode.receive.command import StoreCommand
 from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused
 from dxnode.receive.part10 import file_header
 
@@ -130,11 +131,20 @@ def _spool_file(*args: Any, **kwargs: Any) -> Any:
 
 
 def _message_to_primitive(self: dimse_messages.DIMSEMessage) -> Any:
-    """pynetdicom's, called once a message is whole: a dataset received to a SpoolFile starts its fsync."""
+    """pynetdicom's, called once a message is whole: a dataset received to a SpoolFile starts its fsync;
+    a command set read by command.store_request (inline.py) gives its primitive as pynetdicom would."""
     spool = self._data_set_file
     if isinstance(spool, SpoolFile):
         spool.finished()
-    return _ORIGINAL[3](self)
+    command = self.command_set
+    if not isinstance(command, StoreCommand):
+        return _ORIGINAL[3](self)
+    primitive = command.primitive()
+    primitive.DataSet = self.data_set
+    primitive._context_id = self.context_id
+    primitive._dataset_path = self._data_set_path
+    primitive._dataset_file = spool
+    return primitive
 
 
 def _create_file_meta(*, sop_class_uid: UID, sop_instance_uid: UID, transfer_syntax: UID) -> tuple[str, str, str]:
@@ -215,6 +225,11 @@ def register(ae: AE, folder: Path, max_instance_mb: float, pool: Executor) -> No
         dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
         dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[assignment]
         _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def registered(ae: AE) -> bool:
+    """True while ae's C-STOREs go to a folder of the node (a listener's AE)."""
+    return ae in _folders
 
 
 def unregister(ae: AE) -> None:

@@ -4,7 +4,7 @@ pynetdicom builds every response as a pydicom Dataset, encodes it once for its g
 more to send it: about 0.25 ms of CPU per received instance, a tenth of the node's whole cost
 (docs/benchmarks.md). ``install`` puts ``send_msg`` in pynetdicom's place: a C-STORE response with
 no status detail (Offending Element, Error Comment) is encoded here, the same bytes as pynetdicom's
-(a test checks it), and sent as one P-DATA; any other message, and any association with handlers
+(a test checks it), and sent as one P-DATA (on the reader thread itself where inline.py serves it); any other message, and any association with handlers
 bound to EVT_DIMSE_SENT (pynetdicom's own logging at INFO or DEBUG), goes pynetdicom's way.
 """
 
@@ -17,6 +17,7 @@ from pynetdicom import dimse, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dxnode.receive import inline
 from dxnode.receive.part10 import even
 
 _SEND = dimse.DIMSEServiceProvider.send_msg
@@ -63,8 +64,11 @@ def _send_msg(self: dimse.DIMSEServiceProvider, primitive: Any, context_id: int)
     if responding and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         command = store_response(primitive)
         if command is not None and (self.maximum_pdu_size == 0 or len(command) + 6 <= self.maximum_pdu_size):
+            pdv = b"\x03" + command  # the last command fragment
+            if inline.send_now(self.dul, context_id, pdv):
+                return
             pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # the last command fragment
+            pdata.presentation_data_value_list.append((context_id, pdv))
             self.dul.send_pdu(pdata)
             return
     _SEND(self, primitive, context_id)
