@@ -189,7 +189,7 @@ def test_the_commit_process_dying_stops_the_node_naming_it(node: Node, tmp_path:
     assert any("receive: the commit process exited" in line for line in node.lines), node.lines[-5:]
 
 
-def test_activity_events_of_a_receiving_process_reach_serves_activity() -> None:
+def test_activity_events_of_a_receiving_process_reach_serves_activity_in_batches() -> None:
     ours, theirs = multiprocessing.Pipe()
     sent, seen = ForwardedActivity(theirs), Activity()
     sent.begin(7, "1.2.3")
@@ -201,6 +201,22 @@ def test_activity_events_of_a_receiving_process_reach_serves_activity() -> None:
     sent.closed(7)
     apply(seen, ours.recv())
     assert seen.busy_studies() == set() and "1.2.3" in seen.released_at()
+    # events close together go as one message (FLUSH_S), in their order
+    for k in range(50):
+        sent.begin(8, f"2.{k}")
+        sent.end(f"2.{k}")
+    sent.closed(8)
+    messages = 0
+    while "2.49" not in seen.released_at():
+        apply(seen, ours.recv())
+        messages += 1
+    assert messages < 10 and seen.busy_studies() == set()
+    # close() sends what has gathered, without waiting FLUSH_S
+    sent.begin(9, "3.1")
+    sent.close()
+    assert ours.poll(0)
+    apply(seen, ours.recv())
+    assert seen.busy_studies() == {"3.1"}
 
 
 _SERVED = re.compile(r"association from (\S+) \([^)]*\) in process (\d+)")  # serve's INFO line per association
