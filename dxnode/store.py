@@ -517,10 +517,10 @@ def audit(session: Session, actor: str, action: str, target: str = "", source: s
 
 def audit_core(conn: Connection, actor: str, action: str, target: str = "", source: str = "", **detail: Any) -> None:
     """Insert an audit row on a Core connection (the receiver's hot path uses no ORM session)."""
-    conn.execute(_INSERT_AUDIT, audit_values(actor, action, target, source, **detail))
+    conn.execute(INSERT_AUDIT, audit_values(actor, action, target, source, **detail))
 
 
-_INSERT_AUDIT = insert(Audit)  # one statement, its values as parameters: compiled once, not per row
+INSERT_AUDIT = insert(Audit)  # one statement, its values as parameters: compiled once, not per row
 
 
 def make_engine(url: str, busy_timeout_s: float = 30, echo: bool = False) -> Engine:

@@ -45,8 +45,8 @@ from dxnode.receive.parse import (
     read_received,
 )
 from dxnode.receive.part10 import file_header
-from dxnode.receive.rows import BUMP_STUDY, INSERT_INSTANCE, Arrival, SeenSeries, upsert_series, upsert_study
-from dxnode.store import Instance, Store, audit_core, utcnow
+from dxnode.receive.rows import Arrival, SeenSeries, statements, upsert_series, upsert_study
+from dxnode.store import Instance, Store, audit_core, audit_values, utcnow
 
 log = logging.getLogger("dxnode.receive.ingest")
 
@@ -65,6 +65,7 @@ class Ingest:
         self._sweep: threading.Timer | None = None
         self._seen: dict[str, SeenSeries] = {}  # series UID -> rows after the last commit
         self._group = GroupCommit(store.engine, self.writer)
+        self._sql = statements(store.engine.dialect, bool(store.engine.echo))  # each instance's three statements
         self.activity = Activity()
         self.committer: CommitClient | None = None  # with [node] receive_processes > 1 (receivers.py)
         # The bytes of instances being handled now, by every transport that stores through this ingest.
@@ -282,7 +283,7 @@ class Ingest:
 
     def _rows(self, conn: Connection, arrival: Arrival, attempt: int = 0) -> SeenSeries | None:
         """The statements of one instance, in the caller's transaction; None for a duplicate (counted).
-        Core statements keep this cheap."""
+        Core statements keep this cheap; the three of every instance run on SQLite's own cursor (rows.py)."""
         rec, calling_aet, address = arrival.rec, arrival.calling_aet, arrival.address
         actor = arrival.actor or calling_aet
         # The common case, one more instance of a series seen before that adds nothing to the study
@@ -290,7 +291,7 @@ class Ingest:
         # insert's unique key and the next attempt counts it).
         seen = self._seen.get(rec.series_instance_uid) if attempt == 0 else None
         if seen is not None and seen.covers(rec):
-            bumped = conn.execute(BUMP_STUDY, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()}).rowcount
+            bumped = self._sql.bump(conn, {"b_id": seen.study_id, "b_aet": calling_aet, "b_now": utcnow()})
             if bumped != 1:  # the study is gone: the full path below recreates it
                 seen = None
         else:
@@ -307,8 +308,8 @@ class Ingest:
         if seen is None:
             study_id, filled, modalities = upsert_study(conn, rec, calling_aet)
             seen = SeenSeries(study_id, upsert_series(conn, study_id, rec), filled, modalities)
-        instance_id = conn.execute(
-            INSERT_INSTANCE,
+        instance_id = self._sql.insert_instance(
+            conn,
             {
                 "series_id": seen.series_id,
                 "study_id": seen.study_id,
@@ -323,15 +324,17 @@ class Ingest:
                 "received_at": utcnow(),
                 "duplicates": 0,
             },
-        ).scalar_one()
-        audit_core(
+        )
+        self._sql.audit(
             conn,
-            actor,
-            "instance.received",
-            f"instance:{instance_id}",
-            address,
-            study_id=seen.study_id,
-            bytes=arrival.size,
+            audit_values(
+                actor,
+                "instance.received",
+                f"instance:{instance_id}",
+                address,
+                study_id=seen.study_id,
+                bytes=arrival.size,
+            ),
         )
         return seen
 
