@@ -31,7 +31,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
@@ -212,11 +211,8 @@ class ForwardedActivity(Activity):
         while True:
             with self._gathered:
                 self._gathered.wait_for(lambda: self._events or self._closing)
-                closing = self._closing
-            if not closing:
-                time.sleep(FLUSH_S)  # let the batch gather
-            with self._gathered:
-                batch, self._events = self._events, []
+                self._gathered.wait_for(lambda: self._closing, FLUSH_S)  # let the batch gather; close() cuts it short
+                batch, self._events, closing = self._events, [], self._closing
             if batch:
                 with contextlib.suppress(OSError):  # serve gone: this process is stopping anyway
                     self._conn.send(("events", batch))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from nodeproc import InProcessNode
+from nodeproc import InProcessNode, wait_until
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
@@ -77,7 +77,9 @@ def test_a_store_request_reads_as_pynetdicom_reads_it(uid_length: int, priority:
     command = store_request(BytesIO(raw))
     assert command is not None
     assert command.CommandField == 0x0001 and command.CommandDataSetType != 0x0101
-    mine, theirs = command.primitive(), pynetdicom_primitive(raw)
+    message = C_STORE_RQ()
+    message.context_id = 1
+    mine, theirs = command.primitive(message), pynetdicom_primitive(raw)
     for keyword in _PRIMITIVE:
         assert getattr(mine, keyword) == getattr(theirs, keyword), keyword
     assert mine.AffectedSOPInstanceUID == instance
@@ -209,8 +211,7 @@ def test_odd_fragments_are_stored_as_sent(node: InProcessNode) -> None:
 def paused(assoc: Any) -> Any:
     """assoc with its reactor paused, as pynetdicom's send_* do: the test reads the answers itself."""
     assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    wait_until(lambda: assoc._is_paused, 10, "the sender's reactor to pause")
     return assoc
 
 
@@ -218,12 +219,26 @@ def test_a_malformed_pdu_aborts_the_association_and_the_node_serves_the_next(nod
     assoc = associate(node.port)
     item = struct.pack(">L", 500) + b"\x01\x03" + b"\x00" * 10  # says 500 bytes, has 12
     assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(item)) + item)
-    deadline = time.monotonic() + 10
-    while not assoc.is_aborted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert assoc.is_aborted
+    wait_until(lambda: assoc.is_aborted, 10, "the node's A-ABORT")
     assert node.instances() == {}
     serves_the_next(node)
+
+
+def test_a_pdu_longer_than_an_instance_may_be_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A P-DATA PDU that says 4 GB: aborted at once (pynetdicom's reader waits for it, to hold it whole)."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node sets it below DEBUG (logs.py)
+    node = InProcessNode(tmp_path, max_instance_mb=16)
+    try:
+        assoc = associate(node.port)
+        head = struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0) + struct.pack(">L", 0xFFFFFFEC) + b"\x01\x00"
+        assoc.dul.socket.send(head)
+        wait_until(lambda: assoc.is_aborted, 10, "the node's A-ABORT")
+        assert node.instances() == {}
+        serves_the_next(node)
+    finally:
+        node.stop()
 
 
 def serves_the_next(node: InProcessNode) -> None:
@@ -260,7 +275,7 @@ def test_a_store_slower_than_the_network_timeout_is_answered_and_the_association
     original = Ingest.store_c_store
 
     def slow(self: Ingest, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(1.5)
+        time.sleep(1.5)  # the slow commit itself: longer than the network timeout below
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Ingest, "store_c_store", slow)

@@ -137,14 +137,7 @@ def _message_to_primitive(self: dimse_messages.DIMSEMessage) -> Any:
     if isinstance(spool, SpoolFile):
         spool.finished()
     command = self.command_set
-    if not isinstance(command, StoreCommand):
-        return _ORIGINAL[3](self)
-    primitive = command.primitive()
-    primitive.DataSet = self.data_set
-    primitive._context_id = self.context_id
-    primitive._dataset_path = self._data_set_path
-    primitive._dataset_file = spool
-    return primitive
+    return command.primitive(self) if isinstance(command, StoreCommand) else _ORIGINAL[3](self)
 
 
 def _create_file_meta(*, sop_class_uid: UID, sop_instance_uid: UID, transfer_syntax: UID) -> tuple[str, str, str]:
@@ -227,9 +220,11 @@ def register(ae: AE, folder: Path, max_instance_mb: float, pool: Executor) -> No
         _config.STORE_RECV_CHUNKED_DATASET = True
 
 
-def registered(ae: AE) -> bool:
-    """True while ae's C-STOREs go to a folder of the node (a listener's AE)."""
-    return ae in _folders
+def limit(ae: AE) -> int | None:
+    """The most bytes one C-STORE of ae's associations may bring (max_instance_mb and its file meta);
+    None where ae is not registered (not a listener's AE)."""
+    found = _folders.get(ae)
+    return found[1] if found is not None else None
 
 
 def unregister(ae: AE) -> None:

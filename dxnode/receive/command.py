@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 
 _ELEMENT = struct.Struct("<HHI")  # group, element, value length
@@ -57,12 +58,17 @@ class StoreCommand:
         except KeyError:
             raise AttributeError(keyword) from None
 
-    def primitive(self) -> C_STORE:
-        """The request primitive, each value set through its checking setter (as pynetdicom does)."""
+    def primitive(self, message: DIMSEMessage) -> C_STORE:
+        """The request primitive of the whole message this command set is of, as pynetdicom's
+        message_to_primitive makes it: each value through its checking setter, then the data set."""
         request = C_STORE()
         for keyword, value in self.values.items():
             if keyword in _ON_PRIMITIVE:
                 setattr(request, keyword, value)
+        request.DataSet = message.data_set
+        request._context_id = message.context_id
+        request._dataset_path = message._data_set_path
+        request._dataset_file = message._data_set_file
         return request
 
 

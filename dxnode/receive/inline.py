@@ -11,7 +11,9 @@ for the associations of a listener's AE (chunked.register), while the associatio
 DEBUG binds such handlers: then everything goes pynetdicom's way):
 
 - a P-DATA-TF PDU goes straight to DIMSE as a P-DATA primitive, which is what DT-2 does (Sta6 stays
-  Sta6); a malformed one goes pynetdicom's way, to be refused as before;
+  Sta6); a malformed one goes pynetdicom's way, to be refused as before; a PDU longer than a whole
+  instance may be (max_instance_mb) is refused (A-ABORT) before it is read, where pynetdicom would
+  read and hold it whole;
 - a whole C-STORE request, on an accepted context and for a storage SOP class, is served on the
   reader thread by pynetdicom's own StorageServiceClass (the handler, its status checks, 0xC211
   for a handler's exception) instead of on the reactor thread;
@@ -28,6 +30,7 @@ node's wait, not the peer's silence (on the reactor thread the handler's time co
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from io import BytesIO
@@ -60,18 +63,16 @@ _LENGTH = struct.Struct(">L")  # a PDV item's length
 
 def _inline(provider: dul.DULServiceProvider) -> bool:
     """True while provider's association is established, is a listener's, and nothing watches it."""
-    flag = provider.__dict__.get("_dxnode_inline")
-    if flag is None:
+    limit = provider.__dict__.get("_dxnode_inline")
+    if limit is None:
         assoc = provider.assoc
-        flag = (
-            assoc.is_acceptor
-            and chunked.registered(assoc.ae)
-            and not any(assoc.get_handlers(event) for event in _WATCHED)
-        )
-        provider._dxnode_inline = flag  # type: ignore[attr-defined]
-        if flag:
+        limit = chunked.limit(assoc.ae) if assoc.is_acceptor else None
+        if limit is None or any(assoc.get_handlers(event) for event in _WATCHED):
+            limit = 0
+        provider._dxnode_inline = limit  # type: ignore[attr-defined]  # (what also bounds its PDUs)
+        if limit:
             _serve_here(assoc, provider)
-    return bool(flag) and provider.state_machine.current_state == "Sta6"
+    return bool(limit) and provider.state_machine.current_state == "Sta6"
 
 
 def _serve_here(assoc: Association, provider: dul.DULServiceProvider) -> None:
@@ -79,19 +80,22 @@ def _serve_here(assoc: Association, provider: dul.DULServiceProvider) -> None:
     when the reader itself queues it (and _serve takes it)."""
     queue = assoc.dimse.msg_queue
     put = queue.put
-    storage: dict[str, bool] = {}  # SOP class UID -> served by StorageServiceClass
 
     def put_or_serve(item: Any, block: bool = True, timeout: float | None = None) -> None:
-        if threading.current_thread() is provider and _serve(assoc, provider, item, storage):
+        if threading.current_thread() is provider and _serve(assoc, provider, item):
             return
         put(item, block, timeout)
 
     queue.put = put_or_serve  # type: ignore[method-assign]
 
 
-def _serve(
-    assoc: Association, provider: dul.DULServiceProvider, item: tuple[int, Any], storage: dict[str, bool]
-) -> bool:
+@functools.cache
+def _storage(uid: str) -> bool:
+    """True for a SOP class pynetdicom serves with its StorageServiceClass."""
+    return uid_to_service_class(uid) is StorageServiceClass
+
+
+def _serve(assoc: Association, provider: dul.DULServiceProvider, item: tuple[int, Any]) -> bool:
     """Serve a C-STORE request here, as pynetdicom's reactor would (Association._serve_request);
     False where it must go to the reactor thread."""
     context_id, request = item
@@ -101,9 +105,7 @@ def _serve(
     uid = str(request.AffectedSOPClassUID)
     if context is None or _config.UNRESTRICTED_STORAGE_SERVICE or uid in assoc.acceptor.accepted_common_extended:
         return False
-    if uid not in storage:
-        storage[uid] = uid_to_service_class(uid) is StorageServiceClass
-    if not storage[uid]:
+    if not _storage(uid):
         return False
     timer = provider._idle_timer
     timer.stop()
@@ -166,6 +168,11 @@ def _read_pdu_data(self: dul.DULServiceProvider) -> None:
     pdu_type, _, length = _HEAD.unpack(data)
     if pdu_type not in _PDU_TYPES:
         dul.LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        self.event_queue.put("Evt19")
+        return
+    if length > self._dxnode_inline:  # type: ignore[attr-defined]  # (_inline set it: max_instance_mb's bytes)
+        # not read: one PDU larger than a whole instance may be is no sender's, and would be held whole
+        dul.LOGGER.error(f"Refused a PDU of {length} bytes, over [node] max_instance_mb")
         self.event_queue.put("Evt19")
         return
     try:

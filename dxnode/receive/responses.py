@@ -4,8 +4,9 @@ pynetdicom builds every response as a pydicom Dataset, encodes it once for its g
 more to send it: about 0.25 ms of CPU per received instance, a tenth of the node's whole cost
 (docs/benchmarks.md). ``install`` puts ``send_msg`` in pynetdicom's place: a C-STORE response with
 no status detail (Offending Element, Error Comment) is encoded here, the same bytes as pynetdicom's
-(a test checks it), and sent as one P-DATA (on the reader thread itself where inline.py serves it); any other message, and any association with handlers
-bound to EVT_DIMSE_SENT (pynetdicom's own logging at INFO or DEBUG), goes pynetdicom's way.
+(a test checks it), and sent as one P-DATA (from the reader thread itself where inline.py serves
+it); any other message, and any association with handlers bound to EVT_DIMSE_SENT (pynetdicom's own
+logging at INFO or DEBUG), goes pynetdicom's way.
 """
 
 from __future__ import annotations

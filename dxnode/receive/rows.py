@@ -22,22 +22,6 @@ BUMP_STUDY = (
     .values(num_instances=Study.num_instances + 1, calling_aet=bindparam("b_aet"), last_received_at=bindparam("b_now"))
 )
 INSERT_INSTANCE = insert(Instance).returning(Instance.id)
-_BUMP_KEYS = ("b_id", "b_aet", "b_now")
-_INSTANCE_KEYS = (
-    "series_id",
-    "study_id",
-    "sop_class_uid",
-    "sop_instance_uid",
-    "transfer_syntax_uid",
-    "instance_number",
-    "file_path",
-    "size_bytes",
-    "sha256",
-    "calling_aet",
-    "received_at",
-    "duplicates",
-)
-_AUDIT_KEYS = ("at", "actor", "action", "target", "source", "detail")
 
 
 class Statements(Protocol):
@@ -70,37 +54,50 @@ class CoreStatements:
 
 
 class _Compiled:
-    """A Core statement compiled once for a dialect, run on the DBAPI cursor of the caller's connection."""
+    """A Core statement compiled for a dialect (once per set of keys the caller gives), run on the
+    DBAPI cursor of the caller's connection."""
 
-    def __init__(self, stmt: Insert | Update, dialect: Dialect, keys: tuple[str, ...]) -> None:
-        compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
-        self.sql = str(compiled)
-        # per placeholder: (the caller's key or None, the fixed value otherwise, the type's bind processor)
-        self._binds: list[tuple[str | None, Any, Any]] = []
+    def __init__(self, stmt: Insert | Update, dialect: Dialect) -> None:
+        self._stmt, self._dialect = stmt, dialect
+        # keys given -> (SQL, per placeholder: the caller's key or None, the fixed value otherwise, the type's bind processor)
+        self._forms: dict[tuple[str, ...], tuple[str, list[tuple[str | None, Any, Any]]]] = {}
+
+    def _form(self, keys: tuple[str, ...]) -> tuple[str, list[tuple[str | None, Any, Any]]]:
+        compiled = self._stmt.compile(dialect=self._dialect, column_keys=list(keys))
+        sql = str(compiled)
+        binds: list[tuple[str | None, Any, Any]] = []
         for name in compiled.positiontup or ():
             bind = compiled.binds[name]
-            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)  # as Core: the dialect's own type
+            processor = bind.type.dialect_impl(self._dialect).bind_processor(
+                self._dialect
+            )  # as Core: the dialect's own type
             if name in keys:
-                self._binds.append((name, None, processor))
+                binds.append((name, None, processor))
             elif bind.value is not None:  # a literal of the statement (the + 1 of BUMP_STUDY)
-                self._binds.append((None, bind.value, processor))
+                binds.append((None, bind.value, processor))
             else:  # a column default Core would fill in (Instance.purging)
-                default = stmt.table.c[name].default
+                default = self._stmt.table.c[name].default
                 if default is None or not default.is_scalar:
-                    raise ValueError(f"{name}: no scalar default to run {self.sql!r} without Core")
-                self._binds.append((None, default.arg, processor))
+                    raise ValueError(f"{name}: no scalar default to run {sql!r} without Core")
+                binds.append((None, default.arg, processor))
+        return sql, binds
 
     def run(self, conn: Connection, params: dict[str, Any]) -> sqlite3.Cursor:
         """The statement on conn's DBAPI connection, inside its transaction; errors as SQLAlchemy's."""
+        keys = tuple(params)
+        form = self._forms.get(keys)
+        if form is None:
+            form = self._forms[keys] = self._form(keys)
+        sql, binds = form
         values = []
-        for key, fixed, processor in self._binds:
+        for key, fixed, processor in binds:
             value = params[key] if key is not None else fixed
             values.append(processor(value) if processor is not None else value)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            return cursor.execute(self.sql, values)
+            return cursor.execute(sql, values)
         except sqlite3.Error as exc:
-            raise DBAPIError.instance(self.sql, values, exc, sqlite3.Error) from exc
+            raise DBAPIError.instance(sql, values, exc, sqlite3.Error) from exc
 
 
 class SQLiteStatements:
@@ -110,9 +107,9 @@ class SQLiteStatements:
     docs/benchmarks.md). No SQL is logged this way: with [database] echo, Core runs them."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self._bump = _Compiled(BUMP_STUDY, dialect, _BUMP_KEYS)
-        self._insert = _Compiled(INSERT_INSTANCE, dialect, _INSTANCE_KEYS)
-        self._audit = _Compiled(INSERT_AUDIT, dialect, _AUDIT_KEYS)
+        self._bump = _Compiled(BUMP_STUDY, dialect)
+        self._insert = _Compiled(INSERT_INSTANCE, dialect)
+        self._audit = _Compiled(INSERT_AUDIT, dialect)
 
     def bump(self, conn: Connection, params: dict[str, Any]) -> int:
         return int(self._bump.run(conn, params).rowcount)
@@ -126,9 +123,9 @@ class SQLiteStatements:
         self._audit.run(conn, values)
 
 
-def statements(conn_dialect: Dialect, echo: bool) -> Statements:
+def statements(dialect: Dialect, echo: bool) -> Statements:
     """SQLiteStatements where the database is SQLite and its SQL is not logged, else Core's."""
-    return SQLiteStatements(conn_dialect) if conn_dialect.name == "sqlite" and not echo else CoreStatements()
+    return SQLiteStatements(dialect) if dialect.name == "sqlite" and not echo else CoreStatements()
 
 
 @dataclass(frozen=True)
