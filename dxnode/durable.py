@@ -1,5 +1,6 @@
 """Durable files: the one way dxnode writes a file atomically (temporary file beside it, fsync,
-rename, fsync of the folder), for received instances, outputs, bundles, exports and caches."""
+rename, fsync of the folder), for received instances, outputs, bundles, exports and caches; a
+received instance may be placed by a link instead of the rename (``place``)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,23 @@ def publish_all(pairs: Sequence[tuple[Path, Path]], pool: Executor | None = None
     else:
         for folder in folders:
             _fsync_folder(folder)
+
+
+def place(tmp: Path, path: Path, inode: int) -> bool:
+    """Give a written, fsynced temporary file (inode) its final name as a second link and fsync the
+    folder: True once durable under path. False, with nothing changed, where path exists already or
+    the file system cannot link: the caller then renames it the usual way. A link never replaces a
+    file, so no other writer's file is lost to it."""
+    try:
+        os.link(tmp, path)
+    except OSError:
+        return False
+    try:
+        _fsync_folder(path.parent)
+    except BaseException:
+        withdraw(path, inode)
+        raise
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -128,7 +128,7 @@ def _serve(ingest: Ingest, conns: list[Connection]) -> None:
                 open_conns.remove(conn)
         if not requests:
             continue
-        items = [ingest.pending(r.arrival, r.inode) for _, r in requests]
+        items = [ingest.pending(r.arrival, r.inode, r.placed) for _, r in requests]
         ingest.settle(items)
         answers: dict[Connection, list[tuple[int, Outcome]]] = {}
         for (conn, request), item in zip(requests, items, strict=True):

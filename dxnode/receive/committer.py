@@ -10,10 +10,16 @@ instance's row data to this process; it commits what has arrived as one batch, w
 GroupCommit and statements as in serve (ingest.py), and answers. The contract is unchanged: serve
 acknowledges an instance only after its answer says file, folder entry and rows are durable.
 
+Each receiving process gives its durable file its final name itself, by a link, and fsyncs the folder
+(durable.place), in parallel with the others; this process then only commits the rows (and withdraws
+the file of an instance whose row does not commit, or is a duplicate). Where the name is taken
+already, the instance goes the rename way (renamed here after its row is written, as in serve).
+
 If the commit process stops, every waiting and later instance is refused (0xA700) and serve's part
 check stops the node (exit status 1), so systemd starts it again; a killed commit leaves at most a
-renamed file without its row, which the sender sends again (the row's unique key then finds no
-row and inserts it) and the start-up sweep of temporaries cleans any temporary file.
+placed or renamed file without its row, which the sender sends again (the name is then taken, so
+the file is renamed over and the row's unique key finds no row and inserts it) and the start-up
+sweep of temporaries cleans any temporary file.
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ MAX_BATCH = 64  # requests committed together (group.MAX_BATCH)
 
 @dataclass(frozen=True)
 class Request:
-    """One instance to commit: its file is durable as arrival.tmp (inode)."""
+    """One instance to commit: its file is durable as arrival.tmp (inode), and under arrival.path too
+    where placed (durable.place)."""
 
     id: int
     arrival: Arrival
     inode: int
+    placed: bool
 
 
 # An answer: ("ok", new), ("os", errno, strerror), ("sql", exception type name), ("error", text).
@@ -65,9 +73,10 @@ class CommitClient:
         self._reader = threading.Thread(target=self._read, name="dxnode-commit-answers", daemon=True)
         self._reader.start()
 
-    def commit(self, arrival: Arrival, inode: int) -> bool:
-        """Commit one instance whose file is durable as arrival.tmp; True if new, False for a duplicate.
-        OSError as the commit process met it, CommitFailed for anything else or when it is gone."""
+    def commit(self, arrival: Arrival, inode: int, placed: bool) -> bool:
+        """Commit one instance whose file is durable as arrival.tmp (and as arrival.path, placed); True
+        if new, False for a duplicate. OSError as the commit process met it, CommitFailed for anything
+        else or when it is gone (a placed file then stays: its row may have committed)."""
         done: Future[Outcome] = Future()
         with self._lock:
             if self._gone:
@@ -75,7 +84,7 @@ class CommitClient:
             rid = next(self._ids)
             self._waiting[rid] = done
             try:
-                self._conn.send(Request(rid, arrival, inode))
+                self._conn.send(Request(rid, arrival, inode, placed))
             except OSError:
                 self._waiting.pop(rid, None)
                 raise CommitFailed("the commit process is gone") from None

@@ -47,6 +47,7 @@ class Pending:
     rows: Callable[[Connection], Any]  # runs its statements; None for a duplicate (nothing to rename)
     alone: Callable[[], bool]  # the per-instance way: own transaction, retries, rename, commit
     committed: Callable[[Any], None]  # after the commit, with what rows returned
+    placed: bool = False  # durable under path already (durable.place): nothing to rename, withdrawn unless committed
     done: Future[bool] = field(default_factory=Future)
     woken: threading.Event = field(default_factory=threading.Event)  # done, or its thread's turn to lead
 
@@ -117,7 +118,7 @@ class GroupCommit:
                     item.written.result()  # a failed write: rolled back, and each instance on its own below
                 publishing = True
                 publish_all(
-                    [(item.tmp, item.path) for item, r in zip(batch, results, strict=True) if r is not None],
+                    [(i.tmp, i.path) for i, r in zip(batch, results, strict=True) if r is not None and not i.placed],
                     self._pool,
                 )
         except Exception as exc:
@@ -126,13 +127,15 @@ class GroupCommit:
                     _alone(item)
                 return
             for item, r in zip(batch, results, strict=True):
-                if r is not None:
+                if r is not None or item.placed:
                     withdraw(item.path, item.written.result())  # no row: the sender gets a failure and retries
                 item.done.set_exception(exc)
             return
         for item, r in zip(batch, results, strict=True):
             if r is not None:
                 item.committed(r)
+            elif item.placed:
+                withdraw(item.path, item.written.result())  # a duplicate: its file is not kept
             item.done.set_result(r is not None)
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dxnode import metrics
 from dxnode.config import Settings
-from dxnode.durable import publish, remove_stale, temporary_name, withdraw, write_new_file
+from dxnode.durable import place, publish, remove_stale, temporary_name, withdraw, write_new_file
 from dxnode.receive import chunked
 from dxnode.receive.activity import Activity
 from dxnode.receive.chunked import Spooled
@@ -209,7 +209,10 @@ class Ingest:
             sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
             arrival = Arrival(tmp, path, rec, rel, size, sha256, calling_aet, address, actor)
             if self.committer is not None:  # the commit process commits it (receivers.py), once the file is durable
-                new = self.committer.commit(arrival, written.result())
+                inode = written.result()
+                # Placed here, each receiving process fsyncs its own folder entries in parallel with the
+                # others, and the commit process, which every instance waits for in turn, only commits.
+                new = self.committer.commit(arrival, inode, place(tmp, path, inode))
             else:  # concurrent associations share the commit and the folder fsync (group.py); each waits for its own
                 new = self._group.commit(self.pending(arrival, written))
         except OSError as exc:
@@ -229,8 +232,10 @@ class Ingest:
         log.debug("stored %s (%d bytes) from %s", rec.sop_instance_uid, size, actor or calling_aet)
         return new
 
-    def pending(self, arrival: Arrival, written: Future[int] | int) -> Pending:
-        """An instance for the group commit; written is its file's fsync (its inode when done)."""
+    def pending(self, arrival: Arrival, written: Future[int] | int, placed: bool = False) -> Pending:
+        """An instance for the group commit; written is its file's fsync (its inode when done); placed:
+        the file is durable under its final name already (durable.place), to be withdrawn if no row
+        of its commits."""
         if isinstance(written, int):
             inode, written = written, Future()
             written.set_result(inode)
@@ -240,15 +245,28 @@ class Ingest:
             arrival.path,
             durable,
             rows=lambda conn: self._rows(conn, arrival),
-            alone=lambda: self._commit(arrival, durable),
+            alone=lambda: self._commit(arrival, durable, placed),
             committed=lambda seen: self._remember(arrival.rec, seen),
+            placed=placed,
         )
 
     def settle(self, items: list[Pending]) -> None:
         """Commit items as one batch now (the commit process's way: receivers.committer_main)."""
         self._group.settle(items)
 
-    def _commit(self, arrival: Arrival, written: Future[int]) -> bool:
+    def _commit(self, arrival: Arrival, written: Future[int], placed: bool = False) -> bool:
+        """_commit_rows, and a placed file withdrawn unless its row committed (a duplicate is not kept)."""
+        try:
+            new = self._commit_rows(arrival, written, placed)
+        except BaseException:
+            if placed:
+                withdraw(arrival.path, written.result())
+            raise
+        if placed and not new:
+            withdraw(arrival.path, written.result())
+        return new
+
+    def _commit_rows(self, arrival: Arrival, written: Future[int], placed: bool) -> bool:
         """One instance in its own transaction (group.py's way for an instance committed alone, or
         whose batch failed): a repeat is counted; for a new instance the rows are written, the file is
         renamed into place and the rows committed. Returns False for a duplicate.
@@ -266,8 +284,9 @@ class Ingest:
                     if seen is None:
                         return False
                     inode = written.result()  # the bytes are durable (or its OSError ends the transaction)
-                    publish(arrival.tmp, arrival.path)  # durable under its final name before the rows commit
-                    renamed = True
+                    if not placed:
+                        publish(arrival.tmp, arrival.path)  # durable under its final name before the rows commit
+                        renamed = True
                 self._remember(arrival.rec, seen)
                 return True
             except IntegrityError:
