@@ -11,7 +11,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,21 +83,23 @@ def publish_all(pairs: Sequence[tuple[Path, Path]], pool: Executor | None = None
             _fsync_folder(folder)
 
 
-def place(tmp: Path, path: Path, inode: int) -> bool:
-    """Give a written, fsynced temporary file (inode) its final name as a second link and fsync the
-    folder: True once durable under path. False, with nothing changed, where path exists already or
+def place(tmp: Path, path: Path, synced: Future[int]) -> int | None:
+    """Give a temporary file whose fsync is under way (synced: its inode once done) its final name as a
+    second link, fsync the folder meanwhile (the two flushes overlap), and wait for both: its inode once
+    durable under path. None, with nothing changed, where path exists already, tmp is not there yet or
     the file system cannot link: the caller then renames it the usual way. A link never replaces a
-    file, so no other writer's file is lost to it."""
+    file, so no other writer's file is lost to it; on any error the link is removed again."""
     try:
+        inode = os.stat(tmp).st_ino
         os.link(tmp, path)
     except OSError:
-        return False
+        return None
     try:
         _fsync_folder(path.parent)
+        return synced.result()
     except BaseException:
         withdraw(path, inode)
         raise
-    return True
 
 
 def _fsync_folder(folder: Path) -> None:

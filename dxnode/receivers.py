@@ -10,9 +10,10 @@ processes and one commit process (committer_main below; the receiving side: rece
   (receive/server.py, AcceptShare);
   each runs the same listener
   (``build_listener``: C-ECHO, C-STORE, Storage Commitment and UPS reports, UPS Watch);
-- each receives, checks, hashes and fsyncs its instances itself, and the commit process commits
-  them all (rows, rename, folder fsync, commit) in shared batches, so the processes do not contend
-  for the database's write lock; an instance is acknowledged only once committed, as before;
+- each receives, checks, hashes and fsyncs its instances itself and gives each file its final name
+  (a link, and the folder fsynced: durable.place), and the commit process commits the rows of them
+  all in shared batches, so the processes do not contend for the database's write lock; an instance
+  is acknowledged only once committed, as before;
 - each tells serve which studies it is receiving (``ForwardedActivity``), so the stable-study sweep
   sees every association wherever it runs;
 - ``[node] max_inflight_mb`` is shared out evenly between them (serve's part also covers STOW-RS);
@@ -28,6 +29,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import selectors
 import signal
 import socket
 import threading
@@ -45,6 +47,7 @@ from dxnode.receive.committer import (
     MAX_BATCH,
     CommitClient,
     CommitFailed,
+    Inbox,
     Outcome,
     Request,
     await_ready,
@@ -114,31 +117,42 @@ def committer_main(settings: Settings, conns: list[Connection], log_level: str) 
 
 
 def _serve(ingest: Ingest, conns: list[Connection]) -> None:
-    open_conns = list(conns)
-    while open_conns:
-        requests: list[tuple[Connection, Request]] = []
-        for conn in wait(open_conns):
-            assert isinstance(conn, Connection)
-            try:
-                while len(requests) < MAX_BATCH:
-                    requests.append((conn, conn.recv()))
-                    if not conn.poll():
-                        break
-            except (EOFError, OSError):  # that receiving process closed it (stopping) or is gone
-                open_conns.remove(conn)
-        if not requests:
-            continue
-        items = [ingest.pending(r.arrival, r.inode, r.placed) for _, r in requests]
-        ingest.settle(items)
-        answers: dict[Connection, list[tuple[int, Outcome]]] = {}
-        for (conn, request), item in zip(requests, items, strict=True):
-            answers.setdefault(conn, []).append((request.id, _outcome(item.done)))
-        for conn, batch in answers.items():
-            try:
-                conn.send(batch)
-            except OSError:
-                if conn in open_conns:
-                    open_conns.remove(conn)
+    inboxes = {conn.fileno(): Inbox(conn) for conn in conns}
+    with selectors.DefaultSelector() as selector:
+        for fd in inboxes:
+            selector.register(fd, selectors.EVENT_READ)
+
+        def close(fd: int) -> None:  # that receiving process closed it (stopping) or is gone
+            if inboxes.pop(fd, None) is not None:
+                selector.unregister(fd)
+
+        while inboxes:
+            requests: list[tuple[Connection, Request]] = []
+            for key, _ in selector.select():
+                inbox = inboxes[key.fd]
+                try:
+                    requests += [(inbox.conn, request) for request in inbox.read()]
+                except (EOFError, OSError):
+                    close(key.fd)
+            for start in range(0, len(requests), MAX_BATCH):
+                for conn in _commit(ingest, requests[start : start + MAX_BATCH]):
+                    close(conn.fileno())
+
+
+def _commit(ingest: Ingest, requests: list[tuple[Connection, Request]]) -> list[Connection]:
+    """Commit requests as one batch and answer each; returns the connections an answer could not be sent on."""
+    items = [ingest.pending(r.arrival, r.inode, r.placed) for _, r in requests]
+    ingest.settle(items)
+    answers: dict[Connection, list[tuple[int, Outcome]]] = {}
+    for (conn, request), item in zip(requests, items, strict=True):
+        answers.setdefault(conn, []).append((request.id, _outcome(item.done)))
+    lost = []
+    for conn, batch in answers.items():
+        try:
+            conn.send(batch)
+        except OSError:
+            lost.append(conn)
+    return lost
 
 
 def _outcome(done: Future[bool]) -> Outcome:

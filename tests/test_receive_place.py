@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -61,12 +61,28 @@ def test_place_links_a_written_file_and_never_replaces_one(tmp_path: Path) -> No
     final = tmp_path / "series" / "1.2.3.dcm"
     tmp = write_temporary(final, b"new")
     inode = tmp.stat().st_ino
-    assert place(tmp, final, inode)
+    assert place(tmp, final, _done(inode)) == inode
     assert final.read_bytes() == b"new" and final.stat().st_ino == inode and final.stat().st_nlink == 2
     other = write_temporary(final, b"other")
-    assert not place(other, final, other.stat().st_ino)  # a file is there: the caller renames the old way
+    assert place(other, final, _done(other.stat().st_ino)) is None  # taken: the caller renames the old way
     assert final.read_bytes() == b"new"
-    assert not place(tmp_path / "gone.tmp", tmp_path / "x.dcm", 0)  # nothing to link: the old way says why
+    assert place(tmp_path / "gone.tmp", tmp_path / "x.dcm", _done(0)) is None  # not there (yet): the old way
+
+
+def test_a_file_whose_write_fails_is_unlinked_from_its_final_name(tmp_path: Path) -> None:
+    final = tmp_path / "series" / "1.2.3.dcm"
+    tmp = write_temporary(final, b"half")
+    failed: Future[int] = Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space"):
+        place(tmp, final, failed)
+    assert not final.exists() and tmp.exists()
+
+
+def _done(inode: int) -> Future[int]:
+    done: Future[int] = Future()
+    done.set_result(inode)
+    return done
 
 
 def test_placed_files_are_whole_single_links_with_their_rows(node: Node, tmp_path: Path) -> None:

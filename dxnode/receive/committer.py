@@ -28,7 +28,9 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import socket
+import struct
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from dxnode.receive.rows import Arrival
 log = logging.getLogger("dxnode.receive.committer")
 START_TIMEOUT_S = 60.0
 MAX_BATCH = 64  # requests committed together (group.MAX_BATCH)
+_READ = 1 << 16  # bytes an Inbox reads at once
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,39 @@ class CommitClient:
         with self._lock:
             self._gone = "stopped"
             hang_up(self._conn)
+
+
+class Inbox:
+    """The commit process's end of one receiving process's connection: every request that has arrived
+    read at once, in one read (Connection.recv makes two reads for each, and polling it for more builds
+    a selector each time). The framing is multiprocessing's: a 4-byte big-endian length (-1, then an
+    8-byte one, for 2 GiB and more), then the pickle."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._fd = conn.fileno()
+        self._buf = bytearray()
+
+    def read(self) -> list[Request]:
+        """Read what has arrived (call it once readable, or it blocks) and return the requests now
+        whole; EOFError when the other end has closed."""
+        data = os.read(self._fd, _READ)
+        if not data:
+            raise EOFError
+        buf = self._buf
+        buf += data
+        whole: list[Request] = []
+        while len(buf) >= 4:
+            (size,), head = struct.unpack_from("!i", buf), 4
+            if size == -1:
+                if len(buf) < 12:
+                    break
+                (size,), head = struct.unpack_from("!Q", buf, 4), 12
+            if len(buf) < head + size:
+                break
+            whole.append(pickle.loads(buf[head : head + size]))
+            del buf[: head + size]
+        return whole
 
 
 def hang_up(conn: Connection) -> None:

@@ -209,10 +209,13 @@ class Ingest:
             sha256 = body.sha256() if isinstance(body, Spooled) else _sha256(body)
             arrival = Arrival(tmp, path, rec, rel, size, sha256, calling_aet, address, actor)
             if self.committer is not None:  # the commit process commits it (receivers.py), once the file is durable
-                inode = written.result()
                 # Placed here, each receiving process fsyncs its own folder entries in parallel with the
                 # others, and the commit process, which every instance waits for in turn, only commits.
-                new = self.committer.commit(arrival, inode, place(tmp, path, inode))
+                inode = place(tmp, path, written)
+                if inode is not None:
+                    new = self.committer.commit(arrival, inode, True)
+                else:
+                    new = self.committer.commit(arrival, written.result(), False)
             else:  # concurrent associations share the commit and the folder fsync (group.py); each waits for its own
                 new = self._group.commit(self.pending(arrival, written))
         except OSError as exc:
