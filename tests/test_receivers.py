@@ -29,6 +29,9 @@ from test_tls import client_context, echo, pki  # noqa: F401  (pki is a fixture)
 
 from dxnode.outbox.commitment import PUSH_MODEL_INSTANCE
 from dxnode.receive.activity import Activity
+from dxnode.receive.committer import Inbox, Request
+from dxnode.receive.parse import Received
+from dxnode.receive.rows import Arrival
 from dxnode.receive.server import AcceptShare, NoDelayServer
 from dxnode.receivers import ForwardedActivity, apply
 from dxnode.states import DeliveryState, OutputKind
@@ -362,3 +365,29 @@ def test_a_connection_whose_thread_cannot_start_leaves_the_count_and_the_recount
     finally:
         monkeypatch.undo()
         server.shutdown()
+
+
+def test_the_commit_process_reads_requests_whole_however_they_arrive() -> None:
+    """Several requests in one read, one longer than a read, and the end of the connection."""
+    ours, theirs = multiprocessing.Pipe()
+    inbox = Inbox(ours)
+    rec = Received(
+        "1.2.840.10008.5.1.4.1.1.2", "1.2.3.1", "1.2.3.100", "1.2.3.200", "1.2.840.10008.1.2.1",
+        "P1", "Doe^Jane", "A1", "20200101", "CT HEAD", "CT", "HEAD", 1, "axial", 1,
+    )  # fmt: skip
+    small = [
+        Request(k, Arrival(Path("t"), Path("p"), rec, Path("r"), 1, "", "AE", "addr", None), k, True) for k in range(3)
+    ]
+    for request in small:
+        theirs.send(request)
+    assert inbox.read() == small
+    big = Request(9, Arrival(Path("t"), Path("p"), rec, Path("r"), 1, "", "AE", "addr", "x" * 200_000), 9, False)
+    theirs.send(big)
+    got: list[Request] = []
+    reads = 0
+    while not got:
+        got, reads = inbox.read(), reads + 1
+    assert got == [big] and reads > 1
+    theirs.close()
+    with pytest.raises(EOFError):
+        inbox.read()
