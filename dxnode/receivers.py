@@ -51,6 +51,7 @@ from dxnode.receive.committer import (
     Outcome,
     Request,
     await_ready,
+    dumps,
     hang_up,
 )
 from dxnode.receive.ingest import Ingest
@@ -149,7 +150,7 @@ def _commit(ingest: Ingest, requests: list[tuple[Connection, Request]]) -> list[
     lost = []
     for conn, batch in answers.items():
         try:
-            conn.send(batch)
+            conn.send_bytes(dumps(batch))
         except OSError:
             lost.append(conn)
     return lost
