@@ -12,7 +12,10 @@ random run in CI)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,8 @@ from webnode import ADMIN, make_store, node_settings, processed_study
 
 from dxnode.web.app import create_app
 
-_root = Path(__import__("tempfile").mkdtemp(prefix="dxnode-schemathesis-"))
+_root = Path(tempfile.mkdtemp(prefix="dxnode-schemathesis-"))
+atexit.register(shutil.rmtree, _root, True)  # made at collection, outside tmp_path: 47 MB left in /tmp by each run
 _settings = node_settings(_root, max_upload_mb=1)
 _store = make_store(_settings)
 APP = create_app(_settings, _store, lambda: {"database": True, "model": True, "scp": True})
