@@ -51,11 +51,11 @@ from dxnode.receive.committer import (
     Outcome,
     Request,
     await_ready,
-    dumps,
     hang_up,
 )
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.server import AcceptShare
+from dxnode.receive.walsync import Answers, WalSync, commit_without_sync, send, wal_of
 from dxnode.scp import StorageSCP
 from dxnode.store import Store
 
@@ -109,15 +109,21 @@ def committer_main(settings: Settings, conns: list[Connection], log_level: str) 
     except Exception as exc:  # said to serve, which refuses to start
         conns[0].send(("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         raise SystemExit(1) from None
+    wal = wal_of(store.engine)
+    if wal is not None:  # SQLite in WAL mode: its flush off the serial section (receive/walsync.py)
+        commit_without_sync(store.engine)
     conns[0].send(("ready",))
     log.info("commit process %d ready for %d receiving process(es)", os.getpid(), len(conns))
+    flusher = WalSync(wal) if wal is not None else None
     try:
-        _serve(ingest, conns)
+        _serve(ingest, conns, flusher)
     finally:
+        if flusher is not None:
+            flusher.close()
         store.dispose()
 
 
-def _serve(ingest: Ingest, conns: list[Connection]) -> None:
+def _serve(ingest: Ingest, conns: list[Connection], flusher: WalSync | None) -> None:
     inboxes = {conn.fileno(): Inbox(conn) for conn in conns}
     with selectors.DefaultSelector() as selector:
         for fd in inboxes:
@@ -136,24 +142,23 @@ def _serve(ingest: Ingest, conns: list[Connection]) -> None:
                 except (EOFError, OSError):
                     close(key.fd)
             for start in range(0, len(requests), MAX_BATCH):
-                for conn in _commit(ingest, requests[start : start + MAX_BATCH]):
-                    close(conn.fileno())
+                answers = _commit(ingest, requests[start : start + MAX_BATCH])
+                if flusher is not None:
+                    flusher.after_flush(answers)  # a lost connection is seen by the next read
+                    continue
+                for conn, batch in answers.items():
+                    if not send(conn, batch):
+                        close(conn.fileno())
 
 
-def _commit(ingest: Ingest, requests: list[tuple[Connection, Request]]) -> list[Connection]:
-    """Commit requests as one batch and answer each; returns the connections an answer could not be sent on."""
+def _commit(ingest: Ingest, requests: list[tuple[Connection, Request]]) -> Answers:
+    """Commit requests as one batch; the answer to each, by connection."""
     items = [ingest.pending(r.arrival, r.inode, r.placed) for _, r in requests]
     ingest.settle(items)
-    answers: dict[Connection, list[tuple[int, Outcome]]] = {}
+    answers: Answers = {}
     for (conn, request), item in zip(requests, items, strict=True):
         answers.setdefault(conn, []).append((request.id, _outcome(item.done)))
-    lost = []
-    for conn, batch in answers.items():
-        try:
-            conn.send_bytes(dumps(batch))
-        except OSError:
-            lost.append(conn)
-    return lost
+    return answers
 
 
 def _outcome(done: Future[bool]) -> Outcome:
