@@ -18,11 +18,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset, read_preamble
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -63,36 +63,55 @@ class Received:
     instance_number: int | None
 
 
+_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
+    "AccessionNumber", "StudyDate", "StudyDescription", "Modality", "BodyPartExamined", "SeriesNumber",
+    "SeriesDescription", "InstanceNumber",
+)  # fmt: skip
+_TAGS = {keyword: Tag(keyword) for keyword in _KEYWORDS}
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    """An attribute's value as pydicom converts it on access, None if absent: looked up by its tag,
+    once (an access by keyword goes through the keyword table and converts again each time)."""
+    element = ds.get(_TAGS[keyword])
+    return None if element is None else element.value
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
     """An attribute as text, at most limit characters ('' if absent)."""
-    value = ds.get(keyword, "")
+    value = _value(ds, keyword)
     return "" if value is None else str(value)[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     """An IS attribute as int, or None."""
     try:
-        value = ds.get(keyword)
+        value = _value(ds, keyword)
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
 
 
-def _check_uid_elements(ds: Dataset) -> None:
-    """The dataset's own UIDs: SOP Class, SOP Instance, Study and Series present, each of VR UI."""
+def _uids(ds: Dataset) -> dict[str, str]:
+    """The dataset's own UIDs (SOP Class, SOP Instance, Study, Series): each present, of VR UI."""
+    found = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if keyword not in ds:
+        element = ds.get(_TAGS[keyword])
+        if element is None:
             raise StoreRefused(CANNOT_UNDERSTAND, f"missing {keyword}")
-        if ds[keyword].VR != "UI":
-            raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} has VR {ds[keyword].VR}, not UI")
+        if element.VR != "UI":
+            raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} has VR {element.VR}, not UI")
+        found[keyword] = str(element.value)
+    return found
 
 
 def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> Received:
     """Validate a received dataset against the UIDs it came with (C-STORE request or STOW-RS file meta)."""
     try:
-        _check_uid_elements(ds)
-        study_uid = str(ds.StudyInstanceUID)
-        series_uid = str(ds.SeriesInstanceUID)
+        own = _uids(ds)
+        study_uid = own["StudyInstanceUID"]
+        series_uid = own["SeriesInstanceUID"]
         rec = Received(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
@@ -126,7 +145,7 @@ def parse_dataset(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
     for name, value in uids.items():
         if not is_valid_uid(value):
             raise StoreRefused(CANNOT_UNDERSTAND, f"invalid {name}")
-    if str(ds.get("SOPInstanceUID", rec.sop_instance_uid)) != rec.sop_instance_uid:
+    if own["SOPInstanceUID"] != rec.sop_instance_uid:
         raise StoreRefused(CANNOT_UNDERSTAND, "SOPInstanceUID differs from request")
     return rec
 
