@@ -28,7 +28,8 @@ after in the same run; --only keeps the receivers named by first word (dxnode, b
 DCMTK, pynetdicom). Prints instances/s (best of the rounds, each after an untimed warm-up) with
 one sender and with 4 concurrent senders (storescu processes, count/4 instances each, their own
 studies), the receiver's CPU time per instance (user + system, from /proc: less
-sensitive than the rate to other load on the machine), and dxnode's ratio to each reference.
+sensitive than the rate to other load on the machine), its peak RSS (VmHWM summed over every process
+of it, the largest of the rounds) and dxnode's ratio to each reference.
 Targets: dxnode at least 0.8 of the pynetdicom fsync writer and at least as fast as Orthanc, with
 1 sender and with 4. Orthanc is skipped (and said so) where it is not installed.
 """
@@ -168,23 +169,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and of its live descendants (serve's receiving and commit processes)."""
-    total = cpu_seconds(pid)
+def tree_pids(pid: int) -> list[int]:
+    """A process and its live descendants (serve's receiving and commit processes, multiprocessing's tracker)."""
+    pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             children = (task / "children").read_text().split()
         except FileNotFoundError:  # that thread has ended since the listing
             continue
-        total += sum(tree_cpu_seconds(int(child)) for child in children)
-    return total
+        for child in children:
+            pids += tree_pids(int(child))
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants."""
+    return sum(cpu_seconds(p) for p in tree_pids(pid))
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak RSS (VmHWM) of a process and of its live descendants, summed, in MB."""
+    total = 0
+    for p in tree_pids(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 WARM_UP: list[Path] = []  # 4 folders of 2 instances, each its own study (main makes them)
 
 
-def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[float, float]:
-    """(seconds, receiver CPU seconds, every process of it) of one send.
+def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[float, float, float]:
+    """(seconds, receiver CPU seconds, its peak RSS in MB) of one send, every process of the receiver.
 
     The receiver is warmed up first, untimed, by 4 concurrent senders of 2 instances each (studies of
     their own, so the timed send still starts new studies): a node runs for months, and what its
@@ -197,10 +214,12 @@ def timed_send(pid: int, port: int, folders: list[Path], aec: str) -> tuple[floa
     os.sync()
     before = tree_cpu_seconds(pid)
     elapsed = send(port, folders, aec)
-    return elapsed, tree_cpu_seconds(pid) - before
+    return elapsed, tree_cpu_seconds(pid) - before, peak_rss_mb(pid)
 
 
-def run_dxnode(folders: list[Path], work: Path, source: Path | None = None, processes: int = 1) -> tuple[float, float]:
+def run_dxnode(
+    folders: list[Path], work: Path, source: Path | None = None, processes: int = 1
+) -> tuple[float, float, float]:
     """dxnode serve from this tree, or from the source tree source (PYTHONPATH: a baseline in the same run),
     with processes receiving processes ([node] receive_processes)."""
     port = free_port()
@@ -237,7 +256,7 @@ def run_dxnode(folders: list[Path], work: Path, source: Path | None = None, proc
         proc.wait(30)
 
 
-def run_storescp(folders: list[Path], work: Path) -> tuple[float, float]:
+def run_storescp(folders: list[Path], work: Path) -> tuple[float, float, float]:
     port, out = free_port(), work / "storescp"
     out.mkdir()
     proc = subprocess.Popen(
@@ -256,7 +275,7 @@ def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).exists()), None)
 
 
-def run_orthanc(folders: list[Path], work: Path) -> tuple[float, float]:
+def run_orthanc(folders: list[Path], work: Path) -> tuple[float, float, float]:
     port, binary = free_port(), orthanc_binary()
     assert binary is not None
     cfg = {
@@ -288,7 +307,7 @@ def run_orthanc(folders: list[Path], work: Path) -> tuple[float, float]:
         proc.wait(30)
 
 
-def run_pynetdicom(folders: list[Path], work: Path, mode: str = "plain") -> tuple[float, float]:
+def run_pynetdicom(folders: list[Path], work: Path, mode: str = "plain") -> tuple[float, float, float]:
     port, out = free_port(), work / "pynetdicom"
     out.mkdir()
     proc = subprocess.Popen(
@@ -330,28 +349,25 @@ def free_memory_gb() -> float:
 
 
 def print_ratios(rate: dict[tuple[str, int], float], counts: tuple[int, ...]) -> None:
-    """dxnode's ratios to each reference, per number of senders (none where --only left a reference out)."""
+    """dxnode's ratios to each reference that ran, per number of senders (--only may leave some out)."""
+    references = (
+        ("DCMTK storescp", "DCMTK storescp", ""),
+        ("pynetdicom writer", "pynetdicom write-only SCP", ""),
+        ("pynetdicom fsync writer", "pynetdicom fsync writer", " (target >= 0.8)"),
+        ("fsync writer on dxnode's reactor", "pynetdicom fsync + reactor", ""),
+        ("Orthanc", "Orthanc (SyncStorageArea)", " (target >= 1)"),
+    )
     for senders in counts:
-        if {"dxnode serve (durable)", "DCMTK storescp", "pynetdicom write-only SCP", "pynetdicom fsync writer"} - {
-            name for name, _ in rate
-        }:
-            break  # some receivers left out (--only): no ratios
-        orthanc = rate.get(("Orthanc (SyncStorageArea)", senders))
         for label, name in (("dxnode", "dxnode serve (durable)"), ("dxnode x2", "dxnode serve, 2 processes")):
             if (name, senders) not in rate:
                 continue
-            dx = rate[name, senders]
-            print(
-                f"{senders} sender(s): {label} / DCMTK storescp = {dx / rate['DCMTK storescp', senders]:.2f},"
-                f" {label} / pynetdicom writer = {dx / rate['pynetdicom write-only SCP', senders]:.2f},"
-                f" {label} / pynetdicom fsync writer = {dx / rate['pynetdicom fsync writer', senders]:.2f}"
-                " (target >= 0.8)" + (f", {label} / Orthanc = {dx / orthanc:.2f} (target >= 1)" if orthanc else "")
-            )
-            if ("pynetdicom fsync + reactor", senders) in rate:
-                print(
-                    f"  {label} / fsync writer on dxnode's reactor ="
-                    f" {dx / rate['pynetdicom fsync + reactor', senders]:.2f}"
-                )
+            ratios = [
+                f"{label} / {ref} = {rate[name, senders] / rate[ref_name, senders]:.2f}{target}"
+                for ref, ref_name, target in references
+                if (ref_name, senders) in rate
+            ]
+            if ratios:
+                print(f"{senders} sender(s): " + ", ".join(ratios))
 
 
 def main() -> int:
@@ -419,7 +435,8 @@ def main() -> int:
             del peers["Orthanc (SyncStorageArea)"]
         if args.only is not None:
             peers = {name: run for name, run in peers.items() if name.split()[0] in args.only}
-        best: dict[tuple[str, int], tuple[float, float]] = {}
+        best: dict[tuple[str, int], tuple[float, float, float]] = {}
+        peak: dict[tuple[str, int], float] = {}
         for r in range(args.rounds):
             for senders, folders in ((1, one),) if args.per_association else ((1, one), (4, four)):
                 for k, (name, runner) in enumerate(peers.items()):
@@ -427,18 +444,22 @@ def main() -> int:
                     work.mkdir()
                     result = runner(folders, work)
                     best[name, senders] = min(best.get((name, senders), result), result)
+                    peak[name, senders] = max(peak.get((name, senders), 0.0), result[2])
         size_mb = sum(p.stat().st_size for p in one[0].iterdir()) / 2**20
         print(
             f"{args.count} instances of 512x512x16 bit ({size_mb:.0f} MB), storescu over loopback, best of {args.rounds} rounds"
         )
-        print(f"{'receiver':<28} {'senders':>7} {'instances/s':>12} {'MB/s':>8} {'CPU ms/instance':>16}")
+        print(
+            f"{'receiver':<28} {'senders':>7} {'instances/s':>12} {'MB/s':>8} {'CPU ms/instance':>16}"
+            f" {'peak RSS MB':>12}"
+        )
         rate: dict[tuple[str, int], float] = {}
-        for (name, senders), (seconds, cpu) in best.items():
+        for (name, senders), (seconds, cpu, _) in best.items():
             n = args.count if senders == 1 else 4 * (args.count // 4)
             rate[name, senders] = n / seconds
             print(
                 f"{name:<28} {senders:>7} {n / seconds:12.1f} {n / seconds * size_mb / args.count:8.1f}"
-                f" {1e3 * cpu / n:16.2f}"
+                f" {1e3 * cpu / n:16.2f} {peak[name, senders]:12.0f}"
             )
         print_ratios(rate, (1,) if args.per_association else (1, 4))
     return 0
