@@ -33,7 +33,7 @@ def ensure_folder(folder: Path) -> None:
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):  # another writer made it: its parent is fsynced all the same
             new.mkdir()
-        _fsync_folder(new.parent)
+        fsync_path(new.parent)
 
 
 def write_new_file(tmp: Path, data: bytes | Sequence[bytes | memoryview]) -> int:
@@ -77,10 +77,10 @@ def publish_all(pairs: Sequence[tuple[Path, Path]], pool: Executor | None = None
         os.replace(tmp, path)
     folders = list(dict.fromkeys(path.parent for _, path in pairs))
     if pool is not None and len(folders) > 1:
-        list(pool.map(_fsync_folder, folders))
+        list(pool.map(fsync_path, folders))
     else:
         for folder in folders:
-            _fsync_folder(folder)
+            fsync_path(folder)
 
 
 def place(tmp: Path, path: Path, synced: Future[int]) -> int | None:
@@ -95,19 +95,21 @@ def place(tmp: Path, path: Path, synced: Future[int]) -> int | None:
     except OSError:
         return None
     try:
-        _fsync_folder(path.parent)
+        fsync_path(path.parent)
         return synced.result()
     except BaseException:
         withdraw(path, inode)
         raise
 
 
-def _fsync_folder(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path, data_only: bool = False) -> None:
+    """fsync a file or folder by its name (fdatasync with data_only): a flush of any descriptor of a file
+    flushes the file."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        (os.fdatasync if data_only else os.fsync)(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def remove_stale(folder: Path, older_than_s: float) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 DXNODE = str(Path(sys.executable).with_name("dxnode"))
 # The demo model declares chest CR/DX; the tests run it on pydicom's CT, MR, US... files, as an
@@ -271,3 +272,17 @@ def storescu(port: int, files: list[Path], aet: str = "MODALITY") -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def c_store(port: int, ds: pydicom.Dataset, aet: str = "MODALITY", max_pdu: int | None = None) -> int:
+    """Send ds to the node with pynetdicom on an association of its own; the C-STORE status."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    if max_pdu is not None:
+        ae.maximum_pdu_size = max_pdu
+    assoc = ae.associate("127.0.0.1", port, ae_title="DXNODE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from nodeproc import InProcessNode, Node, node_config, wait_until
+from nodeproc import InProcessNode, Node, c_store, node_config, wait_until
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -46,18 +46,6 @@ def big_ct(study: str, pixels: bytes) -> pydicom.Dataset:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = pixels
     return ds
-
-
-def c_store(port: int, ds: pydicom.Dataset) -> int:
-    ae = AE(ae_title="BIG")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.maximum_pdu_size = 262144
-    assoc = ae.associate("127.0.0.1", port, ae_title="DXNODE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(ds).Status)
-    finally:
-        assoc.release()
 
 
 def _node_pids(pid: int) -> list[int]:
@@ -100,7 +88,7 @@ def test_eight_concurrent_60_mb_instances_keep_the_receiver_memory_bounded(tmp_p
                 Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := the resting RSS
             t0 = time.monotonic()
             with ThreadPoolExecutor(SENDERS) as pool:
-                statuses = list(pool.map(lambda ds: c_store(node.port, ds), sent))
+                statuses = list(pool.map(lambda ds: c_store(node.port, ds, aet="BIG", max_pdu=262144), sent))
             elapsed = time.monotonic() - t0
             assert statuses == [0] * SENDERS
             assert node.proc.poll() is None, "\n".join(node.lines[-40:])

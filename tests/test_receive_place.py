@@ -13,9 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import need_tool
-from nodeproc import Node, make_study, node_config, storescu
+from nodeproc import Node, c_store, make_study, node_config, storescu
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 
 from dxnode.durable import place, write_temporary
 
@@ -43,18 +42,6 @@ def _row(tmp_path: Path, sop_uid: str) -> tuple[str, str, int] | None:
 
 def _final(tmp_path: Path, ds: pydicom.Dataset) -> Path:
     return tmp_path / "var" / "incoming" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-
-
-def _send(port: int, ds: pydicom.Dataset) -> int:
-    """Send ds with pynetdicom; the C-STORE status."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DXNODE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(ds).Status)
-    finally:
-        assoc.release()
 
 
 def test_place_links_a_written_file_and_never_replaces_one(tmp_path: Path) -> None:
@@ -122,7 +109,7 @@ def test_a_duplicate_keeps_the_first_file_and_leaves_no_second(node: Node, tmp_p
     before = first.read_bytes()
     storescu(node.port, files)  # the same name: found taken, counted as a duplicate
     ds.SeriesInstanceUID = generate_uid()  # the same SOP Instance UID in another series: placed, then withdrawn
-    assert _send(node.port, ds) == 0x0000
+    assert c_store(node.port, ds) == 0x0000
     row = _row(tmp_path, ds.SOPInstanceUID)
     assert row is not None and row[2] == 2
     assert first.read_bytes() == before
@@ -140,11 +127,11 @@ def test_a_placed_file_whose_row_cannot_commit_is_withdrawn(node: Node, tmp_path
             "CREATE TRIGGER refuse BEFORE INSERT ON instance WHEN NEW.sop_instance_uid = "
             f"'{refused.SOPInstanceUID}' BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
         )
-    assert _send(node.port, refused) == 0xA700
+    assert c_store(node.port, refused) == 0xA700
     assert _row(tmp_path, refused.SOPInstanceUID) is None
     assert not _final(tmp_path, refused).exists()
     assert not list((tmp_path / "var" / "incoming").rglob(".*.tmp"))
-    assert _send(node.port, kept) == 0x0000  # the node goes on
+    assert c_store(node.port, kept) == 0x0000  # the node goes on
     assert _final(tmp_path, kept).exists()
 
 
@@ -158,7 +145,7 @@ def test_copies_of_one_instance_in_other_series_sent_at_once_leave_one_file(node
         ds.SeriesInstanceUID = generate_uid()
         copies.append(ds)
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda ds: _send(node.port, ds), copies))
+        statuses = list(pool.map(lambda ds: c_store(node.port, ds), copies))
     assert statuses == [0x0000] * 8
     row = _row(tmp_path, copies[0].SOPInstanceUID)
     assert row is not None and row[2] == 7

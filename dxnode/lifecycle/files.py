@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from dxnode.durable import fsync_path
 
 
 def remove_durably(data_dir: Path, relative: Iterable[str], keep: Iterable[Path]) -> int:
@@ -26,19 +27,11 @@ def remove_durably(data_dir: Path, relative: Iterable[str], keep: Iterable[Path]
         folders.add(path.parent)
     for folder in folders:
         with contextlib.suppress(FileNotFoundError):
-            _fsync(folder)
+            fsync_path(folder)
     stop = {p.resolve() for p in keep}
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         _remove_empty(folder, stop)
     return removed
-
-
-def _fsync(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_empty(folder: Path, stop: set[Path]) -> None:

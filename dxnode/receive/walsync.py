@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from dxnode.durable import fsync_path
 from dxnode.receive.committer import dumps
 
 log = logging.getLogger("dxnode.receive.walsync")
@@ -108,12 +109,8 @@ class WalSync:
 
 
 def fdatasync(path: Path) -> None:
-    """fdatasync a file by its name: a flush of any descriptor of the file flushes the file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    """The WAL file's flush: fdatasync by its name."""
+    fsync_path(path, data_only=True)
 
 
 def send(conn: Connection, message: Any) -> bool:
