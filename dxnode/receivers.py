@@ -52,10 +52,11 @@ from dxnode.receive.committer import (
     Request,
     await_ready,
     hang_up,
+    send,
 )
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.server import AcceptShare
-from dxnode.receive.walsync import Answers, WalSync, commit_without_sync, send, wal_of
+from dxnode.receive.walsync import Answers, WalSync, commit_without_sync, wal_of
 from dxnode.scp import StorageSCP
 from dxnode.store import Store
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from dxnode.receive.walsync import WalSync, commit_without_sync, fdatasync, wal_of
+from dxnode.durable import fsync_path
+from dxnode.receive.walsync import WalSync, commit_without_sync, wal_of
 from dxnode.store import make_engine
 
 
@@ -23,7 +24,7 @@ def test_only_a_sqlite_file_in_wal_mode_has_its_wal_flushed_here(tmp_path: Path)
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL: WalSync flushes
         conn.execute(text("CREATE TABLE t (x INTEGER)"))
     assert wal.exists()
-    fdatasync(wal)
+    fsync_path(wal, data_only=True)
     other = make_engine(f"sqlite:///{tmp_path / 'node.db'}")  # every other connection keeps FULL
     with other.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
@@ -35,18 +36,18 @@ def test_answers_leave_only_after_a_flush_that_began_after_they_were_queued(tmp_
     wal = tmp_path / "db-wal"
     wal.write_bytes(b"frames")
     started: list[float] = []
-    gate = threading.Event()
+    gate, flush_began = threading.Event(), threading.Event()
 
     def slow_flush(path: Path) -> None:  # the real fdatasync, held until the test lets it go
         started.append(time.monotonic())
+        flush_began.set()
         gate.wait(5)
-        fdatasync(path)
+        fsync_path(path, data_only=True)
 
     ours, theirs = multiprocessing.Pipe()
     sync = WalSync(wal, slow_flush)
     sync.after_flush({ours: [(1, ("ok", True))]})
-    while not started:
-        time.sleep(0.001)
+    assert flush_began.wait(5)
     queued_during_flush = time.monotonic()
     sync.after_flush({ours: [(2, ("ok", True))]})
     assert not theirs.poll(0.2)  # the first flush is still running: nothing answered

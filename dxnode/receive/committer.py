@@ -163,6 +163,15 @@ def dumps(message: Any) -> bytes:
     return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
 
 
+def send(conn: Connection, message: Any) -> bool:
+    """Send message on conn (plain pickle: dumps); False if the other end is gone."""
+    try:
+        conn.send_bytes(dumps(message))
+    except OSError:
+        return False
+    return True
+
+
 def hang_up(conn: Connection) -> None:
     """Close conn so that both ends see it at once: a close() alone leaves a thread blocked in recv()
     on it, and the socket open, so the peer would never see the end."""

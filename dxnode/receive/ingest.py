@@ -211,11 +211,9 @@ class Ingest:
             if self.committer is not None:  # the commit process commits it (receivers.py), once the file is durable
                 # Placed here, each receiving process fsyncs its own folder entries in parallel with the
                 # others, and the commit process, which every instance waits for in turn, only commits.
-                inode = place(tmp, path, written)
-                if inode is not None:
-                    new = self.committer.commit(arrival, inode, True)
-                else:
-                    new = self.committer.commit(arrival, written.result(), False)
+                inode = place(tmp, path, written)  # None: the name is taken, renamed there instead
+                placed = inode is not None
+                new = self.committer.commit(arrival, written.result() if inode is None else inode, placed)
             else:  # concurrent associations share the commit and the folder fsync (group.py); each waits for its own
                 new = self._group.commit(self.pending(arrival, written))
         except OSError as exc:

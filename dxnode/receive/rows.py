@@ -63,14 +63,13 @@ class _Compiled:
         self._forms: dict[tuple[str, ...], tuple[str, list[tuple[str | None, Any, Any]]]] = {}
 
     def _form(self, keys: tuple[str, ...]) -> tuple[str, list[tuple[str | None, Any, Any]]]:
-        compiled = self._stmt.compile(dialect=self._dialect, column_keys=list(keys))
+        dialect = self._dialect
+        compiled = self._stmt.compile(dialect=dialect, column_keys=list(keys))
         sql = str(compiled)
         binds: list[tuple[str | None, Any, Any]] = []
         for name in compiled.positiontup or ():
             bind = compiled.binds[name]
-            processor = bind.type.dialect_impl(self._dialect).bind_processor(
-                self._dialect
-            )  # as Core: the dialect's own type
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)  # as Core: the dialect's own type
             if name in keys:
                 binds.append((name, None, processor))
             elif bind.value is not None:  # a literal of the statement (the + 1 of BUMP_STUDY)

@@ -21,6 +21,7 @@ restart SQLite recovers what reached the disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from dxnode.durable import fsync_path
-from dxnode.receive.committer import dumps
+from dxnode.receive.committer import send
 
 log = logging.getLogger("dxnode.receive.walsync")
 
@@ -67,7 +68,7 @@ class WalSync:
 
     def __init__(self, wal: Path, flush: Callable[[Path], None] | None = None) -> None:
         self.wal = wal
-        self._flush = flush or fdatasync
+        self._flush = flush or functools.partial(fsync_path, data_only=True)  # fdatasync
         self._cond = threading.Condition()
         self._queued: list[Answers] = []
         self._closing = False
@@ -106,17 +107,3 @@ class WalSync:
             for answers in queued:
                 for conn, batch in answers.items():
                     send(conn, batch)
-
-
-def fdatasync(path: Path) -> None:
-    """The WAL file's flush: fdatasync by its name."""
-    fsync_path(path, data_only=True)
-
-
-def send(conn: Connection, message: Any) -> bool:
-    """Send message on conn (plain pickle: committer.dumps); False if the other end is gone."""
-    try:
-        conn.send_bytes(dumps(message))
-    except OSError:
-        return False
-    return True
