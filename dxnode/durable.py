@@ -5,7 +5,6 @@ received instance may be placed by a link instead of the rename (``place``)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import time
@@ -14,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 
 def temporary_name(path: Path) -> Path:
@@ -152,22 +150,6 @@ def durable_path(path: Path) -> Iterator[Path]:
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-try:  # Linux's sync_file_range(2); ctypes lets go of the GIL for the call
-    _sync_file_range: Any = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-except (AttributeError, OSError):
-    _sync_file_range = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a written range of fd to disk without waiting for it (sync_file_range), so that
-    the file's fsync later has less left to write. A hint only: it promises nothing, and where the
-    call is missing or fails nothing happens (the fsync still writes it all)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def sync_fd(fd: int) -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from dxnode import durable
-from dxnode.receive.chunked import SpoolFile
 
 
 @pytest.fixture
@@ -43,31 +42,3 @@ def test_folders_made_by_another_writer_meanwhile_are_fine(tmp_path: Path) -> No
     durable.ensure_folder(folder)  # nothing to make
     durable.ensure_folder(tmp_path / "a" / "b" / "c")
     assert (tmp_path / "a" / "b" / "c").is_dir()
-
-
-def test_start_writeback_is_a_hint_that_never_fails_the_write(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    data = os.urandom(600 * 1024)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        os.write(fd, data)
-        durable.start_writeback(fd, 0, len(data))
-        durable.sync_fd(fd)
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == data
-    durable.start_writeback(fd, 0, len(data))  # a closed descriptor: nothing raised, nothing done
-
-
-def test_a_spool_file_starts_writeback_every_256_kib_and_never_past_its_limit(tmp_path: Path) -> None:
-    spool = SpoolFile(tmp_path, limit=700 * 1024)
-    fragment = os.urandom(100 * 1024)
-    kicked = []
-    for _ in range(9):  # pynetdicom writes each fragment, then flushes
-        spool.write(fragment)
-        spool.flush()
-        kicked.append(spool._kicked)
-    spool.close()
-    k = 100 * 1024
-    assert kicked == [0, 0, 3 * k, 3 * k, 3 * k, 6 * k, 6 * k, 6 * k, 6 * k]  # over the limit from the 8th on
-    assert Path(spool.name).read_bytes() == fragment * 7

@@ -24,10 +24,9 @@ import hashlib
 import os
 import struct
 import threading
-import uuid
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
@@ -39,93 +38,22 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 
 from dxnode.bounds import MB
-from dxnode.durable import ensure_folder, start_writeback, sync_fd, sync_file
+from dxnode.durable import ensure_folder, sync_file
 from dxnode.receive.command import StoreCommand
 from dxnode.receive.parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreRefused
 from dxnode.receive.part10 import file_header
+from dxnode.receive.spool import SpoolFile
 
 _lock = threading.Lock()
 # AE -> (folder, limit, the pool that fsyncs a received file)
 _folders: weakref.WeakKeyDictionary[AE, tuple[Path, int, Executor]] = weakref.WeakKeyDictionary()
 _HEADER_ROOM = 1024  # the preamble and file meta group, beyond the dataset's own limit
-_WRITEBACK = 256 * 1024  # bytes written before their writeback is started
 _ORIGINAL = (
     dimse_messages.NamedTemporaryFile,
     dimse_messages.create_file_meta,
     dimse_messages.write_file_meta_info,
     dimse_messages.DIMSEMessage.message_to_primitive,
 )
-
-
-class SpoolFile:
-    """One received dataset being written (preamble, file meta, P-DATA fragments), in place of
-    pynetdicom's NamedTemporaryFile: the same name, write, file.flush and close it uses.
-
-    Bytes past limit are counted in ``received`` but not written; the first OSError is kept in
-    ``error`` and later writes are dropped. The handler checks both before it trusts the file."""
-
-    def __init__(self, folder: Path, limit: int, pool: Executor | None = None) -> None:
-        self.limit, self.received = limit, 0
-        self.error: OSError | None = None
-        self._pool = pool
-        self.synced: Future[int] | None = None  # the fsync started by finished(): the file's inode
-        # Hashed as written, on pynetdicom's reader thread (hashlib lets go of the GIL), while the bytes are
-        # in the CPU's cache: the handler then need not read the file back.
-        self.digest = hashlib.sha256()
-        self._kicked = 0  # bytes whose writeback has been started
-        self._f: Any = None
-        self.name = str(folder / f".{uuid.uuid4().hex}.dcm.tmp")  # the stale-temporary sweep's pattern
-        try:
-            self._f = os.fdopen(os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
-        except OSError as exc:  # no file: pynetdicom's unlink of the name after the handler fails quietly
-            self.error = exc
-        self.file = self  # pynetdicom calls file.flush() after each fragment
-
-    def write(self, data: bytes) -> int:
-        """Write data unless over the limit or failed before; never raises."""
-        self.received += len(data)
-        if self.error is None and self.received <= self.limit:
-            try:
-                self._f.write(data)
-            except OSError as exc:
-                self.error = exc
-            self.digest.update(data)
-        return len(data)
-
-    def flush(self) -> None:
-        """pynetdicom's, after each fragment: the bytes to the OS, and every _WRITEBACK of them on
-        their way to disk while the rest arrives (the fsync at the end then has less to wait for)."""
-        if self.error is None and self._f is not None:
-            try:
-                self._f.flush()
-            except OSError as exc:
-                self.error = exc
-                return
-            if not self.over and self.received - self._kicked >= _WRITEBACK:
-                start_writeback(self._f.fileno(), self._kicked, self.received - self._kicked)
-                self._kicked = self.received
-
-    def finished(self) -> None:
-        """The last fragment is in: start the file's fsync on the pool (unless it cannot be used)."""
-        if self._pool is not None and self.synced is None and self.error is None and not self.over:
-            with contextlib.suppress(RuntimeError):  # the pool shut down (the node stopping): the handler's way
-                self.synced = self._pool.submit(self._sync)
-
-    def _sync(self) -> int:
-        self._f.flush()
-        return sync_fd(self._f.fileno())
-
-    def close(self) -> None:
-        if self.synced is not None:
-            wait([self.synced])  # never close the descriptor under its fsync
-        if self._f is not None:
-            with contextlib.suppress(OSError):
-                self._f.close()
-
-    @property
-    def over(self) -> bool:
-        """True when more than limit bytes came (the file holds only the first ones)."""
-        return self.received > self.limit
 
 
 def _spool_file(*args: Any, **kwargs: Any) -> Any:
@@ -173,6 +101,7 @@ class Spooled:
 
     path: Path
     file: BufferedReader
+    size: int  # the whole file's
     spool: SpoolFile | None = None  # what wrote it, when it was a SpoolFile
 
     def durable(self, tmp: Path, folder: Path, pool: Executor) -> Future[int]:
@@ -196,14 +125,14 @@ def _opened(path: Path, spool: SpoolFile | None) -> Iterator[tuple[Spooled, int]
     """(the file open at its dataset, the dataset's size as received); StoreRefused if it cannot be used."""
     if spool is not None and spool.error is not None:
         raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {spool.error.strerror or spool.error}"[:64])
-    with open(path, "rb") as f:
+    with spool.reader(path) if spool is not None else open(path, "rb") as f:
         head = f.read(144)
         if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
             raise StoreRefused(CANNOT_UNDERSTAND, "received file has no file meta group")
         start = 144 + int(struct.unpack("<I", head[140:144])[0])
         f.seek(start)
         end = spool.received if spool is not None else os.fstat(f.fileno()).st_size
-        yield Spooled(path, f, spool), end - start
+        yield Spooled(path, f, end, spool), end - start
 
 
 def received_file(req: C_STORE) -> contextlib.AbstractContextManager[tuple[Spooled, int]] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Sequence
@@ -197,7 +196,7 @@ class Ingest:
         # thread while this one hashes it and runs the statements; _commit waits for the fsync before
         # the rename, and the rename before the commit.
         if isinstance(body, Spooled):
-            size = os.fstat(body.file.fileno()).st_size
+            size = body.size
             # A file received elsewhere (another file system) is copied beside its final path.
             tmp = body.path if body.path.parent == self.incoming else temporary_name(path)
             written = body.durable(tmp, path.parent, self.writer)
