@@ -1,12 +1,15 @@
 """A received dataset written to disk as it arrives (pynetdicom's temporary file of a C-STORE: chunked.py).
 
-The bytes gather in a page-aligned buffer and go to disk a whole buffer (256 KiB) at a time, with
-O_DIRECT where the file system allows it: past the page cache. A buffered write copies every
+The bytes gather in a page-aligned buffer and go to disk a whole buffer (1 MiB) at a time, with
+O_DIRECT where the file system allows it: past the page cache. The last buffer (a whole instance of
+up to 1 MiB, a CT slice) is written by the pool thread that then fsyncs the file, while the
+receiving thread parses the header: that thread only copies bytes. A buffered write copies every
 received byte into page-cache pages allocated for it; on a VM whose free memory goes back to the
-host, each such page first touched costs a fault in the host, and writing a new 512 KiB file took
-1.2 ms of system CPU against 0.2 ms direct (docs/benchmarks.md). The file's end is written padded
-to a block (zeros) and the file cut to its length. The buffers are reused, for the same reason.
-A file system without direct I/O (tmpfs) gets the same writes, buffered.
+host, each such page first touched costs a fault in the host: writing a new 512 KiB file and its
+fsync took 0.8-1.3 ms of system CPU that way against 0.2 ms direct (docs/benchmarks.md). The file's
+end is written padded to a block (zeros) and the file cut to its length. The buffers are reused,
+for the same reason. A file system without direct I/O (EINVAL at open or at a write) gets the
+same writes, buffered.
 
 The file's first 64 KiB stay in memory for the parse (``reader``): read back from disk, bytes
 written past the page cache would be read from the device.
@@ -30,10 +33,10 @@ from typing import Any
 
 from dxnode.durable import sync_fd
 
-_CHUNK = 256 * 1024  # bytes gathered before they are written (a multiple of _BLOCK)
+_CHUNK = 1024 * 1024  # bytes gathered before they are written (a multiple of _BLOCK)
 _BLOCK = 4096  # direct I/O's alignment of offsets and lengths (a page: every file system's block or less)
 _HEAD = 64 * 1024  # a received file's first bytes kept in memory for its parse
-_KEEP = 64  # buffers kept for reuse per process
+_KEEP = 16  # buffers kept for reuse per process (more are unmapped once used)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; 0 elsewhere: buffered writes
 
 
