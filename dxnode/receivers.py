@@ -111,7 +111,7 @@ def committer_main(settings: Settings, conns: list[Connection], log_level: str) 
         conns[0].send(("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         raise SystemExit(1) from None
     wal = wal_of(store.engine)
-    if wal is not None:  # SQLite in WAL mode: its flush off the serial section (receive/walsync.py)
+    if wal is not None:  # SQLite in WAL mode: one flush for the batches committed meanwhile (receive/walsync.py)
         commit_without_sync(store.engine)
     conns[0].send(("ready",))
     log.info("commit process %d ready for %d receiving process(es)", os.getpid(), len(conns))
@@ -120,7 +120,7 @@ def committer_main(settings: Settings, conns: list[Connection], log_level: str) 
         _serve(ingest, conns, flusher)
     finally:
         if flusher is not None:
-            flusher.close()
+            flusher.flush()  # answers held when the last connection closed (their senders are gone)
         store.dispose()
 
 
@@ -135,8 +135,13 @@ def _serve(ingest: Ingest, conns: list[Connection], flusher: WalSync | None) -> 
                 selector.unregister(fd)
 
         while inboxes:
+            waiting = selector.select(0 if flusher is not None and flusher.holding else None)
+            if not waiting and flusher is not None:  # nothing more to commit now: one flush answers it all
+                for conn in flusher.flush():
+                    close(conn.fileno())
+                continue
             requests: list[tuple[Connection, Request]] = []
-            for key, _ in selector.select():
+            for key, _ in waiting:
                 inbox = inboxes[key.fd]
                 try:
                     requests += [(inbox.conn, request) for request in inbox.read()]
@@ -144,11 +149,14 @@ def _serve(ingest: Ingest, conns: list[Connection], flusher: WalSync | None) -> 
                     close(key.fd)
             for start in range(0, len(requests), MAX_BATCH):
                 answers = _commit(ingest, requests[start : start + MAX_BATCH])
-                if flusher is not None:
-                    flusher.after_flush(answers)  # a lost connection is seen by the next read
+                if flusher is None:
+                    for conn, batch in answers.items():
+                        if not send(conn, batch):
+                            close(conn.fileno())
                     continue
-                for conn, batch in answers.items():
-                    if not send(conn, batch):
+                flusher.hold(answers)
+                if flusher.full:
+                    for conn in flusher.flush():
                         close(conn.fileno())
 
 
