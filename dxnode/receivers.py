@@ -52,11 +52,10 @@ from dxnode.receive.committer import (
     Request,
     await_ready,
     hang_up,
-    send,
 )
 from dxnode.receive.ingest import Ingest
 from dxnode.receive.server import AcceptShare
-from dxnode.receive.walsync import Answers, WalSync, commit_without_sync, wal_of
+from dxnode.receive.walsync import Answers, WalSync, commit_without_sync, send_all, wal_of
 from dxnode.scp import StorageSCP
 from dxnode.store import Store
 
@@ -135,11 +134,10 @@ def _serve(ingest: Ingest, conns: list[Connection], flusher: WalSync | None) -> 
                 selector.unregister(fd)
 
         while inboxes:
+            gone: list[Connection] = []  # receiving processes an answer could not reach
             waiting = selector.select(0 if flusher is not None and flusher.holding else None)
             if not waiting and flusher is not None:  # nothing more to commit now: one flush answers it all
-                for conn in flusher.flush():
-                    close(conn.fileno())
-                continue
+                gone = flusher.flush()
             requests: list[tuple[Connection, Request]] = []
             for key, _ in waiting:
                 inbox = inboxes[key.fd]
@@ -150,14 +148,13 @@ def _serve(ingest: Ingest, conns: list[Connection], flusher: WalSync | None) -> 
             for start in range(0, len(requests), MAX_BATCH):
                 answers = _commit(ingest, requests[start : start + MAX_BATCH])
                 if flusher is None:
-                    for conn, batch in answers.items():
-                        if not send(conn, batch):
-                            close(conn.fileno())
+                    gone += send_all(answers)
                     continue
                 flusher.hold(answers)
                 if flusher.full:
-                    for conn in flusher.flush():
-                        close(conn.fileno())
+                    gone += flusher.flush()
+            for conn in gone:
+                close(conn.fileno())
 
 
 def _commit(ingest: Ingest, requests: list[tuple[Connection, Request]]) -> Answers:

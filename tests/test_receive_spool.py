@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from dxnode.receive import spool
 from dxnode.receive.spool import SpoolFile
@@ -60,13 +61,11 @@ def test_without_a_pool_the_rest_is_written_at_the_end(tmp_path: Path) -> None:
 
 def test_direct_io_where_the_file_system_has_it(tmp_path: Path) -> None:
     """The spool folder of the tests is on the machine's disk (ext4 here): opened O_DIRECT."""
-    if not spool._O_DIRECT:
-        pytest.skip("no O_DIRECT on this platform")
+    need(spool._O_DIRECT != 0, "O_DIRECT (Linux)")
     file = SpoolFile(tmp_path, limit=CHUNK)
     try:
         flags = fcntl.fcntl(file._fd, fcntl.F_GETFL)
-        if not flags & spool._O_DIRECT and not file._direct:
-            pytest.skip(f"{tmp_path} is on a file system without direct I/O")
+        need(bool(flags & spool._O_DIRECT) or file._direct, f"direct I/O on the file system of {tmp_path}")
         assert flags & spool._O_DIRECT and file._direct
     finally:
         file.close()
@@ -75,16 +74,17 @@ def test_direct_io_where_the_file_system_has_it(tmp_path: Path) -> None:
 def test_a_disk_that_refuses_a_direct_write_gets_it_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write the device refuses with EINVAL (here: a length of no whole sectors) goes again without
     O_DIRECT, and the file still ends up exactly the bytes written."""
-    if not spool._O_DIRECT:
-        pytest.skip("no O_DIRECT on this platform")
+    need(spool._O_DIRECT != 0, "O_DIRECT (Linux)")
     monkeypatch.setattr(spool, "_BLOCK", 1000)
+    monkeypatch.setattr(spool, "_buffered", set())
     data = os.urandom(CHUNK + 777)
     file = received(tmp_path, data, None)
-    if not fcntl.fcntl(file._fd, fcntl.F_GETFL) & spool._O_DIRECT and file._direct:
-        pytest.skip(f"{tmp_path} is on a file system without direct I/O")
     assert not file._direct and file.error is None
     assert Path(file.name).read_bytes() == data
     file.close()
+    later = SpoolFile(tmp_path, limit=CHUNK)  # that folder's file system is not asked again
+    assert not later._direct and not fcntl.fcntl(later._fd, fcntl.F_GETFL) & spool._O_DIRECT
+    later.close()
 
 
 def test_without_o_direct_the_same_bytes_are_written_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

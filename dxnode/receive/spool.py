@@ -38,6 +38,7 @@ _BLOCK = 4096  # direct I/O's alignment of offsets and lengths (a page: every fi
 _HEAD = 64 * 1024  # a received file's first bytes kept in memory for its parse
 _KEEP = 16  # buffers kept for reuse per process (more are unmapped once used)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; 0 elsewhere: buffered writes
+_buffered: set[Path] = set()  # folders whose file system refused direct I/O: not asked again
 
 
 class _Buffers:
@@ -90,14 +91,17 @@ class SpoolFile:
         self._direct = False
         self.name = str(folder / f".{uuid.uuid4().hex}.dcm.tmp")  # the stale-temporary sweep's pattern
         self.file = self  # pynetdicom calls file.flush() after each fragment
+        self._folder = folder
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             try:
-                self._fd = os.open(self.name, flags | _O_DIRECT, 0o666)
-                self._direct = _O_DIRECT != 0
+                direct = 0 if folder in _buffered else _O_DIRECT
+                self._fd = os.open(self.name, flags | direct, 0o666)
+                self._direct = direct != 0
             except OSError as exc:
-                if exc.errno != errno.EINVAL:  # a file system without direct I/O (tmpfs) says EINVAL
+                if exc.errno != errno.EINVAL:  # a file system without direct I/O says EINVAL
                     raise
+                _buffered.add(folder)
                 self._fd = os.open(self.name, flags, 0o666)
         except OSError as exc:  # no file: pynetdicom's unlink of the name after the handler fails quietly
             self.error = exc
@@ -128,8 +132,7 @@ class SpoolFile:
         the file's end; False, with error kept, where that failed."""
         buf = self._buf
         assert buf is not None
-        if not self.head:
-            self.head = buf[: min(_HEAD, self._fill)]
+        self._keep_head()
         try:
             try:
                 written = os.pwrite(self._fd, memoryview(buf)[:length], self._offset)
@@ -139,6 +142,7 @@ class SpoolFile:
                 # the file system refused direct I/O after all: buffered writes from here on
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
                 self._direct = False
+                _buffered.add(self._folder)
                 written = os.pwrite(self._fd, memoryview(buf)[:length], self._offset)
             if written != length:
                 raise OSError(errno.EIO, "short write")
@@ -166,6 +170,11 @@ class SpoolFile:
                 os.ftruncate(self._fd, end)
         self._release()
 
+    def _keep_head(self) -> None:
+        """Keep the file's first bytes (once: the first buffer, before it is written or reused)."""
+        if not self.head and self._buf is not None:
+            self.head = self._buf[: min(_HEAD, self._fill)]
+
     def _release(self) -> None:
         if self._buf is not None:
             _buffers.give(self._buf)
@@ -176,8 +185,7 @@ class SpoolFile:
         cannot be used: then the rest is written here)."""
         if self.synced is not None or self.error is not None or self.over:
             return
-        if self._buf is not None and not self.head:
-            self.head = self._buf[: min(_HEAD, self._fill)]
+        self._keep_head()
         if self._pool is not None:
             with contextlib.suppress(RuntimeError):  # the pool shut down (the node stopping): the handler's way
                 self.synced = self._pool.submit(self._sync)
@@ -201,8 +209,7 @@ class SpoolFile:
             wait([self.synced])  # its last buffer is written on the pool, before the fsync
 
     def close(self) -> None:
-        if self.synced is not None:
-            wait([self.synced])  # never close the descriptor under its fsync
+        self._written()  # never close the descriptor under its fsync
         self._release()
         if self._fd >= 0:
             with contextlib.suppress(OSError):

@@ -45,6 +45,11 @@ Answers = dict[Connection, list[tuple[int, Any]]]
 HOLD_MAX = 64  # answers held before a flush, even with requests waiting (committer.MAX_BATCH)
 
 
+def send_all(answers: Answers) -> list[Connection]:
+    """Send each connection its answers; the connections a send failed on (that process is gone)."""
+    return [conn for conn, batch in answers.items() if not send(conn, batch)]
+
+
 def wal_of(engine: Engine) -> Path | None:
     """The WAL file of a SQLite database file in WAL mode; None for anything else (PostgreSQL, an
     in-memory database, a file system where SQLite could not use WAL: those keep their own syncs)."""
@@ -104,5 +109,4 @@ class WalSync:
             os._exit(1)  # nothing may be answered after a failed flush (see the module's docstring)
         self.flushes += 1
         held, self._held, self._count = self._held, [], 0
-        gone = [conn for answers in held for conn, batch in answers.items() if not send(conn, batch)]
-        return list(dict.fromkeys(gone))
+        return list(dict.fromkeys(conn for answers in held for conn in send_all(answers)))
